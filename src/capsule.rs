@@ -1,0 +1,373 @@
+//! One capsule on this machine: signed metadata, local store and proof cache. Appending,
+//! accepting records from elsewhere, proving, and auditing everything all go through here.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::crypto::keys::Identity;
+use crate::crypto::{random_bytes, sign};
+use crate::proof::verify::{check_record_bytes, check_record_claims};
+use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRecordProof, Verified, witness};
+use crate::record::codec::{Canonical, FORMAT_VERSION};
+use crate::record::{
+    CapsuleId, KeyGen, Metadata, Params, Record, RecordHash, RecordHeader, RecordKind, Seq, SignedMetadata, SubIdx,
+    SubRecord, merkle,
+};
+use crate::store::{CapsuleStore, Durability, Kv};
+use crate::{Error, Result, StoreError, VerifyError};
+
+/// Records whose proven headers stay in memory.
+const PROOF_CACHE_RECORDS: usize = 1 << 16;
+
+/// Capacity of the throw-away cache of a proof that ignores earlier proofs.
+const FRESH_PROOF_RECORDS: NonZeroUsize = NonZeroUsize::new(256).expect("non-zero");
+
+/// Whether a proof may stop at records proven before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EarlierProofs {
+    Use,
+    Ignore,
+}
+
+/// How `Capsule::append` writes a record.
+#[derive(Clone, Copy, Debug)]
+pub struct AppendOptions {
+    pub sign: bool,
+    pub kind: RecordKind,
+    pub key_gen: KeyGen,
+    pub durability: Durability,
+}
+
+impl Default for AppendOptions {
+    fn default() -> Self {
+        Self { sign: false, kind: RecordKind::Data, key_gen: KeyGen(0), durability: Durability::Durable }
+    }
+}
+
+/// What `ingest` did with a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    Stored(RecordHash),
+    AlreadyPresent(RecordHash),
+}
+
+/// Totals of a full audit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    pub records: u64,
+    pub signed: u64,
+    pub sub_records: u64,
+    pub sub_record_bytes: u64,
+}
+
+pub struct Capsule {
+    id: CapsuleId,
+    signed: SignedMetadata,
+    store: CapsuleStore,
+    cache: ProofCache,
+    local: Vec<Identity>,
+    /// One append or ingest at a time: each reads heads and sequence numbers it then updates.
+    write_lock: Mutex<()>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn new_cache() -> ProofCache {
+    ProofCache::new(NonZeroUsize::new(PROOF_CACHE_RECORDS).expect("constant is non-zero"))
+}
+
+impl Capsule {
+    /// Makes a new capsule owned by `creator` in an empty store. `local` are the identities
+    /// whose keys this machine holds (they attest their own unsigned records).
+    pub fn create(
+        kv: Arc<dyn Kv>,
+        name: &str,
+        creator: &Identity,
+        params: Params,
+        local: Vec<Identity>,
+    ) -> Result<Self> {
+        let metadata = Metadata {
+            version: FORMAT_VERSION,
+            name: name.to_owned(),
+            creator: creator.writer(),
+            writers: Vec::new(),
+            admins: Vec::new(),
+            params,
+            created_ms: now_ms(),
+            nonce: random_bytes(),
+        };
+        metadata.check().map_err(|e| Error::Invalid(format!("capsule '{name}': {e}")))?;
+        let id = metadata.id();
+        let signed = SignedMetadata { signature: sign::sign_metadata(creator.key(), &id), metadata };
+        let store = CapsuleStore::new(kv);
+        if store.metadata_bytes()?.is_some() {
+            return Err(Error::Exists("a capsule in this store".into()));
+        }
+        let mut batch = store.batch();
+        batch.put_metadata(signed.encode());
+        store.write(batch, Durability::Durable)?;
+        Ok(Self { id, signed, store, cache: new_cache(), local, write_lock: Mutex::new(()) })
+    }
+
+    /// Opens the capsule in `kv`, checking its metadata signature.
+    pub fn open(kv: Arc<dyn Kv>, local: Vec<Identity>) -> Result<Self> {
+        let store = CapsuleStore::new(kv);
+        let bytes = store.metadata_bytes()?.ok_or_else(|| Error::NotFound("capsule metadata in this store".into()))?;
+        let signed = SignedMetadata::decode(&bytes).map_err(|e| VerifyError::Metadata(e.to_string()))?;
+        let id = signed.metadata.id();
+        if !sign::verify_metadata(&signed.metadata.creator, &id, &signed.signature) {
+            return Err(VerifyError::Metadata(format!("creator signature over {id:?} does not verify")).into());
+        }
+        Ok(Self { id, signed, store, cache: new_cache(), local, write_lock: Mutex::new(()) })
+    }
+
+    pub fn id(&self) -> CapsuleId {
+        self.id
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.signed.metadata
+    }
+
+    pub fn store(&self) -> &CapsuleStore {
+        &self.store
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Forgets proofs held in memory (the persisted proven set stays).
+    pub fn clear_proof_cache(&self) {
+        self.cache.clear();
+    }
+
+    /// Current heads, sorted; a capsule without records has none.
+    pub fn heads(&self) -> Result<Vec<RecordHash>> {
+        self.store.heads()
+    }
+
+    /// Appends one record holding `payloads` as sub-records, on top of every current head.
+    pub fn append(&self, writer: &Identity, payloads: &[&[u8]], opts: AppendOptions) -> Result<RecordHash> {
+        let _guard = self.write_lock.lock().expect("no panics while locked");
+        let mut parents = self.store.heads()?;
+        if parents.is_empty() {
+            parents.push(RecordHash::genesis(self.id));
+        }
+        let w = writer.writer();
+        let seq = Seq(self.store.last_seq(&w)?.map_or(1, |s| s.0 + 1));
+        let leaves: Vec<_> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();
+        let (merkle_root, paths) = merkle::build(&leaves);
+        let header = RecordHeader {
+            version: FORMAT_VERSION,
+            capsule: self.id,
+            parents,
+            writer: w,
+            seq,
+            time_ms: now_ms(),
+            kind: opts.kind,
+            key_gen: opts.key_gen,
+            sub_count: u32::try_from(payloads.len()).map_err(|_| Error::Invalid("too many sub-records".into()))?,
+            merkle_root,
+        };
+        header.check().map_err(|e| Error::Invalid(format!("record: {e}")))?;
+        let h = header.hash();
+        let signature = opts.sign.then(|| sign::sign_record(writer.key(), &h));
+        let subs = payloads.iter().zip(paths).map(|(p, path)| SubRecord { data: p.to_vec(), path }).collect();
+        let attestation = (!opts.sign).then(|| sign::attest(writer.key(), &self.id, &h));
+        self.insert(h, Record { header, signature }, subs, attestation, opts.durability)?;
+        Ok(h)
+    }
+
+    /// Accepts a record made elsewhere, with its sub-records' payloads, after checking
+    /// everything: encoding, payloads against the Merkle root, capsule, writer rights,
+    /// signature, known parents and sequence-number uniqueness.
+    pub fn ingest(&self, record_bytes: &[u8], payloads: &[&[u8]], durability: Durability) -> Result<Ingested> {
+        let record = Record::decode(record_bytes).map_err(VerifyError::Undecodable)?;
+        let h = record.hash();
+        let leaves: Vec<_> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();
+        let (root, paths) = merkle::build(&leaves);
+        if root != record.header.merkle_root || payloads.len() != record.header.sub_count as usize {
+            return Err(VerifyError::PayloadMismatch {
+                record: h,
+                count: record.header.sub_count,
+                actual_count: payloads.len(),
+                root: record.header.merkle_root.to_hex(),
+            }
+            .into());
+        }
+        let _guard = self.write_lock.lock().expect("no panics while locked");
+        if self.store.has_record(&h)? {
+            return Ok(Ingested::AlreadyPresent(h));
+        }
+        let subs = payloads.iter().zip(paths).map(|(p, path)| SubRecord { data: p.to_vec(), path }).collect();
+        self.insert(h, record, subs, None, durability)?;
+        Ok(Ingested::Stored(h))
+    }
+
+    /// Checks and stores one new record in one atomic batch. Caller holds `write_lock`.
+    fn insert(
+        &self,
+        h: RecordHash,
+        record: Record,
+        subs: Vec<SubRecord>,
+        attestation: Option<[u8; 32]>,
+        durability: Durability,
+    ) -> Result<()> {
+        check_record_claims(self.id, self.metadata(), h, &record)?;
+        let header = &record.header;
+        let genesis = RecordHash::genesis(self.id);
+        for p in &header.parents {
+            if *p != genesis && !self.store.has_record(p)? {
+                return Err(VerifyError::UnknownParent { record: h, parent: *p }.into());
+            }
+        }
+        if let Some(first) = self.store.record_at(&header.writer, header.seq)? {
+            return Err(self.keep_evidence(first, h, &record)?);
+        }
+        let mut batch = self.store.batch();
+        batch.put_record(&self.store, &h, record.encode(), &header.parents)?;
+        for (i, sub) in subs.into_iter().enumerate() {
+            batch.put_sub_record(&h, SubIdx(i as u32), sub.encode());
+        }
+        batch.put_seq(&header.writer, header.seq, &h);
+        if let Some(mac) = attestation {
+            batch.put_attestation(&h, mac);
+        }
+        if record.signature.is_some() {
+            witness::stage_signed(&self.store, &mut batch, self.id, h, &header.parents)?;
+        }
+        self.store.write(batch, durability)
+    }
+
+    /// Stores both records of a reused sequence number as evidence, and returns the error.
+    fn keep_evidence(&self, first: RecordHash, second: RecordHash, record: &Record) -> Result<Error> {
+        let (writer, seq) = (record.header.writer, record.header.seq);
+        let first_bytes = self.store.record_bytes(&first)?.ok_or(VerifyError::MissingRecord { record: first })?;
+        let mut batch = self.store.batch();
+        batch.put_evidence(&writer, seq, &first, first_bytes);
+        batch.put_evidence(&writer, seq, &second, record.encode());
+        self.store.write(batch, Durability::Durable)?;
+        tracing::error!(
+            ?writer,
+            seq = seq.0,
+            ?first,
+            ?second,
+            "writer equivocated: two records share a sequence number"
+        );
+        Ok(VerifyError::Equivocation { writer, seq, first, second }.into())
+    }
+
+    fn prover(&self) -> Prover<'_> {
+        self.prover_with(&self.cache, CacheUse::MemoryAndStore)
+    }
+
+    fn prover_with<'a>(&'a self, cache: &'a ProofCache, cache_use: CacheUse) -> Prover<'a> {
+        Prover { capsule: self.id, metadata: self.metadata(), store: &self.store, cache, local: &self.local, cache_use }
+    }
+
+    /// Proves a record, stopping at earlier proofs or ignoring them.
+    pub fn prove_record(&self, record: RecordHash, earlier: EarlierProofs) -> Result<RecordProof> {
+        match earlier {
+            EarlierProofs::Use => Ok(self.prover().prove_record(record)?.1),
+            EarlierProofs::Ignore => {
+                let fresh = ProofCache::new(FRESH_PROOF_RECORDS);
+                Ok(self.prover_with(&fresh, CacheUse::MemoryOnly).prove_record(record)?.1)
+            }
+        }
+    }
+
+    /// Proves a sub-record without returning its bytes.
+    pub fn prove_sub_record(&self, record: RecordHash, idx: SubIdx, earlier: EarlierProofs) -> Result<SubRecordProof> {
+        match earlier {
+            EarlierProofs::Use => Ok(self.prover().read_sub_record(record, idx)?.1),
+            EarlierProofs::Ignore => {
+                let fresh = ProofCache::new(FRESH_PROOF_RECORDS);
+                Ok(self.prover_with(&fresh, CacheUse::MemoryOnly).read_sub_record(record, idx)?.1)
+            }
+        }
+    }
+
+    /// Sub-record `idx` of `record`, returned only after it is proven.
+    pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Vec<u8>>, SubRecordProof)> {
+        self.prover().read_sub_record(record, idx)
+    }
+
+    /// Stored records, newest first, each checked against its hash (not proven).
+    pub fn log(&self) -> Result<impl Iterator<Item = Result<(RecordHash, Record)>> + '_> {
+        Ok(self.store.arrival_order(true)?.map(|h| {
+            let h = h?;
+            let bytes = self.store.record_bytes(&h)?.ok_or(VerifyError::MissingRecord { record: h })?;
+            Ok((h, check_record_bytes(h, &bytes)?))
+        }))
+    }
+
+    /// Finds a record by full hash, unique hex prefix (at least 4 digits), or `head`.
+    pub fn resolve(&self, reference: &str) -> Result<RecordHash> {
+        if reference == "head" {
+            return match self.heads()?.as_slice() {
+                [one] => Ok(*one),
+                [] => Err(Error::NotFound("a head (the capsule has no records)".into())),
+                _ => Err(Error::Invalid("the capsule has several heads: name the record by hash".into())),
+            };
+        }
+        if reference.len() == 64 {
+            return RecordHash::from_hex(reference).map_err(|e| Error::Invalid(e.to_string()));
+        }
+        let lower = reference.to_ascii_lowercase();
+        if lower.len() < 4 || lower.len() > 64 || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Invalid(format!(
+                "'{reference}' is not a record hash or a prefix of at least 4 hex digits"
+            )));
+        }
+        let byte_prefix = hex::decode(&lower[..lower.len() & !1]).expect("checked hex digits");
+        let mut found = Vec::new();
+        for entry in self.store.kv().scan(crate::store::Cf::Records, &byte_prefix, false)? {
+            let h = RecordHash::from_slice(&entry?.0)
+                .map_err(|e| StoreError::BadIndex { cf: "records", detail: e.to_string() })?;
+            if h.to_hex().starts_with(&lower) {
+                found.push(h);
+            }
+            if found.len() > 1 {
+                return Err(Error::Invalid(format!("'{reference}' matches several records: give more digits")));
+            }
+        }
+        found.pop().ok_or_else(|| Error::NotFound(format!("record {reference}")))
+    }
+
+    /// Checks every record and sub-record from scratch, trusting no earlier proof; returns the
+    /// first failure. Records are visited in arrival order, so parents come before children.
+    pub fn audit(&self) -> Result<AuditReport> {
+        let audit_cache = new_cache();
+        let prover = self.prover_with(&audit_cache, CacheUse::MemoryOnly);
+        let genesis = RecordHash::genesis(self.id);
+        let mut report = AuditReport::default();
+        for h in self.store.arrival_order(false)? {
+            let h = h?;
+            let bytes = self.store.record_bytes(&h)?.ok_or(VerifyError::MissingRecord { record: h })?;
+            let record = check_record_bytes(h, &bytes)?;
+            check_record_claims(self.id, self.metadata(), h, &record)?;
+            for p in &record.header.parents {
+                if *p != genesis && !self.store.has_record(p)? {
+                    return Err(VerifyError::UnknownParent { record: h, parent: *p }.into());
+                }
+            }
+            if self.store.record_at(&record.header.writer, record.header.seq)? != Some(h) {
+                let detail = format!("{:?} seq {} does not point at {h:?}", record.header.writer, record.header.seq.0);
+                return Err(StoreError::BadIndex { cf: "seqs", detail }.into());
+            }
+            prover.prove_record(h)?;
+            for idx in 0..record.header.sub_count {
+                let (data, _) = prover.read_sub_record(h, SubIdx(idx))?;
+                report.sub_records += 1;
+                report.sub_record_bytes += data.get().len() as u64;
+            }
+            report.records += 1;
+            report.signed += u64::from(record.signature.is_some());
+        }
+        Ok(report)
+    }
+}

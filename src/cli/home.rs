@@ -1,0 +1,158 @@
+//! `$CAPSULEFS_HOME`: keys/ (one file per identity), capsules/<id>/store (RocksDB), and
+//! names/<name> (a file holding the id), so a capsule is named by local name or by id.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+
+use capsulefs::capsule::Capsule;
+use capsulefs::crypto::keys::{Identity, Keyring};
+use capsulefs::record::CapsuleId;
+use capsulefs::store::rocks::RocksKv;
+use capsulefs::{Error, Result};
+
+pub struct Home {
+    root: PathBuf,
+}
+
+const DEFAULT_KEY: &str = "default";
+
+impl Home {
+    pub fn new(root: Option<PathBuf>) -> anyhow::Result<Self> {
+        let root = match root {
+            Some(r) => r,
+            None => {
+                let home = std::env::var_os("HOME")
+                    .ok_or_else(|| anyhow!("neither --home, CAPSULEFS_HOME nor HOME is set"))?;
+                Path::new(&home).join(".local/share/capsulefs")
+            }
+        };
+        Ok(Self { root })
+    }
+
+    pub fn keyring(&self) -> Result<Keyring> {
+        Keyring::load(&self.root.join("keys"))
+    }
+
+    /// The identity named `name`, else "default", else the only one; with `create`, a missing
+    /// default is generated.
+    pub fn identity(&self, name: Option<&str>, create: bool) -> anyhow::Result<Identity> {
+        let mut ring = self.keyring()?;
+        if let Some(name) = name {
+            return ring
+                .by_name(name)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("key '{name}' (see `capsulefs key list`)")).into());
+        }
+        if let Some(id) = ring.by_name(DEFAULT_KEY) {
+            return Ok(id.clone());
+        }
+        match ring.identities() {
+            [only] => Ok(only.clone()),
+            [] if create => {
+                let id = ring.add(Identity::generate(DEFAULT_KEY)?)?.clone();
+                eprintln!("capsulefs: made identity 'default' ({})", id.writer());
+                Ok(id)
+            }
+            [] => Err(Error::NotFound("a key: make one with `capsulefs key new`".into()).into()),
+            _ => bail!(Error::Invalid("several keys and none named 'default': choose one with --key".into())),
+        }
+    }
+
+    fn capsules_dir(&self) -> PathBuf {
+        self.root.join("capsules")
+    }
+
+    fn names_dir(&self) -> PathBuf {
+        self.root.join("names")
+    }
+
+    pub fn store_path(&self, id: &CapsuleId) -> PathBuf {
+        self.capsules_dir().join(id.to_hex()).join("store")
+    }
+
+    /// A fresh, empty store folder for a capsule whose id is not known yet.
+    pub fn staging_store(&self) -> anyhow::Result<(tempfile::TempDir, Arc<RocksKv>)> {
+        let dir = self.capsules_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let staging = tempfile::Builder::new().prefix(".new-").tempdir_in(&dir)?;
+        let kv = RocksKv::open(&staging.path().join("store"), true)?;
+        Ok((staging, Arc::new(kv)))
+    }
+
+    /// Moves a staged capsule to its place and records its name.
+    pub fn register(&self, name: &str, id: &CapsuleId, staging: tempfile::TempDir) -> anyhow::Result<()> {
+        let names = self.names_dir();
+        fs::create_dir_all(&names)?;
+        let final_dir = self.capsules_dir().join(id.to_hex());
+        fs::rename(staging.keep(), &final_dir)
+            .with_context(|| format!("moving the new capsule to {}", final_dir.display()))?;
+        fs::write(names.join(name), format!("{id}\n"))?;
+        Ok(())
+    }
+
+    pub fn name_taken(&self, name: &str) -> bool {
+        self.names_dir().join(name).exists()
+    }
+
+    /// (name, id) of every named capsule, sorted by name.
+    pub fn names(&self) -> anyhow::Result<Vec<(String, CapsuleId)>> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(self.names_dir()) else { return Ok(out) };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let text = fs::read_to_string(entry.path())?;
+            let id =
+                CapsuleId::from_hex(text.trim()).with_context(|| format!("names/{name} does not hold a capsule id"))?;
+            out.push((name, id));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Resolves a local name, a full id or a unique id prefix.
+    pub fn resolve(&self, name: &str) -> anyhow::Result<CapsuleId> {
+        let names = self.names()?;
+        if let Some((_, id)) = names.iter().find(|(n, _)| n == name) {
+            return Ok(*id);
+        }
+        let lower = name.to_ascii_lowercase();
+        let mut hits = fs::read_dir(self.capsules_dir())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|d| lower.len() >= 4 && d.starts_with(&lower))
+            .filter_map(|d| CapsuleId::from_hex(&d).ok());
+        match (hits.next(), hits.next()) {
+            (Some(id), None) => Ok(id),
+            (Some(_), Some(_)) => {
+                bail!(Error::Invalid(format!("'{name}' matches several capsule ids: give more digits")))
+            }
+            _ => bail!(Error::NotFound(format!("capsule '{name}' (see `capsulefs list`)"))),
+        }
+    }
+
+    /// Opens a capsule for reading and writing, with every local identity able to attest.
+    pub fn open(&self, name: &str) -> anyhow::Result<Capsule> {
+        let id = self.resolve(name)?;
+        let path = self.store_path(&id);
+        let kv = RocksKv::open(&path, false).map_err(|e| match e {
+            Error::Store(ref s) if s.to_string().contains("lock") => anyhow::Error::new(e)
+                .context(format!("capsule '{name}' is in use by another capsulefs process (is it mounted?)")),
+            e => anyhow::Error::new(e).context(format!("opening capsule '{name}'")),
+        })?;
+        let capsule = Capsule::open(Arc::new(kv), self.keyring()?.identities().to_vec())?;
+        if capsule.id() != id {
+            bail!(Error::Store(capsulefs::StoreError::Corrupted(format!(
+                "{} holds capsule {:?}, not {:?}",
+                path.display(),
+                capsule.id(),
+                id
+            ))));
+        }
+        Ok(capsule)
+    }
+}

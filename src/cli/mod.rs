@@ -1,0 +1,109 @@
+//! Command-line edge: the one clap definition (help, man pages and completions all come from
+//! it), dispatch to one module per command, and the error-to-exit-code table.
+
+mod bench;
+mod capsules;
+mod docs;
+mod home;
+mod keys;
+mod read;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use capsulefs::{Error, StoreError};
+
+pub const EXIT_CODES: &str = "\
+EXIT CODES:
+  0  success
+  1  verification failed: data was refused (tampered, missing, unauthorized or unproven)
+  2  usage error (bad arguments)
+  3  not found: no such capsule, record, sub-record or key
+  4  store error: the local store is corrupted, locked by another process, or unreadable
+  5  invalid input or conflict (for example a name that already exists)";
+
+#[derive(Parser, Debug)]
+#[command(name = "capsulefs", version, about = "A secure filesystem for untrusted storage, built on DataCapsules")]
+#[command(long_about = "capsulefs keeps data in capsules: DAGs of hash-linked, signed records whose \
+sub-records are each provable alone. Every byte read back is verified before it is returned.")]
+#[command(after_help = EXIT_CODES)]
+pub struct Args {
+    /// Where keys and capsules live.
+    #[arg(long, global = true, env = "CAPSULEFS_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// More log output on stderr (-v info, -vv debug); CAPSULEFS_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manage writer identities (ed25519 keys).
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
+    /// Create a capsule and print its id.
+    Create(capsules::CreateArgs),
+    /// List local capsules: name and id.
+    List,
+    /// Append one record whose sub-records are the given files' bytes; prints its hash last.
+    Append(capsules::AppendArgs),
+    /// Write one sub-record (RECORD:INDEX) to stdout, only after verifying it.
+    Cat(read::CatArgs),
+    /// Print the proof of a record or sub-record.
+    Prove(read::ProveArgs),
+    /// One line per record, newest first.
+    Log(read::LogArgs),
+    /// Verify every record and sub-record; exit 1 naming the first bad record.
+    Verify(read::VerifyArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Print shell completions.
+    Completions(docs::CompletionsArgs),
+    /// Write man pages for every command into a folder (used by `make man`).
+    #[command(hide = true)]
+    GenerateMan(docs::ManArgs),
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let home = home::Home::new(args.home)?;
+    match args.command {
+        Command::Key(cmd) => keys::run(&home, cmd),
+        Command::Create(a) => capsules::create(&home, a),
+        Command::List => capsules::list(&home),
+        Command::Append(a) => capsules::append(&home, a),
+        Command::Cat(a) => read::cat(&home, a),
+        Command::Prove(a) => read::prove(&home, a),
+        Command::Log(a) => read::log(&home, a),
+        Command::Verify(a) => read::verify(&home, a),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Completions(a) => docs::completions(a),
+        Command::GenerateMan(a) => docs::man(a),
+    }
+}
+
+/// The exit code for an error, from the first capsulefs error in its chain (see EXIT_CODES).
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.chain().find_map(|c| c.downcast_ref::<Error>()) {
+        Some(Error::Verify(_)) => 1,
+        Some(Error::NotFound(_)) => 3,
+        Some(Error::Store(_) | Error::Io { .. }) => 4,
+        Some(Error::Exists(_) | Error::Invalid(_)) => 5,
+        None if e.chain().any(|c| c.downcast_ref::<StoreError>().is_some()) => 4,
+        None => 5,
+    }
+}
+
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSULEFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

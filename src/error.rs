@@ -1,0 +1,81 @@
+//! The crate's error type: one variant family per layer, each naming the record it concerns.
+
+use std::path::{Path, PathBuf};
+
+use crate::record::{CapsuleId, DecodeError, RecordHash, Seq, SubIdx, WriterId};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl Error {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_owned(), source }
+    }
+}
+
+/// Why data was refused. Every variant names the record, so the line can be pasted into
+/// `capsulefs prove` or `capsulefs verify`.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{record:?} is stored but its bytes hash to {actual:?}")]
+    RecordMismatch { record: RecordHash, actual: RecordHash },
+    #[error("record bytes do not decode: {0}")]
+    Undecodable(DecodeError),
+    #[error("{record:?} does not decode: {source}")]
+    Malformed { record: RecordHash, source: DecodeError },
+    #[error("sub-record {idx:?} of {record:?} does not match its Merkle path")]
+    MerkleMismatch { record: RecordHash, idx: SubIdx },
+    #[error("sub-record {idx:?} of {record:?} does not decode: {source}")]
+    MalformedSubRecord { record: RecordHash, idx: SubIdx, source: DecodeError },
+    #[error("{record:?} has no sub-record {idx:?} (it has {count})")]
+    IndexOutOfRange { record: RecordHash, idx: SubIdx, count: u32 },
+    #[error("{record:?} is missing from the store")]
+    MissingRecord { record: RecordHash },
+    #[error("sub-record {idx:?} of {record:?} is missing from the store")]
+    MissingSubRecord { record: RecordHash, idx: SubIdx },
+    #[error("{record:?} carries a signature that does not verify for {writer:?}")]
+    BadSignature { record: RecordHash, writer: WriterId },
+    #[error("{record:?} is by {writer:?}, who may not write this capsule")]
+    UnauthorizedWriter { record: RecordHash, writer: WriterId },
+    #[error("{record:?} belongs to capsule {capsule:?}, not this one")]
+    WrongCapsule { record: RecordHash, capsule: CapsuleId },
+    #[error("{record:?} points at {parent:?}, which this store does not have")]
+    UnknownParent { record: RecordHash, parent: RecordHash },
+    #[error("{child:?} does not list {record:?} as a parent: the chain is broken")]
+    BrokenChain { record: RecordHash, child: RecordHash },
+    #[error("{record:?} has no signed descendant we can reach and no local key attests it")]
+    Unanchored { record: RecordHash },
+    #[error(
+        "{record:?} claims {count} sub-records with root {root}, but its payloads give {actual_count} with another root"
+    )]
+    PayloadMismatch { record: RecordHash, count: u32, actual_count: usize, root: String },
+    #[error("{writer:?} used sequence number {} for both {first:?} and {second:?}: evidence kept", seq.0)]
+    Equivocation { writer: WriterId, seq: Seq, first: RecordHash, second: RecordHash },
+    #[error("capsule metadata does not verify: {0}")]
+    Metadata(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Backend(String),
+    #[error("the store is corrupted ({0}); it was not repaired: restore it from a replica or backup")]
+    Corrupted(String),
+    #[error("index entry in {cf} is malformed: {detail}")]
+    BadIndex { cf: &'static str, detail: String },
+}

@@ -1,0 +1,15 @@
+//! The `capsulefs` binary: parse arguments, start logging, run the command, map errors to exit codes.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    cli::init_tracing(args.verbose);
+    let Err(e) = cli::run(args) else { return ExitCode::SUCCESS };
+    eprintln!("capsulefs: {e:#}");
+    ExitCode::from(cli::exit_code(&e))
+}

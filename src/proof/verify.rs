@@ -1,0 +1,220 @@
+//! Checking proofs. `Verified<T>` is made only here, so code that takes one cannot be handed
+//! unproven bytes, and no flag skips a proof.
+
+use std::sync::Arc;
+
+use super::cache::ProofCache;
+use crate::crypto::keys::Identity;
+use crate::crypto::sign;
+use crate::record::merkle::{self, root_from_path};
+use crate::record::{CapsuleId, Metadata, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
+use crate::store::{CapsuleStore, Durability};
+use crate::{Result, VerifyError};
+
+/// A value whose bytes were proven to come, unaltered, from an authorized writer.
+#[derive(Debug)]
+pub struct Verified<T> {
+    inner: T,
+    proven_by: RecordHash,
+}
+
+impl<T> Verified<T> {
+    fn new(inner: T, proven_by: RecordHash) -> Self {
+        Self { inner, proven_by }
+    }
+    pub fn get(&self) -> &T {
+        &self.inner
+    }
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+    /// The record whose Merkle root covers this value.
+    pub fn proven_by(&self) -> RecordHash {
+        self.proven_by
+    }
+}
+
+/// Where a record proof ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Anchor {
+    /// A record carrying a valid signature of an authorized writer.
+    Signed { record: RecordHash, writer: WriterId },
+    /// A record proven before (memory lru or the persisted proven set).
+    Cached { record: RecordHash },
+    /// An unsigned record of a writer whose key this machine holds, attested by that key.
+    Attested { record: RecordHash, writer: WriterId },
+}
+
+impl Anchor {
+    pub fn record(&self) -> RecordHash {
+        match *self {
+            Anchor::Signed { record, .. } | Anchor::Cached { record } | Anchor::Attested { record, .. } => record,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RecordProof {
+    /// From the record proven to the anchor, each a parent of the next.
+    pub chain: Vec<RecordHash>,
+    pub anchor: Anchor,
+}
+
+#[derive(Clone, Debug)]
+pub struct SubRecordProof {
+    pub record: RecordProof,
+    pub idx: SubIdx,
+    pub count: u32,
+    pub path_len: usize,
+}
+
+/// Which earlier proofs a prover may stop at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheUse {
+    /// The memory lru and the store's persisted proven set (normal reads).
+    MemoryAndStore,
+    /// Only proofs made through this prover's own cache (a full audit trusts nothing older).
+    MemoryOnly,
+}
+
+/// Proves records and sub-records of one capsule against its store.
+pub struct Prover<'a> {
+    pub capsule: CapsuleId,
+    pub metadata: &'a Metadata,
+    pub store: &'a CapsuleStore,
+    pub cache: &'a ProofCache,
+    pub local: &'a [Identity],
+    pub cache_use: CacheUse,
+}
+
+/// Decodes stored record bytes, checking that they hash to the key they were stored under.
+pub fn check_record_bytes(record: RecordHash, bytes: &[u8]) -> Result<Record, VerifyError> {
+    let parsed = Record::decode(bytes).map_err(|source| VerifyError::Malformed { record, source })?;
+    let actual = parsed.hash();
+    if actual != record {
+        return Err(VerifyError::RecordMismatch { record, actual });
+    }
+    Ok(parsed)
+}
+
+/// Checks what a record claims about itself: capsule, writer rights, signature.
+pub fn check_record_claims(
+    capsule: CapsuleId,
+    metadata: &Metadata,
+    record: RecordHash,
+    parsed: &Record,
+) -> Result<(), VerifyError> {
+    let h = &parsed.header;
+    if h.capsule != capsule {
+        return Err(VerifyError::WrongCapsule { record, capsule: h.capsule });
+    }
+    if !metadata.may_write(&h.writer) {
+        return Err(VerifyError::UnauthorizedWriter { record, writer: h.writer });
+    }
+    if let Some(sig) = &parsed.signature
+        && !sign::verify_record(&h.writer, &record, sig)
+    {
+        return Err(VerifyError::BadSignature { record, writer: h.writer });
+    }
+    Ok(())
+}
+
+/// Checks a sub-record's bytes against the Merkle root of its (proven) record header.
+pub fn check_sub_record(
+    record: RecordHash,
+    header: &RecordHeader,
+    idx: SubIdx,
+    bytes: &[u8],
+) -> Result<Verified<Vec<u8>>, VerifyError> {
+    let sub = SubRecord::decode(bytes).map_err(|source| VerifyError::MalformedSubRecord { record, idx, source })?;
+    let root = root_from_path(idx.0, header.sub_count, merkle::leaf_hash(&sub.data), &sub.path);
+    if root != Some(header.merkle_root) {
+        return Err(VerifyError::MerkleMismatch { record, idx });
+    }
+    Ok(Verified::new(sub.data, record))
+}
+
+impl Prover<'_> {
+    fn load(&self, record: RecordHash) -> Result<Record> {
+        let bytes = self.store.record_bytes(&record)?.ok_or(VerifyError::MissingRecord { record })?;
+        Ok(check_record_bytes(record, &bytes)?)
+    }
+
+    fn attested_by_local_key(&self, record: RecordHash, header: &RecordHeader) -> Result<Option<WriterId>> {
+        let Some(identity) = self.local.iter().find(|i| i.writer() == header.writer) else { return Ok(None) };
+        let Some(mac) = self.store.attestation(&record)? else { return Ok(None) };
+        Ok(sign::check_attestation(identity.key(), &self.capsule, &record, &mac).then_some(header.writer))
+    }
+
+    /// Proves `target` and returns its header. Follows closest-signed-descendant links and stops
+    /// at the first signed, cached or locally attested record; every record on the way becomes
+    /// proven (cached in memory, and persisted in the store's proven set).
+    pub fn prove_record(&self, target: RecordHash) -> Result<(Arc<RecordHeader>, RecordProof)> {
+        if let Some(header) = self.cache.get(&target) {
+            return Ok((header, RecordProof { chain: vec![target], anchor: Anchor::Cached { record: target } }));
+        }
+        let mut chain: Vec<RecordHash> = Vec::new();
+        let mut headers: Vec<Arc<RecordHeader>> = Vec::new();
+        let mut current = target;
+        let anchor = loop {
+            let cached = if chain.is_empty() { None } else { self.cache.get(&current) };
+            let was_cached = cached.is_some();
+            let (header, signature) = match cached {
+                Some(h) => (h, None),
+                None => {
+                    let parsed = self.load(current)?;
+                    check_record_claims(self.capsule, self.metadata, current, &parsed)?;
+                    (Arc::new(parsed.header), parsed.signature)
+                }
+            };
+            if let Some(prev) = chain.last()
+                && header.parents.binary_search(prev).is_err()
+            {
+                return Err(VerifyError::BrokenChain { record: *prev, child: current }.into());
+            }
+            chain.push(current);
+            headers.push(header.clone());
+            if was_cached || (self.cache_use == CacheUse::MemoryAndStore && self.store.is_proven(&current)?) {
+                break Anchor::Cached { record: current };
+            }
+            if signature.is_some() {
+                // check_record_claims verified it.
+                break Anchor::Signed { record: current, writer: header.writer };
+            }
+            match self.store.witness(&current)? {
+                Some(w) if w.dist > 0 => current = w.via,
+                _ => match self.attested_by_local_key(current, &header)? {
+                    Some(writer) => break Anchor::Attested { record: current, writer },
+                    None => return Err(VerifyError::Unanchored { record: target }.into()),
+                },
+            }
+        };
+        self.remember(&chain, &headers, anchor)?;
+        Ok((headers.swap_remove(0), RecordProof { chain, anchor }))
+    }
+
+    fn remember(&self, chain: &[RecordHash], headers: &[Arc<RecordHeader>], anchor: Anchor) -> Result<()> {
+        let mut batch = self.store.batch();
+        for (h, header) in chain.iter().zip(headers) {
+            self.cache.insert(*h, header.clone());
+            let marked_already = matches!(anchor, Anchor::Cached { record } if record == *h);
+            if self.cache_use == CacheUse::MemoryAndStore && !marked_already {
+                batch.mark_proven(h);
+            }
+        }
+        // A lost proven mark costs only a re-proof, so it need not be durable.
+        self.store.write(batch, Durability::Buffered)
+    }
+
+    /// Reads sub-record `idx` of `record`, returning its bytes only once proven.
+    pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Vec<u8>>, SubRecordProof)> {
+        let (header, proof) = self.prove_record(record)?;
+        if idx.0 >= header.sub_count {
+            return Err(VerifyError::IndexOutOfRange { record, idx, count: header.sub_count }.into());
+        }
+        let bytes = self.store.sub_record_bytes(&record, idx)?.ok_or(VerifyError::MissingSubRecord { record, idx })?;
+        let verified = check_sub_record(record, &header, idx, &bytes)?;
+        let path_len = merkle::path_len(idx.0, header.sub_count);
+        Ok((verified, SubRecordProof { record: proof, idx, count: header.sub_count, path_len }))
+    }
+}

@@ -1,0 +1,204 @@
+//! Typed access to one capsule's column families. Key layouts (big-endian integers, so keys
+//! sort numerically) are listed in ARCHITECTURE.md; values are format bytes or borsh.
+
+use std::sync::Arc;
+
+use borsh::{BorshDeserialize, BorshSerialize};
+
+use super::kv::{Batch, Cf, Durability, Kv};
+use crate::record::{RecordHash, Seq, SubIdx, WriterId};
+use crate::{Result, StoreError};
+
+const METADATA_KEY: &[u8] = b"metadata";
+
+/// Two records one writer made with the same sequence number: proof of a fork.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evidence {
+    pub writer: WriterId,
+    pub seq: Seq,
+    pub record: RecordHash,
+    pub record_bytes: Vec<u8>,
+}
+
+/// Closest signed descendant of a record: `anchor` is `dist` hops away, first hop `via`
+/// (a child of the record). A signed record is its own witness with `dist` 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Witness {
+    pub anchor: RecordHash,
+    pub dist: u32,
+    pub via: RecordHash,
+}
+
+#[derive(Clone)]
+pub struct CapsuleStore {
+    kv: Arc<dyn Kv>,
+}
+
+fn bad_index(cf: Cf, detail: impl ToString) -> crate::Error {
+    StoreError::BadIndex { cf: cf.name(), detail: detail.to_string() }.into()
+}
+
+fn hash_value(cf: Cf, v: &[u8]) -> Result<RecordHash> {
+    if v.len() != 32 {
+        return Err(bad_index(cf, format!("value of {} bytes where a hash belongs", v.len())));
+    }
+    RecordHash::from_slice(v).map_err(|e| bad_index(cf, e))
+}
+
+fn sub_key(h: &RecordHash, idx: SubIdx) -> Vec<u8> {
+    [&h.as_bytes()[..], &idx.0.to_be_bytes()].concat()
+}
+
+fn seq_key(w: &WriterId, seq: Seq) -> Vec<u8> {
+    [&w.as_bytes()[..], &seq.0.to_be_bytes()].concat()
+}
+
+impl CapsuleStore {
+    pub fn new(kv: Arc<dyn Kv>) -> Self {
+        Self { kv }
+    }
+
+    pub fn metadata_bytes(&self) -> Result<Option<Vec<u8>>> {
+        self.kv.get(Cf::Meta, METADATA_KEY)
+    }
+
+    pub fn record_bytes(&self, h: &RecordHash) -> Result<Option<Vec<u8>>> {
+        self.kv.get(Cf::Records, h.as_bytes())
+    }
+
+    pub fn has_record(&self, h: &RecordHash) -> Result<bool> {
+        Ok(self.record_bytes(h)?.is_some())
+    }
+
+    pub fn sub_record_bytes(&self, h: &RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
+        self.kv.get(Cf::Subs, &sub_key(h, idx))
+    }
+
+    pub fn witness(&self, h: &RecordHash) -> Result<Option<Witness>> {
+        let Some(v) = self.kv.get(Cf::Witness, h.as_bytes())? else { return Ok(None) };
+        borsh::from_slice(&v).map(Some).map_err(|e| bad_index(Cf::Witness, e))
+    }
+
+    pub fn heads(&self) -> Result<Vec<RecordHash>> {
+        self.kv.scan(Cf::Heads, &[], false)?.map(|e| hash_value(Cf::Heads, &e?.0)).collect()
+    }
+
+    pub fn record_at(&self, w: &WriterId, seq: Seq) -> Result<Option<RecordHash>> {
+        self.kv.get(Cf::Seqs, &seq_key(w, seq))?.map(|v| hash_value(Cf::Seqs, &v)).transpose()
+    }
+
+    pub fn last_seq(&self, w: &WriterId) -> Result<Option<Seq>> {
+        let Some(entry) = self.kv.scan(Cf::Seqs, w.as_bytes(), true)?.next() else { return Ok(None) };
+        let key = entry?.0;
+        let tail: [u8; 8] =
+            key.get(32..).and_then(|t| t.try_into().ok()).ok_or_else(|| bad_index(Cf::Seqs, "short key"))?;
+        Ok(Some(Seq(u64::from_be_bytes(tail))))
+    }
+
+    pub fn is_proven(&self, h: &RecordHash) -> Result<bool> {
+        Ok(self.kv.get(Cf::Proven, h.as_bytes())?.is_some())
+    }
+
+    pub fn attestation(&self, h: &RecordHash) -> Result<Option<Vec<u8>>> {
+        self.kv.get(Cf::Attest, h.as_bytes())
+    }
+
+    /// Records in arrival order (oldest first), or newest first when `newest_first`.
+    pub fn arrival_order(&self, newest_first: bool) -> Result<impl Iterator<Item = Result<RecordHash>> + '_> {
+        Ok(self.kv.scan(Cf::Order, &[], newest_first)?.map(|e| hash_value(Cf::Order, &e?.1)))
+    }
+
+    fn next_order(&self) -> Result<u64> {
+        let Some(entry) = self.kv.scan(Cf::Order, &[], true)?.next() else { return Ok(0) };
+        let key: [u8; 8] = entry?.0.try_into().map_err(|_| bad_index(Cf::Order, "key is not 8 bytes"))?;
+        Ok(u64::from_be_bytes(key) + 1)
+    }
+
+    /// Equivocation evidence, one entry per conflicting record.
+    pub fn evidence(&self) -> Result<Vec<Evidence>> {
+        self.kv
+            .scan(Cf::Evidence, &[], false)?
+            .map(|e| {
+                let (k, v) = e?;
+                if k.len() != 72 {
+                    return Err(bad_index(Cf::Evidence, "key is not 72 bytes"));
+                }
+                let seq = u64::from_be_bytes(k[32..40].try_into().expect("length checked"));
+                let w = WriterId::from_slice(&k[..32]).map_err(|e| bad_index(Cf::Evidence, e))?;
+                Ok(Evidence { writer: w, seq: Seq(seq), record: hash_value(Cf::Evidence, &k[40..])?, record_bytes: v })
+            })
+            .collect()
+    }
+
+    pub fn batch(&self) -> StoreBatch {
+        StoreBatch { batch: Batch::default() }
+    }
+
+    pub fn write(&self, batch: StoreBatch, durability: Durability) -> Result<()> {
+        if batch.batch.is_empty() {
+            return Ok(());
+        }
+        self.kv.write(batch.batch, durability)
+    }
+
+    /// The raw backend, for tools and tests that must reach below the typed layer.
+    pub fn kv(&self) -> &dyn Kv {
+        &*self.kv
+    }
+}
+
+/// Typed writes, applied together by `CapsuleStore::write`.
+pub struct StoreBatch {
+    batch: Batch,
+}
+
+impl StoreBatch {
+    pub fn put_metadata(&mut self, bytes: Vec<u8>) {
+        self.batch.put(Cf::Meta, METADATA_KEY, bytes);
+    }
+
+    /// A new record with its sub-records, as the newest head, next in arrival order.
+    pub fn put_record(
+        &mut self,
+        store: &CapsuleStore,
+        h: &RecordHash,
+        bytes: Vec<u8>,
+        parents: &[RecordHash],
+    ) -> Result<()> {
+        self.batch.put(Cf::Records, h.as_bytes().to_vec(), bytes);
+        for p in parents {
+            self.batch.delete(Cf::Heads, p.as_bytes().to_vec());
+        }
+        self.batch.put(Cf::Heads, h.as_bytes().to_vec(), Vec::new());
+        self.batch.put(Cf::Order, store.next_order()?.to_be_bytes().to_vec(), h.as_bytes().to_vec());
+        Ok(())
+    }
+
+    pub fn put_sub_record(&mut self, h: &RecordHash, idx: SubIdx, bytes: Vec<u8>) {
+        self.batch.put(Cf::Subs, sub_key(h, idx), bytes);
+    }
+
+    pub fn put_seq(&mut self, w: &WriterId, seq: Seq, h: &RecordHash) {
+        self.batch.put(Cf::Seqs, seq_key(w, seq), h.as_bytes().to_vec());
+    }
+
+    pub fn put_witness(&mut self, h: &RecordHash, w: &Witness) {
+        self.batch.put(
+            Cf::Witness,
+            h.as_bytes().to_vec(),
+            borsh::to_vec(w).expect("borsh writes to a Vec cannot fail"),
+        );
+    }
+
+    pub fn mark_proven(&mut self, h: &RecordHash) {
+        self.batch.put(Cf::Proven, h.as_bytes().to_vec(), Vec::new());
+    }
+
+    pub fn put_attestation(&mut self, h: &RecordHash, mac: [u8; 32]) {
+        self.batch.put(Cf::Attest, h.as_bytes().to_vec(), mac.to_vec());
+    }
+
+    pub fn put_evidence(&mut self, w: &WriterId, seq: Seq, h: &RecordHash, record: Vec<u8>) {
+        self.batch.put(Cf::Evidence, [seq_key(w, seq), h.as_bytes().to_vec()].concat(), record);
+    }
+}

@@ -1,0 +1,110 @@
+//! The key-value interface every local store implements: column families and atomic batches.
+
+use crate::Result;
+
+/// Column families, one per job. Keys and values are described in ARCHITECTURE.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cf {
+    Meta,
+    Records,
+    Subs,
+    Witness,
+    Heads,
+    Seqs,
+    Order,
+    Proven,
+    Attest,
+    Evidence,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 10] = [
+        Cf::Meta,
+        Cf::Records,
+        Cf::Subs,
+        Cf::Witness,
+        Cf::Heads,
+        Cf::Seqs,
+        Cf::Order,
+        Cf::Proven,
+        Cf::Attest,
+        Cf::Evidence,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Records => "records",
+            Cf::Subs => "subs",
+            Cf::Witness => "witness",
+            Cf::Heads => "heads",
+            Cf::Seqs => "seqs",
+            Cf::Order => "order",
+            Cf::Proven => "proven",
+            Cf::Attest => "attest",
+            Cf::Evidence => "evidence",
+        }
+    }
+}
+
+/// Whether `write` returns before or after the batch is on stable storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// In the OS page cache: survives a process crash, not a power cut.
+    Buffered,
+    /// fsync'ed: survives both.
+    Durable,
+}
+
+/// Writes applied all together or not at all.
+#[derive(Default, Debug)]
+pub struct Batch {
+    pub(crate) ops: Vec<(Cf, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push((cf, key.into(), Some(value.into())));
+    }
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push((cf, key.into(), None));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+pub type Entry = (Vec<u8>, Vec<u8>);
+pub type Entries<'a> = Box<dyn Iterator<Item = Result<Entry>> + 'a>;
+
+pub trait Kv: Send + Sync {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    fn write(&self, batch: Batch, durability: Durability) -> Result<()>;
+    /// Entries whose key starts with `prefix`, ascending, or descending when `reverse`.
+    fn scan<'a>(&'a self, cf: Cf, prefix: &[u8], reverse: bool) -> Result<Entries<'a>>;
+}
+
+/// The smallest key greater than every key starting with `prefix`, if one exists.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_carries_past_ff() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+}

@@ -1,0 +1,12 @@
+//! Local persistence: ciphertext-agnostic bytes and hashes, never keys or plaintext.
+//!
+//! `Kv` is the backend interface (`rocks::RocksKv` on disk, `mem::MemKv` in tests);
+//! `CapsuleStore` gives the column families their typed keys and values.
+
+pub mod capsule_store;
+pub mod kv;
+pub mod mem;
+pub mod rocks;
+
+pub use capsule_store::{CapsuleStore, Evidence, StoreBatch, Witness};
+pub use kv::{Batch, Cf, Durability, Kv};

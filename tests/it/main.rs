@@ -1,0 +1,1 @@
+//! Library-level tests: in-process, no FUSE.
