@@ -7,12 +7,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crypto::keys::Identity;
 use crate::crypto::{random_bytes, sign};
-use crate::proof::verify::{check_record_bytes, check_record_claims};
+use crate::proof::verify::{check_record_bytes, check_record_claims, save_proven};
 use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRecordProof, Verified, witness};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{
     CapsuleId, KeyGen, Metadata, Params, Record, RecordHash, RecordHeader, RecordKind, Seq, SignedMetadata, SubIdx,
-    SubRecord, merkle,
+    SubRecord, WriterId, merkle,
 };
 use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, StoreError, VerifyError};
@@ -45,6 +45,22 @@ impl Default for AppendOptions {
     }
 }
 
+/// What a new capsule is made of.
+pub struct NewCapsule<'a> {
+    pub name: &'a str,
+    /// Signs the metadata; always a writer and an admin.
+    pub creator: &'a Identity,
+    /// Further writers allowed from the start.
+    pub writers: Vec<WriterId>,
+    pub params: Params,
+}
+
+impl<'a> NewCapsule<'a> {
+    pub fn new(name: &'a str, creator: &'a Identity) -> Self {
+        Self { name, creator, writers: Vec::new(), params: Params::default() }
+    }
+}
+
 /// What `ingest` did with a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ingested {
@@ -71,6 +87,14 @@ pub struct Capsule {
     write_lock: Mutex<()>,
 }
 
+impl Drop for Capsule {
+    fn drop(&mut self) {
+        if let Err(e) = self.save_proven() {
+            tracing::warn!(%e, "could not save the proven set; those records will be proven again");
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -80,26 +104,25 @@ fn new_cache() -> ProofCache {
 }
 
 impl Capsule {
-    /// Makes a new capsule owned by `creator` in an empty store. `local` are the identities
-    /// whose keys this machine holds (they attest their own unsigned records).
-    pub fn create(
-        kv: Arc<dyn Kv>,
-        name: &str,
-        creator: &Identity,
-        params: Params,
-        local: Vec<Identity>,
-    ) -> Result<Self> {
+    /// Makes a new capsule in an empty store. `local` are the identities whose keys this
+    /// machine holds (they attest their own unsigned records).
+    pub fn create(kv: Arc<dyn Kv>, spec: NewCapsule<'_>, local: Vec<Identity>) -> Result<Self> {
+        let creator = spec.creator;
+        let mut writers = spec.writers;
+        writers.retain(|w| *w != creator.writer());
+        writers.sort();
+        writers.dedup();
         let metadata = Metadata {
             version: FORMAT_VERSION,
-            name: name.to_owned(),
+            name: spec.name.to_owned(),
             creator: creator.writer(),
-            writers: Vec::new(),
+            writers,
             admins: Vec::new(),
-            params,
+            params: spec.params,
             created_ms: now_ms(),
             nonce: random_bytes(),
         };
-        metadata.check().map_err(|e| Error::Invalid(format!("capsule '{name}': {e}")))?;
+        metadata.check().map_err(|e| Error::Invalid(format!("capsule '{}': {e}", spec.name)))?;
         let id = metadata.id();
         let signed = SignedMetadata { signature: sign::sign_metadata(creator.key(), &id), metadata };
         let store = CapsuleStore::new(kv);
@@ -140,9 +163,16 @@ impl Capsule {
         self.cache.stats()
     }
 
-    /// Forgets proofs held in memory (the persisted proven set stays).
-    pub fn clear_proof_cache(&self) {
+    /// Forgets proofs held in memory (after saving the proven set).
+    pub fn clear_proof_cache(&self) -> Result<()> {
+        self.save_proven()?;
         self.cache.clear();
+        Ok(())
+    }
+
+    /// Writes the records proven since the last save to the store's proven set.
+    pub fn save_proven(&self) -> Result<()> {
+        save_proven(&self.store, &self.cache.take_unsaved())
     }
 
     /// Current heads, sorted; a capsule without records has none.

@@ -14,13 +14,13 @@
 //! # Example
 //! ```
 //! use std::sync::Arc;
-//! use capsulefs::capsule::{AppendOptions, Capsule};
+//! use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
 //! use capsulefs::crypto::keys::Identity;
-//! use capsulefs::record::{Params, SubIdx};
+//! use capsulefs::record::SubIdx;
 //! use capsulefs::store::mem::MemKv;
 //!
 //! let me = Identity::generate("me").unwrap();
-//! let cap = Capsule::create(Arc::new(MemKv::new()), "notes", &me, Params::default(), vec![me.clone()]).unwrap();
+//! let cap = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("notes", &me), vec![me.clone()]).unwrap();
 //! let rec = cap.append(&me, &[b"hello", b"world"], AppendOptions { sign: true, ..Default::default() }).unwrap();
 //! let (bytes, proof) = cap.read_sub_record(rec, SubIdx(1)).unwrap();
 //! assert_eq!(bytes.get().as_slice(), b"world");

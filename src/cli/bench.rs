@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
-use capsulefs::capsule::{AppendOptions, Capsule, EarlierProofs};
+use capsulefs::capsule::{AppendOptions, Capsule, EarlierProofs, NewCapsule};
 use capsulefs::crypto::keys::Identity;
-use capsulefs::record::{Params, RecordHash, SubIdx};
+use capsulefs::record::{RecordHash, SubIdx};
 use capsulefs::store::Durability;
 use capsulefs::store::rocks::RocksKv;
 
@@ -39,7 +39,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 fn new_capsule(dir: &tempfile::TempDir, name: &str, me: &Identity) -> anyhow::Result<Capsule> {
     let kv = RocksKv::open(&dir.path().join(name), true)?;
-    Ok(Capsule::create(Arc::new(kv), name, me, Params::default(), vec![me.clone()])?)
+    Ok(Capsule::create(Arc::new(kv), NewCapsule::new(name, me), vec![me.clone()])?)
 }
 
 fn payload(n: usize) -> Vec<u8> {
@@ -69,7 +69,7 @@ fn measure_row(dir: &tempfile::TempDir, me: &Identity, ops: usize, per_record: u
         .map(|chunk| capsule.append(me, &chunk.iter().map(Vec::as_slice).collect::<Vec<_>>(), opts))
         .collect::<capsulefs::Result<Vec<RecordHash>>>()?;
     let write = start.elapsed();
-    capsule.clear_proof_cache();
+    capsule.clear_proof_cache()?;
     let start = Instant::now();
     for h in &hashes {
         for idx in 0..per_record as u32 {
@@ -97,7 +97,7 @@ fn measure_reverse(dir: &tempfile::TempDir, me: &Identity, ops: usize) -> anyhow
         capsule.prove_record(*h, EarlierProofs::Ignore)?;
     }
     let uncached = start.elapsed();
-    capsule.clear_proof_cache();
+    capsule.clear_proof_cache()?;
     let start = Instant::now();
     for h in hashes.iter().rev() {
         capsule.prove_record(*h, EarlierProofs::Use)?;

@@ -6,8 +6,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 
 use capsulefs::Error;
-use capsulefs::capsule::{AppendOptions, Capsule};
-use capsulefs::record::Params;
+use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
+use capsulefs::record::{Params, WriterId};
 
 use super::home::Home;
 
@@ -24,6 +24,13 @@ pub struct CreateArgs {
     /// ... and at least every this many seconds.
     #[arg(long, default_value_t = Params::default().sign_every_secs)]
     pub sign_every_secs: u32,
+    /// Another writer allowed from the start (writer id as printed by `key list`); repeatable.
+    #[arg(long = "writer", value_name = "WRITER_ID", value_parser = parse_writer)]
+    pub writers: Vec<WriterId>,
+}
+
+fn parse_writer(s: &str) -> Result<WriterId, String> {
+    WriterId::from_hex(s).map_err(|e| e.to_string())
 }
 
 pub fn create(home: &Home, a: CreateArgs) -> anyhow::Result<()> {
@@ -37,7 +44,8 @@ pub fn create(home: &Home, a: CreateArgs) -> anyhow::Result<()> {
     let creator = home.identity(a.key.as_deref(), true)?;
     let (staging, kv) = home.staging_store()?;
     let params = Params { sign_every_records: a.sign_every_records, sign_every_secs: a.sign_every_secs };
-    let id = Capsule::create(kv, &a.name, &creator, params, Vec::new())?.id();
+    let spec = NewCapsule { name: &a.name, creator: &creator, writers: a.writers, params };
+    let id = Capsule::create(kv, spec, Vec::new())?.id();
     // The capsule (and with it the RocksDB handle) is closed here, before its folder moves.
     home.register(&a.name, &id, staging)?;
     println!("{id}");

@@ -11,8 +11,13 @@ use lru::LruCache;
 
 use crate::record::{RecordHash, RecordHeader};
 
+/// Proven marks are written to the store in batches of this many.
+const MARKS_PER_WRITE: usize = 256;
+
 pub struct ProofCache {
     headers: Mutex<LruCache<RecordHash, Arc<RecordHeader>>>,
+    /// Newly proven records not yet in the store's proven set.
+    unsaved: Mutex<Vec<RecordHash>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -25,7 +30,12 @@ pub struct CacheStats {
 
 impl ProofCache {
     pub fn new(capacity: NonZeroUsize) -> Self {
-        Self { headers: Mutex::new(LruCache::new(capacity)), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+        Self {
+            headers: Mutex::new(LruCache::new(capacity)),
+            unsaved: Mutex::new(Vec::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
     }
 
     /// The proven header of `h`, if cached.
@@ -38,6 +48,18 @@ impl ProofCache {
 
     pub(in crate::proof) fn insert(&self, h: RecordHash, header: Arc<RecordHeader>) {
         self.headers.lock().expect("no panics while locked").put(h, header);
+    }
+
+    /// Queues `h` for the store's proven set; returns a full batch once one is due.
+    pub(in crate::proof) fn queue_mark(&self, h: RecordHash) -> Option<Vec<RecordHash>> {
+        let mut unsaved = self.unsaved.lock().expect("no panics while locked");
+        unsaved.push(h);
+        (unsaved.len() >= MARKS_PER_WRITE).then(|| std::mem::take(&mut *unsaved))
+    }
+
+    /// Every queued mark, for a final write.
+    pub fn take_unsaved(&self) -> Vec<RecordHash> {
+        std::mem::take(&mut *self.unsaved.lock().expect("no panics while locked"))
     }
 
     pub fn clear(&self) {

@@ -87,6 +87,14 @@ pub struct Prover<'a> {
     pub cache_use: CacheUse,
 }
 
+/// Adds records to the store's persisted proven set. A lost mark costs only a re-proof, so
+/// the write need not be durable.
+pub fn save_proven(store: &CapsuleStore, records: &[RecordHash]) -> Result<()> {
+    let mut batch = store.batch();
+    records.iter().for_each(|h| batch.mark_proven(h));
+    store.write(batch, Durability::Buffered)
+}
+
 /// Decodes stored record bytes, checking that they hash to the key they were stored under.
 pub fn check_record_bytes(record: RecordHash, bytes: &[u8]) -> Result<Record, VerifyError> {
     let parsed = Record::decode(bytes).map_err(|source| VerifyError::Malformed { record, source })?;
@@ -194,16 +202,17 @@ impl Prover<'_> {
     }
 
     fn remember(&self, chain: &[RecordHash], headers: &[Arc<RecordHeader>], anchor: Anchor) -> Result<()> {
-        let mut batch = self.store.batch();
         for (h, header) in chain.iter().zip(headers) {
             self.cache.insert(*h, header.clone());
             let marked_already = matches!(anchor, Anchor::Cached { record } if record == *h);
-            if self.cache_use == CacheUse::MemoryAndStore && !marked_already {
-                batch.mark_proven(h);
+            if self.cache_use == CacheUse::MemoryAndStore
+                && !marked_already
+                && let Some(due) = self.cache.queue_mark(*h)
+            {
+                save_proven(self.store, &due)?;
             }
         }
-        // A lost proven mark costs only a re-proof, so it need not be durable.
-        self.store.write(batch, Durability::Buffered)
+        Ok(())
     }
 
     /// Reads sub-record `idx` of `record`, returning its bytes only once proven.

@@ -24,6 +24,8 @@ pub enum DecodeError {
     BadHex(String),
 }
 
+const BORSH_SHORT_INPUT: &str = "Unexpected length of input";
+
 /// Invariants a decoded value must hold beyond what its borsh layout enforces.
 pub trait Canonical {
     fn check(&self) -> Result<(), DecodeError>;
@@ -46,9 +48,13 @@ pub fn decode<T: BorshDeserialize + BorshSerialize + Canonical>(bytes: &[u8]) ->
 /// Decodes a value that carries no version byte of its own (it lives inside a versioned one).
 pub fn decode_unversioned<T: BorshDeserialize + BorshSerialize + Canonical>(bytes: &[u8]) -> Result<T, DecodeError> {
     let mut rest = bytes;
-    let value = T::deserialize(&mut rest).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => DecodeError::Truncated,
-        _ => DecodeError::Malformed(e.to_string()),
+    let value = T::deserialize(&mut rest).map_err(|e| {
+        // borsh reports short input either as UnexpectedEof or as InvalidData with this text.
+        if e.kind() == std::io::ErrorKind::UnexpectedEof || e.to_string() == BORSH_SHORT_INPUT {
+            DecodeError::Truncated
+        } else {
+            DecodeError::Malformed(e.to_string())
+        }
     })?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes { extra: rest.len() });

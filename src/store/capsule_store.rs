@@ -10,6 +10,11 @@ use crate::record::{RecordHash, Seq, SubIdx, WriterId};
 use crate::{Result, StoreError};
 
 const METADATA_KEY: &[u8] = b"metadata";
+/// The current heads, as sorted 32-byte hashes in one value: heads change on every record, and
+/// one key per head would leave a tombstone per record for every later scan to wade through.
+const HEADS_KEY: &[u8] = b"heads";
+/// The arrival number the next record gets (u64 big-endian).
+const NEXT_ORDER_KEY: &[u8] = b"next-order";
 
 /// Two records one writer made with the same sequence number: proof of a fork.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,7 +85,11 @@ impl CapsuleStore {
     }
 
     pub fn heads(&self) -> Result<Vec<RecordHash>> {
-        self.kv.scan(Cf::Heads, &[], false)?.map(|e| hash_value(Cf::Heads, &e?.0)).collect()
+        let Some(v) = self.kv.get(Cf::Meta, HEADS_KEY)? else { return Ok(Vec::new()) };
+        if v.len() % 32 != 0 {
+            return Err(bad_index(Cf::Meta, "heads value is not a list of hashes"));
+        }
+        v.chunks(32).map(|c| hash_value(Cf::Meta, c)).collect()
     }
 
     pub fn record_at(&self, w: &WriterId, seq: Seq) -> Result<Option<RecordHash>> {
@@ -109,9 +118,9 @@ impl CapsuleStore {
     }
 
     fn next_order(&self) -> Result<u64> {
-        let Some(entry) = self.kv.scan(Cf::Order, &[], true)?.next() else { return Ok(0) };
-        let key: [u8; 8] = entry?.0.try_into().map_err(|_| bad_index(Cf::Order, "key is not 8 bytes"))?;
-        Ok(u64::from_be_bytes(key) + 1)
+        let Some(v) = self.kv.get(Cf::Meta, NEXT_ORDER_KEY)? else { return Ok(0) };
+        let bytes: [u8; 8] = v.try_into().map_err(|_| bad_index(Cf::Meta, "next-order is not 8 bytes"))?;
+        Ok(u64::from_be_bytes(bytes))
     }
 
     /// Equivocation evidence, one entry per conflicting record.
@@ -166,11 +175,15 @@ impl StoreBatch {
         parents: &[RecordHash],
     ) -> Result<()> {
         self.batch.put(Cf::Records, h.as_bytes().to_vec(), bytes);
-        for p in parents {
-            self.batch.delete(Cf::Heads, p.as_bytes().to_vec());
+        let mut heads = store.heads()?;
+        heads.retain(|x| !parents.contains(x));
+        if let Err(at) = heads.binary_search(h) {
+            heads.insert(at, *h);
         }
-        self.batch.put(Cf::Heads, h.as_bytes().to_vec(), Vec::new());
-        self.batch.put(Cf::Order, store.next_order()?.to_be_bytes().to_vec(), h.as_bytes().to_vec());
+        self.batch.put(Cf::Meta, HEADS_KEY, heads.iter().flat_map(|x| *x.as_bytes()).collect::<Vec<u8>>());
+        let order = store.next_order()?;
+        self.batch.put(Cf::Order, order.to_be_bytes().to_vec(), h.as_bytes().to_vec());
+        self.batch.put(Cf::Meta, NEXT_ORDER_KEY, (order + 1).to_be_bytes().to_vec());
         Ok(())
     }
 

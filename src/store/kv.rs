@@ -9,7 +9,6 @@ pub enum Cf {
     Records,
     Subs,
     Witness,
-    Heads,
     Seqs,
     Order,
     Proven,
@@ -18,18 +17,8 @@ pub enum Cf {
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
-        Cf::Meta,
-        Cf::Records,
-        Cf::Subs,
-        Cf::Witness,
-        Cf::Heads,
-        Cf::Seqs,
-        Cf::Order,
-        Cf::Proven,
-        Cf::Attest,
-        Cf::Evidence,
-    ];
+    pub const ALL: [Cf; 9] =
+        [Cf::Meta, Cf::Records, Cf::Subs, Cf::Witness, Cf::Seqs, Cf::Order, Cf::Proven, Cf::Attest, Cf::Evidence];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -37,7 +26,6 @@ impl Cf {
             Cf::Records => "records",
             Cf::Subs => "subs",
             Cf::Witness => "witness",
-            Cf::Heads => "heads",
             Cf::Seqs => "seqs",
             Cf::Order => "order",
             Cf::Proven => "proven",

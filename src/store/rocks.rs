@@ -109,7 +109,7 @@ mod tests {
         for kv in [&rocks as &dyn Kv, &mem] {
             let mut b = Batch::default();
             keys.iter().for_each(|k| b.put(Cf::Order, k.clone(), b"v".to_vec()));
-            b.put(Cf::Heads, vec![1, 5], b"other cf".to_vec());
+            b.put(Cf::Seqs, vec![1, 5], b"other cf".to_vec());
             kv.write(b, Durability::Durable).unwrap();
         }
         for prefix in [&[][..], &[1], &[1, 0xff], &[0xff], &[3]] {

@@ -1,0 +1,155 @@
+//! DAG proofs: chains, branches, merges, several signed descendants, the witness index and the
+//! proof cache (memory and persisted).
+
+use std::sync::Arc;
+
+use capsulefs::capsule::{Capsule, EarlierProofs, NewCapsule};
+use capsulefs::crypto::keys::Identity;
+use capsulefs::proof::Anchor;
+use capsulefs::record::SubIdx;
+use capsulefs::store::Kv;
+use capsulefs::store::rocks::RocksKv;
+use capsulefs::{Error, VerifyError};
+
+use super::{fixture, signed, unsigned};
+
+#[test]
+fn an_unsigned_chain_is_proven_by_its_signed_descendant() {
+    let f = fixture();
+    let a = f.put(&f.other, 1, &[f.genesis()], b"a", false);
+    let b = f.put(&f.other, 2, &[a], b"b", false);
+    let c = f.put(&f.other, 3, &[b], b"c", false);
+    assert!(matches!(f.cap.prove_record(a, EarlierProofs::Use), Err(Error::Verify(VerifyError::Unanchored { .. }))));
+    let s = f.put(&f.other, 4, &[c], b"s", true);
+    let proof = f.cap.prove_record(a, EarlierProofs::Ignore).unwrap();
+    assert_eq!(proof.chain, vec![a, b, c, s]);
+    assert_eq!(proof.anchor, Anchor::Signed { record: s, writer: f.other.writer() });
+    let w = f.cap.store().witness(&a).unwrap().unwrap();
+    assert_eq!((w.anchor, w.dist, w.via), (s, 3, b));
+}
+
+#[test]
+fn branches_and_a_signed_merge_prove_both_sides() {
+    let f = fixture();
+    let root = f.put(&f.owner, 1, &[f.genesis()], b"root", true);
+    let left = f.put(&f.owner, 2, &[root], b"left", false);
+    let right = f.put(&f.other, 1, &[root], b"right", false);
+    assert_eq!(f.cap.heads().unwrap().len(), 2);
+    let merge = f.put(&f.owner, 3, &[left, right], b"merge", true);
+    assert_eq!(f.cap.heads().unwrap(), vec![merge]);
+    for side in [left, right] {
+        let proof = f.cap.prove_record(side, EarlierProofs::Ignore).unwrap();
+        assert_eq!(proof.chain, vec![side, merge]);
+    }
+    // The root is signed itself: its proof is just itself.
+    assert_eq!(f.cap.prove_record(root, EarlierProofs::Ignore).unwrap().chain, vec![root]);
+}
+
+#[test]
+fn the_closest_signed_descendant_only_gets_closer() {
+    let f = fixture();
+    let a = f.put(&f.other, 1, &[f.genesis()], b"a", false);
+    let x = f.put(&f.other, 2, &[a], b"x", false);
+    let y = f.put(&f.other, 3, &[x], b"y", false);
+    let far = f.put(&f.other, 4, &[y], b"far", true);
+    assert_eq!(f.cap.store().witness(&a).unwrap().unwrap().dist, 3);
+    // A signed child of `a` on another branch is closer: the index moves to it.
+    let near = f.put(&f.owner, 1, &[a], b"near", true);
+    let w = f.cap.store().witness(&a).unwrap().unwrap();
+    assert_eq!((w.anchor, w.dist, w.via), (near, 1, near));
+    // A later, farther signature changes nothing for `a`.
+    let later = f.put(&f.owner, 2, &[far, near], b"later", true);
+    assert_eq!(f.cap.store().witness(&a).unwrap().unwrap().anchor, near);
+    assert_eq!(f.cap.store().witness(&later).unwrap().unwrap().dist, 0);
+    assert_eq!(f.cap.prove_record(a, EarlierProofs::Ignore).unwrap().chain, vec![a, near]);
+    assert_eq!(f.cap.prove_record(x, EarlierProofs::Ignore).unwrap().chain, vec![x, y, far]);
+}
+
+#[test]
+fn own_unsigned_tail_is_attested_locally_and_others_are_not() {
+    let f = fixture();
+    let mine = f.cap.append(&f.owner, &[b"tail"], unsigned()).unwrap();
+    let proof = f.cap.prove_record(mine, EarlierProofs::Ignore).unwrap();
+    assert_eq!(proof.anchor, Anchor::Attested { record: mine, writer: f.owner.writer() });
+    // The same capsule opened without the owner's key cannot prove that tail.
+    let without_key = Capsule::open(f.kv.clone() as Arc<dyn Kv>, vec![]).unwrap();
+    assert!(matches!(
+        without_key.prove_record(mine, EarlierProofs::Ignore),
+        Err(Error::Verify(VerifyError::Unanchored { record })) if record == mine
+    ));
+    // Once the tail has a signed descendant, anyone can.
+    let s = f.cap.append(&f.owner, &[b"sign"], signed()).unwrap();
+    assert_eq!(without_key.prove_record(mine, EarlierProofs::Ignore).unwrap().chain, vec![mine, s]);
+}
+
+#[test]
+fn many_sub_records_are_each_provable_alone() {
+    let f = fixture();
+    let payloads: Vec<Vec<u8>> = (0..1000u32).map(|i| i.to_le_bytes().repeat(i as usize % 7)).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    let h = f.cap.append(&f.owner, &refs, signed()).unwrap();
+    for i in [0u32, 1, 511, 512, 998, 999] {
+        let (data, proof) = f.cap.read_sub_record(h, SubIdx(i)).unwrap();
+        assert_eq!(data.get(), &payloads[i as usize]);
+        assert_eq!(data.proven_by(), h);
+        assert!(proof.path_len <= 10);
+    }
+    assert!(matches!(
+        f.cap.read_sub_record(h, SubIdx(1000)),
+        Err(Error::Verify(VerifyError::IndexOutOfRange { count: 1000, .. }))
+    ));
+}
+
+#[test]
+fn proofs_stop_at_cached_records() {
+    let f = fixture();
+    let hashes: Vec<_> = (0..10).map(|i| f.cap.append(&f.owner, &[&[i]], unsigned()).unwrap()).collect();
+    let top = f.cap.append(&f.owner, &[b"top"], signed()).unwrap();
+    // Reverse order: each proof stops at the record proven just before it.
+    for (i, h) in hashes.iter().enumerate().rev() {
+        let proof = f.cap.prove_record(*h, EarlierProofs::Use).unwrap();
+        let next = hashes.get(i + 1).copied().unwrap_or(top);
+        assert_eq!(proof.chain, vec![*h, next], "record {i}");
+        if i < 9 {
+            assert_eq!(proof.anchor, Anchor::Cached { record: next });
+        }
+    }
+    let before = f.cap.cache_stats();
+    assert_eq!(f.cap.prove_record(hashes[0], EarlierProofs::Use).unwrap().chain, vec![hashes[0]]);
+    assert_eq!(f.cap.cache_stats().hits, before.hits + 1);
+}
+
+#[test]
+fn the_proven_set_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = Identity::generate("me").unwrap();
+    let (a, s) = {
+        let kv = Arc::new(RocksKv::open(dir.path(), true).unwrap());
+        let cap = Capsule::create(kv, NewCapsule::new("p", &me), vec![]).unwrap();
+        let a = cap.append(&me, &[b"a"], unsigned()).unwrap();
+        let s = cap.append(&me, &[b"s"], signed()).unwrap();
+        assert_eq!(cap.prove_record(a, EarlierProofs::Use).unwrap().chain, vec![a, s]);
+        (a, s)
+    };
+    let cap = Capsule::open(Arc::new(RocksKv::open(dir.path(), false).unwrap()), vec![]).unwrap();
+    assert_eq!(cap.prove_record(a, EarlierProofs::Use).unwrap().anchor, Anchor::Cached { record: a });
+    let fresh = cap.prove_record(a, EarlierProofs::Ignore).unwrap();
+    assert_eq!(fresh.anchor, Anchor::Signed { record: s, writer: me.writer() });
+}
+
+#[test]
+fn append_merges_every_head_and_numbers_each_writer() {
+    let f = fixture();
+    let root = f.put(&f.owner, 1, &[f.genesis()], b"root", true);
+    let l = f.put(&f.other, 1, &[root], b"l", true);
+    let r = f.put(&f.other, 2, &[root], b"r", true);
+    let m = f.cap.append(&f.owner, &[b"m"], signed()).unwrap();
+    let log: Vec<_> = f.cap.log().unwrap().map(Result::unwrap).collect();
+    let (h, rec) = &log[0];
+    assert_eq!(*h, m);
+    let mut expected = vec![l, r];
+    expected.sort();
+    assert_eq!(rec.header.parents, expected);
+    assert_eq!(rec.header.seq.0, 2);
+    assert_eq!(f.cap.audit().unwrap().records, 4);
+}

@@ -1,0 +1,220 @@
+//! Tampered, swapped, missing, forged and equivocating data: each refused with its exact error.
+
+use std::sync::Arc;
+
+use capsulefs::capsule::{Capsule, EarlierProofs, NewCapsule};
+use capsulefs::crypto::keys::Identity;
+use capsulefs::record::{Record, RecordHash, SubIdx, SubRecord};
+use capsulefs::store::mem::MemKv;
+use capsulefs::store::{Batch, Cf, Durability, Kv, Witness};
+use capsulefs::{Error, VerifyError};
+
+use super::{Fixture, fixture, signed, unsigned};
+
+fn sub_key(h: &RecordHash, i: u32) -> Vec<u8> {
+    [&h.as_bytes()[..], &i.to_be_bytes()].concat()
+}
+
+fn overwrite(kv: &MemKv, cf: Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
+    let mut b = Batch::default();
+    match value {
+        Some(v) => b.put(cf, key, v),
+        None => b.delete(cf, key),
+    }
+    kv.write(b, Durability::Buffered).unwrap();
+}
+
+fn three_subs(f: &Fixture) -> RecordHash {
+    f.cap.append(&f.owner, &[b"zero", b"one", b"two"], signed()).unwrap()
+}
+
+fn verify_err(r: capsulefs::Result<impl std::fmt::Debug>) -> VerifyError {
+    match r {
+        Err(Error::Verify(v)) => v,
+        other => panic!("expected a verification error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_flipped_bit_in_a_record_is_caught_by_audit_and_never_read() {
+    let f = fixture();
+    let h = three_subs(&f);
+    let mut bytes = f.kv.get(Cf::Records, h.as_bytes()).unwrap().unwrap();
+    bytes[40] ^= 0x01;
+    overwrite(&f.kv, Cf::Records, h.as_bytes().to_vec(), Some(bytes));
+    f.cap.clear_proof_cache().unwrap();
+    // The flipped bit lands in the parents: still decodes, but hashes differently.
+    assert!(
+        matches!(verify_err(f.cap.read_sub_record(h, SubIdx(0))), VerifyError::RecordMismatch { record, .. } if record == h)
+    );
+    assert!(matches!(verify_err(f.cap.audit()), VerifyError::RecordMismatch { record, .. } if record == h));
+}
+
+#[test]
+fn a_flipped_bit_in_a_sub_record_fails_only_that_sub_record() {
+    let f = fixture();
+    let h = three_subs(&f);
+    let mut bytes = f.kv.get(Cf::Subs, &sub_key(&h, 1)).unwrap().unwrap();
+    bytes[5] ^= 0x80;
+    overwrite(&f.kv, Cf::Subs, sub_key(&h, 1), Some(bytes));
+    assert!(matches!(
+        verify_err(f.cap.read_sub_record(h, SubIdx(1))),
+        VerifyError::MerkleMismatch { record, idx: SubIdx(1) } if record == h
+    ));
+    assert_eq!(f.cap.read_sub_record(h, SubIdx(0)).unwrap().0.get().as_slice(), b"zero");
+    assert_eq!(f.cap.read_sub_record(h, SubIdx(2)).unwrap().0.get().as_slice(), b"two");
+    assert!(matches!(verify_err(f.cap.audit()), VerifyError::MerkleMismatch { idx: SubIdx(1), .. }));
+}
+
+#[test]
+fn swapped_sub_records_are_refused() {
+    let f = fixture();
+    let h = three_subs(&f);
+    let one = f.kv.get(Cf::Subs, &sub_key(&h, 1)).unwrap();
+    let two = f.kv.get(Cf::Subs, &sub_key(&h, 2)).unwrap();
+    overwrite(&f.kv, Cf::Subs, sub_key(&h, 1), two);
+    overwrite(&f.kv, Cf::Subs, sub_key(&h, 2), one);
+    assert!(matches!(
+        verify_err(f.cap.read_sub_record(h, SubIdx(1))),
+        VerifyError::MerkleMismatch { idx: SubIdx(1), .. }
+    ));
+    assert!(matches!(
+        verify_err(f.cap.read_sub_record(h, SubIdx(2))),
+        VerifyError::MerkleMismatch { idx: SubIdx(2), .. }
+    ));
+}
+
+#[test]
+fn a_sub_record_moved_between_records_is_refused() {
+    let f = fixture();
+    let a = three_subs(&f);
+    let b = f.cap.append(&f.owner, &[b"other", b"one"], signed()).unwrap();
+    let moved = f.kv.get(Cf::Subs, &sub_key(&a, 1)).unwrap();
+    overwrite(&f.kv, Cf::Subs, sub_key(&b, 1), moved);
+    assert!(matches!(verify_err(f.cap.read_sub_record(b, SubIdx(1))), VerifyError::MerkleMismatch { .. }));
+}
+
+#[test]
+fn a_tampered_merkle_path_is_refused() {
+    let f = fixture();
+    let h = three_subs(&f);
+    let bytes = f.kv.get(Cf::Subs, &sub_key(&h, 0)).unwrap().unwrap();
+    let mut sub = SubRecord::decode(&bytes).unwrap();
+    sub.path.0.pop();
+    overwrite(&f.kv, Cf::Subs, sub_key(&h, 0), Some(sub.encode()));
+    assert!(matches!(verify_err(f.cap.read_sub_record(h, SubIdx(0))), VerifyError::MerkleMismatch { .. }));
+}
+
+#[test]
+fn missing_data_is_named() {
+    let f = fixture();
+    let h = three_subs(&f);
+    overwrite(&f.kv, Cf::Subs, sub_key(&h, 2), None);
+    assert!(matches!(
+        verify_err(f.cap.read_sub_record(h, SubIdx(2))),
+        VerifyError::MissingSubRecord { idx: SubIdx(2), .. }
+    ));
+    overwrite(&f.kv, Cf::Records, h.as_bytes().to_vec(), None);
+    f.cap.clear_proof_cache().unwrap();
+    assert!(
+        matches!(verify_err(f.cap.read_sub_record(h, SubIdx(0))), VerifyError::MissingRecord { record } if record == h)
+    );
+    assert!(matches!(verify_err(f.cap.audit()), VerifyError::MissingRecord { .. }));
+}
+
+#[test]
+fn a_corrupted_witness_index_cannot_forge_a_chain() {
+    let f = fixture();
+    let a = f.cap.append(&f.owner, &[b"a"], unsigned()).unwrap();
+    let _s = f.cap.append(&f.owner, &[b"s"], signed()).unwrap();
+    // Point `a`'s witness at an unrelated signed record that is not its child.
+    let stranger = f.put(&f.other, 1, &[f.genesis()], b"stranger", true);
+    let fake = Witness { anchor: stranger, dist: 1, via: stranger };
+    overwrite(&f.kv, Cf::Witness, a.as_bytes().to_vec(), Some(borsh::to_vec(&fake).unwrap()));
+    assert!(matches!(
+        verify_err(f.cap.prove_record(a, EarlierProofs::Ignore)),
+        VerifyError::BrokenChain { record, child } if record == a && child == stranger
+    ));
+}
+
+#[test]
+fn ingest_refuses_unauthorized_writers_and_bad_signatures() {
+    let f = fixture();
+    let stranger = Identity::generate("stranger").unwrap();
+    let bytes = f.make(&stranger, 1, &[f.genesis()], &[b"x"], true);
+    assert!(matches!(
+        verify_err(f.cap.ingest(&bytes, &[b"x"], Durability::Buffered)),
+        VerifyError::UnauthorizedWriter { .. }
+    ));
+    // A record claiming to be the owner's but signed by `other`.
+    let mut rec = Record::decode(&f.make(&f.owner, 1, &[f.genesis()], &[b"x"], false)).unwrap();
+    rec.signature = Record::decode(&f.make(&f.other, 1, &[f.genesis()], &[b"x"], true)).unwrap().signature;
+    assert!(matches!(
+        verify_err(f.cap.ingest(&rec.encode(), &[b"x"], Durability::Buffered)),
+        VerifyError::BadSignature { writer, .. } if writer == f.owner.writer()
+    ));
+}
+
+#[test]
+fn ingest_refuses_unknown_parents_wrong_payloads_and_garbage() {
+    let f = fixture();
+    let ghost = RecordHash::from_bytes([7; 32]);
+    let bytes = f.make(&f.owner, 1, &[ghost], &[b"x"], true);
+    assert!(matches!(
+        verify_err(f.cap.ingest(&bytes, &[b"x"], Durability::Buffered)),
+        VerifyError::UnknownParent { parent, .. } if parent == ghost
+    ));
+    let bytes = f.make(&f.owner, 1, &[f.genesis()], &[b"x"], true);
+    assert!(matches!(
+        verify_err(f.cap.ingest(&bytes, &[b"y"], Durability::Buffered)),
+        VerifyError::PayloadMismatch { .. }
+    ));
+    assert!(matches!(
+        verify_err(f.cap.ingest(&bytes[1..], &[b"x"], Durability::Buffered)),
+        VerifyError::Undecodable(_)
+    ));
+    assert!(f.cap.heads().unwrap().is_empty(), "nothing refused was stored");
+}
+
+#[test]
+fn records_of_another_capsule_are_refused() {
+    let f = fixture();
+    let other_cap = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("elsewhere", &f.owner), vec![]).unwrap();
+    let h = other_cap.append(&f.owner, &[b"x"], signed()).unwrap();
+    let bytes = other_cap.store().record_bytes(&h).unwrap().unwrap();
+    assert!(matches!(
+        verify_err(f.cap.ingest(&bytes, &[b"x"], Durability::Buffered)),
+        VerifyError::WrongCapsule { .. }
+    ));
+}
+
+#[test]
+fn a_reused_sequence_number_is_kept_as_evidence() {
+    let f = fixture();
+    let first = f.put(&f.other, 1, &[f.genesis()], b"first", true);
+    let bytes = f.make(&f.other, 1, &[f.genesis()], &[b"second"], true);
+    let err = verify_err(f.cap.ingest(&bytes, &[b"second"], Durability::Buffered));
+    let VerifyError::Equivocation { writer, seq, first: got_first, second } = err else { panic!("{err:?}") };
+    assert_eq!((writer, seq.0, got_first), (f.other.writer(), 1, first));
+    let evidence = f.cap.store().evidence().unwrap();
+    let mut recorded: Vec<_> = evidence.iter().map(|e| e.record).collect();
+    recorded.sort();
+    let mut expected = vec![first, second];
+    expected.sort();
+    assert_eq!(recorded, expected);
+    assert!(evidence.iter().all(|e| Record::decode(&e.record_bytes).unwrap().hash() == e.record));
+    assert_eq!(f.cap.heads().unwrap(), vec![first], "the second record was not stored");
+    // The same record again is not equivocation.
+    let again = f.make(&f.other, 1, &[f.genesis()], &[b"first"], true);
+    assert!(f.cap.ingest(&again, &[b"first"], Durability::Buffered).is_ok());
+}
+
+#[test]
+fn a_forged_metadata_signature_fails_the_open() {
+    let f = fixture();
+    let mut bytes = f.kv.get(Cf::Meta, b"metadata").unwrap().unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    overwrite(&f.kv, Cf::Meta, b"metadata".to_vec(), Some(bytes));
+    assert!(matches!(Capsule::open(f.kv.clone(), vec![]), Err(Error::Verify(VerifyError::Metadata(_)))));
+}
