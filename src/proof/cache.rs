@@ -9,13 +9,20 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
-use crate::record::{RecordHash, RecordHeader};
+use crate::record::merkle::Subtree;
+use crate::record::{NodeHash, RecordHash, RecordHeader};
+
+/// Verified subtrees of proven records kept in memory.
+const NODES: usize = 1 << 18;
 
 /// Proven marks are written to the store in batches of this many.
 const MARKS_PER_WRITE: usize = 256;
 
 pub struct ProofCache {
     headers: Mutex<LruCache<RecordHash, Arc<RecordHeader>>>,
+    /// Merkle subtrees (record, first leaf, end leaf) proven part of a proven record's root, so
+    /// a later path check stops where it meets one: observation 2 applied inside the tree.
+    nodes: Mutex<LruCache<(RecordHash, u32, u32), NodeHash>>,
     /// Newly proven records not yet in the store's proven set.
     unsaved: Mutex<Vec<RecordHash>>,
     hits: AtomicU64,
@@ -32,6 +39,7 @@ impl ProofCache {
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
             headers: Mutex::new(LruCache::new(capacity)),
+            nodes: Mutex::new(LruCache::new(NonZeroUsize::new(NODES.min(capacity.get() * 16)).expect("non-zero"))),
             unsaved: Mutex::new(Vec::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -50,6 +58,17 @@ impl ProofCache {
         self.headers.lock().expect("no panics while locked").put(h, header);
     }
 
+    pub(in crate::proof) fn node(&self, record: RecordHash, start: u32, end: u32) -> Option<NodeHash> {
+        self.nodes.lock().expect("no panics while locked").get(&(record, start, end)).copied()
+    }
+
+    pub(in crate::proof) fn insert_nodes(&self, record: RecordHash, subtrees: &[Subtree]) {
+        let mut nodes = self.nodes.lock().expect("no panics while locked");
+        for t in subtrees {
+            nodes.put((record, t.start, t.end), t.hash);
+        }
+    }
+
     /// Queues `h` for the store's proven set; returns a full batch once one is due.
     pub(in crate::proof) fn queue_mark(&self, h: RecordHash) -> Option<Vec<RecordHash>> {
         let mut unsaved = self.unsaved.lock().expect("no panics while locked");
@@ -64,6 +83,7 @@ impl ProofCache {
 
     pub fn clear(&self) {
         self.headers.lock().expect("no panics while locked").clear();
+        self.nodes.lock().expect("no panics while locked").clear();
     }
 
     pub fn stats(&self) -> CacheStats {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::cache::ProofCache;
 use crate::crypto::keys::Identity;
 use crate::crypto::sign;
-use crate::record::merkle::{self, root_from_path};
+use crate::record::merkle;
 use crate::record::{CapsuleId, Metadata, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
 use crate::store::{CapsuleStore, Durability};
 use crate::{Result, VerifyError};
@@ -127,21 +127,6 @@ pub fn check_record_claims(
     Ok(())
 }
 
-/// Checks a sub-record's bytes against the Merkle root of its (proven) record header.
-pub fn check_sub_record(
-    record: RecordHash,
-    header: &RecordHeader,
-    idx: SubIdx,
-    bytes: &[u8],
-) -> Result<Verified<Vec<u8>>, VerifyError> {
-    let sub = SubRecord::decode(bytes).map_err(|source| VerifyError::MalformedSubRecord { record, idx, source })?;
-    let root = root_from_path(idx.0, header.sub_count, merkle::leaf_hash(&sub.data), &sub.path);
-    if root != Some(header.merkle_root) {
-        return Err(VerifyError::MerkleMismatch { record, idx });
-    }
-    Ok(Verified::new(sub.data, record))
-}
-
 impl Prover<'_> {
     fn load(&self, record: RecordHash) -> Result<Record> {
         let bytes = self.store.record_bytes(&record)?.ok_or(VerifyError::MissingRecord { record })?;
@@ -215,6 +200,24 @@ impl Prover<'_> {
         Ok(())
     }
 
+    /// Checks a sub-record's bytes against the Merkle root of its proven record header,
+    /// stopping at subtrees verified before.
+    fn check_sub_record(
+        &self,
+        record: RecordHash,
+        header: &RecordHeader,
+        idx: SubIdx,
+        bytes: &[u8],
+    ) -> Result<Verified<Vec<u8>>, VerifyError> {
+        let sub = SubRecord::decode(bytes).map_err(|source| VerifyError::MalformedSubRecord { record, idx, source })?;
+        let leaf = merkle::leaf_hash(&sub.data);
+        let known = |start, end| self.cache.node(record, start, end);
+        let proven = merkle::verify_path(idx.0, header.sub_count, leaf, &sub.path, header.merkle_root, known)
+            .ok_or(VerifyError::MerkleMismatch { record, idx })?;
+        self.cache.insert_nodes(record, &proven);
+        Ok(Verified::new(sub.data, record))
+    }
+
     /// Reads sub-record `idx` of `record`, returning its bytes only once proven.
     pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Vec<u8>>, SubRecordProof)> {
         let (header, proof) = self.prove_record(record)?;
@@ -222,7 +225,7 @@ impl Prover<'_> {
             return Err(VerifyError::IndexOutOfRange { record, idx, count: header.sub_count }.into());
         }
         let bytes = self.store.sub_record_bytes(&record, idx)?.ok_or(VerifyError::MissingSubRecord { record, idx })?;
-        let verified = check_sub_record(record, &header, idx, &bytes)?;
+        let verified = self.check_sub_record(record, &header, idx, &bytes)?;
         let path_len = merkle::path_len(idx.0, header.sub_count);
         Ok((verified, SubRecordProof { record: proof, idx, count: header.sub_count, path_len }))
     }

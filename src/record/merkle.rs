@@ -21,11 +21,13 @@ pub fn leaf_hash(data: &[u8]) -> NodeHash {
 }
 
 fn node_hash(left: &NodeHash, right: &NodeHash) -> NodeHash {
-    let mut h = blake3::Hasher::new();
-    h.update(&[NODE]);
-    h.update(left.as_bytes());
-    h.update(right.as_bytes());
-    NodeHash::from_bytes(*h.finalize().as_bytes())
+    // One-shot hashing of a stack buffer: node hashes dominate path checks, and a streaming
+    // Hasher costs more to set up than these 65 bytes cost to hash.
+    let mut input = [0u8; 65];
+    input[0] = NODE;
+    input[1..33].copy_from_slice(left.as_bytes());
+    input[33..].copy_from_slice(right.as_bytes());
+    NodeHash::from_bytes(*blake3::hash(&input).as_bytes())
 }
 
 fn empty_root() -> NodeHash {
@@ -75,13 +77,52 @@ fn build_range(leaves: &[NodeHash], paths: &mut [MerklePath]) -> NodeHash {
     node_hash(&left, &right)
 }
 
-/// The root that `leaf` at `idx` of `count` leaves implies through `path`; None when the
-/// path's length does not fit the position (truncated, padded or index out of range).
-pub fn root_from_path(idx: u32, count: u32, leaf: NodeHash, path: &MerklePath) -> Option<NodeHash> {
+/// A subtree of a record's tree: leaves `start..end` and their hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subtree {
+    pub start: u32,
+    pub end: u32,
+    pub hash: NodeHash,
+}
+
+/// Checks that `leaf` at `idx` of `count` leaves, with `path`, leads to `root`. `known` may
+/// vouch for subtrees verified before: the walk stops at the first one it reaches, which must
+/// then match. Returns the subtrees computed on the way (all proven now), or None on mismatch,
+/// including a path whose length does not fit the position.
+pub fn verify_path(
+    idx: u32,
+    count: u32,
+    leaf: NodeHash,
+    path: &MerklePath,
+    root: NodeHash,
+    known: impl Fn(u32, u32) -> Option<NodeHash>,
+) -> Option<Vec<Subtree>> {
     if idx >= count {
         return None;
     }
-    walk(idx as usize, count as usize, leaf, &path.0)
+    // Ranges from the root down to the leaf; the path lists siblings from the bottom up.
+    let mut ranges = vec![(0, count)];
+    let (mut start, mut end) = (0, count);
+    while end - start > 1 {
+        let mid = start + split((end - start) as usize) as u32;
+        (start, end) = if idx < mid { (start, mid) } else { (mid, end) };
+        ranges.push((start, end));
+    }
+    if path.0.len() != ranges.len() - 1 {
+        return None;
+    }
+    let mut computed = Vec::with_capacity(ranges.len());
+    let mut hash = leaf;
+    for (level, &(start, end)) in ranges.iter().rev().enumerate() {
+        if let Some(proven) = known(start, end) {
+            return (proven == hash).then_some(computed);
+        }
+        computed.push(Subtree { start, end, hash });
+        let Some(sibling) = path.0.get(level) else { break };
+        let (parent_start, _) = ranges[ranges.len() - 2 - level];
+        hash = if start == parent_start { node_hash(&hash, sibling) } else { node_hash(sibling, &hash) };
+    }
+    (hash == root).then_some(computed)
 }
 
 /// How many siblings the path of leaf `idx` of `count` has: its depth in the tree.
@@ -95,19 +136,6 @@ pub fn path_len(mut idx: u32, mut count: u32) -> usize {
     depth
 }
 
-fn walk(idx: usize, n: usize, leaf: NodeHash, path: &[NodeHash]) -> Option<NodeHash> {
-    if n == 1 {
-        return path.is_empty().then_some(leaf);
-    }
-    let (top, rest) = path.split_last()?;
-    let k = split(n);
-    Some(if idx < k {
-        node_hash(&walk(idx, k, leaf, rest)?, top)
-    } else {
-        node_hash(top, &walk(idx - k, n - k, leaf, rest)?)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +147,11 @@ mod tests {
             1 => leaves[0],
             n => node_hash(&naive_root(&leaves[..split(n)]), &naive_root(&leaves[split(n)..])),
         }
+    }
+
+    fn root_from_path(idx: u32, count: u32, leaf: NodeHash, path: &MerklePath) -> Option<NodeHash> {
+        let (root, _) = build(&leaves(count as usize));
+        verify_path(idx, count, leaf, path, root, |_, _| None).map(|_| root)
     }
 
     fn leaves(n: usize) -> Vec<NodeHash> {
@@ -161,6 +194,23 @@ mod tests {
         padded.0.push(root);
         assert_eq!(root_from_path(5, 11, ls[5], &padded), None);
         assert_ne!(root_from_path(5, 12, ls[5], p), Some(root));
+    }
+
+    #[test]
+    fn known_subtrees_end_the_walk_and_must_match() {
+        let ls = leaves(13);
+        let (root, paths) = build(&ls);
+        let first = verify_path(4, 13, ls[4], &paths[4], root, |_, _| None).unwrap();
+        assert_eq!(first.len(), 5, "the leaf, three inner subtrees and the root");
+        let known = |s: u32, e: u32| first.iter().find(|t| (t.start, t.end) == (s, e)).map(|t| t.hash);
+        // Leaf 5 shares subtree 4..6 with leaf 4: one hash, then a known node.
+        assert_eq!(verify_path(5, 13, ls[5], &paths[5], root, known).unwrap().len(), 1);
+        assert!(verify_path(5, 13, leaf_hash(b"forged"), &paths[5], root, known).is_none());
+        let mut bad = paths[5].clone();
+        bad.0[0] = leaf_hash(b"x");
+        assert!(verify_path(5, 13, ls[5], &bad, root, known).is_none());
+        // A leaf vouched for itself needs no hashing at all.
+        assert_eq!(verify_path(4, 13, ls[4], &paths[4], root, known).unwrap().len(), 0);
     }
 
     #[test]

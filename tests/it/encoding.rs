@@ -218,3 +218,19 @@ proptest! {
         prop_assert_eq!(SubRecord::decode(&s.encode()).unwrap(), s);
     }
 }
+
+/// The worked sizes in ARCHITECTURE.md ("Formats").
+#[test]
+fn encoded_sizes_match_architecture_md() {
+    assert_eq!(record(vec![rh(1)], false).encode().len(), 159);
+    assert_eq!(record(vec![rh(1)], true).encode().len(), 223);
+    assert_eq!(record(vec![rh(1), rh(2)], true).encode().len(), 255);
+    let m = Metadata { writers: vec![], ..metadata() };
+    assert_eq!(SignedMetadata { metadata: m, signature: Signature([0; 64]) }.encode().len(), 146);
+    let sub = |len: usize, path: usize| {
+        SubRecord { data: vec![0; len], path: capsulefs::record::MerklePath(vec![NodeHash::from_bytes([0; 32]); path]) }
+            .encode()
+            .len()
+    };
+    assert_eq!((sub(0, 0), sub(1, 0), sub(5000, 10)), (8, 9, 5328));
+}
