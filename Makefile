@@ -67,8 +67,9 @@ demo: build
 	$(BIN) --home $(DEMO_HOME) log demo
 	@echo "== read a sub-record back, verified (first lines)"
 	$(BIN) --home $(DEMO_HOME) cat demo head:0 | head -n 3
-	@echo "== its proof, and a full audit"
-	$(BIN) --home $(DEMO_HOME) prove demo head:0
+	@echo "== the proof of README.md (oldest record, unsigned): a chain to the signed record"
+	$(BIN) --home $(DEMO_HOME) prove --fresh demo $$($(BIN) --home $(DEMO_HOME) log demo | tail -n 1 | cut -c1-12):0
+	@echo "== a full audit"
 	$(BIN) --home $(DEMO_HOME) verify demo
 
 clean:

@@ -4,7 +4,8 @@
 //! RocksDB store in a temporary folder. Proofs: every one of those sub-records read back through
 //! a full proof, starting with an empty memory cache. Reverse-sequential: `ops` one-sub-record
 //! records with a signature every `REVERSE_SIGN_EVERY`, proven newest to oldest, once ignoring
-//! earlier proofs and once letting each proof stop at the previous one.
+//! earlier proofs and once letting each proof stop at the previous one. Each row is the median
+//! of `ROW_RUNS` runs in fresh capsules.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ use capsulefs::store::rocks::RocksKv;
 
 const SUB_RECORD_LEN: usize = 128;
 const REVERSE_SIGN_EVERY: usize = 100;
+/// Each row is measured this many times, each in a fresh capsule; the median is reported.
+const ROW_RUNS: usize = 3;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -58,8 +61,29 @@ struct Row {
     prove: Duration,
 }
 
+/// Median write and prove times over `ROW_RUNS` runs.
 fn measure_row(dir: &tempfile::TempDir, me: &Identity, ops: usize, per_record: usize) -> anyhow::Result<Row> {
-    let capsule = new_capsule(dir, &format!("k{per_record}"), me)?;
+    let runs =
+        (0..ROW_RUNS).map(|run| measure_row_once(dir, me, ops, per_record, run)).collect::<anyhow::Result<Vec<_>>>()?;
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    Ok(Row {
+        per_record,
+        write: median(runs.iter().map(|r| r.write).collect()),
+        prove: median(runs.iter().map(|r| r.prove).collect()),
+    })
+}
+
+fn measure_row_once(
+    dir: &tempfile::TempDir,
+    me: &Identity,
+    ops: usize,
+    per_record: usize,
+    run: usize,
+) -> anyhow::Result<Row> {
+    let capsule = new_capsule(dir, &format!("k{per_record}-{run}"), me)?;
     let records = ops.div_ceil(per_record);
     let payloads: Vec<Vec<u8>> = (0..records * per_record).map(payload).collect();
     let opts = AppendOptions { sign: true, durability: Durability::Buffered, ..Default::default() };
@@ -109,7 +133,9 @@ fn proofs(ops: usize) -> anyhow::Result<()> {
     anyhow::ensure!(ops >= 1000, "--ops must be at least 1000 (one record of 1000 sub-records)");
     let dir = tempfile::tempdir()?;
     let me = Identity::generate("bench")?;
-    println!("{ops} sub-records of {SUB_RECORD_LEN} bytes per row, one signature per record, RocksDB store");
+    println!(
+        "{ops} sub-records of {SUB_RECORD_LEN} bytes per row, one signature per record, RocksDB store, median of {ROW_RUNS}"
+    );
     println!(
         "{:>12} {:>8} {:>10} {:>10} {:>12} {:>12}",
         "subs/record", "records", "write ms", "prove ms", "write us/op", "prove us/op"

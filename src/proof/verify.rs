@@ -151,13 +151,17 @@ impl Prover<'_> {
         let mut current = target;
         let anchor = loop {
             let cached = if chain.is_empty() { None } else { self.cache.get(&current) };
-            let was_cached = cached.is_some();
-            let (header, signature) = match cached {
-                Some(h) => (h, None),
+            // A record proven before (memory, or the persisted set) needs only its hash check:
+            // the hash commits to everything its earlier proof checked.
+            let (header, signature, proven_before) = match cached {
+                Some(h) => (h, None, true),
                 None => {
                     let parsed = self.load(current)?;
-                    check_record_claims(self.capsule, self.metadata, current, &parsed)?;
-                    (Arc::new(parsed.header), parsed.signature)
+                    let persisted = self.cache_use == CacheUse::MemoryAndStore && self.store.is_proven(&current)?;
+                    if !persisted {
+                        check_record_claims(self.capsule, self.metadata, current, &parsed)?;
+                    }
+                    (Arc::new(parsed.header), parsed.signature, persisted)
                 }
             };
             if let Some(prev) = chain.last()
@@ -167,7 +171,7 @@ impl Prover<'_> {
             }
             chain.push(current);
             headers.push(header.clone());
-            if was_cached || (self.cache_use == CacheUse::MemoryAndStore && self.store.is_proven(&current)?) {
+            if proven_before {
                 break Anchor::Cached { record: current };
             }
             if signature.is_some() {
