@@ -11,8 +11,8 @@ use crate::proof::verify::{check_record_bytes, check_record_claims, save_proven}
 use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRecordProof, Verified, witness};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{
-    CapsuleId, KeyGen, Metadata, Params, Record, RecordHash, RecordHeader, RecordKind, Seq, SignedMetadata, SubIdx,
-    SubRecord, WriterId, merkle,
+    CapsuleId, KeyGen, Metadata, NodeHash, Params, Record, RecordHash, RecordHeader, RecordKind, Seq, SignedMetadata,
+    SubIdx, SubRecord, WriterId, merkle,
 };
 use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, StoreError, VerifyError};
@@ -97,6 +97,13 @@ impl Drop for Capsule {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The Merkle root over `payloads` and each payload with its path.
+fn sub_records(payloads: &[&[u8]]) -> (NodeHash, Vec<SubRecord>) {
+    let leaves: Vec<_> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();
+    let (root, paths) = merkle::build(&leaves);
+    (root, payloads.iter().zip(paths).map(|(p, path)| SubRecord { data: p.to_vec(), path }).collect())
 }
 
 fn new_cache() -> ProofCache {
@@ -189,8 +196,7 @@ impl Capsule {
         }
         let w = writer.writer();
         let seq = Seq(self.store.last_seq(&w)?.map_or(1, |s| s.0 + 1));
-        let leaves: Vec<_> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();
-        let (merkle_root, paths) = merkle::build(&leaves);
+        let (merkle_root, subs) = sub_records(payloads);
         let header = RecordHeader {
             version: FORMAT_VERSION,
             capsule: self.id,
@@ -206,7 +212,6 @@ impl Capsule {
         header.check().map_err(|e| Error::Invalid(format!("record: {e}")))?;
         let h = header.hash();
         let signature = opts.sign.then(|| sign::sign_record(writer.key(), &h));
-        let subs = payloads.iter().zip(paths).map(|(p, path)| SubRecord { data: p.to_vec(), path }).collect();
         let attestation = (!opts.sign).then(|| sign::attest(writer.key(), &self.id, &h));
         self.insert(h, Record { header, signature }, subs, attestation, opts.durability)?;
         Ok(h)
@@ -218,8 +223,7 @@ impl Capsule {
     pub fn ingest(&self, record_bytes: &[u8], payloads: &[&[u8]], durability: Durability) -> Result<Ingested> {
         let record = Record::decode(record_bytes).map_err(VerifyError::Undecodable)?;
         let h = record.hash();
-        let leaves: Vec<_> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();
-        let (root, paths) = merkle::build(&leaves);
+        let (root, subs) = sub_records(payloads);
         if root != record.header.merkle_root || payloads.len() != record.header.sub_count as usize {
             return Err(VerifyError::PayloadMismatch {
                 record: h,
@@ -233,7 +237,6 @@ impl Capsule {
         if self.store.has_record(&h)? {
             return Ok(Ingested::AlreadyPresent(h));
         }
-        let subs = payloads.iter().zip(paths).map(|(p, path)| SubRecord { data: p.to_vec(), path }).collect();
         self.insert(h, record, subs, None, durability)?;
         Ok(Ingested::Stored(h))
     }
@@ -249,12 +252,7 @@ impl Capsule {
     ) -> Result<()> {
         check_record_claims(self.id, self.metadata(), h, &record)?;
         let header = &record.header;
-        let genesis = RecordHash::genesis(self.id);
-        for p in &header.parents {
-            if *p != genesis && !self.store.has_record(p)? {
-                return Err(VerifyError::UnknownParent { record: h, parent: *p }.into());
-            }
-        }
+        self.check_parents_known(h, header)?;
         if let Some(first) = self.store.record_at(&header.writer, header.seq)? {
             return Err(self.keep_evidence(first, h, &record)?);
         }
@@ -271,6 +269,16 @@ impl Capsule {
             witness::stage_signed(&self.store, &mut batch, self.id, h, &header.parents)?;
         }
         self.store.write(batch, durability)
+    }
+
+    fn check_parents_known(&self, record: RecordHash, header: &RecordHeader) -> Result<()> {
+        let genesis = RecordHash::genesis(self.id);
+        for p in &header.parents {
+            if *p != genesis && !self.store.has_record(p)? {
+                return Err(VerifyError::UnknownParent { record, parent: *p }.into());
+            }
+        }
+        Ok(())
     }
 
     /// Stores both records of a reused sequence number as evidence, and returns the error.
@@ -373,18 +381,13 @@ impl Capsule {
     pub fn audit(&self) -> Result<AuditReport> {
         let audit_cache = new_cache();
         let prover = self.prover_with(&audit_cache, CacheUse::MemoryOnly);
-        let genesis = RecordHash::genesis(self.id);
         let mut report = AuditReport::default();
         for h in self.store.arrival_order(false)? {
             let h = h?;
             let bytes = self.store.record_bytes(&h)?.ok_or(VerifyError::MissingRecord { record: h })?;
             let record = check_record_bytes(h, &bytes)?;
             check_record_claims(self.id, self.metadata(), h, &record)?;
-            for p in &record.header.parents {
-                if *p != genesis && !self.store.has_record(p)? {
-                    return Err(VerifyError::UnknownParent { record: h, parent: *p }.into());
-                }
-            }
+            self.check_parents_known(h, &record.header)?;
             if self.store.record_at(&record.header.writer, record.header.seq)? != Some(h) {
                 let detail = format!("{:?} seq {} does not point at {h:?}", record.header.writer, record.header.seq.0);
                 return Err(StoreError::BadIndex { cf: "seqs", detail }.into());
