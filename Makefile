@@ -58,7 +58,7 @@ install: build completions
 # The main job on an embedded default: a local capsule written, read back through proofs, verified.
 demo: build
 	rm -rf $(DEMO_HOME)
-	@echo "== create a capsule (and a default identity) in $(DEMO_HOME)"
+	@echo "== create a capsule (and a default identity) in $(DEMO_HOME); its first record is the keystore"
 	$(BIN) --home $(DEMO_HOME) create demo
 	@echo "== append README.md and Cargo.toml as one unsigned record, then ARCHITECTURE.md signed"
 	$(BIN) --home $(DEMO_HOME) append demo README.md Cargo.toml
@@ -67,8 +67,8 @@ demo: build
 	$(BIN) --home $(DEMO_HOME) log demo
 	@echo "== read a sub-record back, verified (first lines)"
 	$(BIN) --home $(DEMO_HOME) cat demo head:0 | head -n 3
-	@echo "== the proof of README.md (oldest record, unsigned): a chain to the signed record"
-	$(BIN) --home $(DEMO_HOME) prove --fresh demo $$($(BIN) --home $(DEMO_HOME) log demo | tail -n 1 | cut -c1-12):0
+	@echo "== the proof of README.md (second newest record, unsigned): a chain to the signed record"
+	$(BIN) --home $(DEMO_HOME) prove --fresh demo $$($(BIN) --home $(DEMO_HOME) log demo | sed -n 2p | cut -c1-12):0
 	@echo "== a full audit"
 	$(BIN) --home $(DEMO_HOME) verify demo
 

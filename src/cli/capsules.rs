@@ -7,6 +7,7 @@ use clap::Parser;
 
 use capsulefs::Error;
 use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
+use capsulefs::member::create_keystore;
 use capsulefs::record::{Params, WriterId};
 
 use super::home::Home;
@@ -45,8 +46,11 @@ pub fn create(home: &Home, a: CreateArgs) -> anyhow::Result<()> {
     let (staging, kv) = home.staging_store()?;
     let params = Params { sign_every_records: a.sign_every_records, sign_every_secs: a.sign_every_secs };
     let spec = NewCapsule { name: &a.name, creator: &creator, writers: a.writers, params };
-    let id = Capsule::create(kv, spec, Vec::new())?.id();
-    // The capsule (and with it the RocksDB handle) is closed here, before its folder moves.
+    let capsule = Capsule::create(kv, spec, Vec::new())?;
+    create_keystore(&capsule, &creator)?;
+    let id = capsule.id();
+    // Close the capsule (and with it the RocksDB handle) before its folder moves.
+    drop(capsule);
     home.register(&a.name, &id, staging)?;
     println!("{id}");
     Ok(())

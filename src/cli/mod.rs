@@ -44,7 +44,7 @@ pub enum Command {
     /// Manage writer identities (ed25519 keys).
     #[command(subcommand)]
     Key(keys::KeyCommand),
-    /// Create a capsule and print its id.
+    /// Create a capsule (signed metadata, and a keystore holding its content key wrapped for the creator) and print its id.
     Create(capsules::CreateArgs),
     /// List local capsules: name and id.
     List,

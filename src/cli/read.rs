@@ -8,7 +8,7 @@ use clap::Parser;
 use capsulefs::Error;
 use capsulefs::capsule::{Capsule, EarlierProofs};
 use capsulefs::proof::{Anchor, RecordProof};
-use capsulefs::record::{RecordHash, SubIdx};
+use capsulefs::record::{RecordHash, RecordKind, SubIdx};
 
 use super::home::Home;
 
@@ -108,12 +108,13 @@ pub fn log(home: &Home, a: LogArgs) -> anyhow::Result<()> {
             .collect();
         writeln!(
             out,
-            "{h} parents={} writer={} seq={} {} subs={}",
+            "{h} parents={} writer={} seq={} {} subs={}{}",
             parents.join(","),
             &hd.writer.to_hex()[..12],
             hd.seq.0,
             if record.signature.is_some() { "signed" } else { "unsigned" },
-            hd.sub_count
+            hd.sub_count,
+            if hd.kind == RecordKind::Membership { " membership" } else { "" }
         )?;
     }
     Ok(())

@@ -1,7 +1,10 @@
-//! Every call to ed25519 and key derivation lives here; nothing else imports those crates.
+//! Every call to ed25519, AES-GCM, HPKE and key derivation lives here; nothing else imports
+//! those crates.
 
+pub mod aead;
 pub mod keys;
 pub mod sign;
+pub mod wrap;
 
 /// Fresh bytes from the OS random source.
 pub fn random_bytes<const N: usize>() -> [u8; N] {

@@ -69,6 +69,11 @@ impl Metadata {
         CapsuleId::from_bytes(*h.finalize().as_bytes())
     }
 
+    /// Whether the metadata alone makes `w` an admin (the creator always is).
+    pub fn is_admin(&self, w: &WriterId) -> bool {
+        *w == self.creator || self.admins.binary_search(w).is_ok()
+    }
+
     /// Whether the metadata alone lets `w` write (the creator always may).
     pub fn may_write(&self, w: &WriterId) -> bool {
         *w == self.creator || self.writers.binary_search(w).is_ok() || self.admins.binary_search(w).is_ok()

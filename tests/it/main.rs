@@ -2,6 +2,7 @@
 
 mod dag;
 mod encoding;
+mod keystore;
 mod tamper;
 
 use std::sync::Arc;

@@ -1,0 +1,163 @@
+//! Sealing payloads with AES-256-GCM under a capsule's content key, bound to their place.
+//!
+//! Nonces never repeat, crash or not, because there is no counter to lose: every seal draws a
+//! fresh 24-byte salt and derives a one-time AES key as `blake3_keyed(content key, domain ‖
+//! salt)`. That key encrypts exactly one message, under the all-zero nonce. Two seals share a
+//! key only if two random 192-bit salts collide (birthday bound: 2^96 seals per key generation).
+//!
+//! Sealed layout: `salt (24) ‖ ciphertext ‖ GCM tag (16)`: 40 bytes over the plaintext.
+//! Associated data (`Place`) binds each payload to its capsule, key generation, kind, object and
+//! offset, so a chunk moved to another file or offset, or replayed under another generation,
+//! does not open.
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use zeroize::Zeroizing;
+
+use crate::record::{CapsuleId, KeyGen};
+
+const SALT_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+/// Bytes a sealed payload adds to its plaintext.
+pub const SEAL_OVERHEAD: usize = SALT_LEN + TAG_LEN;
+const SUBKEY_DOMAIN: &[u8] = b"capsulefs seal one-time key v1\0";
+
+/// One generation of a capsule's content key. A generation changes when a member is removed.
+pub struct ContentKey {
+    generation: KeyGen,
+    bytes: Zeroizing<[u8; 32]>,
+}
+
+impl ContentKey {
+    pub fn generate(generation: KeyGen) -> Self {
+        Self { generation, bytes: Zeroizing::new(super::random_bytes()) }
+    }
+
+    pub fn from_bytes(generation: KeyGen, bytes: [u8; 32]) -> Self {
+        Self { generation, bytes: Zeroizing::new(bytes) }
+    }
+
+    pub fn generation(&self) -> KeyGen {
+        self.generation
+    }
+
+    pub(in crate::crypto) fn secret(&self) -> &[u8; 32] {
+        &self.bytes
+    }
+
+    fn one_time_cipher(&self, salt: &[u8]) -> Aes256Gcm {
+        let mut h = blake3::Hasher::new_keyed(&self.bytes);
+        h.update(SUBKEY_DOMAIN);
+        h.update(salt);
+        let key = Zeroizing::new(*h.finalize().as_bytes());
+        Aes256Gcm::new_from_slice(&*key).expect("a 32-byte key fits AES-256")
+    }
+}
+
+/// What kind of object a sealed payload is, as far as the associated data is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SealedKind {
+    Chunk = 1,
+    Node = 2,
+    Directory = 3,
+}
+
+/// Where a sealed payload belongs; it is the associated data of its seal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub capsule: CapsuleId,
+    pub kind: SealedKind,
+    /// The file or directory (inode number) the payload belongs to.
+    pub object: u64,
+    /// Byte offset of a chunk in its file; 0 for other kinds.
+    pub offset: u64,
+}
+
+impl Place {
+    fn associated_data(&self, generation: KeyGen) -> [u8; 53] {
+        let mut aad = [0u8; 53];
+        aad[..32].copy_from_slice(self.capsule.as_bytes());
+        aad[32..36].copy_from_slice(&generation.0.to_le_bytes());
+        aad[36] = self.kind as u8;
+        aad[37..45].copy_from_slice(&self.object.to_le_bytes());
+        aad[45..53].copy_from_slice(&self.offset.to_le_bytes());
+        aad
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sealed payload does not open with content key generation {} at {place:?}", generation.0)]
+pub struct OpenError {
+    pub generation: KeyGen,
+    pub place: Place,
+}
+
+pub fn seal(key: &ContentKey, place: &Place, plaintext: &[u8]) -> Vec<u8> {
+    let salt: [u8; SALT_LEN] = super::random_bytes();
+    let aad = place.associated_data(key.generation);
+    let ciphertext = key
+        .one_time_cipher(&salt)
+        .encrypt(&Nonce::default(), Payload { msg: plaintext, aad: &aad })
+        .expect("AES-GCM encrypts any message below 64 GiB");
+    [&salt[..], &ciphertext].concat()
+}
+
+pub fn open(key: &ContentKey, place: &Place, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let err = || OpenError { generation: key.generation, place: *place };
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(err());
+    }
+    let (salt, ciphertext) = sealed.split_at(SALT_LEN);
+    let aad = place.associated_data(key.generation);
+    key.one_time_cipher(salt).decrypt(&Nonce::default(), Payload { msg: ciphertext, aad: &aad }).map_err(|_| err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place(object: u64, offset: u64) -> Place {
+        Place { capsule: CapsuleId::from_bytes([1; 32]), kind: SealedKind::Chunk, object, offset }
+    }
+
+    #[test]
+    fn seals_open_only_with_their_key_generation_and_place() {
+        let key = ContentKey::generate(KeyGen(1));
+        let here = place(7, 65536);
+        let sealed = seal(&key, &here, b"secret bytes");
+        assert_eq!(sealed.len(), 12 + SEAL_OVERHEAD);
+        assert_eq!(open(&key, &here, &sealed).unwrap(), b"secret bytes");
+        assert!(open(&key, &place(8, 65536), &sealed).is_err(), "moved to another file");
+        assert!(open(&key, &place(7, 0), &sealed).is_err(), "moved to another offset");
+        let node = Place { kind: SealedKind::Node, ..here };
+        assert!(open(&key, &node, &sealed).is_err(), "read as another kind");
+        let same_bytes_next_gen = ContentKey::from_bytes(KeyGen(2), *key.secret());
+        assert!(open(&same_bytes_next_gen, &here, &sealed).is_err(), "replayed under another generation");
+        assert!(open(&ContentKey::generate(KeyGen(1)), &here, &sealed).is_err(), "another key");
+    }
+
+    #[test]
+    fn any_flipped_bit_or_truncation_fails() {
+        let key = ContentKey::generate(KeyGen(1));
+        let here = place(1, 0);
+        let sealed = seal(&key, &here, &[0xaa; 100]);
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert!(open(&key, &here, &bad).is_err(), "bit flip at {i}");
+        }
+        assert!(open(&key, &here, &sealed[..sealed.len() - 1]).is_err());
+        assert!(open(&key, &here, &sealed[..SEAL_OVERHEAD - 1]).is_err());
+    }
+
+    #[test]
+    fn equal_plaintexts_seal_differently() {
+        let key = ContentKey::generate(KeyGen(1));
+        let here = place(1, 0);
+        let (a, b) = (seal(&key, &here, b"same"), seal(&key, &here, b"same"));
+        assert_ne!(a, b);
+        assert_ne!(a[SALT_LEN..], b[SALT_LEN..], "fresh one-time key, so fresh ciphertext");
+        assert_eq!(open(&key, &here, &seal(&key, &here, b"")).unwrap(), b"");
+    }
+}

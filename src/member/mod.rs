@@ -1,0 +1,7 @@
+//! Membership: who may read and write a capsule, and the keystore that gives readers the
+//! content key. Entries live in signed `RecordKind::Membership` records; an entry in a record
+//! whose writer lacks the level to make it is ignored (Massolit's changelog rule).
+
+pub mod keystore;
+
+pub use keystore::{MembershipEntry, content_key, create_keystore};

@@ -1,0 +1,77 @@
+//! The keystore: the content key wrapped for members, found through proofs, admins only.
+
+use capsulefs::capsule::AppendOptions;
+use capsulefs::crypto::aead::{ContentKey, Place, SealedKind, open, seal};
+use capsulefs::crypto::keys::Identity;
+use capsulefs::crypto::wrap;
+use capsulefs::member::{MembershipEntry, content_key, create_keystore};
+use capsulefs::record::{KeyGen, RecordKind};
+use capsulefs::store::{Batch, Cf, Durability, Kv};
+use capsulefs::{Error, VerifyError};
+
+use super::fixture;
+
+fn membership() -> AppendOptions {
+    AppendOptions { sign: true, kind: RecordKind::Membership, durability: Durability::Buffered, ..Default::default() }
+}
+
+#[test]
+fn the_owner_gets_the_content_key_back() {
+    let f = fixture();
+    let (key, _) = create_keystore(&f.cap, &f.owner).unwrap();
+    let place = Place { capsule: f.cap.id(), kind: SealedKind::Chunk, object: 2, offset: 0 };
+    let back = content_key(&f.cap, &f.owner).unwrap();
+    assert_eq!(back.generation(), KeyGen(1));
+    assert_eq!(open(&back, &place, &seal(&key, &place, b"file bytes")).unwrap(), b"file bytes");
+    assert!(matches!(content_key(&f.cap, &f.other), Err(Error::NotFound(_))), "not a reader");
+}
+
+#[test]
+fn the_newest_generation_by_an_admin_wins_and_others_are_ignored() {
+    let f = fixture();
+    create_keystore(&f.cap, &f.owner).unwrap();
+    let next = ContentKey::generate(KeyGen(2));
+    let entry = |k: &ContentKey, who: &Identity| MembershipEntry::WrappedKey {
+        generation: k.generation(),
+        member: who.writer(),
+        wrapped: wrap::wrap(k, &f.cap.id(), &who.writer()).unwrap(),
+    };
+    f.cap.append(&f.owner, &[&entry(&next, &f.owner).encode()], membership()).unwrap();
+    assert_eq!(content_key(&f.cap, &f.owner).unwrap().generation(), KeyGen(2));
+    // `other` may write but is no admin: its keystore entry for itself is ignored.
+    let own = ContentKey::generate(KeyGen(9));
+    f.cap.append(&f.other, &[&entry(&own, &f.other).encode()], membership()).unwrap();
+    assert!(matches!(content_key(&f.cap, &f.other), Err(Error::NotFound(_))));
+    assert_eq!(content_key(&f.cap, &f.owner).unwrap().generation(), KeyGen(2));
+}
+
+#[test]
+fn a_tampered_keystore_entry_is_refused() {
+    let f = fixture();
+    let (_, record) = create_keystore(&f.cap, &f.owner).unwrap();
+    let key = [&record.as_bytes()[..], &0u32.to_be_bytes()].concat();
+    let mut bytes = f.kv.get(Cf::Subs, &key).unwrap().unwrap();
+    bytes[20] ^= 1;
+    let mut b = Batch::default();
+    b.put(Cf::Subs, key, bytes);
+    f.kv.write(b, Durability::Buffered).unwrap();
+    assert!(matches!(content_key(&f.cap, &f.owner), Err(Error::Verify(VerifyError::MerkleMismatch { .. }))));
+}
+
+#[test]
+fn entries_decode_canonically() {
+    let e = MembershipEntry::WrappedKey {
+        generation: KeyGen(3),
+        member: Identity::generate("m").unwrap().writer(),
+        wrapped: [7; 80],
+    };
+    let bytes = e.encode();
+    assert_eq!(MembershipEntry::decode(&bytes).unwrap(), e);
+    assert!(MembershipEntry::decode(&[&bytes[..], &[0]].concat()).is_err());
+    let zero_gen = MembershipEntry::WrappedKey {
+        generation: KeyGen(0),
+        member: Identity::generate("m").unwrap().writer(),
+        wrapped: [7; 80],
+    };
+    assert!(MembershipEntry::decode(&zero_gen.encode()).is_err());
+}
