@@ -42,6 +42,8 @@ pub enum VerifyError {
     MerkleMismatch { record: RecordHash, idx: SubIdx },
     #[error("sub-record {idx:?} of {record:?} does not decode: {source}")]
     MalformedSubRecord { record: RecordHash, idx: SubIdx, source: DecodeError },
+    #[error("sub-record {idx:?} of {record:?} is a tree node that does not belong where it is referenced")]
+    MisplacedNode { record: RecordHash, idx: SubIdx },
     #[error("{record:?} has no sub-record {idx:?} (it has {count})")]
     IndexOutOfRange { record: RecordHash, idx: SubIdx, count: u32 },
     #[error("{record:?} is missing from the store")]

@@ -32,6 +32,7 @@
 pub mod capsule;
 pub mod crypto;
 pub mod error;
+pub mod fs;
 pub mod member;
 pub mod proof;
 pub mod record;

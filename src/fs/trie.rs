@@ -1,0 +1,495 @@
+//! A persistent map from u64 keys to values, kept as immutable nodes in sub-records: the shape
+//! of the inode table, file chunk maps and directories.
+//!
+//! A node is either an inner node, with up to 64 children indexed by 6 bits of the key, or a
+//! leaf bucket of at most `leaf_max` entries. A full leaf splits into an inner node. Key bits
+//! are used lowest first, so dense keys (inode and chunk numbers) spread evenly. Changing a key
+//! rewrites only the nodes on its path; everything else stays a reference into an earlier
+//! record. Nodes committed in one record refer to each other with `Ref::Here`, because that
+//! record's hash depends on them, so they cannot name it.
+//!
+//! The tree neither seals nor proves anything: `NodeSource` hands it plaintext nodes that were
+//! already proven and opened, and `NodeSink` takes the nodes of a commit.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use borsh::{BorshDeserialize, BorshSerialize};
+
+use crate::record::codec::{self, Canonical, DecodeError, strictly_ascending};
+use crate::record::{RecordHash, SubIdx};
+use crate::{Error, Result, VerifyError};
+
+const BITS: u32 = 6;
+const FANOUT: u64 = 1 << BITS;
+/// Depth at which every key bit is used up; a leaf there holds at most one key.
+const MAX_DEPTH: u32 = 64u32.div_ceil(BITS);
+
+fn digit(key: u64, depth: u32) -> u8 {
+    ((key >> (depth * BITS)) % FANOUT) as u8
+}
+
+/// The key bits that every key under a node at `depth` shares.
+fn prefix_mask(depth: u32) -> u64 {
+    1u64.checked_shl(depth * BITS).map_or(u64::MAX, |b| b - 1)
+}
+
+/// Where a node is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Loc {
+    pub record: RecordHash,
+    pub idx: SubIdx,
+}
+
+/// A child pointer as stored: in the same record as its parent, or in an earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub enum Ref {
+    Here(SubIdx),
+    At(RecordHash, SubIdx),
+}
+
+impl Ref {
+    /// The location this ref names, for a ref stored in (or returned for) record `base`.
+    pub fn resolve(self, base: RecordHash) -> Loc {
+        match self {
+            Ref::Here(idx) => Loc { record: base, idx },
+            Ref::At(record, idx) => Loc { record, idx },
+        }
+    }
+}
+
+/// A node's position in its tree; sinks bind it into the node's associated data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodePos {
+    pub depth: u32,
+    pub prefix: u64,
+}
+
+/// Values the tree can hold.
+pub trait Value: BorshSerialize + BorshDeserialize + Clone {}
+impl<T: BorshSerialize + BorshDeserialize + Clone> Value for T {}
+
+/// A node as stored (borsh, no version byte: the structure that points at it carries one).
+#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+enum StoredNode<V> {
+    /// Children by key digit: sorted, unique, non-empty.
+    Inner(Vec<(u8, Ref)>),
+    /// Entries by key: sorted, unique, non-empty.
+    Leaf(Vec<(u64, V)>),
+}
+
+impl<V> Canonical for StoredNode<V> {
+    fn check(&self) -> Result<(), DecodeError> {
+        let ok = match self {
+            StoredNode::Inner(children) => {
+                let digits: Vec<u8> = children.iter().map(|c| c.0).collect();
+                !digits.is_empty() && strictly_ascending(&digits) && digits.iter().all(|d| u64::from(*d) < FANOUT)
+            }
+            StoredNode::Leaf(entries) => {
+                let keys: Vec<u64> = entries.iter().map(|e| e.0).collect();
+                !keys.is_empty() && strictly_ascending(&keys)
+            }
+        };
+        if ok { Ok(()) } else { Err(DecodeError::NonCanonical("tree node children or entries")) }
+    }
+}
+
+/// Gives the tree the plaintext of nodes committed before (proven and opened by the caller).
+pub trait NodeSource {
+    fn load(&self, at: Loc) -> Result<Vec<u8>>;
+}
+
+/// Takes the nodes of a commit; returns each one's index in the record being built.
+pub trait NodeSink {
+    fn push(&mut self, pos: NodePos, plaintext: Vec<u8>) -> Result<SubIdx>;
+}
+
+#[derive(Clone)]
+enum Slot<V> {
+    Stored(Loc),
+    Dirty(Box<Node<V>>),
+}
+
+#[derive(Clone)]
+enum Node<V> {
+    Inner(BTreeMap<u8, Slot<V>>),
+    Leaf(BTreeMap<u64, V>),
+}
+
+/// The map; cheap to open at any committed root, which is how history is read.
+pub struct Trie<V> {
+    root: Option<Slot<V>>,
+    leaf_max: usize,
+}
+
+fn load_node<V: Value>(src: &dyn NodeSource, at: Loc, pos: NodePos) -> Result<Node<V>> {
+    let bytes = src.load(at)?;
+    let stored: StoredNode<V> = codec::decode_unversioned(&bytes)
+        .map_err(|source| VerifyError::MalformedSubRecord { record: at.record, idx: at.idx, source })?;
+    let misplaced = || Error::from(VerifyError::MisplacedNode { record: at.record, idx: at.idx });
+    Ok(match stored {
+        StoredNode::Inner(_) if pos.depth >= MAX_DEPTH => return Err(misplaced()),
+        StoredNode::Inner(children) => {
+            // At the last level fewer than 6 key bits remain.
+            let limit = 1u64.checked_shl(64 - pos.depth * BITS).unwrap_or(FANOUT).min(FANOUT);
+            if children.iter().any(|(d, _)| u64::from(*d) >= limit) {
+                return Err(misplaced());
+            }
+            Node::Inner(children.into_iter().map(|(d, r)| (d, Slot::Stored(r.resolve(at.record)))).collect())
+        }
+        StoredNode::Leaf(entries) => {
+            if entries.iter().any(|(k, _)| k & prefix_mask(pos.depth) != pos.prefix) {
+                return Err(misplaced());
+            }
+            Node::Leaf(entries.into_iter().collect())
+        }
+    })
+}
+
+/// The node in `slot`: borrowed when in memory, loaded when committed.
+fn view<'a, V: Value>(src: &dyn NodeSource, slot: &'a Slot<V>, pos: NodePos) -> Result<Cow<'a, Node<V>>> {
+    Ok(match slot {
+        Slot::Dirty(node) => Cow::Borrowed(&**node),
+        Slot::Stored(at) => Cow::Owned(load_node(src, *at, pos)?),
+    })
+}
+
+fn child_pos(pos: NodePos, d: u8) -> NodePos {
+    NodePos { depth: pos.depth + 1, prefix: pos.prefix | (u64::from(d) << (pos.depth * BITS)) }
+}
+
+/// A node for `entries` at `pos`, split into inner nodes as far as `leaf_max` requires.
+fn build<V>(entries: BTreeMap<u64, V>, pos: NodePos, leaf_max: usize) -> Node<V> {
+    if entries.len() <= leaf_max || pos.depth >= MAX_DEPTH {
+        return Node::Leaf(entries);
+    }
+    let mut groups: BTreeMap<u8, BTreeMap<u64, V>> = BTreeMap::new();
+    for (k, v) in entries {
+        groups.entry(digit(k, pos.depth)).or_default().insert(k, v);
+    }
+    Node::Inner(
+        groups.into_iter().map(|(d, g)| (d, Slot::Dirty(Box::new(build(g, child_pos(pos, d), leaf_max))))).collect(),
+    )
+}
+
+impl<V: Value> Trie<V> {
+    const ROOT: NodePos = NodePos { depth: 0, prefix: 0 };
+
+    pub fn empty(leaf_max: usize) -> Self {
+        Self { root: None, leaf_max: leaf_max.max(1) }
+    }
+
+    /// The tree whose root node is at `root`.
+    pub fn open(root: Loc, leaf_max: usize) -> Self {
+        Self { root: Some(Slot::Stored(root)), leaf_max: leaf_max.max(1) }
+    }
+
+    /// Whether the tree has changes not yet committed.
+    pub fn is_dirty(&self) -> bool {
+        matches!(self.root, Some(Slot::Dirty(_)))
+    }
+
+    pub fn get(&self, src: &dyn NodeSource, key: u64) -> Result<Option<V>> {
+        match &self.root {
+            None => Ok(None),
+            Some(root) => Self::get_in(src, root, key, Self::ROOT),
+        }
+    }
+
+    fn get_in(src: &dyn NodeSource, slot: &Slot<V>, key: u64, pos: NodePos) -> Result<Option<V>> {
+        match &*view(src, slot, pos)? {
+            Node::Leaf(entries) => Ok(entries.get(&key).cloned()),
+            Node::Inner(children) => {
+                let d = digit(key, pos.depth);
+                match children.get(&d) {
+                    None => Ok(None),
+                    Some(child) => Self::get_in(src, child, key, child_pos(pos, d)),
+                }
+            }
+        }
+    }
+
+    /// Makes the node in `slot` editable, loading it if it is committed.
+    fn dirty<'a>(src: &dyn NodeSource, slot: &'a mut Slot<V>, pos: NodePos) -> Result<&'a mut Node<V>> {
+        if let Slot::Stored(at) = slot {
+            *slot = Slot::Dirty(Box::new(load_node(src, *at, pos)?));
+        }
+        match slot {
+            Slot::Dirty(node) => Ok(node),
+            Slot::Stored(_) => unreachable!("replaced just above"),
+        }
+    }
+
+    pub fn insert(&mut self, src: &dyn NodeSource, key: u64, value: V) -> Result<Option<V>> {
+        let leaf_max = self.leaf_max;
+        let mut slot = self.root.get_or_insert_with(|| Slot::Dirty(Box::new(Node::Leaf(BTreeMap::new()))));
+        let mut pos = Self::ROOT;
+        loop {
+            let node = Self::dirty(src, slot, pos)?;
+            if let Node::Leaf(entries) = node {
+                let old = entries.insert(key, value);
+                if entries.len() > leaf_max {
+                    *node = build(std::mem::take(entries), pos, leaf_max);
+                }
+                return Ok(old);
+            }
+            let Node::Inner(children) = node else { unreachable!("leaf handled above") };
+            let d = digit(key, pos.depth);
+            slot = children.entry(d).or_insert_with(|| Slot::Dirty(Box::new(Node::Leaf(BTreeMap::new()))));
+            pos = child_pos(pos, d);
+        }
+    }
+
+    pub fn remove(&mut self, src: &dyn NodeSource, key: u64) -> Result<Option<V>> {
+        // A miss must not rewrite the path.
+        if self.get(src, key)?.is_none() {
+            return Ok(None);
+        }
+        let Some(root) = self.root.as_mut() else { return Ok(None) };
+        let (old, now_empty) = Self::remove_in(src, root, key, Self::ROOT)?;
+        if now_empty {
+            self.root = None;
+        }
+        Ok(old)
+    }
+
+    fn remove_in(src: &dyn NodeSource, slot: &mut Slot<V>, key: u64, pos: NodePos) -> Result<(Option<V>, bool)> {
+        match Self::dirty(src, slot, pos)? {
+            Node::Leaf(entries) => {
+                let old = entries.remove(&key);
+                Ok((old, entries.is_empty()))
+            }
+            Node::Inner(children) => {
+                let d = digit(key, pos.depth);
+                let Some(child) = children.get_mut(&d) else { return Ok((None, false)) };
+                let (old, child_empty) = Self::remove_in(src, child, key, child_pos(pos, d))?;
+                if child_empty {
+                    children.remove(&d);
+                }
+                Ok((old, children.is_empty()))
+            }
+        }
+    }
+
+    /// Every entry, in tree order (by key digits, lowest digit first).
+    pub fn entries(&self, src: &dyn NodeSource) -> Result<Vec<(u64, V)>> {
+        let mut out = Vec::new();
+        if let Some(root) = &self.root {
+            Self::collect(src, root, Self::ROOT, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn collect(src: &dyn NodeSource, slot: &Slot<V>, pos: NodePos, out: &mut Vec<(u64, V)>) -> Result<()> {
+        match &*view(src, slot, pos)? {
+            Node::Leaf(entries) => out.extend(entries.iter().map(|(k, v)| (*k, v.clone()))),
+            Node::Inner(children) => {
+                for (d, child) in children {
+                    Self::collect(src, child, child_pos(pos, *d), out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every changed node to `sink`, children first, and returns the root's ref (None
+    /// for an empty tree). The tree is unchanged until `committed` names the record.
+    pub fn commit(&self, sink: &mut dyn NodeSink) -> Result<Option<Ref>> {
+        self.root.as_ref().map(|root| Self::commit_slot(root, Self::ROOT, sink)).transpose()
+    }
+
+    fn commit_slot(slot: &Slot<V>, pos: NodePos, sink: &mut dyn NodeSink) -> Result<Ref> {
+        let node = match slot {
+            Slot::Stored(at) => return Ok(Ref::At(at.record, at.idx)),
+            Slot::Dirty(node) => node,
+        };
+        let stored = match &**node {
+            Node::Leaf(entries) => StoredNode::Leaf(entries.iter().map(|(k, v)| (*k, v.clone())).collect()),
+            Node::Inner(children) => StoredNode::Inner(
+                children
+                    .iter()
+                    .map(|(d, child)| Ok((*d, Self::commit_slot(child, child_pos(pos, *d), sink)?)))
+                    .collect::<Result<_>>()?,
+            ),
+        };
+        Ok(Ref::Here(sink.push(pos, codec::encode(&stored))?))
+    }
+
+    /// Records that the commit whose root ref was `root` is stored as `record`: the changed
+    /// nodes are dropped from memory and the tree reads them back from there.
+    pub fn committed(&mut self, root: Option<Ref>, record: RecordHash) {
+        self.root = root.map(|r| Slot::Stored(r.resolve(record)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Committed nodes by location, and a counter standing in for record hashes.
+    #[derive(Default)]
+    struct Mem {
+        nodes: RefCell<HashMap<Loc, Vec<u8>>>,
+        records: RefCell<u8>,
+    }
+
+    impl NodeSource for Mem {
+        fn load(&self, at: Loc) -> Result<Vec<u8>> {
+            self.nodes
+                .borrow()
+                .get(&at)
+                .cloned()
+                .ok_or(Error::from(VerifyError::MissingSubRecord { record: at.record, idx: at.idx }))
+        }
+    }
+
+    struct Batch(Vec<Vec<u8>>);
+
+    impl NodeSink for Batch {
+        fn push(&mut self, _pos: NodePos, plaintext: Vec<u8>) -> Result<SubIdx> {
+            self.0.push(plaintext);
+            Ok(SubIdx(self.0.len() as u32 - 1))
+        }
+    }
+
+    impl Mem {
+        /// Commits `t` as a new record; returns how many nodes it wrote.
+        fn commit<V: Value>(&self, t: &mut Trie<V>) -> usize {
+            let mut batch = Batch(Vec::new());
+            let root = t.commit(&mut batch).unwrap();
+            let mut n = self.records.borrow_mut();
+            *n += 1;
+            let record = RecordHash::from_bytes([*n; 32]);
+            let written = batch.0.len();
+            for (i, bytes) in batch.0.into_iter().enumerate() {
+                self.nodes.borrow_mut().insert(Loc { record, idx: SubIdx(i as u32) }, bytes);
+            }
+            t.committed(root, record);
+            written
+        }
+    }
+
+    #[test]
+    fn dense_keys_split_and_survive_commits() {
+        let mem = Mem::default();
+        let mut t: Trie<u32> = Trie::empty(8);
+        for k in 0..1000u64 {
+            t.insert(&mem, k, k as u32 * 3).unwrap();
+        }
+        mem.commit(&mut t);
+        assert!(!t.is_dirty());
+        for k in [0u64, 1, 63, 64, 999] {
+            assert_eq!(t.get(&mem, k).unwrap(), Some(k as u32 * 3));
+        }
+        assert_eq!(t.get(&mem, 1000).unwrap(), None);
+        assert_eq!(t.entries(&mem).unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn one_change_rewrites_only_its_path() {
+        let mem = Mem::default();
+        let mut t: Trie<u64> = Trie::empty(16);
+        for k in 0..100_000u64 {
+            t.insert(&mem, k, k).unwrap();
+        }
+        let all = mem.commit(&mut t);
+        assert!(all > 6000, "{all} nodes for 100k entries");
+        t.insert(&mem, 4242, 0).unwrap();
+        let written = mem.commit(&mut t);
+        // 100k keys in leaves of <= 16: 64 x 64 inner nodes hold ~24 keys each, one more split.
+        assert_eq!(written, 4, "root, two inner nodes and a leaf rewritten for one key");
+        let reopened: Trie<u64> =
+            Trie::open(Loc { record: RecordHash::from_bytes([2; 32]), idx: SubIdx(written as u32 - 1) }, 16);
+        assert_eq!(reopened.get(&mem, 4242).unwrap(), Some(0));
+        assert_eq!(reopened.get(&mem, 4243).unwrap(), Some(4243));
+        t.remove(&mem, 77_777).unwrap();
+        assert!(mem.commit(&mut t) <= 4, "a removal rewrites at most its path");
+        assert_eq!(t.remove(&mem, 77_777).unwrap(), None);
+        assert!(!t.is_dirty(), "a miss rewrites nothing");
+    }
+
+    #[test]
+    fn sparse_keys_work_at_every_depth() {
+        let mem = Mem::default();
+        let mut t: Trie<u8> = Trie::empty(1);
+        let keys = [0u64, u64::MAX, 1 << 63, (1 << 63) | 1, 1 << 60, 12345];
+        for k in keys {
+            t.insert(&mem, k, 1).unwrap();
+        }
+        mem.commit(&mut t);
+        for k in keys {
+            assert_eq!(t.get(&mem, k).unwrap(), Some(1), "{k:#x}");
+        }
+        for k in keys {
+            t.remove(&mem, k).unwrap();
+        }
+        assert!(t.entries(&mem).unwrap().is_empty());
+        mem.commit(&mut t);
+        assert_eq!(t.get(&mem, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_node_referenced_from_the_wrong_place_is_refused() {
+        let mem = Mem::default();
+        let mut t: Trie<u8> = Trie::empty(2);
+        for k in 0..64u64 {
+            t.insert(&mem, k, 0).unwrap();
+        }
+        mem.commit(&mut t);
+        // Swap two leaves of the root's children: keys no longer match their position.
+        let record = RecordHash::from_bytes([1; 32]);
+        let (a, b) = (Loc { record, idx: SubIdx(0) }, Loc { record, idx: SubIdx(1) });
+        let mut nodes = mem.nodes.borrow_mut();
+        let (na, nb) = (nodes[&a].clone(), nodes[&b].clone());
+        nodes.insert(a, nb);
+        nodes.insert(b, na);
+        drop(nodes);
+        let err = t.get(&mem, 0).unwrap_err();
+        assert!(matches!(err, Error::Verify(VerifyError::MisplacedNode { .. })), "{err:?}");
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert(u64, u16),
+        Remove(u64),
+        Commit,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Small key space for collisions, plus a few wide keys.
+        let key = prop_oneof![0u64..300, any::<u64>()];
+        prop_oneof![
+            4 => (key.clone(), any::<u16>()).prop_map(|(k, v)| Op::Insert(k, v)),
+            2 => key.prop_map(Op::Remove),
+            1 => Just(Op::Commit),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_btreemap(ops in proptest::collection::vec(op(), 1..300), leaf_max in 1usize..6) {
+            let mem = Mem::default();
+            let mut t: Trie<u16> = Trie::empty(leaf_max);
+            let mut model = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert(k, v) => prop_assert_eq!(t.insert(&mem, k, v).unwrap(), model.insert(k, v)),
+                    Op::Remove(k) => prop_assert_eq!(t.remove(&mem, k).unwrap(), model.remove(&k)),
+                    Op::Commit => { mem.commit(&mut t); }
+                }
+            }
+            mem.commit(&mut t);
+            let mut got = t.entries(&mem).unwrap();
+            got.sort();
+            prop_assert_eq!(got, model.clone().into_iter().collect::<Vec<_>>());
+            for (k, v) in &model {
+                prop_assert_eq!(t.get(&mem, *k).unwrap(), Some(*v));
+            }
+        }
+    }
+}
