@@ -307,6 +307,11 @@ impl Capsule {
         Prover { capsule: self.id, metadata: self.metadata(), store: &self.store, cache, local: &self.local, cache_use }
     }
 
+    /// The header of `record`, proven.
+    pub fn proven_header(&self, record: RecordHash) -> Result<Arc<RecordHeader>> {
+        Ok(self.prover().prove_record(record)?.0)
+    }
+
     /// Proves a record, stopping at earlier proofs or ignoring them.
     pub fn prove_record(&self, record: RecordHash, earlier: EarlierProofs) -> Result<RecordProof> {
         match earlier {

@@ -18,6 +18,14 @@ pub enum Error {
     Exists(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0} is not empty")]
+    NotEmpty(String),
+    #[error("{0} is not a directory")]
+    NotADirectory(String),
+    #[error("{0} is a directory")]
+    IsADirectory(String),
+    #[error("this view of the capsule is read-only")]
+    ReadOnlyView,
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -42,6 +50,10 @@ pub enum VerifyError {
     MerkleMismatch { record: RecordHash, idx: SubIdx },
     #[error("sub-record {idx:?} of {record:?} does not decode: {source}")]
     MalformedSubRecord { record: RecordHash, idx: SubIdx, source: DecodeError },
+    #[error(
+        "sub-record {idx:?} of {record:?} does not open with the content key at its place: moved, replayed or sealed with another key"
+    )]
+    SealBroken { record: RecordHash, idx: SubIdx },
     #[error("sub-record {idx:?} of {record:?} is a tree node that does not belong where it is referenced")]
     MisplacedNode { record: RecordHash, idx: SubIdx },
     #[error("{record:?} has no sub-record {idx:?} (it has {count})")]

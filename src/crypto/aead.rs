@@ -6,9 +6,9 @@
 //! key only if two random 192-bit salts collide (birthday bound: 2^96 seals per key generation).
 //!
 //! Sealed layout: `salt (24) ‖ ciphertext ‖ GCM tag (16)`: 40 bytes over the plaintext.
-//! Associated data (`Place`) binds each payload to its capsule, key generation, kind, object and
-//! offset, so a chunk moved to another file or offset, or replayed under another generation,
-//! does not open.
+//! Associated data (`Place`) binds each payload to its capsule, key generation, kind, object,
+//! offset and tree level, so a chunk moved to another file or offset, a node moved within its
+//! tree, or a payload replayed under another generation does not open.
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
@@ -58,9 +58,16 @@ impl ContentKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum SealedKind {
+    /// File bytes; `offset` is their byte offset.
     Chunk = 1,
-    Node = 2,
+    /// A node of a file's chunk map.
+    ChunkMap = 2,
+    /// A node of a directory.
     Directory = 3,
+    /// A node of the inode table.
+    InodeTable = 4,
+    /// The root of one commit.
+    Superblock = 5,
 }
 
 /// Where a sealed payload belongs; it is the associated data of its seal.
@@ -70,18 +77,21 @@ pub struct Place {
     pub kind: SealedKind,
     /// The file or directory (inode number) the payload belongs to.
     pub object: u64,
-    /// Byte offset of a chunk in its file; 0 for other kinds.
+    /// Byte offset of a chunk in its file; the key prefix of a tree node.
     pub offset: u64,
+    /// Depth of a tree node; 0 for other kinds.
+    pub level: u8,
 }
 
 impl Place {
-    fn associated_data(&self, generation: KeyGen) -> [u8; 53] {
-        let mut aad = [0u8; 53];
+    fn associated_data(&self, generation: KeyGen) -> [u8; 54] {
+        let mut aad = [0u8; 54];
         aad[..32].copy_from_slice(self.capsule.as_bytes());
         aad[32..36].copy_from_slice(&generation.0.to_le_bytes());
         aad[36] = self.kind as u8;
         aad[37..45].copy_from_slice(&self.object.to_le_bytes());
         aad[45..53].copy_from_slice(&self.offset.to_le_bytes());
+        aad[53] = self.level;
         aad
     }
 }
@@ -118,7 +128,7 @@ mod tests {
     use super::*;
 
     fn place(object: u64, offset: u64) -> Place {
-        Place { capsule: CapsuleId::from_bytes([1; 32]), kind: SealedKind::Chunk, object, offset }
+        Place { capsule: CapsuleId::from_bytes([1; 32]), kind: SealedKind::Chunk, object, offset, level: 0 }
     }
 
     #[test]
@@ -130,7 +140,9 @@ mod tests {
         assert_eq!(open(&key, &here, &sealed).unwrap(), b"secret bytes");
         assert!(open(&key, &place(8, 65536), &sealed).is_err(), "moved to another file");
         assert!(open(&key, &place(7, 0), &sealed).is_err(), "moved to another offset");
-        let node = Place { kind: SealedKind::Node, ..here };
+        let node = Place { kind: SealedKind::ChunkMap, ..here };
+        assert!(open(&key, &node, &sealed).is_err(), "read as another kind");
+        let node = Place { level: 1, ..here };
         assert!(open(&key, &node, &sealed).is_err(), "read as another kind");
         let same_bytes_next_gen = ContentKey::from_bytes(KeyGen(2), *key.secret());
         assert!(open(&same_bytes_next_gen, &here, &sealed).is_err(), "replayed under another generation");

@@ -94,7 +94,7 @@ mod tests {
         let key = ContentKey::generate(KeyGen(4));
         let wrapped = wrap(&key, &capsule, &alice.writer()).unwrap();
         let back = unwrap(&wrapped, &capsule, KeyGen(4), &alice).unwrap();
-        let place = Place { capsule, kind: SealedKind::Chunk, object: 1, offset: 0 };
+        let place = Place { capsule, kind: SealedKind::Chunk, object: 1, offset: 0, level: 0 };
         assert_eq!(open(&back, &place, &seal(&key, &place, b"x")).unwrap(), b"x");
         assert!(unwrap(&wrapped, &capsule, KeyGen(4), &bob).is_err(), "another member");
         assert!(unwrap(&wrapped, &CapsuleId::from_bytes([9; 32]), KeyGen(4), &alice).is_err(), "another capsule");

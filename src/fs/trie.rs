@@ -49,6 +49,13 @@ pub enum Ref {
 }
 
 impl Ref {
+    /// Makes a `Here` ref absolute, as loaded from record `base`.
+    pub fn resolve_in_place(&mut self, base: RecordHash) {
+        if let Ref::Here(idx) = *self {
+            *self = Ref::At(base, idx);
+        }
+    }
+
     /// The location this ref names, for a ref stored in (or returned for) record `base`.
     pub fn resolve(self, base: RecordHash) -> Loc {
         match self {
@@ -65,9 +72,16 @@ pub struct NodePos {
     pub prefix: u64,
 }
 
-/// Values the tree can hold.
-pub trait Value: BorshSerialize + BorshDeserialize + Clone {}
-impl<T: BorshSerialize + BorshDeserialize + Clone> Value for T {}
+/// Values the tree can hold. A value may itself hold refs (an inode points at its chunk map);
+/// `resolve` turns its `Ref::Here`s into `Ref::At(base, ..)` when it is loaded from `base`.
+pub trait Value: BorshSerialize + BorshDeserialize + Clone {
+    fn resolve(&mut self, _base: RecordHash) {}
+}
+
+macro_rules! plain_values {
+    ($($t:ty),*) => { $(impl Value for $t {})* };
+}
+plain_values!(u8, u16, u32, u64);
 
 /// A node as stored (borsh, no version byte: the structure that points at it carries one).
 #[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
@@ -94,9 +108,10 @@ impl<V> Canonical for StoredNode<V> {
     }
 }
 
-/// Gives the tree the plaintext of nodes committed before (proven and opened by the caller).
+/// Gives the tree the plaintext of nodes committed before (proven and opened by the caller,
+/// who binds `pos` into the seal).
 pub trait NodeSource {
-    fn load(&self, at: Loc) -> Result<Vec<u8>>;
+    fn load(&self, at: Loc, pos: NodePos) -> Result<Vec<u8>>;
 }
 
 /// Takes the nodes of a commit; returns each one's index in the record being built.
@@ -117,13 +132,14 @@ enum Node<V> {
 }
 
 /// The map; cheap to open at any committed root, which is how history is read.
+#[derive(Clone)]
 pub struct Trie<V> {
     root: Option<Slot<V>>,
     leaf_max: usize,
 }
 
 fn load_node<V: Value>(src: &dyn NodeSource, at: Loc, pos: NodePos) -> Result<Node<V>> {
-    let bytes = src.load(at)?;
+    let bytes = src.load(at, pos)?;
     let stored: StoredNode<V> = codec::decode_unversioned(&bytes)
         .map_err(|source| VerifyError::MalformedSubRecord { record: at.record, idx: at.idx, source })?;
     let misplaced = || Error::from(VerifyError::MisplacedNode { record: at.record, idx: at.idx });
@@ -141,7 +157,15 @@ fn load_node<V: Value>(src: &dyn NodeSource, at: Loc, pos: NodePos) -> Result<No
             if entries.iter().any(|(k, _)| k & prefix_mask(pos.depth) != pos.prefix) {
                 return Err(misplaced());
             }
-            Node::Leaf(entries.into_iter().collect())
+            Node::Leaf(
+                entries
+                    .into_iter()
+                    .map(|(k, mut v)| {
+                        v.resolve(at.record);
+                        (k, v)
+                    })
+                    .collect(),
+            )
         }
     })
 }
@@ -339,7 +363,7 @@ mod tests {
     }
 
     impl NodeSource for Mem {
-        fn load(&self, at: Loc) -> Result<Vec<u8>> {
+        fn load(&self, at: Loc, _pos: NodePos) -> Result<Vec<u8>> {
             self.nodes
                 .borrow()
                 .get(&at)

@@ -19,7 +19,7 @@ fn membership() -> AppendOptions {
 fn the_owner_gets_the_content_key_back() {
     let f = fixture();
     let (key, _) = create_keystore(&f.cap, &f.owner).unwrap();
-    let place = Place { capsule: f.cap.id(), kind: SealedKind::Chunk, object: 2, offset: 0 };
+    let place = Place { capsule: f.cap.id(), kind: SealedKind::Chunk, object: 2, offset: 0, level: 0 };
     let back = content_key(&f.cap, &f.owner).unwrap();
     assert_eq!(back.generation(), KeyGen(1));
     assert_eq!(open(&back, &place, &seal(&key, &place, b"file bytes")).unwrap(), b"file bytes");

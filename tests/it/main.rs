@@ -2,6 +2,7 @@
 
 mod dag;
 mod encoding;
+mod fs;
 mod keystore;
 mod tamper;
 

@@ -1,0 +1,535 @@
+//! POSIX operations over one capsule's filesystem state, without FUSE types.
+//!
+//! State is the inode table of the last commit plus an overlay of changes: the inode table's
+//! changed nodes, the changed chunk maps and directories, and written chunks not yet committed.
+//! `commit` seals all of it into one record: chunks, then changed tree nodes bottom up, then
+//! the superblock last. Reads of committed data go through `Sealed`, so every byte returned
+//! was proven and opened first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::node::{Bucket, CHUNK_SIZE, DirEntry, Inode, Kind, ROOT_INO, Superblock, Time, name_key};
+use super::sealed::{CommitBuilder, Sealed};
+use super::trie::{Loc, NodeSource, Ref, Trie};
+use crate::capsule::Capsule;
+use crate::crypto::aead::{ContentKey, SealedKind};
+use crate::crypto::keys::Identity;
+use crate::record::codec::FORMAT_VERSION;
+use crate::record::{RecordHash, RecordKind, SubIdx};
+use crate::store::Durability;
+use crate::{Error, Result, VerifyError};
+
+const INODE_LEAF: usize = 32;
+const DIR_LEAF: usize = 64;
+const CHUNK_LEAF: usize = 128;
+const MAX_NAME: usize = 255;
+
+pub struct Fs {
+    capsule: Arc<Capsule>,
+    key: ContentKey,
+    /// None for a read-only view (of the past, or without write rights).
+    writer: Option<Identity>,
+    inodes: Trie<Inode>,
+    next_ino: u64,
+    /// Chunk maps and directories changed since the last commit.
+    files: HashMap<u64, Trie<Ref>>,
+    dirs: HashMap<u64, Trie<Bucket>>,
+    /// Written chunks not yet committed, by (inode, chunk number).
+    chunks: BTreeMap<(u64, u64), Vec<u8>>,
+    /// The commit this state builds on.
+    base: Option<RecordHash>,
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME || name.contains(&b'/') || name == b"." || name == b".." {
+        return Err(Error::Invalid(format!("'{}' is not a valid file name", String::from_utf8_lossy(name))));
+    }
+    Ok(())
+}
+
+fn shown(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+impl Fs {
+    /// The filesystem as of the newest commit, writable by `writer`; empty if there is none yet.
+    pub fn open(capsule: Arc<Capsule>, key: ContentKey, writer: Option<Identity>) -> Result<Self> {
+        let newest = capsule
+            .log()?
+            .find_map(|e| match e {
+                Ok((h, r)) if r.header.kind == RecordKind::Data => Some(Ok(h)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .transpose()?;
+        match newest {
+            Some(h) => Self::open_at(capsule, key, writer, h),
+            None => {
+                let mut fs = Self::with_state(capsule, key, writer, Trie::empty(INODE_LEAF), ROOT_INO + 1, None);
+                let root = Inode::new(Kind::Dir, 0o755, 0, 0);
+                fs.put_inode(ROOT_INO, root)?;
+                Ok(fs)
+            }
+        }
+    }
+
+    /// The filesystem as of commit `record` (a view of the past when `writer` is None).
+    pub fn open_at(
+        capsule: Arc<Capsule>,
+        key: ContentKey,
+        writer: Option<Identity>,
+        record: RecordHash,
+    ) -> Result<Self> {
+        let count = capsule.proven_header(record)?.sub_count;
+        let last =
+            count.checked_sub(1).ok_or_else(|| Error::Invalid(format!("{record:?} is not a filesystem commit")))?;
+        let at = Loc { record, idx: SubIdx(last) };
+        let sealed = Sealed { capsule: &capsule, key: &key };
+        let bytes = sealed.read(at, &sealed.place(SealedKind::Superblock, 0, 0, 0))?;
+        let sb = Superblock::decode(&bytes).map_err(|source| VerifyError::MalformedSubRecord {
+            record,
+            idx: at.idx,
+            source,
+        })?;
+        let inodes = match sb.inodes {
+            Some(r) => Trie::open(r.resolve(record), INODE_LEAF),
+            None => Trie::empty(INODE_LEAF),
+        };
+        Ok(Self::with_state(capsule, key, writer, inodes, sb.next_ino, Some(record)))
+    }
+
+    fn with_state(
+        capsule: Arc<Capsule>,
+        key: ContentKey,
+        writer: Option<Identity>,
+        inodes: Trie<Inode>,
+        next_ino: u64,
+        base: Option<RecordHash>,
+    ) -> Self {
+        Self {
+            capsule,
+            key,
+            writer,
+            inodes,
+            next_ino,
+            files: HashMap::new(),
+            dirs: HashMap::new(),
+            chunks: BTreeMap::new(),
+            base,
+        }
+    }
+
+    fn sealed(&self) -> Sealed<'_> {
+        Sealed { capsule: &self.capsule, key: &self.key }
+    }
+
+    /// The commit this state builds on.
+    pub fn base(&self) -> Option<RecordHash> {
+        self.base
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.inodes.is_dirty() || !self.chunks.is_empty()
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.writer.is_none() { Err(Error::ReadOnlyView) } else { Ok(()) }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Inode> {
+        let src = self.sealed();
+        self.inodes
+            .get(&src.tree(SealedKind::InodeTable, 0), ino)?
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
+    }
+
+    fn put_inode(&mut self, ino: u64, inode: Inode) -> Result<()> {
+        let (capsule, key) = (&self.capsule, &self.key);
+        let sealed = Sealed { capsule, key };
+        self.inodes.insert(&sealed.tree(SealedKind::InodeTable, 0), ino, inode)?;
+        Ok(())
+    }
+
+    fn dir_inode(&self, ino: u64) -> Result<Inode> {
+        let inode = self.getattr(ino)?;
+        if inode.kind != Kind::Dir {
+            return Err(Error::NotADirectory(format!("inode {ino}")));
+        }
+        Ok(inode)
+    }
+
+    /// A directory's entry tree as committed (cheap: nothing is read until used).
+    fn committed_tree<V: super::trie::Value>(inode: &Inode, leaf_max: usize) -> Trie<V> {
+        match inode.content {
+            // Values loaded from a committed leaf have absolute refs; `Here` never reaches this.
+            Some(Ref::At(record, idx)) => Trie::open(Loc { record, idx }, leaf_max),
+            Some(Ref::Here(_)) | None => Trie::empty(leaf_max),
+        }
+    }
+
+    fn lookup_in(&self, dir: u64, name: &[u8]) -> Result<Option<DirEntry>> {
+        let inode = self.dir_inode(dir)?;
+        let sealed = self.sealed();
+        let src = sealed.tree(SealedKind::Directory, dir);
+        let bucket = match self.dirs.get(&dir) {
+            Some(t) => t.get(&src, name_key(name))?,
+            None => Self::committed_tree::<Bucket>(&inode, DIR_LEAF).get(&src, name_key(name))?,
+        };
+        Ok(bucket.and_then(|b| b.0.into_iter().find(|e| e.name == name)))
+    }
+
+    pub fn lookup(&self, dir: u64, name: &[u8]) -> Result<(u64, Inode)> {
+        let entry = self.lookup_in(dir, name)?.ok_or_else(|| Error::NotFound(shown(name)))?;
+        Ok((entry.ino, self.getattr(entry.ino)?))
+    }
+
+    /// Every entry of a directory (without `.` and `..`), in tree order.
+    pub fn readdir(&self, dir: u64) -> Result<Vec<DirEntry>> {
+        let inode = self.dir_inode(dir)?;
+        let sealed = self.sealed();
+        let src = sealed.tree(SealedKind::Directory, dir);
+        let buckets = match self.dirs.get(&dir) {
+            Some(t) => t.entries(&src)?,
+            None => Self::committed_tree::<Bucket>(&inode, DIR_LEAF).entries(&src)?,
+        };
+        Ok(buckets.into_iter().flat_map(|(_, b)| b.0).collect())
+    }
+
+    /// Applies `change` to the bucket of `name` in `dir`, marking the directory changed.
+    fn edit_dir(&mut self, dir: u64, name: &[u8], change: impl FnOnce(&mut Vec<DirEntry>)) -> Result<()> {
+        let inode = self.dir_inode(dir)?;
+        let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+        let src = sealed.tree(SealedKind::Directory, dir);
+        let tree = self.dirs.entry(dir).or_insert_with(|| Self::committed_tree(&inode, DIR_LEAF));
+        let key = name_key(name);
+        let mut bucket = tree.get(&src, key)?.unwrap_or_default();
+        change(&mut bucket.0);
+        bucket.0.sort_by(|a, b| a.name.cmp(&b.name));
+        if bucket.0.is_empty() {
+            tree.remove(&src, key)?;
+        } else {
+            tree.insert(&src, key, bucket)?;
+        }
+        Ok(())
+    }
+
+    fn touch_dir(&mut self, dir: u64, nlink_delta: i32) -> Result<()> {
+        let mut inode = self.getattr(dir)?;
+        let now = Time::now();
+        inode.mtime = now;
+        inode.ctime = now;
+        inode.nlink = inode.nlink.saturating_add_signed(nlink_delta);
+        self.put_inode(dir, inode)
+    }
+
+    fn add_entry(&mut self, dir: u64, name: &[u8], ino: u64, kind: Kind) -> Result<()> {
+        self.edit_dir(dir, name, |b| b.push(DirEntry { name: name.to_vec(), ino, kind }))?;
+        self.touch_dir(dir, if kind == Kind::Dir { 1 } else { 0 })
+    }
+
+    fn remove_entry(&mut self, dir: u64, name: &[u8], kind: Kind) -> Result<()> {
+        self.edit_dir(dir, name, |b| b.retain(|e| e.name != name))?;
+        self.touch_dir(dir, if kind == Kind::Dir { -1 } else { 0 })
+    }
+
+    /// Makes a new file, directory or symlink named `name` in `dir`.
+    pub fn make(&mut self, dir: u64, name: &[u8], mut inode: Inode) -> Result<(u64, Inode)> {
+        self.writable()?;
+        check_name(name)?;
+        if self.lookup_in(dir, name)?.is_some() {
+            return Err(Error::Exists(shown(name)));
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        if inode.kind == Kind::Symlink {
+            inode.size = inode.target.len() as u64;
+        }
+        self.put_inode(ino, inode.clone())?;
+        self.add_entry(dir, name, ino, inode.kind)?;
+        Ok((ino, inode))
+    }
+
+    /// A new name for an existing file (hard link).
+    pub fn link(&mut self, ino: u64, dir: u64, name: &[u8]) -> Result<Inode> {
+        self.writable()?;
+        check_name(name)?;
+        let mut inode = self.getattr(ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(Error::IsADirectory(format!("inode {ino} (directories cannot be hard-linked)")));
+        }
+        if self.lookup_in(dir, name)?.is_some() {
+            return Err(Error::Exists(shown(name)));
+        }
+        inode.nlink += 1;
+        inode.ctime = Time::now();
+        self.put_inode(ino, inode.clone())?;
+        self.add_entry(dir, name, ino, inode.kind)?;
+        Ok(inode)
+    }
+
+    /// Drops one link to `ino`; at zero links the inode and its pending chunks go.
+    fn drop_link(&mut self, ino: u64) -> Result<()> {
+        let mut inode = self.getattr(ino)?;
+        inode.nlink = inode.nlink.saturating_sub(1);
+        let gone = inode.nlink == 0 || inode.kind == Kind::Dir;
+        if gone {
+            let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+            self.inodes.remove(&sealed.tree(SealedKind::InodeTable, 0), ino)?;
+            self.files.remove(&ino);
+            self.dirs.remove(&ino);
+            self.chunks.retain(|(i, _), _| *i != ino);
+            Ok(())
+        } else {
+            inode.ctime = Time::now();
+            self.put_inode(ino, inode)
+        }
+    }
+
+    pub fn unlink(&mut self, dir: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
+        let entry = self.lookup_in(dir, name)?.ok_or_else(|| Error::NotFound(shown(name)))?;
+        if entry.kind == Kind::Dir {
+            return Err(Error::IsADirectory(shown(name)));
+        }
+        self.remove_entry(dir, name, entry.kind)?;
+        self.drop_link(entry.ino)
+    }
+
+    pub fn rmdir(&mut self, dir: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
+        let entry = self.lookup_in(dir, name)?.ok_or_else(|| Error::NotFound(shown(name)))?;
+        if entry.kind != Kind::Dir {
+            return Err(Error::NotADirectory(shown(name)));
+        }
+        if !self.readdir(entry.ino)?.is_empty() {
+            return Err(Error::NotEmpty(shown(name)));
+        }
+        self.remove_entry(dir, name, Kind::Dir)?;
+        self.drop_link(entry.ino)
+    }
+
+    /// Moves `name` in `dir` to `new_name` in `new_dir`, replacing a file there, or an empty
+    /// directory when a directory moves.
+    pub fn rename(&mut self, dir: u64, name: &[u8], new_dir: u64, new_name: &[u8]) -> Result<()> {
+        self.writable()?;
+        check_name(new_name)?;
+        let entry = self.lookup_in(dir, name)?.ok_or_else(|| Error::NotFound(shown(name)))?;
+        if entry.kind == Kind::Dir && self.is_within(new_dir, entry.ino)? {
+            return Err(Error::Invalid(format!("cannot move directory '{}' into itself", shown(name))));
+        }
+        if let Some(existing) = self.lookup_in(new_dir, new_name)? {
+            if existing.ino == entry.ino {
+                return Ok(());
+            }
+            match (entry.kind == Kind::Dir, existing.kind == Kind::Dir) {
+                (true, false) => return Err(Error::NotADirectory(shown(new_name))),
+                (false, true) => return Err(Error::IsADirectory(shown(new_name))),
+                (true, true) => self.rmdir(new_dir, new_name)?,
+                (false, false) => self.unlink(new_dir, new_name)?,
+            }
+        }
+        self.remove_entry(dir, name, entry.kind)?;
+        self.add_entry(new_dir, new_name, entry.ino, entry.kind)?;
+        let mut inode = self.getattr(entry.ino)?;
+        inode.ctime = Time::now();
+        self.put_inode(entry.ino, inode)
+    }
+
+    /// Whether `dir` is `ancestor` or lies below it (walks up through `..` entries).
+    fn is_within(&self, dir: u64, ancestor: u64) -> Result<bool> {
+        let mut current = dir;
+        for _ in 0..4096 {
+            if current == ancestor {
+                return Ok(true);
+            }
+            if current == ROOT_INO {
+                return Ok(false);
+            }
+            current = self.parent_of(current)?;
+        }
+        Err(Error::Invalid("directory tree deeper than 4096 levels".into()))
+    }
+
+    /// A directory's parent: the directory holding an entry for it (found from the root down).
+    fn parent_of(&self, dir: u64) -> Result<u64> {
+        let mut stack = vec![ROOT_INO];
+        while let Some(d) = stack.pop() {
+            for e in self.readdir(d)? {
+                if e.kind == Kind::Dir {
+                    if e.ino == dir {
+                        return Ok(d);
+                    }
+                    stack.push(e.ino);
+                }
+            }
+        }
+        Err(Error::NotFound(format!("the parent of directory inode {dir}")))
+    }
+
+    /// Changes attributes (chmod, chown, utimens); `change` sees the current inode.
+    pub fn set_attr(&mut self, ino: u64, change: impl FnOnce(&mut Inode)) -> Result<Inode> {
+        self.writable()?;
+        let mut inode = self.getattr(ino)?;
+        change(&mut inode);
+        inode.perm &= 0o7777;
+        inode.ctime = Time::now();
+        self.put_inode(ino, inode.clone())?;
+        Ok(inode)
+    }
+
+    /// The bytes of chunk `n` of file `ino`: pending, committed, or None for a hole.
+    fn chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Vec<u8>>> {
+        if let Some(c) = self.chunks.get(&(ino, n)) {
+            return Ok(Some(c.clone()));
+        }
+        let sealed = self.sealed();
+        let src = sealed.tree(SealedKind::ChunkMap, ino);
+        let found = match self.files.get(&ino) {
+            Some(t) => t.get(&src, n)?,
+            None => Self::committed_tree::<Ref>(inode, CHUNK_LEAF).get(&src, n)?,
+        };
+        let Some(r) = found else { return Ok(None) };
+        let Ref::At(record, idx) = r else {
+            unreachable!("chunk refs in the map are absolute until a commit, which empties `files`")
+        };
+        sealed.read(Loc { record, idx }, &sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0)).map(Some)
+    }
+
+    fn file_inode(&self, ino: u64) -> Result<Inode> {
+        let inode = self.getattr(ino)?;
+        match inode.kind {
+            Kind::File => Ok(inode),
+            Kind::Dir => Err(Error::IsADirectory(format!("inode {ino}"))),
+            Kind::Symlink => Err(Error::Invalid(format!("inode {ino} is a symlink"))),
+        }
+    }
+
+    /// Up to `len` bytes from `offset`; holes read as zeros.
+    pub fn read(&self, ino: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let inode = self.file_inode(ino)?;
+        let end = inode.size.min(offset.saturating_add(u64::from(len)));
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let n = pos / CHUNK_SIZE;
+            let within = (pos % CHUNK_SIZE) as usize;
+            let take = (end - pos).min(CHUNK_SIZE - within as u64) as usize;
+            let chunk = self.chunk(ino, &inode, n)?.unwrap_or_default();
+            let have = chunk.len().saturating_sub(within).min(take);
+            out.extend_from_slice(&chunk[within.min(chunk.len())..within.min(chunk.len()) + have]);
+            out.resize(out.len() + take - have, 0);
+            pos += take as u64;
+        }
+        Ok(out)
+    }
+
+    pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
+        self.writable()?;
+        let mut inode = self.file_inode(ino)?;
+        let mut pos = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = pos / CHUNK_SIZE;
+            let within = (pos % CHUNK_SIZE) as usize;
+            let take = rest.len().min(CHUNK_SIZE as usize - within);
+            let mut chunk = self.chunk(ino, &inode, n)?.unwrap_or_default();
+            if chunk.len() < within + take {
+                chunk.resize(within + take, 0);
+            }
+            chunk[within..within + take].copy_from_slice(&rest[..take]);
+            self.chunks.insert((ino, n), chunk);
+            pos += take as u64;
+            rest = &rest[take..];
+        }
+        let now = Time::now();
+        inode.size = inode.size.max(offset + data.len() as u64);
+        inode.mtime = now;
+        inode.ctime = now;
+        self.put_inode(ino, inode)
+    }
+
+    pub fn truncate(&mut self, ino: u64, size: u64) -> Result<()> {
+        self.writable()?;
+        let mut inode = self.file_inode(ino)?;
+        if size < inode.size {
+            let keep = size.div_ceil(CHUNK_SIZE);
+            // Trim the new last chunk so the cut bytes cannot come back if the file grows again.
+            if size % CHUNK_SIZE != 0
+                && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?
+            {
+                last.truncate((size % CHUNK_SIZE) as usize);
+                self.chunks.insert((ino, keep - 1), last);
+            }
+            self.chunks.retain(|(i, n), _| *i != ino || *n < keep);
+            let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+            let src = sealed.tree(SealedKind::ChunkMap, ino);
+            let map = self.files.entry(ino).or_insert_with(|| Self::committed_tree(&inode, CHUNK_LEAF));
+            for (n, _) in map.entries(&src)? {
+                if n >= keep {
+                    map.remove(&src, n)?;
+                }
+            }
+        }
+        let now = Time::now();
+        inode.size = size;
+        inode.mtime = now;
+        inode.ctime = now;
+        self.put_inode(ino, inode)
+    }
+
+    fn set_content(inodes: &mut Trie<Inode>, table: &dyn NodeSource, ino: u64, root: Option<Ref>) -> Result<()> {
+        if let Some(mut inode) = inodes.get(table, ino)? {
+            inode.content = root;
+            inodes.insert(table, ino, inode)?;
+        }
+        Ok(())
+    }
+
+    /// Seals every change into one record (signed if `sign`) and makes it the new base.
+    /// Returns None when there was nothing to commit.
+    pub fn commit(&mut self, sign: bool, durability: Durability) -> Result<Option<RecordHash>> {
+        let Some(writer) = self.writer.as_ref() else { return Err(Error::ReadOnlyView) };
+        if !self.is_dirty() {
+            return Ok(None);
+        }
+        // Work on copies, so a failed append leaves every change in place to retry.
+        let mut inodes = self.inodes.clone();
+        let mut files = self.files.clone();
+        let dirs = self.dirs.clone();
+        let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+        let table = sealed.tree(SealedKind::InodeTable, 0);
+        let mut builder = CommitBuilder::new(&sealed);
+        // Chunks first; their maps then point at them within this record.
+        for (&(ino, n), data) in &self.chunks {
+            let Some(inode) = inodes.get(&table, ino)? else { continue };
+            let idx = builder.push(&sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0), data);
+            let map = files.entry(ino).or_insert_with(|| Self::committed_tree(&inode, CHUNK_LEAF));
+            map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, Ref::Here(idx))?;
+        }
+        for (ino, map) in &files {
+            let root = map.commit(&mut builder.tree(SealedKind::ChunkMap, *ino))?;
+            Self::set_content(&mut inodes, &table, *ino, root)?;
+        }
+        for (ino, tree) in &dirs {
+            let root = tree.commit(&mut builder.tree(SealedKind::Directory, *ino))?;
+            Self::set_content(&mut inodes, &table, *ino, root)?;
+        }
+        let inodes_root = inodes.commit(&mut builder.tree(SealedKind::InodeTable, 0))?;
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            inodes: inodes_root,
+            next_ino: self.next_ino,
+            chunk_size: CHUNK_SIZE as u32,
+        };
+        builder.push(&sealed.place(SealedKind::Superblock, 0, 0, 0), &sb.encode());
+        let record = builder.finish(writer, sign, durability)?;
+        inodes.committed(inodes_root, record);
+        self.inodes = inodes;
+        self.files.clear();
+        self.dirs.clear();
+        self.chunks.clear();
+        self.base = Some(record);
+        Ok(Some(record))
+    }
+}

@@ -1,0 +1,137 @@
+//! What the filesystem stores: inodes (in the inode table), directory entries (in each
+//! directory's tree), chunk refs (in each file's chunk map) and the superblock of a commit.
+
+use borsh::{BorshDeserialize, BorshSerialize};
+
+use super::trie::{Ref, Value};
+use crate::record::RecordHash;
+use crate::record::codec::{self, Canonical, DecodeError, FORMAT_VERSION};
+
+/// Bytes per chunk: each chunk is one sealed sub-record.
+pub const CHUNK_SIZE: u64 = 64 * 1024;
+/// The root directory's inode number.
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+#[borsh(use_discriminant = true)]
+#[repr(u8)]
+pub enum Kind {
+    File = 0,
+    Dir = 1,
+    Symlink = 2,
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Time {
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Self { secs: d.as_secs() as i64, nanos: d.subsec_nanos() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Inode {
+    pub kind: Kind,
+    /// Permission bits (`mode & 0o7777`).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    /// Root of the chunk map (file) or entry tree (directory); None while empty.
+    pub content: Option<Ref>,
+    /// A symlink's target.
+    pub target: Vec<u8>,
+}
+
+impl Value for Inode {
+    fn resolve(&mut self, base: RecordHash) {
+        if let Some(r) = &mut self.content {
+            r.resolve_in_place(base);
+        }
+    }
+}
+
+impl Inode {
+    pub fn new(kind: Kind, perm: u16, uid: u32, gid: u32) -> Self {
+        let now = Time::now();
+        Self {
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            content: None,
+            target: Vec::new(),
+        }
+    }
+}
+
+/// One name in a directory. Entries whose names hash alike share a bucket.
+#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+/// The entries of one name hash, sorted by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Bucket(pub Vec<DirEntry>);
+
+impl Value for Bucket {}
+
+impl Value for Ref {
+    fn resolve(&mut self, base: RecordHash) {
+        self.resolve_in_place(base);
+    }
+}
+
+/// Key of a name in its directory's tree.
+pub fn name_key(name: &[u8]) -> u64 {
+    let h = blake3::hash(name);
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("blake3 gives 32 bytes"))
+}
+
+/// The last sub-record of every filesystem commit: where the inode table is.
+#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Superblock {
+    pub version: u8,
+    pub inodes: Option<Ref>,
+    pub next_ino: u64,
+    pub chunk_size: u32,
+}
+
+impl Canonical for Superblock {
+    fn check(&self) -> Result<(), DecodeError> {
+        if self.version != FORMAT_VERSION {
+            return Err(DecodeError::UnknownVersion(self.version));
+        }
+        if u64::from(self.chunk_size) != CHUNK_SIZE {
+            return Err(DecodeError::NonCanonical("this build reads 64 KiB chunks only"));
+        }
+        Ok(())
+    }
+}
+
+impl Superblock {
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(self)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        codec::decode(bytes)
+    }
+}

@@ -1,0 +1,96 @@
+//! Between the filesystem and the capsule: nodes and chunks are read through proofs and opened
+//! with the content key; a commit's payloads are sealed as they are added and appended as one
+//! record.
+
+use crate::capsule::{AppendOptions, Capsule};
+use crate::crypto::aead::{self, ContentKey, Place, SealedKind};
+use crate::crypto::keys::Identity;
+use crate::record::{RecordHash, RecordKind, SubIdx};
+use crate::store::Durability;
+use crate::{Result, VerifyError};
+
+use super::trie::{Loc, NodePos, NodeSink, NodeSource};
+
+/// A capsule with the content key to open and seal its filesystem payloads.
+pub struct Sealed<'a> {
+    pub capsule: &'a Capsule,
+    pub key: &'a ContentKey,
+}
+
+impl Sealed<'_> {
+    pub fn place(&self, kind: SealedKind, object: u64, offset: u64, level: u8) -> Place {
+        Place { capsule: self.capsule.id(), kind, object, offset, level }
+    }
+
+    /// Reads one payload through its proof and opens it.
+    pub fn read(&self, at: Loc, place: &Place) -> Result<Vec<u8>> {
+        let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
+        aead::open(self.key, place, sealed.get()).map_err(|_| {
+            tracing::error!(record = ?at.record, idx = at.idx.0, ?place, "payload does not open at its place");
+            VerifyError::SealBroken { record: at.record, idx: at.idx }.into()
+        })
+    }
+
+    /// The source for the tree of `object` (an inode, or 0 for the inode table).
+    pub fn tree(&self, kind: SealedKind, object: u64) -> TreeSource<'_> {
+        TreeSource { sealed: self, kind, object }
+    }
+}
+
+pub struct TreeSource<'a> {
+    sealed: &'a Sealed<'a>,
+    kind: SealedKind,
+    object: u64,
+}
+
+fn level(pos: NodePos) -> u8 {
+    u8::try_from(pos.depth).expect("tree depth is at most 11")
+}
+
+impl NodeSource for TreeSource<'_> {
+    fn load(&self, at: Loc, pos: NodePos) -> Result<Vec<u8>> {
+        self.sealed.read(at, &self.sealed.place(self.kind, self.object, pos.prefix, level(pos)))
+    }
+}
+
+/// The sealed payloads of one commit, in sub-record order.
+pub struct CommitBuilder<'a> {
+    sealed: &'a Sealed<'a>,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl<'a> CommitBuilder<'a> {
+    pub fn new(sealed: &'a Sealed<'a>) -> Self {
+        Self { sealed, payloads: Vec::new() }
+    }
+
+    pub fn push(&mut self, place: &Place, plaintext: &[u8]) -> SubIdx {
+        self.payloads.push(aead::seal(self.sealed.key, place, plaintext));
+        SubIdx(self.payloads.len() as u32 - 1)
+    }
+
+    /// The sink for the tree of `object`.
+    pub fn tree(&mut self, kind: SealedKind, object: u64) -> TreeSink<'_, 'a> {
+        TreeSink { builder: self, kind, object }
+    }
+
+    /// Appends the payloads as one record.
+    pub fn finish(self, writer: &Identity, sign: bool, durability: Durability) -> Result<RecordHash> {
+        let refs: Vec<&[u8]> = self.payloads.iter().map(Vec::as_slice).collect();
+        let opts = AppendOptions { sign, kind: RecordKind::Data, key_gen: self.sealed.key.generation(), durability };
+        self.sealed.capsule.append(writer, &refs, opts)
+    }
+}
+
+pub struct TreeSink<'b, 'a> {
+    builder: &'b mut CommitBuilder<'a>,
+    kind: SealedKind,
+    object: u64,
+}
+
+impl NodeSink for TreeSink<'_, '_> {
+    fn push(&mut self, pos: NodePos, plaintext: Vec<u8>) -> Result<SubIdx> {
+        let place = self.builder.sealed.place(self.kind, self.object, pos.prefix, level(pos));
+        Ok(self.builder.push(&place, &plaintext))
+    }
+}

@@ -1,0 +1,231 @@
+//! The filesystem core in-process: POSIX semantics over sealed, proven sub-records.
+
+use std::sync::Arc;
+
+use capsulefs::capsule::{Capsule, NewCapsule};
+use capsulefs::crypto::aead::SealedKind;
+use capsulefs::crypto::keys::Identity;
+use capsulefs::fs::Fs;
+use capsulefs::fs::node::{CHUNK_SIZE, Inode, Kind, ROOT_INO};
+use capsulefs::fs::sealed::Sealed;
+use capsulefs::fs::trie::Loc;
+use capsulefs::member::{content_key, create_keystore};
+use capsulefs::record::{RecordHash, SubIdx};
+use capsulefs::store::mem::MemKv;
+use capsulefs::store::{Batch, Cf, Durability, Kv};
+use capsulefs::{Error, VerifyError};
+
+struct Setup {
+    kv: Arc<MemKv>,
+    cap: Arc<Capsule>,
+    me: Identity,
+}
+
+fn setup() -> Setup {
+    let kv = Arc::new(MemKv::new());
+    let me = Identity::generate("me").unwrap();
+    let cap = Arc::new(Capsule::create(kv.clone(), NewCapsule::new("fs", &me), vec![me.clone()]).unwrap());
+    create_keystore(&cap, &me).unwrap();
+    Setup { kv, cap, me }
+}
+
+impl Setup {
+    fn fs(&self) -> Fs {
+        Fs::open(self.cap.clone(), content_key(&self.cap, &self.me).unwrap(), Some(self.me.clone())).unwrap()
+    }
+    fn view(&self, at: RecordHash) -> Fs {
+        Fs::open_at(self.cap.clone(), content_key(&self.cap, &self.me).unwrap(), None, at).unwrap()
+    }
+}
+
+fn file() -> Inode {
+    Inode::new(Kind::File, 0o644, 1000, 1000)
+}
+
+fn dir() -> Inode {
+    Inode::new(Kind::Dir, 0o755, 1000, 1000)
+}
+
+fn commit(fs: &mut Fs) -> RecordHash {
+    fs.commit(true, Durability::Buffered).unwrap().expect("something to commit")
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn files_and_directories_survive_commit_and_reopen() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (docs, _) = fs.make(ROOT_INO, b"docs", dir()).unwrap();
+    let (f, _) = fs.make(docs, b"report.txt", file()).unwrap();
+    let data = pattern(3 * CHUNK_SIZE as usize + 123, 7);
+    fs.write(f, 1000, &data).unwrap();
+    assert_eq!(fs.read(f, 1000, data.len() as u32).unwrap(), data, "pending writes read back");
+    commit(&mut fs);
+    assert!(!fs.is_dirty());
+
+    let fs = s.fs();
+    let (ino, attr) = fs.lookup(ROOT_INO, b"docs").unwrap();
+    assert_eq!((ino, attr.kind, attr.nlink), (docs, Kind::Dir, 2));
+    let (ino, attr) = fs.lookup(docs, b"report.txt").unwrap();
+    assert_eq!((ino, attr.size), (f, 1000 + data.len() as u64));
+    assert_eq!(fs.read(f, 0, 1000).unwrap(), vec![0; 1000], "the start is a hole");
+    assert_eq!(fs.read(f, 1000, data.len() as u32).unwrap(), data);
+    assert_eq!(fs.read(f, 1000 + CHUNK_SIZE - 5, 10).unwrap(), data[CHUNK_SIZE as usize - 5..CHUNK_SIZE as usize + 5]);
+    let names: Vec<_> = fs.readdir(docs).unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, vec![b"report.txt".to_vec()]);
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+}
+
+#[test]
+fn overwrites_sparse_files_and_truncation() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (f, _) = fs.make(ROOT_INO, b"f", file()).unwrap();
+    fs.write(f, 10 * CHUNK_SIZE, b"far away").unwrap();
+    commit(&mut fs);
+    assert_eq!(fs.getattr(f).unwrap().size, 10 * CHUNK_SIZE + 8);
+    assert_eq!(fs.read(f, 5 * CHUNK_SIZE, 4).unwrap(), vec![0; 4]);
+    fs.write(f, 10 * CHUNK_SIZE + 4, b"AWAY!").unwrap();
+    assert_eq!(fs.read(f, 10 * CHUNK_SIZE, 100).unwrap(), b"far AWAY!");
+    // Shrink into the middle of the last chunk, commit, grow again: the cut bytes stay gone.
+    fs.truncate(f, 10 * CHUNK_SIZE + 2).unwrap();
+    commit(&mut fs);
+    fs.truncate(f, 10 * CHUNK_SIZE + 6).unwrap();
+    assert_eq!(fs.read(f, 10 * CHUNK_SIZE, 100).unwrap(), b"fa\0\0\0\0");
+    fs.truncate(f, 0).unwrap();
+    commit(&mut fs);
+    assert_eq!(s.fs().read(f, 0, 100).unwrap(), b"");
+}
+
+#[test]
+fn a_large_directory_is_not_rewritten_for_one_entry() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (d, _) = fs.make(ROOT_INO, b"many", dir()).unwrap();
+    for i in 0..3000 {
+        fs.make(d, format!("file-{i:05}").as_bytes(), file()).unwrap();
+    }
+    let big = commit(&mut fs);
+    fs.make(d, b"one-more", file()).unwrap();
+    let small = commit(&mut fs);
+    let count = |h| s.cap.proven_header(h).unwrap().sub_count;
+    assert!(count(big) > 100, "{} sub-records for 3000 entries", count(big));
+    assert!(count(small) < 12, "{} sub-records for one new entry", count(small));
+    let fs = s.fs();
+    assert_eq!(fs.readdir(d).unwrap().len(), 3001);
+    assert!(fs.lookup(d, b"file-02999").is_ok());
+    assert!(matches!(fs.lookup(d, b"file-03000"), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn rename_link_unlink_and_rmdir_follow_posix() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (a, _) = fs.make(ROOT_INO, b"a", dir()).unwrap();
+    let (b, _) = fs.make(ROOT_INO, b"b", dir()).unwrap();
+    let (x, _) = fs.make(a, b"x", file()).unwrap();
+    let (y, _) = fs.make(b, b"y", file()).unwrap();
+    fs.write(x, 0, b"x data").unwrap();
+    fs.write(y, 0, b"y data").unwrap();
+    commit(&mut fs);
+    // Over an existing file, across directories.
+    fs.rename(a, b"x", b, b"y").unwrap();
+    assert!(matches!(fs.lookup(a, b"x"), Err(Error::NotFound(_))));
+    assert_eq!(fs.lookup(b, b"y").unwrap().0, x);
+    assert!(matches!(fs.getattr(y), Err(Error::NotFound(_))), "the replaced file is gone");
+    assert!(matches!(fs.make(b, b"y", file()), Err(Error::Exists(_))));
+    // Hard links count.
+    fs.link(x, a, b"x-again").unwrap();
+    assert_eq!(fs.getattr(x).unwrap().nlink, 2);
+    fs.unlink(b, b"y").unwrap();
+    assert_eq!(fs.read(x, 0, 100).unwrap(), b"x data", "still reachable through the other link");
+    // Directories.
+    assert!(matches!(fs.rmdir(ROOT_INO, b"a"), Err(Error::NotEmpty(_))));
+    assert!(matches!(fs.unlink(ROOT_INO, b"a"), Err(Error::IsADirectory(_))));
+    assert!(matches!(fs.rename(ROOT_INO, b"a", a, b"inside"), Err(Error::Invalid(_))));
+    assert!(matches!(fs.rename(ROOT_INO, b"b", a, b"x-again"), Err(Error::NotADirectory(_))));
+    fs.rename(ROOT_INO, b"b", a, b"b-moved").unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+    assert_eq!(fs.getattr(a).unwrap().nlink, 3);
+    commit(&mut fs);
+    let fs = s.fs();
+    let mut names: Vec<_> = fs.readdir(a).unwrap().into_iter().map(|e| e.name).collect();
+    names.sort();
+    assert_eq!(names, vec![b"b-moved".to_vec(), b"x-again".to_vec()]);
+}
+
+#[test]
+fn every_commit_stays_readable_as_a_view_of_the_past() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (f, _) = fs.make(ROOT_INO, b"notes", file()).unwrap();
+    fs.write(f, 0, b"first draft").unwrap();
+    let v1 = commit(&mut fs);
+    fs.write(f, 0, b"FINAL").unwrap();
+    fs.make(ROOT_INO, b"later", file()).unwrap();
+    let v2 = commit(&mut fs);
+    let mut past = s.view(v1);
+    assert_eq!(past.read(f, 0, 100).unwrap(), b"first draft");
+    assert!(matches!(past.lookup(ROOT_INO, b"later"), Err(Error::NotFound(_))));
+    assert!(matches!(past.write(f, 0, b"x"), Err(Error::ReadOnlyView)));
+    assert_eq!(s.view(v2).read(f, 0, 100).unwrap(), b"FINAL draft");
+}
+
+#[test]
+fn stored_bytes_never_contain_plaintext_names_or_contents() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (f, _) = fs.make(ROOT_INO, b"very-secret-name.txt", file()).unwrap();
+    fs.write(f, 0, b"the launch codes are 0000").unwrap();
+    commit(&mut fs);
+    for cf in [Cf::Records, Cf::Subs] {
+        for entry in s.kv.scan(cf, &[], false).unwrap() {
+            let (_, v) = entry.unwrap();
+            for needle in [&b"very-secret-name"[..], b"launch codes"] {
+                assert!(!v.windows(needle.len()).any(|w| w == needle), "plaintext in {cf:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tampered_chunks_fail_their_reads_only() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (a, _) = fs.make(ROOT_INO, b"a", file()).unwrap();
+    let (b, _) = fs.make(ROOT_INO, b"b", file()).unwrap();
+    fs.write(a, 0, b"alpha").unwrap();
+    fs.write(b, 0, b"bravo").unwrap();
+    let h = commit(&mut fs);
+    // Sub-records 0 and 1 are the two chunks (chunks come first, in inode order).
+    let key = [&h.as_bytes()[..], &0u32.to_be_bytes()].concat();
+    let mut bytes = s.kv.get(Cf::Subs, &key).unwrap().unwrap();
+    // Inside the sealed chunk (after its 4-byte length), not the Merkle path: a path check may
+    // stop at a subtree proven by an earlier read, and then the path's upper part is unused.
+    bytes[10] ^= 1;
+    let mut batch = Batch::default();
+    batch.put(Cf::Subs, key, bytes);
+    s.kv.write(batch, Durability::Buffered).unwrap();
+    let fs = s.fs();
+    assert!(matches!(fs.read(a, 0, 5), Err(Error::Verify(VerifyError::MerkleMismatch { idx: SubIdx(0), .. }))));
+    assert_eq!(fs.read(b, 0, 5).unwrap(), b"bravo");
+}
+
+#[test]
+fn a_payload_read_at_another_place_does_not_open() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (a, _) = fs.make(ROOT_INO, b"a", file()).unwrap();
+    fs.write(a, 0, b"alpha").unwrap();
+    let h = commit(&mut fs);
+    let key = content_key(&s.cap, &s.me).unwrap();
+    let sealed = Sealed { capsule: &s.cap, key: &key };
+    let at = Loc { record: h, idx: SubIdx(0) };
+    assert_eq!(sealed.read(at, &sealed.place(SealedKind::Chunk, a, 0, 0)).unwrap(), b"alpha");
+    for wrong in [sealed.place(SealedKind::Chunk, a + 1, 0, 0), sealed.place(SealedKind::Chunk, a, CHUNK_SIZE, 0)] {
+        assert!(matches!(sealed.read(at, &wrong), Err(Error::Verify(VerifyError::SealBroken { .. }))));
+    }
+}
