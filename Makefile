@@ -13,7 +13,7 @@ APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev
 
 help:
 	@echo "make deps         install the Debian packages the build and tests need (root or sudo)"
-	@echo "make demo         build, then create a local capsule in .demo/ and write, read, prove and verify it"
+	@echo "make demo         build, create a local capsule (state in .demo/) and mount it at ./capsule"
 	@echo "make build        release build"
 	@echo "make test         format check, clippy, unit, library and integration tests"
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
@@ -55,23 +55,26 @@ install: build completions
 	install -Dm644 target/completions/_capsulefs $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_capsulefs
 	install -Dm644 target/completions/capsulefs.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/capsulefs.fish
 
-# The main job on an embedded default: a local capsule written, read back through proofs, verified.
+# The main job on an embedded default: a local capsule, mounted at ./capsule and left mounted.
 demo: build
+	-@$(BIN) --home $(DEMO_HOME) umount capsule 2>/dev/null
 	rm -rf $(DEMO_HOME)
-	@echo "== create a capsule (and a default identity) in $(DEMO_HOME); its first record is the keystore"
+	mkdir -p capsule
+	@echo "== create a capsule (its first record is the keystore) and mount it at ./capsule"
 	$(BIN) --home $(DEMO_HOME) create demo
-	@echo "== append README.md and Cargo.toml as one unsigned record, then ARCHITECTURE.md signed"
-	$(BIN) --home $(DEMO_HOME) append demo README.md Cargo.toml
-	$(BIN) --home $(DEMO_HOME) append demo --sign ARCHITECTURE.md
-	@echo "== the log, newest first"
-	$(BIN) --home $(DEMO_HOME) log demo
-	@echo "== read a sub-record back, verified (first lines)"
-	$(BIN) --home $(DEMO_HOME) cat demo head:0 | head -n 3
-	@echo "== the proof of README.md (second newest record, unsigned): a chain to the signed record"
-	$(BIN) --home $(DEMO_HOME) prove --fresh demo $$($(BIN) --home $(DEMO_HOME) log demo | sed -n 2p | cut -c1-12):0
-	@echo "== a full audit"
+	$(BIN) --home $(DEMO_HOME) mount demo capsule
+	@echo "== copy files in with ordinary tools"
+	cp -a README.md src capsule/
+	ls -l capsule
+	@echo "== unmount, verify every record and sub-record, mount again: all still there"
+	$(BIN) --home $(DEMO_HOME) umount capsule
 	$(BIN) --home $(DEMO_HOME) verify demo
+	$(BIN) --home $(DEMO_HOME) log demo | head -n 3
+	$(BIN) --home $(DEMO_HOME) mount demo capsule
+	diff -r src capsule/src && echo "capsule/src matches src"
+	@echo "== ./capsule is mounted; work in it, then: $(BIN) --home $(DEMO_HOME) umount capsule"
 
 clean:
+	-@$(BIN) --home $(DEMO_HOME) umount capsule 2>/dev/null
 	$(CARGO) clean
-	rm -rf $(DEMO_HOME)
+	rm -rf $(DEMO_HOME) capsule

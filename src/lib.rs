@@ -33,6 +33,7 @@ pub mod capsule;
 pub mod crypto;
 pub mod error;
 pub mod fs;
+pub mod fuse;
 pub mod member;
 pub mod proof;
 pub mod record;

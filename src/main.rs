@@ -10,6 +10,9 @@ fn main() -> ExitCode {
     let args = cli::Args::parse();
     cli::init_tracing(args.verbose);
     let Err(e) = cli::run(args) else { return ExitCode::SUCCESS };
+    if cli::reader_went_away(&e) {
+        return ExitCode::SUCCESS; // `capsulefs log | head`: the reader has what it wanted
+    }
     eprintln!("capsulefs: {e:#}");
     ExitCode::from(cli::exit_code(&e))
 }

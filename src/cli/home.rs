@@ -32,6 +32,10 @@ impl Home {
         Ok(Self { root })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn keyring(&self) -> Result<Keyring> {
         Keyring::load(&self.root.join("keys"))
     }

@@ -6,6 +6,7 @@ mod capsules;
 mod docs;
 mod home;
 mod keys;
+mod mount;
 mod read;
 
 use std::path::PathBuf;
@@ -58,6 +59,10 @@ pub enum Command {
     Log(read::LogArgs),
     /// Verify every record and sub-record; exit 1 naming the first bad record.
     Verify(read::VerifyArgs),
+    /// Mount a capsule as a folder (returns once mounted; --foreground stays attached).
+    Mount(mount::MountArgs),
+    /// Unmount a folder mounted by `capsulefs mount`, after its final commit.
+    Umount(mount::UmountArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -79,6 +84,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Prove(a) => read::prove(&home, a),
         Command::Log(a) => read::log(&home, a),
         Command::Verify(a) => read::verify(&home, a),
+        Command::Mount(a) => mount::mount(&home, a),
+        Command::Umount(a) => mount::umount(&home, a),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Completions(a) => docs::completions(a),
         Command::GenerateMan(a) => docs::man(a),
@@ -96,6 +103,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         None if e.chain().any(|c| c.downcast_ref::<StoreError>().is_some()) => 4,
         None => 5,
     }
+}
+
+/// Whether the command failed only because stdout was closed early.
+pub fn reader_went_away(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 pub fn init_tracing(verbose: u8) {

@@ -38,11 +38,7 @@ pub fn cat(home: &Home, a: CatArgs) -> anyhow::Result<()> {
     let idx = idx.ok_or_else(|| Error::Invalid(format!("'{}' names no sub-record: use RECORD:INDEX", a.target)))?;
     let (data, _) = capsule.read_sub_record(record, idx)?;
     let mut out = std::io::stdout().lock();
-    match out.write_all(data.get()).and_then(|()| out.flush()) {
-        // The reader went away (`| head`): nothing more to do.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.context("writing to stdout"),
-    }
+    out.write_all(data.get()).and_then(|()| out.flush()).context("writing to stdout")
 }
 
 #[derive(Parser, Debug)]

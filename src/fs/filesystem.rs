@@ -129,6 +129,11 @@ impl Fs {
         self.base
     }
 
+    /// Bytes of written chunks waiting for a commit.
+    pub fn pending_bytes(&self) -> usize {
+        self.chunks.values().map(Vec::len).sum()
+    }
+
     pub fn is_dirty(&self) -> bool {
         self.inodes.is_dirty() || !self.chunks.is_empty()
     }

@@ -1,0 +1,206 @@
+//! `capsulefs mount` and `umount`: a capsule as a folder.
+//!
+//! Without `--foreground`, `mount` starts itself again in the foreground in a new process
+//! group, waits for its "ready" line (printed once the kernel mount exists) and returns; the
+//! daemon logs to `$CAPSULEFS_HOME/logs/`. Each mount leaves `$CAPSULEFS_HOME/mounts/<key>`
+//! (pid, capsule, folder) while it runs, so `umount` can wait for the final commit.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+use capsulefs::Error;
+use capsulefs::fs::Fs;
+use capsulefs::fs::node::ROOT_INO;
+use capsulefs::fuse::CapsuleFs;
+use capsulefs::member::content_key;
+use capsulefs::store::Durability;
+use fuser::{Config, MountOption, SessionACL};
+
+use super::home::Home;
+
+const READY: &str = "ready";
+
+#[derive(Parser, Debug)]
+pub struct MountArgs {
+    /// Capsule name or id.
+    pub name: String,
+    /// Folder to mount it on.
+    pub dir: PathBuf,
+    /// Stay attached (for systemd and tests); otherwise return once mounted.
+    #[arg(long)]
+    pub foreground: bool,
+    /// FUSE options, comma-separated: allow_other, allow_root, default_permissions, ro, rw,
+    /// exec, noexec, suid, nosuid, dev, nodev, atime, noatime, auto_unmount; others pass through.
+    #[arg(short = 'o', value_delimiter = ',')]
+    pub options: Vec<String>,
+    /// Mount read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Show the capsule as of this record (read-only).
+    #[arg(long, value_name = "RECORD")]
+    pub at: Option<String>,
+    /// Identity to read and write with.
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Parser, Debug)]
+pub struct UmountArgs {
+    /// The mounted folder.
+    pub dir: PathBuf,
+}
+
+fn fuse_config(a: &MountArgs) -> Config {
+    let mut config = Config::default();
+    config.mount_options =
+        vec![MountOption::FSName(format!("capsulefs:{}", a.name)), MountOption::Subtype("capsulefs".into())];
+    for o in &a.options {
+        let option = match o.as_str() {
+            "allow_other" => {
+                config.acl = SessionACL::All;
+                continue;
+            }
+            "allow_root" => {
+                config.acl = SessionACL::RootAndOwner;
+                continue;
+            }
+            "default_permissions" => MountOption::DefaultPermissions,
+            "ro" => MountOption::RO,
+            "rw" => MountOption::RW,
+            "exec" => MountOption::Exec,
+            "noexec" => MountOption::NoExec,
+            "suid" => MountOption::Suid,
+            "nosuid" => MountOption::NoSuid,
+            "dev" => MountOption::Dev,
+            "nodev" => MountOption::NoDev,
+            "atime" => MountOption::Atime,
+            "noatime" => MountOption::NoAtime,
+            "auto_unmount" => MountOption::AutoUnmount,
+            other => MountOption::CUSTOM(other.to_owned()),
+        };
+        config.mount_options.push(option);
+    }
+    if a.read_only || a.at.is_some() {
+        config.mount_options.push(MountOption::RO);
+    }
+    config
+}
+
+/// `$CAPSULEFS_HOME/mounts/<key>` for a mounted folder.
+fn registry_entry(home: &Home, dir: &Path) -> anyhow::Result<PathBuf> {
+    let canonical = dir.canonicalize().with_context(|| format!("{} is not an existing folder", dir.display()))?;
+    let key = &blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex()[..16];
+    Ok(home.root().join("mounts").join(key))
+}
+
+pub fn mount(home: &Home, a: MountArgs) -> anyhow::Result<()> {
+    if !a.dir.is_dir() {
+        bail!(Error::NotFound(format!("mount point {} (make the folder first)", a.dir.display())));
+    }
+    if a.foreground { serve(home, &a) } else { spawn_daemon(home, &a) }
+}
+
+fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
+    let capsule = Arc::new(home.open(&a.name)?);
+    let me = home.identity(a.key.as_deref(), false)?;
+    let key = content_key(&capsule, &me).context("reading the capsule's content key")?;
+    let fs = match &a.at {
+        Some(at) => Fs::open_at(capsule.clone(), key, None, capsule.resolve(at)?)?,
+        None => {
+            let writer = (!a.read_only && capsule.metadata().may_write(&me.writer())).then(|| me.clone());
+            let mut fs = Fs::open(capsule.clone(), key, writer)?;
+            if fs.base().is_none() && !a.read_only {
+                // A new filesystem's root takes the owner and mode of the folder it is mounted on.
+                let m = std::fs::metadata(&a.dir)?;
+                fs.set_attr(ROOT_INO, |i| {
+                    (i.uid, i.gid, i.perm) = (m.uid(), m.gid(), (m.mode() & 0o7777) as u16);
+                })?;
+            }
+            fs
+        }
+    };
+    let shared = Arc::new(Mutex::new(fs));
+    let adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
+    let session = fuser::Session::new(adapter, &a.dir, &fuse_config(a)).with_context(|| {
+        format!("mounting on {} (is /dev/fuse there, and the folder not mounted already?)", a.dir.display())
+    })?;
+    let entry = registry_entry(home, &a.dir)?;
+    std::fs::create_dir_all(entry.parent().expect("entry has a parent"))?;
+    std::fs::write(&entry, format!("{}\n{}\n{}\n", std::process::id(), a.name, a.dir.display()))?;
+    println!("{READY}");
+    std::io::stdout().flush()?;
+    let served = session.run();
+    let mut fs = shared.lock().expect("no operation is running after the session ended");
+    let committed = if fs.is_dirty() { fs.commit(true, Durability::Durable).map(drop) } else { Ok(()) };
+    let _ = std::fs::remove_file(&entry);
+    served.context("serving the mount")?;
+    committed.context("final commit at unmount")?;
+    Ok(())
+}
+
+fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
+    let logs = home.root().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log_path = logs.join(format!("mount-{}.log", a.name.replace('/', "_")));
+    let log = std::fs::File::create(&log_path)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env("CAPSULEFS_HOME", home.root()).args(["mount", "--foreground"]).arg(&a.name).arg(&a.dir);
+    if !a.options.is_empty() {
+        cmd.arg("-o").arg(a.options.join(","));
+    }
+    if a.read_only {
+        cmd.arg("--read-only");
+    }
+    if let Some(at) = &a.at {
+        cmd.args(["--at", at]);
+    }
+    if let Some(key) = &a.key {
+        cmd.args(["--key", key]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the mount daemon")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut line)?;
+    if line.trim() == READY {
+        return Ok(());
+    }
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    bail!("mount failed: {}", log.trim().lines().last().unwrap_or("(no message; see the log)"))
+}
+
+pub fn umount(home: &Home, a: UmountArgs) -> anyhow::Result<()> {
+    let entry = registry_entry(home, &a.dir)?;
+    let pid = std::fs::read_to_string(&entry).ok().and_then(|s| s.lines().next()?.parse::<u32>().ok());
+    let unmounted = ["fusermount3", "fusermount"]
+        .iter()
+        .any(|tool| Command::new(tool).arg("-u").arg(&a.dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
+        || Command::new("umount").arg(&a.dir).status().is_ok_and(|s| s.success());
+    if !unmounted {
+        bail!("could not unmount {} (is it mounted? is it busy?)", a.dir.display());
+    }
+    // Wait for the daemon's final commit, so the capsule can be opened again right away.
+    if let Some(pid) = pid {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Path::new(&format!("/proc/{pid}")).exists() && entry.exists() {
+            if Instant::now() > deadline {
+                bail!("the mount daemon (pid {pid}) has not finished its final commit after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}

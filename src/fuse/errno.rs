@@ -1,0 +1,26 @@
+//! The only place an `Error` becomes an errno. Refused data is EIO plus one error line naming
+//! the record, never wrong bytes.
+
+use fuser::Errno;
+
+use crate::Error;
+
+pub(crate) fn to_errno(e: &Error) -> Errno {
+    match e {
+        Error::NotFound(_) => Errno::ENOENT,
+        Error::Exists(_) => Errno::EEXIST,
+        Error::NotEmpty(_) => Errno::ENOTEMPTY,
+        Error::NotADirectory(_) => Errno::ENOTDIR,
+        Error::IsADirectory(_) => Errno::EISDIR,
+        Error::ReadOnlyView => Errno::EROFS,
+        Error::Invalid(_) => Errno::EINVAL,
+        Error::Verify(v) => {
+            tracing::error!(%v, "refusing unverified data");
+            Errno::EIO
+        }
+        Error::Store(_) | Error::Io { .. } => {
+            tracing::error!(%e, "store failure");
+            Errno::EIO
+        }
+    }
+}
