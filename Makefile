@@ -9,13 +9,17 @@ DEMO_HOME ?= $(CURDIR)/.demo
 # bindgen, FUSE for mounts, fio for benchmarks.
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev
 
-.PHONY: help deps build test lint bench man completions install demo clean
+.PHONY: help deps tools build test lint bench man completions install demo clean
+
+# Test tools from crates.io, pinned, kept out of the way in target/tools.
+TOOLS := $(CURDIR)/target/tools
 
 help:
 	@echo "make deps         install the Debian packages the build and tests need (root or sudo)"
 	@echo "make demo         build, create a local capsule (state in .demo/) and mount it at ./capsule"
 	@echo "make build        release build"
-	@echo "make test         format check, clippy, unit, library and integration tests"
+	@echo "make tools        install the test tools (fsx) into target/tools"
+	@echo "make test         format check, clippy, unit, library and integration tests (real mounts)"
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
 	@echo "make man          regenerate man/ from the CLI definition"
 	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX)"
@@ -24,6 +28,11 @@ deps:
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES)
 
+tools: $(TOOLS)/bin/fsx
+
+$(TOOLS)/bin/fsx:
+	$(CARGO) install fsx@0.3.2 --locked --root $(TOOLS)
+
 build:
 	$(CARGO) build --release --locked
 
@@ -31,7 +40,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-test: lint
+test: lint tools
 	$(CARGO) test --locked
 
 bench: build

@@ -4,6 +4,7 @@
 mod cli;
 mod corruption;
 mod crash;
+mod fsx;
 mod mount;
 
 use std::path::{Path, PathBuf};
