@@ -155,3 +155,34 @@ fn kill_9_of_the_daemon_loses_nothing_fsynced() {
     let got = fs::read(m.path("log.txt")).unwrap();
     assert!(got.starts_with(&synced), "fsynced bytes lost: have {} of {}", got.len(), synced.len());
 }
+
+#[test]
+fn a_tampered_chunk_gives_eio_for_its_file_only_and_the_log_names_the_record() {
+    use capsulefs::record::RecordHash;
+    use capsulefs::store::rocks::RocksKv;
+    use capsulefs::store::{Batch, Cf, Durability, Kv};
+
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]);
+    {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        fs::write(m.path("b"), b"bravo").unwrap(); // closing commits: one record
+        fs::write(m.path("a"), b"alpha").unwrap(); // another, whose sub-record 0 is a's chunk
+    }
+    let newest = home.ok(&["log", "c"]).split(' ').next().unwrap().to_owned();
+    {
+        let kv = RocksKv::open(&home.store_path(&id), false).unwrap();
+        let key = [&RecordHash::from_hex(&newest).unwrap().as_bytes()[..], &0u32.to_be_bytes()].concat();
+        let mut bytes = kv.get(Cf::Subs, &key).unwrap().unwrap();
+        bytes[10] ^= 0x40; // inside the sealed chunk
+        let mut batch = Batch::default();
+        batch.put(Cf::Subs, key, bytes);
+        kv.write(batch, Durability::Durable).unwrap();
+    }
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    let err = fs::read(m.path("a")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"bravo");
+    let log = fs::read_to_string(home.path().join("logs/mount-c.log")).unwrap();
+    assert!(log.contains(&newest[..12]) && log.contains("refusing unverified data"), "{log}");
+}
