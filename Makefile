@@ -9,7 +9,7 @@ DEMO_HOME ?= $(CURDIR)/.demo
 # bindgen, FUSE for mounts, fio for benchmarks.
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev
 
-.PHONY: help deps tools build test lint bench man completions install demo clean
+.PHONY: help deps deps-bench bench-fs tools build test lint bench man completions install demo clean
 
 # Test tools from crates.io, pinned, kept out of the way in target/tools.
 TOOLS := $(CURDIR)/target/tools
@@ -21,12 +21,16 @@ help:
 	@echo "make tools        install the test tools (fsx) into target/tools"
 	@echo "make test         format check, clippy, unit, library and integration tests (real mounts)"
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
+	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
 	@echo "make man          regenerate man/ from the CLI definition"
 	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX)"
 
 deps:
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES)
+
+deps-bench:
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends bindfs gocryptfs bc
 
 tools: $(TOOLS)/bin/fsx
 
@@ -45,6 +49,10 @@ test: lint tools
 
 bench: build
 	$(BIN) bench proofs
+
+# tmpfs, bindfs, gocryptfs and capsulefs on the same workloads (root; BENCH_MB=512 by default).
+bench-fs: build
+	$(SUDO) BIN=$(BIN) benches/fs.sh
 
 man: build
 	rm -f man/*.1
