@@ -186,3 +186,25 @@ fn a_tampered_chunk_gives_eio_for_its_file_only_and_the_log_names_the_record() {
     let log = fs::read_to_string(home.path().join("logs/mount-c.log")).unwrap();
     assert!(log.contains(&newest[..12]) && log.contains("refusing unverified data"), "{log}");
 }
+
+#[test]
+fn an_unlinked_open_file_lives_until_closed() {
+    use std::io::{Read, Seek, SeekFrom};
+
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    let mut f = fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(m.path("tmp")).unwrap();
+    f.write_all(b"before unlink, ").unwrap();
+    fs::remove_file(m.path("tmp")).unwrap();
+    assert!(!m.path("tmp").exists());
+    f.write_all(b"after unlink").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    let mut back = String::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "before unlink, after unlink");
+    drop(f);
+    assert_eq!(fs::read_dir(&m.dir).unwrap().count(), 0);
+}

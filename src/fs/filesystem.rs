@@ -39,6 +39,8 @@ pub struct Fs {
     chunks: BTreeMap<(u64, u64), Vec<u8>>,
     /// The commit this state builds on.
     base: Option<RecordHash>,
+    /// Open handles per inode: an unlinked file lives on (nlink 0) until its last close.
+    open_handles: HashMap<u64, u32>,
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -117,6 +119,7 @@ impl Fs {
             dirs: HashMap::new(),
             chunks: BTreeMap::new(),
             base,
+            open_handles: HashMap::new(),
         }
     }
 
@@ -273,18 +276,46 @@ impl Fs {
         Ok(inode)
     }
 
-    /// Drops one link to `ino`; at zero links the inode and its pending chunks go.
+    /// A handle to `ino` was opened.
+    pub fn opened(&mut self, ino: u64) {
+        *self.open_handles.entry(ino).or_default() += 1;
+    }
+
+    /// A handle to `ino` was closed; the last close of an unlinked file removes it.
+    pub fn released(&mut self, ino: u64) -> Result<()> {
+        let Some(count) = self.open_handles.get_mut(&ino) else { return Ok(()) };
+        *count -= 1;
+        if *count > 0 {
+            return Ok(());
+        }
+        self.open_handles.remove(&ino);
+        match self.getattr(ino) {
+            Ok(inode) if inode.nlink == 0 && self.writer.is_some() => self.remove_inode(ino),
+            _ => Ok(()),
+        }
+    }
+
+    fn remove_inode(&mut self, ino: u64) -> Result<()> {
+        let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+        self.inodes.remove(&sealed.tree(SealedKind::InodeTable, 0), ino)?;
+        self.files.remove(&ino);
+        self.dirs.remove(&ino);
+        self.chunks.retain(|(i, _), _| *i != ino);
+        Ok(())
+    }
+
+    /// Drops one link to `ino`. At zero links the inode goes, unless a handle still has it
+    /// open: then it stays, with nlink 0, until `released`.
     fn drop_link(&mut self, ino: u64) -> Result<()> {
         let mut inode = self.getattr(ino)?;
         inode.nlink = inode.nlink.saturating_sub(1);
         let gone = inode.nlink == 0 || inode.kind == Kind::Dir;
-        if gone {
-            let sealed = Sealed { capsule: &self.capsule, key: &self.key };
-            self.inodes.remove(&sealed.tree(SealedKind::InodeTable, 0), ino)?;
-            self.files.remove(&ino);
-            self.dirs.remove(&ino);
-            self.chunks.retain(|(i, _), _| *i != ino);
-            Ok(())
+        if gone && inode.kind != Kind::Dir && self.open_handles.contains_key(&ino) {
+            inode.nlink = 0;
+            inode.ctime = Time::now();
+            self.put_inode(ino, inode)
+        } else if gone {
+            self.remove_inode(ino)
         } else {
             inode.ctime = Time::now();
             self.put_inode(ino, inode)

@@ -300,6 +300,11 @@ impl Filesystem for CapsuleFs {
         reply_entry(self.fs().link(ino.0, newparent.0, newname.as_bytes()).map(|i| attr(ino.0, &i)), reply);
     }
 
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
+        self.fs().opened(ino.0);
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
     fn read(
         &self,
         _req: &Request,
@@ -346,7 +351,7 @@ impl Filesystem for CapsuleFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -355,7 +360,10 @@ impl Filesystem for CapsuleFs {
     ) {
         let written = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let mut fs = self.fs();
-        reply_empty(if written { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) }, reply);
+        let result = fs
+            .released(ino.0)
+            .and_then(|()| if written { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) });
+        reply_empty(result, reply);
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -400,7 +408,10 @@ impl Filesystem for CapsuleFs {
         reply: ReplyCreate,
     ) {
         match self.make(req, parent, name, Kind::File, mode, umask) {
-            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty()),
+            Ok(a) => {
+                self.fs().opened(a.ino.0);
+                reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty())
+            }
             Err(e) => reply.error(to_errno(&e)),
         }
     }
