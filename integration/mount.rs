@@ -208,3 +208,18 @@ fn an_unlinked_open_file_lives_until_closed() {
     drop(f);
     assert_eq!(fs::read_dir(&m.dir).unwrap().count(), 0);
 }
+
+#[test]
+fn umount_waits_until_the_capsule_can_be_opened_again() {
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    for round in 0..5 {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        fs::write(m.path(&format!("round-{round}")), b"x").unwrap();
+        drop(m);
+        // Right after umount returns, the store must be free for the next open.
+        home.ok(&["log", "c"]);
+    }
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    assert_eq!(fs::read_dir(&m.dir).unwrap().count(), 5);
+}

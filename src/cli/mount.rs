@@ -138,8 +138,13 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     println!("{READY}");
     std::io::stdout().flush()?;
     let served = session.run();
-    let mut fs = shared.lock().expect("no operation is running after the session ended");
-    let committed = if fs.is_dirty() { fs.commit(true, Durability::Durable).map(drop) } else { Ok(()) };
+    let committed = {
+        let mut fs = shared.lock().expect("no operation is running after the session ended");
+        if fs.is_dirty() { fs.commit(true, Durability::Durable).map(drop) } else { Ok(()) }
+    };
+    // Close the store (and release its lock) before saying we are gone.
+    drop(shared);
+    drop(capsule);
     let _ = std::fs::remove_file(&entry);
     served.context("serving the mount")?;
     committed.context("final commit at unmount")?;
@@ -182,6 +187,12 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     bail!("mount failed: {}", log.trim().lines().last().unwrap_or("(no message; see the log)"))
 }
 
+/// Whether `pid` is alive (a zombie waiting to be reaped has ended).
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
 pub fn umount(home: &Home, a: UmountArgs) -> anyhow::Result<()> {
     let entry = registry_entry(home, &a.dir)?;
     let pid = std::fs::read_to_string(&entry).ok().and_then(|s| s.lines().next()?.parse::<u32>().ok());
@@ -192,10 +203,11 @@ pub fn umount(home: &Home, a: UmountArgs) -> anyhow::Result<()> {
     if !unmounted {
         bail!("could not unmount {} (is it mounted? is it busy?)", a.dir.display());
     }
-    // Wait for the daemon's final commit, so the capsule can be opened again right away.
+    // Wait for the daemon to end (final commit made, store closed), so the capsule can be
+    // opened again right away.
     if let Some(pid) = pid {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while Path::new(&format!("/proc/{pid}")).exists() && entry.exists() {
+        while process_running(pid) {
             if Instant::now() > deadline {
                 bail!("the mount daemon (pid {pid}) has not finished its final commit after 60 s");
             }
