@@ -223,3 +223,27 @@ fn umount_waits_until_the_capsule_can_be_opened_again() {
     let Some(m) = Mounted::new(&home, "c", &[]) else { return };
     assert_eq!(fs::read_dir(&m.dir).unwrap().count(), 5);
 }
+
+#[test]
+fn xattrs_are_stored_and_provenance_names_the_commit() {
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    let value = {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        let f = m.path("doc");
+        fs::write(&f, b"text").unwrap();
+        sh(&format!("setfattr -n user.color -v blue {}", f.display()));
+        fs::File::open(&f).unwrap().sync_all().unwrap();
+        let get = |name: &str| {
+            let out = Command::new("getfattr").args(["--only-values", "-n", name]).arg(&f).output().unwrap();
+            assert!(out.status.success(), "getfattr {name}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        assert_eq!(get("user.color"), "blue");
+        assert!(get("user.capsule.verified").starts_with("signed "));
+        get("user.capsule.record")
+    };
+    // After the fsync nothing was left to commit: the newest record is the one named.
+    let newest = home.ok(&["log", "c"]).split(' ').next().unwrap().to_owned();
+    assert_eq!(value, newest);
+}

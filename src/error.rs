@@ -26,6 +26,12 @@ pub enum Error {
     IsADirectory(String),
     #[error("this view of the capsule is read-only")]
     ReadOnlyView,
+    #[error("no extended attribute {0}")]
+    NoAttribute(String),
+    #[error("{0} is read-only")]
+    NotPermitted(String),
+    #[error("{0} is not supported")]
+    Unsupported(String),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }

@@ -99,7 +99,15 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::NotFound(_)) => 3,
         Some(Error::Store(_) | Error::Io { .. }) => 4,
         Some(Error::Exists(_) | Error::Invalid(_)) => 5,
-        Some(Error::NotEmpty(_) | Error::NotADirectory(_) | Error::IsADirectory(_) | Error::ReadOnlyView) => 5,
+        Some(
+            Error::NotEmpty(_)
+            | Error::NotADirectory(_)
+            | Error::IsADirectory(_)
+            | Error::ReadOnlyView
+            | Error::NoAttribute(_)
+            | Error::NotPermitted(_)
+            | Error::Unsupported(_),
+        ) => 5,
         None if e.chain().any(|c| c.downcast_ref::<StoreError>().is_some()) => 4,
         None => 5,
     }

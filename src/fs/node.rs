@@ -51,11 +51,16 @@ pub struct Inode {
     pub content: Option<Ref>,
     /// A symlink's target.
     pub target: Vec<u8>,
+    /// Extended attributes (user.* only), sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The commit that last changed this inode: stored as `Ref::Here`, so it resolves to the
+    /// record holding it (which cannot be named before it exists). Provenance xattrs read it.
+    pub changed_in: Option<Ref>,
 }
 
 impl Value for Inode {
     fn resolve(&mut self, base: RecordHash) {
-        if let Some(r) = &mut self.content {
+        for r in [&mut self.content, &mut self.changed_in].into_iter().flatten() {
             r.resolve_in_place(base);
         }
     }
@@ -76,6 +81,8 @@ impl Inode {
             ctime: now,
             content: None,
             target: Vec::new(),
+            xattrs: Vec::new(),
+            changed_in: None,
         }
     }
 }

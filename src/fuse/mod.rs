@@ -15,11 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyStatfs,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::Result;
 use crate::fs::Fs;
+use crate::fs::filesystem::XattrMode;
 use crate::fs::node::{Inode, Kind, Time};
 use crate::record::Params;
 use crate::store::Durability;
@@ -157,6 +158,15 @@ fn reply_entry(r: Result<FileAttr>, reply: ReplyEntry) {
     match r {
         Ok(a) => reply.entry(&TTL, &a, Generation(0)),
         Err(e) => reply.error(to_errno(&e)),
+    }
+}
+
+/// Size probe (size 0), the value, or ERANGE when the caller's buffer is too small.
+fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
+    match size {
+        0 => reply.size(value.len() as u32),
+        s if (s as usize) < value.len() => reply.error(Errno::from_i32(libc::ERANGE)),
+        _ => reply.data(value),
     }
 }
 
@@ -390,6 +400,44 @@ impl Filesystem for CapsuleFs {
             }
         }
         reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs().get_xattr(ino.0, name.as_bytes()) {
+            Ok(value) => reply_xattr(&value, size, reply),
+            Err(e) => reply.error(to_errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs().list_xattrs(ino.0) {
+            Ok(names) => {
+                reply_xattr(&names.iter().flat_map(|n| n.iter().copied().chain([0])).collect::<Vec<u8>>(), size, reply)
+            }
+            Err(e) => reply.error(to_errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = match flags {
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => XattrMode::Any,
+        };
+        reply_empty(self.fs().set_xattr(ino.0, name.as_bytes(), Some(value), mode), reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.fs().set_xattr(ino.0, name.as_bytes(), None, XattrMode::Any), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -229,3 +229,30 @@ fn a_payload_read_at_another_place_does_not_open() {
         assert!(matches!(sealed.read(at, &wrong), Err(Error::Verify(VerifyError::SealBroken { .. }))));
     }
 }
+
+#[test]
+fn extended_attributes_and_provenance() {
+    use capsulefs::fs::filesystem::XattrMode;
+
+    let s = setup();
+    let mut fs = s.fs();
+    let (f, _) = fs.make(ROOT_INO, b"f", file()).unwrap();
+    assert_eq!(fs.get_xattr(f, b"user.capsule.record").unwrap(), b"uncommitted");
+    fs.set_xattr(f, b"user.color", Some(b"blue"), XattrMode::Create).unwrap();
+    assert!(matches!(fs.set_xattr(f, b"user.color", Some(b"red"), XattrMode::Create), Err(Error::Exists(_))));
+    assert!(matches!(fs.set_xattr(f, b"user.size", Some(b"1"), XattrMode::Replace), Err(Error::NoAttribute(_))));
+    assert!(matches!(fs.set_xattr(f, b"user.capsule.record", Some(b"x"), XattrMode::Any), Err(Error::NotPermitted(_))));
+    assert!(matches!(fs.set_xattr(f, b"trusted.x", Some(b"x"), XattrMode::Any), Err(Error::Unsupported(_))));
+    let h = commit(&mut fs);
+
+    let mut fs = s.fs();
+    assert_eq!(fs.get_xattr(f, b"user.color").unwrap(), b"blue");
+    assert_eq!(fs.get_xattr(f, b"user.capsule.record").unwrap(), h.to_hex().into_bytes());
+    assert_eq!(fs.get_xattr(f, b"user.capsule.writer").unwrap(), s.me.writer().to_hex().into_bytes());
+    assert!(fs.get_xattr(f, b"user.capsule.verified").unwrap().starts_with(b"signed "));
+    let names = fs.list_xattrs(f).unwrap();
+    assert!(names.contains(&b"user.color".to_vec()) && names.contains(&b"user.capsule.verified".to_vec()));
+    fs.set_xattr(f, b"user.color", None, XattrMode::Any).unwrap();
+    assert!(matches!(fs.get_xattr(f, b"user.color"), Err(Error::NoAttribute(_))));
+    assert!(matches!(fs.set_xattr(f, b"user.color", None, XattrMode::Any), Err(Error::NoAttribute(_))));
+}
