@@ -6,12 +6,14 @@
 //! the superblock last. Reads of committed data go through `Sealed`, so every byte returned
 //! was proven and opened first.
 
+use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::node::{Bucket, CHUNK_SIZE, DirEntry, Inode, Kind, ROOT_INO, Superblock, Time, name_key};
 use super::sealed::{CommitBuilder, Sealed};
-use super::trie::{Loc, NodeSource, Ref, Trie};
+use super::trie::{Loc, NodeSource, Ref, Trie, Value};
 use crate::capsule::{Capsule, EarlierProofs};
 use crate::crypto::aead::{ContentKey, SealedKind};
 use crate::crypto::keys::Identity;
@@ -182,7 +184,7 @@ impl Fs {
     }
 
     /// A directory's entry tree as committed (cheap: nothing is read until used).
-    fn committed_tree<V: super::trie::Value>(inode: &Inode, leaf_max: usize) -> Trie<V> {
+    fn committed_tree<V: Value>(inode: &Inode, leaf_max: usize) -> Trie<V> {
         match inode.content {
             // Values loaded from a committed leaf have absolute refs; `Here` never reaches this.
             Some(Ref::At(record, idx)) => Trie::open(Loc { record, idx }, leaf_max),
@@ -190,14 +192,24 @@ impl Fs {
         }
     }
 
+    /// The tree of `ino` as it stands: changed in `overlay`, or as committed.
+    fn current_tree<'a, V: Value>(
+        overlay: &'a HashMap<u64, Trie<V>>,
+        ino: u64,
+        inode: &Inode,
+        leaf_max: usize,
+    ) -> Cow<'a, Trie<V>> {
+        match overlay.get(&ino) {
+            Some(tree) => Cow::Borrowed(tree),
+            None => Cow::Owned(Self::committed_tree(inode, leaf_max)),
+        }
+    }
+
     fn lookup_in(&self, dir: u64, name: &[u8]) -> Result<Option<DirEntry>> {
         let inode = self.dir_inode(dir)?;
         let sealed = self.sealed();
         let src = sealed.tree(SealedKind::Directory, dir);
-        let bucket = match self.dirs.get(&dir) {
-            Some(t) => t.get(&src, name_key(name))?,
-            None => Self::committed_tree::<Bucket>(&inode, DIR_LEAF).get(&src, name_key(name))?,
-        };
+        let bucket = Self::current_tree(&self.dirs, dir, &inode, DIR_LEAF).get(&src, name_key(name))?;
         Ok(bucket.and_then(|b| b.0.into_iter().find(|e| e.name == name)))
     }
 
@@ -211,10 +223,7 @@ impl Fs {
         let inode = self.dir_inode(dir)?;
         let sealed = self.sealed();
         let src = sealed.tree(SealedKind::Directory, dir);
-        let buckets = match self.dirs.get(&dir) {
-            Some(t) => t.entries(&src)?,
-            None => Self::committed_tree::<Bucket>(&inode, DIR_LEAF).entries(&src)?,
-        };
+        let buckets = Self::current_tree(&self.dirs, dir, &inode, DIR_LEAF).entries(&src)?;
         Ok(buckets.into_iter().flat_map(|(_, b)| b.0).collect())
     }
 
@@ -492,22 +501,21 @@ impl Fs {
         self.put_inode(ino, inode)
     }
 
-    /// The bytes of chunk `n` of file `ino`: pending, committed, or None for a hole.
-    fn chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Vec<u8>>> {
+    /// The bytes of chunk `n` of file `ino`: pending (borrowed), committed (proven and
+    /// opened), or None for a hole.
+    fn chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Cow<'_, [u8]>>> {
         if let Some(c) = self.chunks.get(&(ino, n)) {
-            return Ok(Some(c.clone()));
+            return Ok(Some(Cow::Borrowed(c)));
         }
         let sealed = self.sealed();
         let src = sealed.tree(SealedKind::ChunkMap, ino);
-        let found = match self.files.get(&ino) {
-            Some(t) => t.get(&src, n)?,
-            None => Self::committed_tree::<Ref>(inode, CHUNK_LEAF).get(&src, n)?,
-        };
+        let found = Self::current_tree(&self.files, ino, inode, CHUNK_LEAF).get(&src, n)?;
         let Some(r) = found else { return Ok(None) };
         let Ref::At(record, idx) = r else {
             unreachable!("chunk refs in the map are absolute until a commit, which empties `files`")
         };
-        sealed.read(Loc { record, idx }, &sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0)).map(Some)
+        let bytes = sealed.read(Loc { record, idx }, &sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0))?;
+        Ok(Some(Cow::Owned(bytes)))
     }
 
     fn file_inode(&self, ino: u64) -> Result<Inode> {
@@ -547,12 +555,16 @@ impl Fs {
             let n = pos / CHUNK_SIZE;
             let within = (pos % CHUNK_SIZE) as usize;
             let take = rest.len().min(CHUNK_SIZE as usize - within);
-            let mut chunk = self.chunk(ino, &inode, n)?.unwrap_or_default();
+            // Edit a pending chunk in place; load a committed one only the first time.
+            if !self.chunks.contains_key(&(ino, n)) {
+                let committed = self.chunk(ino, &inode, n)?.map(Cow::into_owned).unwrap_or_default();
+                self.chunks.insert((ino, n), committed);
+            }
+            let chunk = self.chunks.get_mut(&(ino, n)).expect("inserted just above");
             if chunk.len() < within + take {
                 chunk.resize(within + take, 0);
             }
             chunk[within..within + take].copy_from_slice(&rest[..take]);
-            self.chunks.insert((ino, n), chunk);
             pos += take as u64;
             rest = &rest[take..];
         }
@@ -570,7 +582,7 @@ impl Fs {
             let keep = size.div_ceil(CHUNK_SIZE);
             // Trim the new last chunk so the cut bytes cannot come back if the file grows again.
             if size % CHUNK_SIZE != 0
-                && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?
+                && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?.map(Cow::into_owned)
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
                 self.chunks.insert((ino, keep - 1), last);
@@ -616,9 +628,15 @@ impl Fs {
         let mut builder = CommitBuilder::new(&sealed);
         // Chunks first; their maps then point at them within this record.
         for (&(ino, n), data) in &self.chunks {
-            let Some(inode) = inodes.get(&table, ino)? else { continue };
+            // The inode is read once per file, to open its chunk map.
+            let map = match files.entry(ino) {
+                Entry::Occupied(map) => map.into_mut(),
+                Entry::Vacant(slot) => {
+                    let Some(inode) = inodes.get(&table, ino)? else { continue };
+                    slot.insert(Self::committed_tree(&inode, CHUNK_LEAF))
+                }
+            };
             let idx = builder.push(&sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0), data);
-            let map = files.entry(ino).or_insert_with(|| Self::committed_tree(&inode, CHUNK_LEAF));
             map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, Ref::Here(idx))?;
         }
         for (ino, map) in &files {

@@ -2,7 +2,8 @@
 //!
 //! Commits: `fsync`/`fsyncdir` make a signed commit durable before replying; closing a written
 //! file commits (buffered, signed when the capsule's K-records / T-seconds bound is due); more
-//! than `PENDING_LIMIT` bytes of written chunks commit at once; unmounting commits durably.
+//! than `PENDING_LIMIT` bytes of written chunks commit at once. The final durable commit at
+//! unmount is made by whoever runs the session (`cli::mount`), after it ends.
 
 mod errno;
 
@@ -183,14 +184,6 @@ impl Filesystem for CapsuleFs {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
         Ok(())
-    }
-
-    fn destroy(&mut self) {
-        let fs = self.fs.clone();
-        let mut fs = fs.lock().expect("no panics while locked");
-        if let Err(e) = self.commit(&mut fs, true, Durability::Durable) {
-            tracing::error!(%e, "final commit at unmount failed");
-        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
