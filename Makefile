@@ -6,8 +6,9 @@ BIN      := target/release/capsulefs
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_HOME ?= $(CURDIR)/.demo
 # Debian packages: RocksDB 7.8 to link against (see .cargo/config.toml), libclang for its
-# bindgen, FUSE for mounts, attr (getfattr/setfattr) for the xattr tests.
-APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr
+# bindgen, FUSE for mounts; attr (getfattr/setfattr), rsync, git and sqlite3 for the tests that
+# run everyday tools inside a mount.
+APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3
 
 .PHONY: help deps deps-bench bench-fs tools build test lint bench man completions install demo clean
 

@@ -6,7 +6,9 @@ mod corruption;
 mod crash;
 mod fsx;
 mod mount;
+mod tools;
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -59,4 +61,51 @@ impl Home {
 
 pub fn last_line(s: &str) -> String {
     s.lines().last().unwrap_or_default().to_owned()
+}
+
+/// A mounted capsule; unmounted when dropped.
+pub struct Mounted<'h> {
+    home: &'h Home,
+    pub dir: PathBuf,
+}
+
+impl<'h> Mounted<'h> {
+    pub fn new(home: &'h Home, capsule: &str, extra: &[&str]) -> Option<Self> {
+        if !Path::new("/dev/fuse").exists() {
+            eprintln!("skipped: no /dev/fuse");
+            return None;
+        }
+        let dir = home.path().join("mnt");
+        fs::create_dir_all(&dir).unwrap();
+        let mut args = vec!["mount", capsule, dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        home.ok(&args);
+        Some(Self { home, dir })
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// The daemon's pid, from the mount registry.
+    pub fn daemon_pid(&self) -> u32 {
+        let mounts = self.home.path().join("mounts");
+        let entry = fs::read_dir(mounts).unwrap().next().unwrap().unwrap().path();
+        fs::read_to_string(entry).unwrap().lines().next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        let out = self.home.run(&["umount", self.dir.to_str().unwrap()]);
+        if !out.status.success() {
+            eprintln!("umount: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// Runs a shell command line and expects success.
+pub fn sh(cmd: &str) {
+    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(status.success(), "{cmd}");
 }

@@ -4,56 +4,10 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use super::Home;
-
-/// A mounted capsule; unmounted when dropped.
-struct Mounted<'h> {
-    home: &'h Home,
-    dir: PathBuf,
-}
-
-impl<'h> Mounted<'h> {
-    fn new(home: &'h Home, capsule: &str, extra: &[&str]) -> Option<Self> {
-        if !Path::new("/dev/fuse").exists() {
-            eprintln!("skipped: no /dev/fuse");
-            return None;
-        }
-        let dir = home.path().join("mnt");
-        fs::create_dir_all(&dir).unwrap();
-        let mut args = vec!["mount", capsule, dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        home.ok(&args);
-        Some(Self { home, dir })
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.join(rel)
-    }
-
-    /// The daemon's pid, from the mount registry.
-    fn daemon_pid(&self) -> u32 {
-        let mounts = self.home.path().join("mounts");
-        let entry = fs::read_dir(mounts).unwrap().next().unwrap().unwrap().path();
-        fs::read_to_string(entry).unwrap().lines().next().unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Mounted<'_> {
-    fn drop(&mut self) {
-        let out = self.home.run(&["umount", self.dir.to_str().unwrap()]);
-        if !out.status.success() {
-            eprintln!("umount: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-}
-
-fn sh(cmd: &str) {
-    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
-    assert!(status.success(), "{cmd}");
-}
+use super::{Home, Mounted, sh};
 
 #[test]
 fn a_copied_tree_survives_unmount_and_verifies() {

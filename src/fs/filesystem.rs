@@ -469,11 +469,10 @@ impl Fs {
         }))
     }
 
-    /// Names of every extended attribute, provenance included.
+    /// Names of the stored extended attributes. Provenance is readable by name but not
+    /// listed, so `cp -a` and `rsync -X` neither copy it out nor fail to set it on copy in.
     pub fn list_xattrs(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
-        let inode = self.getattr(ino)?;
-        let provenance = PROVENANCE.iter().map(|f| [PROVENANCE_PREFIX, f].concat());
-        Ok(inode.xattrs.into_iter().map(|(n, _)| n).chain(provenance).collect())
+        Ok(self.getattr(ino)?.xattrs.into_iter().map(|(n, _)| n).collect())
     }
 
     /// Sets (or with `value` None, removes) a user.* extended attribute.
