@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use super::{Home, Mounted, sh};
+use super::{Home, Mounted, renameat2, sh};
 
 #[test]
 fn a_copied_tree_survives_unmount_and_verifies() {
@@ -60,6 +60,15 @@ fn posix_operations_behave_like_a_local_disk() {
     assert_eq!(fs::metadata(m.path("a/b/y")).unwrap().nlink(), 1);
     let exists = fs::OpenOptions::new().write(true).create_new(true).open(m.path("a/b/y")).unwrap_err();
     assert_eq!(exists.raw_os_error(), Some(libc::EEXIST));
+    // renameat2: NOREPLACE refuses an existing name; EXCHANGE swaps a file and a directory.
+    fs::write(m.path("other"), b"other").unwrap();
+    let refused = renameat2(&m.path("other"), &m.path("a/b/y"), libc::RENAME_NOREPLACE).unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EEXIST));
+    renameat2(&m.path("other"), &m.path("a/b"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(m.path("a/b")).unwrap(), b"other");
+    assert_eq!(fs::read(m.path("other/y")).unwrap(), b"x data");
+    let into_itself = renameat2(&m.path("other"), &m.path("other/y"), libc::RENAME_EXCHANGE).unwrap_err();
+    assert_eq!(into_itself.raw_os_error(), Some(libc::EINVAL));
 }
 
 #[test]

@@ -395,6 +395,30 @@ impl Fs {
         self.put_inode(entry.ino, inode)
     }
 
+    /// Swaps two existing names atomically (renameat2 RENAME_EXCHANGE): each keeps its
+    /// inode, kinds may differ, and neither directory may end up inside itself.
+    pub fn exchange(&mut self, dir: u64, name: &[u8], new_dir: u64, new_name: &[u8]) -> Result<()> {
+        self.writable()?;
+        let a = self.lookup_in(dir, name)?.ok_or_else(|| Error::NotFound(shown(name)))?;
+        let b = self.lookup_in(new_dir, new_name)?.ok_or_else(|| Error::NotFound(shown(new_name)))?;
+        if a.ino == b.ino {
+            return Ok(());
+        }
+        for (moved, to) in [(&a, new_dir), (&b, dir)] {
+            if moved.kind == Kind::Dir && self.is_within(to, moved.ino)? {
+                return Err(Error::Invalid(format!("cannot move directory '{}' into itself", shown(&moved.name))));
+            }
+        }
+        self.remove_entry(dir, name, a.kind)?;
+        self.remove_entry(new_dir, new_name, b.kind)?;
+        self.add_entry(dir, name, b.ino, b.kind)?;
+        self.add_entry(new_dir, new_name, a.ino, a.kind)?;
+        for ino in [a.ino, b.ino] {
+            self.set_attr(ino, |_| {})?;
+        }
+        Ok(())
+    }
+
     /// Whether `dir` is `ancestor` or lies below it (walks up through `..` entries).
     fn is_within(&self, dir: u64, ancestor: u64) -> Result<bool> {
         let mut current = dir;

@@ -291,7 +291,7 @@ impl Filesystem for CapsuleFs {
     ) {
         let mut fs = self.fs();
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-            return reply.error(Errno::EINVAL); // FIXME(#4): RENAME_EXCHANGE
+            return reply_empty(fs.exchange(parent.0, name.as_bytes(), newparent.0, newname.as_bytes()), reply);
         }
         if flags.contains(RenameFlags::RENAME_NOREPLACE) && fs.lookup(newparent.0, newname.as_bytes()).is_ok() {
             return reply.error(Errno::EEXIST);

@@ -158,6 +158,28 @@ fn rename_link_unlink_and_rmdir_follow_posix() {
 }
 
 #[test]
+fn exchange_swaps_two_names_of_any_kind() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (d, _) = fs.make(ROOT_INO, b"d", dir()).unwrap();
+    let (f, _) = fs.make(ROOT_INO, b"f", file()).unwrap();
+    let (inner, _) = fs.make(d, b"inner", dir()).unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+    fs.exchange(ROOT_INO, b"f", d, b"inner").unwrap();
+    assert_eq!(fs.lookup(ROOT_INO, b"f").unwrap().0, inner);
+    assert_eq!(fs.lookup(d, b"inner").unwrap().0, f);
+    // A directory moved up and a file moved down: the link counts follow.
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 4);
+    assert_eq!(fs.getattr(d).unwrap().nlink, 2);
+    assert!(matches!(fs.exchange(ROOT_INO, b"d", d, b"inner"), Err(Error::Invalid(_))), "d into itself");
+    assert!(matches!(fs.exchange(ROOT_INO, b"d", d, b"missing"), Err(Error::NotFound(_))));
+    commit(&mut fs);
+    let fs = s.fs();
+    assert_eq!(fs.lookup(ROOT_INO, b"f").unwrap().0, inner);
+    assert_eq!(fs.lookup(d, b"inner").unwrap().0, f);
+}
+
+#[test]
 fn every_commit_stays_readable_as_a_view_of_the_past() {
     let s = setup();
     let mut fs = s.fs();
