@@ -1,6 +1,8 @@
 # capsulefs — build, test, benchmark and install. `make help` lists the targets.
 
 PREFIX   ?= /usr/local
+# mount(8) looks for its helpers (mount.fuse.capsulefs) in /sbin only.
+SBINDIR  ?= /sbin
 CARGO    ?= cargo
 BIN      := target/release/capsulefs
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -24,7 +26,8 @@ help:
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
 	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
 	@echo "make man          regenerate man/ from the CLI definition"
-	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX)"
+	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX), and"
+	@echo "                  the mount(8) helper $(SBINDIR)/mount.fuse.capsulefs"
 
 deps:
 	$(SUDO) apt-get update -qq
@@ -67,6 +70,8 @@ completions: build
 
 install: build completions
 	install -Dm755 $(BIN) $(DESTDIR)$(PREFIX)/bin/capsulefs
+	install -d $(DESTDIR)$(SBINDIR)
+	ln -sf $(PREFIX)/bin/capsulefs $(DESTDIR)$(SBINDIR)/mount.fuse.capsulefs
 	install -d $(DESTDIR)$(PREFIX)/share/man/man1
 	install -m644 man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
 	install -Dm644 target/completions/capsulefs $(DESTDIR)$(PREFIX)/share/bash-completion/completions/capsulefs

@@ -210,3 +210,76 @@ fn xattrs_are_stored_and_provenance_names_the_commit() {
     let newest = home.ok(&["log", "c"]).split(' ').next().unwrap().to_owned();
     assert_eq!(value, newest);
 }
+
+#[test]
+fn status_and_history_show_the_mount_and_its_past() {
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    let head = || {
+        let status = fs::read_to_string(m.path(".capsule/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("head: ")).unwrap().to_owned()
+    };
+    let mut f = fs::File::create(m.path("notes")).unwrap();
+    f.write_all(b"first").unwrap();
+    f.sync_all().unwrap();
+    let first = head();
+    f.write_all(b" and second").unwrap();
+    f.sync_all().unwrap();
+    f.write_all(b"!").unwrap(); // pending until close
+    let all = home.ok(&["status"]);
+    assert!(all.contains(&format!("folder: {}", m.dir.display())) && all.contains("name: c"), "{all}");
+    // The pending chunk is held whole: all 17 bytes of the file.
+    assert!(all.contains(&format!("head: {}", head())) && all.contains("pending_bytes: 17\n"), "{all}");
+    assert!(all.contains("uncommitted_changes: yes"), "{all}");
+    assert!(all.contains("commits_this_mount: 2 (2 signed)") && all.contains("hit rate"), "{all}");
+    assert!(home.ok(&["status", m.dir.to_str().unwrap()]).contains("mode: read-write"));
+    drop(f);
+
+    // Each commit is a read-only folder under .capsule/history, by hash or unique prefix.
+    let past = m.path(&format!(".capsule/history/{first}"));
+    assert_eq!(fs::read(past.join("notes")).unwrap(), b"first");
+    assert_eq!(fs::read(m.path(&format!(".capsule/history/{}/notes", &first[..8]))).unwrap(), b"first");
+    assert_eq!(fs::read(m.path("notes")).unwrap(), b"first and second!");
+    let listed: Vec<_> = fs::read_dir(m.path(".capsule/history")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(listed.iter().any(|n| n.to_str() == Some(first.as_str())), "{listed:?}");
+    let out =
+        Command::new("getfattr").args(["--only-values", "-n", "user.capsule.record"]).arg(past.join("notes")).output();
+    assert_eq!(String::from_utf8(out.unwrap().stdout).unwrap(), first);
+    assert_eq!(fs::write(past.join("notes"), b"x").unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert_eq!(fs::write(m.path(".capsule/status"), b"x").unwrap_err().raw_os_error(), Some(libc::EROFS));
+
+    // Reachable by name only, and the name is taken.
+    let root: Vec<_> = fs::read_dir(&m.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(root, ["notes"]);
+    assert_eq!(fs::create_dir(m.path(".capsule")).unwrap_err().raw_os_error(), Some(libc::EEXIST));
+    let missing = home.run(&["status", home.path().to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(3));
+}
+
+#[test]
+fn the_mount_helper_takes_fstab_options() {
+    if !Path::new("/dev/fuse").exists() {
+        return eprintln!("skipped: no /dev/fuse");
+    }
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    // mount(8) runs /sbin/mount.fuse.capsulefs (a link to capsulefs, from `make install`) as
+    // `mount.fuse.capsulefs SPEC DIR -o OPTIONS`; here the link lives in the test's folder.
+    let helper = home.path().join("mount.fuse.capsulefs");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_capsulefs"), &helper).unwrap();
+    let dir = home.path().join("mnt");
+    fs::create_dir_all(&dir).unwrap();
+    let options = format!("defaults,nofail,_netdev,x-systemd.automount,home={},nodev", home.path().display());
+    let mut mount = Command::new(&helper);
+    mount.arg("c").arg(&dir).args(["-n", "-o", &options, "-t", "fuse.capsulefs"]).env_remove("CAPSULEFS_HOME");
+    let out = mount.output().unwrap();
+    assert!(out.status.success(), "helper: {}", String::from_utf8_lossy(&out.stderr));
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts.lines().find(|l| l.contains(dir.to_str().unwrap())).expect("mounted");
+    assert!(line.contains("capsulefs:c") && line.contains("nodev"), "{line}");
+    fs::write(dir.join("f"), b"through the helper").unwrap();
+    home.ok(&["umount", dir.to_str().unwrap()]);
+    let bad = Command::new(&helper).arg("c").output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("usage: mount.fuse.capsulefs"));
+}

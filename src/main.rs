@@ -4,10 +4,15 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    let args = match cli::parse() {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
     cli::init_tracing(args.verbose);
     let Err(e) = cli::run(args) else { return ExitCode::SUCCESS };
     if cli::reader_went_away(&e) {

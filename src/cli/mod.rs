@@ -7,6 +7,7 @@ mod docs;
 mod home;
 mod keys;
 mod mount;
+mod mount_helper;
 mod read;
 
 use std::path::PathBuf;
@@ -63,6 +64,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a folder mounted by `capsulefs mount`, after its final commit.
     Umount(mount::UmountArgs),
+    /// Mounted capsules: folder, daemon, head record, pending bytes, commits, cache hit rate.
+    Status(mount::StatusArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -71,6 +74,17 @@ pub enum Command {
     /// Write man pages for every command into a folder (used by `make man`).
     #[command(hide = true)]
     GenerateMan(docs::ManArgs),
+}
+
+/// The parsed command line: `capsulefs ...`, or mount(8)'s helper call when run as
+/// `mount.fuse.capsulefs` (None: a fake mount, nothing to do).
+pub fn parse() -> anyhow::Result<Option<Args>> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.first().is_some_and(mount_helper::invoked_as_helper) {
+        let rest: Vec<String> = argv[1..].iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        return mount_helper::translate(&rest);
+    }
+    Ok(Some(Args::parse()))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -86,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Verify(a) => read::verify(&home, a),
         Command::Mount(a) => mount::mount(&home, a),
         Command::Umount(a) => mount::umount(&home, a),
+        Command::Status(a) => mount::status(&home, a),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Completions(a) => docs::completions(a),
         Command::GenerateMan(a) => docs::man(a),

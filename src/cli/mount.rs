@@ -3,7 +3,8 @@
 //! Without `--foreground`, `mount` starts itself again in the foreground in a new process
 //! group, waits for its "ready" line (printed once the kernel mount exists) and returns; the
 //! daemon logs to `$CAPSULEFS_HOME/logs/`. Each mount leaves `$CAPSULEFS_HOME/mounts/<key>`
-//! (pid, capsule, folder) while it runs, so `umount` can wait for the final commit.
+//! (pid, capsule, folder) while it runs, so `umount` can wait for the final commit and
+//! `status` can find it; `status` reads each mount's live figures from `.capsule/status`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
@@ -56,6 +57,12 @@ pub struct MountArgs {
 pub struct UmountArgs {
     /// The mounted folder.
     pub dir: PathBuf,
+}
+
+#[derive(Parser, Debug)]
+pub struct StatusArgs {
+    /// One mounted folder; without it, every mount made from this home.
+    pub dir: Option<PathBuf>,
 }
 
 fn fuse_config(a: &MountArgs) -> Config {
@@ -213,6 +220,48 @@ pub fn umount(home: &Home, a: UmountArgs) -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    Ok(())
+}
+
+/// Live figures of one mount, from the daemon through its `.capsule/status` file.
+fn mount_status(dir: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(dir.join(".capsule/status")).map_err(|e| {
+        Error::NotFound(format!("{}/.capsule/status ({e}): is it a capsulefs mount?", dir.display())).into()
+    })
+}
+
+pub fn status(home: &Home, a: StatusArgs) -> anyhow::Result<()> {
+    if let Some(dir) = a.dir {
+        print!("folder: {}\n{}", dir.display(), mount_status(&dir)?);
+        return Ok(());
+    }
+    let mut entries: Vec<_> = match std::fs::read_dir(home.root().join("mounts")) {
+        Ok(dir) => dir.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).context("reading the mount registry"),
+    };
+    entries.sort();
+    let mut shown = 0;
+    for entry in entries {
+        let text = std::fs::read_to_string(&entry).unwrap_or_default();
+        let mut lines = text.lines();
+        let (Some(pid), Some(name), Some(dir)) = (lines.next(), lines.next(), lines.next()) else { continue };
+        if !pid.parse().is_ok_and(process_running) {
+            continue; // a daemon killed before it could clean up
+        }
+        if shown > 0 {
+            println!();
+        }
+        shown += 1;
+        println!("folder: {dir}\nname: {name}\ndaemon_pid: {pid}");
+        match mount_status(Path::new(dir)) {
+            Ok(s) => print!("{s}"),
+            Err(e) => println!("error: {e:#}"),
+        }
+    }
+    if shown == 0 {
+        println!("no capsule is mounted from {}", home.root().display());
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ pub const SEAL_OVERHEAD: usize = SALT_LEN + TAG_LEN;
 const SUBKEY_DOMAIN: &[u8] = b"capsulefs seal one-time key v1\0";
 
 /// One generation of a capsule's content key. A generation changes when a member is removed.
+#[derive(Clone)]
 pub struct ContentKey {
     generation: KeyGen,
     bytes: Zeroizing<[u8; 32]>,

@@ -155,6 +155,36 @@ impl Fs {
         self.inodes.is_dirty() || !self.chunks.is_empty()
     }
 
+    /// Whether writes are refused: a view of the past, or no write rights.
+    pub fn is_read_only(&self) -> bool {
+        self.writer.is_none()
+    }
+
+    pub fn capsule(&self) -> &Arc<Capsule> {
+        &self.capsule
+    }
+
+    /// Every filesystem commit in the capsule, oldest first.
+    pub fn commits(&self) -> Result<Vec<RecordHash>> {
+        let mut commits = Vec::new();
+        for entry in self.capsule.log()? {
+            let (h, r) = entry?;
+            if r.header.kind == RecordKind::Data {
+                commits.push(h);
+            }
+        }
+        commits.reverse();
+        Ok(commits)
+    }
+
+    /// A read-only view of commit `record`, sharing this filesystem's capsule and key.
+    pub fn view_at(&self, record: RecordHash) -> Result<Fs> {
+        if self.capsule.proven_header(record)?.kind != RecordKind::Data {
+            return Err(Error::NotFound(format!("{record:?} is a membership record, not a filesystem commit")));
+        }
+        Self::open_at(self.capsule.clone(), self.key.clone(), None, record)
+    }
+
     fn writable(&self) -> Result<()> {
         if self.writer.is_none() { Err(Error::ReadOnlyView) } else { Ok(()) }
     }

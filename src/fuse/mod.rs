@@ -5,6 +5,7 @@
 //! than `PENDING_LIMIT` bytes of written chunks commit at once. The final durable commit at
 //! unmount is made by whoever runs the session (`cli::mount`), after it ends.
 
+mod control;
 mod errno;
 
 use std::ffi::OsStr;
@@ -19,12 +20,13 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::Result;
 use crate::fs::Fs;
 use crate::fs::filesystem::XattrMode;
-use crate::fs::node::{Inode, Kind, Time};
+use crate::fs::node::{Inode, Kind, ROOT_INO, Time};
 use crate::record::Params;
 use crate::store::Durability;
+use crate::{Error, Result};
+use control::{CONTROL_NAME, Node, Status, Views};
 use errno::to_errno;
 
 const TTL: Duration = Duration::from_secs(1);
@@ -38,6 +40,9 @@ struct SignPolicy {
     every: Duration,
     unsigned: u32,
     since: Option<Instant>,
+    /// Commits made by this mount, and how many of them signed (for `.capsule/status`).
+    commits: u64,
+    signed: u64,
 }
 
 impl SignPolicy {
@@ -46,6 +51,8 @@ impl SignPolicy {
     }
 
     fn record(&mut self, signed: bool) {
+        self.commits += 1;
+        self.signed += u64::from(signed);
         if signed {
             (self.unsigned, self.since) = (0, None);
         } else {
@@ -58,6 +65,7 @@ impl SignPolicy {
 pub struct CapsuleFs {
     fs: Arc<Mutex<Fs>>,
     policy: Mutex<SignPolicy>,
+    views: Mutex<Views>,
 }
 
 fn system_time(t: Time) -> SystemTime {
@@ -111,6 +119,25 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
     }
 }
 
+/// The live inode behind `ino`; the `.capsule` folder and history views are read-only.
+fn live(ino: INodeNo) -> Result<u64> {
+    match Node::decode(ino.0) {
+        Node::Live(i) => Ok(i),
+        _ => Err(Error::ReadOnlyView),
+    }
+}
+
+/// `name` as a new name in live directory `parent`: `.capsule` at the root is taken.
+fn new_name(parent: u64, name: &OsStr) -> Result<&[u8]> {
+    if parent == ROOT_INO && name.as_bytes() == CONTROL_NAME {
+        return Err(Error::Exists(".capsule (reserved by capsulefs for status and history)".into()));
+    }
+    Ok(name.as_bytes())
+}
+
+/// Maps an inode number of the tree being read to the kernel's number for it.
+type Encode<'a> = &'a dyn Fn(u64) -> u64;
+
 impl CapsuleFs {
     pub fn new(fs: Arc<Mutex<Fs>>, params: &Params) -> Self {
         let policy = SignPolicy {
@@ -118,12 +145,18 @@ impl CapsuleFs {
             every: Duration::from_secs(u64::from(params.sign_every_secs)),
             unsigned: 0,
             since: None,
+            commits: 0,
+            signed: 0,
         };
-        Self { fs, policy: Mutex::new(policy) }
+        Self { fs, policy: Mutex::new(policy), views: Mutex::new(Views::default()) }
     }
 
     fn fs(&self) -> MutexGuard<'_, Fs> {
         self.fs.lock().expect("a filesystem operation panicked; the mount cannot go on")
+    }
+
+    fn views(&self) -> MutexGuard<'_, Views> {
+        self.views.lock().expect("a history operation panicked; the mount cannot go on")
     }
 
     /// Commits pending changes; signed when asked or when the policy says so.
@@ -139,6 +172,84 @@ impl CapsuleFs {
         Ok(())
     }
 
+    /// Runs a read-only operation on the tree that holds kernel inode `ino`, the live one or
+    /// a view of the past, with `ino` in that tree's numbering and a way back.
+    fn on_tree<T>(&self, ino: u64, op: impl FnOnce(&Fs, u64, Encode<'_>) -> Result<T>) -> Result<T> {
+        match Node::decode(ino) {
+            Node::Live(i) => op(&self.fs(), i, &|i| i),
+            Node::View { slot, ino } => {
+                let views = self.views();
+                op(views.get(slot)?, ino, &|i| Node::View { slot, ino: i }.encode())
+            }
+            other => Err(Error::Invalid(format!("{other:?} is not in a file tree"))),
+        }
+    }
+
+    fn tree_attr(&self, ino: u64) -> Result<FileAttr> {
+        self.on_tree(ino, |fs, i, encode| fs.getattr(i).map(|n| attr(encode(i), &n)))
+    }
+
+    fn status(&self) -> Status {
+        let fs = self.fs();
+        let policy = self.policy.lock().expect("no panics while locked");
+        let cache = fs.capsule().cache_stats();
+        Status {
+            capsule: fs.capsule().id().to_hex(),
+            head: fs.base(),
+            read_only: fs.is_read_only(),
+            pending_bytes: fs.pending_bytes(),
+            uncommitted: fs.is_dirty(),
+            commits: policy.commits,
+            signed_commits: policy.signed,
+            proof_cache_hits: cache.hits,
+            proof_cache_misses: cache.misses,
+            history_views: self.views().open_count(),
+        }
+    }
+
+    /// Attributes of the `.capsule` folder's own nodes: owned like the root, never writable.
+    fn control_attr(&self, node: Node) -> Result<FileAttr> {
+        let root = self.fs().getattr(ROOT_INO)?;
+        let mut inode = Inode::new(Kind::Dir, 0o555, root.uid, root.gid);
+        (inode.atime, inode.mtime, inode.ctime, inode.nlink) = (root.mtime, root.mtime, root.mtime, 2);
+        if node == Node::Status {
+            (inode.kind, inode.perm, inode.nlink) = (Kind::File, 0o444, 1);
+            inode.size = self.status().render().len() as u64;
+        }
+        Ok(attr(node.encode(), &inode))
+    }
+
+    /// The view of the commit `name` (a record hash or unique prefix) in `.capsule/history`.
+    fn history_entry(&self, name: &OsStr) -> Result<FileAttr> {
+        let slot = {
+            let fs = self.fs();
+            let record = fs.capsule().resolve(&name.to_string_lossy())?;
+            self.views().slot_for(&fs, record)?
+        };
+        self.tree_attr(Node::View { slot, ino: ROOT_INO }.encode())
+    }
+
+    /// The entries of a folder as (kernel inode, type, name), without `.` and `..`.
+    fn entries(&self, ino: u64) -> Result<Vec<(u64, FileType, Vec<u8>)>> {
+        match Node::decode(ino) {
+            Node::ControlDir => Ok(vec![
+                (Node::Status.encode(), FileType::RegularFile, b"status".to_vec()),
+                (Node::History.encode(), FileType::Directory, b"history".to_vec()),
+            ]),
+            // Oldest first, so offsets stay valid while new commits arrive.
+            Node::History => Ok(self
+                .fs()
+                .commits()?
+                .into_iter()
+                .map(|h| (Node::History.encode(), FileType::Directory, h.to_hex().into_bytes()))
+                .collect()),
+            Node::Status => Err(Error::NotADirectory("status".into())),
+            _ => self.on_tree(ino, |fs, dir, encode| {
+                Ok(fs.readdir(dir)?.into_iter().map(|e| (encode(e.ino), file_type(e.kind), e.name)).collect())
+            }),
+        }
+    }
+
     fn make(
         &self,
         req: &Request,
@@ -148,9 +259,10 @@ impl CapsuleFs {
         mode: u32,
         umask: u32,
     ) -> Result<FileAttr> {
+        let parent = live(parent)?;
         let perm = (mode & !umask & 0o7777) as u16;
         let inode = Inode::new(kind, perm, req.uid(), req.gid());
-        let (ino, inode) = self.fs().make(parent.0, name.as_bytes(), inode)?;
+        let (ino, inode) = self.fs().make(parent, new_name(parent, name)?, inode)?;
         Ok(attr(ino, &inode))
     }
 }
@@ -162,12 +274,27 @@ fn reply_entry(r: Result<FileAttr>, reply: ReplyEntry) {
     }
 }
 
+fn reply_attr(r: Result<FileAttr>, reply: ReplyAttr) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &a),
+        Err(e) => reply.error(to_errno(&e)),
+    }
+}
+
+fn reply_data(r: Result<Vec<u8>>, reply: ReplyData) {
+    match r {
+        Ok(bytes) => reply.data(&bytes),
+        Err(e) => reply.error(to_errno(&e)),
+    }
+}
+
 /// Size probe (size 0), the value, or ERANGE when the caller's buffer is too small.
-fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
-    match size {
-        0 => reply.size(value.len() as u32),
-        s if (s as usize) < value.len() => reply.error(Errno::from_i32(libc::ERANGE)),
-        _ => reply.data(value),
+fn reply_xattr(r: Result<Vec<u8>>, size: u32, reply: ReplyXattr) {
+    match (r, size) {
+        (Err(e), _) => reply.error(to_errno(&e)),
+        (Ok(value), 0) => reply.size(value.len() as u32),
+        (Ok(value), s) if (s as usize) < value.len() => reply.error(Errno::from_i32(libc::ERANGE)),
+        (Ok(value), _) => reply.data(&value),
     }
 }
 
@@ -187,14 +314,25 @@ impl Filesystem for CapsuleFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(self.fs().lookup(parent.0, name.as_bytes()).map(|(ino, i)| attr(ino, &i)), reply);
+        let found = match (Node::decode(parent.0), name.as_bytes()) {
+            (Node::Live(ROOT_INO), CONTROL_NAME) => self.control_attr(Node::ControlDir),
+            (Node::ControlDir, b"status") => self.control_attr(Node::Status),
+            (Node::ControlDir, b"history") => self.control_attr(Node::History),
+            (Node::ControlDir, _) => Err(Error::NotFound(name.to_string_lossy().into_owned())),
+            (Node::History, _) => self.history_entry(name),
+            (Node::Status, _) => Err(Error::NotADirectory("status".into())),
+            _ => self
+                .on_tree(parent.0, |fs, dir, encode| fs.lookup(dir, name.as_bytes()).map(|(i, n)| attr(encode(i), &n))),
+        };
+        reply_entry(found, reply);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs().getattr(ino.0) {
-            Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
-            Err(e) => reply.error(to_errno(&e)),
-        }
+        let found = match Node::decode(ino.0) {
+            node @ (Node::ControlDir | Node::Status | Node::History) => self.control_attr(node),
+            _ => self.tree_attr(ino.0),
+        };
+        reply_attr(found, reply);
     }
 
     fn setattr(
@@ -215,9 +353,10 @@ impl Filesystem for CapsuleFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let mut fs = self.fs();
-        let result = size.map_or(Ok(()), |s| fs.truncate(ino.0, s)).and_then(|()| {
-            fs.set_attr(ino.0, |i| {
+        let result = live(ino).and_then(|ino| {
+            let mut fs = self.fs();
+            size.map_or(Ok(()), |s| fs.truncate(ino, s))?;
+            let inode = fs.set_attr(ino, |i| {
                 if let Some(m) = mode {
                     i.perm = (m & 0o7777) as u16;
                 }
@@ -229,20 +368,18 @@ impl Filesystem for CapsuleFs {
                 if let Some(t) = mtime {
                     i.mtime = capsule_time(t);
                 }
-            })
+            })?;
+            Ok(attr(ino, &inode))
         });
-        match result {
-            Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
-            Err(e) => reply.error(to_errno(&e)),
-        }
+        reply_attr(result, reply);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs().getattr(ino.0) {
-            Ok(i) if i.kind == Kind::Symlink => reply.data(&i.target),
-            Ok(_) => reply.error(Errno::EINVAL),
-            Err(e) => reply.error(to_errno(&e)),
-        }
+        let target = self.on_tree(ino.0, |fs, i, _| match fs.getattr(i)? {
+            n if n.kind == Kind::Symlink => Ok(n.target),
+            _ => Err(Error::Invalid("not a symbolic link".into())),
+        });
+        reply_data(target, reply);
     }
 
     fn mknod(
@@ -266,17 +403,21 @@ impl Filesystem for CapsuleFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.fs().unlink(parent.0, name.as_bytes()), reply);
+        reply_empty(live(parent).and_then(|p| self.fs().unlink(p, name.as_bytes())), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.fs().rmdir(parent.0, name.as_bytes()), reply);
+        reply_empty(live(parent).and_then(|p| self.fs().rmdir(p, name.as_bytes())), reply);
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let mut inode = Inode::new(Kind::Symlink, 0o777, req.uid(), req.gid());
-        inode.target = target.as_os_str().as_bytes().to_vec();
-        reply_entry(self.fs().make(parent.0, link_name.as_bytes(), inode).map(|(ino, i)| attr(ino, &i)), reply);
+        let made = live(parent).and_then(|parent| {
+            let mut inode = Inode::new(Kind::Symlink, 0o777, req.uid(), req.gid());
+            inode.target = target.as_os_str().as_bytes().to_vec();
+            let (ino, inode) = self.fs().make(parent, new_name(parent, link_name)?, inode)?;
+            Ok(attr(ino, &inode))
+        });
+        reply_entry(made, reply);
     }
 
     fn rename(
@@ -289,22 +430,36 @@ impl Filesystem for CapsuleFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let mut fs = self.fs();
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-            return reply_empty(fs.exchange(parent.0, name.as_bytes(), newparent.0, newname.as_bytes()), reply);
-        }
-        if flags.contains(RenameFlags::RENAME_NOREPLACE) && fs.lookup(newparent.0, newname.as_bytes()).is_ok() {
-            return reply.error(Errno::EEXIST);
-        }
-        reply_empty(fs.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes()), reply);
+        let result = live(parent).and_then(|from| {
+            let to = live(newparent)?;
+            let (name, newname) = (name.as_bytes(), new_name(to, newname)?);
+            let mut fs = self.fs();
+            if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                return fs.exchange(from, name, to, newname);
+            }
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) && fs.lookup(to, newname).is_ok() {
+                return Err(Error::Exists(String::from_utf8_lossy(newname).into_owned()));
+            }
+            fs.rename(from, name, to, newname)
+        });
+        reply_empty(result, reply);
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        reply_entry(self.fs().link(ino.0, newparent.0, newname.as_bytes()).map(|i| attr(ino.0, &i)), reply);
+        let linked = live(ino).and_then(|ino| {
+            let parent = live(newparent)?;
+            Ok(attr(ino, &self.fs().link(ino, parent, new_name(parent, newname)?)?))
+        });
+        reply_entry(linked, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
-        self.fs().opened(ino.0);
+        match Node::decode(ino.0) {
+            Node::Live(i) => self.fs().opened(i),
+            // Rendered afresh on every read: no page cache, no size limit from getattr.
+            Node::Status => return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            _ => {}
+        }
         reply.opened(FileHandle(0), FopenFlags::empty());
     }
 
@@ -319,10 +474,12 @@ impl Filesystem for CapsuleFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs().read(ino.0, offset, size) {
-            Ok(bytes) => reply.data(&bytes),
-            Err(e) => reply.error(to_errno(&e)),
+        if Node::decode(ino.0) == Node::Status {
+            let text = self.status().render().into_bytes();
+            let start = (offset as usize).min(text.len());
+            return reply.data(&text[start..(start + size as usize).min(text.len())]);
         }
+        reply_data(self.on_tree(ino.0, |fs, i, _| fs.read(i, offset, size)), reply);
     }
 
     fn write(
@@ -337,8 +494,9 @@ impl Filesystem for CapsuleFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let mut fs = self.fs();
-        let result = fs.write(ino.0, offset, data).and_then(|()| {
+        let result = live(ino).and_then(|ino| {
+            let mut fs = self.fs();
+            fs.write(ino, offset, data)?;
             if fs.pending_bytes() > PENDING_LIMIT { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) }
         });
         match result {
@@ -361,10 +519,11 @@ impl Filesystem for CapsuleFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let Node::Live(ino) = Node::decode(ino.0) else { return reply.ok() };
         let written = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let mut fs = self.fs();
         let result = fs
-            .released(ino.0)
+            .released(ino)
             .and_then(|()| if written { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) });
         reply_empty(result, reply);
     }
@@ -380,13 +539,13 @@ impl Filesystem for CapsuleFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let entries = match self.fs().readdir(ino.0) {
+        let entries = match self.entries(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(to_errno(&e)),
         };
         // Offsets are positions in [".", "..", entries...]; the kernel passes back the last one.
         let dots = [(ino.0, FileType::Directory, &b"."[..]), (ino.0, FileType::Directory, &b".."[..])];
-        let all = dots.into_iter().chain(entries.iter().map(|e| (e.ino, file_type(e.kind), e.name.as_slice())));
+        let all = dots.into_iter().chain(entries.iter().map(|(i, kind, name)| (*i, *kind, name.as_slice())));
         for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), i as u64 + 1, kind, OsStr::from_bytes(name)) {
                 break;
@@ -396,19 +555,21 @@ impl Filesystem for CapsuleFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.fs().get_xattr(ino.0, name.as_bytes()) {
-            Ok(value) => reply_xattr(&value, size, reply),
-            Err(e) => reply.error(to_errno(&e)),
-        }
+        let value = match Node::decode(ino.0) {
+            Node::ControlDir | Node::Status | Node::History => {
+                Err(Error::NoAttribute(name.to_string_lossy().into_owned()))
+            }
+            _ => self.on_tree(ino.0, |fs, i, _| fs.get_xattr(i, name.as_bytes())),
+        };
+        reply_xattr(value, size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.fs().list_xattrs(ino.0) {
-            Ok(names) => {
-                reply_xattr(&names.iter().flat_map(|n| n.iter().copied().chain([0])).collect::<Vec<u8>>(), size, reply)
-            }
-            Err(e) => reply.error(to_errno(&e)),
-        }
+        let names = match Node::decode(ino.0) {
+            Node::ControlDir | Node::Status | Node::History => Ok(Vec::new()),
+            _ => self.on_tree(ino.0, |fs, i, _| fs.list_xattrs(i)),
+        };
+        reply_xattr(names.map(|names| names.iter().flat_map(|n| n.iter().copied().chain([0])).collect()), size, reply);
     }
 
     fn setxattr(
@@ -426,11 +587,11 @@ impl Filesystem for CapsuleFs {
             libc::XATTR_REPLACE => XattrMode::Replace,
             _ => XattrMode::Any,
         };
-        reply_empty(self.fs().set_xattr(ino.0, name.as_bytes(), Some(value), mode), reply);
+        reply_empty(live(ino).and_then(|i| self.fs().set_xattr(i, name.as_bytes(), Some(value), mode)), reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.fs().set_xattr(ino.0, name.as_bytes(), None, XattrMode::Any), reply);
+        reply_empty(live(ino).and_then(|i| self.fs().set_xattr(i, name.as_bytes(), None, XattrMode::Any)), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

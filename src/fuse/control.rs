@@ -1,0 +1,148 @@
+//! The `.capsule` folder at the root of a mount: `status` (live figures of this mount) and
+//! `history/<record>/` (each past commit as a read-only tree, every read proven like any
+//! other). It is left out of the root's listing, as ZFS hides `.zfs`, so `cp -a`, `find` and
+//! `du` do not walk the whole history; it is reached by name.
+//!
+//! Kernel inode numbers carry the tree they belong to: the live filesystem's own numbers
+//! (below `VIEW_BASE`), the three control nodes, and views, `VIEW_BASE | slot << 40 | ino`.
+
+use std::collections::HashMap;
+
+use crate::fs::Fs;
+use crate::record::RecordHash;
+use crate::{Error, Result};
+
+pub const CONTROL_NAME: &[u8] = b".capsule";
+const CONTROL_BASE: u64 = 1 << 63;
+const VIEW_BASE: u64 = 1 << 62;
+const SLOT_SHIFT: u32 = 40;
+const INO_MASK: u64 = (1 << SLOT_SHIFT) - 1;
+const MAX_SLOTS: usize = 1 << (62 - SLOT_SHIFT);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    Live(u64),
+    ControlDir,
+    Status,
+    History,
+    /// Inode `ino` of the view in `slot`.
+    View {
+        slot: u32,
+        ino: u64,
+    },
+}
+
+impl Node {
+    pub fn decode(ino: u64) -> Node {
+        match ino {
+            i if i == CONTROL_BASE | 1 => Node::ControlDir,
+            i if i == CONTROL_BASE | 2 => Node::Status,
+            i if i == CONTROL_BASE | 3 => Node::History,
+            i if i & VIEW_BASE != 0 && i & CONTROL_BASE == 0 => {
+                Node::View { slot: ((i & !VIEW_BASE) >> SLOT_SHIFT) as u32, ino: i & INO_MASK }
+            }
+            i => Node::Live(i),
+        }
+    }
+
+    pub fn encode(self) -> u64 {
+        match self {
+            Node::Live(i) => i,
+            Node::ControlDir => CONTROL_BASE | 1,
+            Node::Status => CONTROL_BASE | 2,
+            Node::History => CONTROL_BASE | 3,
+            Node::View { slot, ino } => VIEW_BASE | u64::from(slot) << SLOT_SHIFT | ino,
+        }
+    }
+}
+
+/// Views of past commits opened so far, one slot each, kept for the life of the mount so
+/// their inode numbers stay stable.
+#[derive(Default)]
+pub struct Views {
+    slots: Vec<Fs>,
+    by_record: HashMap<RecordHash, u32>,
+}
+
+impl Views {
+    /// The slot of the view of `record`, opened from `live` on first use.
+    pub fn slot_for(&mut self, live: &Fs, record: RecordHash) -> Result<u32> {
+        if let Some(slot) = self.by_record.get(&record) {
+            return Ok(*slot);
+        }
+        if self.slots.len() >= MAX_SLOTS {
+            return Err(Error::Invalid(format!("more than {MAX_SLOTS} past commits opened; remount")));
+        }
+        self.slots.push(live.view_at(record)?);
+        let slot = (self.slots.len() - 1) as u32;
+        self.by_record.insert(record, slot);
+        Ok(slot)
+    }
+
+    pub fn get(&self, slot: u32) -> Result<&Fs> {
+        self.slots.get(slot as usize).ok_or_else(|| Error::NotFound(format!("history view {slot}")))
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// What `.capsule/status` says, one `key: value` line each.
+pub struct Status {
+    pub capsule: String,
+    pub head: Option<RecordHash>,
+    pub read_only: bool,
+    pub pending_bytes: usize,
+    pub uncommitted: bool,
+    pub commits: u64,
+    pub signed_commits: u64,
+    pub proof_cache_hits: u64,
+    pub proof_cache_misses: u64,
+    pub history_views: usize,
+}
+
+impl Status {
+    pub fn render(&self) -> String {
+        let lookups = self.proof_cache_hits + self.proof_cache_misses;
+        let rate = if lookups == 0 { 0.0 } else { 100.0 * self.proof_cache_hits as f64 / lookups as f64 };
+        let head = self.head.map_or_else(|| "none".to_owned(), |h| h.to_hex());
+        format!(
+            "capsule: {}\nhead: {head}\nmode: {}\npending_bytes: {}\nuncommitted_changes: {}\n\
+             commits_this_mount: {} ({} signed)\nproof_cache: {} hits, {} misses, {rate:.1}% hit rate\n\
+             history_views_open: {}\n",
+            self.capsule,
+            if self.read_only { "read-only" } else { "read-write" },
+            self.pending_bytes,
+            if self.uncommitted { "yes" } else { "no" },
+            self.commits,
+            self.signed_commits,
+            self.proof_cache_hits,
+            self.proof_cache_misses,
+            self.history_views,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Node;
+
+    #[test]
+    fn inode_numbers_round_trip_and_never_collide() {
+        let nodes = [
+            Node::Live(1),
+            Node::Live((1 << 62) - 1),
+            Node::ControlDir,
+            Node::Status,
+            Node::History,
+            Node::View { slot: 0, ino: 1 },
+            Node::View { slot: (1 << 22) - 1, ino: (1 << 40) - 1 },
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for n in nodes {
+            assert_eq!(Node::decode(n.encode()), n);
+            assert!(seen.insert(n.encode()), "{n:?} collides");
+        }
+    }
+}
