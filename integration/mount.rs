@@ -283,3 +283,25 @@ fn the_mount_helper_takes_fstab_options() {
     let bad = Command::new(&helper).arg("c").output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("usage: mount.fuse.capsulefs"));
 }
+
+#[test]
+fn changes_left_open_are_committed_by_the_timer() {
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    {
+        let Some(m) = Mounted::new(&home, "c", &["--commit-after", "1"]) else { return };
+        // An editor that keeps the file open: no close, no fsync.
+        let mut f = fs::File::create(m.path("draft")).unwrap();
+        f.write_all(b"kept open").unwrap();
+        let status = m.path(".capsule/status");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while fs::read_to_string(&status).unwrap().contains("uncommitted_changes: yes") {
+            assert!(std::time::Instant::now() < deadline, "no timed commit within 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        sh(&format!("kill -9 {}", m.daemon_pid()));
+        drop(f);
+    }
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    assert_eq!(fs::read(m.path("draft")).unwrap(), b"kept open");
+}

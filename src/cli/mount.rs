@@ -51,6 +51,9 @@ pub struct MountArgs {
     /// Identity to read and write with.
     #[arg(long)]
     pub key: Option<String>,
+    /// Commit changes that no close or fsync has committed after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub commit_after: u64,
 }
 
 #[derive(Parser, Debug)]
@@ -136,6 +139,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     };
     let shared = Arc::new(Mutex::new(fs));
     let adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
+    let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
     let session = fuser::Session::new(adapter, &a.dir, &fuse_config(a)).with_context(|| {
         format!("mounting on {} (is /dev/fuse there, and the folder not mounted already?)", a.dir.display())
     })?;
@@ -145,6 +149,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     println!("{READY}");
     std::io::stdout().flush()?;
     let served = session.run();
+    drop(timer);
     let committed = {
         let mut fs = shared.lock().expect("no operation is running after the session ended");
         if fs.is_dirty() { fs.commit(true, Durability::Durable).map(drop) } else { Ok(()) }
@@ -177,6 +182,7 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     if let Some(key) = &a.key {
         cmd.args(["--key", key]);
     }
+    cmd.args(["--commit-after", &a.commit_after.to_string()]);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

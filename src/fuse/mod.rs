@@ -2,9 +2,11 @@
 //!
 //! Commits: `fsync`/`fsyncdir` make a signed commit durable before replying; closing a written
 //! file commits (buffered, signed when the capsule's K-records / T-seconds bound is due); more
-//! than `PENDING_LIMIT` bytes of written chunks commit at once. The final durable commit at
-//! unmount is made by whoever runs the session (`cli::mount`), after it ends.
+//! than `PENDING_LIMIT` bytes of written chunks commit at once; `commit_timer` commits what has
+//! waited too long. The final durable commit at unmount is made by whoever runs the session
+//! (`cli::mount`), after it ends.
 
+mod commit;
 mod control;
 mod errno;
 
@@ -12,7 +14,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
@@ -26,6 +28,8 @@ use crate::fs::node::{Inode, Kind, ROOT_INO, Time};
 use crate::record::Params;
 use crate::store::Durability;
 use crate::{Error, Result};
+pub use commit::CommitTimer;
+use commit::{SignPolicy, commit};
 use control::{CONTROL_NAME, Node, Status, Views};
 use errno::to_errno;
 
@@ -34,37 +38,9 @@ const TTL: Duration = Duration::from_secs(1);
 const PENDING_LIMIT: usize = 64 << 20;
 const MAX_WRITE: u32 = 1 << 20;
 
-/// When unsigned commits must end with a signed one (the capsule's K and T bounds).
-struct SignPolicy {
-    every_records: u32,
-    every: Duration,
-    unsigned: u32,
-    since: Option<Instant>,
-    /// Commits made by this mount, and how many of them signed (for `.capsule/status`).
-    commits: u64,
-    signed: u64,
-}
-
-impl SignPolicy {
-    fn due(&self) -> bool {
-        self.unsigned + 1 >= self.every_records || self.since.is_some_and(|t| t.elapsed() >= self.every)
-    }
-
-    fn record(&mut self, signed: bool) {
-        self.commits += 1;
-        self.signed += u64::from(signed);
-        if signed {
-            (self.unsigned, self.since) = (0, None);
-        } else {
-            self.unsigned += 1;
-            self.since.get_or_insert_with(Instant::now);
-        }
-    }
-}
-
 pub struct CapsuleFs {
     fs: Arc<Mutex<Fs>>,
-    policy: Mutex<SignPolicy>,
+    policy: Arc<Mutex<SignPolicy>>,
     views: Mutex<Views>,
 }
 
@@ -140,15 +116,13 @@ type Encode<'a> = &'a dyn Fn(u64) -> u64;
 
 impl CapsuleFs {
     pub fn new(fs: Arc<Mutex<Fs>>, params: &Params) -> Self {
-        let policy = SignPolicy {
-            every_records: params.sign_every_records.max(1),
-            every: Duration::from_secs(u64::from(params.sign_every_secs)),
-            unsigned: 0,
-            since: None,
-            commits: 0,
-            signed: 0,
-        };
-        Self { fs, policy: Mutex::new(policy), views: Mutex::new(Views::default()) }
+        Self { fs, policy: Arc::new(Mutex::new(SignPolicy::new(params))), views: Mutex::new(Views::default()) }
+    }
+
+    /// The time bound on uncommitted changes: commits whatever has waited `after`, until the
+    /// returned timer is dropped.
+    pub fn commit_timer(&self, after: Duration) -> CommitTimer {
+        CommitTimer::start(self.fs.clone(), self.policy.clone(), after)
     }
 
     fn fs(&self) -> MutexGuard<'_, Fs> {
@@ -159,17 +133,8 @@ impl CapsuleFs {
         self.views.lock().expect("a history operation panicked; the mount cannot go on")
     }
 
-    /// Commits pending changes; signed when asked or when the policy says so.
     fn commit(&self, fs: &mut Fs, force_sign: bool, durability: Durability) -> Result<()> {
-        if !fs.is_dirty() {
-            return Ok(());
-        }
-        let mut policy = self.policy.lock().expect("no panics while locked");
-        let sign = force_sign || policy.due();
-        if fs.commit(sign, durability)?.is_some() {
-            policy.record(sign);
-        }
-        Ok(())
+        commit(&self.policy, fs, force_sign, durability)
     }
 
     /// Runs a read-only operation on the tree that holds kernel inode `ino`, the live one or

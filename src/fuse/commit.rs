@@ -1,0 +1,105 @@
+//! When a mount commits and signs: the capsule's K-records / T-seconds signing bound, and the
+//! time bound on changes that no close or fsync has committed.
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::Result;
+use crate::fs::Fs;
+use crate::record::Params;
+use crate::store::Durability;
+
+/// When unsigned commits must end with a signed one (the capsule's K and T bounds).
+pub struct SignPolicy {
+    every_records: u32,
+    every: Duration,
+    unsigned: u32,
+    since: Option<Instant>,
+    /// Commits made by this mount, and how many of them signed (for `.capsule/status`).
+    pub commits: u64,
+    pub signed: u64,
+}
+
+impl SignPolicy {
+    pub fn new(params: &Params) -> Self {
+        Self {
+            every_records: params.sign_every_records.max(1),
+            every: Duration::from_secs(u64::from(params.sign_every_secs)),
+            unsigned: 0,
+            since: None,
+            commits: 0,
+            signed: 0,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.unsigned + 1 >= self.every_records || self.since.is_some_and(|t| t.elapsed() >= self.every)
+    }
+
+    fn record(&mut self, signed: bool) {
+        self.commits += 1;
+        self.signed += u64::from(signed);
+        if signed {
+            (self.unsigned, self.since) = (0, None);
+        } else {
+            self.unsigned += 1;
+            self.since.get_or_insert_with(Instant::now);
+        }
+    }
+}
+
+/// Commits pending changes; signed when asked or when the policy says so.
+pub fn commit(policy: &Mutex<SignPolicy>, fs: &mut Fs, force_sign: bool, durability: Durability) -> Result<()> {
+    if !fs.is_dirty() {
+        return Ok(());
+    }
+    let mut policy = policy.lock().expect("no panics while locked");
+    let sign = force_sign || policy.due();
+    if fs.commit(sign, durability)?.is_some() {
+        policy.record(sign);
+    }
+    Ok(())
+}
+
+/// A thread that commits changes once they have waited `after` (seen dirty on a once-a-second
+/// check), so an editor that keeps a file open loses at most that much in a crash. Stopped
+/// and joined when dropped.
+pub struct CommitTimer {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CommitTimer {
+    pub fn start(fs: Arc<Mutex<Fs>>, policy: Arc<Mutex<SignPolicy>>, after: Duration) -> Self {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let tick = after.min(Duration::from_secs(1));
+        let thread = std::thread::spawn(move || {
+            let mut dirty_since: Option<Instant> = None;
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
+                let Ok(mut fs) = fs.lock() else { return };
+                if !fs.is_dirty() {
+                    dirty_since = None;
+                    continue;
+                }
+                if dirty_since.get_or_insert_with(Instant::now).elapsed() >= after {
+                    dirty_since = None;
+                    if let Err(e) = commit(&policy, &mut fs, false, Durability::Buffered) {
+                        tracing::error!("timed commit failed (changes stay pending; fsync to retry): {e}");
+                    }
+                }
+            }
+        });
+        Self { stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for CommitTimer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
