@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -28,6 +28,7 @@ use fuser::{Config, MountOption, SessionACL};
 use super::home::Home;
 
 const READY: &str = "ready";
+const FUSE_THREADS: usize = 4;
 
 #[derive(Parser, Debug)]
 pub struct MountArgs {
@@ -70,6 +71,10 @@ pub struct StatusArgs {
 
 fn fuse_config(a: &MountArgs) -> Config {
     let mut config = Config::default();
+    // Reads share the filesystem (a read lock), so parallel threads overlap store reads,
+    // proofs and decryption; each thread gets its own /dev/fuse fd.
+    config.n_threads = Some(FUSE_THREADS);
+    config.clone_fd = true;
     config.mount_options =
         vec![MountOption::FSName(format!("capsulefs:{}", a.name)), MountOption::Subtype("capsulefs".into())];
     for o in &a.options {
@@ -137,7 +142,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
             fs
         }
     };
-    let shared = Arc::new(Mutex::new(fs));
+    let shared = Arc::new(RwLock::new(fs));
     let adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
     let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
     let session = fuser::Session::new(adapter, &a.dir, &fuse_config(a)).with_context(|| {
@@ -151,7 +156,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let served = session.run();
     drop(timer);
     let committed = {
-        let mut fs = shared.lock().expect("no operation is running after the session ended");
+        let mut fs = shared.write().expect("no operation is running after the session ended");
         if fs.is_dirty() { fs.commit(true, Durability::Durable).map(drop) } else { Ok(()) }
     };
     // Close the store (and release its lock) before saying we are gone.

@@ -2,7 +2,7 @@
 //! time bound on changes that no close or fsync has committed.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -72,13 +72,13 @@ pub struct CommitTimer {
 }
 
 impl CommitTimer {
-    pub fn start(fs: Arc<Mutex<Fs>>, policy: Arc<Mutex<SignPolicy>>, after: Duration) -> Self {
+    pub fn start(fs: Arc<RwLock<Fs>>, policy: Arc<Mutex<SignPolicy>>, after: Duration) -> Self {
         let (stop, stopped) = mpsc::channel::<()>();
         let tick = after.min(Duration::from_secs(1));
         let thread = std::thread::spawn(move || {
             let mut dirty_since: Option<Instant> = None;
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
-                let Ok(mut fs) = fs.lock() else { return };
+                let Ok(mut fs) = fs.write() else { return };
                 if !fs.is_dirty() {
                     dirty_since = None;
                     continue;

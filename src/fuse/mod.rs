@@ -13,7 +13,7 @@ mod errno;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -39,7 +39,7 @@ const PENDING_LIMIT: usize = 64 << 20;
 const MAX_WRITE: u32 = 1 << 20;
 
 pub struct CapsuleFs {
-    fs: Arc<Mutex<Fs>>,
+    fs: Arc<RwLock<Fs>>,
     policy: Arc<Mutex<SignPolicy>>,
     views: Mutex<Views>,
 }
@@ -115,7 +115,7 @@ fn new_name(parent: u64, name: &OsStr) -> Result<&[u8]> {
 type Encode<'a> = &'a dyn Fn(u64) -> u64;
 
 impl CapsuleFs {
-    pub fn new(fs: Arc<Mutex<Fs>>, params: &Params) -> Self {
+    pub fn new(fs: Arc<RwLock<Fs>>, params: &Params) -> Self {
         Self { fs, policy: Arc::new(Mutex::new(SignPolicy::new(params))), views: Mutex::new(Views::default()) }
     }
 
@@ -125,8 +125,13 @@ impl CapsuleFs {
         CommitTimer::start(self.fs.clone(), self.policy.clone(), after)
     }
 
-    fn fs(&self) -> MutexGuard<'_, Fs> {
-        self.fs.lock().expect("a filesystem operation panicked; the mount cannot go on")
+    /// Reads share the filesystem across FUSE threads; changes and commits take it alone.
+    fn fs(&self) -> RwLockReadGuard<'_, Fs> {
+        self.fs.read().expect("a filesystem operation panicked; the mount cannot go on")
+    }
+
+    fn fs_mut(&self) -> RwLockWriteGuard<'_, Fs> {
+        self.fs.write().expect("a filesystem operation panicked; the mount cannot go on")
     }
 
     fn views(&self) -> MutexGuard<'_, Views> {
@@ -227,7 +232,7 @@ impl CapsuleFs {
         let parent = live(parent)?;
         let perm = (mode & !umask & 0o7777) as u16;
         let inode = Inode::new(kind, perm, req.uid(), req.gid());
-        let (ino, inode) = self.fs().make(parent, new_name(parent, name)?, inode)?;
+        let (ino, inode) = self.fs_mut().make(parent, new_name(parent, name)?, inode)?;
         Ok(attr(ino, &inode))
     }
 }
@@ -319,7 +324,7 @@ impl Filesystem for CapsuleFs {
         reply: ReplyAttr,
     ) {
         let result = live(ino).and_then(|ino| {
-            let mut fs = self.fs();
+            let mut fs = self.fs_mut();
             size.map_or(Ok(()), |s| fs.truncate(ino, s))?;
             let inode = fs.set_attr(ino, |i| {
                 if let Some(m) = mode {
@@ -368,18 +373,18 @@ impl Filesystem for CapsuleFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(live(parent).and_then(|p| self.fs().unlink(p, name.as_bytes())), reply);
+        reply_empty(live(parent).and_then(|p| self.fs_mut().unlink(p, name.as_bytes())), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(live(parent).and_then(|p| self.fs().rmdir(p, name.as_bytes())), reply);
+        reply_empty(live(parent).and_then(|p| self.fs_mut().rmdir(p, name.as_bytes())), reply);
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let made = live(parent).and_then(|parent| {
             let mut inode = Inode::new(Kind::Symlink, 0o777, req.uid(), req.gid());
             inode.target = target.as_os_str().as_bytes().to_vec();
-            let (ino, inode) = self.fs().make(parent, new_name(parent, link_name)?, inode)?;
+            let (ino, inode) = self.fs_mut().make(parent, new_name(parent, link_name)?, inode)?;
             Ok(attr(ino, &inode))
         });
         reply_entry(made, reply);
@@ -398,7 +403,7 @@ impl Filesystem for CapsuleFs {
         let result = live(parent).and_then(|from| {
             let to = live(newparent)?;
             let (name, newname) = (name.as_bytes(), new_name(to, newname)?);
-            let mut fs = self.fs();
+            let mut fs = self.fs_mut();
             if flags.contains(RenameFlags::RENAME_EXCHANGE) {
                 return fs.exchange(from, name, to, newname);
             }
@@ -413,14 +418,14 @@ impl Filesystem for CapsuleFs {
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let linked = live(ino).and_then(|ino| {
             let parent = live(newparent)?;
-            Ok(attr(ino, &self.fs().link(ino, parent, new_name(parent, newname)?)?))
+            Ok(attr(ino, &self.fs_mut().link(ino, parent, new_name(parent, newname)?)?))
         });
         reply_entry(linked, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
         match Node::decode(ino.0) {
-            Node::Live(i) => self.fs().opened(i),
+            Node::Live(i) => self.fs_mut().opened(i),
             // Rendered afresh on every read: no page cache, no size limit from getattr.
             Node::Status => return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             _ => {}
@@ -460,7 +465,7 @@ impl Filesystem for CapsuleFs {
         reply: ReplyWrite,
     ) {
         let result = live(ino).and_then(|ino| {
-            let mut fs = self.fs();
+            let mut fs = self.fs_mut();
             fs.write(ino, offset, data)?;
             if fs.pending_bytes() > PENDING_LIMIT { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) }
         });
@@ -486,7 +491,7 @@ impl Filesystem for CapsuleFs {
     ) {
         let Node::Live(ino) = Node::decode(ino.0) else { return reply.ok() };
         let written = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        let mut fs = self.fs();
+        let mut fs = self.fs_mut();
         let result = fs
             .released(ino)
             .and_then(|()| if written { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) });
@@ -494,12 +499,12 @@ impl Filesystem for CapsuleFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let mut fs = self.fs();
+        let mut fs = self.fs_mut();
         reply_empty(self.commit(&mut fs, true, Durability::Durable), reply);
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let mut fs = self.fs();
+        let mut fs = self.fs_mut();
         reply_empty(self.commit(&mut fs, true, Durability::Durable), reply);
     }
 
@@ -552,11 +557,11 @@ impl Filesystem for CapsuleFs {
             libc::XATTR_REPLACE => XattrMode::Replace,
             _ => XattrMode::Any,
         };
-        reply_empty(live(ino).and_then(|i| self.fs().set_xattr(i, name.as_bytes(), Some(value), mode)), reply);
+        reply_empty(live(ino).and_then(|i| self.fs_mut().set_xattr(i, name.as_bytes(), Some(value), mode)), reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(live(ino).and_then(|i| self.fs().set_xattr(i, name.as_bytes(), None, XattrMode::Any)), reply);
+        reply_empty(live(ino).and_then(|i| self.fs_mut().set_xattr(i, name.as_bytes(), None, XattrMode::Any)), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -576,7 +581,7 @@ impl Filesystem for CapsuleFs {
     ) {
         match self.make(req, parent, name, Kind::File, mode, umask) {
             Ok(a) => {
-                self.fs().opened(a.ino.0);
+                self.fs_mut().opened(a.ino.0);
                 reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty())
             }
             Err(e) => reply.error(to_errno(&e)),
