@@ -305,3 +305,31 @@ fn changes_left_open_are_committed_by_the_timer() {
     let Some(m) = Mounted::new(&home, "c", &[]) else { return };
     assert_eq!(fs::read(m.path("draft")).unwrap(), b"kept open");
 }
+
+#[test]
+fn a_directory_of_100k_entries_lists_and_survives_a_remount() {
+    const ENTRIES: usize = 100_000;
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        let big = m.path("big");
+        fs::create_dir(&big).unwrap();
+        // Folders: 100k inodes and entries without a commit per close.
+        for i in 0..ENTRIES {
+            fs::create_dir(big.join(i.to_string())).unwrap();
+        }
+        fs::File::open(&big).unwrap().sync_all().unwrap();
+        assert_eq!(fs::read_dir(&big).unwrap().count(), ENTRIES);
+        assert_eq!(fs::metadata(&big).unwrap().nlink(), ENTRIES as u64 + 2);
+    }
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    let big = m.path("big");
+    assert!(fs::metadata(big.join("99999")).unwrap().is_dir());
+    fs::remove_dir(big.join("5")).unwrap();
+    let mut names: Vec<usize> =
+        fs::read_dir(&big).unwrap().map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap()).collect();
+    names.sort_unstable();
+    assert_eq!(names.len(), ENTRIES - 1);
+    assert!(names.binary_search(&5).is_err() && names.binary_search(&6).is_ok());
+}

@@ -20,6 +20,7 @@ use clap::Parser;
 use capsulefs::Error;
 use capsulefs::fs::Fs;
 use capsulefs::fs::node::ROOT_INO;
+use capsulefs::fs::plain_cache::PlainCache;
 use capsulefs::fuse::CapsuleFs;
 use capsulefs::member::content_key;
 use capsulefs::store::Durability;
@@ -52,6 +53,9 @@ pub struct MountArgs {
     /// Identity to read and write with.
     #[arg(long)]
     pub key: Option<String>,
+    /// Memory for verified chunks and tree nodes (plaintext), in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub cache_mib: usize,
     /// Commit changes that no close or fsync has committed after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub commit_after: u64,
@@ -142,6 +146,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
             fs
         }
     };
+    let fs = fs.with_cache(Arc::new(PlainCache::new(a.cache_mib << 20)));
     let shared = Arc::new(RwLock::new(fs));
     let adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
     let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
@@ -187,7 +192,7 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     if let Some(key) = &a.key {
         cmd.args(["--key", key]);
     }
-    cmd.args(["--commit-after", &a.commit_after.to_string()]);
+    cmd.args(["--commit-after", &a.commit_after.to_string(), "--cache-mib", &a.cache_mib.to_string()]);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

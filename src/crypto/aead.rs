@@ -56,7 +56,7 @@ impl ContentKey {
 }
 
 /// What kind of object a sealed payload is, as far as the associated data is concerned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum SealedKind {
     /// File bytes; `offset` is their byte offset.
@@ -72,7 +72,7 @@ pub enum SealedKind {
 }
 
 /// Where a sealed payload belongs; it is the associated data of its seal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Place {
     pub capsule: CapsuleId,
     pub kind: SealedKind,

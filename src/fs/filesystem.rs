@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::node::{Bucket, CHUNK_SIZE, DirEntry, Inode, Kind, ROOT_INO, Superblock, Time, name_key};
+use super::plain_cache::PlainCache;
 use super::sealed::{CommitBuilder, Sealed};
 use super::trie::{Loc, NodeSource, Ref, Trie, Value};
 use crate::capsule::{Capsule, EarlierProofs};
@@ -42,6 +43,8 @@ pub enum XattrMode {
 pub struct Fs {
     capsule: Arc<Capsule>,
     key: ContentKey,
+    /// Payloads already proven and opened; shared with views of the past.
+    cache: Arc<PlainCache>,
     /// None for a read-only view (of the past, or without write rights).
     writer: Option<Identity>,
     inodes: Trie<Inode>,
@@ -55,6 +58,32 @@ pub struct Fs {
     base: Option<RecordHash>,
     /// Open handles per inode: an unlinked file lives on (nlink 0) until its last close.
     open_handles: HashMap<u64, u32>,
+}
+
+/// A chunk's bytes: pending in memory, or committed (proven and opened, perhaps cached).
+enum ChunkBytes<'a> {
+    Pending(&'a [u8]),
+    Committed(Arc<Vec<u8>>),
+}
+
+impl std::ops::Deref for ChunkBytes<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ChunkBytes::Pending(b) => b,
+            ChunkBytes::Committed(b) => b,
+        }
+    }
+}
+
+impl ChunkBytes<'_> {
+    fn into_owned(self) -> Vec<u8> {
+        match self {
+            ChunkBytes::Pending(b) => b.to_vec(),
+            ChunkBytes::Committed(b) => Arc::unwrap_or_clone(b),
+        }
+    }
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -101,7 +130,7 @@ impl Fs {
         let last =
             count.checked_sub(1).ok_or_else(|| Error::Invalid(format!("{record:?} is not a filesystem commit")))?;
         let at = Loc { record, idx: SubIdx(last) };
-        let sealed = Sealed { capsule: &capsule, key: &key };
+        let sealed = Sealed { capsule: &capsule, key: &key, cache: None };
         let bytes = sealed.read(at, &sealed.place(SealedKind::Superblock, 0, 0, 0))?;
         let sb = Superblock::decode(&bytes).map_err(|source| VerifyError::MalformedSubRecord {
             record,
@@ -126,6 +155,7 @@ impl Fs {
         Self {
             capsule,
             key,
+            cache: Arc::default(),
             writer,
             inodes,
             next_ino,
@@ -138,7 +168,7 @@ impl Fs {
     }
 
     fn sealed(&self) -> Sealed<'_> {
-        Sealed { capsule: &self.capsule, key: &self.key }
+        Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) }
     }
 
     /// The commit this state builds on.
@@ -177,12 +207,22 @@ impl Fs {
         Ok(commits)
     }
 
-    /// A read-only view of commit `record`, sharing this filesystem's capsule and key.
+    /// A read-only view of commit `record`, sharing this filesystem's capsule, key and cache.
     pub fn view_at(&self, record: RecordHash) -> Result<Fs> {
         if self.capsule.proven_header(record)?.kind != RecordKind::Data {
             return Err(Error::NotFound(format!("{record:?} is a membership record, not a filesystem commit")));
         }
-        Self::open_at(self.capsule.clone(), self.key.clone(), None, record)
+        Ok(Self::open_at(self.capsule.clone(), self.key.clone(), None, record)?.with_cache(self.cache.clone()))
+    }
+
+    /// Uses `cache` for verified payloads (to size it, or to share it).
+    pub fn with_cache(mut self, cache: Arc<PlainCache>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    pub fn cache(&self) -> &PlainCache {
+        &self.cache
     }
 
     fn writable(&self) -> Result<()> {
@@ -199,8 +239,7 @@ impl Fs {
     fn put_inode(&mut self, ino: u64, mut inode: Inode) -> Result<()> {
         // Resolves to the record of the next commit (see Inode::changed_in).
         inode.changed_in = Some(Ref::Here(SubIdx(0)));
-        let (capsule, key) = (&self.capsule, &self.key);
-        let sealed = Sealed { capsule, key };
+        let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
         self.inodes.insert(&sealed.tree(SealedKind::InodeTable, 0), ino, inode)?;
         Ok(())
     }
@@ -260,7 +299,7 @@ impl Fs {
     /// Applies `change` to the bucket of `name` in `dir`, marking the directory changed.
     fn edit_dir(&mut self, dir: u64, name: &[u8], change: impl FnOnce(&mut Vec<DirEntry>)) -> Result<()> {
         let inode = self.dir_inode(dir)?;
-        let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+        let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
         let src = sealed.tree(SealedKind::Directory, dir);
         let tree = self.dirs.entry(dir).or_insert_with(|| Self::committed_tree(&inode, DIR_LEAF));
         let key = name_key(name);
@@ -349,7 +388,7 @@ impl Fs {
     }
 
     fn remove_inode(&mut self, ino: u64) -> Result<()> {
-        let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+        let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
         self.inodes.remove(&sealed.tree(SealedKind::InodeTable, 0), ino)?;
         self.files.remove(&ino);
         self.dirs.remove(&ino);
@@ -556,9 +595,9 @@ impl Fs {
 
     /// The bytes of chunk `n` of file `ino`: pending (borrowed), committed (proven and
     /// opened), or None for a hole.
-    fn chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Cow<'_, [u8]>>> {
+    fn chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<ChunkBytes<'_>>> {
         if let Some(c) = self.chunks.get(&(ino, n)) {
-            return Ok(Some(Cow::Borrowed(c)));
+            return Ok(Some(ChunkBytes::Pending(c)));
         }
         let sealed = self.sealed();
         let src = sealed.tree(SealedKind::ChunkMap, ino);
@@ -568,7 +607,7 @@ impl Fs {
             unreachable!("chunk refs in the map are absolute until a commit, which empties `files`")
         };
         let bytes = sealed.read(Loc { record, idx }, &sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0))?;
-        Ok(Some(Cow::Owned(bytes)))
+        Ok(Some(ChunkBytes::Committed(bytes)))
     }
 
     fn file_inode(&self, ino: u64) -> Result<Inode> {
@@ -590,7 +629,8 @@ impl Fs {
             let n = pos / CHUNK_SIZE;
             let within = (pos % CHUNK_SIZE) as usize;
             let take = (end - pos).min(CHUNK_SIZE - within as u64) as usize;
-            let chunk = self.chunk(ino, &inode, n)?.unwrap_or_default();
+            let chunk = self.chunk(ino, &inode, n)?;
+            let chunk = chunk.as_deref().unwrap_or_default();
             let have = chunk.len().saturating_sub(within).min(take);
             out.extend_from_slice(&chunk[within.min(chunk.len())..within.min(chunk.len()) + have]);
             out.resize(out.len() + take - have, 0);
@@ -610,7 +650,7 @@ impl Fs {
             let take = rest.len().min(CHUNK_SIZE as usize - within);
             // Edit a pending chunk in place; load a committed one only the first time.
             if !self.chunks.contains_key(&(ino, n)) {
-                let committed = self.chunk(ino, &inode, n)?.map(Cow::into_owned).unwrap_or_default();
+                let committed = self.chunk(ino, &inode, n)?.map(ChunkBytes::into_owned).unwrap_or_default();
                 self.chunks.insert((ino, n), committed);
             }
             let chunk = self.chunks.get_mut(&(ino, n)).expect("inserted just above");
@@ -635,13 +675,13 @@ impl Fs {
             let keep = size.div_ceil(CHUNK_SIZE);
             // Trim the new last chunk so the cut bytes cannot come back if the file grows again.
             if size % CHUNK_SIZE != 0
-                && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?.map(Cow::into_owned)
+                && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?.map(ChunkBytes::into_owned)
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
                 self.chunks.insert((ino, keep - 1), last);
             }
             self.chunks.retain(|(i, n), _| *i != ino || *n < keep);
-            let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+            let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
             let src = sealed.tree(SealedKind::ChunkMap, ino);
             let map = self.files.entry(ino).or_insert_with(|| Self::committed_tree(&inode, CHUNK_LEAF));
             for (n, _) in map.entries(&src)? {
@@ -676,7 +716,7 @@ impl Fs {
         let mut inodes = self.inodes.clone();
         let mut files = self.files.clone();
         let dirs = self.dirs.clone();
-        let sealed = Sealed { capsule: &self.capsule, key: &self.key };
+        let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
         let table = sealed.tree(SealedKind::InodeTable, 0);
         let mut builder = CommitBuilder::new(&sealed);
         // Chunks first; their maps then point at them within this record.

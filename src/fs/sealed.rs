@@ -2,6 +2,8 @@
 //! with the content key; a commit's payloads are sealed as they are added and appended as one
 //! record.
 
+use std::sync::Arc;
+
 use crate::capsule::{AppendOptions, Capsule};
 use crate::crypto::aead::{self, ContentKey, Place, SealedKind};
 use crate::crypto::keys::Identity;
@@ -9,12 +11,15 @@ use crate::record::{RecordHash, RecordKind, SubIdx};
 use crate::store::Durability;
 use crate::{Result, VerifyError};
 
+use super::plain_cache::PlainCache;
 use super::trie::{Loc, NodePos, NodeSink, NodeSource};
 
-/// A capsule with the content key to open and seal its filesystem payloads.
+/// A capsule with the content key to open and seal its filesystem payloads, and the cache of
+/// payloads already proven and opened.
 pub struct Sealed<'a> {
     pub capsule: &'a Capsule,
     pub key: &'a ContentKey,
+    pub cache: Option<&'a PlainCache>,
 }
 
 impl Sealed<'_> {
@@ -22,13 +27,21 @@ impl Sealed<'_> {
         Place { capsule: self.capsule.id(), kind, object, offset, level }
     }
 
-    /// Reads one payload through its proof and opens it.
-    pub fn read(&self, at: Loc, place: &Place) -> Result<Vec<u8>> {
+    /// Reads one payload through its proof and opens it, or takes it from the cache of
+    /// payloads that passed both before.
+    pub fn read(&self, at: Loc, place: &Place) -> Result<Arc<Vec<u8>>> {
+        if let Some(plain) = self.cache.and_then(|c| c.get(at, place)) {
+            return Ok(plain);
+        }
         let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
-        aead::open(self.key, place, sealed.get()).map_err(|_| {
+        let plain = Arc::new(aead::open(self.key, place, sealed.get()).map_err(|_| {
             tracing::error!(record = ?at.record, idx = at.idx.0, ?place, "payload does not open at its place");
-            VerifyError::SealBroken { record: at.record, idx: at.idx }.into()
-        })
+            crate::Error::from(VerifyError::SealBroken { record: at.record, idx: at.idx })
+        })?);
+        if let Some(cache) = self.cache {
+            cache.insert(at, *place, plain.clone());
+        }
+        Ok(plain)
     }
 
     /// The source for the tree of `object` (an inode, or 0 for the inode table).
@@ -48,7 +61,7 @@ fn level(pos: NodePos) -> u8 {
 }
 
 impl NodeSource for TreeSource<'_> {
-    fn load(&self, at: Loc, pos: NodePos) -> Result<Vec<u8>> {
+    fn load(&self, at: Loc, pos: NodePos) -> Result<Arc<Vec<u8>>> {
         self.sealed.read(at, &self.sealed.place(self.kind, self.object, pos.prefix, level(pos)))
     }
 }

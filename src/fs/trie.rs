@@ -13,6 +13,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
@@ -111,7 +112,7 @@ impl<V> Canonical for StoredNode<V> {
 /// Gives the tree the plaintext of nodes committed before (proven and opened by the caller,
 /// who binds `pos` into the seal).
 pub trait NodeSource {
-    fn load(&self, at: Loc, pos: NodePos) -> Result<Vec<u8>>;
+    fn load(&self, at: Loc, pos: NodePos) -> Result<Arc<Vec<u8>>>;
 }
 
 /// Takes the nodes of a commit; returns each one's index in the record being built.
@@ -363,11 +364,12 @@ mod tests {
     }
 
     impl NodeSource for Mem {
-        fn load(&self, at: Loc, _pos: NodePos) -> Result<Vec<u8>> {
+        fn load(&self, at: Loc, _pos: NodePos) -> Result<Arc<Vec<u8>>> {
             self.nodes
                 .borrow()
                 .get(&at)
                 .cloned()
+                .map(Arc::new)
                 .ok_or(Error::from(VerifyError::MissingSubRecord { record: at.record, idx: at.idx }))
         }
     }

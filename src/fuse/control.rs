@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use crate::fs::Fs;
+use crate::proof::CacheStats;
 use crate::record::RecordHash;
 use crate::{Error, Result};
 
@@ -97,19 +98,23 @@ pub struct Status {
     pub uncommitted: bool,
     pub commits: u64,
     pub signed_commits: u64,
-    pub proof_cache_hits: u64,
-    pub proof_cache_misses: u64,
+    pub proof_cache: CacheStats,
+    pub plain_cache: CacheStats,
     pub history_views: usize,
+}
+
+fn hit_rate(s: CacheStats) -> String {
+    let lookups = s.hits + s.misses;
+    let rate = if lookups == 0 { 0.0 } else { 100.0 * s.hits as f64 / lookups as f64 };
+    format!("{} hits, {} misses, {rate:.1}% hit rate", s.hits, s.misses)
 }
 
 impl Status {
     pub fn render(&self) -> String {
-        let lookups = self.proof_cache_hits + self.proof_cache_misses;
-        let rate = if lookups == 0 { 0.0 } else { 100.0 * self.proof_cache_hits as f64 / lookups as f64 };
         let head = self.head.map_or_else(|| "none".to_owned(), |h| h.to_hex());
         format!(
             "capsule: {}\nhead: {head}\nmode: {}\npending_bytes: {}\nuncommitted_changes: {}\n\
-             commits_this_mount: {} ({} signed)\nproof_cache: {} hits, {} misses, {rate:.1}% hit rate\n\
+             commits_this_mount: {} ({} signed)\nproof_cache: {}\nverified_payload_cache: {}\n\
              history_views_open: {}\n",
             self.capsule,
             if self.read_only { "read-only" } else { "read-write" },
@@ -117,8 +122,8 @@ impl Status {
             if self.uncommitted { "yes" } else { "no" },
             self.commits,
             self.signed_commits,
-            self.proof_cache_hits,
-            self.proof_cache_misses,
+            hit_rate(self.proof_cache),
+            hit_rate(self.plain_cache),
             self.history_views,
         )
     }

@@ -10,9 +10,11 @@ mod commit;
 mod control;
 mod errno;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,14 +36,22 @@ use control::{CONTROL_NAME, Node, Status, Views};
 use errno::to_errno;
 
 const TTL: Duration = Duration::from_secs(1);
-/// Written but uncommitted bytes that force a commit.
-const PENDING_LIMIT: usize = 64 << 20;
+/// Written but uncommitted bytes that force a commit. Measured: with 2-8 MiB, 256 MiB write
+/// 1.3x faster than 64 MiB, whose batches churn memory (page faults, batch reallocation).
+const PENDING_LIMIT: usize = 8 << 20;
 const MAX_WRITE: u32 = 1 << 20;
+
+/// A folder's entries as (kernel inode, type, name), without `.` and `..`.
+type Listing = Vec<(u64, FileType, Vec<u8>)>;
 
 pub struct CapsuleFs {
     fs: Arc<RwLock<Fs>>,
     policy: Arc<Mutex<SignPolicy>>,
     views: Mutex<Views>,
+    /// Listings taken at opendir and served by readdir until releasedir: one walk of a
+    /// directory per listing, however many readdir calls a large one takes.
+    listings: Mutex<HashMap<u64, Arc<Listing>>>,
+    next_listing: AtomicU64,
 }
 
 fn system_time(t: Time) -> SystemTime {
@@ -116,7 +126,13 @@ type Encode<'a> = &'a dyn Fn(u64) -> u64;
 
 impl CapsuleFs {
     pub fn new(fs: Arc<RwLock<Fs>>, params: &Params) -> Self {
-        Self { fs, policy: Arc::new(Mutex::new(SignPolicy::new(params))), views: Mutex::new(Views::default()) }
+        Self {
+            fs,
+            policy: Arc::new(Mutex::new(SignPolicy::new(params))),
+            views: Mutex::new(Views::default()),
+            listings: Mutex::new(HashMap::new()),
+            next_listing: AtomicU64::new(1),
+        }
     }
 
     /// The time bound on uncommitted changes: commits whatever has waited `after`, until the
@@ -162,7 +178,6 @@ impl CapsuleFs {
     fn status(&self) -> Status {
         let fs = self.fs();
         let policy = self.policy.lock().expect("no panics while locked");
-        let cache = fs.capsule().cache_stats();
         Status {
             capsule: fs.capsule().id().to_hex(),
             head: fs.base(),
@@ -171,8 +186,8 @@ impl CapsuleFs {
             uncommitted: fs.is_dirty(),
             commits: policy.commits,
             signed_commits: policy.signed,
-            proof_cache_hits: cache.hits,
-            proof_cache_misses: cache.misses,
+            proof_cache: fs.capsule().cache_stats(),
+            plain_cache: fs.cache().stats(),
             history_views: self.views().open_count(),
         }
     }
@@ -199,8 +214,11 @@ impl CapsuleFs {
         self.tree_attr(Node::View { slot, ino: ROOT_INO }.encode())
     }
 
-    /// The entries of a folder as (kernel inode, type, name), without `.` and `..`.
-    fn entries(&self, ino: u64) -> Result<Vec<(u64, FileType, Vec<u8>)>> {
+    fn listings(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {
+        self.listings.lock().expect("no panics while locked")
+    }
+
+    fn entries(&self, ino: u64) -> Result<Listing> {
         match Node::decode(ino) {
             Node::ControlDir => Ok(vec![
                 (Node::Status.encode(), FileType::RegularFile, b"status".to_vec()),
@@ -508,8 +526,25 @@ impl Filesystem for CapsuleFs {
         reply_empty(self.commit(&mut fs, true, Durability::Durable), reply);
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let entries = match self.entries(ino.0) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
+        match self.entries(ino.0) {
+            Ok(listing) => {
+                let fh = self.next_listing.fetch_add(1, Ordering::Relaxed);
+                self.listings().insert(fh, Arc::new(listing));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(to_errno(&e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.listings().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let listed = self.listings().get(&fh.0).cloned();
+        let entries = match listed.map_or_else(|| self.entries(ino.0).map(Arc::new), Ok) {
             Ok(e) => e,
             Err(e) => return reply.error(to_errno(&e)),
         };

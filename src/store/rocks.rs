@@ -9,7 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    ColumnFamilyDescriptor, DB, DBRecoveryMode, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions,
+    ColumnFamilyDescriptor, DB, DBCompressionType, DBRecoveryMode, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch, WriteOptions,
 };
 
 use super::kv::{Batch, Cf, Durability, Entries, Kv, prefix_end};
@@ -29,7 +30,7 @@ impl RocksKv {
         opts.set_paranoid_checks(true);
         opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         opts.set_max_background_jobs(2);
-        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
+        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| store_error(path, e))?;
         Ok(Self { db, path: path.to_owned() })
     }
@@ -37,6 +38,21 @@ impl RocksKv {
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
         self.db.cf_handle(cf.name()).expect("every column family is opened in RocksKv::open")
     }
+}
+
+/// Everything stored is hashes, signatures or ciphertext: compression only costs CPU.
+/// Sub-record values (chunks up to 64 KiB) go to blob files at flush, so compactions move
+/// only keys and small values instead of rewriting every chunk again.
+fn cf_options(cf: Cf) -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(DBCompressionType::None);
+    if cf == Cf::Subs {
+        o.set_enable_blob_files(true);
+        o.set_min_blob_size(4096);
+        o.set_blob_compression_type(DBCompressionType::None);
+        o.set_enable_blob_gc(true);
+    }
+    o
 }
 
 fn store_error(path: &Path, e: rocksdb::Error) -> crate::Error {
