@@ -333,3 +333,31 @@ fn a_directory_of_100k_entries_lists_and_survives_a_remount() {
     assert_eq!(names.len(), ENTRIES - 1);
     assert!(names.binary_search(&5).is_err() && names.binary_search(&6).is_ok());
 }
+
+#[test]
+fn permissions_are_checked_for_other_users() {
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    let Some(m) = Mounted::new(&home, "c", &["-o", "allow_other"]) else { return };
+    fs::set_permissions(&m.dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(m.path("private"), b"secret").unwrap();
+    fs::set_permissions(m.path("private"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(m.path("public"), b"hello").unwrap();
+    fs::set_permissions(m.path("public"), fs::Permissions::from_mode(0o644)).unwrap();
+    // The mount's parent folders must let 'nobody' through to reach it.
+    fs::set_permissions(home.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |cmd: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
+            .output()
+            .unwrap()
+    };
+    let public = as_nobody(&format!("cat {}", m.path("public").display()));
+    assert_eq!(public.stdout, b"hello", "{}", String::from_utf8_lossy(&public.stderr));
+    let private = as_nobody(&format!("cat {}", m.path("private").display()));
+    assert!(!private.status.success() && String::from_utf8_lossy(&private.stderr).contains("Permission denied"));
+    let write = as_nobody(&format!("echo x > {}", m.path("public").display()));
+    assert!(!write.status.success(), "nobody wrote to a 0644 file of root's");
+    let create = as_nobody(&format!("touch {}", m.path("new").display()));
+    assert!(!create.status.success(), "nobody created a file in root's 0755 folder");
+}

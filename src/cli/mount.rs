@@ -40,7 +40,7 @@ pub struct MountArgs {
     /// Stay attached (for systemd and tests); otherwise return once mounted.
     #[arg(long)]
     pub foreground: bool,
-    /// FUSE options, comma-separated: allow_other, allow_root, default_permissions, ro, rw,
+    /// FUSE options, comma-separated: allow_other, allow_root, ro, rw,
     /// exec, noexec, suid, nosuid, dev, nodev, atime, noatime, auto_unmount; others pass through.
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
@@ -79,8 +79,13 @@ fn fuse_config(a: &MountArgs) -> Config {
     // proofs and decryption; each thread gets its own /dev/fuse fd.
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
-    config.mount_options =
-        vec![MountOption::FSName(format!("capsulefs:{}", a.name)), MountOption::Subtype("capsulefs".into())];
+    // The kernel checks mode bits, owners and groups on every access (capsulefs does not
+    // repeat them), so `-o allow_other` shares a folder without opening every file to all.
+    config.mount_options = vec![
+        MountOption::FSName(format!("capsulefs:{}", a.name)),
+        MountOption::Subtype("capsulefs".into()),
+        MountOption::DefaultPermissions,
+    ];
     for o in &a.options {
         let option = match o.as_str() {
             "allow_other" => {
@@ -91,7 +96,7 @@ fn fuse_config(a: &MountArgs) -> Config {
                 config.acl = SessionACL::RootAndOwner;
                 continue;
             }
-            "default_permissions" => MountOption::DefaultPermissions,
+            "default_permissions" => continue, // always on
             "ro" => MountOption::RO,
             "rw" => MountOption::RW,
             "exec" => MountOption::Exec,
