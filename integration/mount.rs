@@ -361,3 +361,27 @@ fn permissions_are_checked_for_other_users() {
     let create = as_nobody(&format!("touch {}", m.path("new").display()));
     assert!(!create.status.success(), "nobody created a file in root's 0755 folder");
 }
+
+#[test]
+fn a_file_unlinked_while_open_is_removed_after_a_crash() {
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]);
+    let marker = home.store_path(&id).with_file_name("mounted");
+    {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        assert!(marker.exists(), "a writable mount marks its capsule");
+        let mut f = fs::File::create(m.path("scratch")).unwrap();
+        f.write_all(b"temporary").unwrap();
+        fs::remove_file(m.path("scratch")).unwrap();
+        f.sync_all().unwrap(); // commits the nameless, still open file
+        sh(&format!("kill -9 {}", m.daemon_pid()));
+        drop(f);
+    }
+    {
+        let Some(_m) = Mounted::new(&home, "c", &[]) else { return };
+        let log = fs::read_to_string(home.path().join("logs/mount-c.log")).unwrap();
+        assert!(log.contains("removed 1 unlinked file"), "{log}");
+    }
+    assert!(!marker.exists(), "a clean unmount clears the mark");
+    home.ok(&["verify", "c"]);
+}

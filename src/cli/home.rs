@@ -1,5 +1,6 @@
 //! `$CAPSULEFS_HOME`: keys/ (one file per identity), capsules/<id>/store (RocksDB), and
-//! names/<name> (a file holding the id), so a capsule is named by local name or by id.
+//! names/<name> (a file holding the id), so a capsule is named by local name or by id;
+//! `cli::mount` adds capsules/<id>/mounted, mounts/ and logs/.
 
 use std::fs;
 use std::path::{Path, PathBuf};

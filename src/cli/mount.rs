@@ -151,7 +151,19 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
             fs
         }
     };
-    let fs = fs.with_cache(Arc::new(PlainCache::new(a.cache_mib << 20)));
+    let mut fs = fs.with_cache(Arc::new(PlainCache::new(a.cache_mib << 20)));
+    // Present while a writable mount runs: found at the start, the last one ended uncleanly.
+    let marker = (!fs.is_read_only()).then(|| home.store_path(&capsule.id()).with_file_name("mounted"));
+    if let Some(marker) = &marker {
+        if marker.exists() {
+            let swept = fs.sweep_orphans().context("removing files left unlinked by a crash")?;
+            if swept > 0 {
+                fs.commit(true, Durability::Durable)?;
+                tracing::warn!("the last mount ended uncleanly: removed {swept} unlinked file(s) it still held open");
+            }
+        }
+        std::fs::write(marker, format!("{}\n", std::process::id()))?;
+    }
     let shared = Arc::new(RwLock::new(fs));
     let adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
     let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
@@ -173,6 +185,9 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     drop(shared);
     drop(capsule);
     let _ = std::fs::remove_file(&entry);
+    if let (Some(marker), Ok(())) = (&marker, &committed) {
+        let _ = std::fs::remove_file(marker);
+    }
     served.context("serving the mount")?;
     committed.context("final commit at unmount")?;
     Ok(())

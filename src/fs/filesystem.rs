@@ -488,6 +488,24 @@ impl Fs {
         Ok(())
     }
 
+    /// Removes files that no name reaches: unlinked while open, then never closed because
+    /// the mount ended without a clean unmount. Returns how many went.
+    pub fn sweep_orphans(&mut self) -> Result<usize> {
+        self.writable()?;
+        let sealed = self.sealed();
+        let orphans: Vec<u64> = self
+            .inodes
+            .entries(&sealed.tree(SealedKind::InodeTable, 0))?
+            .into_iter()
+            .filter(|(ino, inode)| inode.nlink == 0 && !self.open_handles.contains_key(ino))
+            .map(|(ino, _)| ino)
+            .collect();
+        for &ino in &orphans {
+            self.remove_inode(ino)?;
+        }
+        Ok(orphans.len())
+    }
+
     /// Whether `dir` is `ancestor` or lies below it (walks up through `..` entries).
     fn is_within(&self, dir: u64, ancestor: u64) -> Result<bool> {
         let mut current = dir;

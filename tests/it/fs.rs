@@ -277,3 +277,23 @@ fn extended_attributes_and_provenance() {
     assert!(matches!(fs.get_xattr(f, b"user.color"), Err(Error::NoAttribute(_))));
     assert!(matches!(fs.set_xattr(f, b"user.color", None, XattrMode::Any), Err(Error::NoAttribute(_))));
 }
+
+#[test]
+fn files_unlinked_while_open_are_swept_after_a_crash() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (f, _) = fs.make(ROOT_INO, b"tmp", file()).unwrap();
+    let (keep, _) = fs.make(ROOT_INO, b"keep", file()).unwrap();
+    fs.opened(f);
+    fs.write(f, 0, b"scratch").unwrap();
+    fs.unlink(ROOT_INO, b"tmp").unwrap();
+    assert_eq!(fs.getattr(f).unwrap().nlink, 0, "open: it lives on");
+    commit(&mut fs);
+    // The mount dies with the file still open: a fresh Fs finds it and removes it.
+    let mut fs = s.fs();
+    assert_eq!(fs.sweep_orphans().unwrap(), 1);
+    assert!(matches!(fs.getattr(f), Err(Error::NotFound(_))));
+    assert!(fs.getattr(keep).is_ok());
+    commit(&mut fs);
+    assert_eq!(s.fs().sweep_orphans().unwrap(), 0);
+}
