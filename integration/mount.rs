@@ -385,3 +385,28 @@ fn a_file_unlinked_while_open_is_removed_after_a_crash() {
     assert!(!marker.exists(), "a clean unmount clears the mark");
     home.ok(&["verify", "c"]);
 }
+
+#[test]
+fn unsigned_commits_are_signed_within_the_capsules_t_bound() {
+    let home = Home::default();
+    home.ok(&["create", "c", "--sign-every-secs", "1"]);
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    fs::write(m.path("note"), b"closed, not fsynced").unwrap(); // one unsigned commit
+    let status = m.path(".capsule/status");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = fs::read_to_string(&status).unwrap();
+        if text.contains("commits_this_mount: 2 (1 signed)") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no signature within 30 s:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(m);
+    // The newest record is the signed one with nothing but a superblock in it.
+    let log = home.ok(&["log", "c"]);
+    let mut newest = log.lines().map(|l| l.split(' ').collect::<Vec<_>>());
+    let (signed, unsigned) = (newest.next().unwrap(), newest.next().unwrap());
+    assert!(signed.contains(&"signed") && signed.contains(&"subs=1"), "{log}");
+    assert!(unsigned.contains(&"unsigned"), "{log}");
+}

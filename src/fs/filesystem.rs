@@ -726,10 +726,20 @@ impl Fs {
     /// Seals every change into one record (signed if `sign`) and makes it the new base.
     /// Returns None when there was nothing to commit.
     pub fn commit(&mut self, sign: bool, durability: Durability) -> Result<Option<RecordHash>> {
-        let Some(writer) = self.writer.as_ref() else { return Err(Error::ReadOnlyView) };
         if !self.is_dirty() {
-            return Ok(None);
+            return self.writable().map(|()| None);
         }
+        self.append_commit(sign, durability).map(Some)
+    }
+
+    /// A signed commit even when nothing changed (a record of one superblock), so that the
+    /// unsigned commits before it are proven by a signature within the capsule's T bound.
+    pub fn sign_now(&mut self, durability: Durability) -> Result<RecordHash> {
+        self.append_commit(true, durability)
+    }
+
+    fn append_commit(&mut self, sign: bool, durability: Durability) -> Result<RecordHash> {
+        let Some(writer) = self.writer.as_ref() else { return Err(Error::ReadOnlyView) };
         // Work on copies, so a failed append leaves every change in place to retry.
         let mut inodes = self.inodes.clone();
         let mut files = self.files.clone();
@@ -773,6 +783,6 @@ impl Fs {
         self.dirs.clear();
         self.chunks.clear();
         self.base = Some(record);
-        Ok(Some(record))
+        Ok(record)
     }
 }

@@ -1,5 +1,7 @@
 //! When a mount commits and signs: the capsule's K-records / T-seconds signing bound, and the
-//! time bound on changes that no close or fsync has committed.
+//! time bound on changes that no close or fsync has committed. The timer thread enforces both
+//! bounds when nothing else happens: it commits changes that waited, and signs unsigned
+//! commits that waited T seconds.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,7 +37,12 @@ impl SignPolicy {
     }
 
     fn due(&self) -> bool {
-        self.unsigned + 1 >= self.every_records || self.since.is_some_and(|t| t.elapsed() >= self.every)
+        self.unsigned + 1 >= self.every_records || self.overdue()
+    }
+
+    /// Whether unsigned commits have waited T seconds for a signature.
+    fn overdue(&self) -> bool {
+        self.since.is_some_and(|t| t.elapsed() >= self.every)
     }
 
     fn record(&mut self, signed: bool) {
@@ -63,6 +70,19 @@ pub fn commit(policy: &Mutex<SignPolicy>, fs: &mut Fs, force_sign: bool, durabil
     Ok(())
 }
 
+/// Signs a commit of nothing when unsigned ones have waited T seconds with no later commit
+/// to carry the signature.
+fn sign_if_overdue(policy: &Mutex<SignPolicy>, fs: &mut Fs) {
+    let mut policy = policy.lock().expect("no panics while locked");
+    if !policy.overdue() {
+        return;
+    }
+    match fs.sign_now(Durability::Buffered) {
+        Ok(_) => policy.record(true),
+        Err(e) => tracing::error!("signing overdue commits failed (retried in a second): {e}"),
+    }
+}
+
 /// A thread that commits changes once they have waited `after` (seen dirty on a once-a-second
 /// check), so an editor that keeps a file open loses at most that much in a crash. Stopped
 /// and joined when dropped.
@@ -81,6 +101,7 @@ impl CommitTimer {
                 let Ok(mut fs) = fs.write() else { return };
                 if !fs.is_dirty() {
                     dirty_since = None;
+                    sign_if_overdue(&policy, &mut fs);
                     continue;
                 }
                 if dirty_since.get_or_insert_with(Instant::now).elapsed() >= after {
