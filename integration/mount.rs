@@ -60,6 +60,16 @@ fn posix_operations_behave_like_a_local_disk() {
     assert_eq!(fs::metadata(m.path("a/b/y")).unwrap().nlink(), 1);
     let exists = fs::OpenOptions::new().write(true).create_new(true).open(m.path("a/b/y")).unwrap_err();
     assert_eq!(exists.raw_os_error(), Some(libc::EEXIST));
+    // O_APPEND from two handles, then O_TRUNC.
+    let mut a = fs::OpenOptions::new().create(true).append(true).open(m.path("log")).unwrap();
+    let mut b = fs::OpenOptions::new().append(true).open(m.path("log")).unwrap();
+    a.write_all(b"one ").unwrap();
+    b.write_all(b"two ").unwrap();
+    a.write_all(b"three").unwrap();
+    assert_eq!(fs::read(m.path("log")).unwrap(), b"one two three");
+    drop((a, b));
+    fs::OpenOptions::new().write(true).truncate(true).open(m.path("log")).unwrap().write_all(b"new").unwrap();
+    assert_eq!(fs::read(m.path("log")).unwrap(), b"new");
     // renameat2: NOREPLACE refuses an existing name; EXCHANGE swaps a file and a directory.
     fs::write(m.path("other"), b"other").unwrap();
     let refused = renameat2(&m.path("other"), &m.path("a/b/y"), libc::RENAME_NOREPLACE).unwrap_err();
