@@ -48,8 +48,8 @@ pub struct CapsuleFs {
     fs: Arc<RwLock<Fs>>,
     policy: Arc<Mutex<SignPolicy>>,
     views: Mutex<Views>,
-    /// Listings taken at opendir and served by readdir until releasedir: one walk of a
-    /// directory per listing, however many readdir calls a large one takes.
+    /// Listings taken by a handle's first readdir and served to its later ones until
+    /// releasedir: one walk of a directory per pass, however many replies a large one takes.
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_listing: AtomicU64,
 }
@@ -526,15 +526,11 @@ impl Filesystem for CapsuleFs {
         reply_empty(self.commit(&mut fs, true, Durability::Durable), reply);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
-        match self.entries(ino.0) {
-            Ok(listing) => {
-                let fh = self.next_listing.fetch_add(1, Ordering::Relaxed);
-                self.listings().insert(fh, Arc::new(listing));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
-            }
-            Err(e) => reply.error(to_errno(&e)),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
+        // The listing is taken by the first readdir (offset 0) and kept for the later ones.
+        let fh = self.next_listing.fetch_add(1, Ordering::Relaxed);
+        self.listings().insert(fh, Arc::new(Vec::new()));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
@@ -543,10 +539,20 @@ impl Filesystem for CapsuleFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let listed = self.listings().get(&fh.0).cloned();
-        let entries = match listed.map_or_else(|| self.entries(ino.0).map(Arc::new), Ok) {
-            Ok(e) => e,
-            Err(e) => return reply.error(to_errno(&e)),
+        // Offset 0 is a new pass (rewinddir included): it sees the folder as it is now.
+        let listed = if offset == 0 { None } else { self.listings().get(&fh.0).cloned() };
+        let entries = match listed {
+            Some(listing) => listing,
+            None => match self.entries(ino.0) {
+                Ok(listing) => {
+                    let listing = Arc::new(listing);
+                    if let Some(kept) = self.listings().get_mut(&fh.0) {
+                        *kept = listing.clone();
+                    }
+                    listing
+                }
+                Err(e) => return reply.error(to_errno(&e)),
+            },
         };
         // Offsets are positions in [".", "..", entries...]; the kernel passes back the last one.
         let dots = [(ino.0, FileType::Directory, &b"."[..]), (ino.0, FileType::Directory, &b".."[..])];
