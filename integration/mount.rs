@@ -420,3 +420,71 @@ fn unsigned_commits_are_signed_within_the_capsules_t_bound() {
     assert!(signed.contains(&"signed") && signed.contains(&"subs=1"), "{log}");
     assert!(unsigned.contains(&"unsigned"), "{log}");
 }
+
+/// Flips one bit inside each stored value that `keys` names (sealed payloads, record bytes).
+fn flip_bits(home: &Home, id: &str, cf: capsulefs::store::Cf, keys: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use capsulefs::store::rocks::RocksKv;
+    use capsulefs::store::{Batch, Durability, Kv};
+    let kv = RocksKv::open(&home.store_path(id), false).unwrap();
+    let mut batch = Batch::default();
+    let mut originals = Vec::new();
+    for key in keys {
+        let mut bytes = kv.get(cf, key).unwrap().expect("stored");
+        originals.push((key.clone(), bytes.clone()));
+        bytes[10] ^= 0x40;
+        batch.put(cf, key.clone(), bytes);
+    }
+    kv.write(batch, Durability::Durable).unwrap();
+    originals
+}
+
+#[test]
+fn tampered_nodes_and_records_fail_only_the_files_below_them() {
+    use capsulefs::record::RecordHash;
+    use capsulefs::store::Cf;
+
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]);
+    let older = {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        let status = m.path(".capsule/status");
+        fs::create_dir(m.path("d1")).unwrap();
+        fs::write(m.path("d1/x"), b"in the older record").unwrap();
+        fs::File::open(m.path("d1")).unwrap().sync_all().unwrap();
+        let older =
+            fs::read_to_string(&status).unwrap().lines().find_map(|l| l.strip_prefix("head: ")).unwrap().to_owned();
+        // The newer record rewrites the root folder and the inode table, not d1 or x.
+        fs::create_dir(m.path("d2")).unwrap();
+        fs::write(m.path("d2/y"), b"in the newer record").unwrap();
+        fs::File::open(m.path("d2")).unwrap().sync_all().unwrap();
+        older
+    };
+    let record = RecordHash::from_hex(&older).unwrap();
+    let subs: Vec<Vec<u8>> = (0u32..)
+        .map(|i| [&record.as_bytes()[..], &i.to_be_bytes()].concat())
+        .take_while(|k| {
+            use capsulefs::store::Kv;
+            let kv = capsulefs::store::rocks::RocksKv::open(&home.store_path(&id), false).unwrap();
+            kv.get(Cf::Subs, k).unwrap().is_some()
+        })
+        .collect();
+    assert!(subs.len() >= 3, "chunk, nodes and superblock: {}", subs.len());
+    let check = |what: &str| {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        let listed = fs::read_dir(m.path("d1")).and_then(|d| d.collect::<Result<Vec<_>, _>>());
+        assert_eq!(listed.err().and_then(|e| e.raw_os_error()), Some(libc::EIO), "{what}: ls d1");
+        assert_eq!(fs::read(m.path("d1/x")).err().and_then(|e| e.raw_os_error()), Some(libc::EIO), "{what}: cat d1/x");
+        assert_eq!(fs::read(m.path("d2/y")).unwrap(), b"in the newer record", "{what}");
+        assert_eq!(fs::read_dir(&m.dir).unwrap().count(), 2, "{what}: the root lists");
+        drop(m);
+        let log = fs::read_to_string(home.path().join("logs/mount-c.log")).unwrap();
+        assert!(log.contains(&older[..12]), "{what}: the log names the record:\n{log}");
+    };
+    // Every payload of the older record: its directory node, chunk map and chunk.
+    let originals = flip_bits(&home, &id, Cf::Subs, &subs);
+    check("tampered payloads");
+    flip_bits(&home, &id, Cf::Subs, &originals.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
+    // The record itself: its hash no longer matches, so nothing in it is proven.
+    flip_bits(&home, &id, Cf::Records, &[record.as_bytes().to_vec()]);
+    check("tampered record");
+}

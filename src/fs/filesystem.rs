@@ -194,11 +194,18 @@ impl Fs {
         &self.capsule
     }
 
-    /// Every filesystem commit in the capsule, oldest first.
+    /// Every filesystem commit in the capsule, oldest first; records that fail their own
+    /// check are left out (and logged).
     pub fn commits(&self) -> Result<Vec<RecordHash>> {
         let mut commits = Vec::new();
         for entry in self.capsule.log()? {
-            let (h, r) = entry?;
+            let (h, r) = match entry {
+                Err(Error::Verify(e)) => {
+                    tracing::error!("history: leaving out a record that fails its check: {e}");
+                    continue;
+                }
+                other => other?,
+            };
             if r.header.kind == RecordKind::Data {
                 commits.push(h);
             }
