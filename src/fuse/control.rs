@@ -57,35 +57,42 @@ impl Node {
     }
 }
 
-/// Views of past commits opened so far, one slot each, kept for the life of the mount so
-/// their inode numbers stay stable.
+/// Views of past commits, one slot each, kept for the life of the mount so their inode
+/// numbers stay stable. A slot is given out when a commit is listed or looked up; its view
+/// is opened on first use, so listing thousands of commits opens none of them.
 #[derive(Default)]
 pub struct Views {
-    slots: Vec<Fs>,
+    slots: Vec<(RecordHash, Option<Fs>)>,
     by_record: HashMap<RecordHash, u32>,
 }
 
 impl Views {
-    /// The slot of the view of `record`, opened from `live` on first use.
-    pub fn slot_for(&mut self, live: &Fs, record: RecordHash) -> Result<u32> {
+    /// The slot of the view of `record`.
+    pub fn slot_for(&mut self, record: RecordHash) -> Result<u32> {
         if let Some(slot) = self.by_record.get(&record) {
             return Ok(*slot);
         }
         if self.slots.len() >= MAX_SLOTS {
-            return Err(Error::Invalid(format!("more than {MAX_SLOTS} past commits opened; remount")));
+            return Err(Error::Invalid(format!("more than {MAX_SLOTS} past commits in use; remount")));
         }
-        self.slots.push(live.view_at(record)?);
+        self.slots.push((record, None));
         let slot = (self.slots.len() - 1) as u32;
         self.by_record.insert(record, slot);
         Ok(slot)
     }
 
-    pub fn get(&self, slot: u32) -> Result<&Fs> {
-        self.slots.get(slot as usize).ok_or_else(|| Error::NotFound(format!("history view {slot}")))
+    /// The view in `slot`, opened from `live` if this is its first use.
+    pub fn open(&mut self, live: &Fs, slot: u32) -> Result<&Fs> {
+        let (record, view) =
+            self.slots.get_mut(slot as usize).ok_or_else(|| Error::NotFound(format!("history view {slot}")))?;
+        match view {
+            Some(fs) => Ok(fs),
+            None => Ok(view.insert(live.view_at(*record)?)),
+        }
     }
 
     pub fn open_count(&self) -> usize {
-        self.slots.len()
+        self.slots.iter().filter(|(_, v)| v.is_some()).count()
     }
 }
 

@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::Fs;
@@ -164,8 +164,9 @@ impl CapsuleFs {
         match Node::decode(ino) {
             Node::Live(i) => op(&self.fs(), i, &|i| i),
             Node::View { slot, ino } => {
-                let views = self.views();
-                op(views.get(slot)?, ino, &|i| Node::View { slot, ino: i }.encode())
+                let live = self.fs();
+                let mut views = self.views();
+                op(views.open(&live, slot)?, ino, &|i| Node::View { slot, ino: i }.encode())
             }
             other => Err(Error::Invalid(format!("{other:?} is not in a file tree"))),
         }
@@ -206,11 +207,8 @@ impl CapsuleFs {
 
     /// The view of the commit `name` (a record hash or unique prefix) in `.capsule/history`.
     fn history_entry(&self, name: &OsStr) -> Result<FileAttr> {
-        let slot = {
-            let fs = self.fs();
-            let record = fs.capsule().resolve(&name.to_string_lossy())?;
-            self.views().slot_for(&fs, record)?
-        };
+        let record = self.fs().capsule().resolve(&name.to_string_lossy())?;
+        let slot = self.views().slot_for(record)?;
         self.tree_attr(Node::View { slot, ino: ROOT_INO }.encode())
     }
 
@@ -225,16 +223,44 @@ impl CapsuleFs {
                 (Node::History.encode(), FileType::Directory, b"history".to_vec()),
             ]),
             // Oldest first, so offsets stay valid while new commits arrive.
-            Node::History => Ok(self
-                .fs()
-                .commits()?
-                .into_iter()
-                .map(|h| (Node::History.encode(), FileType::Directory, h.to_hex().into_bytes()))
-                .collect()),
+            Node::History => {
+                let commits = self.fs().commits()?;
+                let mut views = self.views();
+                commits
+                    .into_iter()
+                    .map(|h| {
+                        let root = Node::View { slot: views.slot_for(h)?, ino: ROOT_INO };
+                        Ok((root.encode(), FileType::Directory, h.to_hex().into_bytes()))
+                    })
+                    .collect()
+            }
             Node::Status => Err(Error::NotADirectory("status".into())),
             _ => self.on_tree(ino, |fs, dir, encode| {
                 Ok(fs.readdir(dir)?.into_iter().map(|e| (encode(e.ino), file_type(e.kind), e.name)).collect())
             }),
+        }
+    }
+
+    /// The listing of folder `ino` for directory handle `fh`. Offset 0 starts a pass
+    /// (rewinddir included) and takes the folder as it is now; later offsets reuse it.
+    fn listing(&self, ino: u64, fh: u64, offset: u64) -> Result<Arc<Listing>> {
+        if offset != 0
+            && let Some(listing) = self.listings().get(&fh).cloned()
+        {
+            return Ok(listing);
+        }
+        let listing = Arc::new(self.entries(ino)?);
+        if let Some(kept) = self.listings().get_mut(&fh) {
+            *kept = listing.clone();
+        }
+        Ok(listing)
+    }
+
+    /// Attributes of any kernel inode: a control node or a node of a tree.
+    fn any_attr(&self, ino: u64) -> Result<FileAttr> {
+        match Node::decode(ino) {
+            node @ (Node::ControlDir | Node::Status | Node::History) => self.control_attr(node),
+            _ => self.tree_attr(ino),
         }
     }
 
@@ -253,6 +279,14 @@ impl CapsuleFs {
         let (ino, inode) = self.fs_mut().make(parent, new_name(parent, name)?, inode)?;
         Ok(attr(ino, &inode))
     }
+}
+
+/// `.`, `..` and then `entries`, each with its offset: its position plus one, which the
+/// kernel passes back to continue after it.
+fn with_dots(ino: u64, entries: &Listing) -> impl Iterator<Item = (u64, (u64, FileType, &[u8]))> {
+    let dots = [(ino, FileType::Directory, &b"."[..]), (ino, FileType::Directory, &b".."[..])];
+    let all = dots.into_iter().chain(entries.iter().map(|(i, kind, name)| (*i, *kind, name.as_slice())));
+    (1..).zip(all)
 }
 
 fn reply_entry(r: Result<FileAttr>, reply: ReplyEntry) {
@@ -298,6 +332,11 @@ impl Filesystem for CapsuleFs {
         // Larger writes mean fewer round trips; the kernel caps what it accepts.
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
+        // readdirplus when the kernel sees lookups follow a listing; lookups in one folder
+        // may run in parallel (they share the read lock).
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS,
+        );
         Ok(())
     }
 
@@ -316,11 +355,7 @@ impl Filesystem for CapsuleFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let found = match Node::decode(ino.0) {
-            node @ (Node::ControlDir | Node::Status | Node::History) => self.control_attr(node),
-            _ => self.tree_attr(ino.0),
-        };
-        reply_attr(found, reply);
+        reply_attr(self.any_attr(ino.0), reply);
     }
 
     fn setattr(
@@ -539,26 +574,41 @@ impl Filesystem for CapsuleFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        // Offset 0 is a new pass (rewinddir included): it sees the folder as it is now.
-        let listed = if offset == 0 { None } else { self.listings().get(&fh.0).cloned() };
-        let entries = match listed {
-            Some(listing) => listing,
-            None => match self.entries(ino.0) {
-                Ok(listing) => {
-                    let listing = Arc::new(listing);
-                    if let Some(kept) = self.listings().get_mut(&fh.0) {
-                        *kept = listing.clone();
-                    }
-                    listing
-                }
-                Err(e) => return reply.error(to_errno(&e)),
-            },
+        let entries = match self.listing(ino.0, fh.0, offset) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(to_errno(&e)),
         };
-        // Offsets are positions in [".", "..", entries...]; the kernel passes back the last one.
-        let dots = [(ino.0, FileType::Directory, &b"."[..]), (ino.0, FileType::Directory, &b".."[..])];
-        let all = dots.into_iter().chain(entries.iter().map(|(i, kind, name)| (*i, *kind, name.as_slice())));
-        for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), i as u64 + 1, kind, OsStr::from_bytes(name)) {
+        for (i, (child, kind, name)) in with_dots(ino.0, &entries).skip(offset as usize) {
+            if reply.add(INodeNo(child), i, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// readdir with each entry's attributes, so `ls -l` and `find` need no lookup per entry.
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let (entries, own) = match self.listing(ino.0, fh.0, offset).and_then(|e| Ok((e, self.any_attr(ino.0)?))) {
+            Ok(found) => found,
+            Err(e) => return reply.error(to_errno(&e)),
+        };
+        let in_history = Node::decode(ino.0) == Node::History;
+        for (i, (child, kind, name)) in with_dots(ino.0, &entries).skip(offset as usize) {
+            let attr = match (name, in_history) {
+                (b"." | b"..", _) => Ok(own), // the kernel takes no attributes for these
+                // A commit's folder, described without opening its view.
+                (_, true) => Ok(FileAttr { ino: INodeNo(child), ..own }),
+                _ => self.any_attr(child),
+            };
+            let full = match attr {
+                Ok(attr) => reply.add(INodeNo(child), i, OsStr::from_bytes(name), &TTL, &attr, Generation(0)),
+                // Listed, but not cached: a stat of it asks again and gets the error (EIO).
+                Err(_) => {
+                    let bare = FileAttr { ino: INodeNo(child), kind, perm: 0, size: 0, nlink: 1, ..own };
+                    reply.add(INodeNo(child), i, OsStr::from_bytes(name), &Duration::ZERO, &bare, Generation(0))
+                }
+            };
+            if full {
                 break;
             }
         }
