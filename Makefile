@@ -95,6 +95,9 @@ demo: build
 	$(BIN) --home $(DEMO_HOME) log demo | head -n 3
 	$(BIN) --home $(DEMO_HOME) mount demo capsule
 	diff -r src capsule/src && echo "capsule/src matches src"
+	@echo "== every commit is a read-only folder in capsule/.capsule/history; live figures:"
+	ls capsule/.capsule/history | head -n 3
+	$(BIN) --home $(DEMO_HOME) status capsule
 	@echo "== ./capsule is mounted; work in it, then: $(BIN) --home $(DEMO_HOME) umount capsule"
 
 clean:

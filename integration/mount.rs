@@ -20,6 +20,9 @@ fn a_copied_tree_survives_unmount_and_verifies() {
         sh(&format!("diff -r {} {}", src.display(), m.path("copy").display()));
     }
     home.ok(&["verify", "c"]);
+    // Closes committed unsigned; the unmount signed the end of the log.
+    let newest = home.ok(&["log", "c"]).lines().next().unwrap().to_owned();
+    assert!(newest.split(' ').any(|w| w == "signed"), "{newest}");
     let Some(m) = Mounted::new(&home, "c", &[]) else { return };
     sh(&format!("diff -r {} {}", src.display(), m.path("copy").display()));
     sh(&format!("ls -lR {} > /dev/null", m.dir.display()));
