@@ -18,7 +18,7 @@ use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, StoreError, VerifyError};
 
 /// Records whose proven headers stay in memory.
-const PROOF_CACHE_RECORDS: usize = 1 << 16;
+pub const PROOF_CACHE_RECORDS: usize = 1 << 16;
 
 /// Capacity of the throw-away cache of a proof that ignores earlier proofs.
 const FRESH_PROOF_RECORDS: NonZeroUsize = NonZeroUsize::new(256).expect("non-zero");
@@ -152,6 +152,12 @@ impl Capsule {
             return Err(VerifyError::Metadata(format!("creator signature over {id:?} does not verify")).into());
         }
         Ok(Self { id, signed, store, cache: new_cache(), local, write_lock: Mutex::new(()) })
+    }
+
+    /// Keeps up to `records` proven record headers in memory (the lru of `proof::cache`).
+    pub fn with_proof_cache(mut self, records: NonZeroUsize) -> Self {
+        self.cache = ProofCache::new(records);
+        self
     }
 
     pub fn id(&self) -> CapsuleId {

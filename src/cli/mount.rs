@@ -7,6 +7,7 @@
 //! `status` can find it; `status` reads each mount's live figures from `.capsule/status`.
 
 use std::io::{BufRead, BufReader, Write};
+use std::num::NonZeroUsize;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 
 use capsulefs::Error;
+use capsulefs::capsule::PROOF_CACHE_RECORDS;
 use capsulefs::fs::Fs;
 use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::plain_cache::PlainCache;
@@ -56,6 +58,9 @@ pub struct MountArgs {
     /// Memory for verified chunks and tree nodes (plaintext), in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub cache_mib: usize,
+    /// Proven record headers kept in memory, so later proofs stop at them.
+    #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(PROOF_CACHE_RECORDS).expect("non-zero"))]
+    pub proof_cache_records: NonZeroUsize,
     /// Commit changes that no close or fsync has committed after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub commit_after: u64,
@@ -133,7 +138,7 @@ pub fn mount(home: &Home, a: MountArgs) -> anyhow::Result<()> {
 }
 
 fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
-    let capsule = Arc::new(home.open(&a.name)?);
+    let capsule = Arc::new(home.open(&a.name)?.with_proof_cache(a.proof_cache_records));
     let me = home.identity(a.key.as_deref(), false)?;
     let key = content_key(&capsule, &me).context("reading the capsule's content key")?;
     let fs = match &a.at {
@@ -219,6 +224,7 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
         cmd.args(["--key", key]);
     }
     cmd.args(["--commit-after", &a.commit_after.to_string(), "--cache-mib", &a.cache_mib.to_string()]);
+    cmd.args(["--proof-cache-records", &a.proof_cache_records.to_string()]);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -4,7 +4,8 @@
 //! and turns them into `capsulefs mount`.
 //!
 //! fstab: `notes  /srv/notes  fuse.capsulefs  home=/var/lib/capsulefs,key=server,nofail  0 0`.
-//! `home=`, `key=`, `at=`, `commit_after=` and `cache_mib=` are capsulefs's own options; options that only mount(8) or
+//! `home=`, `key=`, `at=`, `commit_after=`, `cache_mib=` and `proof_cache_records=` are
+//! capsulefs's own options; options that only mount(8) or
 //! systemd read (defaults, auto, nofail, _netdev, user, x-*) are dropped; the rest go to FUSE.
 
 use std::ffi::OsString;
@@ -59,6 +60,7 @@ pub fn translate(helper_args: &[String]) -> anyhow::Result<Option<Args>> {
             Some(("at", v)) => args.extend(["--at".into(), v.into()]),
             Some(("commit_after", v)) => args.extend(["--commit-after".into(), v.into()]),
             Some(("cache_mib", v)) => args.extend(["--cache-mib".into(), v.into()]),
+            Some(("proof_cache_records", v)) => args.extend(["--proof-cache-records".into(), v.into()]),
             _ if o == "ro" => args.push("--read-only".into()),
             _ if MOUNT_ONLY.contains(&o.as_str()) || o.starts_with("x-") || o.starts_with("comment=") => {}
             _ => fuse.push(o.clone()),
