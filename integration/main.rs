@@ -104,6 +104,13 @@ impl Drop for Mounted<'_> {
     }
 }
 
+/// The value of extended attribute `name` of `path`, read with getfattr.
+pub fn xattr(path: &Path, name: &str) -> String {
+    let out = Command::new("getfattr").args(["--only-values", "-n", name]).arg(path).output().unwrap();
+    assert!(out.status.success(), "getfattr {name}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Runs a shell command line and expects success.
 pub fn sh(cmd: &str) {
     let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();

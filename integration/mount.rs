@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use super::{Home, Mounted, renameat2, sh};
+use super::{Home, Mounted, renameat2, sh, xattr};
 
 #[test]
 fn a_copied_tree_survives_unmount_and_verifies() {
@@ -141,12 +141,12 @@ fn a_tampered_chunk_gives_eio_for_its_file_only_and_the_log_names_the_record() {
 
     let home = Home::default();
     let id = home.ok(&["create", "c"]);
-    {
+    let newest = {
         let Some(m) = Mounted::new(&home, "c", &[]) else { return };
         fs::write(m.path("b"), b"bravo").unwrap(); // closing commits: one record
         fs::write(m.path("a"), b"alpha").unwrap(); // another, whose sub-record 0 is a's chunk
-    }
-    let newest = home.ok(&["log", "c"]).split(' ').next().unwrap().to_owned();
+        xattr(&m.path("a"), "user.capsule.record")
+    };
     {
         let kv = RocksKv::open(&home.store_path(&id), false).unwrap();
         let key = [&RecordHash::from_hex(&newest).unwrap().as_bytes()[..], &0u32.to_be_bytes()].concat();
@@ -211,14 +211,9 @@ fn xattrs_are_stored_and_provenance_names_the_commit() {
         fs::write(&f, b"text").unwrap();
         sh(&format!("setfattr -n user.color -v blue {}", f.display()));
         fs::File::open(&f).unwrap().sync_all().unwrap();
-        let get = |name: &str| {
-            let out = Command::new("getfattr").args(["--only-values", "-n", name]).arg(&f).output().unwrap();
-            assert!(out.status.success(), "getfattr {name}: {}", String::from_utf8_lossy(&out.stderr));
-            String::from_utf8(out.stdout).unwrap()
-        };
-        assert_eq!(get("user.color"), "blue");
-        assert!(get("user.capsule.verified").starts_with("signed "));
-        get("user.capsule.record")
+        assert_eq!(xattr(&f, "user.color"), "blue");
+        assert!(xattr(&f, "user.capsule.verified").starts_with("signed "));
+        xattr(&f, "user.capsule.record")
     };
     // After the fsync nothing was left to commit: the newest record is the one named.
     let newest = home.ok(&["log", "c"]).split(' ').next().unwrap().to_owned();
@@ -257,9 +252,7 @@ fn status_and_history_show_the_mount_and_its_past() {
     assert_eq!(fs::read(m.path("notes")).unwrap(), b"first and second!");
     let listed: Vec<_> = fs::read_dir(m.path(".capsule/history")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(listed.iter().any(|n| n.to_str() == Some(first.as_str())), "{listed:?}");
-    let out =
-        Command::new("getfattr").args(["--only-values", "-n", "user.capsule.record"]).arg(past.join("notes")).output();
-    assert_eq!(String::from_utf8(out.unwrap().stdout).unwrap(), first);
+    assert_eq!(xattr(&past.join("notes"), "user.capsule.record"), first);
     assert_eq!(fs::write(past.join("notes"), b"x").unwrap_err().raw_os_error(), Some(libc::EROFS));
     assert_eq!(fs::write(m.path(".capsule/status"), b"x").unwrap_err().raw_os_error(), Some(libc::EROFS));
 
