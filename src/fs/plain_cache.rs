@@ -1,6 +1,7 @@
 //! Verified plaintexts of filesystem payloads (chunks and tree nodes), kept in an lru bounded
-//! in bytes. A payload enters only after its proof passed and its seal opened at its place;
-//! records never change, so an entry stays true for as long as it is kept. The key holds the
+//! in bytes. A payload enters only after its proof passed and its seal opened at its place,
+//! or, for tree nodes this mount just committed, as the plaintext it sealed itself; records
+//! never change, so an entry stays true for as long as it is kept. The key holds the
 //! place too: the same sub-record asked for at another place misses, and is refused as usual.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -70,11 +70,14 @@ impl NodeSource for TreeSource<'_> {
 pub struct CommitBuilder<'a> {
     sealed: &'a Sealed<'a>,
     payloads: Vec<Vec<u8>>,
+    /// Plaintexts of the tree nodes sealed here: once the record is appended they go to the
+    /// payload cache, since the next operation reads them back (chunks would only churn it).
+    nodes: Vec<(SubIdx, Place, Vec<u8>)>,
 }
 
 impl<'a> CommitBuilder<'a> {
     pub fn new(sealed: &'a Sealed<'a>) -> Self {
-        Self { sealed, payloads: Vec::new() }
+        Self { sealed, payloads: Vec::new(), nodes: Vec::new() }
     }
 
     pub fn push(&mut self, place: &Place, plaintext: &[u8]) -> SubIdx {
@@ -91,7 +94,13 @@ impl<'a> CommitBuilder<'a> {
     pub fn finish(self, writer: &Identity, sign: bool, durability: Durability) -> Result<RecordHash> {
         let refs: Vec<&[u8]> = self.payloads.iter().map(Vec::as_slice).collect();
         let opts = AppendOptions { sign, kind: RecordKind::Data, key_gen: self.sealed.key.generation(), durability };
-        self.sealed.capsule.append(writer, &refs, opts)
+        let record = self.sealed.capsule.append(writer, &refs, opts)?;
+        if let Some(cache) = self.sealed.cache {
+            for (idx, place, plain) in self.nodes {
+                cache.insert(Loc { record, idx }, place, Arc::new(plain));
+            }
+        }
+        Ok(record)
     }
 }
 
@@ -104,6 +113,8 @@ pub struct TreeSink<'b, 'a> {
 impl NodeSink for TreeSink<'_, '_> {
     fn push(&mut self, pos: NodePos, plaintext: Vec<u8>) -> Result<SubIdx> {
         let place = self.builder.sealed.place(self.kind, self.object, pos.prefix, level(pos));
-        Ok(self.builder.push(&place, &plaintext))
+        let idx = self.builder.push(&place, &plaintext);
+        self.builder.nodes.push((idx, place, plaintext));
+        Ok(idx)
     }
 }
