@@ -41,10 +41,8 @@ pub enum XattrMode {
 }
 
 pub struct Fs {
-    capsule: Arc<Capsule>,
-    key: ContentKey,
-    /// Payloads already proven and opened; shared with views of the past.
-    cache: Arc<PlainCache>,
+    /// The capsule, content key and cache of verified payloads (shared with views).
+    sealed: Sealed,
     /// None for a read-only view (of the past, or without write rights).
     writer: Option<Identity>,
     inodes: Trie<Inode>,
@@ -113,7 +111,8 @@ impl Fs {
         match newest {
             Some(h) => Self::open_at(capsule, key, writer, h),
             None => {
-                let mut fs = Self::with_state(capsule, key, writer, Trie::empty(INODE_LEAF), ROOT_INO + 1, None);
+                let sealed = Sealed { capsule, key, cache: Arc::default() };
+                let mut fs = Self::with_state(sealed, writer, Trie::empty(INODE_LEAF), ROOT_INO + 1, None);
                 let root = Inode::new(Kind::Dir, 0o755, 0, 0);
                 fs.put_inode(ROOT_INO, root)?;
                 Ok(fs)
@@ -132,7 +131,7 @@ impl Fs {
         let last =
             count.checked_sub(1).ok_or_else(|| Error::Invalid(format!("{record:?} is not a filesystem commit")))?;
         let at = Loc { record, idx: SubIdx(last) };
-        let sealed = Sealed { capsule: &capsule, key: &key, cache: None };
+        let sealed = Sealed { capsule, key, cache: Arc::default() };
         let bytes = sealed.read(at, &sealed.place(SealedKind::Superblock, 0, 0, 0))?;
         let sb = Superblock::decode(&bytes).map_err(|source| VerifyError::MalformedSubRecord {
             record,
@@ -143,21 +142,18 @@ impl Fs {
             Some(r) => Trie::open(r.resolve(record), INODE_LEAF),
             None => Trie::empty(INODE_LEAF),
         };
-        Ok(Self::with_state(capsule, key, writer, inodes, sb.next_ino, Some(record)))
+        Ok(Self::with_state(sealed, writer, inodes, sb.next_ino, Some(record)))
     }
 
     fn with_state(
-        capsule: Arc<Capsule>,
-        key: ContentKey,
+        sealed: Sealed,
         writer: Option<Identity>,
         inodes: Trie<Inode>,
         next_ino: u64,
         base: Option<RecordHash>,
     ) -> Self {
         Self {
-            capsule,
-            key,
-            cache: Arc::default(),
+            sealed,
             writer,
             inodes,
             next_ino,
@@ -168,10 +164,6 @@ impl Fs {
             open_handles: HashMap::new(),
             unsigned_tail: false,
         }
-    }
-
-    fn sealed(&self) -> Sealed<'_> {
-        Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) }
     }
 
     /// The commit this state builds on.
@@ -194,14 +186,14 @@ impl Fs {
     }
 
     pub fn capsule(&self) -> &Arc<Capsule> {
-        &self.capsule
+        &self.sealed.capsule
     }
 
     /// Every filesystem commit in the capsule, oldest first; records that fail their own
     /// check are left out (and logged).
     pub fn commits(&self) -> Result<Vec<RecordHash>> {
         let mut commits = Vec::new();
-        for entry in self.capsule.log()? {
+        for entry in self.sealed.capsule.log()? {
             let (h, r) = match entry {
                 Err(Error::Verify(e)) => {
                     tracing::error!("history: leaving out a record that fails its check: {e}");
@@ -219,20 +211,21 @@ impl Fs {
 
     /// A read-only view of commit `record`, sharing this filesystem's capsule, key and cache.
     pub fn view_at(&self, record: RecordHash) -> Result<Fs> {
-        if self.capsule.proven_header(record)?.kind != RecordKind::Data {
+        if self.sealed.capsule.proven_header(record)?.kind != RecordKind::Data {
             return Err(Error::NotFound(format!("{record:?} is a membership record, not a filesystem commit")));
         }
-        Ok(Self::open_at(self.capsule.clone(), self.key.clone(), None, record)?.with_cache(self.cache.clone()))
+        let view = Self::open_at(self.sealed.capsule.clone(), self.sealed.key.clone(), None, record)?;
+        Ok(view.with_cache(self.sealed.cache.clone()))
     }
 
     /// Uses `cache` for verified payloads (to size it, or to share it).
     pub fn with_cache(mut self, cache: Arc<PlainCache>) -> Self {
-        self.cache = cache;
+        self.sealed.cache = cache;
         self
     }
 
     pub fn cache(&self) -> &PlainCache {
-        &self.cache
+        &self.sealed.cache
     }
 
     fn writable(&self) -> Result<()> {
@@ -240,7 +233,7 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Inode> {
-        let src = self.sealed();
+        let src = &self.sealed;
         self.inodes
             .get(&src.tree(SealedKind::InodeTable, 0), ino)?
             .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
@@ -249,7 +242,7 @@ impl Fs {
     fn put_inode(&mut self, ino: u64, mut inode: Inode) -> Result<()> {
         // Resolves to the record of the next commit (see Inode::changed_in).
         inode.changed_in = Some(Ref::Here(SubIdx(0)));
-        let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
+        let sealed = &self.sealed;
         self.inodes.insert(&sealed.tree(SealedKind::InodeTable, 0), ino, inode)?;
         Ok(())
     }
@@ -286,7 +279,7 @@ impl Fs {
 
     fn lookup_in(&self, dir: u64, name: &[u8]) -> Result<Option<DirEntry>> {
         let inode = self.dir_inode(dir)?;
-        let sealed = self.sealed();
+        let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::Directory, dir);
         let bucket = Self::current_tree(&self.dirs, dir, &inode, DIR_LEAF).get(&src, name_key(name))?;
         Ok(bucket.and_then(|b| b.0.into_iter().find(|e| e.name == name)))
@@ -300,7 +293,7 @@ impl Fs {
     /// Every entry of a directory (without `.` and `..`), in tree order.
     pub fn readdir(&self, dir: u64) -> Result<Vec<DirEntry>> {
         let inode = self.dir_inode(dir)?;
-        let sealed = self.sealed();
+        let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::Directory, dir);
         let buckets = Self::current_tree(&self.dirs, dir, &inode, DIR_LEAF).entries(&src)?;
         Ok(buckets.into_iter().flat_map(|(_, b)| b.0).collect())
@@ -309,7 +302,7 @@ impl Fs {
     /// Applies `change` to the bucket of `name` in `dir`, marking the directory changed.
     fn edit_dir(&mut self, dir: u64, name: &[u8], change: impl FnOnce(&mut Vec<DirEntry>)) -> Result<()> {
         let inode = self.dir_inode(dir)?;
-        let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
+        let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::Directory, dir);
         let tree = self.dirs.entry(dir).or_insert_with(|| Self::committed_tree(&inode, DIR_LEAF));
         let key = name_key(name);
@@ -398,7 +391,7 @@ impl Fs {
     }
 
     fn remove_inode(&mut self, ino: u64) -> Result<()> {
-        let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
+        let sealed = &self.sealed;
         self.inodes.remove(&sealed.tree(SealedKind::InodeTable, 0), ino)?;
         self.files.remove(&ino);
         self.dirs.remove(&ino);
@@ -502,7 +495,7 @@ impl Fs {
     /// the mount ended without a clean unmount. Returns how many went.
     pub fn sweep_orphans(&mut self) -> Result<usize> {
         self.writable()?;
-        let sealed = self.sealed();
+        let sealed = &self.sealed;
         let orphans: Vec<u64> = self
             .inodes
             .entries(&sealed.tree(SealedKind::InodeTable, 0))?
@@ -579,8 +572,8 @@ impl Fs {
         };
         Ok(Some(match field {
             b"record" => record.to_hex().into_bytes(),
-            b"writer" => self.capsule.proven_header(record)?.writer.to_hex().into_bytes(),
-            b"verified" => match self.capsule.prove_record(record, EarlierProofs::Ignore)?.anchor {
+            b"writer" => self.sealed.capsule.proven_header(record)?.writer.to_hex().into_bytes(),
+            b"verified" => match self.sealed.capsule.prove_record(record, EarlierProofs::Ignore)?.anchor {
                 Anchor::Signed { record, .. } => format!("signed {record}"),
                 Anchor::Cached { record } => format!("proven {record}"),
                 Anchor::Attested { record, .. } => format!("attested-locally {record}"),
@@ -627,7 +620,7 @@ impl Fs {
         if let Some(c) = self.chunks.get(&(ino, n)) {
             return Ok(Some(ChunkBytes::Pending(c)));
         }
-        let sealed = self.sealed();
+        let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::ChunkMap, ino);
         let found = Self::current_tree(&self.files, ino, inode, CHUNK_LEAF).get(&src, n)?;
         let Some(r) = found else { return Ok(None) };
@@ -709,7 +702,7 @@ impl Fs {
                 self.chunks.insert((ino, keep - 1), last);
             }
             self.chunks.retain(|(i, n), _| *i != ino || *n < keep);
-            let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
+            let sealed = &self.sealed;
             let src = sealed.tree(SealedKind::ChunkMap, ino);
             let map = self.files.entry(ino).or_insert_with(|| Self::committed_tree(&inode, CHUNK_LEAF));
             for (n, _) in map.entries(&src)? {
@@ -760,9 +753,9 @@ impl Fs {
         let mut inodes = self.inodes.clone();
         let mut files = self.files.clone();
         let dirs = self.dirs.clone();
-        let sealed = Sealed { capsule: &self.capsule, key: &self.key, cache: Some(&self.cache) };
+        let sealed = &self.sealed;
         let table = sealed.tree(SealedKind::InodeTable, 0);
-        let mut builder = CommitBuilder::new(&sealed);
+        let mut builder = CommitBuilder::new(sealed);
         // Chunks first; their maps then point at them within this record.
         for (&(ino, n), data) in &self.chunks {
             // The inode is read once per file, to open its chunk map.

@@ -15,14 +15,14 @@ use super::plain_cache::PlainCache;
 use super::trie::{Loc, NodePos, NodeSink, NodeSource};
 
 /// A capsule with the content key to open and seal its filesystem payloads, and the cache of
-/// payloads already proven and opened.
-pub struct Sealed<'a> {
-    pub capsule: &'a Capsule,
-    pub key: &'a ContentKey,
-    pub cache: Option<&'a PlainCache>,
+/// payloads already proven and opened (shared by a mount's views of the past).
+pub struct Sealed {
+    pub capsule: Arc<Capsule>,
+    pub key: ContentKey,
+    pub cache: Arc<PlainCache>,
 }
 
-impl Sealed<'_> {
+impl Sealed {
     pub fn place(&self, kind: SealedKind, object: u64, offset: u64, level: u8) -> Place {
         Place { capsule: self.capsule.id(), kind, object, offset, level }
     }
@@ -30,17 +30,15 @@ impl Sealed<'_> {
     /// Reads one payload through its proof and opens it, or takes it from the cache of
     /// payloads that passed both before.
     pub fn read(&self, at: Loc, place: &Place) -> Result<Arc<Vec<u8>>> {
-        if let Some(plain) = self.cache.and_then(|c| c.get(at, place)) {
+        if let Some(plain) = self.cache.get(at, place) {
             return Ok(plain);
         }
         let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
-        let plain = Arc::new(aead::open(self.key, place, sealed.get()).map_err(|_| {
+        let plain = Arc::new(aead::open(&self.key, place, sealed.get()).map_err(|_| {
             tracing::error!(record = ?at.record, idx = at.idx.0, ?place, "payload does not open at its place");
             crate::Error::from(VerifyError::SealBroken { record: at.record, idx: at.idx })
         })?);
-        if let Some(cache) = self.cache {
-            cache.insert(at, *place, plain.clone());
-        }
+        self.cache.insert(at, *place, plain.clone());
         Ok(plain)
     }
 
@@ -51,7 +49,7 @@ impl Sealed<'_> {
 }
 
 pub struct TreeSource<'a> {
-    sealed: &'a Sealed<'a>,
+    sealed: &'a Sealed,
     kind: SealedKind,
     object: u64,
 }
@@ -68,7 +66,7 @@ impl NodeSource for TreeSource<'_> {
 
 /// The sealed payloads of one commit, in sub-record order.
 pub struct CommitBuilder<'a> {
-    sealed: &'a Sealed<'a>,
+    sealed: &'a Sealed,
     payloads: Vec<Vec<u8>>,
     /// Plaintexts of the tree nodes sealed here: once the record is appended they go to the
     /// payload cache, since the next operation reads them back (chunks would only churn it).
@@ -76,12 +74,12 @@ pub struct CommitBuilder<'a> {
 }
 
 impl<'a> CommitBuilder<'a> {
-    pub fn new(sealed: &'a Sealed<'a>) -> Self {
+    pub fn new(sealed: &'a Sealed) -> Self {
         Self { sealed, payloads: Vec::new(), nodes: Vec::new() }
     }
 
     pub fn push(&mut self, place: &Place, plaintext: &[u8]) -> SubIdx {
-        self.payloads.push(aead::seal(self.sealed.key, place, plaintext));
+        self.payloads.push(aead::seal(&self.sealed.key, place, plaintext));
         SubIdx(self.payloads.len() as u32 - 1)
     }
 
@@ -95,10 +93,8 @@ impl<'a> CommitBuilder<'a> {
         let refs: Vec<&[u8]> = self.payloads.iter().map(Vec::as_slice).collect();
         let opts = AppendOptions { sign, kind: RecordKind::Data, key_gen: self.sealed.key.generation(), durability };
         let record = self.sealed.capsule.append(writer, &refs, opts)?;
-        if let Some(cache) = self.sealed.cache {
-            for (idx, place, plain) in self.nodes {
-                cache.insert(Loc { record, idx }, place, Arc::new(plain));
-            }
+        for (idx, place, plain) in self.nodes {
+            self.sealed.cache.insert(Loc { record, idx }, place, Arc::new(plain));
         }
         Ok(record)
     }
