@@ -181,17 +181,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     println!("{READY}");
     std::io::stdout().flush()?;
     let served = session.run();
-    drop(timer);
-    let committed = {
-        let mut fs = shared.write().expect("no operation is running after the session ended");
-        if fs.is_dirty() {
-            fs.commit(true, Durability::Durable).map(drop)
-        } else if fs.has_unsigned_tail() {
-            fs.sign_now(Durability::Durable).map(drop)
-        } else {
-            Ok(())
-        }
-    };
+    let committed = timer.finish();
     // Close the store (and release its lock) before saying we are gone.
     drop(shared);
     drop(capsule);

@@ -56,8 +56,6 @@ pub struct Fs {
     base: Option<RecordHash>,
     /// Open handles per inode: an unlinked file lives on (nlink 0) until its last close.
     open_handles: HashMap<u64, u32>,
-    /// Whether this filesystem's last commit went unsigned.
-    unsigned_tail: bool,
 }
 
 /// A chunk's bytes: pending in memory, or committed (proven and opened, perhaps cached).
@@ -162,7 +160,6 @@ impl Fs {
             chunks: BTreeMap::new(),
             base,
             open_handles: HashMap::new(),
-            unsigned_tail: false,
         }
     }
 
@@ -735,12 +732,6 @@ impl Fs {
         self.append_commit(sign, durability).map(Some)
     }
 
-    /// Whether the last commit made here is unsigned (a signed one should follow before the
-    /// mount ends, so readers without the writer's key can prove it).
-    pub fn has_unsigned_tail(&self) -> bool {
-        self.unsigned_tail
-    }
-
     /// A signed commit even when nothing changed (a record of one superblock), so that the
     /// unsigned commits before it are proven by a signature within the capsule's T bound.
     pub fn sign_now(&mut self, durability: Durability) -> Result<RecordHash> {
@@ -792,7 +783,6 @@ impl Fs {
         self.dirs.clear();
         self.chunks.clear();
         self.base = Some(record);
-        self.unsigned_tail = !sign;
         Ok(record)
     }
 }

@@ -17,6 +17,7 @@ use crate::store::Durability;
 pub struct SignPolicy {
     every_records: u32,
     every: Duration,
+    /// Commits since the last signed one, and when the first of them was made.
     unsigned: u32,
     since: Option<Instant>,
     /// Commits made by this mount, and how many of them signed (for `.capsule/status`).
@@ -70,23 +71,25 @@ pub fn commit(policy: &Mutex<SignPolicy>, fs: &mut Fs, force_sign: bool, durabil
     Ok(())
 }
 
-/// Signs a commit of nothing when unsigned ones have waited T seconds with no later commit
-/// to carry the signature.
-fn sign_if_overdue(policy: &Mutex<SignPolicy>, fs: &mut Fs) {
+/// Signs a commit of nothing when unsigned ones wait for a signature: once they have waited
+/// T seconds (`overdue_only`), or at all (at unmount).
+fn sign_waiting(policy: &Mutex<SignPolicy>, fs: &mut Fs, overdue_only: bool, durability: Durability) -> Result<()> {
     let mut policy = policy.lock().expect("no panics while locked");
-    if !policy.overdue() {
-        return;
+    let waiting = if overdue_only { policy.overdue() } else { policy.unsigned > 0 };
+    if waiting {
+        fs.sign_now(durability)?;
+        policy.record(true);
     }
-    match fs.sign_now(Durability::Buffered) {
-        Ok(_) => policy.record(true),
-        Err(e) => tracing::error!("signing overdue commits failed (retried in a second): {e}"),
-    }
+    Ok(())
 }
 
 /// A thread that commits changes once they have waited `after` (seen dirty on a once-a-second
-/// check), so an editor that keeps a file open loses at most that much in a crash. Stopped
-/// and joined when dropped.
+/// check), so an editor that keeps a file open loses at most that much in a crash, and signs
+/// unsigned commits that waited T seconds. `finish` stops it and makes the unmount's commit;
+/// dropping it only stops it.
 pub struct CommitTimer {
+    fs: Arc<RwLock<Fs>>,
+    policy: Arc<Mutex<SignPolicy>>,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -95,13 +98,16 @@ impl CommitTimer {
     pub fn start(fs: Arc<RwLock<Fs>>, policy: Arc<Mutex<SignPolicy>>, after: Duration) -> Self {
         let (stop, stopped) = mpsc::channel::<()>();
         let tick = after.min(Duration::from_secs(1));
+        let (shared_fs, shared_policy) = (fs.clone(), policy.clone());
         let thread = std::thread::spawn(move || {
             let mut dirty_since: Option<Instant> = None;
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
                 let Ok(mut fs) = fs.write() else { return };
                 if !fs.is_dirty() {
                     dirty_since = None;
-                    sign_if_overdue(&policy, &mut fs);
+                    if let Err(e) = sign_waiting(&policy, &mut fs, true, Durability::Buffered) {
+                        tracing::error!("signing overdue commits failed (retried in a second): {e}");
+                    }
                     continue;
                 }
                 if dirty_since.get_or_insert_with(Instant::now).elapsed() >= after {
@@ -112,15 +118,32 @@ impl CommitTimer {
                 }
             }
         });
-        Self { stop: Some(stop), thread: Some(thread) }
+        Self { fs: shared_fs, policy: shared_policy, stop: Some(stop), thread: Some(thread) }
+    }
+
+    fn stop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// The unmount's commit, after the session ended: everything pending, signed and
+    /// durable; with nothing pending, a signature for unsigned commits, so every commit can
+    /// be proven without the writer's key.
+    pub fn finish(mut self) -> Result<()> {
+        self.stop();
+        let mut fs = self.fs.write().expect("no operation is running after the session ended");
+        if fs.is_dirty() {
+            commit(&self.policy, &mut fs, true, Durability::Durable)
+        } else {
+            sign_waiting(&self.policy, &mut fs, false, Durability::Durable)
+        }
     }
 }
 
 impl Drop for CommitTimer {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }

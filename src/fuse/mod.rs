@@ -3,8 +3,8 @@
 //! Commits: `fsync`/`fsyncdir` make a signed commit durable before replying; closing a written
 //! file commits (buffered, signed when the capsule's K-records / T-seconds bound is due); more
 //! than `PENDING_LIMIT` bytes of written chunks commit at once; `commit_timer` commits what has
-//! waited too long. The final durable commit at unmount is made by whoever runs the session
-//! (`cli::mount`), after it ends.
+//! waited too long, and its `finish` makes the unmount's commit once the session (run by
+//! `cli::mount`) has ended.
 
 mod commit;
 mod control;
