@@ -666,9 +666,14 @@ impl Fs {
             let n = pos / CHUNK_SIZE;
             let within = (pos % CHUNK_SIZE) as usize;
             let take = rest.len().min(CHUNK_SIZE as usize - within);
-            // Edit a pending chunk in place; load a committed one only the first time.
+            // Edit a pending chunk in place; load a committed one only the first time, and only
+            // if some of its bytes survive: not for a whole-chunk write, nor past the end.
             if !self.chunks.contains_key(&(ino, n)) {
-                let committed = self.chunk(ino, &inode, n)?.map(ChunkBytes::into_owned).unwrap_or_default();
+                let keeps_old = take < CHUNK_SIZE as usize && n * CHUNK_SIZE < inode.size;
+                let committed = match keeps_old {
+                    true => self.chunk(ino, &inode, n)?.map(ChunkBytes::into_owned).unwrap_or_default(),
+                    false => Vec::new(),
+                };
                 self.chunks.insert((ino, n), committed);
             }
             let chunk = self.chunks.get_mut(&(ino, n)).expect("inserted just above");
