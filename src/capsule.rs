@@ -354,6 +354,18 @@ impl Capsule {
         }))
     }
 
+    /// `log` without the records that fail their own check, each logged as left out of
+    /// `scan`: for scans that must go on past one damaged record. Store errors still end it.
+    pub fn intact_log<'a>(&'a self, scan: &'a str) -> Result<impl Iterator<Item = Result<(RecordHash, Record)>> + 'a> {
+        Ok(self.log()?.filter(move |entry| match entry {
+            Err(Error::Verify(e)) => {
+                tracing::warn!("{scan}: leaving out a record that fails its check: {e}");
+                false
+            }
+            _ => true,
+        }))
+    }
+
     /// Finds a record by full hash, unique hex prefix (at least 4 digits), or `head`.
     pub fn resolve(&self, reference: &str) -> Result<RecordHash> {
         if reference == "head" {

@@ -68,16 +68,10 @@ pub fn create_keystore(capsule: &Capsule, owner: &Identity) -> Result<(ContentKe
 /// The newest content key generation wrapped for `me` by an admin, read through proofs.
 pub fn content_key(capsule: &Capsule, me: &Identity) -> Result<ContentKey> {
     let mut best: Option<(KeyGen, [u8; WRAPPED_LEN])> = None;
-    for entry in capsule.log()? {
-        // A record that fails its own check cannot say what it holds: skipped, not fatal, so
-        // one damaged data record does not lock the owner out of the whole capsule.
-        let (h, record) = match entry {
-            Err(Error::Verify(e)) => {
-                tracing::warn!("keystore: skipping a record that fails its check: {e}");
-                continue;
-            }
-            other => other?,
-        };
+    // A record that fails its own check cannot say what it holds: left out, not fatal, so
+    // one damaged data record does not lock the owner out of the whole capsule.
+    for entry in capsule.intact_log("keystore")? {
+        let (h, record) = entry?;
         let header = &record.header;
         if header.kind != RecordKind::Membership || !capsule.metadata().is_admin(&header.writer) {
             continue;
