@@ -453,9 +453,7 @@ impl Fs {
         }
         self.remove_entry(dir, name, entry.kind)?;
         self.add_entry(new_dir, new_name, entry.ino, entry.kind)?;
-        let mut inode = self.getattr(entry.ino)?;
-        inode.ctime = Time::now();
-        self.put_inode(entry.ino, inode)
+        self.set_attr(entry.ino, |_| {}).map(drop) // ctime moves with the name
     }
 
     /// Swaps two existing names atomically (renameat2 RENAME_EXCHANGE): each keeps its
@@ -477,7 +475,7 @@ impl Fs {
         self.add_entry(dir, name, b.ino, b.kind)?;
         self.add_entry(new_dir, new_name, a.ino, a.kind)?;
         for ino in [a.ino, b.ino] {
-            self.set_attr(ino, |_| {})?;
+            self.set_attr(ino, |_| {})?; // ctime moves with the name
         }
         Ok(())
     }
