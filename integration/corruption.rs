@@ -41,30 +41,43 @@ fn a_flipped_bit_in_a_stored_record_is_caught_and_never_returned() {
     assert!(err.contains("verify failed") && err.contains(&bad[..12]), "{err}");
 }
 
-#[test]
-fn damaged_table_files_are_reported_not_repaired() {
-    let home = Home::default();
+/// A capsule of four signed 64 KiB appends, reopened once so its data lives in table and
+/// blob files; returns its id.
+fn capsule_on_disk(home: &Home) -> String {
     let id = home.ok(&["create", "c"]);
     let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     let f = home.file("p", &payload);
     for _ in 0..4 {
         home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
     }
-    // Reopening replays the WAL into table files; after this the data lives in *.sst.
+    // Reopening replays the WAL into table files (sub-record values into blob files).
     home.ok(&["verify", "c"]);
+    id
+}
+
+/// Inverts bytes across the first half of every store file named *.`extension`; returns
+/// how many files it damaged.
+fn damage_files(home: &Home, id: &str, extension: &str, from: usize, step: usize) -> usize {
     let mut damaged = 0;
-    for entry in std::fs::read_dir(home.store_path(&id)).unwrap() {
+    for entry in std::fs::read_dir(home.store_path(id)).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "sst") {
+        if path.extension().is_some_and(|e| e == extension) {
             let mut bytes = std::fs::read(&path).unwrap();
-            for i in (64..bytes.len() / 2).step_by(97) {
+            for i in (from..bytes.len() / 2).step_by(step) {
                 bytes[i] ^= 0xff;
             }
             std::fs::write(&path, bytes).unwrap();
             damaged += 1;
         }
     }
-    assert!(damaged > 0, "expected table files in the store");
+    damaged
+}
+
+#[test]
+fn damaged_table_files_are_reported_not_repaired() {
+    let home = Home::default();
+    let id = capsule_on_disk(&home);
+    assert!(damage_files(&home, &id, "sst", 64, 97) > 0, "expected table files in the store");
     let out = home.run(&["verify", "c"]);
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("corrupted"));
@@ -76,26 +89,8 @@ fn damaged_table_files_are_reported_not_repaired() {
 #[test]
 fn damaged_blob_files_are_refused_by_the_proofs() {
     let home = Home::default();
-    let id = home.ok(&["create", "c"]);
-    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 13 % 251) as u8).collect();
-    let f = home.file("p", &payload);
-    for _ in 0..4 {
-        home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
-    }
-    home.ok(&["verify", "c"]); // reopening flushes: sub-record values now live in *.blob
-    let mut damaged = 0;
-    for entry in std::fs::read_dir(home.store_path(&id)).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "blob") {
-            let mut bytes = std::fs::read(&path).unwrap();
-            for i in (200..bytes.len() / 2).step_by(997) {
-                bytes[i] ^= 0xff;
-            }
-            std::fs::write(&path, bytes).unwrap();
-            damaged += 1;
-        }
-    }
-    assert!(damaged > 0, "expected blob files in the store");
+    let id = capsule_on_disk(&home);
+    assert!(damage_files(&home, &id, "blob", 200, 997) > 0, "expected blob files in the store");
     // RocksDB skips its own checksum for these values; the Merkle proof refuses them.
     let out = home.run(&["verify", "c"]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));

@@ -135,10 +135,6 @@ fn kill_9_of_the_daemon_loses_nothing_fsynced() {
 
 #[test]
 fn a_tampered_chunk_gives_eio_for_its_file_only_and_the_log_names_the_record() {
-    use capsulefs::record::RecordHash;
-    use capsulefs::store::rocks::RocksKv;
-    use capsulefs::store::{Batch, Cf, Durability, Kv};
-
     let home = Home::default();
     let id = home.ok(&["create", "c"]);
     let newest = {
@@ -147,15 +143,7 @@ fn a_tampered_chunk_gives_eio_for_its_file_only_and_the_log_names_the_record() {
         fs::write(m.path("a"), b"alpha").unwrap(); // another, whose sub-record 0 is a's chunk
         xattr(&m.path("a"), "user.capsule.record")
     };
-    {
-        let kv = RocksKv::open(&home.store_path(&id), false).unwrap();
-        let key = [&RecordHash::from_hex(&newest).unwrap().as_bytes()[..], &0u32.to_be_bytes()].concat();
-        let mut bytes = kv.get(Cf::Subs, &key).unwrap().unwrap();
-        bytes[10] ^= 0x40; // inside the sealed chunk
-        let mut batch = Batch::default();
-        batch.put(Cf::Subs, key, bytes);
-        kv.write(batch, Durability::Durable).unwrap();
-    }
+    flip_bits(&home, &id, capsulefs::store::Cf::Subs, &[sub_key(&newest, 0)]); // inside a's sealed chunk
     let Some(m) = Mounted::new(&home, "c", &[]) else { return };
     let err = fs::read(m.path("a")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
@@ -418,21 +406,25 @@ fn unsigned_commits_are_signed_within_the_capsules_t_bound() {
     assert!(unsigned.contains(&"unsigned"), "{log}");
 }
 
-/// Flips one bit inside each stored value that `keys` names (sealed payloads, record bytes).
-fn flip_bits(home: &Home, id: &str, cf: capsulefs::store::Cf, keys: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// The store key of sub-record `idx` of the record with hex hash `record`.
+fn sub_key(record: &str, idx: u32) -> Vec<u8> {
+    let record = capsulefs::record::RecordHash::from_hex(record).unwrap();
+    [&record.as_bytes()[..], &idx.to_be_bytes()].concat()
+}
+
+/// Flips one bit inside each stored value that `keys` names (sealed payloads, record
+/// bytes); flipping the same keys again restores them.
+fn flip_bits(home: &Home, id: &str, cf: capsulefs::store::Cf, keys: &[Vec<u8>]) {
     use capsulefs::store::rocks::RocksKv;
     use capsulefs::store::{Batch, Durability, Kv};
     let kv = RocksKv::open(&home.store_path(id), false).unwrap();
     let mut batch = Batch::default();
-    let mut originals = Vec::new();
     for key in keys {
         let mut bytes = kv.get(cf, key).unwrap().expect("stored");
-        originals.push((key.clone(), bytes.clone()));
         bytes[10] ^= 0x40;
         batch.put(cf, key.clone(), bytes);
     }
     kv.write(batch, Durability::Durable).unwrap();
-    originals
 }
 
 #[test]
@@ -457,14 +449,11 @@ fn tampered_nodes_and_records_fail_only_the_files_below_them() {
         older
     };
     let record = RecordHash::from_hex(&older).unwrap();
-    let subs: Vec<Vec<u8>> = (0u32..)
-        .map(|i| [&record.as_bytes()[..], &i.to_be_bytes()].concat())
-        .take_while(|k| {
-            use capsulefs::store::Kv;
-            let kv = capsulefs::store::rocks::RocksKv::open(&home.store_path(&id), false).unwrap();
-            kv.get(Cf::Subs, k).unwrap().is_some()
-        })
-        .collect();
+    let subs: Vec<Vec<u8>> = {
+        use capsulefs::store::Kv;
+        let kv = capsulefs::store::rocks::RocksKv::open(&home.store_path(&id), false).unwrap();
+        (0u32..).map(|i| sub_key(&older, i)).take_while(|k| kv.get(Cf::Subs, k).unwrap().is_some()).collect()
+    };
     assert!(subs.len() >= 3, "chunk, nodes and superblock: {}", subs.len());
     let check = |what: &str| {
         let Some(m) = Mounted::new(&home, "c", &[]) else { return };
@@ -478,9 +467,9 @@ fn tampered_nodes_and_records_fail_only_the_files_below_them() {
         assert!(log.contains(&older[..12]), "{what}: the log names the record:\n{log}");
     };
     // Every payload of the older record: its directory node, chunk map and chunk.
-    let originals = flip_bits(&home, &id, Cf::Subs, &subs);
+    flip_bits(&home, &id, Cf::Subs, &subs);
     check("tampered payloads");
-    flip_bits(&home, &id, Cf::Subs, &originals.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
+    flip_bits(&home, &id, Cf::Subs, &subs); // restored
     // The record itself: its hash no longer matches, so nothing in it is proven.
     flip_bits(&home, &id, Cf::Records, &[record.as_bytes().to_vec()]);
     check("tampered record");
