@@ -41,8 +41,8 @@ fn a_flipped_bit_in_a_stored_record_is_caught_and_never_returned() {
     assert!(err.contains("verify failed") && err.contains(&bad[..12]), "{err}");
 }
 
-/// A capsule of four signed 64 KiB appends, reopened once so its data lives in table and
-/// blob files; returns its id.
+/// A capsule of four signed 64 KiB appends, reopened once so its index lives in table files
+/// (the 64 KiB values are in pack files from the start); returns its id.
 fn capsule_on_disk(home: &Home) -> String {
     let id = home.ok(&["create", "c"]);
     let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -50,20 +50,26 @@ fn capsule_on_disk(home: &Home) -> String {
     for _ in 0..4 {
         home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
     }
-    // Reopening replays the WAL into table files (sub-record values into blob files).
+    // Reopening replays the WAL into table files.
     home.ok(&["verify", "c"]);
     id
 }
 
-/// Inverts bytes across the first half of every store file named *.`extension`; returns
-/// how many files it damaged.
-fn damage_files(home: &Home, id: &str, extension: &str, from: usize, step: usize) -> usize {
+/// Inverts every `step`th byte from `from` to `until(file length)` of every file named
+/// *.`extension` in the store folder `under` (relative to the store); returns how many files
+/// it damaged.
+fn damage_files(
+    home: &Home,
+    id: &str,
+    (under, extension): (&str, &str),
+    (from, until, step): (usize, fn(usize) -> usize, usize),
+) -> usize {
     let mut damaged = 0;
-    for entry in std::fs::read_dir(home.store_path(id)).unwrap() {
+    for entry in std::fs::read_dir(home.store_path(id).join(under)).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == extension) {
             let mut bytes = std::fs::read(&path).unwrap();
-            for i in (from..bytes.len() / 2).step_by(step) {
+            for i in (from..until(bytes.len())).step_by(step) {
                 bytes[i] ^= 0xff;
             }
             std::fs::write(&path, bytes).unwrap();
@@ -77,7 +83,7 @@ fn damage_files(home: &Home, id: &str, extension: &str, from: usize, step: usize
 fn damaged_table_files_are_reported_not_repaired() {
     let home = Home::default();
     let id = capsule_on_disk(&home);
-    assert!(damage_files(&home, &id, "sst", 64, 97) > 0, "expected table files in the store");
+    assert!(damage_files(&home, &id, ("", "sst"), (64, |len| len / 2, 97)) > 0, "expected table files in the store");
     let out = home.run(&["verify", "c"]);
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("corrupted"));
@@ -87,11 +93,11 @@ fn damaged_table_files_are_reported_not_repaired() {
 }
 
 #[test]
-fn damaged_blob_files_are_refused_by_the_proofs() {
+fn damaged_pack_files_are_refused_by_the_proofs() {
     let home = Home::default();
     let id = capsule_on_disk(&home);
-    assert!(damage_files(&home, &id, "blob", 200, 997) > 0, "expected blob files in the store");
-    // RocksDB skips its own checksum for these values; the Merkle proof refuses them.
+    assert!(damage_files(&home, &id, ("packs", "pack"), (200, |len| len, 997)) > 0, "expected pack files in the store");
+    // Packs carry no checksum of their own; the Merkle proof refuses the damaged values.
     let out = home.run(&["verify", "c"]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Merkle path"));

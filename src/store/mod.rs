@@ -6,6 +6,7 @@
 pub mod capsule_store;
 pub mod kv;
 pub mod mem;
+pub mod packs;
 pub mod rocks;
 
 pub use capsule_store::{CapsuleStore, Evidence, StoreBatch, Witness};

@@ -5,6 +5,10 @@
 //! torn by a crash mid-write was never acknowledged and is dropped, while corruption anywhere
 //! else fails the open with `StoreError::Corrupted` instead of silently rolling back (which
 //! `PointInTimeRecovery` would do). Block checksums are verified on every read.
+//!
+//! Sub-record values of `PACK_MIN` bytes or more live in pack files (`packs.rs`) under
+//! `<store>/packs`; the `subs` column family holds a tag byte and either the value itself or
+//! its pack location.
 
 use std::path::{Path, PathBuf};
 
@@ -14,10 +18,18 @@ use rocksdb::{
 };
 
 use super::kv::{Batch, Cf, Durability, Entries, Kv, prefix_end};
+use super::packs::{PackLoc, Packs};
 use crate::{Result, StoreError};
+
+/// Sub-record values from this size on go to packs. Smaller ones (small files, most tree
+/// nodes) stay in RocksDB, where a commit of them needs no pack fdatasync.
+const PACK_MIN: usize = 16 << 10;
+const INLINE: u8 = 0;
+const IN_PACK: u8 = 1;
 
 pub struct RocksKv {
     db: DB,
+    packs: Packs,
     path: PathBuf,
 }
 
@@ -32,7 +44,22 @@ impl RocksKv {
         opts.set_max_background_jobs(2);
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| store_error(path, e))?;
-        Ok(Self { db, path: path.to_owned() })
+        let packs = Packs::open(&path.join("packs"), create)?;
+        Ok(Self { db, packs, path: path.to_owned() })
+    }
+
+    /// A `subs` value as stored: the tag, then the value or its location.
+    fn decode_sub(&self, stored: &[u8]) -> Result<Vec<u8>> {
+        match stored.split_first() {
+            Some((&INLINE, value)) => Ok(value.to_vec()),
+            Some((&IN_PACK, loc)) => match PackLoc::decode(loc) {
+                Some(loc) => self.packs.read(loc),
+                None => {
+                    Err(StoreError::BadIndex { cf: Cf::Subs.name(), detail: "malformed pack location".into() }.into())
+                }
+            },
+            _ => Err(StoreError::BadIndex { cf: Cf::Subs.name(), detail: "unknown value tag".into() }.into()),
+        }
     }
 
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
@@ -41,17 +68,9 @@ impl RocksKv {
 }
 
 /// Everything stored is hashes, signatures or ciphertext: compression only costs CPU.
-/// Sub-record values (chunks up to 64 KiB) go to blob files at flush, so compactions move
-/// only keys and small values instead of rewriting every chunk again.
-fn cf_options(cf: Cf) -> Options {
+fn cf_options(_cf: Cf) -> Options {
     let mut o = Options::default();
     o.set_compression_type(DBCompressionType::None);
-    if cf == Cf::Subs {
-        o.set_enable_blob_files(true);
-        o.set_min_blob_size(4096);
-        o.set_blob_compression_type(DBCompressionType::None);
-        o.set_enable_blob_gc(true);
-    }
     o
 }
 
@@ -64,25 +83,37 @@ fn store_error(path: &Path, e: rocksdb::Error) -> crate::Error {
     .into()
 }
 
-/// RocksDB's own checksums guard every read, except sub-record values: each is proven by
-/// its Merkle path (blake3) before anyone sees it, so the blob CRC (over a fifth of the time
-/// of a 64 KiB chunk read, measured) adds nothing but cost. A damaged one is refused as
-/// unverified data instead of reported as store corruption.
-fn read_options(cf: Cf) -> ReadOptions {
-    let mut ro = ReadOptions::default();
-    ro.set_verify_checksums(cf != Cf::Subs);
-    ro
-}
-
 impl Kv for RocksKv {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db.get_cf_opt(self.cf(cf), key, &read_options(cf)).map_err(|e| store_error(&self.path, e))
+        let stored = self
+            .db
+            .get_pinned_cf_opt(self.cf(cf), key, &ReadOptions::default())
+            .map_err(|e| store_error(&self.path, e))?;
+        match stored {
+            Some(v) if cf == Cf::Subs => self.decode_sub(&v).map(Some),
+            v => Ok(v.map(|v| v.to_vec())),
+        }
     }
 
+    /// Pack values are appended and synced first, so no location RocksDB persists (by WAL
+    /// sync, a memtable flush or the kernel's writeback) can name bytes that are not on disk.
     fn write(&self, batch: Batch, durability: Durability) -> Result<()> {
+        let to_pack = |cf: &Cf, v: &Option<Vec<u8>>| matches!(v, Some(v) if *cf == Cf::Subs && v.len() >= PACK_MIN);
+        let large: Vec<&[u8]> =
+            batch.ops.iter().filter(|(cf, _, v)| to_pack(cf, v)).filter_map(|(_, _, v)| v.as_deref()).collect();
+        let mut locs = Vec::new().into_iter();
+        if !large.is_empty() {
+            locs = self.packs.append(&large)?.into_iter();
+            self.packs.sync()?;
+        }
         let mut wb = WriteBatch::default();
         for (cf, key, value) in &batch.ops {
             match value {
+                Some(_) if to_pack(cf, value) => {
+                    let loc = locs.next().expect("one location per packed value");
+                    wb.put_cf(self.cf(*cf), key, [&[IN_PACK][..], &loc.encode()].concat())
+                }
+                Some(v) if *cf == Cf::Subs => wb.put_cf(self.cf(*cf), key, [&[INLINE][..], v].concat()),
                 Some(v) => wb.put_cf(self.cf(*cf), key, v),
                 None => wb.delete_cf(self.cf(*cf), key),
             }
@@ -103,12 +134,16 @@ impl Kv for RocksKv {
         let path = self.path.clone();
         let iter = self
             .db
-            .iterator_cf_opt(self.cf(cf), read_options(cf), mode)
+            .iterator_cf_opt(self.cf(cf), ReadOptions::default(), mode)
             .map(move |item| item.map_err(|e| store_error(&path, e)))
             // A reverse seek lands on the last key <= end, which may be `end` itself.
             .skip_while(move |item| matches!((item, &end), (Ok((k, _)), Some(end)) if **k >= **end))
             .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
-            .map(|item| item.map(|(k, v)| (k.into_vec(), v.into_vec())));
+            .map(move |item| {
+                let (k, v) = item?;
+                let v = if cf == Cf::Subs { self.decode_sub(&v)? } else { v.into_vec() };
+                Ok((k.into_vec(), v))
+            });
         Ok(Box::new(iter))
     }
 }
@@ -130,8 +165,16 @@ mod tests {
             let mut b = Batch::default();
             keys.iter().for_each(|k| b.put(Cf::Order, k.clone(), b"v".to_vec()));
             b.put(Cf::Seqs, vec![1, 5], b"other cf".to_vec());
+            // Sub-record values on both sides of PACK_MIN: inline and in a pack.
+            b.put(Cf::Subs, vec![1], vec![3; PACK_MIN - 1]);
+            b.put(Cf::Subs, vec![2], vec![4; PACK_MIN]);
+            b.put(Cf::Subs, vec![3], Vec::new());
             kv.write(b, Durability::Durable).unwrap();
         }
+        let subs = |kv: &dyn Kv| kv.scan(Cf::Subs, &[], false).unwrap().map(Result::unwrap).collect::<Vec<_>>();
+        assert_eq!(subs(&rocks), subs(&mem));
+        assert_eq!(rocks.get(Cf::Subs, &[2]).unwrap(), Some(vec![4; PACK_MIN]));
+        assert!(dir.path().join("packs").join("00000001.pack").exists());
         for prefix in [&[][..], &[1], &[1, 0xff], &[0xff], &[3]] {
             for reverse in [false, true] {
                 let got = |kv: &dyn Kv| {

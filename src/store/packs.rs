@@ -1,0 +1,228 @@
+//! Pack files: large sub-record values written once, beside RocksDB instead of through it.
+//!
+//! Through RocksDB a 64 KiB chunk was copied into the WAL, then into a blob file at flush,
+//! each with a CRC, and again by blob garbage collection: well over half of a sequential
+//! write's CPU time (perf). A pack is an append-only file; RocksDB keeps only a 17-byte
+//! `PackLoc` for the value. Nothing in a pack is checksummed here: every sub-record is proven
+//! by its Merkle path (blake3) before use, so a damaged value is refused as unverified.
+//!
+//! Ordering: `Packs::sync` (fdatasync) runs before any RocksDB write that names a new value,
+//! so a location that reaches disk never points at bytes that did not. A crash may leave
+//! bytes past the last named value; later appends simply start after them.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::{Error, Result, StoreError};
+
+/// A new pack is started once the current one passes this size.
+const PACK_LIMIT: u64 = 1 << 30;
+const MAGIC: &[u8; 8] = b"cfspack1";
+
+/// Where one value lives: pack number, byte offset, length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackLoc {
+    pub pack: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl PackLoc {
+    pub const ENCODED_LEN: usize = 16;
+
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut out = [0; Self::ENCODED_LEN];
+        out[..4].copy_from_slice(&self.pack.to_be_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_be_bytes());
+        out[12..].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; Self::ENCODED_LEN] = bytes.try_into().ok()?;
+        Some(Self {
+            pack: u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")),
+            offset: u64::from_be_bytes(bytes[4..12].try_into().expect("8 bytes")),
+            len: u32::from_be_bytes(bytes[12..].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+struct Writer {
+    pack: u32,
+    file: Arc<File>,
+    end: u64,
+    /// Bytes appended since the last fdatasync.
+    unsynced: bool,
+}
+
+pub struct Packs {
+    dir: PathBuf,
+    writer: Mutex<Writer>,
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Io { path: path.to_owned(), source }
+}
+
+fn pack_path(dir: &Path, pack: u32) -> PathBuf {
+    dir.join(format!("{pack:08}.pack"))
+}
+
+fn pack_number(path: &Path) -> Option<u32> {
+    path.file_name()?.to_str()?.strip_suffix(".pack")?.parse().ok()
+}
+
+/// Continues appending to an existing pack, or starts the next one if it is full.
+fn resume(dir: &Path, pack: u32) -> Result<Writer> {
+    let path = pack_path(dir, pack);
+    let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| io_error(&path, e))?;
+    let end = file.metadata().map_err(|e| io_error(&path, e))?.len();
+    let mut magic = [0; MAGIC.len()];
+    if file.read_exact_at(&mut magic, 0).is_err() || &magic != MAGIC {
+        let detail = format!("{} does not start as a pack file", path.display());
+        return Err(StoreError::Corrupted(detail).into());
+    }
+    if end >= PACK_LIMIT {
+        return start(dir, pack + 1);
+    }
+    Ok(Writer { pack, file: Arc::new(file), end, unsynced: false })
+}
+
+/// Creates pack `pack` durably (file and directory entry) before any location in it can be
+/// written to RocksDB.
+fn start(dir: &Path, pack: u32) -> Result<Writer> {
+    let path = pack_path(dir, pack);
+    let file =
+        OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| io_error(&path, e))?;
+    file.write_all_at(MAGIC, 0).map_err(|e| io_error(&path, e))?;
+    file.sync_all().map_err(|e| io_error(&path, e))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))?;
+    Ok(Writer { pack, file: Arc::new(file), end: MAGIC.len() as u64, unsynced: false })
+}
+
+impl Packs {
+    /// Opens the packs in `dir`, creating the folder and a first pack when `create` is set.
+    pub fn open(dir: &Path, create: bool) -> Result<Self> {
+        if create {
+            std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        }
+        let mut newest = None;
+        for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
+            let path = entry.map_err(|e| io_error(dir, e))?.path();
+            newest = newest.max(pack_number(&path));
+        }
+        let writer = match newest {
+            Some(n) => resume(dir, n)?,
+            None => start(dir, 1)?,
+        };
+        let readers = RwLock::new(HashMap::from([(writer.pack, writer.file.clone())]));
+        Ok(Self { dir: dir.to_owned(), writer: Mutex::new(writer), readers })
+    }
+
+    /// Appends `values` (not yet durable: see `sync`) and returns where each one went.
+    pub fn append(&self, values: &[&[u8]]) -> Result<Vec<PackLoc>> {
+        let mut w = self.writer.lock().expect("no panics while locked");
+        let mut locs = Vec::with_capacity(values.len());
+        for value in values {
+            if w.end >= PACK_LIMIT {
+                self.sync_writer(&mut w)?;
+                *w = start(&self.dir, w.pack + 1)?;
+                self.readers.write().expect("no panics while locked").insert(w.pack, w.file.clone());
+            }
+            let len = u32::try_from(value.len())
+                .map_err(|_| Error::Invalid(format!("a value of {} bytes is too large for a pack", value.len())))?;
+            w.file.write_all_at(value, w.end).map_err(|e| io_error(&pack_path(&self.dir, w.pack), e))?;
+            locs.push(PackLoc { pack: w.pack, offset: w.end, len });
+            w.end += u64::from(len);
+            w.unsynced = true;
+        }
+        Ok(locs)
+    }
+
+    /// Makes every appended value durable.
+    pub fn sync(&self) -> Result<()> {
+        self.sync_writer(&mut self.writer.lock().expect("no panics while locked"))
+    }
+
+    fn sync_writer(&self, w: &mut Writer) -> Result<()> {
+        if w.unsynced {
+            w.file.sync_data().map_err(|e| io_error(&pack_path(&self.dir, w.pack), e))?;
+            w.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// The value at `loc`. A location past the end of its pack is store corruption: RocksDB
+    /// never names bytes that were not synced first.
+    pub fn read(&self, loc: PackLoc) -> Result<Vec<u8>> {
+        let file = self.reader(loc.pack)?;
+        let mut value = vec![0; loc.len as usize];
+        file.read_exact_at(&mut value, loc.offset).map_err(|e| {
+            let detail =
+                format!("{} bytes at {} in {}: {e}", loc.len, loc.offset, pack_path(&self.dir, loc.pack).display());
+            Error::from(StoreError::Corrupted(detail))
+        })?;
+        Ok(value)
+    }
+
+    fn reader(&self, pack: u32) -> Result<Arc<File>> {
+        if let Some(file) = self.readers.read().expect("no panics while locked").get(&pack) {
+            return Ok(file.clone());
+        }
+        let path = pack_path(&self.dir, pack);
+        let file = File::open(&path).map_err(|e| {
+            Error::from(StoreError::Corrupted(format!("pack {} cannot be opened: {e}", path.display())))
+        })?;
+        let file = Arc::new(file);
+        self.readers.write().expect("no panics while locked").insert(pack, file.clone());
+        Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_survive_reopen_and_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(dir.path(), true).unwrap();
+        let locs = packs.append(&[b"first", &[7; 70_000]]).unwrap();
+        packs.sync().unwrap();
+        drop(packs);
+        // A crash mid-append leaves bytes that no location names.
+        let path = pack_path(dir.path(), 1);
+        let torn_end = std::fs::metadata(&path).unwrap().len() + 3;
+        std::io::Write::write_all(&mut std::fs::OpenOptions::new().append(true).open(&path).unwrap(), b"xyz").unwrap();
+        let packs = Packs::open(dir.path(), false).unwrap();
+        assert_eq!(packs.read(locs[0]).unwrap(), b"first");
+        assert_eq!(packs.read(locs[1]).unwrap(), vec![7; 70_000]);
+        let after = packs.append(&[b"later"]).unwrap()[0];
+        assert_eq!(after.offset, torn_end, "appends start after the torn bytes");
+        assert_eq!(packs.read(after).unwrap(), b"later");
+    }
+
+    #[test]
+    fn a_location_past_the_end_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(dir.path(), true).unwrap();
+        let loc = packs.append(&[b"value"]).unwrap()[0];
+        let err = packs.read(PackLoc { len: 100, ..loc }).unwrap_err();
+        assert!(matches!(err, Error::Store(StoreError::Corrupted(_))), "{err}");
+        let err = packs.read(PackLoc { pack: 9, ..loc }).unwrap_err();
+        assert!(matches!(err, Error::Store(StoreError::Corrupted(_))), "{err}");
+        assert_eq!(PackLoc::decode(&loc.encode()), Some(loc));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_pack_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(pack_path(dir.path(), 4), b"not a pack").unwrap();
+        assert!(matches!(Packs::open(dir.path(), false), Err(Error::Store(StoreError::Corrupted(_)))));
+    }
+}
