@@ -99,11 +99,11 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The Merkle root over `payloads` and each payload with its path.
-fn sub_records(payloads: &[&[u8]]) -> (NodeHash, Vec<SubRecord>) {
+/// The Merkle root over `payloads` and each payload encoded as a sub-record, with its path.
+fn sub_records(payloads: &[&[u8]]) -> (NodeHash, Vec<Vec<u8>>) {
     let leaves: Vec<_> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();
     let (root, paths) = merkle::build(&leaves);
-    (root, payloads.iter().zip(paths).map(|(p, path)| SubRecord { data: p.to_vec(), path }).collect())
+    (root, payloads.iter().zip(paths).map(|(p, path)| SubRecord::encode_parts(p, &path)).collect())
 }
 
 fn new_cache() -> ProofCache {
@@ -252,7 +252,7 @@ impl Capsule {
         &self,
         h: RecordHash,
         record: Record,
-        subs: Vec<SubRecord>,
+        subs: Vec<Vec<u8>>,
         attestation: Option<[u8; 32]>,
         durability: Durability,
     ) -> Result<()> {
@@ -265,7 +265,7 @@ impl Capsule {
         let mut batch = self.store.batch();
         batch.put_record(&self.store, &h, record.encode(), &header.parents)?;
         for (i, sub) in subs.into_iter().enumerate() {
-            batch.put_sub_record(&h, SubIdx(i as u32), sub.encode());
+            batch.put_sub_record(&h, SubIdx(i as u32), sub);
         }
         batch.put_seq(&header.writer, header.seq, &h);
         if let Some(mac) = attestation {

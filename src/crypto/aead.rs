@@ -10,8 +10,9 @@
 //! offset and tree level, so a chunk moved to another file or offset, a node moved within its
 //! tree, or a payload replayed under another generation does not open.
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use aes_gcm::aead::AeadInOut;
+use aes_gcm::aead::inout::InOutBuf;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use zeroize::Zeroizing;
 
 use crate::record::{CapsuleId, KeyGen};
@@ -104,14 +105,22 @@ pub struct OpenError {
     pub place: Place,
 }
 
+/// `salt ‖ ciphertext ‖ tag`, encrypted straight from `plaintext` into its place in the
+/// output (one pass; encrypting in place would first need a copy).
 pub fn seal(key: &ContentKey, place: &Place, plaintext: &[u8]) -> Vec<u8> {
     let salt: [u8; SALT_LEN] = super::random_bytes();
     let aad = place.associated_data(key.generation);
-    let ciphertext = key
+    let mut sealed = vec![0; SALT_LEN + plaintext.len() + TAG_LEN];
+    let (head, tag_out) = sealed.split_at_mut(SALT_LEN + plaintext.len());
+    let (salt_out, ciphertext) = head.split_at_mut(SALT_LEN);
+    salt_out.copy_from_slice(&salt);
+    let buf = InOutBuf::new(plaintext, ciphertext).expect("output sized to the plaintext");
+    let tag = key
         .one_time_cipher(&salt)
-        .encrypt(&Nonce::default(), Payload { msg: plaintext, aad: &aad })
+        .encrypt_inout_detached(&Nonce::default(), &aad, buf)
         .expect("AES-GCM encrypts any message below 64 GiB");
-    [&salt[..], &ciphertext].concat()
+    tag_out.copy_from_slice(&tag);
+    sealed
 }
 
 pub fn open(key: &ContentKey, place: &Place, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
@@ -119,9 +128,14 @@ pub fn open(key: &ContentKey, place: &Place, sealed: &[u8]) -> Result<Vec<u8>, O
     if sealed.len() < SEAL_OVERHEAD {
         return Err(err());
     }
-    let (salt, ciphertext) = sealed.split_at(SALT_LEN);
+    let (salt, rest) = sealed.split_at(SALT_LEN);
+    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let tag: Tag = Tag::try_from(tag).expect("TAG_LEN bytes");
     let aad = place.associated_data(key.generation);
-    key.one_time_cipher(salt).decrypt(&Nonce::default(), Payload { msg: ciphertext, aad: &aad }).map_err(|_| err())
+    let mut plaintext = vec![0; ciphertext.len()];
+    let buf = InOutBuf::new(ciphertext, &mut plaintext).expect("output sized to the ciphertext");
+    key.one_time_cipher(salt).decrypt_inout_detached(&Nonce::default(), &aad, buf, &tag).map_err(|_| err())?;
+    Ok(plaintext)
 }
 
 #[cfg(test)]

@@ -669,10 +669,16 @@ impl Fs {
                 self.chunks.insert((ino, n), committed);
             }
             let chunk = self.chunks.get_mut(&(ino, n)).expect("inserted just above");
-            if chunk.len() < within + take {
-                chunk.resize(within + take, 0);
+            if chunk.len() <= within {
+                // Appending (the common case): no zero-fill of bytes about to be overwritten.
+                chunk.resize(within, 0);
+                chunk.extend_from_slice(&rest[..take]);
+            } else {
+                if chunk.len() < within + take {
+                    chunk.resize(within + take, 0);
+                }
+                chunk[within..within + take].copy_from_slice(&rest[..take]);
             }
-            chunk[within..within + take].copy_from_slice(&rest[..take]);
             pos += take as u64;
             rest = &rest[take..];
         }
