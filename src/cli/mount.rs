@@ -22,7 +22,7 @@ use capsulefs::Error;
 use capsulefs::capsule::PROOF_CACHE_RECORDS;
 use capsulefs::fs::Fs;
 use capsulefs::fs::node::ROOT_INO;
-use capsulefs::fs::plain_cache::PlainCache;
+use capsulefs::fs::payload_cache::Caches;
 use capsulefs::fuse::CapsuleFs;
 use capsulefs::member::content_key;
 use capsulefs::store::Durability;
@@ -55,7 +55,8 @@ pub struct MountArgs {
     /// Identity to read and write with.
     #[arg(long)]
     pub key: Option<String>,
-    /// Memory for verified chunks and tree nodes (plaintext), in MiB.
+    /// Memory for verified chunks and tree nodes (plaintext), in MiB; a quarter as much again
+    /// holds decoded tree nodes.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub cache_mib: usize,
     /// Proven record headers kept in memory, so later proofs stop at them.
@@ -156,7 +157,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
             fs
         }
     };
-    let mut fs = fs.with_cache(Arc::new(PlainCache::new(a.cache_mib << 20)));
+    let mut fs = fs.with_cache(Arc::new(Caches::new(a.cache_mib << 20)));
     // Present while a writable mount runs: found at the start, the last one ended uncleanly.
     let marker = (!fs.is_read_only()).then(|| home.store_path(&capsule.id()).with_file_name("mounted"));
     if let Some(marker) = &marker {

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::node::{Bucket, CHUNK_SIZE, DirEntry, Inode, Kind, ROOT_INO, Superblock, Time, name_key};
-use super::plain_cache::PlainCache;
+use super::payload_cache::Caches;
 use super::sealed::{CommitBuilder, Sealed};
 use super::trie::{Loc, NodeSource, Ref, Trie, Value};
 use crate::capsule::{Capsule, EarlierProofs};
@@ -210,12 +210,12 @@ impl Fs {
     }
 
     /// Uses `cache` for verified payloads (to size it, or to share it).
-    pub fn with_cache(mut self, cache: Arc<PlainCache>) -> Self {
+    pub fn with_cache(mut self, cache: Arc<Caches>) -> Self {
         self.sealed.cache = cache;
         self
     }
 
-    pub fn cache(&self) -> &PlainCache {
+    pub fn cache(&self) -> &Caches {
         &self.sealed.cache
     }
 

@@ -1,10 +1,10 @@
 //! POSIX meaning over capsule records, without FUSE types: `filesystem::Fs` and its operations,
 //! `node` (inodes, directory entries, superblock), `sealed` (proven reads and sealed commits),
-//! `plain_cache` (verified plaintexts, an lru bounded in bytes), and `trie`, the persistent map that the inode table, chunk maps and directories are made of.
+//! `payload_cache` (verified plaintexts and decoded tree nodes, lrus bounded in bytes), and `trie`, the persistent map that the inode table, chunk maps and directories are made of.
 
 pub mod filesystem;
 pub mod node;
-pub mod plain_cache;
+pub mod payload_cache;
 pub mod sealed;
 pub mod trie;
 

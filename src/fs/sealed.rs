@@ -11,15 +11,15 @@ use crate::record::{RecordHash, RecordKind, SubIdx};
 use crate::store::Durability;
 use crate::{Result, VerifyError};
 
-use super::plain_cache::PlainCache;
-use super::trie::{Loc, NodePos, NodeSink, NodeSource};
+use super::payload_cache::Caches;
+use super::trie::{DecodedNode, Loc, NodePos, NodeSink, NodeSource};
 
-/// A capsule with the content key to open and seal its filesystem payloads, and the cache of
+/// A capsule with the content key to open and seal its filesystem payloads, and the caches of
 /// payloads already proven and opened (shared by a mount's views of the past).
 pub struct Sealed {
     pub capsule: Arc<Capsule>,
     pub key: ContentKey,
-    pub cache: Arc<PlainCache>,
+    pub cache: Arc<Caches>,
 }
 
 impl Sealed {
@@ -30,7 +30,7 @@ impl Sealed {
     /// Reads one payload through its proof and opens it, or takes it from the cache of
     /// payloads that passed both before.
     pub fn read(&self, at: Loc, place: &Place) -> Result<Arc<Vec<u8>>> {
-        if let Some(plain) = self.cache.get(at, place) {
+        if let Some(plain) = self.cache.plain.get(at, place) {
             return Ok(plain);
         }
         let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
@@ -38,7 +38,7 @@ impl Sealed {
             tracing::error!(record = ?at.record, idx = at.idx.0, ?place, "payload does not open at its place");
             crate::Error::from(VerifyError::SealBroken { record: at.record, idx: at.idx })
         })?);
-        self.cache.insert(at, *place, plain.clone());
+        self.cache.plain.insert(at, *place, plain.clone(), plain.len());
         Ok(plain)
     }
 
@@ -58,9 +58,23 @@ fn level(pos: NodePos) -> u8 {
     u8::try_from(pos.depth).expect("tree depth is at most 11")
 }
 
+impl TreeSource<'_> {
+    fn place(&self, pos: NodePos) -> Place {
+        self.sealed.place(self.kind, self.object, pos.prefix, level(pos))
+    }
+}
+
 impl NodeSource for TreeSource<'_> {
     fn load(&self, at: Loc, pos: NodePos) -> Result<Arc<Vec<u8>>> {
-        self.sealed.read(at, &self.sealed.place(self.kind, self.object, pos.prefix, level(pos)))
+        self.sealed.read(at, &self.place(pos))
+    }
+
+    fn decoded(&self, at: Loc, pos: NodePos) -> Option<DecodedNode> {
+        self.sealed.cache.nodes.get(at, &self.place(pos))
+    }
+
+    fn keep_decoded(&self, at: Loc, pos: NodePos, node: DecodedNode, weight: usize) {
+        self.sealed.cache.nodes.insert(at, self.place(pos), node, weight);
     }
 }
 
@@ -94,7 +108,8 @@ impl<'a> CommitBuilder<'a> {
         let opts = AppendOptions { sign, kind: RecordKind::Data, key_gen: self.sealed.key.generation(), durability };
         let record = self.sealed.capsule.append(writer, &refs, opts)?;
         for (idx, place, plain) in self.nodes {
-            self.sealed.cache.insert(Loc { record, idx }, place, Arc::new(plain));
+            let weight = plain.len();
+            self.sealed.cache.plain.insert(Loc { record, idx }, place, Arc::new(plain), weight);
         }
         Ok(record)
     }

@@ -11,8 +11,9 @@
 //! The tree neither seals nor proves anything: `NodeSource` hands it plaintext nodes that were
 //! already proven and opened, and `NodeSink` takes the nodes of a commit.
 
-use std::borrow::Cow;
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::ops::Deref;
 use std::sync::Arc;
 
 use borsh::{BorshDeserialize, BorshSerialize};
@@ -75,7 +76,7 @@ pub struct NodePos {
 
 /// Values the tree can hold. A value may itself hold refs (an inode points at its chunk map);
 /// `resolve` turns its `Ref::Here`s into `Ref::At(base, ..)` when it is loaded from `base`.
-pub trait Value: BorshSerialize + BorshDeserialize + Clone {
+pub trait Value: BorshSerialize + BorshDeserialize + Clone + Send + Sync + 'static {
     fn resolve(&mut self, _base: RecordHash) {}
 }
 
@@ -109,10 +110,21 @@ impl<V> Canonical for StoredNode<V> {
     }
 }
 
+/// A node decoded before, type-erased so that one cache serves trees of every value type.
+pub type DecodedNode = Arc<dyn Any + Send + Sync>;
+
 /// Gives the tree the plaintext of nodes committed before (proven and opened by the caller,
-/// who binds `pos` into the seal).
+/// who binds `pos` into the seal), and optionally keeps nodes it decoded from them.
 pub trait NodeSource {
     fn load(&self, at: Loc, pos: NodePos) -> Result<Arc<Vec<u8>>>;
+
+    /// The node that `keep_decoded` kept for `at` at `pos`, if it is still kept.
+    fn decoded(&self, _at: Loc, _pos: NodePos) -> Option<DecodedNode> {
+        None
+    }
+
+    /// Keeps a node decoded from the `weight` plaintext bytes `load` gave for `at` at `pos`.
+    fn keep_decoded(&self, _at: Loc, _pos: NodePos, _node: DecodedNode, _weight: usize) {}
 }
 
 /// Takes the nodes of a commit; returns each one's index in the record being built.
@@ -139,10 +151,23 @@ pub struct Trie<V> {
     leaf_max: usize,
 }
 
-fn load_node<V: Value>(src: &dyn NodeSource, at: Loc, pos: NodePos) -> Result<Node<V>> {
+/// The committed node at `at`: decoded before, or loaded and decoded now (and then kept).
+fn load_node<V: Value>(src: &dyn NodeSource, at: Loc, pos: NodePos) -> Result<Arc<Node<V>>> {
+    if let Some(node) = src.decoded(at, pos).and_then(|node| node.downcast::<Node<V>>().ok()) {
+        return Ok(node);
+    }
     let bytes = src.load(at, pos)?;
-    let stored: StoredNode<V> = codec::decode_unversioned(&bytes)
-        .map_err(|source| VerifyError::MalformedSubRecord { record: at.record, idx: at.idx, source })?;
+    let node = Arc::new(decode_node(&bytes, at, pos)?);
+    src.keep_decoded(at, pos, node.clone(), bytes.len());
+    Ok(node)
+}
+
+fn decode_node<V: Value>(bytes: &[u8], at: Loc, pos: NodePos) -> Result<Node<V>> {
+    let stored: StoredNode<V> = codec::decode_unversioned(bytes).map_err(|source| VerifyError::MalformedSubRecord {
+        record: at.record,
+        idx: at.idx,
+        source,
+    })?;
     let misplaced = || Error::from(VerifyError::MisplacedNode { record: at.record, idx: at.idx });
     Ok(match stored {
         StoredNode::Inner(_) if pos.depth >= MAX_DEPTH => return Err(misplaced()),
@@ -171,11 +196,27 @@ fn load_node<V: Value>(src: &dyn NodeSource, at: Loc, pos: NodePos) -> Result<No
     })
 }
 
+/// A node to read: one being edited, or a committed one as loaded.
+enum NodeView<'a, V> {
+    Dirty(&'a Node<V>),
+    Committed(Arc<Node<V>>),
+}
+
+impl<V> Deref for NodeView<'_, V> {
+    type Target = Node<V>;
+    fn deref(&self) -> &Node<V> {
+        match self {
+            NodeView::Dirty(node) => node,
+            NodeView::Committed(node) => node,
+        }
+    }
+}
+
 /// The node in `slot`: borrowed when in memory, loaded when committed.
-fn view<'a, V: Value>(src: &dyn NodeSource, slot: &'a Slot<V>, pos: NodePos) -> Result<Cow<'a, Node<V>>> {
+fn view<'a, V: Value>(src: &dyn NodeSource, slot: &'a Slot<V>, pos: NodePos) -> Result<NodeView<'a, V>> {
     Ok(match slot {
-        Slot::Dirty(node) => Cow::Borrowed(&**node),
-        Slot::Stored(at) => Cow::Owned(load_node(src, *at, pos)?),
+        Slot::Dirty(node) => NodeView::Dirty(node),
+        Slot::Stored(at) => NodeView::Committed(load_node(src, *at, pos)?),
     })
 }
 
@@ -237,7 +278,7 @@ impl<V: Value> Trie<V> {
     /// Makes the node in `slot` editable, loading it if it is committed.
     fn dirty<'a>(src: &dyn NodeSource, slot: &'a mut Slot<V>, pos: NodePos) -> Result<&'a mut Node<V>> {
         if let Slot::Stored(at) = slot {
-            *slot = Slot::Dirty(Box::new(load_node(src, *at, pos)?));
+            *slot = Slot::Dirty(Box::new(Arc::unwrap_or_clone(load_node(src, *at, pos)?)));
         }
         match slot {
             Slot::Dirty(node) => Ok(node),

@@ -107,6 +107,7 @@ pub struct Status {
     pub signed_commits: u64,
     pub proof_cache: CacheStats,
     pub plain_cache: CacheStats,
+    pub node_cache: CacheStats,
     pub history_views: usize,
 }
 
@@ -122,7 +123,7 @@ impl Status {
         format!(
             "capsule: {}\nhead: {head}\nmode: {}\npending_bytes: {}\nuncommitted_changes: {}\n\
              commits_this_mount: {} ({} signed)\nproof_cache: {}\nverified_payload_cache: {}\n\
-             history_views_open: {}\n",
+             decoded_node_cache: {}\nhistory_views_open: {}\n",
             self.capsule,
             if self.read_only { "read-only" } else { "read-write" },
             self.pending_bytes,
@@ -131,6 +132,7 @@ impl Status {
             self.signed_commits,
             hit_rate(self.proof_cache),
             hit_rate(self.plain_cache),
+            hit_rate(self.node_cache),
             self.history_views,
         )
     }

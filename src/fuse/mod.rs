@@ -188,7 +188,8 @@ impl CapsuleFs {
             commits: policy.commits,
             signed_commits: policy.signed,
             proof_cache: fs.capsule().cache_stats(),
-            plain_cache: fs.cache().stats(),
+            plain_cache: fs.cache().plain.stats(),
+            node_cache: fs.cache().nodes.stats(),
             history_views: self.views().open_count(),
         }
     }
