@@ -111,6 +111,14 @@ pub fn xattr(path: &Path, name: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Writes `bytes` to `path` and fsyncs it: in a mount, one commit made durable before this
+/// returns (a close alone asks for a commit a few milliseconds later, shared with other closes).
+pub fn write_fsynced(path: &Path, bytes: &[u8]) {
+    let mut f = fs::File::create(path).unwrap();
+    std::io::Write::write_all(&mut f, bytes).unwrap();
+    f.sync_all().unwrap();
+}
+
 /// Runs a shell command line and expects success.
 pub fn sh(cmd: &str) {
     let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();

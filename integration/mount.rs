@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use super::{Home, Mounted, renameat2, sh, xattr};
+use super::{Home, Mounted, renameat2, sh, write_fsynced, xattr};
 
 #[test]
 fn a_copied_tree_survives_unmount_and_verifies() {
@@ -139,8 +139,8 @@ fn a_tampered_chunk_gives_eio_for_its_file_only_and_the_log_names_the_record() {
     let id = home.ok(&["create", "c"]);
     let newest = {
         let Some(m) = Mounted::new(&home, "c", &[]) else { return };
-        fs::write(m.path("b"), b"bravo").unwrap(); // closing commits: one record
-        fs::write(m.path("a"), b"alpha").unwrap(); // another, whose sub-record 0 is a's chunk
+        write_fsynced(&m.path("b"), b"bravo"); // one record
+        write_fsynced(&m.path("a"), b"alpha"); // another, whose sub-record 0 is a's chunk
         xattr(&m.path("a"), "user.capsule.record")
     };
     flip_bits(&home, &id, capsulefs::store::Cf::Subs, &[sub_key(&newest, 0)]); // inside a's sealed chunk
@@ -299,6 +299,41 @@ fn changes_left_open_are_committed_by_the_timer() {
     }
     let Some(m) = Mounted::new(&home, "c", &[]) else { return };
     assert_eq!(fs::read(m.path("draft")).unwrap(), b"kept open");
+}
+
+/// Closes commit without fsync and without the timer (an hour away here): each close asks
+/// for a commit, made moments later and shared by the closes in between; a kill -9 after it
+/// loses nothing.
+#[test]
+fn closed_files_are_committed_without_fsync() {
+    const FILES: usize = 200;
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    {
+        let Some(m) = Mounted::new(&home, "c", &["--commit-after", "3600"]) else { return };
+        for i in 0..FILES {
+            fs::write(m.path(&format!("f{i}")), format!("file {i}")).unwrap();
+        }
+        let status = m.path(".capsule/status");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let text = loop {
+            let text = fs::read_to_string(&status).unwrap();
+            if text.contains("uncommitted_changes: no") {
+                break text;
+            }
+            assert!(std::time::Instant::now() < deadline, "closed files not committed within 30 s:\n{text}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let commits: usize =
+            text.split("commits_this_mount: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert!((1..=FILES).contains(&commits), "{text}");
+        assert_ne!(xattr(&m.path("f0"), "user.capsule.record"), "uncommitted");
+        sh(&format!("kill -9 {}", m.daemon_pid()));
+    }
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    for i in 0..FILES {
+        assert_eq!(fs::read_to_string(m.path(&format!("f{i}"))).unwrap(), format!("file {i}"));
+    }
 }
 
 #[test]

@@ -1,10 +1,10 @@
-//! When a mount commits and signs: the capsule's K-records / T-seconds signing bound, and the
-//! time bound on changes that no close or fsync has committed. The timer thread enforces both
-//! bounds when nothing else happens: it commits changes that waited, and signs unsigned
-//! commits that waited T seconds.
+//! When a mount commits and signs: the capsule's K-records / T-seconds signing bound, the
+//! commits that closes of written files ask for, and the time bound on changes that nothing
+//! committed. The timer thread makes the close commits and enforces both bounds when nothing
+//! else happens: it commits changes that waited, and signs unsigned commits that waited T
+//! seconds.
 
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -83,26 +83,92 @@ fn sign_waiting(policy: &Mutex<SignPolicy>, fs: &mut Fs, overdue_only: bool, dur
     Ok(())
 }
 
-/// A thread that commits changes once they have waited `after` (seen dirty on a once-a-second
-/// check), so an editor that keeps a file open loses at most that much in a crash, and signs
-/// unsigned commits that waited T seconds. `finish` stops it and makes the unmount's commit;
-/// dropping it only stops it.
+/// How long a commit asked for by a close waits for more closes to share it. Committing on
+/// every close, inline, was half the time of extracting 5000 small files (one record each);
+/// within this window the closes of a burst (`tar x`, `cp -r`) share one record.
+const CLOSE_BATCH: Duration = Duration::from_millis(5);
+
+/// What the timer thread waits for: closes asking for a commit, and the end of the mount.
+#[derive(Default)]
+pub struct Wakeups {
+    state: Mutex<WakeState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct WakeState {
+    commit_wanted: bool,
+    stopping: bool,
+}
+
+enum Wake {
+    Commit,
+    Tick,
+    Stop,
+}
+
+impl Wakeups {
+    /// A written file was closed: its changes are committed within `CLOSE_BATCH`.
+    pub fn commit_soon(&self) {
+        self.lock().commit_wanted = true;
+        self.changed.notify_one();
+    }
+
+    fn stop(&self) {
+        self.lock().stopping = true;
+        self.changed.notify_one();
+    }
+
+    fn wait(&self, tick: Duration) -> Wake {
+        let mut state = self.lock();
+        if !state.stopping && !state.commit_wanted {
+            state = self.changed.wait_timeout(state, tick).expect("no panics while locked").0;
+        }
+        match (state.stopping, std::mem::take(&mut state.commit_wanted)) {
+            (true, _) => Wake::Stop,
+            (false, true) => Wake::Commit,
+            (false, false) => Wake::Tick,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WakeState> {
+        self.state.lock().expect("no panics while locked")
+    }
+}
+
+/// A thread that makes the commits closes ask for, commits changes once they have waited
+/// `after` (seen dirty on a once-a-second check), so an editor that keeps a file open loses
+/// at most that much in a crash, and signs unsigned commits that waited T seconds. `finish`
+/// stops it and makes the unmount's commit; dropping it only stops it.
 pub struct CommitTimer {
     fs: Arc<RwLock<Fs>>,
     policy: Arc<Mutex<SignPolicy>>,
-    stop: Option<mpsc::Sender<()>>,
+    wakeups: Arc<Wakeups>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl CommitTimer {
-    pub fn start(fs: Arc<RwLock<Fs>>, policy: Arc<Mutex<SignPolicy>>, after: Duration) -> Self {
-        let (stop, stopped) = mpsc::channel::<()>();
+    pub fn start(fs: Arc<RwLock<Fs>>, policy: Arc<Mutex<SignPolicy>>, wakeups: Arc<Wakeups>, after: Duration) -> Self {
         let tick = after.min(Duration::from_secs(1));
-        let (shared_fs, shared_policy) = (fs.clone(), policy.clone());
+        let (shared_fs, shared_policy, shared_wakeups) = (fs.clone(), policy.clone(), wakeups.clone());
         let thread = std::thread::spawn(move || {
             let mut dirty_since: Option<Instant> = None;
-            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
+            loop {
+                let wake = wakeups.wait(tick);
+                if let Wake::Stop = wake {
+                    return;
+                }
+                if let Wake::Commit = wake {
+                    std::thread::sleep(CLOSE_BATCH);
+                }
                 let Ok(mut fs) = fs.write() else { return };
+                if let Wake::Commit = wake {
+                    dirty_since = None;
+                    if let Err(e) = commit(&policy, &mut fs, false, Durability::Buffered) {
+                        tracing::error!("commit after close failed (changes stay pending; fsync to retry): {e}");
+                    }
+                    continue;
+                }
                 if !fs.is_dirty() {
                     dirty_since = None;
                     if let Err(e) = sign_waiting(&policy, &mut fs, true, Durability::Buffered) {
@@ -118,11 +184,11 @@ impl CommitTimer {
                 }
             }
         });
-        Self { fs: shared_fs, policy: shared_policy, stop: Some(stop), thread: Some(thread) }
+        Self { fs: shared_fs, policy: shared_policy, wakeups: shared_wakeups, thread: Some(thread) }
     }
 
     fn stop(&mut self) {
-        drop(self.stop.take());
+        self.wakeups.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

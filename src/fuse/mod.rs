@@ -1,10 +1,11 @@
 //! The kernel edge: `fuser::Filesystem` over `fs::Fs`, one short method per operation.
 //!
 //! Commits: `fsync`/`fsyncdir` make a signed commit durable before replying; closing a written
-//! file commits (buffered, signed when the capsule's K-records / T-seconds bound is due); more
-//! than `PENDING_LIMIT` bytes of written chunks commit at once; `commit_timer` commits what has
-//! waited too long, and its `finish` makes the unmount's commit once the session (run by
-//! `cli::mount`) has ended.
+//! file asks `commit_timer` for a commit (buffered, signed when the capsule's K-records /
+//! T-seconds bound is due), which it makes a few milliseconds later, shared by the closes in
+//! between; more than `PENDING_LIMIT` bytes of written chunks commit at once; the timer also
+//! commits what has waited too long, and its `finish` makes the unmount's commit once the
+//! session (run by `cli::mount`) has ended.
 
 mod commit;
 mod control;
@@ -31,7 +32,7 @@ use crate::record::Params;
 use crate::store::Durability;
 use crate::{Error, Result};
 pub use commit::CommitTimer;
-use commit::{SignPolicy, commit};
+use commit::{SignPolicy, Wakeups, commit};
 use control::{CONTROL_NAME, Node, Status, Views};
 use errno::to_errno;
 
@@ -47,6 +48,8 @@ type Listing = Vec<(u64, FileType, Vec<u8>)>;
 pub struct CapsuleFs {
     fs: Arc<RwLock<Fs>>,
     policy: Arc<Mutex<SignPolicy>>,
+    /// How closes ask the commit timer for a commit.
+    wakeups: Arc<Wakeups>,
     views: Mutex<Views>,
     /// Listings taken by a handle's first readdir and served to its later ones until
     /// releasedir: one walk of a directory per pass, however many replies a large one takes.
@@ -129,16 +132,17 @@ impl CapsuleFs {
         Self {
             fs,
             policy: Arc::new(Mutex::new(SignPolicy::new(params))),
+            wakeups: Arc::default(),
             views: Mutex::new(Views::default()),
             listings: Mutex::new(HashMap::new()),
             next_listing: AtomicU64::new(1),
         }
     }
 
-    /// The time bound on uncommitted changes: commits whatever has waited `after`, until the
-    /// returned timer is dropped.
+    /// Makes the commits that closes ask for, and commits whatever has waited `after`, until
+    /// the returned timer is dropped.
     pub fn commit_timer(&self, after: Duration) -> CommitTimer {
-        CommitTimer::start(self.fs.clone(), self.policy.clone(), after)
+        CommitTimer::start(self.fs.clone(), self.policy.clone(), self.wakeups.clone(), after)
     }
 
     /// Reads share the filesystem across FUSE threads; changes and commits take it alone.
@@ -545,10 +549,10 @@ impl Filesystem for CapsuleFs {
     ) {
         let Node::Live(ino) = Node::decode(ino.0) else { return reply.ok() };
         let written = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        let mut fs = self.fs_mut();
-        let result = fs
-            .released(ino)
-            .and_then(|()| if written { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) });
+        let result = self.fs_mut().released(ino);
+        if written {
+            self.wakeups.commit_soon();
+        }
         reply_empty(result, reply);
     }
 
