@@ -11,8 +11,8 @@ use crate::proof::verify::{check_record_bytes, check_record_claims, save_proven}
 use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRecordProof, Verified, witness};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{
-    CapsuleId, KeyGen, Metadata, NodeHash, Params, Record, RecordHash, RecordHeader, RecordKind, Seq, SignedMetadata,
-    SubIdx, SubRecord, WriterId, merkle,
+    CapsuleId, KeyGen, Metadata, NodeHash, Params, Payload, Record, RecordHash, RecordHeader, RecordKind, Seq,
+    SignedMetadata, SubIdx, SubRecord, WriterId, merkle,
 };
 use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, StoreError, VerifyError};
@@ -341,7 +341,7 @@ impl Capsule {
     }
 
     /// Sub-record `idx` of `record`, returned only after it is proven.
-    pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Vec<u8>>, SubRecordProof)> {
+    pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Payload>, SubRecordProof)> {
         self.prover().read_sub_record(record, idx)
     }
 

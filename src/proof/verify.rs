@@ -7,7 +7,7 @@ use super::cache::ProofCache;
 use crate::crypto::keys::Identity;
 use crate::crypto::sign;
 use crate::record::merkle;
-use crate::record::{CapsuleId, Metadata, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
+use crate::record::{CapsuleId, Metadata, Payload, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
 use crate::store::{CapsuleStore, Durability};
 use crate::{Result, VerifyError};
 
@@ -211,25 +211,29 @@ impl Prover<'_> {
         record: RecordHash,
         header: &RecordHeader,
         idx: SubIdx,
-        bytes: &[u8],
-    ) -> Result<Verified<Vec<u8>>, VerifyError> {
-        let sub = SubRecord::decode(bytes).map_err(|source| VerifyError::MalformedSubRecord { record, idx, source })?;
-        let leaf = merkle::leaf_hash(&sub.data);
+        bytes: Vec<u8>,
+    ) -> Result<Verified<Payload>, VerifyError> {
+        let (data, path) = SubRecord::decode_in_place(bytes).map_err(|source| VerifyError::MalformedSubRecord {
+            record,
+            idx,
+            source,
+        })?;
+        let leaf = merkle::leaf_hash(&data);
         let known = |start, end| self.cache.node(record, start, end);
-        let proven = merkle::verify_path(idx.0, header.sub_count, leaf, &sub.path, header.merkle_root, known)
+        let proven = merkle::verify_path(idx.0, header.sub_count, leaf, &path, header.merkle_root, known)
             .ok_or(VerifyError::MerkleMismatch { record, idx })?;
         self.cache.insert_nodes(record, &proven);
-        Ok(Verified::new(sub.data, record))
+        Ok(Verified::new(data, record))
     }
 
     /// Reads sub-record `idx` of `record`, returning its bytes only once proven.
-    pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Vec<u8>>, SubRecordProof)> {
+    pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Payload>, SubRecordProof)> {
         let (header, proof) = self.prove_record(record)?;
         if idx.0 >= header.sub_count {
             return Err(VerifyError::IndexOutOfRange { record, idx, count: header.sub_count }.into());
         }
         let bytes = self.store.sub_record_bytes(&record, idx)?.ok_or(VerifyError::MissingSubRecord { record, idx })?;
-        let verified = self.check_sub_record(record, &header, idx, &bytes)?;
+        let verified = self.check_sub_record(record, &header, idx, bytes)?;
         let path_len = merkle::path_len(idx.0, header.sub_count);
         Ok((verified, SubRecordProof { record: proof, idx, count: header.sub_count, path_len }))
     }

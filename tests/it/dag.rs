@@ -90,7 +90,7 @@ fn many_sub_records_are_each_provable_alone() {
     let h = f.cap.append(&f.owner, &refs, signed()).unwrap();
     for i in [0u32, 1, 511, 512, 998, 999] {
         let (data, proof) = f.cap.read_sub_record(h, SubIdx(i)).unwrap();
-        assert_eq!(data.get(), &payloads[i as usize]);
+        assert_eq!(&data.get()[..], &payloads[i as usize][..]);
         assert_eq!(data.proven_by(), h);
         assert!(proof.path_len <= 10);
     }

@@ -61,8 +61,8 @@ fn a_flipped_bit_in_a_sub_record_fails_only_that_sub_record() {
         verify_err(f.cap.read_sub_record(h, SubIdx(1))),
         VerifyError::MerkleMismatch { record, idx: SubIdx(1) } if record == h
     ));
-    assert_eq!(f.cap.read_sub_record(h, SubIdx(0)).unwrap().0.get().as_slice(), b"zero");
-    assert_eq!(f.cap.read_sub_record(h, SubIdx(2)).unwrap().0.get().as_slice(), b"two");
+    assert_eq!(f.cap.read_sub_record(h, SubIdx(0)).unwrap().0.get()[..], *b"zero");
+    assert_eq!(f.cap.read_sub_record(h, SubIdx(2)).unwrap().0.get()[..], *b"two");
     assert!(matches!(verify_err(f.cap.audit()), VerifyError::MerkleMismatch { idx: SubIdx(1), .. }));
 }
 
