@@ -9,6 +9,7 @@ mod keys;
 mod mount;
 mod mount_helper;
 mod read;
+mod readahead;
 
 use std::path::PathBuf;
 

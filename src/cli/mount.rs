@@ -23,7 +23,7 @@ use capsulefs::capsule::PROOF_CACHE_RECORDS;
 use capsulefs::fs::Fs;
 use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::payload_cache::Caches;
-use capsulefs::fuse::CapsuleFs;
+use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
 use capsulefs::member::content_key;
 use capsulefs::store::Durability;
 use fuser::{Config, MountOption, SessionACL};
@@ -173,9 +173,13 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let shared = Arc::new(RwLock::new(fs));
     let adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
     let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
+    // Canonical before mounting: resolving the mount point afterwards would ask this very
+    // daemon, which is not serving yet.
+    let mount_point = a.dir.canonicalize()?;
     let session = fuser::Session::new(adapter, &a.dir, &fuse_config(a)).with_context(|| {
         format!("mounting on {} (is /dev/fuse there, and the folder not mounted already?)", a.dir.display())
     })?;
+    super::readahead::raise(&mount_point, MAX_READAHEAD >> 10);
     let entry = registry_entry(home, &a.dir)?;
     std::fs::create_dir_all(entry.parent().expect("entry has a parent"))?;
     std::fs::write(&entry, format!("{}\n{}\n{}\n", std::process::id(), a.name, a.dir.display()))?;

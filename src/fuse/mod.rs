@@ -41,6 +41,8 @@ const TTL: Duration = Duration::from_secs(1);
 /// 1.3x faster than 64 MiB, whose batches churn memory (page faults, batch reallocation).
 const PENDING_LIMIT: usize = 8 << 20;
 const MAX_WRITE: u32 = 1 << 20;
+/// Readahead asked of the kernel; `cli::mount` raises the mount's bdi window to match.
+pub const MAX_READAHEAD: u32 = 1 << 20;
 
 /// A folder's entries as (kernel inode, type, name), without `.` and `..`.
 type Listing = Vec<(u64, FileType, Vec<u8>)>;
@@ -336,7 +338,7 @@ impl Filesystem for CapsuleFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Larger writes mean fewer round trips; the kernel caps what it accepts.
         let _ = config.set_max_write(MAX_WRITE);
-        let _ = config.set_max_readahead(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_READAHEAD);
         // readdirplus when the kernel sees lookups follow a listing; lookups in one folder
         // may run in parallel (they share the read lock).
         let _ = config.add_capabilities(
