@@ -3,12 +3,15 @@
 # backing stores on the same disk. Seconds per cell, then one line comparing capsulefs with
 # gocryptfs on its worst workload. Needs root (tmpfs mount, dropping caches) and the Debian
 # packages bindfs and gocryptfs (make deps-bench).
-#   BENCH_MB   size of the sequential file (default 512)
+#   BENCH_MB     size of the sequential file (default 512)
+#   BENCH_ROUNDS rounds of every workload on every system, interleaved; each cell is the
+#                median (default 3: on a shared VM single runs move by a third)
 #   BENCH_DIR  work folder (default target/bench-fs, on the same disk as the build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/capsulefs}
 MB=${BENCH_MB:-512}
+ROUNDS=${BENCH_ROUNDS:-3}
 W=$(realpath -m "${BENCH_DIR:-target/bench-fs}")
 FILES=5000
 SYSTEMS=(tmpfs bindfs gocryptfs capsulefs)
@@ -73,16 +76,21 @@ run_workload() {
   esac
 }
 
-declare -A T
-for s in "${SYSTEMS[@]}"; do
-  mount_system "$s"
-  for w in "${WORKLOADS[@]}"; do
-    case $w in seq_read|ls_lR|read_all) drop_caches ;; esac
-    start=$(date +%s.%N)
-    run_workload "$W/$s" "$w"
-    T[$s,$w]=$(echo "$(date +%s.%N) - $start" | bc -l)
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+declare -A RUNS T
+for s in "${SYSTEMS[@]}"; do mount_system "$s"; done
+for r in $(seq "$ROUNDS"); do
+  for s in "${SYSTEMS[@]}"; do
+    for w in "${WORKLOADS[@]}"; do
+      case $w in seq_read|ls_lR|read_all) drop_caches ;; esac
+      start=$(date +%s.%N)
+      run_workload "$W/$s" "$w"
+      RUNS[$s,$w]+=" $(echo "$(date +%s.%N) - $start" | bc -l)"
+    done
   done
 done
+for key in "${!RUNS[@]}"; do T[$key]=$(echo "${RUNS[$key]}" | median); done
 
 printf '%-10s' workload; printf '%12s' "${SYSTEMS[@]}"; printf '%14s\n' capsule/gocfs
 worst=""; max=0
@@ -93,5 +101,5 @@ for w in "${WORKLOADS[@]}"; do
   printf '%14.2f\n' "$r"
   if [ "$(echo "$r > $max" | bc -l)" = 1 ]; then max=$r; worst=$w; fi
 done
-echo "(seconds; seq_write/seq_read move $MB MiB, untar/read_all/rm_rf $FILES files)"
+echo "(seconds, median of $ROUNDS rounds; seq_write/seq_read move $MB MiB, untar/read_all/rm_rf $FILES files)"
 printf 'fsbench: vs_gocryptfs max_ratio=%.2f worst=%s\n' "$max" "$worst"
