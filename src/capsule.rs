@@ -12,7 +12,7 @@ use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRec
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{
     CapsuleId, KeyGen, Metadata, NodeHash, Params, Payload, Record, RecordHash, RecordHeader, RecordKind, Seq,
-    SignedMetadata, SubIdx, SubRecord, WriterId, merkle,
+    SignedMetadata, SubIdx, SubRecordBuf, WriterId, merkle,
 };
 use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, StoreError, VerifyError};
@@ -99,11 +99,15 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The Merkle root over `payloads` and each payload encoded as a sub-record, with its path.
-fn sub_records(payloads: &[&[u8]]) -> (NodeHash, Vec<Vec<u8>>) {
-    let leaves: Vec<_> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();
+/// The Merkle root over the payloads, and each sub-record encoded with its path.
+fn sub_records(subs: Vec<SubRecordBuf>) -> (NodeHash, Vec<Vec<u8>>) {
+    let leaves: Vec<_> = subs.iter().map(|s| merkle::leaf_hash(s.payload())).collect();
     let (root, paths) = merkle::build(&leaves);
-    (root, payloads.iter().zip(paths).map(|(p, path)| SubRecord::encode_parts(p, &path)).collect())
+    (root, subs.into_iter().zip(paths).map(|(s, path)| s.finish(&path)).collect())
+}
+
+fn copied(payloads: &[&[u8]]) -> Vec<SubRecordBuf> {
+    payloads.iter().map(|p| SubRecordBuf::copied(p)).collect()
 }
 
 fn new_cache() -> ProofCache {
@@ -195,6 +199,12 @@ impl Capsule {
 
     /// Appends one record holding `payloads` as sub-records, on top of every current head.
     pub fn append(&self, writer: &Identity, payloads: &[&[u8]], opts: AppendOptions) -> Result<RecordHash> {
+        self.append_built(writer, copied(payloads), opts)
+    }
+
+    /// `append` of sub-records whose payloads were written in place (see `SubRecordBuf`).
+    pub fn append_built(&self, writer: &Identity, subs: Vec<SubRecordBuf>, opts: AppendOptions) -> Result<RecordHash> {
+        let sub_count = u32::try_from(subs.len()).map_err(|_| Error::Invalid("too many sub-records".into()))?;
         let _guard = self.write_lock.lock().expect("no panics while locked");
         let mut parents = self.store.heads()?;
         if parents.is_empty() {
@@ -202,7 +212,7 @@ impl Capsule {
         }
         let w = writer.writer();
         let seq = Seq(self.store.last_seq(&w)?.map_or(1, |s| s.0 + 1));
-        let (merkle_root, subs) = sub_records(payloads);
+        let (merkle_root, subs) = sub_records(subs);
         let header = RecordHeader {
             version: FORMAT_VERSION,
             capsule: self.id,
@@ -212,7 +222,7 @@ impl Capsule {
             time_ms: now_ms(),
             kind: opts.kind,
             key_gen: opts.key_gen,
-            sub_count: u32::try_from(payloads.len()).map_err(|_| Error::Invalid("too many sub-records".into()))?,
+            sub_count,
             merkle_root,
         };
         header.check().map_err(|e| Error::Invalid(format!("record: {e}")))?;
@@ -229,7 +239,7 @@ impl Capsule {
     pub fn ingest(&self, record_bytes: &[u8], payloads: &[&[u8]], durability: Durability) -> Result<Ingested> {
         let record = Record::decode(record_bytes).map_err(VerifyError::Undecodable)?;
         let h = record.hash();
-        let (root, subs) = sub_records(payloads);
+        let (root, subs) = sub_records(copied(payloads));
         if root != record.header.merkle_root || payloads.len() != record.header.sub_count as usize {
             return Err(VerifyError::PayloadMismatch {
                 record: h,

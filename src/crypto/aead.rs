@@ -105,13 +105,24 @@ pub struct OpenError {
     pub place: Place,
 }
 
-/// `salt ‖ ciphertext ‖ tag`, encrypted straight from `plaintext` into its place in the
-/// output (one pass; encrypting in place would first need a copy).
+/// Length of `plain_len` bytes once sealed.
+pub fn sealed_len(plain_len: usize) -> usize {
+    SALT_LEN + plain_len + TAG_LEN
+}
+
 pub fn seal(key: &ContentKey, place: &Place, plaintext: &[u8]) -> Vec<u8> {
+    let mut sealed = vec![0; sealed_len(plaintext.len())];
+    seal_into(key, place, plaintext, &mut sealed);
+    sealed
+}
+
+/// Writes `salt ‖ ciphertext ‖ tag` into `out` (`sealed_len` bytes), encrypting straight from
+/// `plaintext` into its place (one pass; encrypting in place would first need a copy).
+pub fn seal_into(key: &ContentKey, place: &Place, plaintext: &[u8], out: &mut [u8]) {
+    assert_eq!(out.len(), sealed_len(plaintext.len()), "seal_into needs sealed_len bytes");
     let salt: [u8; SALT_LEN] = super::random_bytes();
     let aad = place.associated_data(key.generation);
-    let mut sealed = vec![0; SALT_LEN + plaintext.len() + TAG_LEN];
-    let (head, tag_out) = sealed.split_at_mut(SALT_LEN + plaintext.len());
+    let (head, tag_out) = out.split_at_mut(SALT_LEN + plaintext.len());
     let (salt_out, ciphertext) = head.split_at_mut(SALT_LEN);
     salt_out.copy_from_slice(&salt);
     let buf = InOutBuf::new(plaintext, ciphertext).expect("output sized to the plaintext");
@@ -120,7 +131,6 @@ pub fn seal(key: &ContentKey, place: &Place, plaintext: &[u8]) -> Vec<u8> {
         .encrypt_inout_detached(&Nonce::default(), &aad, buf)
         .expect("AES-GCM encrypts any message below 64 GiB");
     tag_out.copy_from_slice(&tag);
-    sealed
 }
 
 pub fn open(key: &ContentKey, place: &Place, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::capsule::{AppendOptions, Capsule};
 use crate::crypto::aead::{self, ContentKey, Place, SealedKind};
 use crate::crypto::keys::Identity;
-use crate::record::{RecordHash, RecordKind, SubIdx};
+use crate::record::{RecordHash, RecordKind, SubIdx, SubRecordBuf};
 use crate::store::Durability;
 use crate::{Result, VerifyError};
 
@@ -81,7 +81,7 @@ impl NodeSource for TreeSource<'_> {
 /// The sealed payloads of one commit, in sub-record order.
 pub struct CommitBuilder<'a> {
     sealed: &'a Sealed,
-    payloads: Vec<Vec<u8>>,
+    payloads: Vec<SubRecordBuf>,
     /// Plaintexts of the tree nodes sealed here: once the record is appended they go to the
     /// payload cache, since the next operation reads them back (chunks would only churn it).
     nodes: Vec<(SubIdx, Place, Vec<u8>)>,
@@ -93,7 +93,10 @@ impl<'a> CommitBuilder<'a> {
     }
 
     pub fn push(&mut self, place: &Place, plaintext: &[u8]) -> SubIdx {
-        self.payloads.push(aead::seal(&self.sealed.key, place, plaintext));
+        let key = &self.sealed.key;
+        let sub =
+            SubRecordBuf::filled(aead::sealed_len(plaintext.len()), |out| aead::seal_into(key, place, plaintext, out));
+        self.payloads.push(sub);
         SubIdx(self.payloads.len() as u32 - 1)
     }
 
@@ -104,9 +107,8 @@ impl<'a> CommitBuilder<'a> {
 
     /// Appends the payloads as one record.
     pub fn finish(self, writer: &Identity, sign: bool, durability: Durability) -> Result<RecordHash> {
-        let refs: Vec<&[u8]> = self.payloads.iter().map(Vec::as_slice).collect();
         let opts = AppendOptions { sign, kind: RecordKind::Data, key_gen: self.sealed.key.generation(), durability };
-        let record = self.sealed.capsule.append(writer, &refs, opts)?;
+        let record = self.sealed.capsule.append_built(writer, self.payloads, opts)?;
         for (idx, place, plain) in self.nodes {
             let weight = plain.len();
             self.sealed.cache.plain.insert(Loc { record, idx }, place, Arc::new(plain), weight);

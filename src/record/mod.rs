@@ -13,4 +13,4 @@ pub use header::{Record, RecordHeader, RecordKind};
 pub use ids::{CapsuleId, KeyGen, NodeHash, RecordHash, Seq, Signature, SubIdx, WriterId};
 pub use merkle::MerklePath;
 pub use metadata::{Metadata, Params, SignedMetadata};
-pub use sub_record::{Payload, SubRecord};
+pub use sub_record::{Payload, SubRecord, SubRecordBuf};

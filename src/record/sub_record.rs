@@ -60,20 +60,44 @@ impl SubRecord {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        Self::encode_parts(&self.data, &self.path)
-    }
-
-    /// The encoding of `SubRecord { data, path }` without first copying `data` into one.
-    pub fn encode_parts(data: &[u8], path: &MerklePath) -> Vec<u8> {
-        codec::encode(&SubRecordRef { data, path })
+        SubRecordBuf::copied(&self.data).finish(&self.path)
     }
 }
 
-/// Borsh writes `&[u8]` exactly as `Vec<u8>`, so this encodes the same bytes as `SubRecord`.
-#[derive(BorshSerialize)]
-struct SubRecordRef<'a> {
-    data: &'a [u8],
-    path: &'a MerklePath,
+/// A sub-record built in the buffer it will be stored from: length prefix, payload, then
+/// (once the record's Merkle tree is known) the path. A payload written in place, as a commit
+/// seals its chunks, is never copied to be encoded.
+pub struct SubRecordBuf {
+    bytes: Vec<u8>,
+}
+
+impl SubRecordBuf {
+    /// Room kept after the payload for a path: its length and 32 bytes a level.
+    const PATH_ROOM: usize = 4 + 32 * 32;
+
+    /// A payload of `len` bytes, written by `fill`.
+    pub fn filled(len: usize, fill: impl FnOnce(&mut [u8])) -> Self {
+        let mut bytes = Vec::with_capacity(LEN_PREFIX + len + Self::PATH_ROOM);
+        bytes.resize(LEN_PREFIX + len, 0);
+        fill(&mut bytes[LEN_PREFIX..]);
+        Self { bytes }
+    }
+
+    pub fn copied(payload: &[u8]) -> Self {
+        Self::filled(payload.len(), |out| out.copy_from_slice(payload))
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[LEN_PREFIX..]
+    }
+
+    /// The stored encoding, equal to borsh's for `SubRecord { data: payload, path }`.
+    pub fn finish(mut self, path: &MerklePath) -> Vec<u8> {
+        let len = u32::try_from(self.bytes.len() - LEN_PREFIX).expect("payloads are far below 4 GiB");
+        self.bytes[..LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+        path.serialize(&mut self.bytes).expect("borsh writes to a Vec cannot fail");
+        self.bytes
+    }
 }
 
 #[cfg(test)]
@@ -82,11 +106,11 @@ mod tests {
     use crate::record::merkle;
 
     #[test]
-    fn borrowed_encoding_matches_the_owned_one() {
+    fn buffer_encoding_matches_borsh() {
         let leaves: Vec<_> = [&b"a"[..], b"bc", b"def"].iter().map(|p| merkle::leaf_hash(p)).collect();
         let (_, paths) = merkle::build(&leaves);
         let owned = SubRecord { data: b"bc".to_vec(), path: paths[1].clone() };
-        let bytes = SubRecord::encode_parts(b"bc", &paths[1]);
+        let bytes = SubRecordBuf::copied(b"bc").finish(&paths[1]);
         assert_eq!(bytes, codec::encode(&owned));
         assert_eq!(SubRecord::decode(&bytes).unwrap(), owned);
     }
