@@ -605,7 +605,9 @@ impl Fs {
 
     /// The bytes of chunk `n` of file `ino`: pending (borrowed), committed (proven and
     /// opened), or None for a hole.
-    fn chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<ChunkBytes<'_>>> {
+    /// Chunk `n` of a file, pending or committed; a committed one is kept in the payload
+    /// cache when `partial` (the rest of it is likely asked for next).
+    fn chunk(&self, ino: u64, inode: &Inode, n: u64, partial: bool) -> Result<Option<ChunkBytes<'_>>> {
         if let Some(c) = self.chunks.get(&(ino, n)) {
             return Ok(Some(ChunkBytes::Pending(c)));
         }
@@ -616,7 +618,8 @@ impl Fs {
         let Ref::At(record, idx) = r else {
             unreachable!("chunk refs in the map are absolute until a commit, which empties `files`")
         };
-        let bytes = sealed.read(Loc { record, idx }, &sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0))?;
+        let place = sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
+        let bytes = sealed.read_keeping(Loc { record, idx }, &place, partial)?;
         Ok(Some(ChunkBytes::Committed(bytes)))
     }
 
@@ -639,7 +642,7 @@ impl Fs {
             let n = pos / CHUNK_SIZE;
             let within = (pos % CHUNK_SIZE) as usize;
             let take = (end - pos).min(CHUNK_SIZE - within as u64) as usize;
-            let chunk = self.chunk(ino, &inode, n)?;
+            let chunk = self.chunk(ino, &inode, n, take < CHUNK_SIZE as usize)?;
             let chunk = chunk.as_deref().unwrap_or_default();
             let have = chunk.len().saturating_sub(within).min(take);
             out.extend_from_slice(&chunk[within.min(chunk.len())..within.min(chunk.len()) + have]);
@@ -663,7 +666,7 @@ impl Fs {
             if !self.chunks.contains_key(&(ino, n)) {
                 let keeps_old = take < CHUNK_SIZE as usize && n * CHUNK_SIZE < inode.size;
                 let committed = match keeps_old {
-                    true => self.chunk(ino, &inode, n)?.map(ChunkBytes::into_owned).unwrap_or_default(),
+                    true => self.chunk(ino, &inode, n, true)?.map(ChunkBytes::into_owned).unwrap_or_default(),
                     false => Vec::new(),
                 };
                 self.chunks.insert((ino, n), committed);
@@ -696,7 +699,7 @@ impl Fs {
             let keep = size.div_ceil(CHUNK_SIZE);
             // Trim the new last chunk so the cut bytes cannot come back if the file grows again.
             if size % CHUNK_SIZE != 0
-                && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?.map(ChunkBytes::into_owned)
+                && let Some(mut last) = self.chunk(ino, &inode, keep - 1, true)?.map(ChunkBytes::into_owned)
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
                 self.chunks.insert((ino, keep - 1), last);
