@@ -101,7 +101,7 @@ fn now_ms() -> u64 {
 
 /// The Merkle root over the payloads, and each sub-record encoded with its path.
 fn sub_records(subs: Vec<SubRecordBuf>) -> (NodeHash, Vec<Vec<u8>>) {
-    let leaves: Vec<_> = subs.iter().map(|s| merkle::leaf_hash(s.payload())).collect();
+    let leaves: Vec<_> = subs.iter().map(SubRecordBuf::leaf).collect();
     let (root, paths) = merkle::build(&leaves);
     (root, subs.into_iter().zip(paths).map(|(s, path)| s.finish(&path)).collect())
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use super::node::{Bucket, CHUNK_SIZE, DirEntry, Inode, Kind, ROOT_INO, Superblock, Time, name_key};
 use super::payload_cache::Caches;
 use super::sealed::{CommitBuilder, Sealed};
+use super::sealer::{ChunkKey, Sealer};
 use super::trie::{Loc, NodeSource, Ref, Trie, Value};
 use crate::capsule::{Capsule, EarlierProofs};
 use crate::crypto::aead::{ContentKey, SealedKind};
@@ -51,7 +52,11 @@ pub struct Fs {
     files: HashMap<u64, Trie<Ref>>,
     dirs: HashMap<u64, Trie<Bucket>>,
     /// Written chunks not yet committed, by (inode, chunk number).
-    chunks: BTreeMap<(u64, u64), Vec<u8>>,
+    chunks: BTreeMap<ChunkKey, PendingChunk>,
+    /// Bumped by every change to a pending chunk, which takes the new value as its version.
+    chunk_version: u64,
+    /// Seals completed chunks while writes go on (writable filesystems only).
+    sealer: Option<Sealer>,
     /// The commit this state builds on.
     base: Option<RecordHash>,
     /// Open handles per inode: an unlinked file lives on (nlink 0) until its last close.
@@ -73,6 +78,13 @@ impl std::ops::Deref for ChunkBytes<'_> {
             ChunkBytes::Committed(b) => b,
         }
     }
+}
+
+/// A written chunk waiting for a commit. `version` changes with every change to it, so that
+/// a seal made early (`Sealer`) is used only for the very bytes it sealed.
+struct PendingChunk {
+    data: Arc<Vec<u8>>,
+    version: u64,
 }
 
 impl ChunkBytes<'_> {
@@ -150,6 +162,7 @@ impl Fs {
         next_ino: u64,
         base: Option<RecordHash>,
     ) -> Self {
+        let sealer = writer.is_some().then(|| Sealer::start(sealed.key.clone()));
         Self {
             sealed,
             writer,
@@ -158,6 +171,8 @@ impl Fs {
             files: HashMap::new(),
             dirs: HashMap::new(),
             chunks: BTreeMap::new(),
+            chunk_version: 0,
+            sealer,
             base,
             open_handles: HashMap::new(),
         }
@@ -170,7 +185,7 @@ impl Fs {
 
     /// Bytes of written chunks waiting for a commit.
     pub fn pending_bytes(&self) -> usize {
-        self.chunks.values().map(Vec::len).sum()
+        self.chunks.values().map(|c| c.data.len()).sum()
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -609,7 +624,7 @@ impl Fs {
     /// cache when `partial` (the rest of it is likely asked for next).
     fn chunk(&self, ino: u64, inode: &Inode, n: u64, partial: bool) -> Result<Option<ChunkBytes<'_>>> {
         if let Some(c) = self.chunks.get(&(ino, n)) {
-            return Ok(Some(ChunkBytes::Pending(c)));
+            return Ok(Some(ChunkBytes::Pending(&c.data)));
         }
         let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::ChunkMap, ino);
@@ -669,9 +684,13 @@ impl Fs {
                     true => self.chunk(ino, &inode, n, true)?.map(ChunkBytes::into_owned).unwrap_or_default(),
                     false => Vec::new(),
                 };
-                self.chunks.insert((ino, n), committed);
+                self.chunks.insert((ino, n), PendingChunk { data: Arc::new(committed), version: 0 });
             }
-            let chunk = self.chunks.get_mut(&(ino, n)).expect("inserted just above");
+            self.chunk_version += 1;
+            let pending = self.chunks.get_mut(&(ino, n)).expect("inserted just above");
+            pending.version = self.chunk_version;
+            // Copies only if the sealer still holds this chunk's bytes from an earlier write.
+            let chunk = Arc::make_mut(&mut pending.data);
             if chunk.len() <= within {
                 // Appending (the common case): no zero-fill of bytes about to be overwritten.
                 chunk.resize(within, 0);
@@ -681,6 +700,13 @@ impl Fs {
                     chunk.resize(within + take, 0);
                 }
                 chunk[within..within + take].copy_from_slice(&rest[..take]);
+            }
+            // A write that reaches a chunk's end has most likely finished it.
+            if within + take == CHUNK_SIZE as usize
+                && let Some(sealer) = &self.sealer
+            {
+                let place = self.sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
+                sealer.submit((ino, n), pending.version, pending.data.clone(), place);
             }
             pos += take as u64;
             rest = &rest[take..];
@@ -702,7 +728,8 @@ impl Fs {
                 && let Some(mut last) = self.chunk(ino, &inode, keep - 1, true)?.map(ChunkBytes::into_owned)
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
-                self.chunks.insert((ino, keep - 1), last);
+                self.chunk_version += 1;
+                self.chunks.insert((ino, keep - 1), PendingChunk { data: Arc::new(last), version: self.chunk_version });
             }
             self.chunks.retain(|(i, n), _| *i != ino || *n < keep);
             let sealed = &self.sealed;
@@ -738,6 +765,11 @@ impl Fs {
         self.append_commit(sign, durability).map(Some)
     }
 
+    /// Makes every commit so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.sealed.capsule.store().sync()
+    }
+
     /// A signed commit even when nothing changed (a record of one superblock), so that the
     /// unsigned commits before it are proven by a signature within the capsule's T bound.
     pub fn sign_now(&mut self, durability: Durability) -> Result<RecordHash> {
@@ -753,8 +785,9 @@ impl Fs {
         let sealed = &self.sealed;
         let table = sealed.tree(SealedKind::InodeTable, 0);
         let mut builder = CommitBuilder::new(sealed);
+        let mut sealed_early = self.sealer.as_ref().map(Sealer::take).unwrap_or_default();
         // Chunks first; their maps then point at them within this record.
-        for (&(ino, n), data) in &self.chunks {
+        for (&(ino, n), pending) in &self.chunks {
             // The inode is read once per file, to open its chunk map.
             let map = match files.entry(ino) {
                 Entry::Occupied(map) => map.into_mut(),
@@ -763,7 +796,11 @@ impl Fs {
                     slot.insert(Self::committed_tree(&inode, CHUNK_LEAF))
                 }
             };
-            let idx = builder.push(&sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0), data);
+            let idx = match sealed_early.remove(&(ino, n)) {
+                // Sealed at this place by the sealer, from exactly these bytes.
+                Some((version, sub)) if version == pending.version => builder.push_sealed(sub),
+                _ => builder.push(&sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0), &pending.data),
+            };
             map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, Ref::Here(idx))?;
         }
         for (ino, map) in &files {

@@ -6,6 +6,7 @@ pub mod filesystem;
 pub mod node;
 pub mod payload_cache;
 pub mod sealed;
+pub mod sealer;
 pub mod trie;
 
 pub use filesystem::Fs;

@@ -105,6 +105,12 @@ impl<'a> CommitBuilder<'a> {
         let key = &self.sealed.key;
         let sub =
             SubRecordBuf::filled(aead::sealed_len(plaintext.len()), |out| aead::seal_into(key, place, plaintext, out));
+        self.push_sealed(sub)
+    }
+
+    /// A payload sealed before (by `fs::sealer`, with this builder's key and the place its
+    /// caller asks for it at).
+    pub fn push_sealed(&mut self, sub: SubRecordBuf) -> SubIdx {
         self.payloads.push(sub);
         SubIdx(self.payloads.len() as u32 - 1)
     }

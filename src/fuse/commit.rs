@@ -71,16 +71,30 @@ pub fn commit(policy: &Mutex<SignPolicy>, fs: &mut Fs, force_sign: bool, durabil
     Ok(())
 }
 
+/// fsync, fsyncdir and unmount: everything pending in a signed commit; with nothing pending,
+/// a signature for commits still unsigned (so every commit can be proven without the
+/// writer's key); either way every commit so far durable before returning, including ones
+/// that closes made, buffered, just before.
+pub fn commit_durable(policy: &Mutex<SignPolicy>, fs: &mut Fs) -> Result<()> {
+    if fs.is_dirty() {
+        return commit(policy, fs, true, Durability::Durable);
+    }
+    if !sign_waiting(policy, fs, false, Durability::Durable)? {
+        fs.sync()?;
+    }
+    Ok(())
+}
+
 /// Signs a commit of nothing when unsigned ones wait for a signature: once they have waited
-/// T seconds (`overdue_only`), or at all (at unmount).
-fn sign_waiting(policy: &Mutex<SignPolicy>, fs: &mut Fs, overdue_only: bool, durability: Durability) -> Result<()> {
+/// T seconds (`overdue_only`), or at all. Returns whether it signed.
+fn sign_waiting(policy: &Mutex<SignPolicy>, fs: &mut Fs, overdue_only: bool, durability: Durability) -> Result<bool> {
     let mut policy = policy.lock().expect("no panics while locked");
     let waiting = if overdue_only { policy.overdue() } else { policy.unsigned > 0 };
     if waiting {
         fs.sign_now(durability)?;
         policy.record(true);
     }
-    Ok(())
+    Ok(waiting)
 }
 
 /// How long a commit asked for by a close waits for more closes to share it. Committing on
@@ -200,11 +214,7 @@ impl CommitTimer {
     pub fn finish(mut self) -> Result<()> {
         self.stop();
         let mut fs = self.fs.write().expect("no operation is running after the session ended");
-        if fs.is_dirty() {
-            commit(&self.policy, &mut fs, true, Durability::Durable)
-        } else {
-            sign_waiting(&self.policy, &mut fs, false, Durability::Durable)
-        }
+        commit_durable(&self.policy, &mut fs)
     }
 }
 

@@ -32,7 +32,7 @@ use crate::record::Params;
 use crate::store::Durability;
 use crate::{Error, Result};
 pub use commit::CommitTimer;
-use commit::{SignPolicy, Wakeups, commit};
+use commit::{SignPolicy, Wakeups, commit, commit_durable};
 use control::{CONTROL_NAME, Node, Status, Views};
 use errno::to_errno;
 
@@ -559,13 +559,11 @@ impl Filesystem for CapsuleFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let mut fs = self.fs_mut();
-        reply_empty(self.commit(&mut fs, true, Durability::Durable), reply);
+        reply_empty(commit_durable(&self.policy, &mut self.fs_mut()), reply);
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let mut fs = self.fs_mut();
-        reply_empty(self.commit(&mut fs, true, Durability::Durable), reply);
+        reply_empty(commit_durable(&self.policy, &mut self.fs_mut()), reply);
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {

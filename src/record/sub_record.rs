@@ -5,7 +5,8 @@ use std::ops::Deref;
 use borsh::BorshSerialize;
 
 use super::codec::{self, DecodeError};
-use super::merkle::MerklePath;
+use super::ids::NodeHash;
+use super::merkle::{self, MerklePath};
 
 /// Largest payload one sub-record may carry.
 pub const MAX_SUB_RECORD_LEN: usize = 16 << 20;
@@ -69,6 +70,8 @@ impl SubRecord {
 /// seals its chunks, is never copied to be encoded.
 pub struct SubRecordBuf {
     bytes: Vec<u8>,
+    /// The payload's Merkle leaf, hashed as it is made (possibly on another thread).
+    leaf: NodeHash,
 }
 
 impl SubRecordBuf {
@@ -80,15 +83,16 @@ impl SubRecordBuf {
         let mut bytes = Vec::with_capacity(LEN_PREFIX + len + Self::PATH_ROOM);
         bytes.resize(LEN_PREFIX + len, 0);
         fill(&mut bytes[LEN_PREFIX..]);
-        Self { bytes }
+        let leaf = merkle::leaf_hash(&bytes[LEN_PREFIX..]);
+        Self { bytes, leaf }
     }
 
     pub fn copied(payload: &[u8]) -> Self {
         Self::filled(payload.len(), |out| out.copy_from_slice(payload))
     }
 
-    pub fn payload(&self) -> &[u8] {
-        &self.bytes[LEN_PREFIX..]
+    pub fn leaf(&self) -> NodeHash {
+        self.leaf
     }
 
     /// The stored encoding, equal to borsh's for `SubRecord { data: payload, path }`.

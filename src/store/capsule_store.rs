@@ -150,6 +150,11 @@ impl CapsuleStore {
         self.kv.write(batch.batch, durability)
     }
 
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.kv.sync()
+    }
+
     /// The raw backend, for tools and tests that must reach below the typed layer.
     pub fn kv(&self) -> &dyn Kv {
         &*self.kv

@@ -68,6 +68,8 @@ pub type Entries<'a> = Box<dyn Iterator<Item = Result<Entry>> + 'a>;
 pub trait Kv: Send + Sync {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
     fn write(&self, batch: Batch, durability: Durability) -> Result<()>;
+    /// Makes every write so far durable (as if each had been `Durability::Durable`).
+    fn sync(&self) -> Result<()>;
     /// Entries whose key starts with `prefix`, ascending, or descending when `reverse`.
     fn scan<'a>(&'a self, cf: Cf, prefix: &[u8], reverse: bool) -> Result<Entries<'a>>;
 }

@@ -35,6 +35,10 @@ impl Kv for MemKv {
         Ok(())
     }
 
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn scan<'a>(&'a self, cf: Cf, prefix: &[u8], reverse: bool) -> Result<Entries<'a>> {
         let map = self.map.lock().expect("no panics while locked");
         let mut items: Vec<_> = map

@@ -123,6 +123,11 @@ impl Kv for RocksKv {
         self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e))
     }
 
+    /// Pack values are synced before any batch names them, so only the WAL is left.
+    fn sync(&self) -> Result<()> {
+        self.db.flush_wal(true).map_err(|e| store_error(&self.path, e))
+    }
+
     fn scan<'a>(&'a self, cf: Cf, prefix: &[u8], reverse: bool) -> Result<Entries<'a>> {
         let end = prefix_end(prefix);
         let mode = match (reverse, &end) {
