@@ -90,7 +90,7 @@ for r in $(seq "$ROUNDS"); do
     done
   done
 done
-for key in "${!RUNS[@]}"; do T[$key]=$(echo "${RUNS[$key]}" | median); done
+for key in "${!RUNS[@]}"; do T[$key]=$(echo "${RUNS[$key]}" | median); [ -n "${BENCH_VERBOSE:-}" ] && echo "$key:${RUNS[$key]}" >&2; done
 
 printf '%-10s' workload; printf '%12s' "${SYSTEMS[@]}"; printf '%14s\n' capsule/gocfs
 worst=""; max=0

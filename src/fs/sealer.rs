@@ -1,6 +1,6 @@
 //! Seals written chunks on a thread of its own while writes go on.
 //!
-//! A sequential write used to seal and hash every chunk inside the commit that the 8 MiB
+//! A sequential write used to seal and hash every chunk inside the commit that the
 //! pending bound forces, on the FUSE thread, while the writer waited: AES-GCM and blake3
 //! were a quarter of seq_write's CPU, all of it between one write(2) and the next. Now a
 //! write that completes a chunk hands it here; the commit takes the seals made meanwhile
