@@ -6,6 +6,7 @@
 #   BENCH_MB     size of the sequential file (default 512)
 #   BENCH_ROUNDS rounds of every workload on every system, interleaved; each cell is the
 #                median (default 3: on a shared VM single runs move by a third)
+#   BENCH_VERBOSE=1 also prints every run of every cell (to stderr)
 #   BENCH_DIR  work folder (default target/bench-fs, on the same disk as the build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
