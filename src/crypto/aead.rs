@@ -134,6 +134,13 @@ pub fn seal_into(key: &ContentKey, place: &Place, plaintext: &[u8], out: &mut [u
 }
 
 pub fn open(key: &ContentKey, place: &Place, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let mut plaintext = vec![0; sealed.len().saturating_sub(SEAL_OVERHEAD)];
+    open_into(key, place, sealed, &mut plaintext)?;
+    Ok(plaintext)
+}
+
+/// `open`, decrypting straight into `out`, which holds `sealed.len() - SEAL_OVERHEAD` bytes.
+pub fn open_into(key: &ContentKey, place: &Place, sealed: &[u8], out: &mut [u8]) -> Result<(), OpenError> {
     let err = || OpenError { generation: key.generation, place: *place };
     if sealed.len() < SEAL_OVERHEAD {
         return Err(err());
@@ -142,10 +149,8 @@ pub fn open(key: &ContentKey, place: &Place, sealed: &[u8]) -> Result<Vec<u8>, O
     let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
     let tag: Tag = Tag::try_from(tag).expect("TAG_LEN bytes");
     let aad = place.associated_data(key.generation);
-    let mut plaintext = vec![0; ciphertext.len()];
-    let buf = InOutBuf::new(ciphertext, &mut plaintext).expect("output sized to the ciphertext");
-    key.one_time_cipher(salt).decrypt_inout_detached(&Nonce::default(), &aad, buf, &tag).map_err(|_| err())?;
-    Ok(plaintext)
+    let buf = InOutBuf::new(ciphertext, out).expect("open_into needs sealed.len() - SEAL_OVERHEAD bytes");
+    key.one_time_cipher(salt).decrypt_inout_detached(&Nonce::default(), &aad, buf, &tag).map_err(|_| err())
 }
 
 #[cfg(test)]

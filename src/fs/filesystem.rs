@@ -619,23 +619,25 @@ impl Fs {
     }
 
     /// The bytes of chunk `n` of file `ino`: pending (borrowed), committed (proven and
-    /// opened), or None for a hole.
-    /// Chunk `n` of a file, pending or committed; a committed one is kept in the payload
-    /// cache when `partial` (the rest of it is likely asked for next).
+    /// opened; kept in the payload cache when `partial`, as the rest of it is likely asked
+    /// for next), or None for a hole.
     fn chunk(&self, ino: u64, inode: &Inode, n: u64, partial: bool) -> Result<Option<ChunkBytes<'_>>> {
         if let Some(c) = self.chunks.get(&(ino, n)) {
             return Ok(Some(ChunkBytes::Pending(&c.data)));
         }
-        let sealed = &self.sealed;
-        let src = sealed.tree(SealedKind::ChunkMap, ino);
+        let Some(at) = self.committed_chunk(ino, inode, n)? else { return Ok(None) };
+        let place = self.sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
+        Ok(Some(ChunkBytes::Committed(self.sealed.read_keeping(at, &place, partial)?)))
+    }
+
+    /// Where committed chunk `n` of file `ino` is stored, or None for a hole.
+    fn committed_chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Loc>> {
+        let src = self.sealed.tree(SealedKind::ChunkMap, ino);
         let found = Self::current_tree(&self.files, ino, inode, CHUNK_LEAF).get(&src, n)?;
-        let Some(r) = found else { return Ok(None) };
-        let Ref::At(record, idx) = r else {
-            unreachable!("chunk refs in the map are absolute until a commit, which empties `files`")
-        };
-        let place = sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
-        let bytes = sealed.read_keeping(Loc { record, idx }, &place, partial)?;
-        Ok(Some(ChunkBytes::Committed(bytes)))
+        Ok(found.map(|r| match r {
+            Ref::At(record, idx) => Loc { record, idx },
+            Ref::Here(_) => unreachable!("chunk refs in the map are absolute until a commit, which empties `files`"),
+        }))
     }
 
     fn file_inode(&self, ino: u64) -> Result<Inode> {
@@ -651,17 +653,25 @@ impl Fs {
     pub fn read(&self, ino: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
         let inode = self.file_inode(ino)?;
         let end = inode.size.min(offset.saturating_add(u64::from(len)));
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut out = vec![0; end.saturating_sub(offset) as usize];
         let mut pos = offset;
         while pos < end {
             let n = pos / CHUNK_SIZE;
             let within = (pos % CHUNK_SIZE) as usize;
             let take = (end - pos).min(CHUNK_SIZE - within as u64) as usize;
-            let chunk = self.chunk(ino, &inode, n, take < CHUNK_SIZE as usize)?;
-            let chunk = chunk.as_deref().unwrap_or_default();
-            let have = chunk.len().saturating_sub(within).min(take);
-            out.extend_from_slice(&chunk[within.min(chunk.len())..within.min(chunk.len()) + have]);
-            out.resize(out.len() + take - have, 0);
+            let dst = &mut out[(pos - offset) as usize..][..take];
+            let whole = take == CHUNK_SIZE as usize;
+            if whole && !self.chunks.contains_key(&(ino, n)) {
+                // A committed chunk read whole is opened straight into the reply.
+                if let Some(at) = self.committed_chunk(ino, &inode, n)? {
+                    let place = self.sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
+                    self.sealed.read_into(at, &place, dst)?;
+                }
+            } else if let Some(chunk) = self.chunk(ino, &inode, n, !whole)? {
+                let start = within.min(chunk.len());
+                let have = (chunk.len() - start).min(take);
+                dst[..have].copy_from_slice(&chunk[start..start + have]);
+            }
             pos += take as u64;
         }
         Ok(out)

@@ -41,20 +41,46 @@ impl Sealed {
             return Ok(plain);
         }
         let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
-        let plain = Arc::new(aead::open(&self.key, place, sealed.get()).map_err(|_| {
-            tracing::error!(record = ?at.record, idx = at.idx.0, ?place, "payload does not open at its place");
-            crate::Error::from(VerifyError::SealBroken { record: at.record, idx: at.idx })
-        })?);
+        let plain = Arc::new(aead::open(&self.key, place, sealed.get()).map_err(|_| seal_broken(at, place))?);
         if keep {
             self.cache.plain.insert(at, *place, plain.clone(), plain.len());
         }
         Ok(plain)
     }
 
+    /// A payload read whole into `out` (a chunk for a read that covers all of it): opened
+    /// straight into place, not kept in the cache (the kernel's page cache keeps it), unless
+    /// the cache has it already. Returns how many bytes it wrote; the rest of `out` is left
+    /// alone (a short chunk ends in a hole).
+    pub fn read_into(&self, at: Loc, place: &Place, out: &mut [u8]) -> Result<usize> {
+        let cached = self.cache.plain.get(at, place);
+        let plain = match cached {
+            Some(plain) => plain,
+            None => {
+                let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
+                let len = sealed.get().len().saturating_sub(aead::SEAL_OVERHEAD);
+                if len <= out.len() {
+                    aead::open_into(&self.key, place, sealed.get(), &mut out[..len])
+                        .map_err(|_| seal_broken(at, place))?;
+                    return Ok(len);
+                }
+                Arc::new(aead::open(&self.key, place, sealed.get()).map_err(|_| seal_broken(at, place))?)
+            }
+        };
+        let len = plain.len().min(out.len());
+        out[..len].copy_from_slice(&plain[..len]);
+        Ok(len)
+    }
+
     /// The source for the tree of `object` (an inode, or 0 for the inode table).
     pub fn tree(&self, kind: SealedKind, object: u64) -> TreeSource<'_> {
         TreeSource { sealed: self, kind, object }
     }
+}
+
+fn seal_broken(at: Loc, place: &Place) -> crate::Error {
+    tracing::error!(record = ?at.record, idx = at.idx.0, ?place, "payload does not open at its place");
+    VerifyError::SealBroken { record: at.record, idx: at.idx }.into()
 }
 
 pub struct TreeSource<'a> {
