@@ -173,9 +173,8 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let shared = Arc::new(RwLock::new(fs));
     let adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
     let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
-    // Canonical before mounting: resolving the mount point afterwards would ask this very
-    // daemon, which is not serving yet.
-    let mount_point = a.dir.canonicalize()?;
+    // Resolved before mounting, while the path still ends in the folder underneath.
+    let mount_point = a.dir.canonicalize().with_context(|| format!("{} is not an existing folder", a.dir.display()))?;
     let session = fuser::Session::new(adapter, &a.dir, &fuse_config(a)).with_context(|| {
         format!("mounting on {} (is /dev/fuse there, and the folder not mounted already?)", a.dir.display())
     })?;
