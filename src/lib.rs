@@ -23,7 +23,7 @@
 //! let cap = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("notes", &me), vec![me.clone()]).unwrap();
 //! let rec = cap.append(&me, &[b"hello", b"world"], AppendOptions { sign: true, ..Default::default() }).unwrap();
 //! let (bytes, proof) = cap.read_sub_record(rec, SubIdx(1)).unwrap();
-//! assert_eq!(bytes.get().as_slice(), b"world");
+//! assert_eq!(&bytes.get()[..], b"world");
 //! assert_eq!(proof.record.anchor.record(), rec);
 //! ```
 
