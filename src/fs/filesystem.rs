@@ -618,16 +618,16 @@ impl Fs {
         self.put_inode(ino, inode)
     }
 
-    /// The bytes of chunk `n` of file `ino`: pending (borrowed), committed (proven and
-    /// opened; kept in the payload cache when `partial`, as the rest of it is likely asked
-    /// for next), or None for a hole.
-    fn chunk(&self, ino: u64, inode: &Inode, n: u64, partial: bool) -> Result<Option<ChunkBytes<'_>>> {
+    /// The bytes of chunk `n` of file `ino`: pending (borrowed), committed (proven, opened
+    /// and kept in the payload cache: it is read only in part here, and the rest of it is
+    /// likely asked for next), or None for a hole.
+    fn chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<ChunkBytes<'_>>> {
         if let Some(c) = self.chunks.get(&(ino, n)) {
             return Ok(Some(ChunkBytes::Pending(&c.data)));
         }
         let Some(at) = self.committed_chunk(ino, inode, n)? else { return Ok(None) };
         let place = self.sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
-        Ok(Some(ChunkBytes::Committed(self.sealed.read_keeping(at, &place, partial)?)))
+        Ok(Some(ChunkBytes::Committed(self.sealed.read(at, &place)?)))
     }
 
     /// Where committed chunk `n` of file `ino` is stored, or None for a hole.
@@ -660,14 +660,13 @@ impl Fs {
             let within = (pos % CHUNK_SIZE) as usize;
             let take = (end - pos).min(CHUNK_SIZE - within as u64) as usize;
             let dst = &mut out[(pos - offset) as usize..][..take];
-            let whole = take == CHUNK_SIZE as usize;
-            if whole && !self.chunks.contains_key(&(ino, n)) {
+            if take == CHUNK_SIZE as usize && !self.chunks.contains_key(&(ino, n)) {
                 // A committed chunk read whole is opened straight into the reply.
                 if let Some(at) = self.committed_chunk(ino, &inode, n)? {
                     let place = self.sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
                     self.sealed.read_into(at, &place, dst)?;
                 }
-            } else if let Some(chunk) = self.chunk(ino, &inode, n, !whole)? {
+            } else if let Some(chunk) = self.chunk(ino, &inode, n)? {
                 let start = within.min(chunk.len());
                 let have = (chunk.len() - start).min(take);
                 dst[..have].copy_from_slice(&chunk[start..start + have]);
@@ -691,7 +690,7 @@ impl Fs {
             if !self.chunks.contains_key(&(ino, n)) {
                 let keeps_old = take < CHUNK_SIZE as usize && n * CHUNK_SIZE < inode.size;
                 let committed = match keeps_old {
-                    true => self.chunk(ino, &inode, n, true)?.map(ChunkBytes::into_owned).unwrap_or_default(),
+                    true => self.chunk(ino, &inode, n)?.map(ChunkBytes::into_owned).unwrap_or_default(),
                     false => Vec::new(),
                 };
                 self.chunks.insert((ino, n), PendingChunk { data: Arc::new(committed), version: 0 });
@@ -735,7 +734,7 @@ impl Fs {
             let keep = size.div_ceil(CHUNK_SIZE);
             // Trim the new last chunk so the cut bytes cannot come back if the file grows again.
             if size % CHUNK_SIZE != 0
-                && let Some(mut last) = self.chunk(ino, &inode, keep - 1, true)?.map(ChunkBytes::into_owned)
+                && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?.map(ChunkBytes::into_owned)
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
                 self.chunk_version += 1;

@@ -30,27 +30,19 @@ impl Sealed {
     /// Reads one payload through its proof and opens it, or takes it from the cache of
     /// payloads that passed both before; the cache keeps what is read here.
     pub fn read(&self, at: Loc, place: &Place) -> Result<Arc<Vec<u8>>> {
-        self.read_keeping(at, place, true)
-    }
-
-    /// `read`, keeping the payload in the cache only if `keep`. A chunk read whole goes on
-    /// into the kernel's page cache: keeping it here too, a 512 MiB sequential read filled
-    /// 256 MiB of fresh memory (page faults and zeroing were a tenth of the read's CPU).
-    pub fn read_keeping(&self, at: Loc, place: &Place, keep: bool) -> Result<Arc<Vec<u8>>> {
         if let Some(plain) = self.cache.plain.get(at, place) {
             return Ok(plain);
         }
         let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
         let plain = Arc::new(aead::open(&self.key, place, sealed.get()).map_err(|_| seal_broken(at, place))?);
-        if keep {
-            self.cache.plain.insert(at, *place, plain.clone(), plain.len());
-        }
+        self.cache.plain.insert(at, *place, plain.clone(), plain.len());
         Ok(plain)
     }
 
     /// A payload read whole into `out` (a chunk for a read that covers all of it): opened
-    /// straight into place, not kept in the cache (the kernel's page cache keeps it), unless
-    /// the cache has it already. Returns how many bytes it wrote; the rest of `out` is left
+    /// straight into place, not kept in the cache, unless the cache has it already. The
+    /// kernel's page cache keeps it: keeping it here too, a 512 MiB sequential read filled
+    /// 256 MiB of fresh memory (page faults and zeroing were a tenth of the read's CPU). Returns how many bytes it wrote; the rest of `out` is left
     /// alone (a short chunk ends in a hole).
     pub fn read_into(&self, at: Loc, place: &Place, out: &mut [u8]) -> Result<usize> {
         let cached = self.cache.plain.get(at, place);
