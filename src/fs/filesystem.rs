@@ -626,7 +626,7 @@ impl Fs {
             return Ok(Some(ChunkBytes::Pending(&c.data)));
         }
         let Some(at) = self.committed_chunk(ino, inode, n)? else { return Ok(None) };
-        let place = self.sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
+        let place = self.sealed.chunk_place(ino, n);
         Ok(Some(ChunkBytes::Committed(self.sealed.read(at, &place)?)))
     }
 
@@ -649,6 +649,12 @@ impl Fs {
         }
     }
 
+    /// The version a pending chunk takes when it changes (see `PendingChunk`).
+    fn next_chunk_version(&mut self) -> u64 {
+        self.chunk_version += 1;
+        self.chunk_version
+    }
+
     /// Up to `len` bytes from `offset`; holes read as zeros.
     pub fn read(&self, ino: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
         let inode = self.file_inode(ino)?;
@@ -663,7 +669,7 @@ impl Fs {
             if take == CHUNK_SIZE as usize && !self.chunks.contains_key(&(ino, n)) {
                 // A committed chunk read whole is opened straight into the reply.
                 if let Some(at) = self.committed_chunk(ino, &inode, n)? {
-                    let place = self.sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
+                    let place = self.sealed.chunk_place(ino, n);
                     self.sealed.read_into(at, &place, dst)?;
                 }
             } else if let Some(chunk) = self.chunk(ino, &inode, n)? {
@@ -695,9 +701,9 @@ impl Fs {
                 };
                 self.chunks.insert((ino, n), PendingChunk { data: Arc::new(committed), version: 0 });
             }
-            self.chunk_version += 1;
+            let version = self.next_chunk_version();
             let pending = self.chunks.get_mut(&(ino, n)).expect("inserted just above");
-            pending.version = self.chunk_version;
+            pending.version = version;
             // Copies only if the sealer still holds this chunk's bytes from an earlier write.
             let chunk = Arc::make_mut(&mut pending.data);
             if chunk.len() <= within {
@@ -714,7 +720,7 @@ impl Fs {
             if within + take == CHUNK_SIZE as usize
                 && let Some(sealer) = &self.sealer
             {
-                let place = self.sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0);
+                let place = self.sealed.chunk_place(ino, n);
                 sealer.submit((ino, n), pending.version, pending.data.clone(), place);
             }
             pos += take as u64;
@@ -737,8 +743,8 @@ impl Fs {
                 && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?.map(ChunkBytes::into_owned)
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
-                self.chunk_version += 1;
-                self.chunks.insert((ino, keep - 1), PendingChunk { data: Arc::new(last), version: self.chunk_version });
+                let version = self.next_chunk_version();
+                self.chunks.insert((ino, keep - 1), PendingChunk { data: Arc::new(last), version });
             }
             self.chunks.retain(|(i, n), _| *i != ino || *n < keep);
             let sealed = &self.sealed;
@@ -808,7 +814,7 @@ impl Fs {
             let idx = match sealed_early.remove(&(ino, n)) {
                 // Sealed at this place by the sealer, from exactly these bytes.
                 Some((version, sub)) if version == pending.version => builder.push_sealed(sub),
-                _ => builder.push(&sealed.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0), &pending.data),
+                _ => builder.push(&sealed.chunk_place(ino, n), &pending.data),
             };
             map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, Ref::Here(idx))?;
         }

@@ -11,6 +11,7 @@ use crate::record::{RecordHash, RecordKind, SubIdx, SubRecordBuf};
 use crate::store::Durability;
 use crate::{Result, VerifyError};
 
+use super::node::CHUNK_SIZE;
 use super::payload_cache::Caches;
 use super::trie::{DecodedNode, Loc, NodePos, NodeSink, NodeSource};
 
@@ -25,6 +26,12 @@ pub struct Sealed {
 impl Sealed {
     pub fn place(&self, kind: SealedKind, object: u64, offset: u64, level: u8) -> Place {
         Place { capsule: self.capsule.id(), kind, object, offset, level }
+    }
+
+    /// Where chunk `n` of file `ino` is sealed: one definition for the reads, the commit and
+    /// the sealer thread, which must agree on it.
+    pub fn chunk_place(&self, ino: u64, n: u64) -> Place {
+        self.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0)
     }
 
     /// Reads one payload through its proof and opens it, or takes it from the cache of
