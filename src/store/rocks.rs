@@ -42,7 +42,7 @@ impl RocksKv {
         opts.set_paranoid_checks(true);
         opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         opts.set_max_background_jobs(2);
-        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
+        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| store_error(path, e))?;
         let packs = Packs::open(&path.join("packs"), create)?;
         Ok(Self { db, packs, path: path.to_owned() })
@@ -68,7 +68,7 @@ impl RocksKv {
 }
 
 /// Everything stored is hashes, signatures or ciphertext: compression only costs CPU.
-fn cf_options(_cf: Cf) -> Options {
+fn cf_options() -> Options {
     let mut o = Options::default();
     o.set_compression_type(DBCompressionType::None);
     o
