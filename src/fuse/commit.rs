@@ -169,20 +169,12 @@ impl CommitTimer {
             let mut dirty_since: Option<Instant> = None;
             loop {
                 let wake = wakeups.wait(tick);
-                if let Wake::Stop = wake {
-                    return;
-                }
-                if let Wake::Commit = wake {
-                    std::thread::sleep(CLOSE_BATCH);
+                match wake {
+                    Wake::Stop => return,
+                    Wake::Commit => std::thread::sleep(CLOSE_BATCH),
+                    Wake::Tick => {}
                 }
                 let Ok(mut fs) = fs.write() else { return };
-                if let Wake::Commit = wake {
-                    dirty_since = None;
-                    if let Err(e) = commit(&policy, &mut fs, false, Durability::Buffered) {
-                        tracing::error!("commit after close failed (changes stay pending; fsync to retry): {e}");
-                    }
-                    continue;
-                }
                 if !fs.is_dirty() {
                     dirty_since = None;
                     if let Err(e) = sign_waiting(&policy, &mut fs, true, Durability::Buffered) {
@@ -190,10 +182,13 @@ impl CommitTimer {
                     }
                     continue;
                 }
-                if dirty_since.get_or_insert_with(Instant::now).elapsed() >= after {
+                let waited = dirty_since.get_or_insert_with(Instant::now).elapsed() >= after;
+                if matches!(wake, Wake::Commit) || waited {
                     dirty_since = None;
                     if let Err(e) = commit(&policy, &mut fs, false, Durability::Buffered) {
-                        tracing::error!("timed commit failed (changes stay pending; fsync to retry): {e}");
+                        tracing::error!(
+                            "commit after a close or the time bound failed (changes stay pending; fsync to retry): {e}"
+                        );
                     }
                 }
             }
