@@ -41,14 +41,16 @@ fn a_flipped_bit_in_a_stored_record_is_caught_and_never_returned() {
     assert!(err.contains("verify failed") && err.contains(&bad[..12]), "{err}");
 }
 
-/// A capsule of four signed 64 KiB appends, reopened once so its index lives in table files
-/// (the 64 KiB values are in pack files from the start); returns its id.
+/// A capsule of four signed appends of five 64 KiB sub-records each, reopened once so its
+/// index lives in table files (the values are in pack files from the start: a durable batch
+/// keeps only up to 256 KiB of them inline); returns its id.
 fn capsule_on_disk(home: &Home) -> String {
     let id = home.ok(&["create", "c"]);
     let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     let f = home.file("p", &payload);
+    let f = f.to_str().unwrap();
     for _ in 0..4 {
-        home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+        home.ok(&["append", "c", "--sign", f, f, f, f, f]);
     }
     // Reopening replays the WAL into table files.
     home.ok(&["verify", "c"]);

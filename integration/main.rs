@@ -5,6 +5,7 @@ mod cli;
 mod corruption;
 mod crash;
 mod fsx;
+mod hardening;
 mod mount;
 mod tools;
 

@@ -242,7 +242,8 @@ fn status_and_history_show_the_mount_and_its_past() {
     assert_eq!(fs::read(m.path(&format!(".capsule/history/{}/notes", &first[..8]))).unwrap(), b"first");
     assert_eq!(fs::read(m.path("notes")).unwrap(), b"first and second!");
     let listed: Vec<_> = fs::read_dir(m.path(".capsule/history")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(listed.iter().any(|n| n.to_str() == Some(first.as_str())), "{listed:?}");
+    // Listed oldest first by place and hash prefix; the first commit of this mount is the first.
+    assert!(listed.iter().any(|n| n.to_str() == Some(&format!("000001-{}", &first[..12]))), "{listed:?}");
     assert_eq!(xattr(&past.join("notes"), "user.capsule.record"), first);
     assert_eq!(fs::write(past.join("notes"), b"x").unwrap_err().raw_os_error(), Some(libc::EROFS));
     assert_eq!(fs::write(m.path(".capsule/status"), b"x").unwrap_err().raw_os_error(), Some(libc::EROFS));

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crypto::keys::Identity;
-use crate::crypto::{random_bytes, sign};
-use crate::proof::verify::{check_record_bytes, check_record_claims, save_proven};
+use crate::crypto::random_bytes;
+use crate::crypto::sign::{self, TrustKey};
+use crate::proof::verify::{TrustState, check_record_bytes, check_record_claims};
 use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRecordProof, Verified, witness};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{
@@ -43,6 +44,15 @@ impl Default for AppendOptions {
     fn default() -> Self {
         Self { sign: false, kind: RecordKind::Data, key_gen: KeyGen(0), durability: Durability::Durable }
     }
+}
+
+/// Which records a new record names as its parents.
+#[derive(Clone, Copy, Debug)]
+pub enum Parents<'a> {
+    /// Every current head: the record merges everything this store holds.
+    AllHeads,
+    /// Exactly these (a filesystem commit names the records whose state it contains).
+    These(&'a [RecordHash]),
 }
 
 /// What a new capsule is made of.
@@ -83,6 +93,8 @@ pub struct Capsule {
     store: CapsuleStore,
     cache: ProofCache,
     local: Vec<Identity>,
+    /// Authenticates the proven marks persisted in the store; without it they stay in memory.
+    trust_key: Option<TrustKey>,
     /// One append or ingest at a time: each reads heads and sequence numbers it then updates.
     write_lock: Mutex<()>,
 }
@@ -143,7 +155,7 @@ impl Capsule {
         let mut batch = store.batch();
         batch.put_metadata(signed.encode());
         store.write(batch, Durability::Durable)?;
-        Ok(Self { id, signed, store, cache: new_cache(), local, write_lock: Mutex::new(()) })
+        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::new(()) })
     }
 
     /// Opens the capsule in `kv`, checking its metadata signature.
@@ -155,7 +167,14 @@ impl Capsule {
         if !sign::verify_metadata(&signed.metadata.creator, &id, &signed.signature) {
             return Err(VerifyError::Metadata(format!("creator signature over {id:?} does not verify")).into());
         }
-        Ok(Self { id, signed, store, cache: new_cache(), local, write_lock: Mutex::new(()) })
+        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::new(()) })
+    }
+
+    /// Persists proven marks in the store, authenticated with `key`, and trusts only marks
+    /// that `key` made. Without a key, proofs are remembered in memory only.
+    pub fn with_trust_key(mut self, key: TrustKey) -> Self {
+        self.trust_key = Some(key);
+        self
     }
 
     /// Keeps up to `records` proven record headers in memory (the lru of `proof::cache`).
@@ -189,7 +208,12 @@ impl Capsule {
 
     /// Writes the records proven since the last save to the store's proven set.
     pub fn save_proven(&self) -> Result<()> {
-        save_proven(&self.store, &self.cache.take_unsaved())
+        self.trust().save_proven(&self.cache.take_unsaved())
+    }
+
+    /// This machine's trust state for the capsule (see `proof::TrustState`).
+    pub fn trust(&self) -> TrustState<'_> {
+        TrustState { capsule: self.id, store: &self.store, key: self.trust_key.as_ref(), local: &self.local }
     }
 
     /// Current heads, sorted; a capsule without records has none.
@@ -199,14 +223,29 @@ impl Capsule {
 
     /// Appends one record holding `payloads` as sub-records, on top of every current head.
     pub fn append(&self, writer: &Identity, payloads: &[&[u8]], opts: AppendOptions) -> Result<RecordHash> {
-        self.append_built(writer, copied(payloads), opts)
+        self.append_built(writer, Parents::AllHeads, copied(payloads), opts)
     }
 
-    /// `append` of sub-records whose payloads were written in place (see `SubRecordBuf`).
-    pub fn append_built(&self, writer: &Identity, subs: Vec<SubRecordBuf>, opts: AppendOptions) -> Result<RecordHash> {
+    /// `append` of sub-records whose payloads were written in place (see `SubRecordBuf`), on
+    /// top of `parents`.
+    pub fn append_built(
+        &self,
+        writer: &Identity,
+        parents: Parents<'_>,
+        subs: Vec<SubRecordBuf>,
+        opts: AppendOptions,
+    ) -> Result<RecordHash> {
         let sub_count = u32::try_from(subs.len()).map_err(|_| Error::Invalid("too many sub-records".into()))?;
         let _guard = self.write_lock.lock().expect("no panics while locked");
-        let mut parents = self.store.heads()?;
+        let mut parents = match parents {
+            Parents::AllHeads => self.store.heads()?,
+            Parents::These(given) => {
+                let mut given = given.to_vec();
+                given.sort();
+                given.dedup();
+                given
+            }
+        };
         if parents.is_empty() {
             parents.push(RecordHash::genesis(self.id));
         }
@@ -270,6 +309,7 @@ impl Capsule {
         let header = &record.header;
         self.check_parents_known(h, header)?;
         if let Some(first) = self.store.record_at(&header.writer, header.seq)? {
+            self.check_seq_entry(first, header)?;
             return Err(self.keep_evidence(first, h, &record)?);
         }
         let mut batch = self.store.batch();
@@ -297,6 +337,18 @@ impl Capsule {
         Ok(())
     }
 
+    /// A sequence index entry is a claim of the store's, not evidence: before two records are
+    /// called a fork, the indexed one must really be that writer's record with that number.
+    fn check_seq_entry(&self, indexed: RecordHash, header: &RecordHeader) -> Result<()> {
+        let first = self.record(indexed)?.header;
+        if first.writer != header.writer || first.seq != header.seq {
+            let detail =
+                format!("{:?} seq {} points at {indexed:?}, which is not that record", header.writer, header.seq.0);
+            return Err(StoreError::BadIndex { cf: "seqs", detail }.into());
+        }
+        Ok(())
+    }
+
     /// Stores both records of a reused sequence number as evidence, and returns the error.
     fn keep_evidence(&self, first: RecordHash, second: RecordHash, record: &Record) -> Result<Error> {
         let (writer, seq) = (record.header.writer, record.header.seq);
@@ -320,7 +372,7 @@ impl Capsule {
     }
 
     fn prover_with<'a>(&'a self, cache: &'a ProofCache, cache_use: CacheUse) -> Prover<'a> {
-        Prover { capsule: self.id, metadata: self.metadata(), store: &self.store, cache, local: &self.local, cache_use }
+        Prover { metadata: self.metadata(), source: &self.store, trust: self.trust(), cache, cache_use }
     }
 
     /// The header of `record`, proven.
@@ -355,12 +407,17 @@ impl Capsule {
         self.prover().read_sub_record(record, idx)
     }
 
+    /// Stored record `h`, checked against its hash (not proven): for walks of the DAG's shape.
+    pub fn record(&self, h: RecordHash) -> Result<Record> {
+        let bytes = self.store.record_bytes(&h)?.ok_or(VerifyError::MissingRecord { record: h })?;
+        Ok(check_record_bytes(h, &bytes)?)
+    }
+
     /// Stored records, newest first, each checked against its hash (not proven).
     pub fn log(&self) -> Result<impl Iterator<Item = Result<(RecordHash, Record)>> + '_> {
         Ok(self.store.arrival_order(true)?.map(|h| {
             let h = h?;
-            let bytes = self.store.record_bytes(&h)?.ok_or(VerifyError::MissingRecord { record: h })?;
-            Ok((h, check_record_bytes(h, &bytes)?))
+            Ok((h, self.record(h)?))
         }))
     }
 
@@ -417,15 +474,15 @@ impl Capsule {
         let mut report = AuditReport::default();
         for h in self.store.arrival_order(false)? {
             let h = h?;
-            let bytes = self.store.record_bytes(&h)?.ok_or(VerifyError::MissingRecord { record: h })?;
-            let record = check_record_bytes(h, &bytes)?;
+            let record = self.record(h)?;
             check_record_claims(self.id, self.metadata(), h, &record)?;
             self.check_parents_known(h, &record.header)?;
+            // Proven before the indexes are checked: a planted record is unverified data.
+            prover.prove_record(h)?;
             if self.store.record_at(&record.header.writer, record.header.seq)? != Some(h) {
                 let detail = format!("{:?} seq {} does not point at {h:?}", record.header.writer, record.header.seq.0);
                 return Err(StoreError::BadIndex { cf: "seqs", detail }.into());
             }
-            prover.prove_record(h)?;
             for idx in 0..record.header.sub_count {
                 let (data, _) = prover.read_sub_record(h, SubIdx(idx))?;
                 report.sub_records += 1;

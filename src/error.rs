@@ -18,6 +18,8 @@ pub enum Error {
     Exists(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0} is longer than a name (255 bytes) or a symlink target (4095 bytes) may be")]
+    NameTooLong(String),
     #[error("{0} is not empty")]
     NotEmpty(String),
     #[error("{0} is not a directory")]

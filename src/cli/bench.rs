@@ -14,6 +14,7 @@ use clap::Subcommand;
 
 use capsulefs::capsule::{AppendOptions, Capsule, EarlierProofs, NewCapsule};
 use capsulefs::crypto::keys::Identity;
+use capsulefs::crypto::sign::TrustKey;
 use capsulefs::record::{RecordHash, SubIdx};
 use capsulefs::store::Durability;
 use capsulefs::store::rocks::RocksKv;
@@ -42,7 +43,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 fn new_capsule(dir: &tempfile::TempDir, name: &str, me: &Identity) -> anyhow::Result<Capsule> {
     let kv = RocksKv::open(&dir.path().join(name), true)?;
-    Ok(Capsule::create(Arc::new(kv), NewCapsule::new(name, me), vec![me.clone()])?)
+    // Proven marks persisted and authenticated, as `capsulefs` itself keeps them.
+    Ok(Capsule::create(Arc::new(kv), NewCapsule::new(name, me), vec![me.clone()])?.with_trust_key(TrustKey::generate()))
 }
 
 fn payload(n: usize) -> Vec<u8> {

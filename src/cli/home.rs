@@ -140,24 +140,73 @@ impl Home {
         }
     }
 
-    /// Opens a capsule for reading and writing, with every local identity able to attest.
+    /// Opens a capsule for reading and writing, with every local identity able to attest and
+    /// proven marks authenticated by this home's trust key. A capsule that is mounted is
+    /// refused with a message naming the mount.
     pub fn open(&self, name: &str) -> anyhow::Result<Capsule> {
         let id = self.resolve(name)?;
-        let path = self.store_path(&id);
-        let kv = RocksKv::open(&path, false).map_err(|e| match e {
-            Error::Store(ref s) if s.to_string().contains("lock") => anyhow::Error::new(e)
-                .context(format!("capsule '{name}' is in use by another capsulefs process (is it mounted?)")),
+        let kv = RocksKv::open(&self.store_path(&id), false).map_err(|e| match e {
+            Error::Store(ref s) if is_lock_error(s) => {
+                let held_by = match self.mounted_at(&id) {
+                    Some((dir, pid)) => format!(
+                        "it is mounted at {} (daemon pid {pid}): write through that folder, or unmount it \
+                         first with `capsulefs umount {}`",
+                        dir.display(),
+                        dir.display()
+                    ),
+                    None => "another capsulefs process has it open; wait for it to finish".to_owned(),
+                };
+                anyhow::Error::new(e).context(format!("capsule '{name}' is in use: {held_by}"))
+            }
             e => anyhow::Error::new(e).context(format!("opening capsule '{name}'")),
         })?;
-        let capsule = Capsule::open(Arc::new(kv), self.keyring()?.identities().to_vec())?;
-        if capsule.id() != id {
+        let capsule = self.checked(name, &id, kv)?;
+        Ok(capsule.with_trust_key(self.keyring()?.trust_key()?))
+    }
+
+    /// Opens a capsule to read it, also while a mount has it open for writing: then the store
+    /// is opened read-only, seeing every commit made before this call, and proofs made now are
+    /// kept in memory only.
+    pub fn open_for_reading(&self, name: &str) -> anyhow::Result<Capsule> {
+        let id = self.resolve(name)?;
+        let path = self.store_path(&id);
+        match RocksKv::open(&path, false) {
+            Ok(kv) => Ok(self.checked(name, &id, kv)?.with_trust_key(self.keyring()?.trust_key()?)),
+            Err(Error::Store(ref s)) if is_lock_error(s) => {
+                let kv = RocksKv::open_read_only(&path).with_context(|| format!("opening capsule '{name}' to read"))?;
+                self.checked(name, &id, kv)
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("opening capsule '{name}'"))),
+        }
+    }
+
+    /// The capsule in `kv`, checked to be capsule `id`.
+    fn checked(&self, name: &str, id: &CapsuleId, kv: RocksKv) -> anyhow::Result<Capsule> {
+        let capsule = Capsule::open(Arc::new(kv), self.keyring()?.identities().to_vec())
+            .with_context(|| format!("opening capsule '{name}'"))?;
+        if capsule.id() != *id {
             bail!(Error::Store(capsulefs::StoreError::Corrupted(format!(
                 "{} holds capsule {:?}, not {:?}",
-                path.display(),
+                self.store_path(id).display(),
                 capsule.id(),
                 id
             ))));
         }
         Ok(capsule)
     }
+
+    /// The folder and daemon pid of a running mount of capsule `id`, from the mount registry.
+    pub fn mounted_at(&self, id: &CapsuleId) -> Option<(PathBuf, u32)> {
+        let entries = fs::read_dir(self.root.join("mounts")).ok()?;
+        entries.filter_map(|e| fs::read_to_string(e.ok()?.path()).ok()).find_map(|text| {
+            let mut lines = text.lines();
+            let (pid, name, dir) = (lines.next()?.parse().ok()?, lines.next()?, lines.next()?);
+            (self.resolve(name).ok()? == *id).then(|| (PathBuf::from(dir), pid))
+        })
+    }
+}
+
+/// RocksDB's answer when another process holds the store's lock.
+fn is_lock_error(e: &capsulefs::StoreError) -> bool {
+    e.to_string().contains("lock")
 }

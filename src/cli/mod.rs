@@ -114,7 +114,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::Verify(_)) => 1,
         Some(Error::NotFound(_)) => 3,
         Some(Error::Store(_) | Error::Io { .. }) => 4,
-        Some(Error::Exists(_) | Error::Invalid(_)) => 5,
+        Some(Error::Exists(_) | Error::Invalid(_) | Error::NameTooLong(_)) => 5,
         Some(
             Error::NotEmpty(_)
             | Error::NotADirectory(_)

@@ -139,7 +139,9 @@ pub fn mount(home: &Home, a: MountArgs) -> anyhow::Result<()> {
 }
 
 fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
-    let capsule = Arc::new(home.open(&a.name)?.with_proof_cache(a.proof_cache_records));
+    // A read-only mount may sit beside a writable one (the store is then opened read-only).
+    let opened = if a.read_only || a.at.is_some() { home.open_for_reading(&a.name) } else { home.open(&a.name) };
+    let capsule = Arc::new(opened?.with_proof_cache(a.proof_cache_records));
     let me = home.identity(a.key.as_deref(), false)?;
     let key = content_key(&capsule, &me).context("reading the capsule's content key")?;
     let fs = match &a.at {

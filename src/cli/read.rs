@@ -33,7 +33,7 @@ pub struct CatArgs {
 }
 
 pub fn cat(home: &Home, a: CatArgs) -> anyhow::Result<()> {
-    let capsule = home.open(&a.name)?;
+    let capsule = home.open_for_reading(&a.name)?;
     let (record, idx) = parse_target(&capsule, &a.target)?;
     let idx = idx.ok_or_else(|| Error::Invalid(format!("'{}' names no sub-record: use RECORD:INDEX", a.target)))?;
     let (data, _) = capsule.read_sub_record(record, idx)?;
@@ -69,7 +69,7 @@ fn print_record_proof(proof: &RecordProof) {
 }
 
 pub fn prove(home: &Home, a: ProveArgs) -> anyhow::Result<()> {
-    let capsule = home.open(&a.name)?;
+    let capsule = home.open_for_reading(&a.name)?;
     let (record, idx) = parse_target(&capsule, &a.target)?;
     let earlier = if a.fresh { EarlierProofs::Ignore } else { EarlierProofs::Use };
     println!("record:      {record}");
@@ -91,7 +91,7 @@ pub struct LogArgs {
 }
 
 pub fn log(home: &Home, a: LogArgs) -> anyhow::Result<()> {
-    let capsule = home.open(&a.name)?;
+    let capsule = home.open_for_reading(&a.name)?;
     let genesis = RecordHash::genesis(capsule.id());
     let mut out = std::io::stdout().lock();
     for entry in capsule.log()? {
@@ -110,7 +110,11 @@ pub fn log(home: &Home, a: LogArgs) -> anyhow::Result<()> {
             hd.seq.0,
             if record.signature.is_some() { "signed" } else { "unsigned" },
             hd.sub_count,
-            if hd.kind == RecordKind::Membership { " membership" } else { "" }
+            match hd.kind {
+                RecordKind::Data => "",
+                RecordKind::Membership => " membership",
+                RecordKind::FsCommit => " fs-commit",
+            }
         )?;
     }
     Ok(())
@@ -123,7 +127,7 @@ pub struct VerifyArgs {
 }
 
 pub fn verify(home: &Home, a: VerifyArgs) -> anyhow::Result<()> {
-    let capsule = home.open(&a.name)?;
+    let capsule = home.open_for_reading(&a.name)?;
     let report = capsule.audit().context("verify failed")?;
     for e in capsule.store().evidence()? {
         eprintln!(

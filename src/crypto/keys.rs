@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 
-use super::sign::writer_id;
+use super::sign::{TrustKey, writer_id};
 use crate::record::WriterId;
 use crate::{Error, Result};
 
@@ -45,6 +45,9 @@ fn check_name(name: &str) -> Result<()> {
         Err(Error::Invalid(format!("name '{name}': use 1-64 of A-Z a-z 0-9 . _ - (not starting with '.')")))
     }
 }
+
+/// The trust key's file in the keys folder (not `*.key`, so never taken for an identity).
+const TRUST_KEY_FILE: &str = "local-trust.secret";
 
 /// The identities in one folder.
 pub struct Keyring {
@@ -88,21 +91,51 @@ impl Keyring {
         self.identities.iter().find(|i| i.writer() == *w)
     }
 
-    /// Writes a new identity's file (0600, never overwriting) and adds it.
-    pub fn add(&mut self, identity: Identity) -> Result<&Identity> {
+    /// This machine's trust key (`keys/local-trust.secret`, 0600), made on first use. It lives
+    /// with the identities because the threat model protects that folder, not the stores.
+    pub fn trust_key(&self) -> Result<TrustKey> {
+        let path = self.dir.join(TRUST_KEY_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let mut secret = [0u8; 32];
+                hex::decode_to_slice(text.trim(), &mut secret).map_err(|_| {
+                    Error::Invalid(format!(
+                        "{} is not a trust key (64 hex digits); remove it to make a new one",
+                        path.display()
+                    ))
+                })?;
+                Ok(TrustKey::from_bytes(secret))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret: [u8; 32] = super::random_bytes();
+                self.write_private(&path, &hex::encode(secret))?;
+                Ok(TrustKey::from_bytes(secret))
+            }
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Writes a new file in the keys folder, 0600, never overwriting, synced.
+    fn write_private(&self, path: &Path, text: &str) -> Result<()> {
         fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(&self.dir, e))?;
-        let path = self.dir.join(format!("{}.key", identity.name));
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(|e| {
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::Exists(format!("key '{}'", identity.name))
+                Error::Exists(path.display().to_string())
             } else {
-                Error::io(&path, e)
+                Error::io(path, e)
             }
         })?;
-        writeln!(file, "{}", hex::encode(identity.key.to_bytes()))
-            .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io(&path, e))?;
+        writeln!(file, "{text}").and_then(|()| file.sync_all()).map_err(|e| Error::io(path, e))
+    }
+
+    /// Writes a new identity's file (0600, never overwriting) and adds it.
+    pub fn add(&mut self, identity: Identity) -> Result<&Identity> {
+        let path = self.dir.join(format!("{}.key", identity.name));
+        self.write_private(&path, &hex::encode(identity.key.to_bytes())).map_err(|e| match e {
+            Error::Exists(_) => Error::Exists(format!("key '{}'", identity.name)),
+            e => e,
+        })?;
         self.identities.push(identity);
         Ok(self.identities.last().expect("just pushed"))
     }

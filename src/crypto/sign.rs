@@ -7,6 +7,36 @@ use crate::record::{CapsuleId, RecordHash, Signature, WriterId};
 
 const METADATA_DOMAIN: &[u8] = b"capsulefs metadata signature v1\0";
 const ATTEST_CONTEXT: &str = "capsulefs 2026 local attestation of unsigned records v1";
+const PROVEN_MARK_CONTEXT: &str = "capsulefs 2026 proven mark of a record in a local store v1";
+
+/// A secret of this machine's (kept beside its keys, never in a store) that authenticates the
+/// trust state persisted in stores: whoever can write a store but not read the keys cannot
+/// forge a proven mark.
+#[derive(Clone)]
+pub struct TrustKey(zeroize::Zeroizing<[u8; 32]>);
+
+impl TrustKey {
+    pub fn generate() -> Self {
+        Self::from_bytes(super::random_bytes())
+    }
+
+    pub fn from_bytes(secret: [u8; 32]) -> Self {
+        Self(zeroize::Zeroizing::new(blake3::derive_key(PROVEN_MARK_CONTEXT, &secret)))
+    }
+
+    /// The mark stored for `record` of `capsule` once it is proven.
+    pub fn mark(&self, capsule: &CapsuleId, record: &RecordHash) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(capsule.as_bytes());
+        h.update(record.as_bytes());
+        *h.finalize().as_bytes()
+    }
+
+    pub fn check_mark(&self, capsule: &CapsuleId, record: &RecordHash, mark: &[u8]) -> bool {
+        <[u8; 32]>::try_from(mark)
+            .is_ok_and(|m| blake3::Hash::from(m) == blake3::Hash::from(self.mark(capsule, record)))
+    }
+}
 
 pub fn writer_id(key: &SigningKey) -> WriterId {
     WriterId::from_bytes(key.verifying_key().to_bytes())
@@ -67,6 +97,18 @@ mod tests {
         assert!(!verify_record(&writer_id(&a), &RecordHash::from_bytes([8; 32]), &sig));
         // A record signature is not a metadata signature over the same 32 bytes.
         assert!(!verify_metadata(&writer_id(&a), &CapsuleId::from_bytes([9; 32]), &sig));
+    }
+
+    #[test]
+    fn proven_marks_need_the_trust_key() {
+        let (a, b) = (TrustKey::generate(), TrustKey::generate());
+        let (c, r) = (CapsuleId::from_bytes([3; 32]), RecordHash::from_bytes([4; 32]));
+        let mark = a.mark(&c, &r);
+        assert!(a.check_mark(&c, &r, &mark));
+        assert!(!b.check_mark(&c, &r, &mark));
+        assert!(!a.check_mark(&c, &RecordHash::from_bytes([5; 32]), &mark));
+        assert!(!a.check_mark(&CapsuleId::from_bytes([6; 32]), &r, &mark));
+        assert!(!a.check_mark(&c, &r, &[]), "the unauthenticated empty mark of older stores");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::heads;
 use super::node::{Bucket, CHUNK_SIZE, DirEntry, Inode, Kind, ROOT_INO, Superblock, Time, name_key};
 use super::payload_cache::Caches;
 use super::sealed::{CommitBuilder, Sealed};
@@ -28,7 +29,9 @@ use crate::{Error, Result, VerifyError};
 const INODE_LEAF: usize = 32;
 const DIR_LEAF: usize = 64;
 const CHUNK_LEAF: usize = 128;
+/// The longest name component and symlink target a local disk (ext4) takes.
 const MAX_NAME: usize = 255;
+const MAX_SYMLINK_TARGET: usize = 4095;
 const MAX_XATTR_VALUE: usize = 64 * 1024;
 const PROVENANCE_PREFIX: &[u8] = b"user.capsule.";
 const PROVENANCE: [&[u8]; 3] = [b"record", b"writer", b"verified"];
@@ -96,8 +99,17 @@ impl ChunkBytes<'_> {
     }
 }
 
+/// ENAMETOOLONG comes before any other check, as on a local disk.
+fn check_name_length(name: &[u8]) -> Result<()> {
+    if name.len() > MAX_NAME {
+        return Err(Error::NameTooLong(format!("a name of {} bytes", name.len())));
+    }
+    Ok(())
+}
+
 fn check_name(name: &[u8]) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_NAME || name.contains(&b'/') || name == b"." || name == b".." {
+    check_name_length(name)?;
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
         return Err(Error::Invalid(format!("'{}' is not a valid file name", String::from_utf8_lossy(name))));
     }
     Ok(())
@@ -108,17 +120,21 @@ fn shown(name: &[u8]) -> String {
 }
 
 impl Fs {
-    /// The filesystem as of the newest commit, writable by `writer`; empty if there is none yet.
+    /// The filesystem as of the commit the capsule's heads descend from, writable by
+    /// `writer`; empty if there is none yet. Two or more filesystem heads (branches made
+    /// apart) open read-only only, at the newest by `heads::newest`, until merges exist.
     pub fn open(capsule: Arc<Capsule>, key: ContentKey, writer: Option<Identity>) -> Result<Self> {
-        let newest = capsule
-            .log()?
-            .find_map(|e| match e {
-                Ok((h, r)) if r.header.kind == RecordKind::Data => Some(Ok(h)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .transpose()?;
-        match newest {
+        let fs_heads = heads::filesystem_heads(&capsule)?;
+        if fs_heads.len() > 1 && writer.is_some() {
+            let listed: Vec<String> = fs_heads.iter().map(|h| h.to_hex()[..12].to_owned()).collect();
+            return Err(Error::Invalid(format!(
+                "the capsule has {} filesystem heads ({}): branches made apart, which this build cannot merge \
+                 yet; mount it --read-only to see the newest, or --at RECORD for one branch",
+                fs_heads.len(),
+                listed.join(", ")
+            )));
+        }
+        match heads::newest(&capsule, &fs_heads)? {
             Some(h) => Self::open_at(capsule, key, writer, h),
             None => {
                 let sealed = Sealed { capsule, key, cache: Arc::default() };
@@ -137,9 +153,14 @@ impl Fs {
         writer: Option<Identity>,
         record: RecordHash,
     ) -> Result<Self> {
-        let count = capsule.proven_header(record)?.sub_count;
-        let last =
-            count.checked_sub(1).ok_or_else(|| Error::Invalid(format!("{record:?} is not a filesystem commit")))?;
+        let header = capsule.proven_header(record)?;
+        let last = match header.kind {
+            RecordKind::FsCommit => header.sub_count.checked_sub(1),
+            RecordKind::Data | RecordKind::Membership => None,
+        }
+        .ok_or_else(|| {
+            Error::NotFound(format!("{record:?} as a filesystem commit (it is a {:?} record)", header.kind))
+        })?;
         let at = Loc { record, idx: SubIdx(last) };
         let sealed = Sealed { capsule, key, cache: Arc::default() };
         let bytes = sealed.read(at, &sealed.place(SealedKind::Superblock, 0, 0, 0))?;
@@ -207,7 +228,7 @@ impl Fs {
         let mut commits = Vec::new();
         for entry in self.sealed.capsule.intact_log("history")? {
             let (h, r) = entry?;
-            if r.header.kind == RecordKind::Data {
+            if r.header.kind == RecordKind::FsCommit {
                 commits.push(h);
             }
         }
@@ -217,9 +238,6 @@ impl Fs {
 
     /// A read-only view of commit `record`, sharing this filesystem's capsule, key and cache.
     pub fn view_at(&self, record: RecordHash) -> Result<Fs> {
-        if self.sealed.capsule.proven_header(record)?.kind != RecordKind::Data {
-            return Err(Error::NotFound(format!("{record:?} is a membership record, not a filesystem commit")));
-        }
         let view = Self::open_at(self.sealed.capsule.clone(), self.sealed.key.clone(), None, record)?;
         Ok(view.with_cache(self.sealed.cache.clone()))
     }
@@ -284,6 +302,7 @@ impl Fs {
     }
 
     fn lookup_in(&self, dir: u64, name: &[u8]) -> Result<Option<DirEntry>> {
+        check_name_length(name)?;
         let inode = self.dir_inode(dir)?;
         let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::Directory, dir);
@@ -342,10 +361,13 @@ impl Fs {
         self.touch_dir(dir, if kind == Kind::Dir { -1 } else { 0 })
     }
 
-    /// Makes a new file, directory or symlink named `name` in `dir`.
+    /// Makes a new node of any kind named `name` in `dir`.
     pub fn make(&mut self, dir: u64, name: &[u8], mut inode: Inode) -> Result<(u64, Inode)> {
         self.writable()?;
         check_name(name)?;
+        if inode.target.len() > MAX_SYMLINK_TARGET {
+            return Err(Error::NameTooLong(format!("a symlink target of {} bytes", inode.target.len())));
+        }
         if self.lookup_in(dir, name)?.is_some() {
             return Err(Error::Exists(shown(name)));
         }
@@ -645,7 +667,7 @@ impl Fs {
         match inode.kind {
             Kind::File => Ok(inode),
             Kind::Dir => Err(Error::IsADirectory(format!("inode {ino}"))),
-            Kind::Symlink => Err(Error::Invalid(format!("inode {ino} is a symlink"))),
+            other => Err(Error::Invalid(format!("inode {ino} is a {other:?}, not a regular file"))),
         }
     }
 
@@ -834,7 +856,8 @@ impl Fs {
             chunk_size: CHUNK_SIZE as u32,
         };
         builder.push(&sealed.place(SealedKind::Superblock, 0, 0, 0), &sb.encode());
-        let record = builder.finish(writer, sign, durability)?;
+        let parents = heads::commit_parents(&sealed.capsule, self.base)?;
+        let record = builder.finish(writer, &parents, sign, durability)?;
         inodes.committed(inodes_root, record);
         self.inodes = inodes;
         self.files.clear();

@@ -19,6 +19,14 @@ pub enum Kind {
     File = 0,
     Dir = 1,
     Symlink = 2,
+    /// A named pipe; the kernel carries its data, the capsule only its inode.
+    Fifo = 3,
+    /// A unix socket's name; the kernel connects to it, the capsule keeps its inode.
+    Socket = 4,
+    /// A character device node; `rdev` names the device.
+    CharDevice = 5,
+    /// A block device node; `rdev` names the device.
+    BlockDevice = 6,
 }
 
 /// Seconds and nanoseconds since the Unix epoch.
@@ -51,6 +59,8 @@ pub struct Inode {
     pub content: Option<Ref>,
     /// A symlink's target.
     pub target: Vec<u8>,
+    /// The device a character or block device node stands for (Linux `dev_t`, as FUSE has it).
+    pub rdev: u32,
     /// Extended attributes (user.* only), sorted by name.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// The commit that last changed this inode: stored as `Ref::Here`, so it resolves to the
@@ -81,6 +91,7 @@ impl Inode {
             ctime: now,
             content: None,
             target: Vec::new(),
+            rdev: 0,
             xattrs: Vec::new(),
             changed_in: None,
         }

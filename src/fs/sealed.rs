@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::capsule::{AppendOptions, Capsule};
+use crate::capsule::{AppendOptions, Capsule, Parents};
 use crate::crypto::aead::{self, ContentKey, Place, SealedKind};
 use crate::crypto::keys::Identity;
 use crate::record::{RecordHash, RecordKind, SubIdx, SubRecordBuf};
@@ -145,10 +145,17 @@ impl<'a> CommitBuilder<'a> {
         TreeSink { builder: self, kind, object }
     }
 
-    /// Appends the payloads as one record.
-    pub fn finish(self, writer: &Identity, sign: bool, durability: Durability) -> Result<RecordHash> {
-        let opts = AppendOptions { sign, kind: RecordKind::Data, key_gen: self.sealed.key.generation(), durability };
-        let record = self.sealed.capsule.append_built(writer, self.payloads, opts)?;
+    /// Appends the payloads as one filesystem commit on top of `parents`.
+    pub fn finish(
+        self,
+        writer: &Identity,
+        parents: &[RecordHash],
+        sign: bool,
+        durability: Durability,
+    ) -> Result<RecordHash> {
+        let opts =
+            AppendOptions { sign, kind: RecordKind::FsCommit, key_gen: self.sealed.key.generation(), durability };
+        let record = self.sealed.capsule.append_built(writer, Parents::These(parents), self.payloads, opts)?;
         for (idx, place, plain) in self.nodes {
             let weight = plain.len();
             self.sealed.cache.plain.insert(Loc { record, idx }, place, Arc::new(plain), weight);

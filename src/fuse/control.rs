@@ -57,6 +57,12 @@ impl Node {
     }
 }
 
+/// A commit's folder name in `.capsule/history`: its place among the commits, oldest first,
+/// then the first 12 hex digits of its hash (`000042-1a2b3c4d5e6f`).
+pub fn history_name(position: usize, record: RecordHash) -> String {
+    format!("{position:06}-{}", &record.to_hex()[..12])
+}
+
 /// Views of past commits, one slot each, kept for the life of the mount so their inode
 /// numbers stay stable. A slot is given out when a commit is listed or looked up; its view
 /// is opened on first use, so listing thousands of commits opens none of them.

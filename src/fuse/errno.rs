@@ -14,6 +14,7 @@ pub(crate) fn to_errno(e: &Error) -> Errno {
         Error::IsADirectory(_) => Errno::EISDIR,
         Error::ReadOnlyView => Errno::EROFS,
         Error::Invalid(_) => Errno::EINVAL,
+        Error::NameTooLong(_) => Errno::from_i32(libc::ENAMETOOLONG),
         Error::NoAttribute(_) => Errno::from_i32(libc::ENODATA),
         Error::NotPermitted(_) => Errno::EPERM,
         Error::Unsupported(_) => Errno::from_i32(libc::EOPNOTSUPP),

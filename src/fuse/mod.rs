@@ -88,6 +88,10 @@ fn file_type(kind: Kind) -> FileType {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -105,7 +109,7 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
         nlink: i.nlink,
         uid: i.uid,
         gid: i.gid,
-        rdev: 0,
+        rdev: i.rdev,
         blksize: 4096,
         flags: 0,
     }
@@ -125,6 +129,11 @@ fn new_name(parent: u64, name: &OsStr) -> Result<&[u8]> {
         return Err(Error::Exists(".capsule (reserved by capsulefs for status and history)".into()));
     }
     Ok(name.as_bytes())
+}
+
+/// The permission bits a new node gets.
+fn perm(mode: u32, umask: u32) -> u16 {
+    (mode & !umask & 0o7777) as u16
 }
 
 /// Maps an inode number of the tree being read to the kernel's number for it.
@@ -213,9 +222,12 @@ impl CapsuleFs {
         Ok(attr(node.encode(), &inode))
     }
 
-    /// The view of the commit `name` (a record hash or unique prefix) in `.capsule/history`.
+    /// The view of the commit `name` in `.capsule/history`: a listed name (`000042-1a2b3c4d5e6f`)
+    /// or a record hash or unique prefix.
     fn history_entry(&self, name: &OsStr) -> Result<FileAttr> {
-        let record = self.fs().capsule().resolve(&name.to_string_lossy())?;
+        let name = name.to_string_lossy();
+        let hash = name.split_once('-').map_or(&*name, |(_, hash)| hash);
+        let record = self.fs().capsule().resolve(hash)?;
         let slot = self.views().slot_for(record)?;
         self.tree_attr(Node::View { slot, ino: ROOT_INO }.encode())
     }
@@ -230,15 +242,16 @@ impl CapsuleFs {
                 (Node::Status.encode(), FileType::RegularFile, b"status".to_vec()),
                 (Node::History.encode(), FileType::Directory, b"history".to_vec()),
             ]),
-            // Oldest first, so offsets stay valid while new commits arrive.
+            // Oldest first, so offsets stay valid while new commits arrive, and named so that
+            // `ls` sorts them that way too.
             Node::History => {
                 let commits = self.fs().commits()?;
                 let mut views = self.views();
-                commits
-                    .into_iter()
-                    .map(|h| {
+                (1..)
+                    .zip(commits)
+                    .map(|(n, h)| {
                         let root = Node::View { slot: views.slot_for(h)?, ino: ROOT_INO };
-                        Ok((root.encode(), FileType::Directory, h.to_hex().into_bytes()))
+                        Ok((root.encode(), FileType::Directory, control::history_name(n, h).into_bytes()))
                     })
                     .collect()
             }
@@ -272,18 +285,10 @@ impl CapsuleFs {
         }
     }
 
-    fn make(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        kind: Kind,
-        mode: u32,
-        umask: u32,
-    ) -> Result<FileAttr> {
+    fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, kind: Kind, perm: u16, rdev: u32) -> Result<FileAttr> {
         let parent = live(parent)?;
-        let perm = (mode & !umask & 0o7777) as u16;
-        let inode = Inode::new(kind, perm, req.uid(), req.gid());
+        let mut inode = Inode::new(kind, perm, req.uid(), req.gid());
+        inode.rdev = rdev;
         let (ino, inode) = self.fs_mut().make(parent, new_name(parent, name)?, inode)?;
         Ok(attr(ino, &inode))
     }
@@ -413,24 +418,22 @@ impl Filesystem for CapsuleFs {
         reply_data(target, reply);
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            return reply.error(Errno::EPERM); // devices, fifos and sockets are not stored
-        }
-        reply_entry(self.make(req, parent, name, Kind::File, mode, umask), reply);
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        // Only the inode is stored: the kernel carries a fifo's or socket's data and opens
+        // devices itself, so none of their I/O reaches the mount.
+        let (kind, rdev) = match mode & libc::S_IFMT {
+            libc::S_IFREG => (Kind::File, 0),
+            libc::S_IFIFO => (Kind::Fifo, 0),
+            libc::S_IFSOCK => (Kind::Socket, 0),
+            libc::S_IFCHR => (Kind::CharDevice, rdev),
+            libc::S_IFBLK => (Kind::BlockDevice, rdev),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        reply_entry(self.make(req, parent, name, kind, perm(mode, umask), rdev), reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        reply_entry(self.make(req, parent, name, Kind::Dir, mode, umask), reply);
+        reply_entry(self.make(req, parent, name, Kind::Dir, perm(mode, umask), 0), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -676,7 +679,7 @@ impl Filesystem for CapsuleFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.make(req, parent, name, Kind::File, mode, umask) {
+        match self.make(req, parent, name, Kind::File, perm(mode, umask), 0) {
             Ok(a) => {
                 self.fs_mut().opened(a.ino.0);
                 reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty())

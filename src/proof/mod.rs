@@ -8,4 +8,4 @@ pub mod verify;
 pub mod witness;
 
 pub use cache::{CacheStats, ProofCache};
-pub use verify::{Anchor, CacheUse, Prover, RecordProof, SubRecordProof, Verified};
+pub use verify::{Anchor, CacheUse, Prover, RecordProof, RecordSource, SubRecordProof, TrustState, Verified};

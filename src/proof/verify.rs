@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::cache::ProofCache;
 use crate::crypto::keys::Identity;
-use crate::crypto::sign;
+use crate::crypto::sign::{self, TrustKey};
 use crate::record::merkle;
 use crate::record::{CapsuleId, Metadata, Payload, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
 use crate::store::{CapsuleStore, Durability};
@@ -77,22 +77,74 @@ pub enum CacheUse {
     MemoryOnly,
 }
 
-/// Proves records and sub-records of one capsule against its store.
-pub struct Prover<'a> {
-    pub capsule: CapsuleId,
-    pub metadata: &'a Metadata,
-    pub store: &'a CapsuleStore,
-    pub cache: &'a ProofCache,
-    pub local: &'a [Identity],
-    pub cache_use: CacheUse,
+/// Where a prover reads record and sub-record bytes. Untrusted, whatever the source (the
+/// local store, a replica): every byte is checked before anything is believed.
+pub trait RecordSource {
+    fn record_bytes(&self, h: &RecordHash) -> Result<Option<Vec<u8>>>;
+    fn sub_record_bytes(&self, h: &RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>>;
 }
 
-/// Adds records to the store's persisted proven set. A lost mark costs only a re-proof, so
-/// the write need not be durable.
-pub fn save_proven(store: &CapsuleStore, records: &[RecordHash]) -> Result<()> {
-    let mut batch = store.batch();
-    records.iter().for_each(|h| batch.mark_proven(h));
-    store.write(batch, Durability::Buffered)
+impl RecordSource for CapsuleStore {
+    fn record_bytes(&self, h: &RecordHash) -> Result<Option<Vec<u8>>> {
+        CapsuleStore::record_bytes(self, h)
+    }
+    fn sub_record_bytes(&self, h: &RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
+        CapsuleStore::sub_record_bytes(self, h, idx)
+    }
+}
+
+/// What this machine trusts beyond signatures, kept in its store: proven marks (a MAC under
+/// the local `TrustKey`; without one, none are read or written), attestations of its own
+/// writers' unsigned records (a MAC under the writer's key), and the closest-signed-descendant
+/// index (only hints: every hop it gives is checked). Nothing here can be forged by someone
+/// who can write the store but not read the key files.
+#[derive(Clone, Copy)]
+pub struct TrustState<'a> {
+    pub capsule: CapsuleId,
+    pub store: &'a CapsuleStore,
+    pub key: Option<&'a TrustKey>,
+    /// Identities whose keys this machine holds: they attest their own unsigned records.
+    pub local: &'a [Identity],
+}
+
+impl TrustState<'_> {
+    /// Whether `record` carries a valid proven mark. A mark that does not verify was not made
+    /// here: it is ignored (and logged), and the record is proven afresh.
+    pub fn is_proven(&self, record: &RecordHash) -> Result<bool> {
+        let Some(key) = self.key else { return Ok(false) };
+        let Some(mark) = self.store.proven_mark(record)? else { return Ok(false) };
+        let valid = key.check_mark(&self.capsule, record, &mark);
+        if !valid {
+            tracing::warn!(?record, "ignoring a proven mark this machine did not make (the store was altered)");
+        }
+        Ok(valid)
+    }
+
+    /// Adds records to the persisted proven set. A lost mark costs only a re-proof, so the
+    /// write need not be durable.
+    pub fn save_proven(&self, records: &[RecordHash]) -> Result<()> {
+        let Some(key) = self.key else { return Ok(()) };
+        let mut batch = self.store.batch();
+        records.iter().for_each(|h| batch.mark_proven(h, key.mark(&self.capsule, h)));
+        self.store.write(batch, Durability::Buffered)
+    }
+
+    /// The local writer whose key attests unsigned `record`, if one does.
+    fn attested_by_local_key(&self, record: RecordHash, header: &RecordHeader) -> Result<Option<WriterId>> {
+        let Some(identity) = self.local.iter().find(|i| i.writer() == header.writer) else { return Ok(None) };
+        let Some(mac) = self.store.attestation(&record)? else { return Ok(None) };
+        Ok(sign::check_attestation(identity.key(), &self.capsule, &record, &mac).then_some(header.writer))
+    }
+}
+
+/// Proves records and sub-records of one capsule: bytes from `source`, checked against the
+/// metadata's signatures and rights, the local `trust` state and earlier proofs in `cache`.
+pub struct Prover<'a> {
+    pub metadata: &'a Metadata,
+    pub source: &'a dyn RecordSource,
+    pub trust: TrustState<'a>,
+    pub cache: &'a ProofCache,
+    pub cache_use: CacheUse,
 }
 
 /// Decodes stored record bytes, checking that they hash to the key they were stored under.
@@ -129,14 +181,8 @@ pub fn check_record_claims(
 
 impl Prover<'_> {
     fn load(&self, record: RecordHash) -> Result<Record> {
-        let bytes = self.store.record_bytes(&record)?.ok_or(VerifyError::MissingRecord { record })?;
+        let bytes = self.source.record_bytes(&record)?.ok_or(VerifyError::MissingRecord { record })?;
         Ok(check_record_bytes(record, &bytes)?)
-    }
-
-    fn attested_by_local_key(&self, record: RecordHash, header: &RecordHeader) -> Result<Option<WriterId>> {
-        let Some(identity) = self.local.iter().find(|i| i.writer() == header.writer) else { return Ok(None) };
-        let Some(mac) = self.store.attestation(&record)? else { return Ok(None) };
-        Ok(sign::check_attestation(identity.key(), &self.capsule, &record, &mac).then_some(header.writer))
     }
 
     /// Proves `target` and returns its header. Follows closest-signed-descendant links and stops
@@ -157,9 +203,9 @@ impl Prover<'_> {
                 Some(h) => (h, None, true),
                 None => {
                     let parsed = self.load(current)?;
-                    let persisted = self.cache_use == CacheUse::MemoryAndStore && self.store.is_proven(&current)?;
+                    let persisted = self.cache_use == CacheUse::MemoryAndStore && self.trust.is_proven(&current)?;
                     if !persisted {
-                        check_record_claims(self.capsule, self.metadata, current, &parsed)?;
+                        check_record_claims(self.trust.capsule, self.metadata, current, &parsed)?;
                     }
                     (Arc::new(parsed.header), parsed.signature, persisted)
                 }
@@ -178,9 +224,9 @@ impl Prover<'_> {
                 // check_record_claims verified it.
                 break Anchor::Signed { record: current, writer: header.writer };
             }
-            match self.store.witness(&current)? {
+            match self.trust.store.witness(&current)? {
                 Some(w) if w.dist > 0 => current = w.via,
-                _ => match self.attested_by_local_key(current, &header)? {
+                _ => match self.trust.attested_by_local_key(current, &header)? {
                     Some(writer) => break Anchor::Attested { record: current, writer },
                     None => return Err(VerifyError::Unanchored { record: target }.into()),
                 },
@@ -198,7 +244,7 @@ impl Prover<'_> {
                 && !marked_already
                 && let Some(due) = self.cache.queue_mark(*h)
             {
-                save_proven(self.store, &due)?;
+                self.trust.save_proven(&due)?;
             }
         }
         Ok(())
@@ -206,7 +252,7 @@ impl Prover<'_> {
 
     /// Checks a sub-record's bytes against the Merkle root of its proven record header,
     /// stopping at subtrees verified before.
-    fn check_sub_record(
+    fn check_sub_record_of(
         &self,
         record: RecordHash,
         header: &RecordHeader,
@@ -226,14 +272,43 @@ impl Prover<'_> {
         Ok(Verified::new(data, record))
     }
 
-    /// Reads sub-record `idx` of `record`, returning its bytes only once proven.
+    /// Reads sub-record `idx` of `record` from the source, returning its bytes only once proven.
     pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Payload>, SubRecordProof)> {
+        let (header, proof) = self.prove_index(record, idx)?;
+        let bytes = self.source.sub_record_bytes(&record, idx)?.ok_or(VerifyError::MissingSubRecord { record, idx })?;
+        self.finish_sub_record(record, idx, &header, proof, bytes)
+    }
+
+    /// Proves sub-record bytes obtained anywhere (a replica's answer, say) as sub-record `idx`
+    /// of `record`, whose header is proven first.
+    pub fn check_sub_record(
+        &self,
+        record: RecordHash,
+        idx: SubIdx,
+        bytes: Vec<u8>,
+    ) -> Result<(Verified<Payload>, SubRecordProof)> {
+        let (header, proof) = self.prove_index(record, idx)?;
+        self.finish_sub_record(record, idx, &header, proof, bytes)
+    }
+
+    /// Proves `record` and checks that it has a sub-record `idx`.
+    fn prove_index(&self, record: RecordHash, idx: SubIdx) -> Result<(Arc<RecordHeader>, RecordProof)> {
         let (header, proof) = self.prove_record(record)?;
         if idx.0 >= header.sub_count {
             return Err(VerifyError::IndexOutOfRange { record, idx, count: header.sub_count }.into());
         }
-        let bytes = self.store.sub_record_bytes(&record, idx)?.ok_or(VerifyError::MissingSubRecord { record, idx })?;
-        let verified = self.check_sub_record(record, &header, idx, bytes)?;
+        Ok((header, proof))
+    }
+
+    fn finish_sub_record(
+        &self,
+        record: RecordHash,
+        idx: SubIdx,
+        header: &RecordHeader,
+        proof: RecordProof,
+        bytes: Vec<u8>,
+    ) -> Result<(Verified<Payload>, SubRecordProof)> {
+        let verified = self.check_sub_record_of(record, header, idx, bytes)?;
         let path_len = merkle::path_len(idx.0, header.sub_count);
         Ok((verified, SubRecordProof { record: proof, idx, count: header.sub_count, path_len }))
     }

@@ -19,10 +19,13 @@ pub const MAX_SUB_RECORDS: u32 = 1 << 20;
 #[borsh(use_discriminant = true)]
 #[repr(u8)]
 pub enum RecordKind {
-    /// Payload bytes (file system nodes and chunks, or whatever `append` was given).
+    /// Payload bytes: whatever `append` was given.
     Data = 0,
     /// Entries of the signed membership changelog.
     Membership = 1,
+    /// One filesystem commit (`fs::filesystem`): sealed chunks and tree nodes, superblock last.
+    /// Its parents are exactly the records whose filesystem state it contains.
+    FsCommit = 2,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]

@@ -104,8 +104,9 @@ impl CapsuleStore {
         Ok(Some(Seq(u64::from_be_bytes(tail))))
     }
 
-    pub fn is_proven(&self, h: &RecordHash) -> Result<bool> {
-        Ok(self.kv.get(Cf::Proven, h.as_bytes())?.is_some())
+    /// The proven mark of `h` as stored (a MAC that `proof::TrustState` checks).
+    pub fn proven_mark(&self, h: &RecordHash) -> Result<Option<Vec<u8>>> {
+        self.kv.get(Cf::Proven, h.as_bytes())
     }
 
     pub fn attestation(&self, h: &RecordHash) -> Result<Option<Vec<u8>>> {
@@ -208,8 +209,8 @@ impl StoreBatch {
         );
     }
 
-    pub fn mark_proven(&mut self, h: &RecordHash) {
-        self.batch.put(Cf::Proven, h.as_bytes().to_vec(), Vec::new());
+    pub fn mark_proven(&mut self, h: &RecordHash, mark: [u8; 32]) {
+        self.batch.put(Cf::Proven, h.as_bytes().to_vec(), mark.to_vec());
     }
 
     pub fn put_attestation(&mut self, h: &RecordHash, mac: [u8; 32]) {

@@ -24,6 +24,11 @@ use crate::{Result, StoreError};
 /// Sub-record values from this size on go to packs. Smaller ones (small files, most tree
 /// nodes) stay in RocksDB, where a commit of them needs no pack fdatasync.
 const PACK_MIN: usize = 16 << 10;
+/// A durable batch with at most this many bytes of large values (an fsync after a small
+/// change: one rewritten chunk, a few nodes) keeps them inline too: one WAL sync is then the
+/// whole cost of durability, where a pack would add an fdatasync of its own. 2000 appends
+/// each followed by fsync made two disk flushes per fsync before.
+const INLINE_DURABLE_MAX: usize = 256 << 10;
 const INLINE: u8 = 0;
 const IN_PACK: u8 = 1;
 
@@ -45,6 +50,19 @@ impl RocksKv {
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| store_error(path, e))?;
         let packs = Packs::open(&path.join("packs"), create)?;
+        Ok(Self { db, packs, path: path.to_owned() })
+    }
+
+    /// Opens the store at `path` read-only, beside a process that has it open for writing (a
+    /// mount): no lock is taken, and the write-ahead log is replayed into memory, so every
+    /// batch written before this call (durable or not) is seen. Writes fail.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.set_paranoid_checks(true);
+        opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
+        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
+        let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(|e| store_error(path, e))?;
+        let packs = Packs::open(&path.join("packs"), false)?;
         Ok(Self { db, packs, path: path.to_owned() })
     }
 
@@ -98,7 +116,15 @@ impl Kv for RocksKv {
     /// Pack values are appended and synced first, so no location RocksDB persists (by WAL
     /// sync, a memtable flush or the kernel's writeback) can name bytes that are not on disk.
     fn write(&self, batch: Batch, durability: Durability) -> Result<()> {
-        let to_pack = |cf: &Cf, v: &Option<Vec<u8>>| matches!(v, Some(v) if *cf == Cf::Subs && v.len() >= PACK_MIN);
+        let is_large = |cf: &Cf, v: &Option<Vec<u8>>| matches!(v, Some(v) if *cf == Cf::Subs && v.len() >= PACK_MIN);
+        let large_bytes: usize = batch
+            .ops
+            .iter()
+            .filter(|(cf, _, v)| is_large(cf, v))
+            .filter_map(|(_, _, v)| v.as_ref().map(Vec::len))
+            .sum();
+        let packing = durability == Durability::Buffered || large_bytes > INLINE_DURABLE_MAX;
+        let to_pack = |cf: &Cf, v: &Option<Vec<u8>>| packing && is_large(cf, v);
         let large: Vec<&[u8]> =
             batch.ops.iter().filter(|(cf, _, v)| to_pack(cf, v)).filter_map(|(_, _, v)| v.as_deref()).collect();
         let mut locs = Vec::new().into_iter();

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use capsulefs::capsule::{Capsule, EarlierProofs, NewCapsule};
 use capsulefs::crypto::keys::Identity;
+use capsulefs::crypto::sign::TrustKey;
 use capsulefs::proof::Anchor;
 use capsulefs::record::SubIdx;
 use capsulefs::store::Kv;
@@ -120,21 +121,32 @@ fn proofs_stop_at_cached_records() {
 }
 
 #[test]
-fn the_proven_set_survives_a_reopen() {
+fn the_proven_set_survives_a_reopen_with_its_trust_key_only() {
     let dir = tempfile::tempdir().unwrap();
     let me = Identity::generate("me").unwrap();
+    let trust = TrustKey::generate();
     let (a, s) = {
         let kv = Arc::new(RocksKv::open(dir.path(), true).unwrap());
-        let cap = Capsule::create(kv, NewCapsule::new("p", &me), vec![]).unwrap();
+        let cap = Capsule::create(kv, NewCapsule::new("p", &me), vec![]).unwrap().with_trust_key(trust.clone());
         let a = cap.append(&me, &[b"a"], unsigned()).unwrap();
         let s = cap.append(&me, &[b"s"], signed()).unwrap();
         assert_eq!(cap.prove_record(a, EarlierProofs::Use).unwrap().chain, vec![a, s]);
         (a, s)
     };
-    let cap = Capsule::open(Arc::new(RocksKv::open(dir.path(), false).unwrap()), vec![]).unwrap();
+    let open = |key: TrustKey| {
+        Capsule::open(Arc::new(RocksKv::open(dir.path(), false).unwrap()), vec![]).unwrap().with_trust_key(key)
+    };
+    let cap = open(trust);
     assert_eq!(cap.prove_record(a, EarlierProofs::Use).unwrap().anchor, Anchor::Cached { record: a });
     let fresh = cap.prove_record(a, EarlierProofs::Ignore).unwrap();
     assert_eq!(fresh.anchor, Anchor::Signed { record: s, writer: me.writer() });
+    drop(cap);
+    // Another machine's key (or none) does not take these marks: the proof walks again.
+    let elsewhere = open(TrustKey::generate());
+    assert_eq!(
+        elsewhere.prove_record(a, EarlierProofs::Use).unwrap().anchor,
+        Anchor::Signed { record: s, writer: me.writer() }
+    );
 }
 
 #[test]

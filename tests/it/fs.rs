@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use capsulefs::capsule::{Capsule, NewCapsule};
+use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
 use capsulefs::crypto::aead::SealedKind;
 use capsulefs::crypto::keys::Identity;
 use capsulefs::fs::Fs;
+use capsulefs::fs::heads::filesystem_heads;
 use capsulefs::fs::node::{CHUNK_SIZE, Inode, Kind, ROOT_INO};
 use capsulefs::fs::sealed::Sealed;
 use capsulefs::fs::trie::Loc;
@@ -296,4 +297,53 @@ fn files_unlinked_while_open_are_swept_after_a_crash() {
     assert!(fs.getattr(keep).is_ok());
     commit(&mut fs);
     assert_eq!(s.fs().sweep_orphans().unwrap(), 0);
+}
+
+#[test]
+fn records_of_other_kinds_never_break_the_filesystem() {
+    let s = setup();
+    let mut fs = s.fs();
+    fs.make(ROOT_INO, b"kept", file()).unwrap();
+    let first = commit(&mut fs);
+    // Raw appends on top (`capsulefs append`): the mount passes through them to the commit.
+    let raw = s.cap.append(&s.me, &[b"not a superblock"], AppendOptions::default()).unwrap();
+    let mut fs = s.fs();
+    assert_eq!(fs.base(), Some(first));
+    assert!(fs.lookup(ROOT_INO, b"kept").is_ok());
+    // The next commit names the raw head: it holds the same filesystem state.
+    fs.make(ROOT_INO, b"more", file()).unwrap();
+    let second = commit(&mut fs);
+    assert_eq!(s.cap.record(second).unwrap().header.parents, vec![raw]);
+    assert_eq!(filesystem_heads(&s.cap).unwrap(), vec![second]);
+    // A raw append on a capsule with no filesystem yet: the mount starts empty.
+    let t = setup();
+    t.cap.append(&t.me, &[b"raw"], AppendOptions::default()).unwrap();
+    assert!(t.fs().readdir(ROOT_INO).unwrap().is_empty());
+}
+
+#[test]
+fn two_filesystem_heads_open_read_only_at_the_newest_and_are_never_dropped() {
+    let s = setup();
+    let mut fs = s.fs();
+    fs.make(ROOT_INO, b"base", file()).unwrap();
+    commit(&mut fs);
+    // Two states built on the same base, as two devices apart would make them.
+    let (mut left, mut right) = (s.fs(), s.fs());
+    left.make(ROOT_INO, b"left", file()).unwrap();
+    let l = commit(&mut left);
+    right.make(ROOT_INO, b"right", file()).unwrap();
+    let r = commit(&mut right);
+    assert_ne!(s.cap.record(r).unwrap().header.parents, vec![l], "a commit never names a state it lacks");
+    let mut heads = vec![l, r];
+    heads.sort();
+    assert_eq!(filesystem_heads(&s.cap).unwrap(), heads);
+    let key = content_key(&s.cap, &s.me).unwrap();
+    let err = Fs::open(s.cap.clone(), key.clone(), Some(s.me.clone())).err().expect("refused read-write");
+    assert!(matches!(&err, Error::Invalid(m) if m.contains("2 filesystem heads")), "{err}");
+    let newest = capsulefs::fs::heads::newest(&s.cap, &heads).unwrap().unwrap();
+    let view = Fs::open(s.cap.clone(), key, None).unwrap();
+    assert_eq!(view.base(), Some(newest));
+    // A raw append that merges both heads does not hide either branch.
+    s.cap.append(&s.me, &[b"raw merge"], AppendOptions::default()).unwrap();
+    assert_eq!(filesystem_heads(&s.cap).unwrap(), heads);
 }

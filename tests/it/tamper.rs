@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use capsulefs::capsule::{Capsule, EarlierProofs, NewCapsule};
 use capsulefs::crypto::keys::Identity;
+use capsulefs::crypto::sign::TrustKey;
 use capsulefs::record::{Record, RecordHash, SubIdx, SubRecord};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Batch, Cf, Durability, Kv, Witness};
@@ -217,4 +218,61 @@ fn a_forged_metadata_signature_fails_the_open() {
     bytes[last] ^= 1;
     overwrite(&f.kv, Cf::Meta, b"metadata".to_vec(), Some(bytes));
     assert!(matches!(Capsule::open(f.kv.clone(), vec![]), Err(Error::Verify(VerifyError::Metadata(_)))));
+}
+
+/// A record someone with write access to the store (but no key files) plants: unsigned, with
+/// its sub-record, as if it were `by`'s.
+fn plant(f: &Fixture, by: &Identity, payload: &[u8]) -> RecordHash {
+    let bytes = f.make(by, 7, &[f.genesis()], &[payload], false);
+    let h = Record::decode(&bytes).unwrap().hash();
+    overwrite(&f.kv, Cf::Records, h.as_bytes().to_vec(), Some(bytes));
+    let sub = SubRecord { data: payload.to_vec(), path: capsulefs::record::MerklePath(Vec::new()) };
+    overwrite(&f.kv, Cf::Subs, sub_key(&h, 0), Some(sub.encode()));
+    h
+}
+
+#[test]
+fn forged_proven_marks_are_refused() {
+    let f = fixture();
+    let trust = TrustKey::generate();
+    let cap = Capsule::open(f.kv.clone(), vec![f.owner.clone()]).unwrap().with_trust_key(trust.clone());
+    let genuine = cap.append(&f.owner, &[b"real"], signed()).unwrap();
+    cap.prove_record(genuine, EarlierProofs::Use).unwrap();
+    cap.save_proven().unwrap();
+    let valid_elsewhere = f.kv.get(Cf::Proven, genuine.as_bytes()).unwrap().unwrap();
+    assert!(trust.check_mark(&cap.id(), &genuine, &valid_elsewhere), "marks are persisted authenticated");
+    let forged = plant(&f, &f.other, b"planted content key");
+    let marks = [Vec::new(), vec![0x5a; 32], valid_elsewhere, TrustKey::generate().mark(&cap.id(), &forged).to_vec()];
+    for mark in marks {
+        overwrite(&f.kv, Cf::Proven, forged.as_bytes().to_vec(), Some(mark.clone()));
+        let reopened = Capsule::open(f.kv.clone(), vec![f.owner.clone()]).unwrap().with_trust_key(trust.clone());
+        assert!(
+            matches!(verify_err(reopened.read_sub_record(forged, SubIdx(0))), VerifyError::Unanchored { record } if record == forged),
+            "mark {mark:?}"
+        );
+    }
+}
+
+#[test]
+fn forged_attestations_are_refused() {
+    let f = fixture();
+    let forged = plant(&f, &f.owner, b"as if the owner wrote it");
+    overwrite(&f.kv, Cf::Attest, forged.as_bytes().to_vec(), Some(vec![0x11; 32]));
+    assert!(matches!(
+        verify_err(f.cap.read_sub_record(forged, SubIdx(0))),
+        VerifyError::Unanchored { record } if record == forged
+    ));
+}
+
+#[test]
+fn a_forged_sequence_entry_is_not_taken_for_a_fork() {
+    let f = fixture();
+    let unrelated = f.cap.append(&f.owner, &[b"owner's"], signed()).unwrap();
+    let mut key = f.other.writer().as_bytes().to_vec();
+    key.extend_from_slice(&1u64.to_be_bytes());
+    overwrite(&f.kv, Cf::Seqs, key, Some(unrelated.as_bytes().to_vec()));
+    let bytes = f.make(&f.other, 1, &[f.genesis()], &[b"honest"], true);
+    let err = f.cap.ingest(&bytes, &[b"honest"], Durability::Buffered).unwrap_err();
+    assert!(matches!(err, Error::Store(capsulefs::StoreError::BadIndex { cf: "seqs", .. })), "{err}");
+    assert!(f.cap.store().evidence().unwrap().is_empty(), "no evidence against an honest writer");
 }
