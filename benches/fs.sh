@@ -7,6 +7,7 @@
 #   BENCH_ROUNDS rounds of every workload on every system, interleaved; each cell is the
 #                median (default 3: on a shared VM single runs move by a third)
 #   BENCH_VERBOSE=1 also prints every run of every cell (to stderr)
+#   BENCH_WORKLOADS a subset of the workloads, space-separated (default: all of them)
 #   BENCH_DIR  work folder (default target/bench-fs, on the same disk as the build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +16,11 @@ MB=${BENCH_MB:-512}
 ROUNDS=${BENCH_ROUNDS:-3}
 W=$(realpath -m "${BENCH_DIR:-target/bench-fs}")
 FILES=5000
-SYSTEMS=(tmpfs bindfs gocryptfs capsulefs)
-WORKLOADS=(seq_write seq_read untar ls_lR read_all rm_rf)
+# ext4 is a plain folder on the disk the other backing stores use: the floor for the fsync rows.
+SYSTEMS=(tmpfs ext4 bindfs gocryptfs capsulefs)
+read -r -a WORKLOADS <<< "${BENCH_WORKLOADS:-seq_write seq_read untar ls_lR read_all rm_rf fsync_append sqlite}"
+APPENDS=2000
+TRANSACTIONS=500
 
 for tool in bindfs gocryptfs; do
   command -v "$tool" >/dev/null || { echo "bench-fs: $tool is missing: run make deps-bench" >&2; exit 1; }
@@ -52,6 +56,7 @@ mount_system() {
   mkdir -p "$m"
   case $s in
     tmpfs) mount -t tmpfs -o size=$((MB * 2 + 512))m tmpfs "$m" ;;
+    ext4) ;;
     bindfs) mkdir -p "$W/bindfs-back"; bindfs "$W/bindfs-back" "$m" ;;
     gocryptfs)
       mkdir -p "$W/gocryptfs-back"
@@ -74,6 +79,18 @@ run_workload() {
     ls_lR) ls -lR "$m" > /dev/null ;;
     read_all) find "$m/small" -type f -exec cat {} + > /dev/null ;;
     rm_rf) rm -rf "$m/small" "$m/big" && sync ;;
+    # An editor's or mail client's pattern: small appends, each made durable.
+    fsync_append) rm -f "$m/journal" && python3 -c '
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+for i in range(int(sys.argv[2])):
+    os.write(fd, b"%08d appended line of a log, made durable before the next\n" % i)
+    os.fsync(fd)
+os.close(fd)' "$m/journal" "$APPENDS" ;;
+    # A database's pattern: one row per transaction, in rollback-journal mode (the default).
+    sqlite) rm -f "$m/bench.db" && { echo "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT);"
+        for i in $(seq "$TRANSACTIONS"); do echo "BEGIN; INSERT INTO t (v) VALUES ('row $i of the benchmark'); COMMIT;"; done
+      } | sqlite3 "$m/bench.db" ;;
   esac
 }
 
@@ -102,5 +119,6 @@ for w in "${WORKLOADS[@]}"; do
   printf '%14.2f\n' "$r"
   if [ "$(echo "$r > $max" | bc -l)" = 1 ]; then max=$r; worst=$w; fi
 done
-echo "(seconds, median of $ROUNDS rounds; seq_write/seq_read move $MB MiB, untar/read_all/rm_rf $FILES files)"
+echo "(seconds, median of $ROUNDS rounds; seq_write/seq_read move $MB MiB, untar/read_all/rm_rf $FILES files,"
+echo " fsync_append $APPENDS appends each followed by fsync, sqlite $TRANSACTIONS one-row transactions)"
 printf 'fsbench: vs_gocryptfs max_ratio=%.2f worst=%s\n' "$max" "$worst"

@@ -836,6 +836,9 @@ impl Fs {
             let idx = match sealed_early.remove(&(ino, n)) {
                 // Sealed at this place by the sealer, from exactly these bytes.
                 Some((version, sub)) if version == pending.version => builder.push_sealed(sub),
+                _ if pending.data.len() < CHUNK_SIZE as usize => {
+                    builder.push_kept(&sealed.chunk_place(ino, n), &pending.data)
+                }
                 _ => builder.push(&sealed.chunk_place(ino, n), &pending.data),
             };
             map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, Ref::Here(idx))?;

@@ -116,8 +116,9 @@ impl NodeSource for TreeSource<'_> {
 pub struct CommitBuilder<'a> {
     sealed: &'a Sealed,
     payloads: Vec<SubRecordBuf>,
-    /// Plaintexts of the tree nodes sealed here: once the record is appended they go to the
-    /// payload cache, since the next operation reads them back (chunks would only churn it).
+    /// Plaintexts of the tree nodes (and partial chunks) sealed here: once the record is
+    /// appended they go to the payload cache, since the next operation reads them back (whole
+    /// chunks would only churn it).
     nodes: Vec<(SubIdx, Place, Vec<u8>)>,
 }
 
@@ -131,6 +132,15 @@ impl<'a> CommitBuilder<'a> {
         let sub =
             SubRecordBuf::filled(aead::sealed_len(plaintext.len()), |out| aead::seal_into(key, place, plaintext, out));
         self.push_sealed(sub)
+    }
+
+    /// `push`, keeping the plaintext for the payload cache once the record is appended: for a
+    /// file's partial last chunk, which the next append reads back to extend (an fsync'ed log
+    /// otherwise proves, reads and opens up to 64 KiB per append).
+    pub fn push_kept(&mut self, place: &Place, plaintext: &[u8]) -> SubIdx {
+        let idx = self.push(place, plaintext);
+        self.nodes.push((idx, *place, plaintext.to_vec()));
+        idx
     }
 
     /// A payload sealed before (by `fs::sealer`, with this builder's key and the place its

@@ -164,17 +164,29 @@ pub fn check_record_claims(
     record: RecordHash,
     parsed: &Record,
 ) -> Result<(), VerifyError> {
+    check_record_rights(capsule, metadata, record, &parsed.header)?;
     let h = &parsed.header;
+    if let Some(sig) = &parsed.signature
+        && !sign::verify_record(&h.writer, &record, sig)
+    {
+        return Err(VerifyError::BadSignature { record, writer: h.writer });
+    }
+    Ok(())
+}
+
+/// The claims of a record made on this machine, whose signature (if any) it has just made:
+/// the capsule and the writer's rights.
+pub fn check_record_rights(
+    capsule: CapsuleId,
+    metadata: &Metadata,
+    record: RecordHash,
+    h: &RecordHeader,
+) -> Result<(), VerifyError> {
     if h.capsule != capsule {
         return Err(VerifyError::WrongCapsule { record, capsule: h.capsule });
     }
     if !metadata.may_write(&h.writer) {
         return Err(VerifyError::UnauthorizedWriter { record, writer: h.writer });
-    }
-    if let Some(sig) = &parsed.signature
-        && !sign::verify_record(&h.writer, &record, sig)
-    {
-        return Err(VerifyError::BadSignature { record, writer: h.writer });
     }
     Ok(())
 }
