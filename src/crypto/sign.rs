@@ -1,5 +1,8 @@
 //! Signatures over metadata ids and record hashes, and the local attestation of unsigned records.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
 use crate::record::header::signing_message;
@@ -42,8 +45,27 @@ pub fn writer_id(key: &SigningKey) -> WriterId {
     WriterId::from_bytes(key.verifying_key().to_bytes())
 }
 
+/// Writers' keys, decompressed once: decompressing a point (a field inversion) was a fifth of
+/// every signature check, and a capsule has few writers. Cleared when it grows past a bound,
+/// so a stream of strangers' keys cannot grow it without limit.
+static VERIFYING_KEYS: LazyLock<Mutex<HashMap<WriterId, VerifyingKey>>> = LazyLock::new(Mutex::default);
+const VERIFYING_KEYS_MAX: usize = 4096;
+
+fn verifying_key(writer: &WriterId) -> Option<VerifyingKey> {
+    let mut keys = VERIFYING_KEYS.lock().expect("no panics while locked");
+    if let Some(vk) = keys.get(writer) {
+        return Some(*vk);
+    }
+    let vk = VerifyingKey::from_bytes(writer.as_bytes()).ok()?;
+    if keys.len() >= VERIFYING_KEYS_MAX {
+        keys.clear();
+    }
+    keys.insert(*writer, vk);
+    Some(vk)
+}
+
 fn verify(writer: &WriterId, msg: &[u8], sig: &Signature) -> bool {
-    let Ok(vk) = VerifyingKey::from_bytes(writer.as_bytes()) else { return false };
+    let Some(vk) = verifying_key(writer) else { return false };
     // verify_strict rejects small-order keys and non-canonical s, so no signature is malleable.
     vk.verify_strict(msg, &ed25519_dalek::Signature::from_bytes(&sig.0)).is_ok()
 }
