@@ -1,6 +1,7 @@
 //! One capsule on this machine: signed metadata, local store and proof cache. Appending,
 //! accepting records from elsewhere, proving, and auditing everything all go through here.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -87,6 +88,49 @@ pub struct AuditReport {
     pub sub_record_bytes: u64,
 }
 
+/// What appends and ingests keep between them, under the write lock: copies of store values
+/// that only they change, so an fsync'ed commit does not read them back (the reverse scan for
+/// a writer's last sequence number alone was a tenth of its CPU).
+#[derive(Default)]
+struct WriteState {
+    /// Each writer's highest sequence number stored, once looked up.
+    last_seqs: HashMap<WriterId, Seq>,
+    heads: Option<Vec<RecordHash>>,
+    next_order: Option<u64>,
+}
+
+impl WriteState {
+    fn heads(&mut self, store: &CapsuleStore) -> Result<Vec<RecordHash>> {
+        match &self.heads {
+            Some(heads) => Ok(heads.clone()),
+            None => Ok(self.heads.insert(store.heads()?).clone()),
+        }
+    }
+
+    fn next_order(&mut self, store: &CapsuleStore) -> Result<u64> {
+        match self.next_order {
+            Some(order) => Ok(order),
+            None => Ok(*self.next_order.insert(store.next_order()?)),
+        }
+    }
+
+    fn last_seq(&mut self, store: &CapsuleStore, w: &WriterId) -> Result<Option<Seq>> {
+        if let Some(seq) = self.last_seqs.get(w) {
+            return Ok(Some(*seq));
+        }
+        let found = store.last_seq(w)?;
+        if let Some(seq) = found {
+            self.last_seqs.insert(*w, seq);
+        }
+        Ok(found)
+    }
+
+    fn stored(&mut self, w: WriterId, seq: Seq) {
+        let last = self.last_seqs.entry(w).or_insert(seq);
+        *last = (*last).max(seq);
+    }
+}
+
 pub struct Capsule {
     id: CapsuleId,
     signed: SignedMetadata,
@@ -96,7 +140,7 @@ pub struct Capsule {
     /// Authenticates the proven marks persisted in the store; without it they stay in memory.
     trust_key: Option<TrustKey>,
     /// One append or ingest at a time: each reads heads and sequence numbers it then updates.
-    write_lock: Mutex<()>,
+    write_lock: Mutex<WriteState>,
 }
 
 impl Drop for Capsule {
@@ -155,7 +199,7 @@ impl Capsule {
         let mut batch = store.batch();
         batch.put_metadata(signed.encode());
         store.write(batch, Durability::Durable)?;
-        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::new(()) })
+        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() })
     }
 
     /// Opens the capsule in `kv`, checking its metadata signature.
@@ -167,7 +211,7 @@ impl Capsule {
         if !sign::verify_metadata(&signed.metadata.creator, &id, &signed.signature) {
             return Err(VerifyError::Metadata(format!("creator signature over {id:?} does not verify")).into());
         }
-        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::new(()) })
+        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() })
     }
 
     /// Persists proven marks in the store, authenticated with `key`, and trusts only marks
@@ -218,7 +262,7 @@ impl Capsule {
 
     /// Current heads, sorted; a capsule without records has none.
     pub fn heads(&self) -> Result<Vec<RecordHash>> {
-        self.store.heads()
+        self.write_lock.lock().expect("no panics while locked").heads(&self.store)
     }
 
     /// Appends one record holding `payloads` as sub-records, on top of every current head.
@@ -236,9 +280,9 @@ impl Capsule {
         opts: AppendOptions,
     ) -> Result<RecordHash> {
         let sub_count = u32::try_from(subs.len()).map_err(|_| Error::Invalid("too many sub-records".into()))?;
-        let _guard = self.write_lock.lock().expect("no panics while locked");
+        let mut state = self.write_lock.lock().expect("no panics while locked");
         let mut parents = match parents {
-            Parents::AllHeads => self.store.heads()?,
+            Parents::AllHeads => state.heads(&self.store)?,
             Parents::These(given) => {
                 let mut given = given.to_vec();
                 given.sort();
@@ -250,7 +294,7 @@ impl Capsule {
             parents.push(RecordHash::genesis(self.id));
         }
         let w = writer.writer();
-        let seq = Seq(self.store.last_seq(&w)?.map_or(1, |s| s.0 + 1));
+        let seq = Seq(state.last_seq(&self.store, &w)?.map_or(1, |s| s.0 + 1));
         let (merkle_root, subs) = sub_records(subs);
         let header = RecordHeader {
             version: FORMAT_VERSION,
@@ -270,7 +314,7 @@ impl Capsule {
         let attestation = (!opts.sign).then(|| sign::attest(writer.key(), &self.id, &h));
         // Signed just above: verifying it again was a tenth of an fsync-heavy workload's CPU.
         check_record_rights(self.id, self.metadata(), h, &header)?;
-        self.insert(h, Record { header, signature }, subs, attestation, opts.durability)?;
+        self.insert(&mut state, h, Record { header, signature }, subs, attestation, opts.durability)?;
         Ok(h)
     }
 
@@ -290,12 +334,12 @@ impl Capsule {
             }
             .into());
         }
-        let _guard = self.write_lock.lock().expect("no panics while locked");
+        let mut state = self.write_lock.lock().expect("no panics while locked");
         if self.store.has_record(&h)? {
             return Ok(Ingested::AlreadyPresent(h));
         }
         check_record_claims(self.id, self.metadata(), h, &record)?;
-        self.insert(h, record, subs, None, durability)?;
+        self.insert(&mut state, h, record, subs, None, durability)?;
         Ok(Ingested::Stored(h))
     }
 
@@ -303,6 +347,7 @@ impl Capsule {
     /// batch. Caller holds `write_lock`.
     fn insert(
         &self,
+        state: &mut WriteState,
         h: RecordHash,
         record: Record,
         subs: Vec<Vec<u8>>,
@@ -316,7 +361,8 @@ impl Capsule {
             return Err(self.keep_evidence(first, h, &record)?);
         }
         let mut batch = self.store.batch();
-        batch.put_record(&self.store, &h, record.encode(), &header.parents)?;
+        let order = state.next_order(&self.store)?;
+        let heads = batch.put_record(&h, record.encode(), &header.parents, state.heads(&self.store)?, order);
         for (i, sub) in subs.into_iter().enumerate() {
             batch.put_sub_record(&h, SubIdx(i as u32), sub);
         }
@@ -327,7 +373,10 @@ impl Capsule {
         if record.signature.is_some() {
             witness::stage_signed(&self.store, &mut batch, self.id, h, &header.parents)?;
         }
-        self.store.write(batch, durability)
+        self.store.write(batch, durability)?;
+        state.stored(header.writer, header.seq);
+        (state.heads, state.next_order) = (Some(heads), Some(order + 1));
+        Ok(())
     }
 
     fn check_parents_known(&self, record: RecordHash, header: &RecordHeader) -> Result<()> {

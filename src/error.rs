@@ -62,6 +62,8 @@ pub enum VerifyError {
         "sub-record {idx:?} of {record:?} does not open with the content key at its place: moved, replayed or sealed with another key"
     )]
     SealBroken { record: RecordHash, idx: SubIdx },
+    #[error("sub-record {idx:?} of {record:?} holds {actual} bytes of a chunk where its chunk map says {expected}")]
+    PieceLength { record: RecordHash, idx: SubIdx, expected: u32, actual: usize },
     #[error("sub-record {idx:?} of {record:?} is a tree node that does not belong where it is referenced")]
     MisplacedNode { record: RecordHash, idx: SubIdx },
     #[error("{record:?} has no sub-record {idx:?} (it has {count})")]

@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::heads;
-use super::node::{Bucket, CHUNK_SIZE, DirEntry, Inode, Kind, ROOT_INO, Superblock, Time, name_key};
+use super::node::{
+    Bucket, CHUNK_SIZE, Chunk, DirEntry, Inode, Kind, MAX_PIECES, Piece, ROOT_INO, Superblock, Time, name_key,
+};
 use super::payload_cache::Caches;
 use super::sealed::{CommitBuilder, Sealed};
 use super::sealer::{ChunkKey, Sealer};
@@ -52,7 +54,7 @@ pub struct Fs {
     inodes: Trie<Inode>,
     next_ino: u64,
     /// Chunk maps and directories changed since the last commit.
-    files: HashMap<u64, Trie<Ref>>,
+    files: HashMap<u64, Trie<Chunk>>,
     dirs: HashMap<u64, Trie<Bucket>>,
     /// Written chunks not yet committed, by (inode, chunk number).
     chunks: BTreeMap<ChunkKey, PendingChunk>,
@@ -88,6 +90,10 @@ impl std::ops::Deref for ChunkBytes<'_> {
 struct PendingChunk {
     data: Arc<Vec<u8>>,
     version: u64,
+    /// The committed pieces `data` still begins with, unchanged: set when a committed chunk
+    /// is loaded to be extended, cleared by any write below their end. A commit then seals
+    /// only the bytes after them, as one more piece.
+    kept: Option<Chunk>,
 }
 
 impl ChunkBytes<'_> {
@@ -111,6 +117,15 @@ fn check_name(name: &[u8]) -> Result<()> {
     check_name_length(name)?;
     if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
         return Err(Error::Invalid(format!("'{}' is not a valid file name", String::from_utf8_lossy(name))));
+    }
+    Ok(())
+}
+
+/// A piece must hold exactly the bytes its chunk map says: both are proven, so a mismatch is
+/// a writer's fault, refused rather than read short or long.
+fn check_piece_len(at: Loc, piece: &Piece, actual: usize) -> Result<()> {
+    if actual != piece.len as usize {
+        return Err(VerifyError::PieceLength { record: at.record, idx: at.idx, expected: piece.len, actual }.into());
     }
     Ok(())
 }
@@ -580,6 +595,11 @@ impl Fs {
     /// An extended attribute: stored user.* ones, or the read-only provenance of the inode
     /// (`user.capsule.record`, `.writer`, `.verified`).
     pub fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        // Only user.* is stored. Answered before any lookup: the kernel asks for
+        // security.capability before every write to a file.
+        if !name.starts_with(b"user.") {
+            return Err(Error::NoAttribute(shown(name)));
+        }
         let inode = self.getattr(ino)?;
         if let Some(field) = name.strip_prefix(PROVENANCE_PREFIX) {
             return self.provenance(&inode, field).and_then(|v| v.ok_or_else(|| Error::NoAttribute(shown(name))));
@@ -647,19 +667,34 @@ impl Fs {
         if let Some(c) = self.chunks.get(&(ino, n)) {
             return Ok(Some(ChunkBytes::Pending(&c.data)));
         }
-        let Some(at) = self.committed_chunk(ino, inode, n)? else { return Ok(None) };
-        let place = self.sealed.chunk_place(ino, n);
-        Ok(Some(ChunkBytes::Committed(self.sealed.read(at, &place)?)))
+        let Some(chunk) = self.committed_chunk(ino, inode, n)? else { return Ok(None) };
+        Ok(Some(ChunkBytes::Committed(self.committed_bytes(ino, n, &chunk)?)))
     }
 
     /// Where committed chunk `n` of file `ino` is stored, or None for a hole.
-    fn committed_chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Loc>> {
+    fn committed_chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Chunk>> {
         let src = self.sealed.tree(SealedKind::ChunkMap, ino);
-        let found = Self::current_tree(&self.files, ino, inode, CHUNK_LEAF).get(&src, n)?;
-        Ok(found.map(|r| match r {
-            Ref::At(record, idx) => Loc { record, idx },
-            Ref::Here(_) => unreachable!("chunk refs in the map are absolute until a commit, which empties `files`"),
-        }))
+        Self::current_tree(&self.files, ino, inode, CHUNK_LEAF).get(&src, n)
+    }
+
+    /// The bytes of committed chunk `n` of file `ino`: its pieces, each proven and opened.
+    fn committed_bytes(&self, ino: u64, n: u64, chunk: &Chunk) -> Result<Arc<Vec<u8>>> {
+        if let [only] = chunk.pieces.as_slice() {
+            return self.piece(ino, n, 0, only);
+        }
+        let mut bytes = Vec::with_capacity(chunk.len());
+        for (start, piece) in chunk.with_offsets() {
+            bytes.extend_from_slice(&self.piece(ino, n, start, piece)?);
+        }
+        Ok(Arc::new(bytes))
+    }
+
+    /// One piece of committed chunk `n` of file `ino`, starting `start` bytes into it.
+    fn piece(&self, ino: u64, n: u64, start: usize, piece: &Piece) -> Result<Arc<Vec<u8>>> {
+        let at = piece.at.absolute();
+        let plain = self.sealed.read(at, &self.sealed.piece_place(ino, n, start))?;
+        check_piece_len(at, piece, plain.len())?;
+        Ok(plain)
     }
 
     fn file_inode(&self, ino: u64) -> Result<Inode> {
@@ -689,10 +724,20 @@ impl Fs {
             let take = (end - pos).min(CHUNK_SIZE - within as u64) as usize;
             let dst = &mut out[(pos - offset) as usize..][..take];
             if take == CHUNK_SIZE as usize && !self.chunks.contains_key(&(ino, n)) {
-                // A committed chunk read whole is opened straight into the reply.
-                if let Some(at) = self.committed_chunk(ino, &inode, n)? {
-                    let place = self.sealed.chunk_place(ino, n);
-                    self.sealed.read_into(at, &place, dst)?;
+                // A committed chunk of one piece read whole is opened straight into the reply.
+                match self.committed_chunk(ino, &inode, n)? {
+                    Some(Chunk { pieces }) if pieces.len() == 1 => {
+                        let at = pieces[0].at.absolute();
+                        let place = self.sealed.chunk_place(ino, n);
+                        let len = self.sealed.read_into(at, &place, dst)?;
+                        check_piece_len(at, &pieces[0], len)?;
+                    }
+                    Some(chunk) => {
+                        let bytes = self.committed_bytes(ino, n, &chunk)?;
+                        let have = bytes.len().min(take);
+                        dst[..have].copy_from_slice(&bytes[..have]);
+                    }
+                    None => {}
                 }
             } else if let Some(chunk) = self.chunk(ino, &inode, n)? {
                 let start = within.min(chunk.len());
@@ -717,15 +762,19 @@ impl Fs {
             // if some of its bytes survive: not for a whole-chunk write, nor past the end.
             if !self.chunks.contains_key(&(ino, n)) {
                 let keeps_old = take < CHUNK_SIZE as usize && n * CHUNK_SIZE < inode.size;
-                let committed = match keeps_old {
-                    true => self.chunk(ino, &inode, n)?.map(ChunkBytes::into_owned).unwrap_or_default(),
-                    false => Vec::new(),
+                let kept = if keeps_old { self.committed_chunk(ino, &inode, n)? } else { None };
+                let data = match &kept {
+                    Some(chunk) => Arc::unwrap_or_clone(self.committed_bytes(ino, n, chunk)?),
+                    None => Vec::new(),
                 };
-                self.chunks.insert((ino, n), PendingChunk { data: Arc::new(committed), version: 0 });
+                self.chunks.insert((ino, n), PendingChunk { data: Arc::new(data), version: 0, kept });
             }
             let version = self.next_chunk_version();
             let pending = self.chunks.get_mut(&(ino, n)).expect("inserted just above");
             pending.version = version;
+            if pending.kept.as_ref().is_some_and(|k| within < k.len()) {
+                pending.kept = None; // rewritten below the committed pieces' end
+            }
             // Copies only if the sealer still holds this chunk's bytes from an earlier write.
             let chunk = Arc::make_mut(&mut pending.data);
             if chunk.len() <= within {
@@ -766,7 +815,7 @@ impl Fs {
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
                 let version = self.next_chunk_version();
-                self.chunks.insert((ino, keep - 1), PendingChunk { data: Arc::new(last), version });
+                self.chunks.insert((ino, keep - 1), PendingChunk { data: Arc::new(last), version, kept: None });
             }
             self.chunks.retain(|(i, n), _| *i != ino || *n < keep);
             let sealed = &self.sealed;
@@ -833,15 +882,27 @@ impl Fs {
                     slot.insert(Self::committed_tree(&inode, CHUNK_LEAF))
                 }
             };
-            let idx = match sealed_early.remove(&(ino, n)) {
+            let len = pending.data.len();
+            let extendable = pending.kept.as_ref().filter(|k| k.pieces.len() < MAX_PIECES && k.len() < len);
+            let chunk = match (sealed_early.remove(&(ino, n)), extendable) {
                 // Sealed at this place by the sealer, from exactly these bytes.
-                Some((version, sub)) if version == pending.version => builder.push_sealed(sub),
-                _ if pending.data.len() < CHUNK_SIZE as usize => {
-                    builder.push_kept(&sealed.chunk_place(ino, n), &pending.data)
+                (Some((version, sub)), _) if version == pending.version => {
+                    Chunk::whole(Ref::Here(builder.push_sealed(sub)), len)
                 }
-                _ => builder.push(&sealed.chunk_place(ino, n), &pending.data),
+                // Only the appended bytes, as one more piece.
+                (_, Some(kept)) => {
+                    let start = kept.len();
+                    let idx = builder.push_kept(&sealed.piece_place(ino, n, start), &pending.data[start..]);
+                    let mut pieces = kept.pieces.clone();
+                    pieces.push(Piece { at: Ref::Here(idx), len: (len - start) as u32 });
+                    Chunk { pieces }
+                }
+                _ if len < CHUNK_SIZE as usize => {
+                    Chunk::whole(Ref::Here(builder.push_kept(&sealed.chunk_place(ino, n), &pending.data)), len)
+                }
+                _ => Chunk::whole(Ref::Here(builder.push(&sealed.chunk_place(ino, n), &pending.data)), len),
             };
-            map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, Ref::Here(idx))?;
+            map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, chunk)?;
         }
         for (ino, map) in &files {
             let root = map.commit(&mut builder.tree(SealedKind::ChunkMap, *ino))?;

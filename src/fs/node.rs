@@ -118,6 +118,54 @@ impl Value for Ref {
     }
 }
 
+/// Most pieces one chunk is kept in; an append past them seals the chunk whole again.
+pub const MAX_PIECES: usize = 16;
+
+/// One sealed payload holding `len` bytes of a chunk, after the pieces before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Piece {
+    pub at: Ref,
+    pub len: u32,
+}
+
+/// Where a chunk's bytes are: pieces that follow each other. A chunk written whole is one
+/// piece; an append to a committed chunk adds a piece of just the bytes it added, so an
+/// fsync'ed append seals and stores those bytes, not the whole chunk again.
+#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Chunk {
+    pub pieces: Vec<Piece>,
+}
+
+impl Value for Chunk {
+    fn resolve(&mut self, base: RecordHash) {
+        self.pieces.iter_mut().for_each(|p| p.at.resolve_in_place(base));
+    }
+}
+
+impl Chunk {
+    pub fn whole(at: Ref, len: usize) -> Self {
+        Self { pieces: vec![Piece { at, len: len as u32 }] }
+    }
+
+    /// Bytes in all pieces.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(|p| p.len as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each piece with the byte offset it starts at within the chunk.
+    pub fn with_offsets(&self) -> impl Iterator<Item = (usize, &Piece)> {
+        self.pieces.iter().scan(0, |start, p| {
+            let at = *start;
+            *start += p.len as usize;
+            Some((at, p))
+        })
+    }
+}
+
 /// Key of a name in its directory's tree.
 pub fn name_key(name: &[u8]) -> u64 {
     let h = blake3::hash(name);

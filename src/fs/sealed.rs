@@ -31,7 +31,13 @@ impl Sealed {
     /// Where chunk `n` of file `ino` is sealed: one definition for the reads, the commit and
     /// the sealer thread, which must agree on it.
     pub fn chunk_place(&self, ino: u64, n: u64) -> Place {
-        self.place(SealedKind::Chunk, ino, n * CHUNK_SIZE, 0)
+        self.piece_place(ino, n, 0)
+    }
+
+    /// Where the piece of chunk `n` of file `ino` that starts `start` bytes into the chunk is
+    /// sealed: at its byte offset in the file, so pieces cannot be reordered or moved.
+    pub fn piece_place(&self, ino: u64, n: u64, start: usize) -> Place {
+        self.place(SealedKind::Chunk, ino, n * CHUNK_SIZE + start as u64, 0)
     }
 
     /// Reads one payload through its proof and opens it, or takes it from the cache of

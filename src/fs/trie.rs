@@ -58,6 +58,17 @@ impl Ref {
         }
     }
 
+    /// The location an absolute ref names. Values read from a tree are absolute (`Value::resolve`
+    /// runs as they load); only a commit being built holds `Here` refs.
+    pub fn absolute(self) -> Loc {
+        match self {
+            Ref::At(record, idx) => Loc { record, idx },
+            Ref::Here(_) => {
+                unreachable!("refs read from a tree are absolute; `Here` lives only in a commit being built")
+            }
+        }
+    }
+
     /// The location this ref names, for a ref stored in (or returned for) record `base`.
     pub fn resolve(self, base: RecordHash) -> Loc {
         match self {

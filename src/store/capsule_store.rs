@@ -118,7 +118,8 @@ impl CapsuleStore {
         Ok(self.kv.scan(Cf::Order, &[], newest_first)?.map(|e| hash_value(Cf::Order, &e?.1)))
     }
 
-    fn next_order(&self) -> Result<u64> {
+    /// The arrival number the next record gets.
+    pub fn next_order(&self) -> Result<u64> {
         let Some(v) = self.kv.get(Cf::Meta, NEXT_ORDER_KEY)? else { return Ok(0) };
         let bytes: [u8; 8] = v.try_into().map_err(|_| bad_index(Cf::Meta, "next-order is not 8 bytes"))?;
         Ok(u64::from_be_bytes(bytes))
@@ -172,25 +173,26 @@ impl StoreBatch {
         self.batch.put(Cf::Meta, METADATA_KEY, bytes);
     }
 
-    /// A new record with its sub-records, as the newest head, next in arrival order.
+    /// A new record, made a head in place of its parents, as arrival number `order`; returns
+    /// the new heads. `heads` are the current ones (`CapsuleStore::heads`, or a copy kept in
+    /// memory by the one writer of the store).
     pub fn put_record(
         &mut self,
-        store: &CapsuleStore,
         h: &RecordHash,
         bytes: Vec<u8>,
         parents: &[RecordHash],
-    ) -> Result<()> {
+        mut heads: Vec<RecordHash>,
+        order: u64,
+    ) -> Vec<RecordHash> {
         self.batch.put(Cf::Records, h.as_bytes().to_vec(), bytes);
-        let mut heads = store.heads()?;
         heads.retain(|x| !parents.contains(x));
         if let Err(at) = heads.binary_search(h) {
             heads.insert(at, *h);
         }
         self.batch.put(Cf::Meta, HEADS_KEY, heads.iter().flat_map(|x| *x.as_bytes()).collect::<Vec<u8>>());
-        let order = store.next_order()?;
         self.batch.put(Cf::Order, order.to_be_bytes().to_vec(), h.as_bytes().to_vec());
         self.batch.put(Cf::Meta, NEXT_ORDER_KEY, (order + 1).to_be_bytes().to_vec());
-        Ok(())
+        heads
     }
 
     pub fn put_sub_record(&mut self, h: &RecordHash, idx: SubIdx, bytes: Vec<u8>) {

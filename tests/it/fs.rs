@@ -347,3 +347,51 @@ fn two_filesystem_heads_open_read_only_at_the_newest_and_are_never_dropped() {
     s.cap.append(&s.me, &[b"raw merge"], AppendOptions::default()).unwrap();
     assert_eq!(filesystem_heads(&s.cap).unwrap(), heads);
 }
+
+#[test]
+fn appends_to_a_committed_chunk_seal_only_the_added_bytes() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (ino, _) = fs.make(ROOT_INO, b"log", file()).unwrap();
+    let mut expected = Vec::new();
+    let sealed_chunk_len = |rec: RecordHash| s.cap.read_sub_record(rec, SubIdx(0)).unwrap().0.get().len();
+    for i in 0..20u8 {
+        let line = pattern(100, i);
+        fs.write(ino, expected.len() as u64, &line).unwrap();
+        expected.extend_from_slice(&line);
+        let rec = commit(&mut fs);
+        // Sub-record 0 is the chunk's new piece: the appended bytes (plus the seal's 40), the
+        // whole chunk only for the first write and after 16 pieces.
+        let whole = i == 0 || i == 16;
+        let want = if whole { expected.len() } else { line.len() };
+        assert_eq!(sealed_chunk_len(rec), want + 40, "append {i}");
+        assert_eq!(fs.read(ino, 0, 1 << 20).unwrap(), expected, "append {i}");
+    }
+    // A write below the committed pieces' end seals the chunk whole again.
+    fs.write(ino, 10, b"rewritten").unwrap();
+    expected[10..19].copy_from_slice(b"rewritten");
+    let rec = commit(&mut fs);
+    assert_eq!(sealed_chunk_len(rec), expected.len() + 40);
+    // Read back by a fresh filesystem, with nothing cached, in part and whole.
+    let fresh = s.fs();
+    assert_eq!(fresh.read(ino, 0, 1 << 20).unwrap(), expected);
+    assert_eq!(fresh.read(ino, 150, 120).unwrap(), expected[150..270]);
+}
+
+#[test]
+fn a_chunk_of_pieces_read_whole_and_past_its_end() {
+    let s = setup();
+    let mut fs = s.fs();
+    let (ino, _) = fs.make(ROOT_INO, b"f", file()).unwrap();
+    fs.write(ino, 0, &pattern(1000, 1)).unwrap();
+    commit(&mut fs);
+    fs.write(ino, 1000, &pattern(CHUNK_SIZE as usize - 1000, 2)).unwrap();
+    fs.write(ino, CHUNK_SIZE, &pattern(10, 3)).unwrap();
+    commit(&mut fs);
+    let mut want = pattern(1000, 1);
+    want.extend(pattern(CHUNK_SIZE as usize - 1000, 2));
+    want.extend(pattern(10, 3));
+    let fresh = s.fs();
+    assert_eq!(fresh.read(ino, 0, CHUNK_SIZE as u32).unwrap(), want[..CHUNK_SIZE as usize]);
+    assert_eq!(fresh.read(ino, 0, 1 << 20).unwrap(), want);
+}
