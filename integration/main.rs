@@ -7,6 +7,7 @@ mod crash;
 mod fsx;
 mod hardening;
 mod mount;
+mod replicas;
 mod tools;
 
 use std::fs;

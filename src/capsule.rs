@@ -72,6 +72,22 @@ impl<'a> NewCapsule<'a> {
     }
 }
 
+/// A record from elsewhere that passed every check needing no store (`check_incoming`).
+pub struct Incoming {
+    hash: RecordHash,
+    record: Record,
+    subs: Vec<Vec<u8>>,
+}
+
+impl Incoming {
+    pub fn hash(&self) -> RecordHash {
+        self.hash
+    }
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+}
+
 /// What `ingest` did with a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ingested {
@@ -166,6 +182,16 @@ fn copied(payloads: &[&[u8]]) -> Vec<SubRecordBuf> {
     payloads.iter().map(|p| SubRecordBuf::copied(p)).collect()
 }
 
+/// Decodes signed metadata and checks the creator's signature over its id.
+fn check_metadata(bytes: &[u8]) -> Result<SignedMetadata> {
+    let signed = SignedMetadata::decode(bytes).map_err(|e| VerifyError::Metadata(e.to_string()))?;
+    let id = signed.metadata.id();
+    if !sign::verify_metadata(&signed.metadata.creator, &id, &signed.signature) {
+        return Err(VerifyError::Metadata(format!("creator signature over {id:?} does not verify")).into());
+    }
+    Ok(signed)
+}
+
 fn new_cache() -> ProofCache {
     ProofCache::new(NonZeroUsize::new(PROOF_CACHE_RECORDS).expect("constant is non-zero"))
 }
@@ -206,11 +232,8 @@ impl Capsule {
     pub fn open(kv: Arc<dyn Kv>, local: Vec<Identity>) -> Result<Self> {
         let store = CapsuleStore::new(kv);
         let bytes = store.metadata_bytes()?.ok_or_else(|| Error::NotFound("capsule metadata in this store".into()))?;
-        let signed = SignedMetadata::decode(&bytes).map_err(|e| VerifyError::Metadata(e.to_string()))?;
+        let signed = check_metadata(&bytes)?;
         let id = signed.metadata.id();
-        if !sign::verify_metadata(&signed.metadata.creator, &id, &signed.signature) {
-            return Err(VerifyError::Metadata(format!("creator signature over {id:?} does not verify")).into());
-        }
         Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() })
     }
 
@@ -219,6 +242,33 @@ impl Capsule {
     pub fn with_trust_key(mut self, key: TrustKey) -> Self {
         self.trust_key = Some(key);
         self
+    }
+
+    /// Makes a replica of capsule `id` in an empty store from its signed metadata (as another
+    /// replica hands it over), after checking that the metadata is `id`'s and signed by its
+    /// creator.
+    pub fn adopt(kv: Arc<dyn Kv>, id: CapsuleId, metadata: &[u8], local: Vec<Identity>) -> Result<Self> {
+        let signed = check_metadata(metadata)?;
+        if signed.metadata.id() != id {
+            return Err(VerifyError::Metadata(format!(
+                "it is the metadata of {:?}, not of {id:?}",
+                signed.metadata.id()
+            ))
+            .into());
+        }
+        let store = CapsuleStore::new(kv);
+        if store.metadata_bytes()?.is_some() {
+            return Err(Error::Exists("a capsule in this store".into()));
+        }
+        let mut batch = store.batch();
+        batch.put_metadata(metadata.to_vec());
+        store.write(batch, Durability::Durable)?;
+        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() })
+    }
+
+    /// The signed metadata as stored and exchanged.
+    pub fn metadata_bytes(&self) -> Vec<u8> {
+        self.signed.encode()
     }
 
     /// Keeps up to `records` proven record headers in memory (the lru of `proof::cache`).
@@ -322,6 +372,12 @@ impl Capsule {
     /// everything: encoding, payloads against the Merkle root, capsule, writer rights,
     /// signature, known parents and sequence-number uniqueness.
     pub fn ingest(&self, record_bytes: &[u8], payloads: &[&[u8]], durability: Durability) -> Result<Ingested> {
+        self.ingest_checked(self.check_incoming(record_bytes, payloads)?, durability)
+    }
+
+    /// Every check of a record from elsewhere that needs no store: encoding, payloads against
+    /// its Merkle root, capsule, writer rights and signature. `ingest_checked` stores it.
+    pub fn check_incoming(&self, record_bytes: &[u8], payloads: &[&[u8]]) -> Result<Incoming> {
         let record = Record::decode(record_bytes).map_err(VerifyError::Undecodable)?;
         let h = record.hash();
         let (root, subs) = sub_records(copied(payloads));
@@ -334,11 +390,18 @@ impl Capsule {
             }
             .into());
         }
+        check_record_claims(self.id, self.metadata(), h, &record)?;
+        Ok(Incoming { hash: h, record, subs })
+    }
+
+    /// Stores a record `check_incoming` passed, once its parents are known and its sequence
+    /// number is not another record's.
+    pub fn ingest_checked(&self, incoming: Incoming, durability: Durability) -> Result<Ingested> {
+        let Incoming { hash: h, record, subs } = incoming;
         let mut state = self.write_lock.lock().expect("no panics while locked");
         if self.store.has_record(&h)? {
             return Ok(Ingested::AlreadyPresent(h));
         }
-        check_record_claims(self.id, self.metadata(), h, &record)?;
         self.insert(&mut state, h, record, subs, None, durability)?;
         Ok(Ingested::Stored(h))
     }

@@ -34,6 +34,8 @@ pub enum Error {
     NotPermitted(String),
     #[error("{0} is not supported")]
     Unsupported(String),
+    #[error("replica {0}")]
+    Replica(String),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }

@@ -35,8 +35,10 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod member;
+pub mod net;
 pub mod proof;
 pub mod record;
+pub mod replica;
 pub mod store;
 
 pub use error::{Error, Result, StoreError, VerifyError};

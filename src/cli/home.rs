@@ -195,6 +195,29 @@ impl Home {
         Ok(capsule)
     }
 
+    fn replicas_file(&self, id: &CapsuleId) -> PathBuf {
+        self.capsules_dir().join(id.to_hex()).join("replicas")
+    }
+
+    /// The replica URLs remembered for capsule `id`.
+    pub fn replicas(&self, id: &CapsuleId) -> anyhow::Result<Vec<String>> {
+        let path = self.replicas_file(id);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(Error::io(&path, e).into()),
+        }
+    }
+
+    /// Remembers `urls` as capsule `id`'s replicas (written whole, then renamed into place).
+    pub fn set_replicas(&self, id: &CapsuleId, urls: &[String]) -> anyhow::Result<()> {
+        let path = self.replicas_file(id);
+        let text: String = urls.iter().map(|u| format!("{u}\n")).collect();
+        let tmp = path.with_extension("new");
+        fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &path)).map_err(|e| Error::io(&path, e))?;
+        Ok(())
+    }
+
     /// The folder and daemon pid of a running mount of capsule `id`, from the mount registry.
     pub fn mounted_at(&self, id: &CapsuleId) -> Option<(PathBuf, u32)> {
         let entries = fs::read_dir(self.root.join("mounts")).ok()?;

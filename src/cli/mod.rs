@@ -10,6 +10,8 @@ mod mount;
 mod mount_helper;
 mod read;
 mod readahead;
+mod replicas;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -24,7 +26,8 @@ EXIT CODES:
   2  usage error (bad arguments)
   3  not found: no such capsule, record, sub-record or key
   4  store error: the local store is corrupted, locked by another process, or unreadable
-  5  invalid input or conflict (for example a name that already exists)";
+  5  invalid input or conflict (for example a name that already exists)
+  6  a replica could not be reached, or refused what was sent";
 
 #[derive(Parser, Debug)]
 #[command(name = "capsulefs", version, about = "A secure filesystem for untrusted storage, built on DataCapsules")]
@@ -67,6 +70,19 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// Mounted capsules: folder, daemon, head record, pending bytes, commits, cache hit rate.
     Status(mount::StatusArgs),
+    /// Host capsule replicas for others to push to and pull from (holds no content keys).
+    Serve(serve::ServeArgs),
+    /// The replicas remembered for a capsule: add, list, remove.
+    #[command(subcommand)]
+    Replica(replicas::ReplicaCommand),
+    /// Send a capsule's records to its replicas (or the URLs given).
+    Push(replicas::TransferArgs),
+    /// Fetch and verify the records of a capsule's replicas (or the URLs given).
+    Pull(replicas::TransferArgs),
+    /// Pull, then push: both sides end up with every record either had.
+    Sync(replicas::TransferArgs),
+    /// Make a local replica of a remote capsule (URL#CAPSULE_ID), every record verified.
+    Clone(replicas::CloneArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -102,6 +118,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Mount(a) => mount::mount(&home, a),
         Command::Umount(a) => mount::umount(&home, a),
         Command::Status(a) => mount::status(&home, a),
+        Command::Serve(a) => serve::serve(&home, a),
+        Command::Replica(cmd) => replicas::replica(&home, cmd),
+        Command::Push(a) => replicas::push(&home, a),
+        Command::Pull(a) => replicas::pull(&home, a),
+        Command::Sync(a) => replicas::sync(&home, a),
+        Command::Clone(a) => replicas::clone(&home, a),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Completions(a) => docs::completions(a),
         Command::GenerateMan(a) => docs::man(a),
@@ -114,6 +136,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::Verify(_)) => 1,
         Some(Error::NotFound(_)) => 3,
         Some(Error::Store(_) | Error::Io { .. }) => 4,
+        Some(Error::Replica(_)) => 6,
         Some(Error::Exists(_) | Error::Invalid(_) | Error::NameTooLong(_)) => 5,
         Some(
             Error::NotEmpty(_)

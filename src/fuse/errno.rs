@@ -22,7 +22,7 @@ pub(crate) fn to_errno(e: &Error) -> Errno {
             tracing::error!(%v, "refusing unverified data");
             Errno::EIO
         }
-        Error::Store(_) | Error::Io { .. } => {
+        Error::Store(_) | Error::Io { .. } | Error::Replica(_) => {
             tracing::error!(%e, "store failure");
             Errno::EIO
         }

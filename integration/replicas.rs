@@ -1,0 +1,294 @@
+//! `capsulefs serve` and the client commands on loopback: push, clone, pull, a server killed
+//! mid-push, hostile input, and a tampered replica. Each test starts its own servers on free
+//! ports and ends only those, by pid.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capsulefs::crypto::keys::Keyring;
+use capsulefs::crypto::sign;
+use capsulefs::record::codec::{self, FORMAT_VERSION};
+use capsulefs::record::{CapsuleId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
+use capsulefs::replica::Bundle;
+
+use super::{Home, Mounted, sh};
+
+/// A `capsulefs serve` of its own, on a free loopback port; killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    store: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Self {
+        let store = tempfile::tempdir().unwrap();
+        Self::start_on(store, "127.0.0.1:0")
+    }
+
+    fn start_on(store: tempfile::TempDir, listen: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_capsulefs"))
+            .args(["serve", "--listen", listen, "--store"])
+            .arg(store.path())
+            .env_remove("CAPSULEFS_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Readiness: the "listening on ADDR" line, waited for with a bound.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("the server says where it listens");
+        let addr = line.trim().strip_prefix("listening on ").expect("a readiness line").to_owned();
+        Self { child, addr, store }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// kill -9, keeping the store for a restart on the same address.
+    fn kill(mut self) -> (tempfile::TempDir, String) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let store = std::mem::replace(&mut self.store, tempfile::tempdir().unwrap());
+        (store, self.addr.clone())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// One raw HTTP/1.1 request; returns the status code (0 if the server closed first).
+    fn raw(&self, method: &str, path: &str, body: &[u8]) -> u16 {
+        self.raw_declaring(method, path, body.len(), body)
+    }
+
+    /// A request whose Content-Length says `declared` bytes, sending `body`.
+    fn raw_declaring(&self, method: &str, path: &str, declared: usize, body: &[u8]) -> u16 {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head =
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n");
+        let _ = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body));
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+
+    fn metrics(&self) -> String {
+        let out = Command::new("curl").args(["-s", &format!("{}/metrics", self.url())]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A capsule holding a copy of this crate's src/ tree, unmounted (the unmount signs the end).
+fn capsule_with_tree(home: &Home) -> Option<String> {
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let m = Mounted::new(home, "c", &[])?;
+    sh(&format!("cp -a {} {}", src.display(), m.path("tree").display()));
+    Some(id)
+}
+
+/// A second home with the same identity (a user's other machine).
+fn same_user(home: &Home) -> Home {
+    let other = Home::default();
+    fs::create_dir_all(other.path().join("keys")).unwrap();
+    for key in fs::read_dir(home.path().join("keys")).unwrap() {
+        let key = key.unwrap().path();
+        if key.extension().is_some_and(|e| e == "key") {
+            fs::copy(&key, other.path().join("keys").join(key.file_name().unwrap())).unwrap();
+        }
+    }
+    other
+}
+
+#[test]
+fn a_pushed_tree_clones_verifies_and_mounts_elsewhere() {
+    let server = Server::start();
+    let home = Home::default();
+    let Some(id) = capsule_with_tree(&home) else { return };
+    home.ok(&["replica", "add", "c", &server.url()]);
+    assert_eq!(home.ok(&["replica", "list", "c"]).trim(), server.url());
+    let pushed = home.ok(&["push", "c"]);
+    assert!(pushed.starts_with("pushed ") && !pushed.starts_with("pushed 0 "), "{pushed}");
+    assert!(home.ok(&["push", "c"]).starts_with("pushed 0 records"), "a second push has nothing to send");
+
+    let laptop = same_user(&home);
+    let cloned = laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    assert_eq!(cloned.lines().last(), Some(id.as_str()), "{cloned}");
+    assert!(laptop.ok(&["verify", "c"]).starts_with("ok: "));
+    {
+        let Some(m) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
+    }
+    // New commits on the first machine reach the second by push and pull.
+    {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        fs::write(m.path("later.txt"), b"written after the clone").unwrap();
+    }
+    home.ok(&["push", "c"]);
+    let pulled = laptop.ok(&["pull", "c"]);
+    assert!(!pulled.starts_with("pulled 0 "), "{pulled}");
+    let Some(m) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
+    assert_eq!(fs::read(m.path("later.txt")).unwrap(), b"written after the clone");
+}
+
+#[test]
+fn a_server_killed_mid_push_loses_nothing_acknowledged_and_the_push_resumes() {
+    let server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    // Many signed records, so the push takes several batches and round trips.
+    let payload = home.file("p", &vec![0x5a; 3 << 20]);
+    for _ in 0..24 {
+        home.ok(&["append", "c", "--sign", payload.to_str().unwrap()]);
+    }
+    let mut push =
+        home.command().args(["push", "c", &server.url()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // Kill the server once it has stored something (or the push ended), bounded in time.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !server.metrics().contains("capsulefs_records_stored_total 1")
+        && !server.metrics().contains("capsulefs_records_stored_total 2")
+        && push.try_wait().unwrap().is_none()
+    {
+        assert!(Instant::now() < deadline, "the push never started storing");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (store, addr) = server.kill();
+    let _ = push.wait();
+    let server = Server::start_on(store, &addr);
+    let again = home.ok(&["push", "c", &server.url()]);
+    assert!(again.starts_with("pushed "), "{again}");
+    let other = same_user(&home);
+    other.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let verify = other.ok(&["verify", "c"]);
+    assert!(verify.starts_with("ok: 25 records"), "every record arrived: {verify}");
+}
+
+/// A record of capsule `id` by the home's own key, as raw bytes, and its one payload.
+fn record_bytes(home: &Home, id: &str, parent: RecordHash, seq: u64, signed: bool) -> Bundle {
+    let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
+    let payload = format!("payload {seq}").into_bytes();
+    let header = RecordHeader {
+        version: FORMAT_VERSION,
+        capsule: CapsuleId::from_hex(id).unwrap(),
+        parents: vec![parent],
+        writer: me.writer(),
+        seq: Seq(seq),
+        time_ms: 1,
+        kind: RecordKind::Data,
+        key_gen: KeyGen(0),
+        sub_count: 1,
+        merkle_root: merkle::build(&[merkle::leaf_hash(&payload)]).0,
+    };
+    let signature = signed.then(|| sign::sign_record(me.key(), &header.hash()));
+    Bundle { record: Record { header, signature }.encode(), payloads: vec![payload] }
+}
+
+#[test]
+fn hostile_input_is_refused_and_the_server_stays_up_and_small() {
+    let mut server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["push", "c", &server.url()]);
+    let records = format!("/v1/capsules/{id}/records");
+    let genesis = RecordHash::from_hex(&id).unwrap();
+    let head = RecordHash::from_hex(home.ok(&["log", "c"]).split(' ').next().unwrap()).unwrap();
+    let rss_before = server.rss_kib();
+    for i in 0..20u8 {
+        assert_eq!(server.raw("POST", &records, &vec![i; 1000]), 400, "garbage");
+        assert_eq!(server.raw("POST", &records, &[1, 0, 0]), 400, "truncated");
+    }
+    assert_eq!(server.raw_declaring("POST", &records, 80 << 20, &[0; 4096]), 413, "oversized");
+    assert_eq!(server.raw("GET", &format!("/v1/capsules/{}/heads", "ab".repeat(32)), b""), 404, "unknown capsule");
+    assert_eq!(server.raw("POST", "/v1/capsules/not-a-capsule/records", b""), 400);
+    // An unsigned record alone: nobody may fill a replica without a writer's signature.
+    let unsigned = codec::encode(&vec![record_bytes(&home, &id, head, 2, false)]);
+    assert_eq!(server.raw("POST", &records, &unsigned), 400, "unsigned");
+    // A signed record whose signature was made over another record.
+    let mut forged = record_bytes(&home, &id, head, 2, true);
+    let other = Record::decode(&record_bytes(&home, &id, genesis, 3, true).record).unwrap();
+    let mut rec = Record::decode(&forged.record).unwrap();
+    rec.signature = other.signature;
+    forged.record = rec.encode();
+    assert_eq!(server.raw("POST", &records, &codec::encode(&vec![forged])), 400, "bad signature");
+    // A record of a writer the capsule does not know.
+    let stranger = Home::default();
+    stranger.ok(&["create", "elsewhere"]);
+    let strange = codec::encode(&vec![record_bytes(&stranger, &id, head, 1, true)]);
+    assert_eq!(server.raw("POST", &records, &strange), 400, "unauthorized writer");
+    // A flood of connections that send nothing, then a normal request still answers.
+    let idle: Vec<TcpStream> = (0..300).filter_map(|_| TcpStream::connect(&server.addr).ok()).collect();
+    assert_eq!(server.raw("GET", &format!("/v1/capsules/{id}/heads"), b""), 200);
+    drop(idle);
+    assert!(server.alive());
+    let metrics = server.metrics();
+    for reason in ["malformed", "unsigned_without_signed_descendant", "bad_signature", "unauthorized_writer"] {
+        assert!(metrics.contains(&format!("reason=\"{reason}\"")), "{reason} counted:\n{metrics}");
+    }
+    // Only the keystore record of the first push.
+    assert!(metrics.contains("capsulefs_records_stored_total 1\n"), "nothing hostile stored:\n{metrics}");
+    // An 80 MiB body was refused before any of it was read: memory stays near where it was.
+    let grown = server.rss_kib().saturating_sub(rss_before);
+    assert!(grown < 64 << 10, "the server grew by {grown} KiB");
+    // A signed record with its unsigned parent, in one batch, is taken.
+    let parent = record_bytes(&home, &id, head, 2, false);
+    let parent_hash = Record::decode(&parent.record).unwrap().hash();
+    let child = record_bytes(&home, &id, parent_hash, 3, true);
+    assert_eq!(server.raw("POST", &records, &codec::encode(&vec![parent, child])), 200);
+}
+
+#[test]
+fn a_tampered_replica_is_refused_and_nothing_wrong_is_stored() {
+    let server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    let f = home.file("a", b"the genuine bytes");
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    home.ok(&["push", "c", &server.url()]);
+    let (store, addr) = server.kill();
+    // Damage the server's copy: every stored sub-record value has a byte flipped.
+    {
+        let path = store.path().join("capsules").join(&id).join("store");
+        let kv = capsulefs::store::rocks::RocksKv::open(&path, false).unwrap();
+        use capsulefs::store::{Batch, Cf, Durability, Kv};
+        let entries: Vec<_> = kv.scan(Cf::Subs, &[], false).unwrap().map(Result::unwrap).collect();
+        let mut batch = Batch::default();
+        for (k, mut v) in entries {
+            v[4] ^= 1; // the payload's first byte, after its length
+            batch.put(Cf::Subs, k, v);
+        }
+        kv.write(batch, Durability::Durable).unwrap();
+    }
+    let server = Server::start_on(store, &addr);
+    let other = same_user(&home);
+    let out = other.run(&["clone", &format!("{}#{id}", server.url())]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("payloads give"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(other.run(&["log", "c"]).status.code() == Some(3), "no capsule was registered from bad data");
+}

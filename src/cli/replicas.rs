@@ -1,0 +1,166 @@
+//! `capsulefs replica add|list|remove`, `push`, `pull`, `sync` and `clone`: a capsule and its
+//! replicas. Replica URLs are remembered per capsule in `capsules/<id>/replicas`, one a line.
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use capsulefs::Error;
+use capsulefs::capsule::Capsule;
+use capsulefs::record::{CapsuleId, SignedMetadata};
+use capsulefs::replica::Replica;
+use capsulefs::replica::remote::Remote;
+use capsulefs::replica::transfer::{self, Report};
+
+use super::home::Home;
+
+#[derive(Subcommand, Debug)]
+pub enum ReplicaCommand {
+    /// Remember a replica (http://HOST:PORT of a `capsulefs serve`) for a capsule.
+    Add { name: String, url: String },
+    /// The replicas remembered for a capsule, one URL a line.
+    List { name: String },
+    /// Forget a replica.
+    Remove { name: String, url: String },
+}
+
+#[derive(Parser, Debug)]
+pub struct TransferArgs {
+    /// Capsule name or id.
+    pub name: String,
+    /// Replica URLs (default: the remembered ones).
+    pub urls: Vec<String>,
+}
+
+#[derive(Parser, Debug)]
+pub struct CloneArgs {
+    /// The replica and the capsule: http://HOST:PORT#CAPSULE_ID.
+    pub source: String,
+    /// Local name (default: the capsule's own name).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+fn check_url(url: &str) -> anyhow::Result<()> {
+    // Validates the form without contacting it.
+    Remote::new(url, CapsuleId::from_bytes([0; 32]))?;
+    Ok(())
+}
+
+pub fn replica(home: &Home, cmd: ReplicaCommand) -> anyhow::Result<()> {
+    match cmd {
+        ReplicaCommand::Add { name, url } => {
+            let id = home.resolve(&name)?;
+            check_url(&url)?;
+            let mut urls = home.replicas(&id)?;
+            if urls.contains(&url) {
+                bail!(Error::Exists(format!("replica {url} of '{name}'")));
+            }
+            urls.push(url);
+            home.set_replicas(&id, &urls)
+        }
+        ReplicaCommand::List { name } => {
+            for url in home.replicas(&home.resolve(&name)?)? {
+                println!("{url}");
+            }
+            Ok(())
+        }
+        ReplicaCommand::Remove { name, url } => {
+            let id = home.resolve(&name)?;
+            let mut urls = home.replicas(&id)?;
+            let before = urls.len();
+            urls.retain(|u| *u != url);
+            if urls.len() == before {
+                bail!(Error::NotFound(format!("replica {url} of '{name}' (see `capsulefs replica list {name}`)")));
+            }
+            home.set_replicas(&id, &urls)
+        }
+    }
+}
+
+/// The URLs given, or the remembered ones.
+fn urls(home: &Home, name: &str, id: &CapsuleId, given: Vec<String>) -> anyhow::Result<Vec<String>> {
+    if !given.is_empty() {
+        return Ok(given);
+    }
+    let remembered = home.replicas(id)?;
+    if remembered.is_empty() {
+        bail!(Error::NotFound(format!(
+            "a replica of '{name}': give a URL, or remember one with `capsulefs replica add {name} URL`"
+        )));
+    }
+    Ok(remembered)
+}
+
+fn print(verb: &str, url: &str, r: &Report) {
+    println!("{verb} {} records ({} bytes) {url} in {} round trips", r.records, r.bytes, r.round_trips);
+    if r.waiting_for_signature > 0 {
+        println!(
+            "{} unsigned records wait for a signed one before a replica takes them (a mount signs within the capsule's T seconds)",
+            r.waiting_for_signature
+        );
+    }
+}
+
+fn push_to(capsule: &Capsule, urls: &[String]) -> anyhow::Result<()> {
+    for url in urls {
+        let remote = Remote::new(url, capsule.id())?;
+        let report = transfer::push(capsule, &remote).with_context(|| format!("pushing to {url}"))?;
+        print("pushed", &format!("to {url}"), &report);
+    }
+    Ok(())
+}
+
+fn pull_from(capsule: &Capsule, urls: &[String]) -> anyhow::Result<()> {
+    for url in urls {
+        let remote = Remote::new(url, capsule.id())?;
+        let report = transfer::pull(capsule, &remote).with_context(|| format!("pulling from {url}"))?;
+        print("pulled", &format!("from {url}"), &report);
+    }
+    Ok(())
+}
+
+pub fn push(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
+    // Pushing only reads the local store, so it works beside a mount too.
+    let capsule = home.open_for_reading(&a.name)?;
+    let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
+    push_to(&capsule, &urls)
+}
+
+pub fn pull(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
+    let capsule = home.open(&a.name)?;
+    let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
+    pull_from(&capsule, &urls)
+}
+
+pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
+    let capsule = home.open(&a.name)?;
+    let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
+    pull_from(&capsule, &urls)?;
+    push_to(&capsule, &urls)
+}
+
+pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
+    let Some((url, id)) = a.source.rsplit_once('#') else {
+        bail!(Error::Invalid(format!("'{}': give the replica and the capsule as URL#CAPSULE_ID", a.source)));
+    };
+    let id = CapsuleId::from_hex(id).map_err(|e| Error::Invalid(format!("capsule id '{id}': {e}")))?;
+    let remote = Remote::new(url, id)?;
+    let metadata = remote.metadata()?.ok_or_else(|| Error::NotFound(format!("capsule {id:?} on {url}")))?;
+    let name = match a.name {
+        Some(n) => n,
+        None => SignedMetadata::decode(&metadata).map_err(|e| Error::Invalid(e.to_string()))?.metadata.name,
+    };
+    if home.name_taken(&name) {
+        bail!(Error::Exists(format!("capsule '{name}' here: choose another with --name")));
+    }
+    let (staging, kv) = home.staging_store()?;
+    let capsule = Capsule::adopt(kv, id, &metadata, home.keyring()?.identities().to_vec())
+        .with_context(|| format!("the metadata {url} sent"))?;
+    let report = transfer::pull(&capsule, &remote).with_context(|| format!("pulling from {url}"))?;
+    drop(capsule);
+    home.register(&name, &id, staging)?;
+    home.set_replicas(&id, &[url.to_owned()])?;
+    print("pulled", &format!("from {url}"), &report);
+    println!("{id}");
+    Ok(())
+}

@@ -1,0 +1,342 @@
+//! `capsulefs serve`: any number of capsule replicas, each a RocksDB store under
+//! `<store>/capsules/<id>/`, over HTTP (axum) with borsh bodies.
+//!
+//! Everything a peer sends is checked before it is stored (`Replica::put` on the local
+//! capsule: encoding, payloads against the Merkle root, capsule, writer rights, signatures,
+//! parents, and an unsigned record only with a signed descendant in the same batch), so
+//! nobody without an authorized writer's key can make the server store anything. Bounded:
+//! request bodies (`MAX_BODY`), requests in flight (`MAX_IN_FLIGHT`), time per request
+//! (`REQUEST_TIME`), hashes per question (`MAX_HASHES`). Store work runs on blocking threads.
+//! SIGTERM or SIGINT stop it gracefully: no new requests, those in flight finish.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use borsh::BorshSerialize;
+
+use super::protocol::WalkRequest;
+use crate::capsule::Capsule;
+use crate::record::codec;
+use crate::record::{CapsuleId, RecordHash, SubIdx};
+use crate::replica::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Replica};
+use crate::store::rocks::RocksKv;
+use crate::{Error, Result, VerifyError};
+
+/// Largest request body: a batch of `MAX_BATCH_BYTES` plus one large record past it.
+const MAX_BODY: usize = MAX_BATCH_BYTES * 2 + (1 << 20);
+const MAX_IN_FLIGHT: usize = 64;
+const REQUEST_TIME: Duration = Duration::from_secs(120);
+
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: PathBuf,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    requests: AtomicU64,
+    records_stored: AtomicU64,
+    bytes_stored: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+struct Server {
+    dir: PathBuf,
+    capsules: Mutex<HashMap<CapsuleId, Arc<Capsule>>>,
+    metrics: Metrics,
+}
+
+/// Why input was refused, as `/metrics` counts it.
+fn reason(e: &Error) -> &'static str {
+    match e {
+        Error::Verify(v) => match v {
+            VerifyError::Undecodable(_) | VerifyError::Malformed { .. } | VerifyError::MalformedSubRecord { .. } => {
+                "malformed"
+            }
+            VerifyError::BadSignature { .. } => "bad_signature",
+            VerifyError::UnauthorizedWriter { .. } => "unauthorized_writer",
+            VerifyError::WrongCapsule { .. } => "wrong_capsule",
+            VerifyError::UnknownParent { .. } => "unknown_parent",
+            VerifyError::Unanchored { .. } => "unsigned_without_signed_descendant",
+            VerifyError::PayloadMismatch { .. } => "payload_mismatch",
+            VerifyError::Equivocation { .. } => "equivocation",
+            VerifyError::Metadata(_) => "bad_metadata",
+            _ => "unverified",
+        },
+        Error::NotFound(_) => "unknown_capsule",
+        Error::Invalid(_) => "invalid",
+        _ => "other",
+    }
+}
+
+/// An error as the peer sees it: a status and one line saying what was wrong.
+fn refusal(server: &Server, e: &Error) -> Response {
+    let status = match e {
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Verify(_) | Error::Invalid(_) => StatusCode::BAD_REQUEST,
+        Error::Exists(_) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
+        tracing::error!("store failure: {e}");
+    } else if status == StatusCode::NOT_FOUND {
+        tracing::debug!("not held: {e}"); // asking is how a client learns what to send
+    } else {
+        *server.metrics.rejected.lock().expect("no panics while locked").entry(reason(e)).or_default() += 1;
+        tracing::info!("refused: {e}");
+    }
+    (status, format!("{e}\n")).into_response()
+}
+
+fn borsh_body<T: BorshSerialize>(value: &T) -> Response {
+    codec::encode(value).into_response()
+}
+
+fn decode<T: borsh::BorshDeserialize>(body: &[u8]) -> Result<T> {
+    borsh::from_slice(body).map_err(|e| {
+        VerifyError::Undecodable(crate::record::DecodeError::Malformed(format!("request body: {e}"))).into()
+    })
+}
+
+impl Server {
+    fn store_path(&self, id: &CapsuleId) -> PathBuf {
+        self.dir.join("capsules").join(id.to_hex()).join("store")
+    }
+
+    /// The replica of `id`, opened on first use; None if this server does not hold it.
+    fn capsule(&self, id: CapsuleId) -> Result<Option<Arc<Capsule>>> {
+        let mut open = self.capsules.lock().expect("no panics while locked");
+        if let Some(c) = open.get(&id) {
+            return Ok(Some(c.clone()));
+        }
+        let path = self.store_path(&id);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let capsule = Arc::new(Capsule::open(Arc::new(RocksKv::open(&path, false)?), Vec::new())?);
+        if capsule.id() != id {
+            return Err(crate::StoreError::Corrupted(format!("{} holds {:?}", path.display(), capsule.id())).into());
+        }
+        open.insert(id, capsule.clone());
+        Ok(Some(capsule))
+    }
+
+    fn held(&self, id: CapsuleId) -> Result<Arc<Capsule>> {
+        self.capsule(id)?.ok_or_else(|| Error::NotFound(format!("capsule {id:?} on this server")))
+    }
+
+    /// Starts holding `id` from its signed metadata, checked first; the same metadata again
+    /// is a no-op.
+    fn adopt(&self, id: CapsuleId, metadata: &[u8]) -> Result<()> {
+        if let Some(held) = self.capsule(id)? {
+            return held.put_metadata(metadata);
+        }
+        let mut open = self.capsules.lock().expect("no panics while locked");
+        let path = self.store_path(&id);
+        let parent = path.parent().expect("a store path has a parent");
+        let staging = parent.with_extension("new");
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        let made = RocksKv::open(&staging.join("store"), true)
+            .and_then(|kv| Capsule::adopt(Arc::new(kv), id, metadata, Vec::new()));
+        match made {
+            Ok(capsule) => drop(capsule),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(e);
+            }
+        }
+        std::fs::rename(&staging, parent).map_err(|e| Error::io(parent, e))?;
+        let capsule = Arc::new(Capsule::open(Arc::new(RocksKv::open(&path, false)?), Vec::new())?);
+        open.insert(id, capsule);
+        tracing::info!("now holding capsule {id:?}");
+        Ok(())
+    }
+}
+
+type Shared = State<Arc<Server>>;
+
+/// Runs `work` on a blocking thread, bounded in time, and answers with its result.
+async fn blocking(server: Arc<Server>, work: impl FnOnce(&Server) -> Result<Response> + Send + 'static) -> Response {
+    server.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let shared = server.clone();
+    let task = tokio::task::spawn_blocking(move || work(&shared));
+    match tokio::time::timeout(REQUEST_TIME, task).await {
+        Ok(Ok(Ok(response))) => response,
+        Ok(Ok(Err(e))) => refusal(&server, &e),
+        Ok(Err(e)) => {
+            tracing::error!("a request's worker failed: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the request took too long\n").into_response(),
+    }
+}
+
+fn capsule_id(text: &str) -> Result<CapsuleId> {
+    CapsuleId::from_hex(text).map_err(|e| Error::Invalid(format!("capsule id: {e}")))
+}
+
+async fn get_metadata(State(s): Shared, UrlPath(id): UrlPath<String>) -> Response {
+    blocking(s, move |s| {
+        let capsule = s.held(capsule_id(&id)?)?;
+        Ok(capsule.metadata_bytes().into_response())
+    })
+    .await
+}
+
+async fn put_metadata(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| {
+        s.adopt(capsule_id(&id)?, &body)?;
+        Ok(StatusCode::OK.into_response())
+    })
+    .await
+}
+
+async fn heads(State(s): Shared, UrlPath(id): UrlPath<String>) -> Response {
+    blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.heads()?))).await
+}
+
+fn hashes(body: &[u8]) -> Result<Vec<RecordHash>> {
+    let list: Vec<RecordHash> = decode(body)?;
+    if list.len() > MAX_HASHES {
+        return Err(Error::Invalid(format!("{} hashes in one request; at most {MAX_HASHES}", list.len())));
+    }
+    Ok(list)
+}
+
+async fn missing(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.missing(&hashes(&body)?)?))).await
+}
+
+async fn walk(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| {
+        let request: WalkRequest = decode(&body)?;
+        if request.from.len() > MAX_HASHES {
+            return Err(Error::Invalid(format!("a walk from {} records; at most {MAX_HASHES}", request.from.len())));
+        }
+        Ok(borsh_body(&s.held(capsule_id(&id)?)?.walk(&request.from, request.budget as usize)?))
+    })
+    .await
+}
+
+async fn fetch(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.fetch(&hashes(&body)?)?))).await
+}
+
+async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| {
+        let capsule = s.held(capsule_id(&id)?)?;
+        let bundles: Vec<Bundle> = decode(&body)?;
+        let bytes: u64 = bundles.iter().map(|b| b.size() as u64).sum();
+        let stored = capsule.put(bundles)?;
+        s.metrics.records_stored.fetch_add(stored as u64, Ordering::Relaxed);
+        s.metrics.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
+        Ok(borsh_body(&(stored as u64)))
+    })
+    .await
+}
+
+async fn sub_record(State(s): Shared, UrlPath((id, record, idx)): UrlPath<(String, String, u32)>) -> Response {
+    blocking(s, move |s| {
+        let record = RecordHash::from_hex(&record).map_err(|e| Error::Invalid(format!("record: {e}")))?;
+        match s.held(capsule_id(&id)?)?.sub_record(record, SubIdx(idx))? {
+            Some(bytes) => Ok(bytes.into_response()),
+            None => Err(Error::NotFound(format!("sub-record {idx} of {record:?}"))),
+        }
+    })
+    .await
+}
+
+async fn metrics(State(s): Shared) -> Response {
+    let m = &s.metrics;
+    let capsules = s.capsules.lock().expect("no panics while locked").len();
+    let mut text = format!(
+        "# TYPE capsulefs_capsules_open gauge\ncapsulefs_capsules_open {capsules}\n\
+         # TYPE capsulefs_requests_total counter\ncapsulefs_requests_total {}\n\
+         # TYPE capsulefs_records_stored_total counter\ncapsulefs_records_stored_total {}\n\
+         # TYPE capsulefs_bytes_stored_total counter\ncapsulefs_bytes_stored_total {}\n\
+         # TYPE capsulefs_rejected_total counter\n",
+        m.requests.load(Ordering::Relaxed),
+        m.records_stored.load(Ordering::Relaxed),
+        m.bytes_stored.load(Ordering::Relaxed),
+    );
+    for (reason, count) in m.rejected.lock().expect("no panics while locked").iter() {
+        text.push_str(&format!("capsulefs_rejected_total{{reason=\"{reason}\"}} {count}\n"));
+    }
+    text.into_response()
+}
+
+/// Refuses a body declared larger than `MAX_BODY` before reading any of it.
+async fn declared_size(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, format!("bodies are at most {MAX_BODY} bytes\n")).into_response();
+    }
+    next.run(request).await
+}
+
+fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/v1/capsules/{id}/metadata", get(get_metadata).post(put_metadata))
+        .route("/v1/capsules/{id}/heads", get(heads))
+        .route("/v1/capsules/{id}/missing", axum::routing::post(missing))
+        .route("/v1/capsules/{id}/walk", axum::routing::post(walk))
+        .route("/v1/capsules/{id}/fetch", axum::routing::post(fetch))
+        .route("/v1/capsules/{id}/records", axum::routing::post(put_records))
+        .route("/v1/capsules/{id}/records/{record}/{idx}", get(sub_record))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(declared_size))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
+        .with_state(server)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping: finishing the requests in flight");
+}
+
+/// Serves until SIGTERM or SIGINT. `ready` is called with the bound address once the server
+/// accepts connections.
+pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
+    std::fs::create_dir_all(config.store.join("capsules")).map_err(|e| Error::io(&config.store, e))?;
+    let server =
+        Arc::new(Server { dir: config.store.clone(), capsules: Mutex::default(), metrics: Metrics::default() });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(MAX_IN_FLIGHT)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(Path::new("tokio runtime"), e))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::io(Path::new(&config.listen.to_string()), e))?;
+        let addr = listener.local_addr().map_err(|e| Error::io(Path::new("listener"), e))?;
+        ready(addr);
+        axum::serve(listener, router(server))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| Error::io(Path::new(&addr.to_string()), e))
+    })
+}

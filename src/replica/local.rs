@@ -1,0 +1,154 @@
+//! The local store as a replica: what `capsulefs serve` answers with, and what push and pull
+//! read from and write to on this machine.
+
+use std::collections::{HashSet, VecDeque};
+
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica};
+use crate::capsule::{Capsule, Incoming, Ingested};
+use crate::record::{RecordHash, SubIdx, SubRecord};
+use crate::store::Durability;
+use crate::{Error, Result, VerifyError};
+
+impl Capsule {
+    /// The payloads of `record` as stored (each decoded from its sub-record, not proven: the
+    /// receiver checks them against the record's Merkle root).
+    fn payloads(&self, record: RecordHash, count: u32) -> Result<Vec<Vec<u8>>> {
+        (0..count)
+            .map(|i| {
+                let idx = SubIdx(i);
+                let bytes = self
+                    .store()
+                    .sub_record_bytes(&record, idx)?
+                    .ok_or(VerifyError::MissingSubRecord { record, idx })?;
+                let sub = SubRecord::decode(&bytes).map_err(|source| VerifyError::MalformedSubRecord {
+                    record,
+                    idx,
+                    source,
+                })?;
+                Ok(sub.data)
+            })
+            .collect()
+    }
+
+    /// Checks a batch as a whole before any of it is stored: each record on its own, its
+    /// parents stored or earlier in the batch, and every unsigned record with a signed
+    /// descendant in the batch, so that nobody without an authorized writer's key can make
+    /// a replica store anything.
+    fn check_batch(&self, bundles: &[Bundle]) -> Result<Vec<Incoming>> {
+        let genesis = RecordHash::genesis(self.id());
+        let mut checked: Vec<Incoming> = Vec::with_capacity(bundles.len());
+        let mut earlier: HashSet<RecordHash> = HashSet::new();
+        for b in bundles {
+            let payloads: Vec<&[u8]> = b.payloads.iter().map(Vec::as_slice).collect();
+            let incoming = self.check_incoming(&b.record, &payloads)?;
+            let h = incoming.hash();
+            for p in &incoming.record().header.parents {
+                if *p != genesis && !earlier.contains(p) && !self.store().has_record(p)? {
+                    return Err(VerifyError::UnknownParent { record: h, parent: *p }.into());
+                }
+            }
+            earlier.insert(h);
+            checked.push(incoming);
+        }
+        // Children come after their parents: walking back, a record is anchored when it is
+        // signed or an anchored record later in the batch names it.
+        let mut anchored: HashSet<RecordHash> = HashSet::new();
+        for incoming in checked.iter().rev() {
+            let h = incoming.hash();
+            if incoming.record().signature.is_some() || anchored.contains(&h) {
+                anchored.extend(incoming.record().header.parents.iter().copied());
+                anchored.insert(h);
+            } else if !self.store().has_record(&h)? {
+                return Err(VerifyError::Unanchored { record: h }.into());
+            }
+        }
+        Ok(checked)
+    }
+}
+
+impl Replica for Capsule {
+    fn describe(&self) -> String {
+        format!("the local store of {:?}", self.id())
+    }
+
+    fn metadata(&self) -> Result<Option<Vec<u8>>> {
+        Ok(Some(self.metadata_bytes()))
+    }
+
+    fn put_metadata(&self, signed: &[u8]) -> Result<()> {
+        if signed == self.metadata_bytes() {
+            Ok(())
+        } else {
+            Err(VerifyError::Metadata(format!("not the metadata of {:?}", self.id())).into())
+        }
+    }
+
+    fn heads(&self) -> Result<Vec<RecordHash>> {
+        Capsule::heads(self)
+    }
+
+    fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {
+        let mut lacking = Vec::new();
+        for h in records.iter().take(MAX_HASHES) {
+            if !self.store().has_record(h)? {
+                lacking.push(*h);
+            }
+        }
+        Ok(lacking)
+    }
+
+    fn walk(&self, from: &[RecordHash], budget: usize) -> Result<Vec<Node>> {
+        let genesis = RecordHash::genesis(self.id());
+        let budget = budget.min(MAX_HASHES);
+        let mut seen: HashSet<RecordHash> = HashSet::new();
+        let mut queue: VecDeque<RecordHash> = from.iter().copied().collect();
+        let mut nodes = Vec::new();
+        while let Some(h) = queue.pop_front() {
+            if nodes.len() >= budget {
+                break;
+            }
+            if h == genesis || !seen.insert(h) || !self.store().has_record(&h)? {
+                continue;
+            }
+            let parents = self.record(h)?.header.parents;
+            queue.extend(parents.iter().copied());
+            nodes.push(Node { record: h, parents });
+        }
+        Ok(nodes)
+    }
+
+    fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>> {
+        let mut bundles = Vec::new();
+        let mut bytes = 0;
+        for &h in records.iter().take(MAX_HASHES) {
+            let Some(record) = self.store().record_bytes(&h)? else { continue };
+            let count = self.record(h)?.header.sub_count;
+            let bundle = Bundle { record, payloads: self.payloads(h, count)? };
+            bytes += bundle.size();
+            bundles.push(bundle);
+            if bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+        }
+        Ok(bundles)
+    }
+
+    fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
+        self.store().sub_record_bytes(&record, idx)
+    }
+
+    fn put(&self, bundles: Vec<Bundle>) -> Result<usize> {
+        if bundles.iter().map(Bundle::size).sum::<usize>() > MAX_BATCH_BYTES + (16 << 20) {
+            return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
+        }
+        let mut stored = 0;
+        for incoming in self.check_batch(&bundles)? {
+            if let Ingested::Stored(_) = self.ingest_checked(incoming, Durability::Buffered)? {
+                stored += 1;
+            }
+        }
+        // Acknowledged means durable: one sync for the whole batch.
+        self.store().sync()?;
+        Ok(stored)
+    }
+}

@@ -1,0 +1,69 @@
+//! Untrusted replicas of a capsule behind one small trait: the local store (`local.rs`) and a
+//! remote `capsulefs serve` (`remote.rs`); `transfer.rs` pushes and pulls between any two.
+//!
+//! Nothing a replica answers is believed: heads, walks and missing-lists are hints that only
+//! steer what is asked for next, and every record and payload goes through the capsule's own
+//! checks (`Capsule::check_incoming`, then `ingest_checked`) before it is stored.
+
+pub mod local;
+pub mod remote;
+pub mod transfer;
+
+use borsh::{BorshDeserialize, BorshSerialize};
+
+use crate::Result;
+use crate::record::{RecordHash, SubIdx};
+
+/// One record as replicas exchange it: its encoding (header and signature) and its
+/// sub-records' payloads, in order. The receiver recomputes the Merkle tree.
+#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Bundle {
+    pub record: Vec<u8>,
+    pub payloads: Vec<Vec<u8>>,
+}
+
+impl Bundle {
+    /// Bytes this bundle carries.
+    pub fn size(&self) -> usize {
+        self.record.len() + self.payloads.iter().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// A record's place in the DAG as a replica describes it: its hash and its parents.
+#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Node {
+    pub record: RecordHash,
+    pub parents: Vec<RecordHash>,
+}
+
+/// Most hashes one `missing` or `walk` call carries, and most bytes one `fetch` or `put`
+/// carries: both ends hold them to it, so no request or answer grows without bound.
+pub const MAX_HASHES: usize = 8192;
+pub const MAX_BATCH_BYTES: usize = 32 << 20;
+
+/// A replica of one capsule. Implementations: `Capsule` (the local store) and
+/// `remote::Remote` (a `capsulefs serve`); object stores come next, as more implementations.
+pub trait Replica: Send + Sync {
+    /// Where it is, for messages.
+    fn describe(&self) -> String;
+    /// The capsule's signed metadata, if this replica holds the capsule.
+    fn metadata(&self) -> Result<Option<Vec<u8>>>;
+    /// Starts holding the capsule, from its signed metadata (checked by the replica).
+    fn put_metadata(&self, signed: &[u8]) -> Result<()>;
+    fn heads(&self) -> Result<Vec<RecordHash>>;
+    /// Which of `records` (at most `MAX_HASHES`) it does not hold. A replica holds a record
+    /// only with all its ancestors.
+    fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>>;
+    /// Records reachable from `from` through parent links, breadth first, at most `budget`
+    /// (capped at `MAX_HASHES`), each with its parents; `from` included.
+    fn walk(&self, from: &[RecordHash], budget: usize) -> Result<Vec<Node>>;
+    /// Bundles of the records it holds among `records`, in that order, stopping once
+    /// `MAX_BATCH_BYTES` is passed (at least one is returned if any is held).
+    fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>>;
+    /// Sub-record `idx` of `record` with its Merkle path, as stored.
+    fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>>;
+    /// Stores bundles given parents first. A replica checks every one before storing any,
+    /// and takes an unsigned record only with a signed descendant in the same call.
+    /// Returns how many were new.
+    fn put(&self, bundles: Vec<Bundle>) -> Result<usize>;
+}

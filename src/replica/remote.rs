@@ -1,0 +1,131 @@
+//! A `capsulefs serve` replica, over HTTP with borsh bodies (routes in `net::protocol`).
+//!
+//! Blocking (ureq): the transfer code above the trait is synchronous like the rest of the
+//! core, so no runtime is needed on the client side. Every answer is size-capped before it is
+//! read and decoded strictly; what it says is then checked like anything else from a replica.
+
+use std::time::Duration;
+
+use borsh::BorshDeserialize;
+
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica};
+use crate::net::protocol::{self, Route};
+use crate::record::codec;
+use crate::record::{CapsuleId, RecordHash, SubIdx};
+use crate::{Error, Result};
+
+/// Largest answer read from a server: a fetch of `MAX_BATCH_BYTES` plus one record past it.
+const MAX_ANSWER: u64 = (MAX_BATCH_BYTES as u64) * 2 + (1 << 20);
+/// A request that makes no progress for this long fails (the replica is then unreachable).
+const STALL: Duration = Duration::from_secs(60);
+
+pub struct Remote {
+    base: String,
+    capsule: CapsuleId,
+    agent: ureq::Agent,
+}
+
+impl Remote {
+    /// The replica of `capsule` at `url` (`http://HOST:PORT`).
+    pub fn new(url: &str, capsule: CapsuleId) -> Result<Self> {
+        let base = url.trim_end_matches('/').to_owned();
+        if !base.starts_with("http://") {
+            return Err(Error::Invalid(format!(
+                "replica URL '{url}': this build speaks http:// to `capsulefs serve` (TLS and s3:// come later)"
+            )));
+        }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_per_read(Some(STALL))
+            .timeout_per_write(Some(STALL))
+            .build();
+        Ok(Self { base, capsule, agent: config.into() })
+    }
+
+    fn url(&self, route: Route) -> String {
+        format!("{}{}", self.base, protocol::path(&self.capsule, route))
+    }
+
+    /// Sends `body` (or none: a GET) and returns the answer's body for a 2xx, None for a 404.
+    fn call(&self, route: Route, body: Option<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+        let url = self.url(route);
+        let unreachable = |e: ureq::Error| Error::Replica(format!("{}: {e} (is the server running?)", self.base));
+        let mut response = match body {
+            Some(bytes) => self.agent.post(&url).send(&bytes[..]).map_err(unreachable)?,
+            None => self.agent.get(&url).call().map_err(unreachable)?,
+        };
+        let status = response.status().as_u16();
+        let answer = response.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(unreachable)?;
+        match status {
+            200..=299 => Ok(Some(answer)),
+            404 => Ok(None),
+            _ => Err(Error::Replica(format!(
+                "{} refused {}: {} {}",
+                self.base,
+                route.name(),
+                status,
+                String::from_utf8_lossy(&answer).trim()
+            ))),
+        }
+    }
+
+    fn decode<T: BorshDeserialize>(&self, route: Route, bytes: &[u8]) -> Result<T> {
+        borsh::from_slice(bytes)
+            .map_err(|e| Error::Replica(format!("{} sent an undecodable answer to {}: {e}", self.base, route.name())))
+    }
+
+    fn expect<T: BorshDeserialize>(&self, route: Route, body: Option<Vec<u8>>) -> Result<T> {
+        match self.call(route, body)? {
+            Some(bytes) => self.decode(route, &bytes),
+            None => Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))),
+        }
+    }
+}
+
+impl Replica for Remote {
+    fn describe(&self) -> String {
+        self.base.clone()
+    }
+
+    fn metadata(&self) -> Result<Option<Vec<u8>>> {
+        self.call(Route::Metadata, None)
+    }
+
+    fn put_metadata(&self, signed: &[u8]) -> Result<()> {
+        self.call(Route::Metadata, Some(signed.to_vec())).map(drop)
+    }
+
+    fn heads(&self) -> Result<Vec<RecordHash>> {
+        self.expect(Route::Heads, None)
+    }
+
+    fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {
+        let mut lacking = Vec::new();
+        for slice in records.chunks(MAX_HASHES) {
+            let answer: Vec<RecordHash> = self.expect(Route::Missing, Some(codec::encode(&slice.to_vec())))?;
+            lacking.extend(answer);
+        }
+        Ok(lacking)
+    }
+
+    fn walk(&self, from: &[RecordHash], budget: usize) -> Result<Vec<Node>> {
+        let request =
+            protocol::WalkRequest { from: from.iter().take(MAX_HASHES).copied().collect(), budget: budget as u32 };
+        self.expect(Route::Walk, Some(codec::encode(&request)))
+    }
+
+    fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>> {
+        let ask: Vec<RecordHash> = records.iter().take(MAX_HASHES).copied().collect();
+        self.expect(Route::Fetch, Some(codec::encode(&ask)))
+    }
+
+    fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
+        self.call(Route::SubRecord(record, idx), None)
+    }
+
+    fn put(&self, bundles: Vec<Bundle>) -> Result<usize> {
+        let stored: u64 = self.expect(Route::Records, Some(codec::encode(&bundles)))?;
+        Ok(stored as usize)
+    }
+}

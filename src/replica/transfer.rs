@@ -1,0 +1,282 @@
+//! Push and pull between the local capsule and any replica.
+//!
+//! Both sides find what the other lacks git-style, from heads: a replica holds a record only
+//! with all its ancestors, so a walk from the heads stops where the other side already holds
+//! records. Each round asks about a breadth-first slice of the walk whose size grows fourfold
+//! (16, 64, ... up to `MAX_HASHES`), so a difference of d records costs about log4(d) round
+//! trips, however large the capsule. Everything pulled is checked by `Capsule::check_incoming`
+//! before it is stored; nothing a replica says about the DAG is believed beyond steering the
+//! next question.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica};
+use crate::capsule::{Capsule, Ingested};
+use crate::record::{Record, RecordHash};
+use crate::store::Durability;
+use crate::{Error, Result, VerifyError};
+
+/// The first slice of a walk; each round asks about four times more.
+const FIRST_BUDGET: usize = 16;
+
+/// What one push or pull moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub records: usize,
+    pub bytes: u64,
+    pub round_trips: u32,
+    /// Local unsigned records no signed record covers yet: a replica takes them only with a
+    /// signed descendant, so they wait for the next signature (a mount signs within T seconds).
+    pub waiting_for_signature: usize,
+}
+
+/// Pushes every local record `remote` lacks, parents first, in batches it can check whole.
+pub fn push(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
+    let mut report = Report::default();
+    report.round_trips += 1;
+    if remote.metadata()?.is_none() {
+        remote.put_metadata(&local.metadata_bytes())?;
+        report.round_trips += 1;
+    }
+    let lacking = find_lacking(&local.heads()?, local, &mut |ask| {
+        report.round_trips += 1;
+        let missing: HashSet<RecordHash> = remote.missing(ask)?.into_iter().collect();
+        Ok(ask.iter().map(|h| !missing.contains(h)).collect())
+    })?;
+    let order = topological(&lacking)?;
+    let anchored = anchored_positions(local, &order)?;
+    let mut batch: Vec<Bundle> = Vec::new();
+    let (mut batch_bytes, mut needed_up_to) = (0usize, 0usize);
+    for (i, node) in order.iter().enumerate() {
+        let Some(anchor) = anchored[i] else {
+            report.waiting_for_signature += 1;
+            continue;
+        };
+        let bundle = local.fetch(&[node.record])?.pop().ok_or(VerifyError::MissingRecord { record: node.record })?;
+        batch_bytes += bundle.size();
+        batch.push(bundle);
+        needed_up_to = needed_up_to.max(anchor);
+        // A batch may end only where every unsigned record in it has its signed descendant.
+        if batch_bytes >= MAX_BATCH_BYTES && needed_up_to <= i {
+            send(remote, &mut batch, &mut report)?;
+            batch_bytes = 0;
+        }
+    }
+    send(remote, &mut batch, &mut report)?;
+    Ok(report)
+}
+
+fn send(remote: &dyn Replica, batch: &mut Vec<Bundle>, report: &mut Report) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let bundles = std::mem::take(batch);
+    report.bytes += bundles.iter().map(|b| b.size() as u64).sum::<u64>();
+    report.records += bundles.len();
+    report.round_trips += 1;
+    remote.put(bundles)?;
+    Ok(())
+}
+
+/// Pulls every record of `remote` the local capsule lacks, checking each before storing it.
+pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
+    let mut report = Report { round_trips: 2, ..Report::default() };
+    match remote.metadata()? {
+        Some(m) if m == local.metadata_bytes() => {}
+        Some(_) => {
+            return Err(Error::Invalid(format!("{} holds another capsule under {:?}", remote.describe(), local.id())));
+        }
+        None => return Err(Error::NotFound(format!("capsule {:?} on {}", local.id(), remote.describe()))),
+    }
+    let heads = remote.heads()?;
+    let lacking = walk_remote(local, remote, &heads, &mut report)?;
+    let order = topological(&lacking)?;
+    let mut next = 0;
+    while next < order.len() {
+        let ask: Vec<RecordHash> = order[next..].iter().take(MAX_HASHES).map(|n| n.record).collect();
+        let bundles = remote.fetch(&ask)?;
+        report.round_trips += 1;
+        if bundles.is_empty() {
+            return Err(Error::NotFound(format!("{:?} on {}, which listed it", ask[0], remote.describe())));
+        }
+        for (bundle, expected) in bundles.into_iter().zip(&ask) {
+            let payloads: Vec<&[u8]> = bundle.payloads.iter().map(Vec::as_slice).collect();
+            let incoming = local.check_incoming(&bundle.record, &payloads)?;
+            if incoming.hash() != *expected {
+                return Err(Error::Invalid(format!(
+                    "{} answered {:?} when asked for {expected:?}",
+                    remote.describe(),
+                    incoming.hash()
+                )));
+            }
+            report.bytes += bundle.size() as u64;
+            if let Ingested::Stored(_) = local.ingest_checked(incoming, Durability::Buffered)? {
+                report.records += 1;
+            }
+            next += 1;
+        }
+    }
+    local.store().sync()?;
+    Ok(report)
+}
+
+/// The records reachable from `heads` on `remote` that the local capsule lacks, with their
+/// parents as the remote states them (checked later, when each record itself is).
+fn walk_remote(
+    local: &Capsule,
+    remote: &dyn Replica,
+    heads: &[RecordHash],
+    report: &mut Report,
+) -> Result<HashMap<RecordHash, Vec<RecordHash>>> {
+    let genesis = RecordHash::genesis(local.id());
+    let mut lacking: HashMap<RecordHash, Vec<RecordHash>> = HashMap::new();
+    let mut held: HashSet<RecordHash> = HashSet::new();
+    let mut frontier: Vec<RecordHash> = Vec::new();
+    for h in heads {
+        if local.store().has_record(h)? {
+            held.insert(*h);
+        } else {
+            frontier.push(*h);
+        }
+    }
+    let mut budget = FIRST_BUDGET;
+    while !frontier.is_empty() {
+        let nodes = remote.walk(&frontier, budget)?;
+        report.round_trips += 1;
+        if nodes.is_empty() {
+            return Err(Error::NotFound(format!("{:?} on {}, which named it", frontier[0], remote.describe())));
+        }
+        for node in nodes {
+            if lacking.contains_key(&node.record) || held.contains(&node.record) {
+                continue;
+            }
+            if local.store().has_record(&node.record)? {
+                held.insert(node.record);
+            } else {
+                lacking.insert(node.record, node.parents);
+            }
+        }
+        frontier = lacking
+            .values()
+            .flatten()
+            .filter(|p| **p != genesis && !lacking.contains_key(p) && !held.contains(p))
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for p in &frontier {
+            if local.store().has_record(p)? {
+                held.insert(*p);
+            }
+        }
+        frontier.retain(|p| !held.contains(p));
+        budget = (budget * 4).min(MAX_HASHES);
+    }
+    Ok(lacking)
+}
+
+/// The local records reachable from `heads` that the other side lacks, with their parents.
+/// `holds` answers, for a slice of hashes, whether the other side holds each.
+fn find_lacking(
+    heads: &[RecordHash],
+    local: &Capsule,
+    holds: &mut dyn FnMut(&[RecordHash]) -> Result<Vec<bool>>,
+) -> Result<HashMap<RecordHash, Vec<RecordHash>>> {
+    let genesis = RecordHash::genesis(local.id());
+    let mut lacking: HashMap<RecordHash, Vec<RecordHash>> = HashMap::new();
+    let mut held: HashSet<RecordHash> = HashSet::new();
+    let mut frontier: Vec<RecordHash> = heads.to_vec();
+    let mut budget = FIRST_BUDGET;
+    while !frontier.is_empty() {
+        let nodes: Vec<Node> = local
+            .walk(&frontier, budget)?
+            .into_iter()
+            .filter(|n| !lacking.contains_key(&n.record) && !held.contains(&n.record))
+            .collect();
+        if nodes.is_empty() {
+            break;
+        }
+        let ask: Vec<RecordHash> = nodes.iter().map(|n| n.record).collect();
+        let answers = holds(&ask)?;
+        if answers.len() != ask.len() {
+            return Err(Error::Invalid("a replica answered a different number of hashes than asked".into()));
+        }
+        for (node, held_there) in nodes.into_iter().zip(answers) {
+            if held_there {
+                held.insert(node.record);
+            } else {
+                lacking.insert(node.record, node.parents);
+            }
+        }
+        frontier = lacking
+            .values()
+            .flatten()
+            .filter(|p| **p != genesis && !lacking.contains_key(p) && !held.contains(p))
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        budget = (budget * 4).min(MAX_HASHES);
+    }
+    Ok(lacking)
+}
+
+/// `nodes` ordered parents first. The parent lists may come from a replica, so a cycle (which
+/// hashes cannot form) is refused rather than followed.
+fn topological(nodes: &HashMap<RecordHash, Vec<RecordHash>>) -> Result<Vec<Node>> {
+    let mut order = Vec::with_capacity(nodes.len());
+    let mut done: HashSet<RecordHash> = HashSet::new();
+    let mut sorted: Vec<&RecordHash> = nodes.keys().collect();
+    sorted.sort(); // the same order on every run
+    for &start in sorted {
+        let mut on_path: HashSet<RecordHash> = HashSet::new();
+        let mut stack: Vec<(RecordHash, bool)> = vec![(start, false)];
+        while let Some((h, expanded)) = stack.pop() {
+            if done.contains(&h) {
+                continue;
+            }
+            let parents = &nodes[&h];
+            if expanded {
+                on_path.remove(&h);
+                done.insert(h);
+                order.push(Node { record: h, parents: parents.clone() });
+                continue;
+            }
+            if !on_path.insert(h) {
+                return Err(Error::Invalid(format!("the parent links given for {h:?} form a cycle")));
+            }
+            stack.push((h, true));
+            for p in parents {
+                if nodes.contains_key(p) && !done.contains(p) {
+                    if on_path.contains(p) {
+                        return Err(Error::Invalid(format!("the parent links given for {p:?} form a cycle")));
+                    }
+                    stack.push((*p, false));
+                }
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// For each record of `order` (parents first), the position of the first signed record at or
+/// after it that covers it (itself, or a descendant within `order`), or None: an unsigned
+/// record no signed record in `order` descends from.
+fn anchored_positions(local: &Capsule, order: &[Node]) -> Result<Vec<Option<usize>>> {
+    let position: HashMap<RecordHash, usize> = order.iter().enumerate().map(|(i, n)| (n.record, i)).collect();
+    let mut anchor: Vec<Option<usize>> = vec![None; order.len()];
+    for i in (0..order.len()).rev() {
+        let record: Record = local.record(order[i].record)?;
+        if record.signature.is_some() {
+            anchor[i] = Some(i);
+        }
+        if let Some(a) = anchor[i] {
+            for p in &order[i].parents {
+                if let Some(&j) = position.get(p) {
+                    anchor[j] = Some(anchor[j].map_or(a, |b| b.min(a)));
+                }
+            }
+        }
+    }
+    Ok(anchor)
+}
