@@ -72,6 +72,41 @@ impl<'a> NewCapsule<'a> {
     }
 }
 
+/// `Capsule::difference` in progress. Records are popped highest first; every parent is
+/// lower than its children, so a record's side is settled by the time it is popped.
+#[derive(Default)]
+struct DifferenceWalk {
+    heap: std::collections::BinaryHeap<(u64, RecordHash)>,
+    /// Queued records and whether the other side holds them (reachable from its heads).
+    theirs: HashMap<RecordHash, bool>,
+    /// Queued records not known to be theirs: the walk ends when none is left.
+    mine_queued: usize,
+}
+
+impl DifferenceWalk {
+    fn enqueue(&mut self, capsule: &Capsule, h: RecordHash, theirs: bool) -> Result<()> {
+        if h == RecordHash::genesis(capsule.id) {
+            return Ok(());
+        }
+        match self.theirs.get(&h).copied() {
+            Some(true) => return Ok(()),
+            Some(false) if !theirs => return Ok(()),
+            Some(false) => {
+                // Queued as ours only, and reachable from their heads after all.
+                self.theirs.insert(h, true);
+                self.mine_queued -= 1;
+                return Ok(());
+            }
+            None => {}
+        }
+        let Some(height) = capsule.store.height(&h)? else { return Ok(()) };
+        self.theirs.insert(h, theirs);
+        self.mine_queued += usize::from(!theirs);
+        self.heap.push((height, h));
+        Ok(())
+    }
+}
+
 /// A record from elsewhere that passed every check needing no store (`check_incoming`).
 pub struct Incoming {
     hash: RecordHash,
@@ -430,6 +465,7 @@ impl Capsule {
             batch.put_sub_record(&h, SubIdx(i as u32), sub);
         }
         batch.put_seq(&header.writer, header.seq, &h);
+        batch.put_height(&h, self.height_of_child(&header.parents)?);
         if let Some(mac) = attestation {
             batch.put_attestation(&h, mac);
         }
@@ -440,6 +476,50 @@ impl Capsule {
         state.stored(header.writer, header.seq);
         (state.heads, state.next_order) = (Some(heads), Some(order + 1));
         Ok(())
+    }
+
+    /// The height a record with `parents` gets: one above the highest of them.
+    fn height_of_child(&self, parents: &[RecordHash]) -> Result<u64> {
+        let genesis = RecordHash::genesis(self.id);
+        let mut highest = 0;
+        for p in parents.iter().filter(|p| **p != genesis) {
+            let height = self
+                .store
+                .height(p)?
+                .ok_or_else(|| StoreError::BadIndex { cf: "heights", detail: format!("{p:?} has no height") })?;
+            highest = highest.max(height);
+        }
+        Ok(highest + 1)
+    }
+
+    /// The records this capsule holds that are not ancestors of `theirs` (nor among them),
+    /// parents first: what a replica whose heads are `theirs` lacks, as far as this capsule
+    /// can tell (heads it does not hold are skipped). Walks down from both sets of heads in
+    /// order of height, so it stops once only the other side's records are left: the cost
+    /// grows with the difference and the history above its lowest record, not with the
+    /// capsule.
+    pub fn difference(&self, theirs: &[RecordHash]) -> Result<Vec<RecordHash>> {
+        let mut walk = DifferenceWalk::default();
+        for h in theirs {
+            walk.enqueue(self, *h, true)?;
+        }
+        for h in self.heads()? {
+            walk.enqueue(self, h, false)?;
+        }
+        let mut missing = Vec::new();
+        while walk.mine_queued > 0 {
+            let Some((_, h)) = walk.heap.pop() else { break };
+            let theirs = walk.theirs[&h];
+            if !theirs {
+                walk.mine_queued -= 1;
+                missing.push(h);
+            }
+            for p in self.record(h)?.header.parents {
+                walk.enqueue(self, p, theirs)?;
+            }
+        }
+        missing.reverse();
+        Ok(missing)
     }
 
     fn check_parents_known(&self, record: RecordHash, header: &RecordHeader) -> Result<()> {

@@ -92,7 +92,10 @@ fn urls(home: &Home, name: &str, id: &CapsuleId, given: Vec<String>) -> anyhow::
 }
 
 fn print(verb: &str, url: &str, r: &Report) {
-    println!("{verb} {} records ({} bytes) {url} in {} round trips", r.records, r.bytes, r.round_trips);
+    println!(
+        "{verb} {} records ({} bytes) {url} in {} round trips; finding them took {} bytes sent, {} received",
+        r.records, r.bytes, r.round_trips, r.reconcile_sent, r.reconcile_received
+    );
     if r.waiting_for_signature > 0 {
         println!(
             "{} unsigned records wait for a signed one before a replica takes them (a mount signs within the capsule's T seconds)",

@@ -18,6 +18,8 @@ pub enum Route {
     Walk,
     /// POST `Vec<RecordHash>`: `Vec<Bundle>` of those held, in order, size-capped.
     Fetch,
+    /// POST `Vec<RecordHash>` (the asker's heads): `Since`, the records they lack.
+    Since,
     /// POST `Vec<Bundle>`, parents first: stored after all are checked; answers `u64` new.
     Records,
     /// GET: one sub-record with its Merkle path, as stored.
@@ -32,6 +34,7 @@ impl Route {
             Route::Missing => "missing",
             Route::Walk => "walk",
             Route::Fetch => "fetch",
+            Route::Since => "since",
             Route::Records => "records",
             Route::SubRecord(..) => "sub-record",
         }

@@ -234,6 +234,10 @@ async fn fetch(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> R
     blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.fetch(&hashes(&body)?)?))).await
 }
 
+async fn since(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.since(&hashes(&body)?)?))).await
+}
+
 async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
     blocking(s, move |s| {
         let capsule = s.held(capsule_id(&id)?)?;
@@ -297,6 +301,7 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/capsules/{id}/missing", axum::routing::post(missing))
         .route("/v1/capsules/{id}/walk", axum::routing::post(walk))
         .route("/v1/capsules/{id}/fetch", axum::routing::post(fetch))
+        .route("/v1/capsules/{id}/since", axum::routing::post(since))
         .route("/v1/capsules/{id}/records", axum::routing::post(put_records))
         .route("/v1/capsules/{id}/records/{record}/{idx}", get(sub_record))
         .route("/metrics", get(metrics))

@@ -3,7 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica};
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
 use crate::capsule::{Capsule, Incoming, Ingested};
 use crate::record::{RecordHash, SubIdx, SubRecord};
 use crate::store::Durability;
@@ -131,6 +131,22 @@ impl Replica for Capsule {
             }
         }
         Ok(bundles)
+    }
+
+    fn since(&self, heads: &[RecordHash]) -> Result<Since> {
+        let lacking = self.difference(&heads[..heads.len().min(MAX_HASHES)])?;
+        let mut answer = Since { heads: Capsule::heads(self)?, ..Since::default() };
+        let mut bytes = 0;
+        for h in lacking {
+            if bytes >= MAX_BATCH_BYTES {
+                answer.more = true;
+                break;
+            }
+            let bundle = self.fetch(&[h])?.pop().ok_or(VerifyError::MissingRecord { record: h })?;
+            bytes += bundle.size();
+            answer.bundles.push(bundle);
+        }
+        Ok(answer)
     }
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {

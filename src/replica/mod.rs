@@ -36,6 +36,15 @@ pub struct Node {
     pub parents: Vec<RecordHash>,
 }
 
+/// What a replica answers to `since`: its heads, then the records a holder of the asker's
+/// heads lacks, parents first, as many as fit in `MAX_BATCH_BYTES`; `more` when some did not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
+pub struct Since {
+    pub heads: Vec<RecordHash>,
+    pub bundles: Vec<Bundle>,
+    pub more: bool,
+}
+
 /// Most hashes one `missing` or `walk` call carries, and most bytes one `fetch` or `put`
 /// carries: both ends hold them to it, so no request or answer grows without bound.
 pub const MAX_HASHES: usize = 8192;
@@ -60,6 +69,10 @@ pub trait Replica: Send + Sync {
     /// Bundles of the records it holds among `records`, in that order, stopping once
     /// `MAX_BATCH_BYTES` is passed (at least one is returned if any is held).
     fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>>;
+    /// The records it holds that a holder of `heads` (at most `MAX_HASHES`) lacks, with its
+    /// own heads, in one answer: heads go one way and records the other, so finding what to
+    /// send costs 32 bytes a head, whatever the difference.
+    fn since(&self, heads: &[RecordHash]) -> Result<Since>;
     /// Sub-record `idx` of `record` with its Merkle path, as stored.
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>>;
     /// Stores bundles given parents first. A replica checks every one before storing any,

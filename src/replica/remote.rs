@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use borsh::BorshDeserialize;
 
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica};
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
 use crate::net::protocol::{self, Route};
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
@@ -118,6 +118,11 @@ impl Replica for Remote {
     fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>> {
         let ask: Vec<RecordHash> = records.iter().take(MAX_HASHES).copied().collect();
         self.expect(Route::Fetch, Some(codec::encode(&ask)))
+    }
+
+    fn since(&self, heads: &[RecordHash]) -> Result<Since> {
+        let heads: Vec<RecordHash> = heads.iter().take(MAX_HASHES).copied().collect();
+        self.expect(Route::Since, Some(codec::encode(&heads)))
     }
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {

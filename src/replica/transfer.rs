@@ -1,12 +1,13 @@
 //! Push and pull between the local capsule and any replica.
 //!
-//! Both sides find what the other lacks git-style, from heads: a replica holds a record only
-//! with all its ancestors, so a walk from the heads stops where the other side already holds
-//! records. Each round asks about a breadth-first slice of the walk whose size grows fourfold
-//! (16, 64, ... up to `MAX_HASHES`), so a difference of d records costs about log4(d) round
-//! trips, however large the capsule. Everything pulled is checked by `Capsule::check_incoming`
-//! before it is stored; nothing a replica says about the DAG is believed beyond steering the
-//! next question.
+//! Finding what to send costs heads, not ids: a replica holds a record only with all its
+//! ancestors, so its heads say everything it holds. Push reads the replica's heads and sends
+//! `Capsule::difference` of them; pull sends its own heads and the replica answers with the
+//! records they do not cover (`Replica::since`). Neither side believes the other: everything
+//! pulled is checked by `Capsule::check_incoming` before it is stored, and a pull that ends
+//! with one of the replica's heads still unknown here (a replica that lied or lost something)
+//! falls back to walking the replica's DAG from that head, so a miss costs round trips, never
+//! a silent divergence.
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,34 +17,44 @@ use crate::record::{Record, RecordHash};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
 
-/// The first slice of a walk; each round asks about four times more.
+/// The first slice of a fallback walk; each round asks about four times more.
 const FIRST_BUDGET: usize = 16;
 
 /// What one push or pull moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Report {
     pub records: usize,
+    /// Record bytes (encodings and payloads).
     pub bytes: u64,
+    /// Bytes of the messages that found what to send (heads, walks, requests), each way.
+    pub reconcile_sent: u64,
+    pub reconcile_received: u64,
     pub round_trips: u32,
     /// Local unsigned records no signed record covers yet: a replica takes them only with a
     /// signed descendant, so they wait for the next signature (a mount signs within T seconds).
     pub waiting_for_signature: usize,
 }
 
+/// Bytes of a list of hashes on the wire (borsh: u32 length, then 32 bytes each).
+fn hashes_len(n: usize) -> u64 {
+    4 + 32 * n as u64
+}
+
 /// Pushes every local record `remote` lacks, parents first, in batches it can check whole.
 pub fn push(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
-    let mut report = Report::default();
-    report.round_trips += 1;
+    let mut report = Report { round_trips: 1, ..Report::default() };
     if remote.metadata()?.is_none() {
         remote.put_metadata(&local.metadata_bytes())?;
         report.round_trips += 1;
     }
-    let lacking = find_lacking(&local.heads()?, local, &mut |ask| {
-        report.round_trips += 1;
-        let missing: HashSet<RecordHash> = remote.missing(ask)?.into_iter().collect();
-        Ok(ask.iter().map(|h| !missing.contains(h)).collect())
-    })?;
-    let order = topological(&lacking)?;
+    let theirs = remote.heads()?;
+    report.round_trips += 1;
+    report.reconcile_received += hashes_len(theirs.len());
+    let order: Vec<Node> = local
+        .difference(&theirs)?
+        .into_iter()
+        .map(|h| Ok(Node { record: h, parents: local.record(h)?.header.parents }))
+        .collect::<Result<_>>()?;
     let anchored = anchored_positions(local, &order)?;
     let mut batch: Vec<Bundle> = Vec::new();
     let (mut batch_bytes, mut needed_up_to) = (0usize, 0usize);
@@ -78,9 +89,35 @@ fn send(remote: &dyn Replica, batch: &mut Vec<Bundle>, report: &mut Report) -> R
     Ok(())
 }
 
+/// Checks `bundle` as the record `expected` (if given) and stores it; counts what it stored.
+fn take(
+    local: &Capsule,
+    remote: &dyn Replica,
+    bundle: Bundle,
+    expected: Option<RecordHash>,
+    report: &mut Report,
+) -> Result<()> {
+    let payloads: Vec<&[u8]> = bundle.payloads.iter().map(Vec::as_slice).collect();
+    let incoming = local.check_incoming(&bundle.record, &payloads)?;
+    if let Some(expected) = expected
+        && incoming.hash() != expected
+    {
+        return Err(Error::Invalid(format!(
+            "{} answered {:?} when asked for {expected:?}",
+            remote.describe(),
+            incoming.hash()
+        )));
+    }
+    report.bytes += bundle.size() as u64;
+    if let Ingested::Stored(_) = local.ingest_checked(incoming, Durability::Buffered)? {
+        report.records += 1;
+    }
+    Ok(())
+}
+
 /// Pulls every record of `remote` the local capsule lacks, checking each before storing it.
 pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
-    let mut report = Report { round_trips: 2, ..Report::default() };
+    let mut report = Report { round_trips: 1, ..Report::default() };
     match remote.metadata()? {
         Some(m) if m == local.metadata_bytes() => {}
         Some(_) => {
@@ -88,36 +125,55 @@ pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
         }
         None => return Err(Error::NotFound(format!("capsule {:?} on {}", local.id(), remote.describe()))),
     }
-    let heads = remote.heads()?;
-    let lacking = walk_remote(local, remote, &heads, &mut report)?;
+    let theirs = loop {
+        let mine = local.heads()?;
+        let answer = remote.since(&mine)?;
+        report.round_trips += 1;
+        report.reconcile_sent += hashes_len(mine.len());
+        report.reconcile_received += hashes_len(answer.heads.len()) + 1;
+        let before = report.records;
+        for bundle in answer.bundles {
+            take(local, remote, bundle, None, &mut report)?;
+        }
+        // An answer that stored nothing new cannot be followed by a better one.
+        if !answer.more || report.records == before {
+            break answer.heads;
+        }
+    };
+    let mut unknown = Vec::new();
+    for h in theirs {
+        if !local.store().has_record(&h)? {
+            unknown.push(h);
+        }
+    }
+    if !unknown.is_empty() {
+        tracing::warn!("{} did not send everything its heads cover; walking its DAG for the rest", remote.describe());
+        pull_walking(local, remote, &unknown, &mut report)?;
+    }
+    local.store().sync()?;
+    Ok(report)
+}
+
+/// The slow, sure way: walks `remote`'s DAG from `heads` until records held here, then
+/// fetches what it found, parents first.
+fn pull_walking(local: &Capsule, remote: &dyn Replica, heads: &[RecordHash], report: &mut Report) -> Result<()> {
+    let lacking = walk_remote(local, remote, heads, report)?;
     let order = topological(&lacking)?;
     let mut next = 0;
     while next < order.len() {
         let ask: Vec<RecordHash> = order[next..].iter().take(MAX_HASHES).map(|n| n.record).collect();
         let bundles = remote.fetch(&ask)?;
         report.round_trips += 1;
+        report.reconcile_sent += hashes_len(ask.len());
         if bundles.is_empty() {
             return Err(Error::NotFound(format!("{:?} on {}, which listed it", ask[0], remote.describe())));
         }
         for (bundle, expected) in bundles.into_iter().zip(&ask) {
-            let payloads: Vec<&[u8]> = bundle.payloads.iter().map(Vec::as_slice).collect();
-            let incoming = local.check_incoming(&bundle.record, &payloads)?;
-            if incoming.hash() != *expected {
-                return Err(Error::Invalid(format!(
-                    "{} answered {:?} when asked for {expected:?}",
-                    remote.describe(),
-                    incoming.hash()
-                )));
-            }
-            report.bytes += bundle.size() as u64;
-            if let Ingested::Stored(_) = local.ingest_checked(incoming, Durability::Buffered)? {
-                report.records += 1;
-            }
+            take(local, remote, bundle, Some(*expected), report)?;
             next += 1;
         }
     }
-    local.store().sync()?;
-    Ok(report)
+    Ok(())
 }
 
 /// The records reachable from `heads` on `remote` that the local capsule lacks, with their
@@ -143,6 +199,8 @@ fn walk_remote(
     while !frontier.is_empty() {
         let nodes = remote.walk(&frontier, budget)?;
         report.round_trips += 1;
+        report.reconcile_sent += hashes_len(frontier.len()) + 4;
+        report.reconcile_received += 4 + nodes.iter().map(|n| hashes_len(n.parents.len()) + 32).sum::<u64>();
         if nodes.is_empty() {
             return Err(Error::NotFound(format!("{:?} on {}, which named it", frontier[0], remote.describe())));
         }
@@ -170,52 +228,6 @@ fn walk_remote(
             }
         }
         frontier.retain(|p| !held.contains(p));
-        budget = (budget * 4).min(MAX_HASHES);
-    }
-    Ok(lacking)
-}
-
-/// The local records reachable from `heads` that the other side lacks, with their parents.
-/// `holds` answers, for a slice of hashes, whether the other side holds each.
-fn find_lacking(
-    heads: &[RecordHash],
-    local: &Capsule,
-    holds: &mut dyn FnMut(&[RecordHash]) -> Result<Vec<bool>>,
-) -> Result<HashMap<RecordHash, Vec<RecordHash>>> {
-    let genesis = RecordHash::genesis(local.id());
-    let mut lacking: HashMap<RecordHash, Vec<RecordHash>> = HashMap::new();
-    let mut held: HashSet<RecordHash> = HashSet::new();
-    let mut frontier: Vec<RecordHash> = heads.to_vec();
-    let mut budget = FIRST_BUDGET;
-    while !frontier.is_empty() {
-        let nodes: Vec<Node> = local
-            .walk(&frontier, budget)?
-            .into_iter()
-            .filter(|n| !lacking.contains_key(&n.record) && !held.contains(&n.record))
-            .collect();
-        if nodes.is_empty() {
-            break;
-        }
-        let ask: Vec<RecordHash> = nodes.iter().map(|n| n.record).collect();
-        let answers = holds(&ask)?;
-        if answers.len() != ask.len() {
-            return Err(Error::Invalid("a replica answered a different number of hashes than asked".into()));
-        }
-        for (node, held_there) in nodes.into_iter().zip(answers) {
-            if held_there {
-                held.insert(node.record);
-            } else {
-                lacking.insert(node.record, node.parents);
-            }
-        }
-        frontier = lacking
-            .values()
-            .flatten()
-            .filter(|p| **p != genesis && !lacking.contains_key(p) && !held.contains(p))
-            .copied()
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
         budget = (budget * 4).min(MAX_HASHES);
     }
     Ok(lacking)

@@ -92,6 +92,14 @@ impl CapsuleStore {
         v.chunks(32).map(|c| hash_value(Cf::Meta, c)).collect()
     }
 
+    /// A record's height: 1 + its highest parent's (the genesis parent is 0), so every parent
+    /// is lower than its children. Derived from verified records when they are stored.
+    pub fn height(&self, h: &RecordHash) -> Result<Option<u64>> {
+        let Some(v) = self.kv.get(Cf::Heights, h.as_bytes())? else { return Ok(None) };
+        let bytes: [u8; 8] = v.try_into().map_err(|_| bad_index(Cf::Heights, "a height is not 8 bytes"))?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
     pub fn record_at(&self, w: &WriterId, seq: Seq) -> Result<Option<RecordHash>> {
         self.kv.get(Cf::Seqs, &seq_key(w, seq))?.map(|v| hash_value(Cf::Seqs, &v)).transpose()
     }
@@ -197,6 +205,10 @@ impl StoreBatch {
 
     pub fn put_sub_record(&mut self, h: &RecordHash, idx: SubIdx, bytes: Vec<u8>) {
         self.batch.put(Cf::Subs, sub_key(h, idx), bytes);
+    }
+
+    pub fn put_height(&mut self, h: &RecordHash, height: u64) {
+        self.batch.put(Cf::Heights, h.as_bytes().to_vec(), height.to_be_bytes().to_vec());
     }
 
     pub fn put_seq(&mut self, w: &WriterId, seq: Seq, h: &RecordHash) {

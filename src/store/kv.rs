@@ -14,11 +14,22 @@ pub enum Cf {
     Proven,
     Attest,
     Evidence,
+    Heights,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 9] =
-        [Cf::Meta, Cf::Records, Cf::Subs, Cf::Witness, Cf::Seqs, Cf::Order, Cf::Proven, Cf::Attest, Cf::Evidence];
+    pub const ALL: [Cf; 10] = [
+        Cf::Meta,
+        Cf::Records,
+        Cf::Subs,
+        Cf::Witness,
+        Cf::Seqs,
+        Cf::Order,
+        Cf::Proven,
+        Cf::Attest,
+        Cf::Evidence,
+        Cf::Heights,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -31,6 +42,7 @@ impl Cf {
             Cf::Proven => "proven",
             Cf::Attest => "attest",
             Cf::Evidence => "evidence",
+            Cf::Heights => "heights",
         }
     }
 }

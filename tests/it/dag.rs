@@ -7,7 +7,7 @@ use capsulefs::capsule::{Capsule, EarlierProofs, NewCapsule};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::crypto::sign::TrustKey;
 use capsulefs::proof::Anchor;
-use capsulefs::record::SubIdx;
+use capsulefs::record::{RecordHash, SubIdx};
 use capsulefs::store::Kv;
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::{Error, VerifyError};
@@ -164,4 +164,53 @@ fn append_merges_every_head_and_numbers_each_writer() {
     assert_eq!(rec.header.parents, expected);
     assert_eq!(rec.header.seq.0, 2);
     assert_eq!(f.cap.audit().unwrap().records, 4);
+}
+
+/// Every record that is neither in `of` nor an ancestor of one: the obvious definition.
+fn not_below(f: &super::Fixture, all: &[RecordHash], of: &[RecordHash]) -> std::collections::BTreeSet<RecordHash> {
+    let mut below = std::collections::BTreeSet::new();
+    let mut stack: Vec<RecordHash> = of.to_vec();
+    while let Some(h) = stack.pop() {
+        if h != f.genesis() && below.insert(h) {
+            stack.extend(f.cap.record(h).unwrap().header.parents);
+        }
+    }
+    all.iter().copied().filter(|h| !below.contains(h)).collect()
+}
+
+#[test]
+fn difference_matches_the_definition_on_random_dags() {
+    for seed in 0..20u64 {
+        let f = fixture();
+        let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut next = |n: usize| {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (rng >> 33) as usize % n
+        };
+        let mut all: Vec<RecordHash> = Vec::new();
+        for i in 0..60u64 {
+            let mut parents: Vec<RecordHash> =
+                (0..1 + next(3)).filter(|_| !all.is_empty()).map(|_| all[next(all.len())]).collect();
+            parents.sort();
+            parents.dedup();
+            if parents.is_empty() {
+                parents.push(f.genesis());
+            }
+            all.push(f.put(&f.owner, i + 1, &parents, &[i as u8], true));
+        }
+        let theirs: Vec<RecordHash> = (0..next(4)).map(|_| all[next(all.len())]).collect();
+        let got = f.cap.difference(&theirs).unwrap();
+        let expected = not_below(&f, &all, &theirs);
+        assert_eq!(got.iter().copied().collect::<std::collections::BTreeSet<_>>(), expected, "seed {seed}");
+        assert_eq!(got.len(), expected.len(), "no record twice");
+        let position: std::collections::HashMap<_, _> = got.iter().enumerate().map(|(i, h)| (*h, i)).collect();
+        for (i, h) in got.iter().enumerate() {
+            for p in f.cap.record(*h).unwrap().header.parents {
+                assert!(position.get(&p).is_none_or(|j| *j < i), "parents first (seed {seed})");
+            }
+        }
+        // Heads the capsule does not hold are skipped.
+        let unknown = RecordHash::from_bytes([9; 32]);
+        assert_eq!(f.cap.difference(&[unknown]).unwrap().len(), all.len());
+    }
 }

@@ -4,6 +4,7 @@ mod dag;
 mod encoding;
 mod fs;
 mod keystore;
+mod replicas;
 mod tamper;
 
 use std::sync::Arc;

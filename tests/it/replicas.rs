@@ -1,0 +1,94 @@
+//! Push and pull between in-memory capsules through the `Replica` trait, including a replica
+//! that lies about what it holds.
+
+use std::sync::Arc;
+
+use capsulefs::capsule::Capsule;
+use capsulefs::record::{RecordHash, SubIdx};
+use capsulefs::replica::transfer::{pull, push};
+use capsulefs::replica::{Bundle, Node, Replica, Since};
+use capsulefs::store::Kv;
+use capsulefs::store::mem::MemKv;
+
+use super::{fixture, signed, unsigned};
+
+/// A second, empty replica of the fixture's capsule.
+fn empty_replica_of(cap: &Capsule) -> Capsule {
+    Capsule::adopt(Arc::new(MemKv::new()) as Arc<dyn Kv>, cap.id(), &cap.metadata_bytes(), Vec::new()).unwrap()
+}
+
+/// A replica whose `since` answers drop every other record: pull must notice and walk.
+struct Forgetful<'a>(&'a Capsule);
+
+impl Replica for Forgetful<'_> {
+    fn describe(&self) -> String {
+        "a forgetful replica".into()
+    }
+    fn metadata(&self) -> capsulefs::Result<Option<Vec<u8>>> {
+        Replica::metadata(self.0)
+    }
+    fn put_metadata(&self, signed: &[u8]) -> capsulefs::Result<()> {
+        self.0.put_metadata(signed)
+    }
+    fn heads(&self) -> capsulefs::Result<Vec<RecordHash>> {
+        Replica::heads(self.0)
+    }
+    fn missing(&self, records: &[RecordHash]) -> capsulefs::Result<Vec<RecordHash>> {
+        self.0.missing(records)
+    }
+    fn walk(&self, from: &[RecordHash], budget: usize) -> capsulefs::Result<Vec<Node>> {
+        self.0.walk(from, budget)
+    }
+    fn fetch(&self, records: &[RecordHash]) -> capsulefs::Result<Vec<Bundle>> {
+        self.0.fetch(records)
+    }
+    fn since(&self, heads: &[RecordHash]) -> capsulefs::Result<Since> {
+        let mut answer = self.0.since(heads)?;
+        answer.bundles.truncate(answer.bundles.len() / 2); // the oldest half: parents first
+        Ok(answer)
+    }
+    fn sub_record(&self, record: RecordHash, idx: SubIdx) -> capsulefs::Result<Option<Vec<u8>>> {
+        self.0.sub_record(record, idx)
+    }
+    fn put(&self, bundles: Vec<Bundle>) -> capsulefs::Result<usize> {
+        self.0.put(bundles)
+    }
+}
+
+#[test]
+fn push_then_pull_moves_exactly_the_difference() {
+    let f = fixture();
+    for i in 0..20u8 {
+        f.cap.append(&f.owner, &[&[i]], if i % 5 == 4 { signed() } else { unsigned() }).unwrap();
+    }
+    let server = empty_replica_of(&f.cap);
+    let pushed = push(&f.cap, &server).unwrap();
+    assert_eq!(pushed.records, 20, "every record is covered by a signed one");
+    assert_eq!(pushed.waiting_for_signature, 0);
+    assert_eq!(Replica::heads(&server).unwrap(), f.cap.heads().unwrap());
+    // Two more: one unsigned, which waits for a signature.
+    f.cap.append(&f.owner, &[b"signed"], signed()).unwrap();
+    f.cap.append(&f.owner, &[b"tail"], unsigned()).unwrap();
+    let again = push(&f.cap, &server).unwrap();
+    assert_eq!((again.records, again.waiting_for_signature), (1, 1));
+    assert_eq!(again.reconcile_received, 4 + 32, "finding them took one head");
+    let laptop = empty_replica_of(&f.cap);
+    let pulled = pull(&laptop, &server).unwrap();
+    assert_eq!(pulled.records, 21);
+    assert_eq!(pulled.round_trips, 2, "metadata, then one since");
+    assert_eq!(laptop.audit().unwrap().records, 21);
+}
+
+#[test]
+fn a_replica_that_withholds_records_is_walked_to_the_end() {
+    let f = fixture();
+    for i in 0..30u8 {
+        f.cap.append(&f.owner, &[&[i]], signed()).unwrap();
+    }
+    let server = empty_replica_of(&f.cap);
+    push(&f.cap, &server).unwrap();
+    let laptop = empty_replica_of(&f.cap);
+    let report = pull(&laptop, &Forgetful(&server)).unwrap();
+    assert_eq!(report.records, 30, "the walk fetched what `since` held back");
+    assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
+}
