@@ -12,7 +12,7 @@ DEMO_HOME ?= $(CURDIR)/.demo
 # run everyday tools inside a mount.
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3
 
-.PHONY: help deps deps-bench bench-fs tools build test lint bench man completions install demo clean
+.PHONY: help deps deps-bench bench-fs bench-sync tools build test lint bench man completions install demo clean
 
 # Test tools from crates.io, pinned, kept out of the way in target/tools.
 TOOLS := $(CURDIR)/target/tools
@@ -25,6 +25,7 @@ help:
 	@echo "make test         format check, clippy, unit, library and integration tests (real mounts)"
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
 	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
+	@echo "make bench-sync   anti-entropy bytes and round trips against capsulefs serve, push against rsync"
 	@echo "make man          regenerate man/ from the CLI definition"
 	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX), and"
 	@echo "                  the mount(8) helper $(SBINDIR)/mount.fuse.capsulefs"
@@ -57,6 +58,10 @@ bench: build
 # tmpfs, bindfs, gocryptfs and capsulefs on the same workloads (root; BENCH_MB=512 by default).
 bench-fs: build
 	$(SUDO) BIN=$(BIN) benches/fs.sh
+
+# Two replicas of 100k records on loopback, and a 512 MiB push against an rsync daemon.
+bench-sync: build
+	$(BIN) bench sync
 
 man: build
 	rm -f man/*.1

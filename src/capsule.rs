@@ -570,6 +570,19 @@ impl Capsule {
         Prover { metadata: self.metadata(), source: &self.store, trust: self.trust(), cache, cache_use }
     }
 
+    /// The encoding of `record` with a signature made now, if it is unsigned and its writer's
+    /// key is one this machine holds; None otherwise. The hash stays the same: the signature
+    /// lies outside it. (Push signs what a replica would otherwise have to wait for.)
+    pub fn sign_own(&self, record: RecordHash) -> Result<Option<Vec<u8>>> {
+        let mut parsed = self.record(record)?;
+        if parsed.signature.is_some() {
+            return Ok(None);
+        }
+        let Some(identity) = self.local.iter().find(|i| i.writer() == parsed.header.writer) else { return Ok(None) };
+        parsed.signature = Some(sign::sign_record(identity.key(), &record));
+        Ok(Some(parsed.encode()))
+    }
+
     /// The header of `record`, proven.
     pub fn proven_header(&self, record: RecordHash) -> Result<Arc<RecordHeader>> {
         Ok(self.prover().prove_record(record)?.0)

@@ -33,11 +33,14 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10_000)]
         ops: usize,
     },
+    /// Anti-entropy and push throughput against `capsulefs serve` on loopback (make bench-sync).
+    Sync(super::bench_sync::SyncBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Proofs { ops } => proofs(ops),
+        BenchCommand::Sync(a) => super::bench_sync::run(a),
     }
 }
 

@@ -55,22 +55,35 @@ pub fn push(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
         .into_iter()
         .map(|h| Ok(Node { record: h, parents: local.record(h)?.header.parents }))
         .collect::<Result<_>>()?;
-    let anchored = anchored_positions(local, &order)?;
+    let mut signed_here: HashSet<RecordHash> = HashSet::new();
+    let mut anchored = anchored_positions(local, &order, &signed_here)?;
     let mut batch: Vec<Bundle> = Vec::new();
-    let (mut batch_bytes, mut needed_up_to) = (0usize, 0usize);
+    let mut in_batch: Vec<usize> = Vec::new();
+    let mut batch_bytes = 0usize;
     for (i, node) in order.iter().enumerate() {
-        let Some(anchor) = anchored[i] else {
+        let mut bundle =
+            local.fetch(&[node.record])?.pop().ok_or(VerifyError::MissingRecord { record: node.record })?;
+        // An unsigned record of ours that nothing signed covers yet, or that would hold a full
+        // batch open waiting for its signed descendant: this machine holds the writer's key,
+        // so it signs the record now (a signature does not change its hash).
+        let stuck = anchored[i].is_none_or(|a| a > i && batch_bytes + bundle.size() >= MAX_BATCH_BYTES);
+        if stuck && let Some(signed) = local.sign_own(node.record)? {
+            bundle.record = signed;
+            signed_here.insert(node.record);
+            anchored = anchored_positions(local, &order, &signed_here)?;
+        }
+        if anchored[i].is_none() {
             report.waiting_for_signature += 1;
             continue;
-        };
-        let bundle = local.fetch(&[node.record])?.pop().ok_or(VerifyError::MissingRecord { record: node.record })?;
+        }
         batch_bytes += bundle.size();
         batch.push(bundle);
-        needed_up_to = needed_up_to.max(anchor);
+        in_batch.push(i);
         // A batch may end only where every unsigned record in it has its signed descendant.
+        let needed_up_to = in_batch.iter().filter_map(|&p| anchored[p]).max().unwrap_or(i);
         if batch_bytes >= MAX_BATCH_BYTES && needed_up_to <= i {
             send(remote, &mut batch, &mut report)?;
-            batch_bytes = 0;
+            (batch_bytes, in_batch) = (0, Vec::new());
         }
     }
     send(remote, &mut batch, &mut report)?;
@@ -214,9 +227,11 @@ fn walk_remote(
                 lacking.insert(node.record, node.parents);
             }
         }
+        // The parents of what is lacking, and what this slice did not reach.
         frontier = lacking
             .values()
             .flatten()
+            .chain(&frontier)
             .filter(|p| **p != genesis && !lacking.contains_key(p) && !held.contains(p))
             .copied()
             .collect::<HashSet<_>>()
@@ -273,13 +288,17 @@ fn topological(nodes: &HashMap<RecordHash, Vec<RecordHash>>) -> Result<Vec<Node>
 
 /// For each record of `order` (parents first), the position of the first signed record at or
 /// after it that covers it (itself, or a descendant within `order`), or None: an unsigned
-/// record no signed record in `order` descends from.
-fn anchored_positions(local: &Capsule, order: &[Node]) -> Result<Vec<Option<usize>>> {
+/// record no signed record in `order` descends from. Records in `signed_here` count as signed.
+fn anchored_positions(
+    local: &Capsule,
+    order: &[Node],
+    signed_here: &HashSet<RecordHash>,
+) -> Result<Vec<Option<usize>>> {
     let position: HashMap<RecordHash, usize> = order.iter().enumerate().map(|(i, n)| (n.record, i)).collect();
     let mut anchor: Vec<Option<usize>> = vec![None; order.len()];
     for i in (0..order.len()).rev() {
         let record: Record = local.record(order[i].record)?;
-        if record.signature.is_some() {
+        if record.signature.is_some() || signed_here.contains(&order[i].record) {
             anchor[i] = Some(i);
         }
         if let Some(a) = anchor[i] {

@@ -66,17 +66,20 @@ fn push_then_pull_moves_exactly_the_difference() {
     assert_eq!(pushed.records, 20, "every record is covered by a signed one");
     assert_eq!(pushed.waiting_for_signature, 0);
     assert_eq!(Replica::heads(&server).unwrap(), f.cap.heads().unwrap());
-    // Two more: one unsigned, which waits for a signature.
-    f.cap.append(&f.owner, &[b"signed"], signed()).unwrap();
+    // An unsigned tail of ours: push signs it (this machine holds the key). One of another
+    // writer's, unsigned, waits: nothing here can sign for them.
     f.cap.append(&f.owner, &[b"tail"], unsigned()).unwrap();
+    let head = f.cap.heads().unwrap()[0];
+    let theirs = f.put(&f.other, 1, &[head], b"theirs, unsigned", false);
     let again = push(&f.cap, &server).unwrap();
     assert_eq!((again.records, again.waiting_for_signature), (1, 1));
     assert_eq!(again.reconcile_received, 4 + 32, "finding them took one head");
+    assert!(server.store().has_record(&head).unwrap() && !server.store().has_record(&theirs).unwrap());
     let laptop = empty_replica_of(&f.cap);
     let pulled = pull(&laptop, &server).unwrap();
     assert_eq!(pulled.records, 21);
     assert_eq!(pulled.round_trips, 2, "metadata, then one since");
-    assert_eq!(laptop.audit().unwrap().records, 21);
+    assert_eq!(laptop.audit().unwrap().records, 21, "the pushed tail is signed, so it proves anywhere");
 }
 
 #[test]
@@ -90,5 +93,21 @@ fn a_replica_that_withholds_records_is_walked_to_the_end() {
     let laptop = empty_replica_of(&f.cap);
     let report = pull(&laptop, &Forgetful(&server)).unwrap();
     assert_eq!(report.records, 30, "the walk fetched what `since` held back");
+    assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
+}
+
+#[test]
+fn a_walk_from_many_heads_loses_none_of_them() {
+    let f = fixture();
+    let root = f.put(&f.owner, 1, &[f.genesis()], b"root", true);
+    // Forty heads: more than the walk's first slice.
+    for i in 0..40u64 {
+        f.put(&f.other, i + 1, &[root], &i.to_le_bytes(), true);
+    }
+    let server = empty_replica_of(&f.cap);
+    push(&f.cap, &server).unwrap();
+    let laptop = empty_replica_of(&f.cap);
+    let report = pull(&laptop, &Forgetful(&server)).unwrap();
+    assert_eq!(report.records, 41);
     assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
 }

@@ -1,0 +1,411 @@
+//! `capsulefs bench sync` (`make bench-sync`): how many bytes and round trips finding the
+//! difference between two replicas costs, over a real loopback connection to `capsulefs
+//! serve`, and how fast a push moves a 512 MiB tree against rsync to an rsync daemon.
+//!
+//! Two replicas of N records differ by d: the local capsule has d records the server lacks,
+//! either as its newest d records (one replica lagging) or as d side branches off random
+//! earlier records (the difference scattered). Each method finds what the server lacks; the
+//! set it finds is checked against the true difference. Reconciliation bytes are the message
+//! bodies of that exchange, both ways; the records themselves and the HTTP framing, counted
+//! by a byte-counting proxy between the two, are reported in their own columns.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+
+use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule, Parents};
+use capsulefs::crypto::keys::Identity;
+use capsulefs::fs::Fs;
+use capsulefs::fs::node::{Inode, Kind, ROOT_INO};
+use capsulefs::member::{content_key, create_keystore};
+use capsulefs::record::{RecordHash, SubRecordBuf};
+use capsulefs::replica::remote::Remote;
+use capsulefs::replica::transfer;
+use capsulefs::replica::{MAX_HASHES, Replica};
+use capsulefs::store::Durability;
+use capsulefs::store::rocks::RocksKv;
+
+#[derive(Parser, Debug)]
+pub struct SyncBenchArgs {
+    /// Records in each replica.
+    #[arg(long, default_value_t = 100_000)]
+    pub records: usize,
+    /// Size of the tree pushed against rsync, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub mib: usize,
+}
+
+const DIFFERENCES: [usize; 3] = [1, 100, 10_000];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Lagging,
+    Scattered,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Lagging => "lagging",
+            Shape::Scattered => "scattered",
+        }
+    }
+}
+
+/// One method's cost on one scenario.
+#[derive(Default, Clone, Copy)]
+struct Cost {
+    sent: u64,
+    received: u64,
+    round_trips: u32,
+}
+
+/// Counts the bytes a TCP connection carries each way, between the client and the server.
+struct Proxy {
+    addr: String,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, counter: Arc<AtomicU64>) {
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+impl Proxy {
+    fn start(server: String) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (u, d) = (up.clone(), down.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(upstream) = TcpStream::connect(&server) else { continue };
+                let (c2, u2) = (client.try_clone().expect("socket clone"), upstream.try_clone().expect("socket clone"));
+                let (uc, dc) = (u.clone(), d.clone());
+                std::thread::spawn(move || pump(client, upstream, uc));
+                std::thread::spawn(move || pump(u2, c2, dc));
+            }
+        });
+        Ok(Self { addr, up, down })
+    }
+
+    fn wire(&self) -> u64 {
+        self.up.load(Ordering::Relaxed) + self.down.load(Ordering::Relaxed)
+    }
+}
+
+/// A `capsulefs serve` on a free loopback port, ended when dropped.
+struct Served {
+    child: Child,
+    addr: String,
+}
+
+impl Served {
+    fn start(store: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--listen", "127.0.0.1:0", "--store"])
+            .arg(store)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let addr = line.trim().strip_prefix("listening on ").context("the server's readiness line")?.to_owned();
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signed() -> AppendOptions {
+    AppendOptions { sign: true, durability: Durability::Buffered, ..Default::default() }
+}
+
+fn append_chain(capsule: &Capsule, me: &Identity, count: usize, tag: u64) -> anyhow::Result<()> {
+    for i in 0..count as u64 {
+        capsule.append(me, &[&[tag.to_le_bytes(), i.to_le_bytes()].concat()], signed())?;
+    }
+    Ok(())
+}
+
+/// The scenario: `(local, server store folder, the true difference)`.
+fn scenario(
+    dir: &Path,
+    me: &Identity,
+    records: usize,
+    d: usize,
+    shape: Shape,
+) -> anyhow::Result<(Capsule, PathBuf, Vec<RecordHash>)> {
+    let local_path = dir.join(format!("{}-{d}-local", shape.name()));
+    let capsule = Capsule::create(Arc::new(RocksKv::open(&local_path, true)?), NewCapsule::new("bench", me), vec![])?;
+    append_chain(&capsule, me, records - d, 0)?;
+    let chain: Vec<RecordHash> = capsule.log()?.map(|e| e.map(|(h, _)| h)).collect::<capsulefs::Result<_>>()?;
+    capsule.store().sync()?;
+    let server_dir = dir.join(format!("{}-{d}-server", shape.name()));
+    let server_store = server_dir.join("capsules").join(capsule.id().to_hex());
+    std::fs::create_dir_all(&server_store)?;
+    let copied = Command::new("cp").arg("-a").arg(&local_path).arg(server_store.join("store")).status()?;
+    ensure!(copied.success(), "copying the store for the server");
+    let mut difference = Vec::with_capacity(d);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ d as u64;
+    for i in 0..d as u64 {
+        let h = match shape {
+            Shape::Lagging => capsule.append(me, &[&[[1u8; 8], i.to_le_bytes()].concat()], signed())?,
+            Shape::Scattered => {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let parent = chain[(seed >> 33) as usize % chain.len()];
+                let payload = SubRecordBuf::copied(&[[2u8; 8], i.to_le_bytes()].concat());
+                capsule.append_built(me, Parents::These(&[parent]), vec![payload], signed())?
+            }
+        };
+        difference.push(h);
+    }
+    Ok((capsule, server_dir, difference))
+}
+
+/// Ours: the server's heads, then the local difference.
+fn by_heads(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)> {
+    let heads = remote.heads()?;
+    let cost = Cost { sent: 0, received: 4 + 32 * heads.len() as u64, round_trips: 1 };
+    Ok((local.difference(&heads)?, cost))
+}
+
+/// Every local id sent; the server answers which it lacks.
+fn all_ids(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)> {
+    let ids: Vec<RecordHash> = local.log()?.map(|e| e.map(|(h, _)| h)).collect::<capsulefs::Result<_>>()?;
+    let mut cost = Cost::default();
+    let mut lacking = Vec::new();
+    for slice in ids.chunks(MAX_HASHES) {
+        let answer = remote.missing(slice)?;
+        cost.sent += 4 + 32 * slice.len() as u64;
+        cost.received += 4 + 32 * answer.len() as u64;
+        cost.round_trips += 1;
+        lacking.extend(answer);
+    }
+    Ok((lacking, cost))
+}
+
+/// Deterministic, from the DAG's sinks toward its sources: local heads first, then the parents
+/// of what the server lacks, asked in breadth-first slices growing fourfold.
+fn walking(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)> {
+    use std::collections::HashSet;
+    let genesis = RecordHash::genesis(local.id());
+    let (mut lacking, mut held) = (HashSet::new(), HashSet::new());
+    let mut frontier = local.heads()?;
+    let (mut budget, mut cost) = (16usize, Cost::default());
+    while !frontier.is_empty() {
+        let nodes: Vec<_> = Replica::walk(local, &frontier, budget)?
+            .into_iter()
+            .filter(|n| !lacking.contains(&n.record) && !held.contains(&n.record))
+            .collect();
+        if nodes.is_empty() {
+            break;
+        }
+        let ask: Vec<RecordHash> = nodes.iter().map(|n| n.record).collect();
+        let answer: HashSet<RecordHash> = remote.missing(&ask)?.into_iter().collect();
+        cost.sent += 4 + 32 * ask.len() as u64;
+        cost.received += 4 + 32 * answer.len() as u64;
+        cost.round_trips += 1;
+        // What the slice did not reach stays on the frontier.
+        let mut next: HashSet<RecordHash> = frontier.iter().copied().collect();
+        for n in nodes {
+            if answer.contains(&n.record) {
+                lacking.insert(n.record);
+                next.extend(n.parents);
+            } else {
+                held.insert(n.record);
+            }
+        }
+        frontier = next.into_iter().filter(|p| *p != genesis && !lacking.contains(p) && !held.contains(p)).collect();
+        budget = (budget * 4).min(MAX_HASHES);
+    }
+    Ok((lacking.into_iter().collect(), cost))
+}
+
+type Method = fn(&Capsule, &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)>;
+
+const METHODS: [(&str, Method); 3] = [("all ids", all_ids), ("walk", walking), ("heads (ours)", by_heads)];
+
+/// A tree of `mib` MiB in 64 files, a capsule holding it, and the timings of pushing the
+/// capsule to a fresh server against rsync -a of the tree to an rsync daemon.
+fn push_against_rsync(dir: &Path, me: &Identity, mib: usize) -> anyhow::Result<(f64, f64)> {
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(&tree)?;
+    let file_mib = mib.div_ceil(64);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let capsule = Capsule::create(
+        Arc::new(RocksKv::open(&dir.join("push-local"), true)?),
+        NewCapsule::new("tree", me),
+        vec![me.clone()],
+    )?;
+    create_keystore(&capsule, me)?;
+    let capsule = Arc::new(capsule);
+    let mut fs = Fs::open(capsule.clone(), content_key(&capsule, me)?, Some(me.clone()))?;
+    let mut block = vec![0u8; 1 << 20];
+    for f in 0..64 {
+        let name = format!("file{f:02}");
+        let (ino, _) = fs.make(ROOT_INO, name.as_bytes(), Inode::new(Kind::File, 0o644, 0, 0))?;
+        let mut out = std::fs::File::create(tree.join(&name))?;
+        for m in 0..file_mib {
+            for w in block.chunks_mut(8) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                w.copy_from_slice(&seed.to_le_bytes());
+            }
+            out.write_all(&block)?;
+            fs.write(ino, (m << 20) as u64, &block)?;
+            if fs.pending_bytes() >= 16 << 20 {
+                fs.commit(false, Durability::Buffered)?;
+            }
+        }
+    }
+    // The end signed, as an unmount leaves it, so every commit can go to a replica.
+    if fs.commit(true, Durability::Durable)?.is_none() {
+        fs.sign_now(Durability::Durable)?;
+    }
+    drop(fs);
+    let server_dir = dir.join("push-server");
+    let served = Served::start(&server_dir)?;
+    let remote = Remote::new(&format!("http://{}", served.addr), capsule.id())?;
+    let start = Instant::now();
+    let report = transfer::push(&capsule, &remote)?;
+    let push = start.elapsed().as_secs_f64();
+    ensure!(report.bytes >= (mib as u64) << 20, "the push moved {} bytes, less than the tree", report.bytes);
+    println!("push: {} records, {} bytes, {} round trips", report.records, report.bytes, report.round_trips);
+    drop(served);
+
+    let module = dir.join("rsync-module");
+    std::fs::create_dir_all(&module)?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let conf = dir.join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\nuid = root\ngid = root\npid file = {}\n[bench]\npath = {}\nread only = false\n",
+            dir.join("rsyncd.pid").display(),
+            module.display()
+        ),
+    )?;
+    let mut daemon = Command::new("rsync")
+        .args([
+            "--daemon",
+            "--no-detach",
+            "--address=127.0.0.1",
+            &format!("--port={port}"),
+            &format!("--config={}", conf.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting rsync --daemon (apt install rsync)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            bail!("the rsync daemon did not start listening");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    let status = Command::new("rsync")
+        .arg("-a")
+        .arg(format!("{}/", tree.display()))
+        .arg(format!("rsync://127.0.0.1:{port}/bench/"))
+        .status();
+    let rsync = start.elapsed().as_secs_f64();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    ensure!(status?.success(), "rsync -a to the daemon failed");
+    Ok((push, rsync))
+}
+
+pub fn run(a: SyncBenchArgs) -> anyhow::Result<()> {
+    ensure!(a.records > DIFFERENCES[2] * 2, "--records must be above {}", DIFFERENCES[2] * 2);
+    let dir = tempfile::tempdir()?;
+    let me = Identity::generate("bench")?;
+    println!("{} records per replica; the local one has d more; bytes are message bodies, each way", a.records);
+    println!(
+        "{:>10} {:>6} {:>13} {:>10} {:>10} {:>6} {:>12} {:>10} {:>11}",
+        "shape", "d", "method", "sent", "received", "trips", "record bytes", "wire", "per missing"
+    );
+    let mut worst = [0u64; 3];
+    let mut max_trips = 0;
+    for (i, &d) in DIFFERENCES.iter().enumerate() {
+        for shape in [Shape::Lagging, Shape::Scattered] {
+            let (local, server_dir, truth) = scenario(dir.path(), &me, a.records, d, shape)?;
+            let mut truth_sorted = truth.clone();
+            truth_sorted.sort();
+            let record_bytes: u64 = truth
+                .iter()
+                .map(|h| Replica::fetch(&local, &[*h]).map(|b| b[0].size() as u64))
+                .sum::<capsulefs::Result<u64>>()?;
+            let served = Served::start(&server_dir)?;
+            for (name, method) in METHODS {
+                let proxy = Proxy::start(served.addr.clone())?;
+                let remote = Remote::new(&format!("http://{}", proxy.addr), local.id())?;
+                let (mut found, cost) = method(&local, &remote)?;
+                found.sort();
+                ensure!(
+                    found == truth_sorted,
+                    "{name} found {} records, the difference is {}",
+                    found.len(),
+                    truth.len()
+                );
+                let body = cost.sent + cost.received;
+                println!(
+                    "{:>10} {:>6} {:>13} {:>10} {:>10} {:>6} {:>12} {:>10} {:>11.2}",
+                    shape.name(),
+                    d,
+                    name,
+                    cost.sent,
+                    cost.received,
+                    cost.round_trips,
+                    record_bytes,
+                    proxy.wire(),
+                    body as f64 / d as f64
+                );
+                if name == "heads (ours)" {
+                    worst[i] = worst[i].max(body);
+                    max_trips = max_trips.max(cost.round_trips);
+                }
+            }
+        }
+    }
+    println!(
+        "(wire: every byte both ways through a counting proxy, HTTP framing included; record bytes: what the difference weighs)"
+    );
+    let (push, rsync) = push_against_rsync(dir.path(), &me, a.mib)?;
+    println!(
+        "push of a {} MiB tree (64 files) to capsulefs serve: {push:.2} s; rsync -a of the same tree to an rsync daemon: {rsync:.2} s",
+        a.mib
+    );
+    println!(
+        "antientropy: bytes_d1={} bytes_per_missing_d100={:.2} bytes_per_missing_d10000={:.2} max_round_trips={} push_vs_rsync={:.2}",
+        worst[0],
+        worst[1] as f64 / 100.0,
+        worst[2] as f64 / 10_000.0,
+        max_trips,
+        push / rsync
+    );
+    Ok(())
+}
