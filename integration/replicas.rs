@@ -292,3 +292,35 @@ fn a_tampered_replica_is_refused_and_nothing_wrong_is_stored() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("payloads give"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(other.run(&["log", "c"]).status.code() == Some(3), "no capsule was registered from bad data");
 }
+
+#[test]
+fn a_rolled_back_server_is_reported_and_nothing_moves_back() {
+    let server = Server::start();
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    let f = home.file("a", b"a");
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    home.ok(&["push", "c", &server.url()]);
+    // An old copy of the server's store, taken while it is stopped.
+    let (store, addr) = server.kill();
+    let old = tempfile::tempdir().unwrap();
+    sh(&format!("cp -a {}/. {}", store.path().display(), old.path().display()));
+    let server = Server::start_on(store, &addr);
+    for _ in 0..3 {
+        home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    }
+    home.ok(&["push", "c", &server.url()]);
+    let before = home.ok(&["log", "c"]);
+    // The server comes back from the old copy: three signed records fewer.
+    drop(server);
+    let server = Server::start_on(old, &addr);
+    let out = home.run(&["pull", "c", &server.url()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(warning.contains("lacks 3 signed records") && warning.contains("rolled back"), "{warning}");
+    assert_eq!(home.ok(&["log", "c"]), before, "the local capsule did not move back");
+    // A push repairs it.
+    home.ok(&["push", "c", &server.url()]);
+    let again = home.run(&["pull", "c", &server.url()]);
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("lacks"), "repaired");
+}

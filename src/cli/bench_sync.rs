@@ -400,7 +400,7 @@ pub fn run(a: SyncBenchArgs) -> anyhow::Result<()> {
         a.mib
     );
     println!(
-        "antientropy: bytes_d1={} bytes_per_missing_d100={:.2} bytes_per_missing_d10000={:.2} max_round_trips={} push_vs_rsync={:.2}",
+        "antientropy: bytes_d1={} bytes_per_missing_d100={:.4} bytes_per_missing_d10000={:.4} max_round_trips={} push_vs_rsync={:.2}",
         worst[0],
         worst[1] as f64 / 100.0,
         worst[2] as f64 / 10_000.0,

@@ -91,11 +91,19 @@ fn urls(home: &Home, name: &str, id: &CapsuleId, given: Vec<String>) -> anyhow::
     Ok(remembered)
 }
 
-fn print(verb: &str, url: &str, r: &Report) {
+fn print(verb: &str, preposition: &str, url: &str, r: &Report) {
     println!(
-        "{verb} {} records ({} bytes) {url} in {} round trips; finding them took {} bytes sent, {} received",
+        "{verb} {} records ({} bytes) {preposition} {url} in {} round trips; finding them took {} bytes sent, {} received",
         r.records, r.bytes, r.round_trips, r.reconcile_sent, r.reconcile_received
     );
+    for (writer, seq, count) in &r.replica_lacks {
+        eprintln!(
+            "capsulefs: warning: {url} lacks {count} signed records of writer {} (up to seq {}) that this capsule holds: \
+             it is behind or was rolled back; `capsulefs push` repairs it",
+            &writer.to_hex()[..12],
+            seq.0
+        );
+    }
     if r.waiting_for_signature > 0 {
         println!(
             "{} unsigned records wait for a signed one before a replica takes them (a mount signs within the capsule's T seconds)",
@@ -108,7 +116,7 @@ fn push_to(capsule: &Capsule, urls: &[String]) -> anyhow::Result<()> {
     for url in urls {
         let remote = Remote::new(url, capsule.id())?;
         let report = transfer::push(capsule, &remote).with_context(|| format!("pushing to {url}"))?;
-        print("pushed", &format!("to {url}"), &report);
+        print("pushed", "to", url, &report);
     }
     Ok(())
 }
@@ -117,7 +125,7 @@ fn pull_from(capsule: &Capsule, urls: &[String]) -> anyhow::Result<()> {
     for url in urls {
         let remote = Remote::new(url, capsule.id())?;
         let report = transfer::pull(capsule, &remote).with_context(|| format!("pulling from {url}"))?;
-        print("pulled", &format!("from {url}"), &report);
+        print("pulled", "from", url, &report);
     }
     Ok(())
 }
@@ -163,7 +171,7 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
     drop(capsule);
     home.register(&name, &id, staging)?;
     home.set_replicas(&id, &[url.to_owned()])?;
-    print("pulled", &format!("from {url}"), &report);
+    print("pulled", "from", url, &report);
     println!("{id}");
     Ok(())
 }

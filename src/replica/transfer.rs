@@ -9,11 +9,11 @@
 //! falls back to walking the replica's DAG from that head, so a miss costs round trips, never
 //! a silent divergence.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica};
 use crate::capsule::{Capsule, Ingested};
-use crate::record::{Record, RecordHash};
+use crate::record::{Record, RecordHash, Seq, WriterId};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
 
@@ -21,7 +21,7 @@ use crate::{Error, Result, VerifyError};
 const FIRST_BUDGET: usize = 16;
 
 /// What one push or pull moved.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
     pub records: usize,
     /// Record bytes (encodings and payloads).
@@ -33,6 +33,10 @@ pub struct Report {
     /// Local unsigned records no signed record covers yet: a replica takes them only with a
     /// signed descendant, so they wait for the next signature (a mount signs within T seconds).
     pub waiting_for_signature: usize,
+    /// After a pull: signed records this capsule holds that the replica does not, by writer,
+    /// with the highest sequence number among them. The local capsule never moves back (it
+    /// only ever adds records); a replica that offers less is behind, or was rolled back.
+    pub replica_lacks: Vec<(WriterId, Seq, usize)>,
 }
 
 /// Bytes of a list of hashes on the wire (borsh: u32 length, then 32 bytes each).
@@ -138,7 +142,7 @@ pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
         }
         None => return Err(Error::NotFound(format!("capsule {:?} on {}", local.id(), remote.describe()))),
     }
-    let theirs = loop {
+    let theirs: Vec<RecordHash> = loop {
         let mine = local.heads()?;
         let answer = remote.since(&mine)?;
         report.round_trips += 1;
@@ -154,7 +158,7 @@ pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
         }
     };
     let mut unknown = Vec::new();
-    for h in theirs {
+    for &h in &theirs {
         if !local.store().has_record(&h)? {
             unknown.push(h);
         }
@@ -164,7 +168,23 @@ pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
         pull_walking(local, remote, &unknown, &mut report)?;
     }
     local.store().sync()?;
+    report.replica_lacks = signed_lacking(local, &theirs)?;
     Ok(report)
+}
+
+/// The signed records this capsule holds that a replica with heads `theirs` lacks, by writer:
+/// (writer, highest sequence number among them, how many).
+fn signed_lacking(local: &Capsule, theirs: &[RecordHash]) -> Result<Vec<(WriterId, Seq, usize)>> {
+    let mut by_writer: BTreeMap<WriterId, (Seq, usize)> = BTreeMap::new();
+    for h in local.difference(theirs)? {
+        let record = local.record(h)?;
+        if record.signature.is_some() {
+            let entry = by_writer.entry(record.header.writer).or_insert((record.header.seq, 0));
+            entry.0 = entry.0.max(record.header.seq);
+            entry.1 += 1;
+        }
+    }
+    Ok(by_writer.into_iter().map(|(w, (seq, n))| (w, seq, n)).collect())
 }
 
 /// The slow, sure way: walks `remote`'s DAG from `heads` until records held here, then
