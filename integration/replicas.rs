@@ -31,9 +31,14 @@ impl Server {
     }
 
     fn start_on(store: tempfile::TempDir, listen: &str) -> Self {
+        Self::start_peered(store, listen, &[])
+    }
+
+    fn start_peered(store: tempfile::TempDir, listen: &str, peers: &[String]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_capsulefs"))
             .args(["serve", "--listen", listen, "--store"])
             .arg(store.path())
+            .args(peers.iter().flat_map(|p| ["--peer", p.as_str()]))
             .env_remove("CAPSULEFS_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -323,4 +328,44 @@ fn a_rolled_back_server_is_reported_and_nothing_moves_back() {
     home.ok(&["push", "c", &server.url()]);
     let again = home.run(&["pull", "c", &server.url()]);
     assert!(!String::from_utf8_lossy(&again.stderr).contains("lacks"), "repaired");
+}
+
+/// A free loopback port (bound, then released for the server that is about to take it).
+fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn peered_servers_converge_on_what_one_of_them_was_pushed() {
+    let (a_addr, b_addr) = (free_port(), free_port());
+    let a = Server::start_peered(tempfile::tempdir().unwrap(), &a_addr, &[format!("http://{b_addr}")]);
+    let b = Server::start_peered(tempfile::tempdir().unwrap(), &b_addr, &[format!("http://{a_addr}")]);
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    let f = home.file("a", b"for both servers");
+    for _ in 0..5 {
+        home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    }
+    home.ok(&["push", "c", &a.url()]);
+    // B learns the capsule from A, bounded in time.
+    let heads_url = |s: &Server| format!("{}/v1/capsules/{id}/heads", s.url());
+    let heads =
+        |url: String| Command::new("curl").args(["-s", "-o", "-", "-w", "%{http_code}", &url]).output().unwrap().stdout;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heads(heads_url(&b)) != heads(heads_url(&a)) {
+        assert!(Instant::now() < deadline, "B never caught up with A");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And what is pushed to B reaches A.
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    home.ok(&["push", "c", &b.url()]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heads(heads_url(&a)) != heads(heads_url(&b)) {
+        assert!(Instant::now() < deadline, "A never caught up with B");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let other = same_user(&home);
+    other.ok(&["clone", &format!("{}#{id}", a.url())]);
+    assert!(other.ok(&["verify", "c"]).starts_with("ok: 7 records"));
 }

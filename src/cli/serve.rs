@@ -18,11 +18,15 @@ pub struct ServeArgs {
     /// Folder of the replicas (default: serve/ in the capsulefs home).
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
+    /// Another server (http://HOST:PORT) to reconcile every capsule with, in the background;
+    /// repeatable.
+    #[arg(long = "peer", value_name = "URL")]
+    pub peers: Vec<String>,
 }
 
 pub fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
     let store = a.store.unwrap_or_else(|| home.root().join("serve"));
-    server::run(Config { listen: a.listen, store }, |addr| {
+    server::run(Config { listen: a.listen, store, peers: a.peers }, |addr| {
         // The readiness line scripts and tests wait for.
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();

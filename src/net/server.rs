@@ -28,7 +28,8 @@ use super::protocol::WalkRequest;
 use crate::capsule::Capsule;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
-use crate::replica::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Replica};
+use crate::replica::remote::Remote;
+use crate::replica::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Replica, transfer};
 use crate::store::rocks::RocksKv;
 use crate::{Error, Result, VerifyError};
 
@@ -40,7 +41,12 @@ const REQUEST_TIME: Duration = Duration::from_secs(120);
 pub struct Config {
     pub listen: SocketAddr,
     pub store: PathBuf,
+    /// Other servers (http://HOST:PORT) this one reconciles every capsule it holds with.
+    pub peers: Vec<String>,
 }
+
+/// How often a server reconciles with its peers when nothing new arrived.
+const PEER_ROUND: Duration = Duration::from_secs(2);
 
 /// Counters for `/metrics`.
 #[derive(Default)]
@@ -55,6 +61,8 @@ struct Server {
     dir: PathBuf,
     capsules: Mutex<HashMap<CapsuleId, Arc<Capsule>>>,
     metrics: Metrics,
+    /// Set when records arrive, so the peers hear of them without waiting a whole round.
+    news: (Mutex<bool>, std::sync::Condvar),
 }
 
 /// Why input was refused, as `/metrics` counts it.
@@ -130,6 +138,64 @@ impl Server {
         }
         open.insert(id, capsule.clone());
         Ok(Some(capsule))
+    }
+
+    /// Every capsule this server holds, opened.
+    fn all_held(&self) -> Result<Vec<Arc<Capsule>>> {
+        let dir = self.dir.join("capsules");
+        let mut held = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let name = entry.map_err(|e| Error::io(&dir, e))?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| CapsuleId::from_hex(n).ok())
+                && let Some(capsule) = self.capsule(id)?
+            {
+                held.push(capsule);
+            }
+        }
+        Ok(held)
+    }
+
+    /// One anti-entropy round with every peer, for every capsule held here: pull what the
+    /// peer has (checked like any replica's records), then push what it lacks. A peer that
+    /// does not hold a capsule yet gets it whole.
+    fn reconcile(&self, peers: &[String]) {
+        let held = match self.all_held() {
+            Ok(held) => held,
+            Err(e) => return tracing::error!("listing the capsules held here: {e}"),
+        };
+        for capsule in held {
+            for peer in peers {
+                let round = Remote::new(peer, capsule.id()).and_then(|remote| {
+                    if remote.metadata()?.is_some() {
+                        transfer::pull(&capsule, &remote)?;
+                    }
+                    transfer::push(&capsule, &remote)
+                });
+                match round {
+                    Ok(r) if r.records > 0 => {
+                        tracing::info!("sent {} records of {:?} to {peer}", r.records, capsule.id())
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!("anti-entropy with {peer} for {:?}: {e} (retried next round)", capsule.id())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconciles with `peers` every `PEER_ROUND`, and soon after new records arrive, until
+    /// `stop` is set.
+    fn peer_loop(&self, peers: &[String], stop: &std::sync::atomic::AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            self.reconcile(peers);
+            let (news, arrived) = &self.news;
+            let mut waiting = news.lock().expect("no panics while locked");
+            if !*waiting {
+                waiting = arrived.wait_timeout(waiting, PEER_ROUND).expect("no panics while locked").0;
+            }
+            *waiting = false;
+        }
     }
 
     fn held(&self, id: CapsuleId) -> Result<Arc<Capsule>> {
@@ -244,6 +310,10 @@ async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes
         let bundles: Vec<Bundle> = decode(&body)?;
         let bytes: u64 = bundles.iter().map(|b| b.size() as u64).sum();
         let stored = capsule.put(bundles)?;
+        if stored > 0 {
+            *s.news.0.lock().expect("no panics while locked") = true;
+            s.news.1.notify_all();
+        }
         s.metrics.records_stored.fetch_add(stored as u64, Ordering::Relaxed);
         s.metrics.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
         Ok(borsh_body(&(stored as u64)))
@@ -325,15 +395,25 @@ async fn shutdown_signal() {
 /// accepts connections.
 pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     std::fs::create_dir_all(config.store.join("capsules")).map_err(|e| Error::io(&config.store, e))?;
-    let server =
-        Arc::new(Server { dir: config.store.clone(), capsules: Mutex::default(), metrics: Metrics::default() });
+    let server = Arc::new(Server {
+        dir: config.store.clone(),
+        capsules: Mutex::default(),
+        metrics: Metrics::default(),
+        news: Default::default(),
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peering = (!config.peers.is_empty()).then(|| {
+        let (server, stop, peers) = (server.clone(), stop.clone(), config.peers.clone());
+        std::thread::spawn(move || server.peer_loop(&peers, &stop))
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(MAX_IN_FLIGHT)
         .enable_all()
         .build()
         .map_err(|e| Error::io(Path::new("tokio runtime"), e))?;
-    runtime.block_on(async move {
+    let waker = server.clone();
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::io(Path::new(&config.listen.to_string()), e))?;
@@ -343,5 +423,11 @@ pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
             .with_graceful_shutdown(shutdown_signal())
             .await
             .map_err(|e| Error::io(Path::new(&addr.to_string()), e))
-    })
+    });
+    stop.store(true, Ordering::Relaxed);
+    waker.news.1.notify_all();
+    if let Some(thread) = peering {
+        let _ = thread.join();
+    }
+    served
 }
