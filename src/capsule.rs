@@ -253,6 +253,11 @@ impl Capsule {
         metadata.check().map_err(|e| Error::Invalid(format!("capsule '{}': {e}", spec.name)))?;
         let id = metadata.id();
         let signed = SignedMetadata { signature: sign::sign_metadata(creator.key(), &id), metadata };
+        Self::start_store(kv, signed, local)
+    }
+
+    /// A capsule whose (checked) signed metadata becomes the root of an empty store.
+    fn start_store(kv: Arc<dyn Kv>, signed: SignedMetadata, local: Vec<Identity>) -> Result<Self> {
         let store = CapsuleStore::new(kv);
         if store.metadata_bytes()?.is_some() {
             return Err(Error::Exists("a capsule in this store".into()));
@@ -260,16 +265,19 @@ impl Capsule {
         let mut batch = store.batch();
         batch.put_metadata(signed.encode());
         store.write(batch, Durability::Durable)?;
-        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() })
+        Ok(Self::with_store(signed, store, local))
+    }
+
+    fn with_store(signed: SignedMetadata, store: CapsuleStore, local: Vec<Identity>) -> Self {
+        let id = signed.metadata.id();
+        Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() }
     }
 
     /// Opens the capsule in `kv`, checking its metadata signature.
     pub fn open(kv: Arc<dyn Kv>, local: Vec<Identity>) -> Result<Self> {
         let store = CapsuleStore::new(kv);
         let bytes = store.metadata_bytes()?.ok_or_else(|| Error::NotFound("capsule metadata in this store".into()))?;
-        let signed = check_metadata(&bytes)?;
-        let id = signed.metadata.id();
-        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() })
+        Ok(Self::with_store(check_metadata(&bytes)?, store, local))
     }
 
     /// Persists proven marks in the store, authenticated with `key`, and trusts only marks
@@ -291,14 +299,8 @@ impl Capsule {
             ))
             .into());
         }
-        let store = CapsuleStore::new(kv);
-        if store.metadata_bytes()?.is_some() {
-            return Err(Error::Exists("a capsule in this store".into()));
-        }
-        let mut batch = store.batch();
-        batch.put_metadata(metadata.to_vec());
-        store.write(batch, Durability::Durable)?;
-        Ok(Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() })
+        // The canonical decode re-encoded it byte for byte, so the stored bytes are `metadata`.
+        Self::start_store(kv, signed, local)
     }
 
     /// The signed metadata as stored and exchanged.

@@ -112,20 +112,22 @@ fn print(verb: &str, preposition: &str, url: &str, r: &Report) {
     }
 }
 
-fn push_to(capsule: &Capsule, urls: &[String]) -> anyhow::Result<()> {
-    for url in urls {
-        let remote = Remote::new(url, capsule.id())?;
-        let report = transfer::push(capsule, &remote).with_context(|| format!("pushing to {url}"))?;
-        print("pushed", "to", url, &report);
-    }
-    Ok(())
+/// Which way records go.
+#[derive(Clone, Copy)]
+enum Way {
+    Push,
+    Pull,
 }
 
-fn pull_from(capsule: &Capsule, urls: &[String]) -> anyhow::Result<()> {
+fn transfer_each(capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result<()> {
     for url in urls {
         let remote = Remote::new(url, capsule.id())?;
-        let report = transfer::pull(capsule, &remote).with_context(|| format!("pulling from {url}"))?;
-        print("pulled", "from", url, &report);
+        let (report, doing, verb, preposition) = match way {
+            Way::Push => (transfer::push(capsule, &remote), "pushing", "pushed", "to"),
+            Way::Pull => (transfer::pull(capsule, &remote), "pulling", "pulled", "from"),
+        };
+        let report = report.with_context(|| format!("{doing} {preposition} {url}"))?;
+        print(verb, preposition, url, &report);
     }
     Ok(())
 }
@@ -134,20 +136,20 @@ pub fn push(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     // Pushing only reads the local store, so it works beside a mount too.
     let capsule = home.open_for_reading(&a.name)?;
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    push_to(&capsule, &urls)
+    transfer_each(&capsule, &urls, Way::Push)
 }
 
 pub fn pull(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     let capsule = home.open(&a.name)?;
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    pull_from(&capsule, &urls)
+    transfer_each(&capsule, &urls, Way::Pull)
 }
 
 pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     let capsule = home.open(&a.name)?;
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    pull_from(&capsule, &urls)?;
-    push_to(&capsule, &urls)
+    transfer_each(&capsule, &urls, Way::Pull)?;
+    transfer_each(&capsule, &urls, Way::Push)
 }
 
 pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
