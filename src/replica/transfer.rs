@@ -2,8 +2,9 @@
 //!
 //! Finding what to send costs heads, not ids: a replica holds a record only with all its
 //! ancestors, so its heads say everything it holds. Push reads the replica's heads and sends
-//! `Capsule::difference` of them; pull sends its own heads and the replica answers with the
-//! records they do not cover (`Replica::since`). Neither side believes the other: everything
+//! `Capsule::difference` of them; pull reads the replica's heads, stops there when it holds
+//! them all, and otherwise sends its own heads with the replica's heads it holds, and the
+//! replica answers with the records they do not cover (`Replica::since`). Neither side believes the other: everything
 //! pulled is checked by `Capsule::check_incoming` before it is stored, and a pull that ends
 //! with one of the replica's heads still unknown here (a replica that lied or lost something)
 //! falls back to walking the replica's DAG from that head, so a miss costs round trips, never
@@ -142,21 +143,39 @@ pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
         }
         None => return Err(Error::NotFound(format!("capsule {:?} on {}", local.id(), remote.describe()))),
     }
-    let theirs: Vec<RecordHash> = loop {
-        let mine = local.heads()?;
-        let answer = remote.since(&mine)?;
-        report.round_trips += 1;
-        report.reconcile_sent += hashes_len(mine.len());
-        report.reconcile_received += hashes_len(answer.heads.len()) + 1;
-        let before = report.records;
-        for bundle in answer.bundles {
-            take(local, remote, bundle, None, &mut report)?;
+    // The replica's heads first: when this capsule holds them all, it holds everything the
+    // replica does, and nothing more is asked. Otherwise the heads held here go with our own
+    // in `since`: the replica may not know our newest records (local commits not pushed yet),
+    // but it knows its own heads, so it does not resend what lies below them.
+    let mut theirs = remote.heads()?;
+    report.round_trips += 1;
+    report.reconcile_received += hashes_len(theirs.len());
+    let mut shared = Vec::new();
+    for &h in &theirs {
+        if local.store().has_record(&h)? {
+            shared.push(h);
         }
-        // An answer that stored nothing new cannot be followed by a better one.
-        if !answer.more || report.records == before {
-            break answer.heads;
+    }
+    if shared.len() < theirs.len() {
+        let mut known = haves(local)?;
+        known.extend(&shared);
+        loop {
+            let answer = remote.since(&known)?;
+            report.round_trips += 1;
+            report.reconcile_sent += hashes_len(known.len());
+            report.reconcile_received += hashes_len(answer.heads.len()) + 1;
+            let before = report.records;
+            for bundle in answer.bundles {
+                take(local, remote, bundle, None, &mut report)?;
+            }
+            theirs = answer.heads;
+            // An answer that stored nothing new cannot be followed by a better one.
+            if !answer.more || report.records == before {
+                break;
+            }
+            known = haves(local)?;
         }
-    };
+    }
     let mut unknown = Vec::new();
     for &h in &theirs {
         if !local.store().has_record(&h)? {
@@ -185,6 +204,37 @@ fn signed_lacking(local: &Capsule, theirs: &[RecordHash]) -> Result<Vec<(WriterI
         }
     }
     Ok(by_writer.into_iter().map(|(w, (seq, n))| (w, seq, n)).collect())
+}
+
+/// How far below each head `haves` looks.
+const HAVES_DEPTH: u64 = 1024;
+
+/// What to tell a replica this capsule holds: its heads, and below each head the records at
+/// depth 1, 2, 4, ... 1024 along first parents. The replica may not know our newest records
+/// (commits not pushed yet); it skips what it does not know and takes the first one it does,
+/// so it resends at most about as many records as lie between that one and the head (all of
+/// them if more than 1024 of ours are unpushed; correct, only slower).
+fn haves(local: &Capsule) -> Result<Vec<RecordHash>> {
+    let genesis = RecordHash::genesis(local.id());
+    let mut haves = local.heads()?;
+    for head in haves.clone() {
+        let (mut current, mut depth, mut next_kept) = (head, 0u64, 1u64);
+        while depth < HAVES_DEPTH && haves.len() < MAX_HASHES {
+            let Some(&parent) = local.record(current)?.header.parents.first() else { break };
+            if parent == genesis {
+                break;
+            }
+            depth += 1;
+            current = parent;
+            if depth == next_kept {
+                haves.push(current);
+                next_kept *= 2;
+            }
+        }
+    }
+    haves.sort();
+    haves.dedup();
+    Ok(haves)
 }
 
 /// The slow, sure way: walks `remote`'s DAG from `heads` until records held here, then

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use capsulefs::capsule::Capsule;
-use capsulefs::record::{RecordHash, SubIdx};
+use capsulefs::capsule::{Capsule, Parents};
+use capsulefs::record::{RecordHash, SubIdx, SubRecordBuf};
 use capsulefs::replica::transfer::{pull, push};
 use capsulefs::replica::{Bundle, Node, Replica, Since};
 use capsulefs::store::Kv;
@@ -78,8 +78,23 @@ fn push_then_pull_moves_exactly_the_difference() {
     let laptop = empty_replica_of(&f.cap);
     let pulled = pull(&laptop, &server).unwrap();
     assert_eq!(pulled.records, 21);
-    assert_eq!(pulled.round_trips, 2, "metadata, then one since");
-    assert_eq!(laptop.audit().unwrap().records, 21, "the pushed tail is signed, so it proves anywhere");
+    assert_eq!(pulled.round_trips, 3, "metadata, heads, then one since");
+    // Nothing new: the replica's heads, and no more.
+    let again = pull(&laptop, &server).unwrap();
+    assert_eq!((again.records, again.round_trips), (0, 2));
+    // A commit made here and not pushed yet does not make the replica resend what lies below
+    // its heads: only the one new record comes.
+    laptop.append(&f.other, &[b"only here"], signed()).unwrap();
+    // On top of the owner's tail only: the other writer's unsigned record stays unpushed.
+    let parents = [head];
+    f.cap
+        .append_built(&f.owner, Parents::These(&parents), vec![SubRecordBuf::copied(b"only there")], signed())
+        .unwrap();
+    push(&f.cap, &server).unwrap();
+    let both = pull(&laptop, &server).unwrap();
+    assert_eq!(both.records, 1);
+    assert!(both.bytes < 1000, "{} bytes came for one small record", both.bytes);
+    assert_eq!(laptop.audit().unwrap().records, 23, "the pushed tail is signed, so it proves anywhere");
 }
 
 #[test]
