@@ -369,3 +369,27 @@ fn peered_servers_converge_on_what_one_of_them_was_pushed() {
     other.ok(&["clone", &format!("{}#{id}", a.url())]);
     assert!(other.ok(&["verify", "c"]).starts_with("ok: 7 records"));
 }
+
+#[test]
+fn a_follower_pulls_new_records_as_they_reach_the_server() {
+    let server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["push", "c", &server.url()]);
+    let laptop = same_user(&home);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let mut follower =
+        laptop.command().args(["pull", "c", "--follow"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let f = home.file("a", b"news");
+    let record = super::last_line(&home.ok(&["append", "c", "--sign", f.to_str().unwrap()]));
+    home.ok(&["push", "c", &server.url()]);
+    // The follower waits on the server's heads (a long poll) and pulls the new record; the
+    // laptop's log, read beside the follower, shows it within a bounded wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !laptop.run(&["log", "c"]).stdout.starts_with(record.as_bytes()) {
+        assert!(Instant::now() < deadline, "the follower never pulled {record}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}

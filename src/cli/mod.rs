@@ -79,7 +79,7 @@ pub enum Command {
     /// Send a capsule's records to its replicas (or the URLs given).
     Push(replicas::TransferArgs),
     /// Fetch and verify the records of a capsule's replicas (or the URLs given).
-    Pull(replicas::TransferArgs),
+    Pull(replicas::PullArgs),
     /// Pull, then push: both sides end up with every record either had.
     Sync(replicas::TransferArgs),
     /// Make a local replica of a remote capsule (URL#CAPSULE_ID), every record verified.

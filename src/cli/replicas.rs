@@ -1,6 +1,8 @@
 //! `capsulefs replica add|list|remove`, `push`, `pull`, `sync` and `clone`: a capsule and its
 //! replicas. Replica URLs are remembered per capsule in `capsules/<id>/replicas`, one a line.
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
@@ -30,6 +32,21 @@ pub struct TransferArgs {
     /// Replica URLs (default: the remembered ones).
     pub urls: Vec<String>,
 }
+
+#[derive(Parser, Debug)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+    /// Keep pulling: wait for new records on the (first) replica and pull them as they arrive,
+    /// until interrupted.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+/// How long one wait for new heads lasts before it is asked again.
+const FOLLOW_WAIT: Duration = Duration::from_secs(30);
+/// How long a follower waits before it tries an unreachable replica again.
+const FOLLOW_RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
 pub struct CloneArgs {
@@ -139,10 +156,22 @@ pub fn push(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     transfer_each(&capsule, &urls, Way::Push)
 }
 
-pub fn pull(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
-    let capsule = home.open(&a.name)?;
-    let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    transfer_each(&capsule, &urls, Way::Pull)
+pub fn pull(home: &Home, a: PullArgs) -> anyhow::Result<()> {
+    let capsule = home.open(&a.transfer.name)?;
+    let urls = urls(home, &a.transfer.name, &capsule.id(), a.transfer.urls)?;
+    if !a.follow {
+        return transfer_each(&capsule, &urls, Way::Pull);
+    }
+    let remote = Remote::new(&urls[0], capsule.id())?;
+    loop {
+        let round = transfer_each(&capsule, &urls[..1], Way::Pull)
+            .and_then(|()| Ok(remote.heads()?))
+            .and_then(|seen| Ok(remote.watch_heads(&seen, FOLLOW_WAIT)?));
+        if let Err(e) = round {
+            eprintln!("capsulefs: {e:#} (trying again in {} s)", FOLLOW_RETRY.as_secs());
+            std::thread::sleep(FOLLOW_RETRY);
+        }
+    }
 }
 
 pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {

@@ -10,7 +10,9 @@ use crate::record::{CapsuleId, RecordHash, SubIdx};
 pub enum Route {
     /// GET: the signed metadata; POST: start holding the capsule from it.
     Metadata,
-    /// GET: `Vec<RecordHash>`.
+    /// GET: `Vec<RecordHash>`. With `?known=DIGEST&wait=SECS` (see `heads_digest`), the
+    /// answer waits up to SECS (at most `MAX_WAIT`) while the heads still have that digest:
+    /// a long poll, so a follower hears of new records as they arrive.
     Heads,
     /// POST `Vec<RecordHash>` (at most `MAX_HASHES`): the ones not held.
     Missing,
@@ -53,4 +55,17 @@ pub fn path(capsule: &CapsuleId, route: Route) -> String {
 pub struct WalkRequest {
     pub from: Vec<RecordHash>,
     pub budget: u32,
+}
+
+/// Longest a `heads` long poll waits, in seconds.
+pub const MAX_WAIT: u64 = 60;
+
+/// A short name for a set of heads, for `heads?known=`: the first 16 bytes of a blake3 over
+/// them, in hex.
+pub fn heads_digest(heads: &[RecordHash]) -> String {
+    let mut h = blake3::Hasher::new();
+    heads.iter().for_each(|r| {
+        h.update(r.as_bytes());
+    });
+    hex::encode(&h.finalize().as_bytes()[..16])
 }

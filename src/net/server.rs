@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use borsh::BorshSerialize;
 
-use super::protocol::WalkRequest;
+use super::protocol::{self, WalkRequest};
 use crate::capsule::Capsule;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
@@ -63,6 +63,8 @@ struct Server {
     metrics: Metrics,
     /// Set when records arrive, so the peers hear of them without waiting a whole round.
     news: (Mutex<bool>, std::sync::Condvar),
+    /// Wakes the long polls of `heads` when records arrive.
+    arrivals: tokio::sync::Notify,
 }
 
 /// Why input was refused, as `/metrics` counts it.
@@ -269,8 +271,33 @@ async fn put_metadata(State(s): Shared, UrlPath(id): UrlPath<String>, body: Byte
     .await
 }
 
-async fn heads(State(s): Shared, UrlPath(id): UrlPath<String>) -> Response {
-    blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.heads()?))).await
+#[derive(serde::Deserialize)]
+struct HeadsQuery {
+    known: Option<String>,
+    wait: Option<u64>,
+}
+
+/// The heads, at once, or (a long poll) once they no longer have the digest `known`, or
+/// after `wait` seconds.
+async fn heads(State(s): Shared, UrlPath(id): UrlPath<String>, Query(q): Query<HeadsQuery>) -> Response {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(0).min(protocol::MAX_WAIT));
+    loop {
+        // Registered before the heads are read, so an arrival in between still wakes it.
+        let arrival = s.arrivals.notified();
+        let id = id.clone();
+        let current = blocking(s.clone(), move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.heads()?))).await;
+        let Some(known) = &q.known else { return current };
+        let (parts, body) = current.into_parts();
+        let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+            Ok(bytes) => bytes,
+            Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        };
+        let unchanged = parts.status == StatusCode::OK
+            && borsh::from_slice::<Vec<RecordHash>>(&bytes).is_ok_and(|h| protocol::heads_digest(&h) == *known);
+        if !unchanged || tokio::time::timeout_at(deadline, arrival).await.is_err() {
+            return Response::from_parts(parts, axum::body::Body::from(bytes));
+        }
+    }
 }
 
 fn hashes(body: &[u8]) -> Result<Vec<RecordHash>> {
@@ -313,6 +340,7 @@ async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes
         if stored > 0 {
             *s.news.0.lock().expect("no panics while locked") = true;
             s.news.1.notify_all();
+            s.arrivals.notify_waiters();
         }
         s.metrics.records_stored.fetch_add(stored as u64, Ordering::Relaxed);
         s.metrics.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
@@ -400,6 +428,7 @@ pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         capsules: Mutex::default(),
         metrics: Metrics::default(),
         news: Default::default(),
+        arrivals: tokio::sync::Notify::new(),
     });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let peering = (!config.peers.is_empty()).then(|| {

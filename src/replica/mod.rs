@@ -60,6 +60,12 @@ pub trait Replica: Send + Sync {
     /// Starts holding the capsule, from its signed metadata (checked by the replica).
     fn put_metadata(&self, signed: &[u8]) -> Result<()>;
     fn heads(&self) -> Result<Vec<RecordHash>>;
+    /// The heads once they differ from `known`, or after `wait`: how a follower hears of new
+    /// records. A replica that cannot wait answers at once.
+    fn watch_heads(&self, known: &[RecordHash], wait: std::time::Duration) -> Result<Vec<RecordHash>> {
+        let _ = (known, wait);
+        self.heads()
+    }
     /// Which of `records` (at most `MAX_HASHES`) it does not hold. A replica holds a record
     /// only with all its ancestors.
     fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>>;

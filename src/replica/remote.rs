@@ -100,6 +100,24 @@ impl Replica for Remote {
         self.expect(Route::Heads, None)
     }
 
+    fn watch_heads(&self, known: &[RecordHash], wait: Duration) -> Result<Vec<RecordHash>> {
+        let query = format!("?known={}&wait={}", protocol::heads_digest(known), wait.as_secs().min(protocol::MAX_WAIT));
+        let url = format!("{}{query}", self.url(Route::Heads));
+        let unreachable = |e: ureq::Error| Error::Replica(format!("{}: {e} (is the server running?)", self.base));
+        let mut response = self.agent.get(&url).call().map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let answer = response.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(unreachable)?;
+        match status {
+            200 => self.decode(Route::Heads, &answer),
+            404 => Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))),
+            _ => Err(Error::Replica(format!(
+                "{} refused heads: {status} {}",
+                self.base,
+                String::from_utf8_lossy(&answer).trim()
+            ))),
+        }
+    }
+
     fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {
         let mut lacking = Vec::new();
         for slice in records.chunks(MAX_HASHES) {
