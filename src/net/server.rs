@@ -211,6 +211,10 @@ impl Server {
             return held.put_metadata(metadata);
         }
         let mut open = self.capsules.lock().expect("no panics while locked");
+        if let Some(held) = open.get(&id) {
+            // Another request adopted it between the look above and this lock.
+            return held.put_metadata(metadata);
+        }
         let path = self.store_path(&id);
         let parent = path.parent().expect("a store path has a parent");
         let staging = parent.with_extension("new");
