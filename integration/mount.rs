@@ -208,7 +208,7 @@ fn xattrs_are_stored_and_provenance_names_the_commit() {
     let log = home.ok(&["log", "c"]);
     let newer: Vec<&str> = log.lines().take_while(|l| !l.starts_with(&value)).collect();
     assert!(newer.len() < log.lines().count(), "{value} is not in the log:\n{log}");
-    assert!(newer.iter().all(|l| l.ends_with(" signed subs=1")), "{log}");
+    assert!(newer.iter().all(|l| l.ends_with(" signed subs=1 fs-commit")), "{log}");
 }
 
 #[test]
