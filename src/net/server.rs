@@ -288,18 +288,16 @@ async fn heads(State(s): Shared, UrlPath(id): UrlPath<String>, Query(q): Query<H
     loop {
         // Registered before the heads are read, so an arrival in between still wakes it.
         let arrival = s.arrivals.notified();
-        let id = id.clone();
-        let current = blocking(s.clone(), move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.heads()?))).await;
-        let Some(known) = &q.known else { return current };
-        let (parts, body) = current.into_parts();
-        let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
-            Ok(bytes) => bytes,
+        let (server, id) = (s.clone(), id.clone());
+        let current = match tokio::task::spawn_blocking(move || server.held(capsule_id(&id)?)?.heads()).await {
+            Ok(Ok(heads)) => heads,
+            Ok(Err(e)) => return refusal(&s, &e),
             Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         };
-        let unchanged = parts.status == StatusCode::OK
-            && borsh::from_slice::<Vec<RecordHash>>(&bytes).is_ok_and(|h| protocol::heads_digest(&h) == *known);
+        let unchanged = q.known.as_deref() == Some(protocol::heads_digest(&current).as_str());
         if !unchanged || tokio::time::timeout_at(deadline, arrival).await.is_err() {
-            return Response::from_parts(parts, axum::body::Body::from(bytes));
+            s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+            return borsh_body(&current);
         }
     }
 }

@@ -49,7 +49,12 @@ impl Remote {
 
     /// Sends `body` (or none: a GET) and returns the answer's body for a 2xx, None for a 404.
     fn call(&self, route: Route, body: Option<Vec<u8>>) -> Result<Option<Vec<u8>>> {
-        let url = self.url(route);
+        self.call_with(route, "", body)
+    }
+
+    /// `call`, with a query string (`?...`) after the route's path.
+    fn call_with(&self, route: Route, query: &str, body: Option<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+        let url = format!("{}{query}", self.url(route));
         let unreachable = |e: ureq::Error| Error::Replica(format!("{}: {e} (is the server running?)", self.base));
         let mut response = match body {
             Some(bytes) => self.agent.post(&url).send(&bytes[..]).map_err(unreachable)?,
@@ -76,7 +81,11 @@ impl Remote {
     }
 
     fn expect<T: BorshDeserialize>(&self, route: Route, body: Option<Vec<u8>>) -> Result<T> {
-        match self.call(route, body)? {
+        self.expect_with(route, "", body)
+    }
+
+    fn expect_with<T: BorshDeserialize>(&self, route: Route, query: &str, body: Option<Vec<u8>>) -> Result<T> {
+        match self.call_with(route, query, body)? {
             Some(bytes) => self.decode(route, &bytes),
             None => Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))),
         }
@@ -102,20 +111,7 @@ impl Replica for Remote {
 
     fn watch_heads(&self, known: &[RecordHash], wait: Duration) -> Result<Vec<RecordHash>> {
         let query = format!("?known={}&wait={}", protocol::heads_digest(known), wait.as_secs().min(protocol::MAX_WAIT));
-        let url = format!("{}{query}", self.url(Route::Heads));
-        let unreachable = |e: ureq::Error| Error::Replica(format!("{}: {e} (is the server running?)", self.base));
-        let mut response = self.agent.get(&url).call().map_err(unreachable)?;
-        let status = response.status().as_u16();
-        let answer = response.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(unreachable)?;
-        match status {
-            200 => self.decode(Route::Heads, &answer),
-            404 => Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))),
-            _ => Err(Error::Replica(format!(
-                "{} refused heads: {status} {}",
-                self.base,
-                String::from_utf8_lossy(&answer).trim()
-            ))),
-        }
+        self.expect_with(Route::Heads, &query, None)
     }
 
     fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {
