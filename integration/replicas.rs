@@ -393,3 +393,36 @@ fn a_follower_pulls_new_records_as_they_reach_the_server() {
     follower.kill().unwrap();
     follower.wait().unwrap();
 }
+
+#[test]
+fn sync_between_two_servers_carries_each_ones_records_to_the_other() {
+    let (a, b) = (Server::start(), Server::start());
+    let home = Home::default();
+    let Some(id) = capsule_with_tree(&home) else { return };
+    home.ok(&["push", "c", &a.url()]);
+    // No id: every capsule either server holds. B learns the capsule whole.
+    let out = home.ok(&["sync", &a.url(), &b.url()]);
+    assert!(out.contains(&format!("of {id} from {} to {}", a.url(), b.url())), "{out}");
+    let heads = |s: &Server| {
+        let url = format!("{}/v1/capsules/{id}/heads", s.url());
+        Command::new("curl").args(["-sf", &url]).output().unwrap().stdout
+    };
+    assert_eq!(heads(&a), heads(&b));
+    // New records on B only, and the capsule named: they reach A, and only they move.
+    let f = home.file("a", b"for B first");
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    home.ok(&["push", "c", &b.url()]);
+    let out = home.ok(&["sync", &format!("{}#{id}", a.url()), &b.url()]);
+    assert!(out.contains("relayed 1 records (") && out.contains(&format!("from {} to {}", b.url(), a.url())), "{out}");
+    assert!(out.contains(&format!("relayed 0 records (0 bytes) of {id} from {} to {}", a.url(), b.url())), "{out}");
+    assert_eq!(heads(&a), heads(&b));
+    let other = same_user(&home);
+    other.ok(&["clone", &format!("{}#{id}", a.url())]);
+    assert_eq!(other.ok(&["log", "c"]), home.ok(&["log", "c"]));
+    other.ok(&["verify", "c"]);
+    // Two URLs naming different capsules, or one URL alone, are refused with a message.
+    let wrong = home.run(&["sync", &format!("{}#{}", a.url(), "00".repeat(32)), &format!("{}#{id}", b.url())]);
+    assert_eq!(wrong.status.code(), Some(5), "{}", String::from_utf8_lossy(&wrong.stderr));
+    let alone = home.run(&["sync", &a.url()]);
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("two server URLs"), "{alone:?}");
+}

@@ -80,7 +80,8 @@ pub enum Command {
     Push(replicas::TransferArgs),
     /// Fetch and verify the records of a capsule's replicas (or the URLs given).
     Pull(replicas::PullArgs),
-    /// Pull, then push: both sides end up with every record either had.
+    /// Pull, then push: both sides end up with every record either had. `capsulefs sync
+    /// URL_A URL_B` does one such round between two servers.
     Sync(replicas::TransferArgs),
     /// Make a local replica of a remote capsule (URL#CAPSULE_ID), every record verified.
     Clone(replicas::CloneArgs),

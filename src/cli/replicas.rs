@@ -27,7 +27,7 @@ pub enum ReplicaCommand {
 
 #[derive(Parser, Debug)]
 pub struct TransferArgs {
-    /// Capsule name or id.
+    /// Capsule name or id (`sync` also takes a server URL: `sync URL_A[#ID] URL_B[#ID]`).
     pub name: String,
     /// Replica URLs (default: the remembered ones).
     pub urls: Vec<String>,
@@ -175,17 +175,67 @@ pub fn pull(home: &Home, a: PullArgs) -> anyhow::Result<()> {
 }
 
 pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
+    if a.name.contains("://") {
+        return sync_servers(&a.name, &a.urls);
+    }
     let capsule = home.open(&a.name)?;
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
     transfer_each(&capsule, &urls, Way::Pull)?;
     transfer_each(&capsule, &urls, Way::Push)
 }
 
+/// `URL#CAPSULE_ID` split in two; the id is None without a `#`.
+fn split_source(source: &str) -> anyhow::Result<(&str, Option<CapsuleId>)> {
+    match source.rsplit_once('#') {
+        None => Ok((source, None)),
+        Some((url, id)) => {
+            let id =
+                CapsuleId::from_hex(id).map_err(|e| Error::Invalid(format!("capsule id '{id}' in '{source}': {e}")))?;
+            Ok((url, Some(id)))
+        }
+    }
+}
+
+/// `capsulefs sync URL_A URL_B`: one anti-entropy round between two servers, both ways, through
+/// this process (nothing local is read or changed), for the capsule named by `#ID`, or else
+/// for every capsule either server holds.
+fn sync_servers(first: &str, rest: &[String]) -> anyhow::Result<()> {
+    let [second] = rest else {
+        bail!(Error::Invalid("give two server URLs: capsulefs sync URL_A[#ID] URL_B[#ID]".into()));
+    };
+    let ((a, a_id), (b, b_id)) = (split_source(first)?, split_source(second)?);
+    let ids = match (a_id, b_id) {
+        (Some(x), Some(y)) if x != y => {
+            bail!(Error::Invalid(format!("'{first}' and '{second}' name different capsules")))
+        }
+        (Some(id), _) | (_, Some(id)) => vec![id],
+        (None, None) => {
+            let mut ids = Remote::capsules_at(a)?;
+            ids.extend(Remote::capsules_at(b)?);
+            ids.sort();
+            ids.dedup();
+            ids
+        }
+    };
+    for id in ids {
+        let (remote_a, remote_b) = (Remote::new(a, id)?, Remote::new(b, id)?);
+        if remote_a.metadata()?.is_none() && remote_b.metadata()?.is_none() {
+            bail!(Error::NotFound(format!("capsule {id} on {a} or {b}")));
+        }
+        for (from, to) in [(&remote_a, &remote_b), (&remote_b, &remote_a)] {
+            let (from_url, to_url) = (from.describe(), to.describe());
+            let report = transfer::relay(from, to, id)
+                .with_context(|| format!("relaying capsule {id} from {from_url} to {to_url}"))?;
+            print("relayed", &format!("of {id} from {from_url} to"), &to_url, &report);
+        }
+    }
+    Ok(())
+}
+
 pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
-    let Some((url, id)) = a.source.rsplit_once('#') else {
+    let (url, Some(id)) = split_source(&a.source)? else {
         bail!(Error::Invalid(format!("'{}': give the replica and the capsule as URL#CAPSULE_ID", a.source)));
     };
-    let id = CapsuleId::from_hex(id).map_err(|e| Error::Invalid(format!("capsule id '{id}': {e}")))?;
     let remote = Remote::new(url, id)?;
     let metadata = remote.metadata()?.ok_or_else(|| Error::NotFound(format!("capsule {id:?} on {url}")))?;
     let name = match a.name {

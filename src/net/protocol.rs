@@ -43,6 +43,9 @@ impl Route {
     }
 }
 
+/// GET: `Vec<CapsuleId>`, every capsule the server holds (for `capsulefs sync URL_A URL_B`).
+pub const CAPSULES: &str = "/v1/capsules";
+
 /// The path of `route` for `capsule`, under the protocol's version prefix.
 pub fn path(capsule: &CapsuleId, route: Route) -> String {
     match route {

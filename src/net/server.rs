@@ -362,6 +362,14 @@ async fn sub_record(State(s): Shared, UrlPath((id, record, idx)): UrlPath<(Strin
     .await
 }
 
+async fn capsules(State(s): Shared) -> Response {
+    blocking(s, |s| {
+        let ids: Vec<CapsuleId> = s.all_held()?.iter().map(|c| c.id()).collect();
+        Ok(borsh_body(&ids))
+    })
+    .await
+}
+
 async fn metrics(State(s): Shared) -> Response {
     let m = &s.metrics;
     let capsules = s.capsules.lock().expect("no panics while locked").len();
@@ -396,6 +404,7 @@ async fn declared_size(request: axum::extract::Request, next: axum::middleware::
 
 fn router(server: Arc<Server>) -> Router {
     Router::new()
+        .route(protocol::CAPSULES, get(capsules))
         .route("/v1/capsules/{id}/metadata", get(get_metadata).post(put_metadata))
         .route("/v1/capsules/{id}/heads", get(heads))
         .route("/v1/capsules/{id}/missing", axum::routing::post(missing))

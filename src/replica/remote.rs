@@ -26,6 +26,16 @@ pub struct Remote {
 }
 
 impl Remote {
+    /// Every capsule the server at `url` holds.
+    pub fn capsules_at(url: &str) -> Result<Vec<CapsuleId>> {
+        let server = Self::new(url, CapsuleId::from_bytes([0; 32]))?;
+        let what = "the capsule list";
+        match server.request(protocol::CAPSULES, what, None)? {
+            Some(bytes) => server.decode(what, &bytes),
+            None => Err(Error::Replica(format!("{} does not list capsules: is it a `capsulefs serve`?", server.base))),
+        }
+    }
+
     /// The replica of `capsule` at `url` (`http://HOST:PORT`).
     pub fn new(url: &str, capsule: CapsuleId) -> Result<Self> {
         let base = url.trim_end_matches('/').to_owned();
@@ -43,10 +53,6 @@ impl Remote {
         Ok(Self { base, capsule, agent: config.into() })
     }
 
-    fn url(&self, route: Route) -> String {
-        format!("{}{}", self.base, protocol::path(&self.capsule, route))
-    }
-
     /// Sends `body` (or none: a GET) and returns the answer's body for a 2xx, None for a 404.
     fn call(&self, route: Route, body: Option<Vec<u8>>) -> Result<Option<Vec<u8>>> {
         self.call_with(route, "", body)
@@ -54,7 +60,13 @@ impl Remote {
 
     /// `call`, with a query string (`?...`) after the route's path.
     fn call_with(&self, route: Route, query: &str, body: Option<Vec<u8>>) -> Result<Option<Vec<u8>>> {
-        let url = format!("{}{query}", self.url(route));
+        self.request(&format!("{}{query}", protocol::path(&self.capsule, route)), route.name(), body)
+    }
+
+    /// Sends `body` (or none: a GET) to `path` on the server and returns the answer's body for
+    /// a 2xx, None for a 404; `what` names the request in messages.
+    fn request(&self, path: &str, what: &str, body: Option<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+        let url = format!("{}{path}", self.base);
         let unreachable = |e: ureq::Error| Error::Replica(format!("{}: {e} (is the server running?)", self.base));
         let mut response = match body {
             Some(bytes) => self.agent.post(&url).send(&bytes[..]).map_err(unreachable)?,
@@ -66,18 +78,17 @@ impl Remote {
             200..=299 => Ok(Some(answer)),
             404 => Ok(None),
             _ => Err(Error::Replica(format!(
-                "{} refused {}: {} {}",
+                "{} refused {what}: {} {}",
                 self.base,
-                route.name(),
                 status,
                 String::from_utf8_lossy(&answer).trim()
             ))),
         }
     }
 
-    fn decode<T: BorshDeserialize>(&self, route: Route, bytes: &[u8]) -> Result<T> {
+    fn decode<T: BorshDeserialize>(&self, what: &str, bytes: &[u8]) -> Result<T> {
         borsh::from_slice(bytes)
-            .map_err(|e| Error::Replica(format!("{} sent an undecodable answer to {}: {e}", self.base, route.name())))
+            .map_err(|e| Error::Replica(format!("{} sent an undecodable answer to {what}: {e}", self.base)))
     }
 
     fn expect<T: BorshDeserialize>(&self, route: Route, body: Option<Vec<u8>>) -> Result<T> {
@@ -86,7 +97,7 @@ impl Remote {
 
     fn expect_with<T: BorshDeserialize>(&self, route: Route, query: &str, body: Option<Vec<u8>>) -> Result<T> {
         match self.call_with(route, query, body)? {
-            Some(bytes) => self.decode(route, &bytes),
+            Some(bytes) => self.decode(route.name(), &bytes),
             None => Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))),
         }
     }

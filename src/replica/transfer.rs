@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica};
 use crate::capsule::{Capsule, Ingested};
-use crate::record::{Record, RecordHash, Seq, WriterId};
+use crate::record::{CapsuleId, Record, RecordHash, Seq, WriterId};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
 
@@ -240,44 +240,56 @@ fn haves(local: &Capsule) -> Result<Vec<RecordHash>> {
 /// The slow, sure way: walks `remote`'s DAG from `heads` until records held here, then
 /// fetches what it found, parents first.
 fn pull_walking(local: &Capsule, remote: &dyn Replica, heads: &[RecordHash], report: &mut Report) -> Result<()> {
-    let lacking = walk_remote(local, remote, heads, report)?;
+    let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
+        let mut absent = HashSet::new();
+        for r in records {
+            if !local.store().has_record(r)? {
+                absent.insert(*r);
+            }
+        }
+        Ok(absent)
+    };
+    let lacking = walk_remote(remote, heads, RecordHash::genesis(local.id()), &mut lacks, report)?;
     let order = topological(&lacking)?;
     let mut next = 0;
     while next < order.len() {
-        let ask: Vec<RecordHash> = order[next..].iter().take(MAX_HASHES).map(|n| n.record).collect();
-        let bundles = remote.fetch(&ask)?;
-        report.round_trips += 1;
-        report.reconcile_sent += hashes_len(ask.len());
-        if bundles.is_empty() {
-            return Err(Error::NotFound(format!("{:?} on {}, which listed it", ask[0], remote.describe())));
-        }
-        for (bundle, expected) in bundles.into_iter().zip(&ask) {
-            take(local, remote, bundle, Some(*expected), report)?;
+        for (bundle, expected) in fetch_slice(remote, &order[next..], report)? {
+            take(local, remote, bundle, Some(expected), report)?;
             next += 1;
         }
     }
     Ok(())
 }
 
-/// The records reachable from `heads` on `remote` that the local capsule lacks, with their
-/// parents as the remote states them (checked later, when each record itself is).
+/// Fetches the first records of `order` from `remote`, as many as one answer holds, each
+/// with the hash it was asked as. An answer with none of them is an error: the replica
+/// listed them.
+fn fetch_slice(remote: &dyn Replica, order: &[Node], report: &mut Report) -> Result<Vec<(Bundle, RecordHash)>> {
+    let ask: Vec<RecordHash> = order.iter().take(MAX_HASHES).map(|n| n.record).collect();
+    let bundles = remote.fetch(&ask)?;
+    report.round_trips += 1;
+    report.reconcile_sent += hashes_len(ask.len());
+    if bundles.is_empty() {
+        return Err(Error::NotFound(format!("{:?} on {}, which listed it", ask[0], remote.describe())));
+    }
+    Ok(bundles.into_iter().zip(ask).collect())
+}
+
+/// The records reachable from `heads` on `remote` that `lacks` says are lacking, with their
+/// parents as the remote states them (checked later, when each record itself is). `lacks`
+/// answers, for a list of records, the ones not held where they are going.
 fn walk_remote(
-    local: &Capsule,
     remote: &dyn Replica,
     heads: &[RecordHash],
+    genesis: RecordHash,
+    lacks: &mut dyn FnMut(&[RecordHash]) -> Result<HashSet<RecordHash>>,
     report: &mut Report,
 ) -> Result<HashMap<RecordHash, Vec<RecordHash>>> {
-    let genesis = RecordHash::genesis(local.id());
     let mut lacking: HashMap<RecordHash, Vec<RecordHash>> = HashMap::new();
     let mut held: HashSet<RecordHash> = HashSet::new();
-    let mut frontier: Vec<RecordHash> = Vec::new();
-    for h in heads {
-        if local.store().has_record(h)? {
-            held.insert(*h);
-        } else {
-            frontier.push(*h);
-        }
-    }
+    let absent = lacks(heads)?;
+    let (mut frontier, present): (Vec<RecordHash>, Vec<RecordHash>) = heads.iter().partition(|h| absent.contains(h));
+    held.extend(present);
     let mut budget = FIRST_BUDGET;
     while !frontier.is_empty() {
         let nodes = remote.walk(&frontier, budget)?;
@@ -287,14 +299,19 @@ fn walk_remote(
         if nodes.is_empty() {
             return Err(Error::NotFound(format!("{:?} on {}, which named it", frontier[0], remote.describe())));
         }
+        let fresh: Vec<RecordHash> = nodes
+            .iter()
+            .map(|n| n.record)
+            .filter(|r| !lacking.contains_key(r) && !held.contains(r))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let absent = lacks(&fresh)?;
         for node in nodes {
-            if lacking.contains_key(&node.record) || held.contains(&node.record) {
-                continue;
-            }
-            if local.store().has_record(&node.record)? {
-                held.insert(node.record);
-            } else {
+            if absent.contains(&node.record) {
                 lacking.insert(node.record, node.parents);
+            } else if fresh.contains(&node.record) {
+                held.insert(node.record);
             }
         }
         // The parents of what is lacking, and what this slice did not reach.
@@ -307,15 +324,117 @@ fn walk_remote(
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        for p in &frontier {
-            if local.store().has_record(p)? {
-                held.insert(*p);
-            }
-        }
-        frontier.retain(|p| !held.contains(p));
+        let absent = lacks(&frontier)?;
+        held.extend(frontier.iter().filter(|p| !absent.contains(p)));
+        frontier.retain(|p| absent.contains(p));
         budget = (budget * 4).min(MAX_HASHES);
     }
     Ok(lacking)
+}
+
+/// One way of an anti-entropy round between two replicas, carried by this process: what `to`
+/// lacks of `from`, found by walking `from`'s DAG down to records `to` holds (so the cost
+/// grows with the difference), fetched from `from` and put to `to` in batches `to` can check
+/// whole. This process believes neither: each record must hash to what it was asked as, and
+/// `to` checks everything before it stores it, as from any sender.
+pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId) -> Result<Report> {
+    let mut report = Report { round_trips: 2, ..Report::default() };
+    let Some(metadata) = from.metadata()? else {
+        return Ok(report);
+    };
+    match to.metadata()? {
+        None => {
+            to.put_metadata(&metadata)?;
+            report.round_trips += 1;
+        }
+        Some(m) if m != metadata => {
+            return Err(Error::Invalid(format!(
+                "{} and {} hold different metadata for {capsule:?}: one of them is not a replica of it",
+                from.describe(),
+                to.describe()
+            )));
+        }
+        Some(_) => {}
+    }
+    let heads = from.heads()?;
+    report.round_trips += 1;
+    report.reconcile_received += hashes_len(heads.len());
+    let missing_calls = std::cell::Cell::new((0u32, 0u64, 0u64));
+    let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
+        if records.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let absent = to.missing(records)?;
+        let (calls, sent, received) = missing_calls.get();
+        missing_calls.set((
+            calls + records.len().div_ceil(MAX_HASHES) as u32,
+            sent + hashes_len(records.len()),
+            received + hashes_len(absent.len()),
+        ));
+        Ok(absent.into_iter().collect())
+    };
+    let lacking = walk_remote(from, &heads, RecordHash::genesis(capsule), &mut lacks, &mut report)?;
+    let (calls, sent, received) = missing_calls.get();
+    report.round_trips += calls;
+    report.reconcile_sent += sent;
+    report.reconcile_received += received;
+    let order = topological(&lacking)?;
+    let mut batch = RelayBatch::default();
+    let mut next = 0;
+    while next < order.len() {
+        for (bundle, expected) in fetch_slice(from, &order[next..], &mut report)? {
+            let record = Record::decode(&bundle.record)
+                .map_err(|e| Error::Replica(format!("{} sent an undecodable record: {e}", from.describe())))?;
+            if record.hash() != expected {
+                return Err(Error::Replica(format!(
+                    "{} answered {:?} when asked for {expected:?}",
+                    from.describe(),
+                    record.hash()
+                )));
+            }
+            batch.add(bundle, &record);
+            next += 1;
+            if batch.bytes >= MAX_BATCH_BYTES && batch.uncovered.is_empty() {
+                send(to, &mut batch.take(), &mut report)?;
+            }
+        }
+    }
+    send(to, &mut batch.take(), &mut report)?;
+    Ok(report)
+}
+
+/// Bundles on their way to a replica that takes an unsigned record only with a signed
+/// descendant in the same call: `uncovered` holds the unsigned ones still waiting for theirs.
+#[derive(Default)]
+struct RelayBatch {
+    bundles: Vec<Bundle>,
+    bytes: usize,
+    parents: HashMap<RecordHash, Vec<RecordHash>>,
+    uncovered: HashSet<RecordHash>,
+}
+
+impl RelayBatch {
+    fn add(&mut self, bundle: Bundle, record: &Record) {
+        let hash = record.hash();
+        self.bytes += bundle.size();
+        self.bundles.push(bundle);
+        self.parents.insert(hash, record.header.parents.clone());
+        if record.signature.is_none() {
+            self.uncovered.insert(hash);
+            return;
+        }
+        // A signature covers every ancestor: clear the unsigned ones in this batch.
+        let mut stack = record.header.parents.clone();
+        while let Some(p) = stack.pop() {
+            if self.uncovered.remove(&p) {
+                stack.extend(self.parents.get(&p).into_iter().flatten());
+            }
+        }
+    }
+
+    fn take(&mut self) -> Vec<Bundle> {
+        std::mem::take(self).bundles
+    }
 }
 
 /// `nodes` ordered parents first. The parent lists may come from a replica, so a cycle (which
