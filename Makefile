@@ -10,7 +10,7 @@ DEMO_HOME ?= $(CURDIR)/.demo
 # Debian packages: RocksDB 7.8 to link against (see .cargo/config.toml), libclang for its
 # bindgen, FUSE for mounts; attr (getfattr/setfattr), rsync, git and sqlite3 for the tests that
 # run everyday tools inside a mount; curl for the tests that read a server's /metrics.
-APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl
+APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl
 
 .PHONY: help deps deps-bench bench-fs bench-sync tools build test lint bench man completions install demo clean
 

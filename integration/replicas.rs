@@ -35,10 +35,15 @@ impl Server {
     }
 
     fn start_peered(store: tempfile::TempDir, listen: &str, peers: &[String]) -> Self {
+        let args: Vec<String> = peers.iter().flat_map(|p| ["--peer".to_owned(), p.clone()]).collect();
+        Self::start_with(store, listen, &args)
+    }
+
+    fn start_with(store: tempfile::TempDir, listen: &str, args: &[String]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_capsulefs"))
             .args(["serve", "--listen", listen, "--store"])
             .arg(store.path())
-            .args(peers.iter().flat_map(|p| ["--peer", p.as_str()]))
+            .args(args)
             .env_remove("CAPSULEFS_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -425,4 +430,48 @@ fn sync_between_two_servers_carries_each_ones_records_to_the_other() {
     assert_eq!(wrong.status.code(), Some(5), "{}", String::from_utf8_lossy(&wrong.stderr));
     let alone = home.run(&["sync", &a.url()]);
     assert!(String::from_utf8_lossy(&alone.stderr).contains("two server URLs"), "{alone:?}");
+}
+
+#[test]
+fn a_tls_server_is_reached_with_its_certificate_and_refused_without() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    sh(&format!(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+         -addext subjectAltName=IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
+         -keyout {} -out {} 2>/dev/null",
+        key.display(),
+        cert.display()
+    ));
+    let tls_args =
+        ["--tls-cert".to_owned(), cert.display().to_string(), "--tls-key".to_owned(), key.display().to_string()];
+    let server = Server::start_with(tempfile::tempdir().unwrap(), "127.0.0.1:0", &tls_args);
+    let url = format!("https://{}", server.addr);
+    // A client that connects and never says anything holds no one else up.
+    let _silent = TcpStream::connect(&server.addr).unwrap();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    let f = home.file("a", b"over TLS");
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    // Without the certificate: refused, with what to do.
+    let refused = home.run(&["push", "c", &url]);
+    assert_eq!(refused.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("CAPSULEFS_TLS_CA"), "{refused:?}");
+    // Plain http to it: refused too.
+    assert_eq!(home.run(&["push", "c", &format!("http://{}", server.addr)]).status.code(), Some(6));
+    // With it: push, clone, verify.
+    let with_ca = |h: &Home, args: &[&str]| {
+        let out = h.command().args(args).env("CAPSULEFS_TLS_CA", &cert).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let pushed = with_ca(&home, &["push", "c", &url]);
+    assert!(pushed.starts_with("pushed "), "{pushed}");
+    let other = same_user(&home);
+    with_ca(&other, &["clone", &format!("{url}#{id}")]);
+    other.ok(&["verify", "c"]);
+    assert_eq!(other.ok(&["log", "c"]), home.ok(&["log", "c"]));
+    let metrics =
+        Command::new("curl").args(["-sf", "--cacert"]).arg(&cert).arg(format!("{url}/metrics")).output().unwrap();
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("capsulefs_records_stored"), "{metrics:?}");
 }

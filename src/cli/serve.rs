@@ -22,11 +22,19 @@ pub struct ServeArgs {
     /// repeatable.
     #[arg(long = "peer", value_name = "URL")]
     pub peers: Vec<String>,
+    /// Serve https with this PEM certificate chain (with --tls-key). Clients trust it through
+    /// the public roots, or through CAPSULEFS_TLS_CA=FILE.pem (e.g. this very certificate).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 pub fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
     let store = a.store.unwrap_or_else(|| home.root().join("serve"));
-    server::run(Config { listen: a.listen, store, peers: a.peers }, |addr| {
+    let tls = a.tls_cert.zip(a.tls_key);
+    server::run(Config { listen: a.listen, store, peers: a.peers, tls }, |addr| {
         // The readiness line scripts and tests wait for.
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();

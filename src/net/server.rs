@@ -25,6 +25,7 @@ use axum::routing::get;
 use borsh::BorshSerialize;
 
 use super::protocol::{self, WalkRequest};
+use super::tls;
 use crate::capsule::Capsule;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
@@ -43,6 +44,8 @@ pub struct Config {
     pub store: PathBuf,
     /// Other servers (http://HOST:PORT) this one reconciles every capsule it holds with.
     pub peers: Vec<String>,
+    /// A PEM certificate chain and its key: serve https instead of http.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// How often a server reconciles with its peers when nothing new arrived.
@@ -452,17 +455,29 @@ pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::io(Path::new("tokio runtime"), e))?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None => None,
+    };
     let waker = server.clone();
     let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::io(Path::new(&config.listen.to_string()), e))?;
         let addr = listener.local_addr().map_err(|e| Error::io(Path::new("listener"), e))?;
-        ready(addr);
-        axum::serve(listener, router(server))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .map_err(|e| Error::io(Path::new(&addr.to_string()), e))
+        let served = match tls {
+            Some(acceptor) => {
+                let listener =
+                    tls::TlsListener::new(listener, acceptor).map_err(|e| Error::io(Path::new("listener"), e))?;
+                ready(addr);
+                axum::serve(listener, router(server)).with_graceful_shutdown(shutdown_signal()).await
+            }
+            None => {
+                ready(addr);
+                axum::serve(listener, router(server)).with_graceful_shutdown(shutdown_signal()).await
+            }
+        };
+        served.map_err(|e| Error::io(Path::new(&addr.to_string()), e))
     });
     stop.store(true, Ordering::Relaxed);
     waker.news.1.notify_all();

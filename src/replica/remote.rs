@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use borsh::BorshDeserialize;
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
 use crate::net::protocol::{self, Route};
@@ -18,6 +19,35 @@ use crate::{Error, Result};
 const MAX_ANSWER: u64 = (MAX_BATCH_BYTES as u64) * 2 + (1 << 20);
 /// A request that makes no progress for this long fails (the replica is then unreachable).
 const STALL: Duration = Duration::from_secs(60);
+
+/// The certificates that `https://` replicas are checked against instead of the public roots:
+/// a private CA, or a server's own self-signed certificate.
+pub const TLS_CA_ENV: &str = "CAPSULEFS_TLS_CA";
+
+/// rustls, checking servers against the public web roots, or against the certificates in the
+/// PEM file `CAPSULEFS_TLS_CA` names.
+fn tls_config() -> Result<TlsConfig> {
+    let builder = TlsConfig::builder().provider(TlsProvider::Rustls);
+    let Some(path) = std::env::var_os(TLS_CA_ENV).map(std::path::PathBuf::from) else {
+        return Ok(builder.build());
+    };
+    let pem = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(PemItem::Certificate(cert)) => Some(Ok(cert)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Invalid(format!("{TLS_CA_ENV}={}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{TLS_CA_ENV}={}: no CERTIFICATE block; give it the server's certificate or its CA's, in PEM",
+            path.display()
+        )));
+    }
+    Ok(builder.root_certs(RootCerts::new_with_certs(&certs)).build())
+}
 
 pub struct Remote {
     base: String,
@@ -36,16 +66,18 @@ impl Remote {
         }
     }
 
-    /// The replica of `capsule` at `url` (`http://HOST:PORT`).
+    /// The replica of `capsule` at `url` (`http://HOST:PORT` or `https://HOST:PORT`).
     pub fn new(url: &str, capsule: CapsuleId) -> Result<Self> {
         let base = url.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(Error::Invalid(format!(
-                "replica URL '{url}': this build speaks http:// to `capsulefs serve` (TLS and s3:// come later)"
+                "replica URL '{url}': this build speaks http:// and https:// to `capsulefs serve` (s3:// and file:// come later)"
             )));
         }
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .https_only(base.starts_with("https://"))
+            .tls_config(tls_config()?)
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_per_read(Some(STALL))
             .timeout_per_write(Some(STALL))
@@ -67,7 +99,21 @@ impl Remote {
     /// a 2xx, None for a 404; `what` names the request in messages.
     fn request(&self, path: &str, what: &str, body: Option<Vec<u8>>) -> Result<Option<Vec<u8>>> {
         let url = format!("{}{path}", self.base);
-        let unreachable = |e: ureq::Error| Error::Replica(format!("{}: {e} (is the server running?)", self.base));
+        let unreachable = |e: ureq::Error| {
+            let tls_failed = match &e {
+                ureq::Error::Rustls(_) | ureq::Error::Tls(_) => true,
+                ureq::Error::Io(io) => io.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()),
+                _ => false,
+            };
+            let hint = if tls_failed {
+                format!("does {TLS_CA_ENV} name the server's certificate or its CA?")
+            } else if matches!(e, ureq::Error::Protocol(_)) {
+                "is it a `capsulefs serve`, and does it speak https:// (--tls-cert)?".to_owned()
+            } else {
+                "is the server running?".to_owned()
+            };
+            Error::Replica(format!("{}: {e} ({hint})", self.base))
+        };
         let mut response = match body {
             Some(bytes) => self.agent.post(&url).send(&bytes[..]).map_err(unreachable)?,
             None => self.agent.get(&url).call().map_err(unreachable)?,
