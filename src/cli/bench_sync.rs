@@ -288,7 +288,7 @@ fn push_against_rsync(dir: &Path, me: &Identity, mib: usize) -> anyhow::Result<(
     let served = Served::start(&server_dir)?;
     let remote = Remote::new(&format!("http://{}", served.addr), capsule.id())?;
     let start = Instant::now();
-    let report = transfer::push(&capsule, &remote)?;
+    let report = transfer::push(&capsule, &remote, &())?;
     let push = start.elapsed().as_secs_f64();
     ensure!(report.bytes >= (mib as u64) << 20, "the push moved {} bytes, less than the tree", report.bytes);
     println!("push: {} records, {} bytes, {} round trips", report.records, report.bytes, report.round_trips);

@@ -9,6 +9,7 @@ mod home;
 mod keys;
 mod mount;
 mod mount_helper;
+mod progress;
 mod read;
 mod readahead;
 mod replicas;

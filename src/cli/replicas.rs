@@ -14,6 +14,7 @@ use capsulefs::replica::remote::Remote;
 use capsulefs::replica::transfer::{self, Report};
 
 use super::home::Home;
+use super::progress::Bar;
 
 #[derive(Subcommand, Debug)]
 pub enum ReplicaCommand {
@@ -140,8 +141,15 @@ fn transfer_each(capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result
     for url in urls {
         let remote = Remote::new(url, capsule.id())?;
         let (report, doing, verb, preposition) = match way {
-            Way::Push => (transfer::push(capsule, &remote), "pushing", "pushed", "to"),
-            Way::Pull => (transfer::pull(capsule, &remote), "pulling", "pulled", "from"),
+            Way::Push => {
+                (transfer::push(capsule, &remote, &Bar::new(&format!("pushing to {url}"))), "pushing", "pushed", "to")
+            }
+            Way::Pull => (
+                transfer::pull(capsule, &remote, &Bar::new(&format!("pulling from {url}"))),
+                "pulling",
+                "pulled",
+                "from",
+            ),
         };
         let report = report.with_context(|| format!("{doing} {preposition} {url}"))?;
         print(verb, preposition, url, &report);
@@ -224,7 +232,8 @@ fn sync_servers(first: &str, rest: &[String]) -> anyhow::Result<()> {
         }
         for (from, to) in [(&remote_a, &remote_b), (&remote_b, &remote_a)] {
             let (from_url, to_url) = (from.describe(), to.describe());
-            let report = transfer::relay(from, to, id)
+            let bar = Bar::new(&format!("{from_url} to {to_url}"));
+            let report = transfer::relay(from, to, id, &bar)
                 .with_context(|| format!("relaying capsule {id} from {from_url} to {to_url}"))?;
             print("relayed", &format!("of {id} from {from_url} to"), &to_url, &report);
         }
@@ -248,7 +257,8 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
     let (staging, kv) = home.staging_store()?;
     let capsule = Capsule::adopt(kv, id, &metadata, home.keyring()?.identities().to_vec())
         .with_context(|| format!("the metadata {url} sent"))?;
-    let report = transfer::pull(&capsule, &remote).with_context(|| format!("pulling from {url}"))?;
+    let report = transfer::pull(&capsule, &remote, &Bar::new(&format!("cloning from {url}")))
+        .with_context(|| format!("pulling from {url}"))?;
     drop(capsule);
     home.register(&name, &id, staging)?;
     home.set_replicas(&id, &[url.to_owned()])?;

@@ -172,9 +172,9 @@ impl Server {
             for peer in peers {
                 let round = Remote::new(peer, capsule.id()).and_then(|remote| {
                     if remote.metadata()?.is_some() {
-                        transfer::pull(&capsule, &remote)?;
+                        transfer::pull(&capsule, &remote, &())?;
                     }
-                    transfer::push(&capsule, &remote)
+                    transfer::push(&capsule, &remote, &())
                 });
                 match round {
                     Ok(r) if r.records > 0 => {

@@ -40,13 +40,28 @@ pub struct Report {
     pub replica_lacks: Vec<(WriterId, Seq, usize)>,
 }
 
+/// Told as records move, for a progress bar; `&()` ignores it.
+pub trait Progress {
+    /// How many records are still to come, once a transfer knows (a pull through `since`
+    /// does not).
+    fn expect(&self, records: u64) {
+        let _ = records;
+    }
+    /// Records and bytes moved so far.
+    fn moved(&self, records: u64, bytes: u64);
+}
+
+impl Progress for () {
+    fn moved(&self, _: u64, _: u64) {}
+}
+
 /// Bytes of a list of hashes on the wire (borsh: u32 length, then 32 bytes each).
 fn hashes_len(n: usize) -> u64 {
     4 + 32 * n as u64
 }
 
 /// Pushes every local record `remote` lacks, parents first, in batches it can check whole.
-pub fn push(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
+pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> Result<Report> {
     let mut report = Report { round_trips: 1, ..Report::default() };
     if remote.metadata()?.is_none() {
         remote.put_metadata(&local.metadata_bytes())?;
@@ -60,6 +75,7 @@ pub fn push(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
         .into_iter()
         .map(|h| Ok(Node { record: h, parents: local.record(h)?.header.parents }))
         .collect::<Result<_>>()?;
+    progress.expect(order.len() as u64);
     let mut signed_here: HashSet<RecordHash> = HashSet::new();
     let mut anchored = anchored_positions(local, &order, &signed_here)?;
     let mut batch: Vec<Bundle> = Vec::new();
@@ -87,15 +103,15 @@ pub fn push(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
         // A batch may end only where every unsigned record in it has its signed descendant.
         let needed_up_to = in_batch.iter().filter_map(|&p| anchored[p]).max().unwrap_or(i);
         if batch_bytes >= MAX_BATCH_BYTES && needed_up_to <= i {
-            send(remote, &mut batch, &mut report)?;
+            send(remote, &mut batch, &mut report, progress)?;
             (batch_bytes, in_batch) = (0, Vec::new());
         }
     }
-    send(remote, &mut batch, &mut report)?;
+    send(remote, &mut batch, &mut report, progress)?;
     Ok(report)
 }
 
-fn send(remote: &dyn Replica, batch: &mut Vec<Bundle>, report: &mut Report) -> Result<()> {
+fn send(remote: &dyn Replica, batch: &mut Vec<Bundle>, report: &mut Report, progress: &dyn Progress) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -104,6 +120,7 @@ fn send(remote: &dyn Replica, batch: &mut Vec<Bundle>, report: &mut Report) -> R
     report.records += bundles.len();
     report.round_trips += 1;
     remote.put(bundles)?;
+    progress.moved(report.records as u64, report.bytes);
     Ok(())
 }
 
@@ -114,6 +131,7 @@ fn take(
     bundle: Bundle,
     expected: Option<RecordHash>,
     report: &mut Report,
+    progress: &dyn Progress,
 ) -> Result<()> {
     let payloads: Vec<&[u8]> = bundle.payloads.iter().map(Vec::as_slice).collect();
     let incoming = local.check_incoming(&bundle.record, &payloads)?;
@@ -130,11 +148,12 @@ fn take(
     if let Ingested::Stored(_) = local.ingest_checked(incoming, Durability::Buffered)? {
         report.records += 1;
     }
+    progress.moved(report.records as u64, report.bytes);
     Ok(())
 }
 
 /// Pulls every record of `remote` the local capsule lacks, checking each before storing it.
-pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
+pub fn pull(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> Result<Report> {
     let mut report = Report { round_trips: 1, ..Report::default() };
     match remote.metadata()? {
         Some(m) if m == local.metadata_bytes() => {}
@@ -166,7 +185,7 @@ pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
             report.reconcile_received += hashes_len(answer.heads.len()) + 1;
             let before = report.records;
             for bundle in answer.bundles {
-                take(local, remote, bundle, None, &mut report)?;
+                take(local, remote, bundle, None, &mut report, progress)?;
             }
             theirs = answer.heads;
             // An answer that stored nothing new cannot be followed by a better one.
@@ -184,7 +203,7 @@ pub fn pull(local: &Capsule, remote: &dyn Replica) -> Result<Report> {
     }
     if !unknown.is_empty() {
         tracing::warn!("{} did not send everything its heads cover; walking its DAG for the rest", remote.describe());
-        pull_walking(local, remote, &unknown, &mut report)?;
+        pull_walking(local, remote, &unknown, &mut report, progress)?;
     }
     local.store().sync()?;
     report.replica_lacks = signed_lacking(local, &theirs)?;
@@ -239,7 +258,13 @@ fn haves(local: &Capsule) -> Result<Vec<RecordHash>> {
 
 /// The slow, sure way: walks `remote`'s DAG from `heads` until records held here, then
 /// fetches what it found, parents first.
-fn pull_walking(local: &Capsule, remote: &dyn Replica, heads: &[RecordHash], report: &mut Report) -> Result<()> {
+fn pull_walking(
+    local: &Capsule,
+    remote: &dyn Replica,
+    heads: &[RecordHash],
+    report: &mut Report,
+    progress: &dyn Progress,
+) -> Result<()> {
     let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
         let mut absent = HashSet::new();
         for r in records {
@@ -251,10 +276,11 @@ fn pull_walking(local: &Capsule, remote: &dyn Replica, heads: &[RecordHash], rep
     };
     let lacking = walk_remote(remote, heads, RecordHash::genesis(local.id()), &mut lacks, report)?;
     let order = topological(&lacking)?;
+    progress.expect(order.len() as u64);
     let mut next = 0;
     while next < order.len() {
         for (bundle, expected) in fetch_slice(remote, &order[next..], report)? {
-            take(local, remote, bundle, Some(expected), report)?;
+            take(local, remote, bundle, Some(expected), report, progress)?;
             next += 1;
         }
     }
@@ -337,7 +363,7 @@ fn walk_remote(
 /// grows with the difference), fetched from `from` and put to `to` in batches `to` can check
 /// whole. This process believes neither: each record must hash to what it was asked as, and
 /// `to` checks everything before it stores it, as from any sender.
-pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId) -> Result<Report> {
+pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress: &dyn Progress) -> Result<Report> {
     let mut report = Report { round_trips: 2, ..Report::default() };
     let Some(metadata) = from.metadata()? else {
         return Ok(report);
@@ -379,6 +405,7 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId) -> Result
     report.reconcile_sent += sent;
     report.reconcile_received += received;
     let order = topological(&lacking)?;
+    progress.expect(order.len() as u64);
     let mut batch = RelayBatch::default();
     let mut next = 0;
     while next < order.len() {
@@ -395,11 +422,11 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId) -> Result
             batch.add(bundle, &record);
             next += 1;
             if batch.bytes >= MAX_BATCH_BYTES && batch.uncovered.is_empty() {
-                send(to, &mut batch.take(), &mut report)?;
+                send(to, &mut batch.take(), &mut report, progress)?;
             }
         }
     }
-    send(to, &mut batch.take(), &mut report)?;
+    send(to, &mut batch.take(), &mut report, progress)?;
     Ok(report)
 }
 

@@ -62,7 +62,7 @@ fn push_then_pull_moves_exactly_the_difference() {
         f.cap.append(&f.owner, &[&[i]], if i % 5 == 4 { signed() } else { unsigned() }).unwrap();
     }
     let server = empty_replica_of(&f.cap);
-    let pushed = push(&f.cap, &server).unwrap();
+    let pushed = push(&f.cap, &server, &()).unwrap();
     assert_eq!(pushed.records, 20, "every record is covered by a signed one");
     assert_eq!(pushed.waiting_for_signature, 0);
     assert_eq!(Replica::heads(&server).unwrap(), f.cap.heads().unwrap());
@@ -71,16 +71,16 @@ fn push_then_pull_moves_exactly_the_difference() {
     f.cap.append(&f.owner, &[b"tail"], unsigned()).unwrap();
     let head = f.cap.heads().unwrap()[0];
     let theirs = f.put(&f.other, 1, &[head], b"theirs, unsigned", false);
-    let again = push(&f.cap, &server).unwrap();
+    let again = push(&f.cap, &server, &()).unwrap();
     assert_eq!((again.records, again.waiting_for_signature), (1, 1));
     assert_eq!(again.reconcile_received, 4 + 32, "finding them took one head");
     assert!(server.store().has_record(&head).unwrap() && !server.store().has_record(&theirs).unwrap());
     let laptop = empty_replica_of(&f.cap);
-    let pulled = pull(&laptop, &server).unwrap();
+    let pulled = pull(&laptop, &server, &()).unwrap();
     assert_eq!(pulled.records, 21);
     assert_eq!(pulled.round_trips, 3, "metadata, heads, then one since");
     // Nothing new: the replica's heads, and no more.
-    let again = pull(&laptop, &server).unwrap();
+    let again = pull(&laptop, &server, &()).unwrap();
     assert_eq!((again.records, again.round_trips), (0, 2));
     // A commit made here and not pushed yet does not make the replica resend what lies below
     // its heads: only the one new record comes.
@@ -90,8 +90,8 @@ fn push_then_pull_moves_exactly_the_difference() {
     f.cap
         .append_built(&f.owner, Parents::These(&parents), vec![SubRecordBuf::copied(b"only there")], signed())
         .unwrap();
-    push(&f.cap, &server).unwrap();
-    let both = pull(&laptop, &server).unwrap();
+    push(&f.cap, &server, &()).unwrap();
+    let both = pull(&laptop, &server, &()).unwrap();
     assert_eq!(both.records, 1);
     assert!(both.bytes < 1000, "{} bytes came for one small record", both.bytes);
     assert_eq!(laptop.audit().unwrap().records, 23, "the pushed tail is signed, so it proves anywhere");
@@ -104,9 +104,9 @@ fn a_replica_that_withholds_records_is_walked_to_the_end() {
         f.cap.append(&f.owner, &[&[i]], signed()).unwrap();
     }
     let server = empty_replica_of(&f.cap);
-    push(&f.cap, &server).unwrap();
+    push(&f.cap, &server, &()).unwrap();
     let laptop = empty_replica_of(&f.cap);
-    let report = pull(&laptop, &Forgetful(&server)).unwrap();
+    let report = pull(&laptop, &Forgetful(&server), &()).unwrap();
     assert_eq!(report.records, 30, "the walk fetched what `since` held back");
     assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
 }
@@ -120,9 +120,9 @@ fn a_walk_from_many_heads_loses_none_of_them() {
         f.put(&f.other, i + 1, &[root], &i.to_le_bytes(), true);
     }
     let server = empty_replica_of(&f.cap);
-    push(&f.cap, &server).unwrap();
+    push(&f.cap, &server, &()).unwrap();
     let laptop = empty_replica_of(&f.cap);
-    let report = pull(&laptop, &Forgetful(&server)).unwrap();
+    let report = pull(&laptop, &Forgetful(&server), &()).unwrap();
     assert_eq!(report.records, 41);
     assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
 }
