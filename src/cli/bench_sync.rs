@@ -9,6 +9,7 @@
 //! bodies of that exchange, both ways; the records themselves and the HTTP framing, counted
 //! by a byte-counting proxy between the two, are reported in their own columns.
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -22,10 +23,12 @@ use clap::Parser;
 
 use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule, Parents};
 use capsulefs::crypto::keys::Identity;
+use capsulefs::crypto::random_bytes;
 use capsulefs::fs::Fs;
 use capsulefs::fs::node::{Inode, Kind, ROOT_INO};
 use capsulefs::member::{content_key, create_keystore};
 use capsulefs::record::{RecordHash, SubRecordBuf};
+use capsulefs::replica::bloom::POSTER_BITS_PER_RECORD;
 use capsulefs::replica::remote::Remote;
 use capsulefs::replica::transfer;
 use capsulefs::replica::{MAX_HASHES, Replica};
@@ -207,11 +210,23 @@ fn all_ids(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>,
 /// Deterministic, from the DAG's sinks toward its sources: local heads first, then the parents
 /// of what the server lacks, asked in breadth-first slices growing fourfold.
 fn walking(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)> {
-    use std::collections::HashSet;
+    let mut cost = Cost::default();
+    let lacking = walk_from(local, remote, local.heads()?, HashSet::new(), &mut cost)?;
+    Ok((lacking.into_iter().collect(), cost))
+}
+
+/// The walk from `frontier` down to records the server holds, adding to `lacking` what it
+/// finds the server lacks.
+fn walk_from(
+    local: &Capsule,
+    remote: &Remote,
+    mut frontier: Vec<RecordHash>,
+    mut lacking: HashSet<RecordHash>,
+    cost: &mut Cost,
+) -> anyhow::Result<HashSet<RecordHash>> {
     let genesis = RecordHash::genesis(local.id());
-    let (mut lacking, mut held) = (HashSet::new(), HashSet::new());
-    let mut frontier = local.heads()?;
-    let (mut budget, mut cost) = (16usize, Cost::default());
+    let mut held = HashSet::new();
+    let mut budget = 16usize;
     while !frontier.is_empty() {
         let nodes: Vec<_> = Replica::walk(local, &frontier, budget)?
             .into_iter()
@@ -238,12 +253,43 @@ fn walking(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>,
         frontier = next.into_iter().filter(|p| *p != genesis && !lacking.contains(p) && !held.contains(p)).collect();
         budget = (budget * 4).min(MAX_HASHES);
     }
+    Ok(lacking)
+}
+
+/// The poster's: the server's Bloom filter over everything it holds (10 bits a record, salted
+/// for this session); what fails it is surely lacking. Then the deterministic walk for what
+/// the filter wrongly claimed: from the local heads and the parents of what was found that
+/// the filter passed (the newest record of each run of false positives is one of those).
+fn bloom_then_walk(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)> {
+    let bloom = remote.bloom(random_bytes(), POSTER_BITS_PER_RECORD)?;
+    // The query (salt and bits) counted as if it were a body.
+    let mut cost = Cost { sent: 17, received: bloom.size() as u64, round_trips: 1 };
+    let mut lacking = HashSet::new();
+    let mut parents = HashSet::new();
+    for entry in local.log()? {
+        let (h, record) = entry?;
+        if !bloom.may_hold(&h) {
+            lacking.insert(h);
+            parents.extend(record.header.parents);
+        }
+    }
+    let genesis = RecordHash::genesis(local.id());
+    let frontier: Vec<RecordHash> = local
+        .heads()?
+        .into_iter()
+        .chain(parents)
+        .filter(|h| *h != genesis && !lacking.contains(h))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let lacking = walk_from(local, remote, frontier, lacking, &mut cost)?;
     Ok((lacking.into_iter().collect(), cost))
 }
 
 type Method = fn(&Capsule, &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)>;
 
-const METHODS: [(&str, Method); 3] = [("all ids", all_ids), ("walk", walking), ("heads (ours)", by_heads)];
+const METHODS: [(&str, Method); 4] =
+    [("bloom+walk", bloom_then_walk), ("walk", walking), ("all ids", all_ids), ("heads (ours)", by_heads)];
 
 /// A tree of `mib` MiB in 64 files, a capsule holding it, and the timings of pushing the
 /// capsule to a fresh server against rsync -a of the tree to an rsync daemon.

@@ -26,6 +26,9 @@ pub enum Route {
     Records,
     /// GET: one sub-record with its Merkle path, as stored.
     SubRecord(RecordHash, SubIdx),
+    /// GET `?salt=HEX&bits=N`: the poster's Bloom filter over every record held
+    /// (`replica::bloom`), for the comparison in `make bench-sync`.
+    Bloom,
 }
 
 impl Route {
@@ -39,6 +42,7 @@ impl Route {
             Route::Since => "since",
             Route::Records => "records",
             Route::SubRecord(..) => "sub-record",
+            Route::Bloom => "bloom",
         }
     }
 }

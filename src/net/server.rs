@@ -365,6 +365,23 @@ async fn sub_record(State(s): Shared, UrlPath((id, record, idx)): UrlPath<(Strin
     .await
 }
 
+#[derive(serde::Deserialize)]
+struct BloomQuery {
+    salt: String,
+    bits: u8,
+}
+
+async fn bloom(State(s): Shared, UrlPath(id): UrlPath<String>, Query(q): Query<BloomQuery>) -> Response {
+    blocking(s, move |s| {
+        let salt: [u8; 16] = hex::decode(&q.salt)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| Error::Invalid("bloom: the salt is 16 bytes in hex".into()))?;
+        Ok(borsh_body(&s.held(capsule_id(&id)?)?.bloom(salt, q.bits)?))
+    })
+    .await
+}
+
 async fn capsules(State(s): Shared) -> Response {
     blocking(s, |s| {
         let ids: Vec<CapsuleId> = s.all_held()?.iter().map(|c| c.id()).collect();
@@ -416,6 +433,7 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/capsules/{id}/since", axum::routing::post(since))
         .route("/v1/capsules/{id}/records", axum::routing::post(put_records))
         .route("/v1/capsules/{id}/records/{record}/{idx}", get(sub_record))
+        .route("/v1/capsules/{id}/bloom", get(bloom))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(declared_size))

@@ -3,6 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use super::bloom::Bloom;
 use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
 use crate::capsule::{Capsule, Incoming, Ingested};
 use crate::record::{RecordHash, SubIdx, SubRecord};
@@ -10,6 +11,20 @@ use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
 
 impl Capsule {
+    /// The poster's filter over every record held, with the asker's salt.
+    pub fn bloom(&self, salt: [u8; 16], bits_per_record: u8) -> Result<Bloom> {
+        let mut count = 0usize;
+        for h in self.store().arrival_order(false)? {
+            h?;
+            count += 1;
+        }
+        let mut bloom = Bloom::new(salt, count, bits_per_record)?;
+        for h in self.store().arrival_order(false)? {
+            bloom.insert(&h?);
+        }
+        Ok(bloom)
+    }
+
     /// The payloads of `record` as stored (each decoded from its sub-record, not proven: the
     /// receiver checks them against the record's Merkle root).
     fn payloads(&self, record: RecordHash, count: u32) -> Result<Vec<Vec<u8>>> {

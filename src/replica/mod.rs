@@ -5,6 +5,7 @@
 //! steer what is asked for next, and every record and payload goes through the capsule's own
 //! checks (`Capsule::check_incoming`, then `ingest_checked`) before it is stored.
 
+pub mod bloom;
 pub mod local;
 pub mod remote;
 pub mod transfer;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use borsh::BorshDeserialize;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
+use super::bloom::Bloom;
 use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
 use crate::net::protocol::{self, Route};
 use crate::record::codec;
@@ -129,6 +130,15 @@ impl Remote {
                 status,
                 String::from_utf8_lossy(&answer).trim()
             ))),
+        }
+    }
+
+    /// The poster's Bloom filter over every record the server holds, salted by the asker.
+    pub fn bloom(&self, salt: [u8; 16], bits_per_record: u8) -> Result<Bloom> {
+        let query = format!("?salt={}&bits={bits_per_record}", hex::encode(salt));
+        match self.call_with(Route::Bloom, &query, None)? {
+            Some(bytes) => Bloom::decode(&bytes).map_err(|e| Error::Replica(format!("{}: {e}", self.base))),
+            None => Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))),
         }
     }
 
