@@ -475,3 +475,51 @@ fn a_tls_server_is_reached_with_its_certificate_and_refused_without() {
         Command::new("curl").args(["-sf", "--cacert"]).arg(&cert).arg(format!("{url}/metrics")).output().unwrap();
     assert!(String::from_utf8_lossy(&metrics.stdout).contains("capsulefs_records_stored"), "{metrics:?}");
 }
+
+#[test]
+fn one_peer_cannot_hold_every_worker_and_idle_connections_are_closed() {
+    let server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["push", "c", &server.url()]);
+    let heads_path = format!("/v1/capsules/{id}/heads");
+    let out = Command::new("curl").args(["-sf", &format!("{}{heads_path}", server.url())]).output().unwrap();
+    let heads: Vec<RecordHash> = borsh::from_slice(&out.stdout).unwrap();
+    let digest = capsulefs::net::protocol::heads_digest(&heads);
+    // Sixteen long polls that wait on unchanged heads fill this address's share...
+    let polls: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut s = TcpStream::connect(&server.addr).unwrap();
+            let head = format!("GET {heads_path}?known={digest}&wait=30 HTTP/1.1\r\nHost: x\r\n\r\n");
+            s.write_all(head.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    // ...so the next request is told to wait (429) once they are in flight.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.raw("GET", &heads_path, b"") != 429 {
+        assert!(Instant::now() < deadline, "the seventeenth request was never refused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(polls);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.raw("GET", &heads_path, b"") != 200 {
+        assert!(Instant::now() < deadline, "the address's share never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.metrics().contains("reason=\"peer_busy\""));
+    // A connection that says nothing, or half a request, is closed after the idle time (cut
+    // to one second here; by default it outlasts the longest long poll).
+    let server =
+        Server::start_with(tempfile::tempdir().unwrap(), "127.0.0.1:0", &["--idle-timeout".into(), "1".into()]);
+    for said in [&b""[..], b"POST /v1/capsules/x/records HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc"] {
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.write_all(said).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut rest = Vec::new();
+        let closed = s.read_to_end(&mut rest);
+        assert!(closed.is_ok(), "the server closed it (not our read timeout): {closed:?}");
+    }
+    let mut server = server;
+    assert!(server.alive());
+}

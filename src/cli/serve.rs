@@ -29,12 +29,17 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Close a connection that moves no byte for this many seconds (at least 61, so a long
+    /// poll of the heads is never cut; shorter only for tests).
+    #[arg(long, value_name = "SECS", default_value_t = server::IDLE.as_secs(), hide = true)]
+    pub idle_timeout: u64,
 }
 
 pub fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
     let store = a.store.unwrap_or_else(|| home.root().join("serve"));
     let tls = a.tls_cert.zip(a.tls_key);
-    server::run(Config { listen: a.listen, store, peers: a.peers, tls }, |addr| {
+    let idle = std::time::Duration::from_secs(a.idle_timeout);
+    server::run(Config { listen: a.listen, store, peers: a.peers, tls, idle }, |addr| {
         // The readiness line scripts and tests wait for.
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();

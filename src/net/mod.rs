@@ -1,8 +1,9 @@
 //! The network edge: the replica protocol (`protocol`) `capsulefs serve` (`server`)
-//! and its TLS (`tls`).
+//! with its TLS (`tls`) and its bounds on connections and peers (`limits`).
 //! Tokio runs only here. The server holds no content keys: it stores and serves bytes and
 //! hashes, and checks signatures and writer rights, never contents.
 
+pub mod limits;
 pub mod protocol;
 pub mod server;
 pub mod tls;

@@ -5,8 +5,9 @@
 //! capsule: encoding, payloads against the Merkle root, capsule, writer rights, signatures,
 //! parents, and an unsigned record only with a signed descendant in the same batch), so
 //! nobody without an authorized writer's key can make the server store anything. Bounded:
-//! request bodies (`MAX_BODY`), requests in flight (`MAX_IN_FLIGHT`), time per request
-//! (`REQUEST_TIME`), hashes per question (`MAX_HASHES`). Store work runs on blocking threads.
+//! request bodies (`MAX_BODY`), requests in flight (`MAX_IN_FLIGHT`, `MAX_PER_PEER` from one
+//! address), connections (`MAX_CONNECTIONS`, each closed after `IDLE` without traffic), time
+//! per request (`REQUEST_TIME`), hashes per question (`MAX_HASHES`). Store work runs on blocking threads.
 //! SIGTERM or SIGINT stop it gracefully: no new requests, those in flight finish.
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,12 +19,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use borsh::BorshSerialize;
 
+use super::limits::{Bounded, PeerAddr, PerPeer};
 use super::protocol::{self, WalkRequest};
 use super::tls;
 use crate::capsule::Capsule;
@@ -37,6 +39,13 @@ use crate::{Error, Result, VerifyError};
 /// Largest request body: a batch of `MAX_BATCH_BYTES` plus one large record past it.
 const MAX_BODY: usize = MAX_BATCH_BYTES * 2 + (1 << 20);
 const MAX_IN_FLIGHT: usize = 64;
+/// Requests in flight from one address: a quarter of the workers.
+const MAX_PER_PEER: usize = 16;
+/// Connections open at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// A connection that moves no byte for this long is closed (above `protocol::MAX_WAIT`, so a
+/// long poll is never cut).
+pub const IDLE: Duration = Duration::from_secs(90);
 const REQUEST_TIME: Duration = Duration::from_secs(120);
 
 pub struct Config {
@@ -46,6 +55,8 @@ pub struct Config {
     pub peers: Vec<String>,
     /// A PEM certificate chain and its key: serve https instead of http.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// How long a connection may move no byte before it is closed (`IDLE`).
+    pub idle: Duration,
 }
 
 /// How often a server reconciles with its peers when nothing new arrived.
@@ -68,6 +79,7 @@ struct Server {
     news: (Mutex<bool>, std::sync::Condvar),
     /// Wakes the long polls of `heads` when records arrive.
     arrivals: tokio::sync::Notify,
+    per_peer: Arc<PerPeer>,
 }
 
 /// Why input was refused, as `/metrics` counts it.
@@ -422,6 +434,22 @@ async fn declared_size(request: axum::extract::Request, next: axum::middleware::
     next.run(request).await
 }
 
+/// One address may have `MAX_PER_PEER` requests in flight; past that it is told to wait.
+async fn per_peer_limit(
+    State(s): Shared,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(_counted) = s.per_peer.enter(peer.ip(), MAX_PER_PEER) else {
+        *s.metrics.rejected.lock().expect("no panics while locked").entry("peer_busy").or_default() += 1;
+        tracing::info!("refused a request from {peer}: {MAX_PER_PEER} of its requests are in flight");
+        let reason = format!("{MAX_PER_PEER} of your requests are in flight: wait for one to finish\n");
+        return (StatusCode::TOO_MANY_REQUESTS, reason).into_response();
+    };
+    next.run(request).await
+}
+
 fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route(protocol::CAPSULES, get(capsules))
@@ -438,6 +466,7 @@ fn router(server: Arc<Server>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(declared_size))
         .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
+        .layer(axum::middleware::from_fn_with_state(server.clone(), per_peer_limit))
         .with_state(server)
 }
 
@@ -461,6 +490,7 @@ pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         metrics: Metrics::default(),
         news: Default::default(),
         arrivals: tokio::sync::Notify::new(),
+        per_peer: Arc::default(),
     });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let peering = (!config.peers.is_empty()).then(|| {
@@ -483,16 +513,19 @@ pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
             .await
             .map_err(|e| Error::io(Path::new(&config.listen.to_string()), e))?;
         let addr = listener.local_addr().map_err(|e| Error::io(Path::new("listener"), e))?;
+        let app = router(server).into_make_service_with_connect_info::<PeerAddr>();
         let served = match tls {
             Some(acceptor) => {
                 let listener =
                     tls::TlsListener::new(listener, acceptor).map_err(|e| Error::io(Path::new("listener"), e))?;
                 ready(addr);
-                axum::serve(listener, router(server)).with_graceful_shutdown(shutdown_signal()).await
+                let listener = Bounded::new(listener, MAX_CONNECTIONS, config.idle);
+                axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
             }
             None => {
                 ready(addr);
-                axum::serve(listener, router(server)).with_graceful_shutdown(shutdown_signal()).await
+                let listener = Bounded::new(listener, MAX_CONNECTIONS, config.idle);
+                axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
             }
         };
         served.map_err(|e| Error::io(Path::new(&addr.to_string()), e))

@@ -1,0 +1,150 @@
+//! What one peer, or everyone together, can hold of a server: open connections, idle time on
+//! a connection, and requests in flight per peer address.
+//!
+//! `Bounded` wraps any listener (plain TCP or TLS): it accepts only while fewer than
+//! `max_connections` are open (the rest wait in the kernel's backlog), and each connection
+//! is closed once it has moved no byte for `idle` (a client that sends half a request and
+//! stops, or never reads its answer). `PerPeer` counts requests in flight by address, so one
+//! busy or hostile peer cannot take every worker from the others.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, Listener};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// A listener that holds at most `max_connections` open, each closed after `idle` without
+/// traffic.
+pub struct Bounded<L> {
+    inner: L,
+    slots: Arc<Semaphore>,
+    idle: Duration,
+}
+
+impl<L> Bounded<L> {
+    pub fn new(inner: L, max_connections: usize, idle: Duration) -> Self {
+        Self { inner, slots: Arc::new(Semaphore::new(max_connections)), idle }
+    }
+}
+
+impl<L: Listener> Listener for Bounded<L> {
+    type Io = Idle<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (io, addr) = self.inner.accept().await;
+        (Idle { io, limit: self.idle, deadline: Box::pin(tokio::time::sleep(self.idle)), _slot: slot }, addr)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that fails with `TimedOut` once it has been waiting on its peer for `limit`;
+/// it gives its slot back when dropped.
+pub struct Idle<Io> {
+    io: Io,
+    limit: Duration,
+    deadline: Pin<Box<Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<Io> Idle<Io> {
+    /// What a waiting read or write returns: progress restarts the clock; waiting past the
+    /// deadline is an error.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.deadline.as_mut().reset(Instant::now() + self.limit);
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no traffic for {} s: connection closed", self.limit.as_secs()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for Idle<Io> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.watch(cx, polled)
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Idle<Io> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The address a connection came from, as the per-peer limit sees it (axum gives the
+/// address only for a bare `TcpListener`; this works over `Bounded` and TLS alike).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl<L: Listener<Addr = SocketAddr>> Connected<IncomingStream<'_, Bounded<L>>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, Bounded<L>>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// Requests in flight by peer address.
+#[derive(Default)]
+pub struct PerPeer {
+    in_flight: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerPeer {
+    /// A place for one more request from `peer`, or None when it already has `max` in flight.
+    pub fn enter(self: &Arc<Self>, peer: IpAddr, max: usize) -> Option<InFlight> {
+        let mut counts = self.in_flight.lock().expect("no panics while locked");
+        let count = counts.entry(peer).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(InFlight { peers: self.clone(), peer })
+    }
+}
+
+/// One request counted against its peer until dropped.
+pub struct InFlight {
+    peers: Arc<PerPeer>,
+    peer: IpAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut counts = self.peers.in_flight.lock().expect("no panics while locked");
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
+}
