@@ -523,3 +523,39 @@ fn one_peer_cannot_hold_every_worker_and_idle_connections_are_closed() {
     let mut server = server;
     assert!(server.alive());
 }
+
+/// The number before `what` in `text` (e.g. "229 sub-records not held").
+fn count_before(text: &str, what: &str) -> u64 {
+    let line = text.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no '{what}' in {text}"));
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_sparse_clone_holds_headers_and_fetches_each_sub_record_when_read() {
+    let server = Server::start();
+    let home = Home::default();
+    let Some(id) = capsule_with_tree(&home) else { return };
+    home.ok(&["push", "c", &server.url()]);
+    let laptop = same_user(&home);
+    let cloned = laptop.ok(&["clone", "--sparse", &format!("{}#{id}", server.url())]);
+    assert_eq!(cloned.lines().last(), Some(id.as_str()), "{cloned}");
+    // Every header is there and proven; no sub-record yet.
+    let before = laptop.ok(&["verify", "c"]);
+    assert!(before.starts_with("ok: ") && before.contains(" 0 sub-records (0 bytes) verified"), "{before}");
+    let not_held = count_before(&before, "sub-records not held");
+    assert!(not_held > 100, "{before}");
+    assert_eq!(laptop.ok(&["log", "c"]), home.ok(&["log", "c"]));
+    // Reading the tree fetches what it needs, each sub-record proven, and keeps it.
+    {
+        let Some(m) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
+    }
+    let after = laptop.ok(&["verify", "c"]);
+    assert!(count_before(&after, "sub-records not held") < not_held, "{after}");
+    // With the server gone, what was read is still readable.
+    drop(server);
+    let Some(m) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
+}

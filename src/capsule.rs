@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crypto::keys::Identity;
@@ -16,6 +16,7 @@ use crate::record::{
     CapsuleId, KeyGen, Metadata, NodeHash, Params, Payload, Record, RecordHash, RecordHeader, RecordKind, Seq,
     SignedMetadata, SubIdx, SubRecordBuf, WriterId, merkle,
 };
+use crate::replica::Replica;
 use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, StoreError, VerifyError};
 
@@ -137,6 +138,8 @@ pub struct AuditReport {
     pub signed: u64,
     pub sub_records: u64,
     pub sub_record_bytes: u64,
+    /// Sub-records of a sparse replica not held here (fetched when read).
+    pub not_held: u64,
 }
 
 /// What appends and ingests keep between them, under the write lock: copies of store values
@@ -192,6 +195,8 @@ pub struct Capsule {
     trust_key: Option<TrustKey>,
     /// One append or ingest at a time: each reads heads and sequence numbers it then updates.
     write_lock: Mutex<WriteState>,
+    /// Where a sparse replica fetches the sub-records it does not hold (`fill_from`).
+    filler: OnceLock<Arc<dyn Replica>>,
 }
 
 impl Drop for Capsule {
@@ -270,7 +275,16 @@ impl Capsule {
 
     fn with_store(signed: SignedMetadata, store: CapsuleStore, local: Vec<Identity>) -> Self {
         let id = signed.metadata.id();
-        Self { id, signed, store, cache: new_cache(), local, trust_key: None, write_lock: Mutex::default() }
+        Self {
+            id,
+            signed,
+            store,
+            cache: new_cache(),
+            local,
+            trust_key: None,
+            write_lock: Mutex::default(),
+            filler: OnceLock::new(),
+        }
     }
 
     /// Opens the capsule in `kv`, checking its metadata signature.
@@ -461,6 +475,9 @@ impl Capsule {
             return Err(self.keep_evidence(first, h, &record)?);
         }
         let mut batch = self.store.batch();
+        if subs.len() != header.sub_count as usize {
+            batch.mark_sparse(); // a header without its sub-records (`check_incoming_header`)
+        }
         let order = state.next_order(&self.store)?;
         let heads = batch.put_record(&h, record.encode(), &header.parents, state.heads(&self.store)?, order);
         for (i, sub) in subs.into_iter().enumerate() {
@@ -612,9 +629,42 @@ impl Capsule {
         }
     }
 
-    /// Sub-record `idx` of `record`, returned only after it is proven.
+    /// Sub-record `idx` of `record`, returned only after it is proven. A sparse replica that
+    /// does not hold it fetches it from the replica `fill_from` named, proves it against the
+    /// stored header, keeps it, and returns it.
     pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Payload>, SubRecordProof)> {
-        self.prover().read_sub_record(record, idx)
+        let read = self.prover().read_sub_record(record, idx);
+        let (Err(Error::Verify(VerifyError::MissingSubRecord { .. })), Some(source)) = (&read, self.filler.get())
+        else {
+            return read;
+        };
+        let bytes = source.sub_record(record, idx)?.ok_or_else(|| {
+            Error::NotFound(format!("sub-record {} of {record:?}: not held here, nor on {}", idx.0, source.describe()))
+        })?;
+        let proven = self.prover().check_sub_record(record, idx, bytes.clone())?;
+        let mut batch = self.store.batch();
+        batch.put_sub_record(&record, idx, bytes);
+        if let Err(e) = self.store.write(batch, Durability::Buffered) {
+            // A store opened read-only beside a mount: the next read fetches it again.
+            tracing::debug!("not keeping a fetched sub-record: {e}");
+        }
+        Ok(proven)
+    }
+
+    /// Makes this a sparse replica's capsule: sub-records it does not hold are fetched from
+    /// `source` when read (and proven like any other). Set once; later calls are ignored.
+    pub fn fill_from(&self, source: Arc<dyn Replica>) {
+        let _ = self.filler.set(source);
+    }
+
+    /// Every check `check_incoming` makes that needs no payloads: for a sparse replica, which
+    /// takes a record's header now and its sub-records when they are read (each proven against
+    /// the header's Merkle root then).
+    pub fn check_incoming_header(&self, record_bytes: &[u8]) -> Result<Incoming> {
+        let record = Record::decode(record_bytes).map_err(VerifyError::Undecodable)?;
+        let h = record.hash();
+        check_record_claims(self.id, self.metadata(), h, &record)?;
+        Ok(Incoming { hash: h, record, subs: Vec::new() })
     }
 
     /// Stored record `h`, checked against its hash (not proven): for walks of the DAG's shape.
@@ -682,6 +732,7 @@ impl Capsule {
         let audit_cache = new_cache();
         let prover = self.prover_with(&audit_cache, CacheUse::MemoryOnly);
         let mut report = AuditReport::default();
+        let sparse = self.store.is_sparse()?;
         for h in self.store.arrival_order(false)? {
             let h = h?;
             let record = self.record(h)?;
@@ -694,7 +745,13 @@ impl Capsule {
                 return Err(StoreError::BadIndex { cf: "seqs", detail }.into());
             }
             for idx in 0..record.header.sub_count {
-                let (data, _) = prover.read_sub_record(h, SubIdx(idx))?;
+                let data = match prover.read_sub_record(h, SubIdx(idx)) {
+                    Err(Error::Verify(VerifyError::MissingSubRecord { .. })) if sparse => {
+                        report.not_held += 1;
+                        continue;
+                    }
+                    read => read?.0,
+                };
                 report.sub_records += 1;
                 report.sub_record_bytes += data.get().len() as u64;
             }

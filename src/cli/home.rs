@@ -11,6 +11,7 @@ use anyhow::{Context, anyhow, bail};
 use capsulefs::capsule::Capsule;
 use capsulefs::crypto::keys::{Identity, Keyring};
 use capsulefs::record::CapsuleId;
+use capsulefs::replica::remote::Remote;
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::{Error, Result};
 
@@ -191,6 +192,12 @@ impl Home {
                 capsule.id(),
                 id
             ))));
+        }
+        // A sparse clone reads the sub-records it lacks from its first replica.
+        if capsule.store().is_sparse()?
+            && let Some(url) = self.replicas(id)?.first()
+        {
+            capsule.fill_from(Arc::new(Remote::new(url, *id)?));
         }
         Ok(capsule)
     }

@@ -139,5 +139,8 @@ pub fn verify(home: &Home, a: VerifyArgs) -> anyhow::Result<()> {
         "ok: {} records ({} signed), {} sub-records ({} bytes) verified",
         report.records, report.signed, report.sub_records, report.sub_record_bytes
     );
+    if report.not_held > 0 {
+        println!("{} sub-records not held here (a sparse clone: fetched and proven when read)", report.not_held);
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@ use capsulefs::capsule::Capsule;
 use capsulefs::record::{CapsuleId, SignedMetadata};
 use capsulefs::replica::Replica;
 use capsulefs::replica::remote::Remote;
-use capsulefs::replica::transfer::{self, Report};
+use capsulefs::replica::transfer::{self, Report, Take};
 
 use super::home::Home;
 use super::progress::Bar;
@@ -56,6 +56,10 @@ pub struct CloneArgs {
     /// Local name (default: the capsule's own name).
     #[arg(long)]
     pub name: Option<String>,
+    /// Fetch record headers only; each sub-record is fetched from the replica when first read
+    /// (and proven against its header then), then kept.
+    #[arg(long)]
+    pub sparse: bool,
 }
 
 fn check_url(url: &str) -> anyhow::Result<()> {
@@ -257,7 +261,8 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
     let (staging, kv) = home.staging_store()?;
     let capsule = Capsule::adopt(kv, id, &metadata, home.keyring()?.identities().to_vec())
         .with_context(|| format!("the metadata {url} sent"))?;
-    let report = transfer::pull(&capsule, &remote, &Bar::new(&format!("cloning from {url}")))
+    let taking = if a.sparse { Take::Headers } else { Take::Whole };
+    let report = transfer::pull_taking(&capsule, &remote, taking, &Bar::new(&format!("cloning from {url}")))
         .with_context(|| format!("pulling from {url}"))?;
     drop(capsule);
     home.register(&name, &id, staging)?;

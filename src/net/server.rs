@@ -344,8 +344,14 @@ async fn fetch(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> R
     blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.fetch(&hashes(&body)?)?))).await
 }
 
-async fn since(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
-    blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.since(&hashes(&body)?)?))).await
+#[derive(serde::Deserialize)]
+struct SinceQuery {
+    headers: Option<u8>,
+}
+
+async fn since(State(s): Shared, UrlPath(id): UrlPath<String>, Query(q): Query<SinceQuery>, body: Bytes) -> Response {
+    let headers_only = q.headers == Some(1);
+    blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.since(&hashes(&body)?, headers_only)?))).await
 }
 
 async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {

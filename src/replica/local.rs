@@ -148,7 +148,7 @@ impl Replica for Capsule {
         Ok(bundles)
     }
 
-    fn since(&self, heads: &[RecordHash]) -> Result<Since> {
+    fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since> {
         let lacking = self.difference(&heads[..heads.len().min(MAX_HASHES)])?;
         let mut answer = Since { heads: Capsule::heads(self)?, ..Since::default() };
         let mut bytes = 0;
@@ -157,7 +157,12 @@ impl Replica for Capsule {
                 answer.more = true;
                 break;
             }
-            let bundle = self.fetch(&[h])?.pop().ok_or(VerifyError::MissingRecord { record: h })?;
+            let bundle = if headers_only {
+                let record = self.store().record_bytes(&h)?.ok_or(VerifyError::MissingRecord { record: h })?;
+                Bundle { record, payloads: Vec::new() }
+            } else {
+                self.fetch(&[h])?.pop().ok_or(VerifyError::MissingRecord { record: h })?
+            };
             bytes += bundle.size();
             answer.bundles.push(bundle);
         }

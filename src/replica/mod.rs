@@ -78,8 +78,9 @@ pub trait Replica: Send + Sync {
     fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>>;
     /// The records it holds that a holder of `heads` (at most `MAX_HASHES`) lacks, with its
     /// own heads, in one answer: heads go one way and records the other, so finding what to
-    /// send costs 32 bytes a head, whatever the difference.
-    fn since(&self, heads: &[RecordHash]) -> Result<Since>;
+    /// send costs 32 bytes a head, whatever the difference. With `headers_only`, the bundles
+    /// carry no payloads (for a sparse replica, which fetches sub-records when they are read).
+    fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since>;
     /// Sub-record `idx` of `record` with its Merkle path, as stored.
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>>;
     /// Stores bundles given parents first. A replica checks every one before storing any,

@@ -201,9 +201,10 @@ impl Replica for Remote {
         self.expect(Route::Fetch, Some(codec::encode(&ask)))
     }
 
-    fn since(&self, heads: &[RecordHash]) -> Result<Since> {
+    fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since> {
         let heads: Vec<RecordHash> = heads.iter().take(MAX_HASHES).copied().collect();
-        self.expect(Route::Since, Some(codec::encode(&heads)))
+        let query = if headers_only { "?headers=1" } else { "" };
+        self.expect_with(Route::Since, query, Some(codec::encode(&heads)))
     }
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {

@@ -124,17 +124,23 @@ fn send(remote: &dyn Replica, batch: &mut Vec<Bundle>, report: &mut Report, prog
     Ok(())
 }
 
-/// Checks `bundle` as the record `expected` (if given) and stores it; counts what it stored.
+/// Checks `bundle` as the record `expected` (if given) and stores it (without payloads only
+/// when `taking` headers); counts what it stored.
 fn take(
     local: &Capsule,
     remote: &dyn Replica,
     bundle: Bundle,
     expected: Option<RecordHash>,
+    taking: Take,
     report: &mut Report,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let payloads: Vec<&[u8]> = bundle.payloads.iter().map(Vec::as_slice).collect();
-    let incoming = local.check_incoming(&bundle.record, &payloads)?;
+    let incoming = if taking == Take::Headers && bundle.payloads.is_empty() {
+        local.check_incoming_header(&bundle.record)?
+    } else {
+        let payloads: Vec<&[u8]> = bundle.payloads.iter().map(Vec::as_slice).collect();
+        local.check_incoming(&bundle.record, &payloads)?
+    };
     if let Some(expected) = expected
         && incoming.hash() != expected
     {
@@ -152,8 +158,22 @@ fn take(
     Ok(())
 }
 
+/// What a pull takes of each record.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Take {
+    /// Header and sub-records.
+    Whole,
+    /// The header only: a sparse replica, which fetches sub-records when they are read.
+    Headers,
+}
+
 /// Pulls every record of `remote` the local capsule lacks, checking each before storing it.
 pub fn pull(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> Result<Report> {
+    pull_taking(local, remote, Take::Whole, progress)
+}
+
+/// `pull`, taking of each record what `take` says.
+pub fn pull_taking(local: &Capsule, remote: &dyn Replica, taking: Take, progress: &dyn Progress) -> Result<Report> {
     let mut report = Report { round_trips: 1, ..Report::default() };
     match remote.metadata()? {
         Some(m) if m == local.metadata_bytes() => {}
@@ -179,13 +199,13 @@ pub fn pull(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
         let mut known = haves(local)?;
         known.extend(&shared);
         loop {
-            let answer = remote.since(&known)?;
+            let answer = remote.since(&known, taking == Take::Headers)?;
             report.round_trips += 1;
             report.reconcile_sent += hashes_len(known.len());
             report.reconcile_received += hashes_len(answer.heads.len()) + 1;
             let before = report.records;
             for bundle in answer.bundles {
-                take(local, remote, bundle, None, &mut report, progress)?;
+                take(local, remote, bundle, None, taking, &mut report, progress)?;
             }
             theirs = answer.heads;
             // An answer that stored nothing new cannot be followed by a better one.
@@ -280,7 +300,7 @@ fn pull_walking(
     let mut next = 0;
     while next < order.len() {
         for (bundle, expected) in fetch_slice(remote, &order[next..], report)? {
-            take(local, remote, bundle, Some(expected), report, progress)?;
+            take(local, remote, bundle, Some(expected), Take::Whole, report, progress)?;
             next += 1;
         }
     }

@@ -15,6 +15,10 @@ const METADATA_KEY: &[u8] = b"metadata";
 const HEADS_KEY: &[u8] = b"heads";
 /// The arrival number the next record gets (u64 big-endian).
 const NEXT_ORDER_KEY: &[u8] = b"next-order";
+/// Present once the store holds a record without its sub-records (a sparse replica): a
+/// missing sub-record is then fetched from a replica, not a loss. Forging it hides nothing:
+/// what is fetched is proven like anything else, and `verify` counts what is not held.
+const SPARSE_KEY: &[u8] = b"sparse";
 
 /// Two records one writer made with the same sequence number: proof of a fork.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +77,11 @@ impl CapsuleStore {
 
     pub fn has_record(&self, h: &RecordHash) -> Result<bool> {
         Ok(self.record_bytes(h)?.is_some())
+    }
+
+    /// Whether some records are held without their sub-records (see `SPARSE_KEY`).
+    pub fn is_sparse(&self) -> Result<bool> {
+        Ok(self.kv.get(Cf::Meta, SPARSE_KEY)?.is_some())
     }
 
     pub fn sub_record_bytes(&self, h: &RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
@@ -179,6 +188,10 @@ pub struct StoreBatch {
 impl StoreBatch {
     pub fn put_metadata(&mut self, bytes: Vec<u8>) {
         self.batch.put(Cf::Meta, METADATA_KEY, bytes);
+    }
+
+    pub fn mark_sparse(&mut self) {
+        self.batch.put(Cf::Meta, SPARSE_KEY, vec![1]);
     }
 
     /// A new record, made a head in place of its parents, as arrival number `order`; returns

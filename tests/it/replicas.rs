@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
+use capsulefs::VerifyError;
 use capsulefs::capsule::{Capsule, Parents};
 use capsulefs::record::{RecordHash, SubIdx, SubRecordBuf};
-use capsulefs::replica::transfer::{pull, push};
+use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::replica::{Bundle, Node, Replica, Since};
-use capsulefs::store::Kv;
 use capsulefs::store::mem::MemKv;
+use capsulefs::store::{Batch, Cf, Durability, Kv};
 
 use super::{fixture, signed, unsigned};
 
@@ -42,8 +43,8 @@ impl Replica for Forgetful<'_> {
     fn fetch(&self, records: &[RecordHash]) -> capsulefs::Result<Vec<Bundle>> {
         self.0.fetch(records)
     }
-    fn since(&self, heads: &[RecordHash]) -> capsulefs::Result<Since> {
-        let mut answer = self.0.since(heads)?;
+    fn since(&self, heads: &[RecordHash], headers_only: bool) -> capsulefs::Result<Since> {
+        let mut answer = self.0.since(heads, headers_only)?;
         answer.bundles.truncate(answer.bundles.len() / 2); // the oldest half: parents first
         Ok(answer)
     }
@@ -125,4 +126,38 @@ fn a_walk_from_many_heads_loses_none_of_them() {
     let report = pull(&laptop, &Forgetful(&server), &()).unwrap();
     assert_eq!(report.records, 41);
     assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
+}
+
+#[test]
+fn a_sparse_replica_proves_each_fetched_sub_record_and_refuses_a_tampered_one() {
+    let f = fixture();
+    let h = f.cap.append(&f.owner, &[b"first", b"second"], signed()).unwrap();
+    let server_kv = Arc::new(MemKv::new());
+    let server = Arc::new(
+        Capsule::adopt(server_kv.clone() as Arc<dyn Kv>, f.cap.id(), &f.cap.metadata_bytes(), Vec::new()).unwrap(),
+    );
+    push(&f.cap, &*server, &()).unwrap();
+    let laptop = empty_replica_of(&f.cap);
+    let report = pull_taking(&laptop, &*server, Take::Headers, &()).unwrap();
+    assert!(report.bytes < 1000, "headers only: {} bytes", report.bytes);
+    assert!(laptop.store().is_sparse().unwrap());
+    assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
+    // Without a replica to fetch from, a sub-record not held is an error, never empty bytes.
+    assert!(matches!(
+        laptop.read_sub_record(h, SubIdx(0)),
+        Err(capsulefs::Error::Verify(VerifyError::MissingSubRecord { .. }))
+    ));
+    laptop.fill_from(server.clone());
+    assert_eq!(&laptop.read_sub_record(h, SubIdx(0)).unwrap().0.get()[..], b"first");
+    assert!(laptop.store().sub_record_bytes(&h, SubIdx(0)).unwrap().is_some(), "kept once fetched");
+    // The server's copy of the second sub-record is altered: refused, and nothing kept.
+    let mut altered = server.store().sub_record_bytes(&h, SubIdx(1)).unwrap().unwrap();
+    *altered.last_mut().unwrap() ^= 1;
+    let mut batch = Batch::default();
+    batch.put(Cf::Subs, [&h.as_bytes()[..], &1u32.to_be_bytes()].concat(), altered);
+    server_kv.write(batch, Durability::Buffered).unwrap();
+    assert!(matches!(laptop.read_sub_record(h, SubIdx(1)), Err(capsulefs::Error::Verify(_))));
+    assert!(laptop.store().sub_record_bytes(&h, SubIdx(1)).unwrap().is_none());
+    let audit = laptop.audit().unwrap();
+    assert_eq!((audit.sub_records, audit.not_held), (1, 1), "one fetched, one refused");
 }
