@@ -559,3 +559,30 @@ fn a_sparse_clone_holds_headers_and_fetches_each_sub_record_when_read() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
 }
+
+#[test]
+fn a_replica_serving_a_forked_writer_is_refused_and_the_fork_kept_as_evidence() {
+    let (a, b) = (Server::start(), Server::start());
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["push", "c", &a.url()]);
+    home.ok(&["push", "c", &b.url()]);
+    let genesis = RecordHash::from_hex(&id).unwrap();
+    let head = RecordHash::from_hex(home.ok(&["log", "c"]).split(' ').next().unwrap()).unwrap();
+    // One writer, one sequence number, two different signed records: one on each server.
+    let records = format!("/v1/capsules/{id}/records");
+    let first = record_bytes(&home, &id, head, 1000, true);
+    let second = record_bytes(&home, &id, genesis, 1000, true);
+    assert_eq!(a.raw("POST", &records, &codec::encode(&vec![first])), 200);
+    assert_eq!(b.raw("POST", &records, &codec::encode(&vec![second])), 200);
+    let laptop = same_user(&home);
+    laptop.ok(&["clone", &format!("{}#{id}", a.url())]);
+    let before = laptop.ok(&["log", "c"]);
+    let out = laptop.run(&["pull", "c", &b.url()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("sequence number 1000") && stderr.contains("a fork"), "the fork is named: {stderr}");
+    assert_eq!(laptop.ok(&["log", "c"]), before, "the second record is not taken into the DAG");
+    let verify = laptop.run(&["verify", "c"]);
+    assert!(String::from_utf8_lossy(&verify.stderr).contains("equivocation evidence"), "{verify:?}");
+}

@@ -90,7 +90,12 @@ pub enum VerifyError {
         "{record:?} claims {count} sub-records with root {root}, but its payloads give {actual_count} with another root"
     )]
     PayloadMismatch { record: RecordHash, count: u32, actual_count: usize, root: String },
-    #[error("{writer:?} used sequence number {} for both {first:?} and {second:?}: evidence kept", seq.0)]
+    #[error(
+        "{writer:?} signed two different records with sequence number {}, {first:?} and {second:?}: a fork \
+         (one key writing from two copies of the same state, e.g. a restored backup); the second is kept aside \
+         as evidence, not merged (`capsulefs verify` lists it)",
+        seq.0
+    )]
     Equivocation { writer: WriterId, seq: Seq, first: RecordHash, second: RecordHash },
     #[error("capsule metadata does not verify: {0}")]
     Metadata(String),
