@@ -46,7 +46,7 @@ impl Server {
             .args(args)
             .env_remove("CAPSULEFS_LOG")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(fs::File::create(store.path().join("serve.log")).unwrap())
             .spawn()
             .unwrap();
         // Readiness: the "listening on ADDR" line, waited for with a bound.
@@ -99,6 +99,11 @@ impl Server {
         let mut answer = Vec::new();
         let _ = s.read_to_end(&mut answer);
         String::from_utf8_lossy(&answer).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+
+    /// What the server logged so far.
+    fn log(&self) -> String {
+        fs::read_to_string(self.store.path().join("serve.log")).unwrap()
     }
 
     fn metrics(&self) -> String {
@@ -520,6 +525,13 @@ fn one_peer_cannot_hold_every_worker_and_idle_connections_are_closed() {
         let closed = s.read_to_end(&mut rest);
         assert!(closed.is_ok(), "the server closed it (not our read timeout): {closed:?}");
     }
+    // Each connection is one line of the server's log when it ends.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.log().matches("closed after idling").count() < 2 {
+        assert!(Instant::now() < deadline, "no session lines:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.log().contains("peer 127.0.0.1:"), "{}", server.log());
     let mut server = server;
     assert!(server.alive());
 }

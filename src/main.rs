@@ -13,7 +13,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    cli::init_tracing(args.verbose);
+    // A server's log is its record of who connected and what was refused: info by default.
+    let serving = matches!(args.command, cli::Command::Serve(_));
+    cli::init_tracing(args.verbose.max(u8::from(serving)));
     let Err(e) = cli::run(args) else { return ExitCode::SUCCESS };
     if cli::reader_went_away(&e) {
         return ExitCode::SUCCESS; // `capsulefs log | head`: the reader has what it wanted

@@ -2,9 +2,10 @@
 //! a connection, and requests in flight per peer address.
 //!
 //! `Bounded` wraps any listener (plain TCP or TLS): it accepts only while fewer than
-//! `max_connections` are open (the rest wait in the kernel's backlog), and each connection
-//! is closed once it has moved no byte for `idle` (a client that sends half a request and
-//! stops, or never reads its answer). `PerPeer` counts requests in flight by address, so one
+//! `max_connections` are open (the rest wait in the kernel's backlog), each connection is
+//! closed once it has moved no byte for `idle` (a client that sends half a request and stops,
+//! or never reads its answer), and each logs one line when it closes: peer, bytes each way,
+//! how long, and whether it idled out. `PerPeer` counts requests in flight by address, so one
 //! busy or hostile peer cannot take every worker from the others.
 
 use std::collections::HashMap;
@@ -36,14 +37,21 @@ impl<L> Bounded<L> {
     }
 }
 
-impl<L: Listener> Listener for Bounded<L> {
+impl<L: Listener<Addr = SocketAddr>> Listener for Bounded<L> {
     type Io = Idle<L::Io>;
-    type Addr = L::Addr;
+    type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let (io, addr) = self.inner.accept().await;
-        (Idle { io, limit: self.idle, deadline: Box::pin(tokio::time::sleep(self.idle)), _slot: slot }, addr)
+        let (io, peer) = self.inner.accept().await;
+        let idle = Idle {
+            io,
+            limit: self.idle,
+            deadline: Box::pin(tokio::time::sleep(self.idle)),
+            _slot: slot,
+            session: Session { peer, opened: Instant::now(), bytes_in: 0, bytes_out: 0, timed_out: false },
+        };
+        (idle, peer)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -51,13 +59,37 @@ impl<L: Listener> Listener for Bounded<L> {
     }
 }
 
+/// What one connection did, logged in one line when it closes.
+struct Session {
+    peer: SocketAddr,
+    opened: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    timed_out: bool,
+}
+
 /// A connection that fails with `TimedOut` once it has been waiting on its peer for `limit`;
-/// it gives its slot back when dropped.
+/// it gives its slot back, and logs its session, when dropped.
 pub struct Idle<Io> {
     io: Io,
     limit: Duration,
     deadline: Pin<Box<Sleep>>,
     _slot: OwnedSemaphorePermit,
+    session: Session,
+}
+
+impl<Io> Drop for Idle<Io> {
+    fn drop(&mut self) {
+        let s = &self.session;
+        tracing::info!(
+            "peer {}: {} bytes in, {} bytes out, {:.1} s{}",
+            s.peer,
+            s.bytes_in,
+            s.bytes_out,
+            s.opened.elapsed().as_secs_f64(),
+            if s.timed_out { ", closed after idling" } else { "" }
+        );
+    }
 }
 
 impl<Io> Idle<Io> {
@@ -69,10 +101,13 @@ impl<Io> Idle<Io> {
                 self.deadline.as_mut().reset(Instant::now() + self.limit);
                 Poll::Ready(result)
             }
-            Poll::Pending if self.deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no traffic for {} s: connection closed", self.limit.as_secs()),
-            ))),
+            Poll::Pending if self.deadline.as_mut().poll(cx).is_ready() => {
+                self.session.timed_out = true;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no traffic for {} s: connection closed", self.limit.as_secs()),
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -80,7 +115,9 @@ impl<Io> Idle<Io> {
 
 impl<Io: AsyncRead + Unpin> AsyncRead for Idle<Io> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.session.bytes_in += (buf.filled().len() - before) as u64;
         self.watch(cx, polled)
     }
 }
@@ -88,6 +125,9 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Idle<Io> {
 impl<Io: AsyncWrite + Unpin> AsyncWrite for Idle<Io> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.session.bytes_out += n as u64;
+        }
         self.watch(cx, polled)
     }
 
