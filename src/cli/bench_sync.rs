@@ -43,6 +43,9 @@ pub struct SyncBenchArgs {
     /// Size of the tree pushed against rsync, in MiB.
     #[arg(long, default_value_t = 512)]
     pub mib: usize,
+    /// Only the push against rsync (for working on push speed).
+    #[arg(long, hide = true)]
+    pub push_only: bool,
 }
 
 const DIFFERENCES: [usize; 3] = [1, 100, 10_000];
@@ -396,7 +399,8 @@ pub fn run(a: SyncBenchArgs) -> anyhow::Result<()> {
     );
     let mut worst = [0u64; 3];
     let mut max_trips = 0;
-    for (i, &d) in DIFFERENCES.iter().enumerate() {
+    let differences = if a.push_only { &[][..] } else { &DIFFERENCES[..] };
+    for (i, &d) in differences.iter().enumerate() {
         for shape in [Shape::Lagging, Shape::Scattered] {
             let (local, server_dir, truth) = scenario(dir.path(), &me, a.records, d, shape)?;
             let mut truth_sorted = truth.clone();
