@@ -598,3 +598,35 @@ fn a_replica_serving_a_forked_writer_is_refused_and_the_fork_kept_as_evidence() 
     let verify = laptop.run(&["verify", "c"]);
     assert!(String::from_utf8_lossy(&verify.stderr).contains("equivocation evidence"), "{verify:?}");
 }
+
+#[test]
+fn a_folder_replica_takes_pushes_and_gives_clones_whole_or_sparse() {
+    let home = Home::default();
+    let Some(id) = capsule_with_tree(&home) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    home.ok(&["replica", "add", "c", &url]);
+    let pushed = home.ok(&["push", "c"]);
+    assert!(pushed.starts_with("pushed ") && !pushed.starts_with("pushed 0 "), "{pushed}");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for how in [&[][..], &["--sparse"][..]] {
+        let laptop = same_user(&home);
+        let source = format!("{url}#{id}");
+        laptop.ok(&[&["clone"][..], how, &[source.as_str()]].concat());
+        assert!(laptop.ok(&["verify", "c"]).starts_with("ok: "));
+        assert_eq!(laptop.ok(&["log", "c"]), home.ok(&["log", "c"]));
+        let Some(m) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
+        sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
+    }
+    // What the first machine writes later reaches a clone through the folder.
+    let laptop = same_user(&home);
+    laptop.ok(&["clone", &format!("{url}#{id}")]);
+    {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        fs::write(m.path("later.txt"), b"through the folder").unwrap();
+    }
+    home.ok(&["push", "c"]);
+    assert!(!laptop.ok(&["pull", "c"]).starts_with("pulled 0 "));
+    let Some(m) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
+    assert_eq!(fs::read(m.path("later.txt")).unwrap(), b"through the folder");
+}

@@ -212,7 +212,7 @@ fn now_ms() -> u64 {
 }
 
 /// The Merkle root over the payloads, and each sub-record encoded with its path.
-fn sub_records(subs: Vec<SubRecordBuf>) -> (NodeHash, Vec<Vec<u8>>) {
+pub(crate) fn sub_records(subs: Vec<SubRecordBuf>) -> (NodeHash, Vec<Vec<u8>>) {
     let leaves: Vec<_> = subs.iter().map(SubRecordBuf::leaf).collect();
     let (root, paths) = merkle::build(&leaves);
     (root, subs.into_iter().zip(paths).map(|(s, path)| s.finish(&path)).collect())
@@ -223,7 +223,7 @@ fn copied(payloads: &[&[u8]]) -> Vec<SubRecordBuf> {
 }
 
 /// Decodes signed metadata and checks the creator's signature over its id.
-fn check_metadata(bytes: &[u8]) -> Result<SignedMetadata> {
+pub(crate) fn check_metadata(bytes: &[u8]) -> Result<SignedMetadata> {
     let signed = SignedMetadata::decode(bytes).map_err(|e| VerifyError::Metadata(e.to_string()))?;
     let id = signed.metadata.id();
     if !sign::verify_metadata(&signed.metadata.creator, &id, &signed.signature) {

@@ -11,7 +11,8 @@ use anyhow::{Context, anyhow, bail};
 use capsulefs::capsule::Capsule;
 use capsulefs::crypto::keys::{Identity, Keyring};
 use capsulefs::record::CapsuleId;
-use capsulefs::replica::remote::Remote;
+use capsulefs::replica::objects::Pusher;
+use capsulefs::replica::{self, Replica};
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::{Error, Result};
 
@@ -40,6 +41,38 @@ impl Home {
 
     pub fn keyring(&self) -> Result<Keyring> {
         Keyring::load(&self.root.join("keys"))
+    }
+
+    /// This machine's device id, made at random on first use: a folder or bucket replica keeps
+    /// one head object per device, so no two machines ever write the same object.
+    pub fn device_id(&self) -> anyhow::Result<[u8; 16]> {
+        let path = self.root.join("device");
+        if let Ok(text) = fs::read_to_string(&path) {
+            let bytes = hex::decode(text.trim()).ok().and_then(|b| <[u8; 16]>::try_from(b).ok());
+            return bytes
+                .ok_or_else(|| anyhow!("{} is not 32 hex digits: remove it to make a new device id", path.display()));
+        }
+        let id = capsulefs::crypto::random_bytes::<16>();
+        let tmp = path.with_extension("new");
+        fs::write(&tmp, format!("{}\n", hex::encode(id)))
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(id)
+    }
+
+    /// Who pushes `capsule` from here: the first local identity allowed to write it, with this
+    /// device's id; None when no local identity may write it.
+    pub fn pusher(&self, capsule: &Capsule) -> anyhow::Result<Option<Pusher>> {
+        let ring = self.keyring()?;
+        let Some(identity) = ring.identities().iter().find(|i| capsule.metadata().may_write(&i.writer())) else {
+            return Ok(None);
+        };
+        Ok(Some(Pusher { identity: identity.clone(), device: self.device_id()? }))
+    }
+
+    /// The replica at `url` for `capsule`, able to take pushes from this machine.
+    pub fn replica(&self, url: &str, capsule: &Capsule) -> anyhow::Result<Box<dyn Replica>> {
+        Ok(replica::open(url, capsule.id(), self.pusher(capsule)?)?)
     }
 
     /// The identity named `name`, else "default", else the only one; with `create`, a missing
@@ -197,7 +230,7 @@ impl Home {
         if capsule.store().is_sparse()?
             && let Some(url) = self.replicas(id)?.first()
         {
-            capsule.fill_from(Arc::new(Remote::new(url, *id)?));
+            capsule.fill_from(Arc::from(replica::open(url, *id, None)?));
         }
         Ok(capsule)
     }

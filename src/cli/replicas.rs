@@ -18,7 +18,8 @@ use super::progress::Bar;
 
 #[derive(Subcommand, Debug)]
 pub enum ReplicaCommand {
-    /// Remember a replica (http://HOST:PORT of a `capsulefs serve`) for a capsule.
+    /// Remember a replica (http(s)://HOST:PORT of a `capsulefs serve`, or file:///PATH) for a
+    /// capsule.
     Add { name: String, url: String },
     /// The replicas remembered for a capsule, one URL a line.
     List { name: String },
@@ -51,7 +52,7 @@ const FOLLOW_RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
 pub struct CloneArgs {
-    /// The replica and the capsule: http://HOST:PORT#CAPSULE_ID.
+    /// The replica and the capsule: http(s)://HOST:PORT#CAPSULE_ID or file:///PATH#CAPSULE_ID.
     pub source: String,
     /// Local name (default: the capsule's own name).
     #[arg(long)]
@@ -64,7 +65,7 @@ pub struct CloneArgs {
 
 fn check_url(url: &str) -> anyhow::Result<()> {
     // Validates the form without contacting it.
-    Remote::new(url, CapsuleId::from_bytes([0; 32]))?;
+    capsulefs::replica::open(url, CapsuleId::from_bytes([0; 32]), None)?;
     Ok(())
 }
 
@@ -141,15 +142,15 @@ enum Way {
     Pull,
 }
 
-fn transfer_each(capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result<()> {
+fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result<()> {
     for url in urls {
-        let remote = Remote::new(url, capsule.id())?;
+        let remote = home.replica(url, capsule)?;
         let (report, doing, verb, preposition) = match way {
             Way::Push => {
-                (transfer::push(capsule, &remote, &Bar::new(&format!("pushing to {url}"))), "pushing", "pushed", "to")
+                (transfer::push(capsule, &*remote, &Bar::new(&format!("pushing to {url}"))), "pushing", "pushed", "to")
             }
             Way::Pull => (
-                transfer::pull(capsule, &remote, &Bar::new(&format!("pulling from {url}"))),
+                transfer::pull(capsule, &*remote, &Bar::new(&format!("pulling from {url}"))),
                 "pulling",
                 "pulled",
                 "from",
@@ -165,18 +166,18 @@ pub fn push(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     // Pushing only reads the local store, so it works beside a mount too.
     let capsule = home.open_for_reading(&a.name)?;
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    transfer_each(&capsule, &urls, Way::Push)
+    transfer_each(home, &capsule, &urls, Way::Push)
 }
 
 pub fn pull(home: &Home, a: PullArgs) -> anyhow::Result<()> {
     let capsule = home.open(&a.transfer.name)?;
     let urls = urls(home, &a.transfer.name, &capsule.id(), a.transfer.urls)?;
     if !a.follow {
-        return transfer_each(&capsule, &urls, Way::Pull);
+        return transfer_each(home, &capsule, &urls, Way::Pull);
     }
-    let remote = Remote::new(&urls[0], capsule.id())?;
+    let remote = home.replica(&urls[0], &capsule)?;
     loop {
-        let round = transfer_each(&capsule, &urls[..1], Way::Pull)
+        let round = transfer_each(home, &capsule, &urls[..1], Way::Pull)
             .and_then(|()| Ok(remote.heads()?))
             .and_then(|seen| Ok(remote.watch_heads(&seen, FOLLOW_WAIT)?));
         if let Err(e) = round {
@@ -192,8 +193,8 @@ pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     }
     let capsule = home.open(&a.name)?;
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    transfer_each(&capsule, &urls, Way::Pull)?;
-    transfer_each(&capsule, &urls, Way::Push)
+    transfer_each(home, &capsule, &urls, Way::Pull)?;
+    transfer_each(home, &capsule, &urls, Way::Push)
 }
 
 /// `URL#CAPSULE_ID` split in two; the id is None without a `#`.
@@ -249,7 +250,7 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
     let (url, Some(id)) = split_source(&a.source)? else {
         bail!(Error::Invalid(format!("'{}': give the replica and the capsule as URL#CAPSULE_ID", a.source)));
     };
-    let remote = Remote::new(url, id)?;
+    let remote = capsulefs::replica::open(url, id, None)?;
     let metadata = remote.metadata()?.ok_or_else(|| Error::NotFound(format!("capsule {id:?} on {url}")))?;
     let name = match a.name {
         Some(n) => n,
@@ -262,7 +263,7 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
     let capsule = Capsule::adopt(kv, id, &metadata, home.keyring()?.identities().to_vec())
         .with_context(|| format!("the metadata {url} sent"))?;
     let taking = if a.sparse { Take::Headers } else { Take::Whole };
-    let report = transfer::pull_taking(&capsule, &remote, taking, &Bar::new(&format!("cloning from {url}")))
+    let report = transfer::pull_taking(&capsule, &*remote, taking, &Bar::new(&format!("cloning from {url}")))
         .with_context(|| format!("pulling from {url}"))?;
     drop(capsule);
     home.register(&name, &id, staging)?;

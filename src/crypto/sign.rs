@@ -9,6 +9,7 @@ use crate::record::header::signing_message;
 use crate::record::{CapsuleId, RecordHash, Signature, WriterId};
 
 const METADATA_DOMAIN: &[u8] = b"capsulefs metadata signature v1\0";
+const HEADS_DOMAIN: &[u8] = b"capsulefs object-store heads v1\0";
 const ATTEST_CONTEXT: &str = "capsulefs 2026 local attestation of unsigned records v1";
 const PROVEN_MARK_CONTEXT: &str = "capsulefs 2026 proven mark of a record in a local store v1";
 
@@ -88,6 +89,16 @@ pub fn sign_metadata(key: &SigningKey, id: &CapsuleId) -> Signature {
 
 pub fn verify_metadata(creator: &WriterId, id: &CapsuleId, sig: &Signature) -> bool {
     verify(creator, &metadata_message(id), sig)
+}
+
+/// A device's statement of the heads it pushed to a bucket or folder (`replica::objects`), as
+/// the blake3 digest of its encoding.
+pub fn sign_heads(key: &SigningKey, statement: &[u8; 32]) -> Signature {
+    Signature(key.sign(&[HEADS_DOMAIN, &statement[..]].concat()).to_bytes())
+}
+
+pub fn verify_heads(writer: &WriterId, statement: &[u8; 32], sig: &Signature) -> bool {
+    verify(writer, &[HEADS_DOMAIN, &statement[..]].concat(), sig)
 }
 
 /// A MAC only the holder of `key` can make: it proves, on the writer's own machine, that the

@@ -1,12 +1,16 @@
-//! Untrusted replicas of a capsule behind one small trait: the local store (`local.rs`) and a
-//! remote `capsulefs serve` (`remote.rs`); `transfer.rs` pushes and pulls between any two.
+//! Untrusted replicas of a capsule behind one small trait: the local store (`local.rs`), a
+//! remote `capsulefs serve` (`remote.rs`), and a folder of plain objects (`objects.rs` over
+//! `folder.rs`; buckets come next); `transfer.rs` pushes and pulls between any two, and
+//! `open` picks the kind from a URL.
 //!
 //! Nothing a replica answers is believed: heads, walks and missing-lists are hints that only
 //! steer what is asked for next, and every record and payload goes through the capsule's own
 //! checks (`Capsule::check_incoming`, then `ingest_checked`) before it is stored.
 
 pub mod bloom;
+pub mod folder;
 pub mod local;
+pub mod objects;
 pub mod remote;
 pub mod transfer;
 
@@ -14,6 +18,7 @@ use borsh::{BorshDeserialize, BorshSerialize};
 
 use crate::Result;
 use crate::record::{RecordHash, SubIdx};
+use objects::{ObjectReplica, Pusher};
 
 /// One record as replicas exchange it: its encoding (header and signature) and its
 /// sub-records' payloads, in order. The receiver recomputes the Merkle tree.
@@ -87,4 +92,14 @@ pub trait Replica: Send + Sync {
     /// and takes an unsigned record only with a signed descendant in the same call.
     /// Returns how many were new.
     fn put(&self, bundles: Vec<Bundle>) -> Result<usize>;
+}
+
+/// The replica of `capsule` at `url`: `http://` or `https://` for a `capsulefs serve`,
+/// `file:///PATH` for a folder. `pusher` (this machine's writer key and device id) is needed
+/// only to push to a folder, which keeps one signed head object per device.
+pub fn open(url: &str, capsule: crate::record::CapsuleId, pusher: Option<Pusher>) -> Result<Box<dyn Replica>> {
+    if url.starts_with("file://") {
+        return Ok(Box::new(ObjectReplica::new(folder::Folder::from_url(url)?, capsule, pusher)));
+    }
+    Ok(Box::new(remote::Remote::new(url, capsule)?))
 }

@@ -72,7 +72,7 @@ impl Remote {
         let base = url.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(Error::Invalid(format!(
-                "replica URL '{url}': this build speaks http:// and https:// to `capsulefs serve` (s3:// and file:// come later)"
+                "replica URL '{url}': this build speaks http:// and https:// to `capsulefs serve` (file:///PATH for a folder; s3:// comes later)"
             )));
         }
         let config = ureq::Agent::config_builder()

@@ -486,7 +486,7 @@ impl RelayBatch {
 
 /// `nodes` ordered parents first. The parent lists may come from a replica, so a cycle (which
 /// hashes cannot form) is refused rather than followed.
-fn topological(nodes: &HashMap<RecordHash, Vec<RecordHash>>) -> Result<Vec<Node>> {
+pub(super) fn topological(nodes: &HashMap<RecordHash, Vec<RecordHash>>) -> Result<Vec<Node>> {
     let mut order = Vec::with_capacity(nodes.len());
     let mut done: HashSet<RecordHash> = HashSet::new();
     let mut sorted: Vec<&RecordHash> = nodes.keys().collect();

@@ -1,0 +1,436 @@
+//! A capsule replica kept as plain objects, in a folder (`folder.rs`) or, next, a bucket: no
+//! capsule server, nothing on the far side that runs code. The layout, under
+//! `<capsule id hex>/` (bytes in ARCHITECTURE.md):
+//!
+//! - `metadata`: the signed metadata.
+//! - `records/<record hex>`: one record and its sub-records, each with its Merkle path, behind
+//!   a table of lengths, so that sub-record i is one ranged read once the table is known.
+//! - `index/<device hex>/<n, 16 hex digits>`: segment n of one device's pushes, the records it
+//!   wrote with their parents.
+//! - `heads/<device hex>`: that device's statement, signed by its writer: how many segments it
+//!   wrote and the heads it saw.
+//!
+//! Records and segments are named by what they hold and never rewritten; a head object has
+//! exactly one writer, the device it names, so two devices pushing at once cannot lose each
+//! other's work on any store, whatever it does with conditional writes. Readers take the union
+//! of every valid statement and read only the segments they have not read yet, so finding
+//! what changed costs the number of devices plus what changed, not the capsule's size.
+//! Nothing here is believed: a statement counts only with a valid signature of an authorized
+//! writer, and every record read goes through the capsule's own checks before it is stored.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use borsh::{BorshDeserialize, BorshSerialize};
+
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
+use crate::capsule::{check_metadata, sub_records};
+use crate::crypto::keys::Identity;
+use crate::crypto::sign;
+use crate::record::{
+    CapsuleId, Record, RecordHash, Signature, SignedMetadata, SubIdx, SubRecord, SubRecordBuf, WriterId,
+};
+use crate::{Error, Result, VerifyError};
+
+/// The first bytes of every record object.
+const RECORD_MAGIC: &[u8; 8] = b"capsrec1";
+/// How much of a record object one read takes to find a sub-record: the table of a record
+/// with up to ~16 000 sub-records, and often the sub-record itself.
+const TABLE_READ: u64 = 64 << 10;
+/// Most sub-records a record object may claim (a sealed commit has at most 65 536).
+const MAX_SUBS: u32 = 1 << 17;
+
+/// The objects a replica is kept in: a folder, or a bucket.
+pub trait Objects: Send + Sync {
+    fn describe(&self) -> String;
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Up to `len` bytes from `start` (fewer at the end); None if there is no such object.
+    fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>>;
+    /// Writes an object whole and durably: a reader sees the old bytes or the new, never a mix.
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()>;
+    /// The names directly under `prefix` (a folder's entries, a bucket's delimited listing).
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+}
+
+/// This machine, when it pushes: its writer identity and its device id (one head object each).
+#[derive(Clone)]
+pub struct Pusher {
+    pub identity: Identity,
+    pub device: [u8; 16],
+}
+
+/// What a device says it pushed.
+#[derive(BorshSerialize, BorshDeserialize)]
+struct Statement {
+    capsule: CapsuleId,
+    device: [u8; 16],
+    writer: WriterId,
+    segments: u64,
+    heads: Vec<RecordHash>,
+}
+
+#[derive(BorshSerialize, BorshDeserialize)]
+struct SignedStatement {
+    statement: Statement,
+    signature: Signature,
+}
+
+impl Statement {
+    fn digest(&self) -> [u8; 32] {
+        *blake3::hash(&borsh::to_vec(self).expect("encoding to memory")).as_bytes()
+    }
+}
+
+/// What this process has read of the replica's index.
+#[derive(Default)]
+struct Index {
+    parents: HashMap<RecordHash, Vec<RecordHash>>,
+    /// Records some record names as a parent: the heads are the others.
+    has_child: HashSet<RecordHash>,
+    /// Segments read, by device.
+    segments: HashMap<[u8; 16], u64>,
+}
+
+impl Index {
+    fn add(&mut self, node: Node) {
+        if self.parents.contains_key(&node.record) {
+            return;
+        }
+        self.has_child.extend(node.parents.iter().copied());
+        self.parents.insert(node.record, node.parents);
+    }
+
+    fn heads(&self) -> Vec<RecordHash> {
+        let mut heads: Vec<RecordHash> = self.parents.keys().filter(|h| !self.has_child.contains(h)).copied().collect();
+        heads.sort();
+        heads
+    }
+
+    /// Every record of the index reachable from `from` (those it holds), `from` included.
+    fn ancestors(&self, from: &[RecordHash]) -> HashSet<RecordHash> {
+        let mut seen = HashSet::new();
+        let mut stack: Vec<RecordHash> = from.iter().filter(|h| self.parents.contains_key(h)).copied().collect();
+        while let Some(h) = stack.pop() {
+            if seen.insert(h) {
+                stack.extend(self.parents[&h].iter().filter(|p| self.parents.contains_key(p)));
+            }
+        }
+        seen
+    }
+}
+
+/// A record object's contents: the record's encoding, and its sub-records, each encoded with
+/// its Merkle path as a store keeps it.
+struct RecordObject {
+    record: Vec<u8>,
+    subs: Vec<Vec<u8>>,
+}
+
+pub struct ObjectReplica<O: Objects> {
+    objects: O,
+    capsule: CapsuleId,
+    pusher: Option<Pusher>,
+    index: Mutex<Index>,
+}
+
+fn hex16(device: &[u8; 16]) -> String {
+    hex::encode(device)
+}
+
+/// A record object: magic, sub-record count and record length (u32 LE each), each
+/// sub-record's length (u32 LE), the record, the sub-records.
+fn encode_object(record: &[u8], subs: &[Vec<u8>]) -> Vec<u8> {
+    let total = 16 + 4 * subs.len() + record.len() + subs.iter().map(Vec::len).sum::<usize>();
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(RECORD_MAGIC);
+    out.extend_from_slice(&(subs.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+    for s in subs {
+        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(record);
+    subs.iter().for_each(|s| out.extend_from_slice(s));
+    out
+}
+
+/// A record object's table: (record length, sub-record lengths, where the record starts).
+fn parse_table(bytes: &[u8]) -> Option<(usize, Vec<usize>, usize)> {
+    let word = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    if bytes.get(..8)? != RECORD_MAGIC {
+        return None;
+    }
+    let (count, record_len) = (word(8)?, word(12)? as usize);
+    if count > MAX_SUBS {
+        return None;
+    }
+    let lens: Vec<usize> = (0..count as usize).map(|i| word(16 + 4 * i).map(|l| l as usize)).collect::<Option<_>>()?;
+    Some((record_len, lens, 16 + 4 * count as usize))
+}
+
+impl<O: Objects> ObjectReplica<O> {
+    pub fn new(objects: O, capsule: CapsuleId, pusher: Option<Pusher>) -> Self {
+        Self { objects, capsule, pusher, index: Mutex::default() }
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.capsule.to_hex())
+    }
+
+    fn malformed(&self, what: &str) -> Error {
+        Error::Replica(format!("{}: {what} is malformed (altered or truncated?)", self.objects.describe()))
+    }
+
+    fn signed_metadata(&self) -> Result<Option<SignedMetadata>> {
+        match self.objects.get(&self.key("metadata"))? {
+            Some(bytes) => {
+                let signed = check_metadata(&bytes)?;
+                if signed.metadata.id() != self.capsule {
+                    return Err(self.malformed("the metadata object"));
+                }
+                Ok(Some(signed))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Reads the statements, and the segments not read yet of every device whose statement
+    /// is valid. A statement that does not verify is skipped with a warning: it cannot hide
+    /// what valid ones name.
+    fn refresh(&self) -> Result<()> {
+        let Some(signed) = self.signed_metadata()? else {
+            return Err(Error::NotFound(format!("capsule {:?} in {}", self.capsule, self.objects.describe())));
+        };
+        let mut index = self.index.lock().expect("no panics while locked");
+        for name in self.objects.list(&self.key("heads"))? {
+            let Some(bytes) = self.objects.get(&self.key(&format!("heads/{name}")))? else { continue };
+            let statement = match borsh::from_slice::<SignedStatement>(&bytes) {
+                Ok(s)
+                    if hex16(&s.statement.device) == name
+                        && s.statement.capsule == self.capsule
+                        && signed.metadata.may_write(&s.statement.writer)
+                        && sign::verify_heads(&s.statement.writer, &s.statement.digest(), &s.signature) =>
+                {
+                    s.statement
+                }
+                _ => {
+                    tracing::warn!("{}: ignoring heads/{name}: not a valid signed statement", self.objects.describe());
+                    continue;
+                }
+            };
+            let read = index.segments.get(&statement.device).copied().unwrap_or(0);
+            for n in read..statement.segments {
+                let key = self.key(&format!("index/{name}/{n:016x}"));
+                let bytes = self.objects.get(&key)?.ok_or_else(|| {
+                    Error::Replica(format!(
+                        "{}: {key} is missing, though the device's heads name it",
+                        self.objects.describe()
+                    ))
+                })?;
+                let nodes: Vec<Node> = borsh::from_slice(&bytes).map_err(|_| self.malformed(&key))?;
+                nodes.into_iter().for_each(|node| index.add(node));
+            }
+            index.segments.insert(statement.device, statement.segments.max(read));
+        }
+        Ok(())
+    }
+
+    /// Record `h`'s object, parsed.
+    fn read_object(&self, h: &RecordHash) -> Result<Option<RecordObject>> {
+        let key = self.key(&format!("records/{}", h.to_hex()));
+        let Some(bytes) = self.objects.get(&key)? else { return Ok(None) };
+        let (record_len, lens, start) = parse_table(&bytes).ok_or_else(|| self.malformed(&key))?;
+        let mut at = start;
+        let mut take = |len: usize| -> Result<Vec<u8>> {
+            let piece = bytes.get(at..at + len).ok_or_else(|| self.malformed(&key))?.to_vec();
+            at += len;
+            Ok(piece)
+        };
+        let record = take(record_len)?;
+        let subs = lens.iter().map(|&l| take(l)).collect::<Result<_>>()?;
+        Ok(Some(RecordObject { record, subs }))
+    }
+}
+
+impl<O: Objects> Replica for ObjectReplica<O> {
+    fn describe(&self) -> String {
+        self.objects.describe()
+    }
+
+    fn metadata(&self) -> Result<Option<Vec<u8>>> {
+        self.objects.get(&self.key("metadata"))
+    }
+
+    fn put_metadata(&self, signed: &[u8]) -> Result<()> {
+        match self.objects.get(&self.key("metadata"))? {
+            Some(held) if held == signed => Ok(()),
+            Some(_) => Err(Error::Invalid(format!(
+                "{} holds other metadata under {:?}",
+                self.objects.describe(),
+                self.capsule
+            ))),
+            None => {
+                if check_metadata(signed)?.metadata.id() != self.capsule {
+                    return Err(Error::Invalid(format!("not the metadata of {:?}", self.capsule)));
+                }
+                self.objects.put(&self.key("metadata"), signed)
+            }
+        }
+    }
+
+    fn heads(&self) -> Result<Vec<RecordHash>> {
+        self.refresh()?;
+        Ok(self.index.lock().expect("no panics while locked").heads())
+    }
+
+    fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {
+        self.refresh()?;
+        let index = self.index.lock().expect("no panics while locked");
+        Ok(records.iter().take(MAX_HASHES).filter(|h| !index.parents.contains_key(h)).copied().collect())
+    }
+
+    fn walk(&self, from: &[RecordHash], budget: usize) -> Result<Vec<Node>> {
+        self.refresh()?;
+        let index = self.index.lock().expect("no panics while locked");
+        let mut seen = HashSet::new();
+        let mut queue: VecDeque<RecordHash> = from.iter().copied().collect();
+        let mut nodes = Vec::new();
+        while let Some(h) = queue.pop_front() {
+            if nodes.len() >= budget.min(MAX_HASHES) {
+                break;
+            }
+            let Some(parents) = index.parents.get(&h) else { continue };
+            if seen.insert(h) {
+                queue.extend(parents.iter().copied());
+                nodes.push(Node { record: h, parents: parents.clone() });
+            }
+        }
+        Ok(nodes)
+    }
+
+    fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>> {
+        let mut bundles = Vec::new();
+        let mut bytes = 0;
+        for h in records.iter().take(MAX_HASHES) {
+            let Some(RecordObject { record, subs }) = self.read_object(h)? else { continue };
+            let payloads = subs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    SubRecord::decode(s).map(|s| s.data).map_err(|source| {
+                        VerifyError::MalformedSubRecord { record: *h, idx: SubIdx(i as u32), source }.into()
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let bundle = Bundle { record, payloads };
+            bytes += bundle.size();
+            bundles.push(bundle);
+            if bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+        }
+        Ok(bundles)
+    }
+
+    fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since> {
+        self.refresh()?;
+        let (lacking, own_heads) = {
+            let index = self.index.lock().expect("no panics while locked");
+            let covered = index.ancestors(&heads[..heads.len().min(MAX_HASHES)]);
+            let lacking: HashMap<RecordHash, Vec<RecordHash>> =
+                index.parents.iter().filter(|(h, _)| !covered.contains(h)).map(|(h, p)| (*h, p.clone())).collect();
+            (lacking, index.heads())
+        };
+        let mut answer = Since { heads: own_heads, ..Since::default() };
+        let mut bytes = 0;
+        for node in super::transfer::topological(&lacking)? {
+            if bytes >= MAX_BATCH_BYTES {
+                answer.more = true;
+                break;
+            }
+            let bundle = if headers_only {
+                let object = self.read_object(&node.record)?.ok_or_else(|| self.missing_object(&node.record))?;
+                Bundle { record: object.record, payloads: Vec::new() }
+            } else {
+                self.fetch(&[node.record])?.pop().ok_or_else(|| self.missing_object(&node.record))?
+            };
+            bytes += bundle.size();
+            answer.bundles.push(bundle);
+        }
+        Ok(answer)
+    }
+
+    fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
+        let key = self.key(&format!("records/{}", record.to_hex()));
+        let Some(head) = self.objects.get_range(&key, 0, TABLE_READ)? else { return Ok(None) };
+        let (record_len, lens, start) = match parse_table(&head) {
+            Some(table) => table,
+            // A table longer than the first read: read the whole object.
+            None if head.len() as u64 == TABLE_READ => {
+                let Some(object) = self.read_object(&record)? else { return Ok(None) };
+                return Ok(object.subs.into_iter().nth(idx.0 as usize));
+            }
+            None => return Err(self.malformed(&key)),
+        };
+        let Some(&len) = lens.get(idx.0 as usize) else { return Ok(None) };
+        let offset = start + record_len + lens[..idx.0 as usize].iter().sum::<usize>();
+        match head.get(offset..offset + len) {
+            Some(bytes) => Ok(Some(bytes.to_vec())),
+            None => self.objects.get_range(&key, offset as u64, len as u64),
+        }
+    }
+
+    /// Writes the records (parents first) that the replica lacks, then one index segment
+    /// naming them, then this device's statement: a reader that sees the statement finds
+    /// every object it names. The records are checked against their Merkle roots; the rest
+    /// of the checks are every reader's.
+    fn put(&self, bundles: Vec<Bundle>) -> Result<usize> {
+        let pusher = self.pusher.as_ref().ok_or_else(|| {
+            Error::Invalid(format!("pushing to {} needs a writer key of this capsule here", self.objects.describe()))
+        })?;
+        self.refresh()?;
+        let mut nodes = Vec::new();
+        for bundle in &bundles {
+            let record = Record::decode(&bundle.record).map_err(VerifyError::Undecodable)?;
+            let h = record.hash();
+            if self.index.lock().expect("no panics while locked").parents.contains_key(&h) {
+                continue;
+            }
+            let (root, subs) = sub_records(bundle.payloads.iter().map(|p| SubRecordBuf::copied(p)).collect());
+            if root != record.header.merkle_root || subs.len() != record.header.sub_count as usize {
+                return Err(Error::Invalid(format!("{h:?}: its payloads do not match its Merkle root")));
+            }
+            self.objects.put(&self.key(&format!("records/{}", h.to_hex())), &encode_object(&bundle.record, &subs))?;
+            nodes.push(Node { record: h, parents: record.header.parents });
+        }
+        if nodes.is_empty() {
+            return Ok(0);
+        }
+        let mut index = self.index.lock().expect("no panics while locked");
+        let device = hex16(&pusher.device);
+        let n = index.segments.get(&pusher.device).copied().unwrap_or(0);
+        self.objects.put(&self.key(&format!("index/{device}/{n:016x}")), &borsh::to_vec(&nodes).expect("to memory"))?;
+        let stored = nodes.len();
+        nodes.into_iter().for_each(|node| index.add(node));
+        let statement = Statement {
+            capsule: self.capsule,
+            device: pusher.device,
+            writer: pusher.identity.writer(),
+            segments: n + 1,
+            heads: index.heads(),
+        };
+        let signature = sign::sign_heads(pusher.identity.key(), &statement.digest());
+        let signed = SignedStatement { statement, signature };
+        self.objects.put(&self.key(&format!("heads/{device}")), &borsh::to_vec(&signed).expect("to memory"))?;
+        index.segments.insert(pusher.device, n + 1);
+        Ok(stored)
+    }
+}
+
+impl<O: Objects> ObjectReplica<O> {
+    fn missing_object(&self, h: &RecordHash) -> Error {
+        Error::Replica(format!(
+            "{}: the object of {h:?} is missing, though the index names it",
+            self.objects.describe()
+        ))
+    }
+}
