@@ -242,6 +242,14 @@ fn hostile_input_is_refused_and_the_server_stays_up_and_small() {
     assert_eq!(server.raw_declaring("POST", &records, 80 << 20, &[0; 4096]), 413, "oversized");
     assert_eq!(server.raw("GET", &format!("/v1/capsules/{}/heads", "ab".repeat(32)), b""), 404, "unknown capsule");
     assert_eq!(server.raw("POST", "/v1/capsules/not-a-capsule/records", b""), 400);
+    // Sketches: garbage, and more cells than a request may carry.
+    let sketch = format!("/v1/capsules/{id}/heads-sketch");
+    assert_eq!(server.raw("POST", &sketch, &[7; 100]), 400, "garbage sketch");
+    let too_many = capsulefs::replica::sketch::Request {
+        salt: [0; 16],
+        cells: vec![Default::default(); capsulefs::replica::sketch::MAX_CELLS + 1],
+    };
+    assert_eq!(server.raw("POST", &sketch, &borsh::to_vec(&too_many).unwrap()), 400, "oversized sketch");
     // An unsigned record alone: nobody may fill a replica without a writer's signature.
     let unsigned = codec::encode(&vec![record_bytes(&home, &id, head, 2, false)]);
     assert_eq!(server.raw("POST", &records, &unsigned), 400, "unsigned");

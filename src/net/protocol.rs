@@ -26,6 +26,8 @@ pub enum Route {
     Records,
     /// GET: one sub-record with its Merkle path, as stored.
     SubRecord(RecordHash, SubIdx),
+    /// POST `sketch::Request` (a sketch of the asker's heads): `sketch::Answer`.
+    HeadsSketch,
     /// GET `?salt=HEX&bits=N`: the poster's Bloom filter over every record held
     /// (`replica::bloom`), for the comparison in `make bench-sync`.
     Bloom,
@@ -43,6 +45,7 @@ impl Route {
             Route::Records => "records",
             Route::SubRecord(..) => "sub-record",
             Route::Bloom => "bloom",
+            Route::HeadsSketch => "heads-sketch",
         }
     }
 }

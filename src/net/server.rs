@@ -32,7 +32,7 @@ use crate::capsule::Capsule;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
 use crate::replica::remote::Remote;
-use crate::replica::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Replica, transfer};
+use crate::replica::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Replica, sketch, transfer};
 use crate::store::rocks::RocksKv;
 use crate::{Error, Result, VerifyError};
 
@@ -383,6 +383,17 @@ async fn sub_record(State(s): Shared, UrlPath((id, record, idx)): UrlPath<(Strin
     .await
 }
 
+async fn heads_sketch(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| {
+        let request: sketch::Request = decode(&body)?;
+        if request.cells.len() > sketch::MAX_CELLS {
+            return Err(Error::Invalid(format!("a sketch of more than {} cells", sketch::MAX_CELLS)));
+        }
+        Ok(borsh_body(&s.held(capsule_id(&id)?)?.heads_difference(&request.salt, &request.cells)?))
+    })
+    .await
+}
+
 #[derive(serde::Deserialize)]
 struct BloomQuery {
     salt: String,
@@ -468,6 +479,7 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/capsules/{id}/records", axum::routing::post(put_records))
         .route("/v1/capsules/{id}/records/{record}/{idx}", get(sub_record))
         .route("/v1/capsules/{id}/bloom", get(bloom))
+        .route("/v1/capsules/{id}/heads-sketch", axum::routing::post(heads_sketch))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(declared_size))

@@ -12,6 +12,7 @@ pub mod folder;
 pub mod local;
 pub mod objects;
 pub mod remote;
+pub mod sketch;
 pub mod transfer;
 
 use borsh::{BorshDeserialize, BorshSerialize};
@@ -86,6 +87,13 @@ pub trait Replica: Send + Sync {
     /// send costs 32 bytes a head, whatever the difference. With `headers_only`, the bundles
     /// carry no payloads (for a sparse replica, which fetches sub-records when they are read).
     fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since>;
+    /// The difference between this replica's heads and the asker's, given as a sketch of
+    /// them (`sketch::encode` under `salt`): with many heads on both sides, finding the few
+    /// that differ costs cells in proportion to those, not 32 bytes a head. A replica with
+    /// a list no longer than the sketch answers with the list.
+    fn heads_difference(&self, salt: &[u8; 16], cells: &[sketch::Cell]) -> Result<sketch::Answer> {
+        Ok(sketch::Answer::to(cells, self.heads()?, salt))
+    }
     /// Sub-record `idx` of `record` with its Merkle path, as stored.
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>>;
     /// Stores bundles given parents first. A replica checks every one before storing any,

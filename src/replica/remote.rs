@@ -10,6 +10,7 @@ use borsh::BorshDeserialize;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 use super::bloom::Bloom;
+use super::sketch;
 use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
 use crate::net::protocol::{self, Route};
 use crate::record::codec;
@@ -209,6 +210,11 @@ impl Replica for Remote {
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
         self.call(Route::SubRecord(record, idx), None)
+    }
+
+    fn heads_difference(&self, salt: &[u8; 16], cells: &[sketch::Cell]) -> Result<sketch::Answer> {
+        let request = sketch::Request { salt: *salt, cells: cells[..cells.len().min(sketch::MAX_CELLS)].to_vec() };
+        self.expect(Route::HeadsSketch, Some(codec::encode(&request)))
     }
 
     fn put(&self, bundles: Vec<Bundle>) -> Result<usize> {

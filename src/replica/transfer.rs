@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica};
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, sketch};
 use crate::capsule::{Capsule, Ingested};
 use crate::record::{CapsuleId, Record, RecordHash, Seq, WriterId};
 use crate::store::Durability;
@@ -67,9 +67,7 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
         remote.put_metadata(&local.metadata_bytes())?;
         report.round_trips += 1;
     }
-    let theirs = remote.heads()?;
-    report.round_trips += 1;
-    report.reconcile_received += hashes_len(theirs.len());
+    let theirs = replica_heads(local, remote, &mut report)?;
     let order: Vec<Node> = local
         .difference(&theirs)?
         .into_iter()
@@ -186,16 +184,17 @@ pub fn pull_taking(local: &Capsule, remote: &dyn Replica, taking: Take, progress
     // replica does, and nothing more is asked. Otherwise the heads held here go with our own
     // in `since`: the replica may not know our newest records (local commits not pushed yet),
     // but it knows its own heads, so it does not resend what lies below them.
-    let mut theirs = remote.heads()?;
-    report.round_trips += 1;
-    report.reconcile_received += hashes_len(theirs.len());
+    let mut theirs = replica_heads(local, remote, &mut report)?;
     let mut shared = Vec::new();
     for &h in &theirs {
         if local.store().has_record(&h)? {
             shared.push(h);
         }
     }
-    if shared.len() < theirs.len() {
+    // With many heads here, telling the replica what this capsule holds costs more than
+    // walking down from the replica's heads it lacks (the hole frontier) to records it holds.
+    let by_since = shared.len() < theirs.len() && local.heads()?.len() <= SKETCH_ABOVE;
+    if by_since {
         let mut known = haves(local)?;
         known.extend(&shared);
         loop {
@@ -222,12 +221,60 @@ pub fn pull_taking(local: &Capsule, remote: &dyn Replica, taking: Take, progress
         }
     }
     if !unknown.is_empty() {
-        tracing::warn!("{} did not send everything its heads cover; walking its DAG for the rest", remote.describe());
+        if by_since {
+            tracing::warn!(
+                "{} did not send everything its heads cover; walking its DAG for the rest",
+                remote.describe()
+            );
+        }
         pull_walking(local, remote, &unknown, &mut report, progress)?;
     }
     local.store().sync()?;
     report.replica_lacks = signed_lacking(local, &theirs)?;
     Ok(report)
+}
+
+/// Up to this many local heads, listing the replica's heads costs less than a sketch.
+const SKETCH_ABOVE: usize = 16;
+/// The first sketch's cells (one difference peels from cell 0 alone); each further round
+/// sends at least twice as many.
+const FIRST_CELLS: usize = 4;
+
+/// The replica's heads. With few local heads, it lists them (32 bytes a head). With many,
+/// it sends a sketch of the local heads, doubling it (or more, from the difference in head
+/// counts the replica reports) until the replica can peel the difference or answers with a
+/// list no longer than the sketch, and rebuilds the replica's heads from its own and that
+/// difference; past the point where the sketch would cost more than the list, it lists them. A decoded difference is as sure as a listing: an
+/// element is peeled only when its 64-bit check, keyed by this exchange's salt, matches, and
+/// only when every cell empties.
+pub fn replica_heads(local: &Capsule, remote: &dyn Replica, report: &mut Report) -> Result<Vec<RecordHash>> {
+    let ours = local.heads()?;
+    if ours.len() > SKETCH_ABOVE {
+        let salt = crate::crypto::random_bytes::<16>();
+        let mut cells = FIRST_CELLS;
+        while cells * sketch::CELL_BYTES < 32 * ours.len() && cells <= sketch::MAX_CELLS {
+            let answer = remote.heads_difference(&salt, &sketch::encode(&ours, &salt, cells))?;
+            report.round_trips += 1;
+            report.reconcile_sent += 16 + 4 + (cells * sketch::CELL_BYTES) as u64;
+            report.reconcile_received += answer.size();
+            match answer {
+                sketch::Answer::Heads(theirs) => return Ok(theirs),
+                sketch::Answer::Difference(d) => {
+                    let not_theirs: HashSet<RecordHash> = d.asker_only.into_iter().collect();
+                    let mut theirs: Vec<RecordHash> =
+                        ours.into_iter().filter(|h| !not_theirs.contains(h)).chain(d.answerer_only).collect();
+                    theirs.sort();
+                    theirs.dedup();
+                    return Ok(theirs);
+                }
+                sketch::Answer::More { heads } => cells = (cells * 2).max(2 * ours.len().abs_diff(heads as usize)),
+            }
+        }
+    }
+    let theirs = remote.heads()?;
+    report.round_trips += 1;
+    report.reconcile_received += hashes_len(theirs.len());
+    Ok(theirs)
 }
 
 /// The signed records this capsule holds that a replica with heads `theirs` lacks, by writer:

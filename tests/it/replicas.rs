@@ -161,3 +161,33 @@ fn a_sparse_replica_proves_each_fetched_sub_record_and_refuses_a_tampered_one() 
     let audit = laptop.audit().unwrap();
     assert_eq!((audit.sub_records, audit.not_held), (1, 1), "one fetched, one refused");
 }
+
+#[test]
+fn many_heads_on_both_sides_cost_a_sketch_of_the_difference_not_a_list() {
+    let f = fixture();
+    let root = f.put(&f.owner, 1, &[f.genesis()], b"root", true);
+    for i in 0..200u64 {
+        f.put(&f.other, i + 1, &[root], &i.to_le_bytes(), true);
+    }
+    let server = empty_replica_of(&f.cap);
+    push(&f.cap, &server, &()).unwrap();
+    let laptop = empty_replica_of(&f.cap);
+    pull(&laptop, &server, &()).unwrap();
+    // One more head here: the server's 200 heads are learned from a sketch, not a list.
+    f.put(&f.owner, 2, &[root], b"one more", true);
+    let pushed = push(&f.cap, &server, &()).unwrap();
+    assert_eq!(pushed.records, 1);
+    let list_cost = 4 + 32 * 200;
+    assert!(pushed.reconcile_sent + pushed.reconcile_received < list_cost / 4, "{pushed:?}");
+    assert_eq!(server.heads().unwrap(), f.cap.heads().unwrap());
+    // The other way: the laptop, with 200 heads, pulls two new ones by the sketch and a walk
+    // down from the heads it lacks.
+    for i in 0..2u64 {
+        f.put(&f.other, 1000 + i, &[root], b"later", true);
+    }
+    push(&f.cap, &server, &()).unwrap();
+    let pulled = pull(&laptop, &server, &()).unwrap();
+    assert_eq!(pulled.records, 3);
+    assert!(pulled.reconcile_sent + pulled.reconcile_received < list_cost / 2, "{pulled:?}");
+    assert_eq!(laptop.heads().unwrap(), server.heads().unwrap());
+}
