@@ -4,7 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use super::bloom::Bloom;
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since, batch_of};
 use crate::capsule::{Capsule, Incoming, Ingested};
 use crate::record::{RecordHash, SubIdx, SubRecord};
 use crate::store::Durability;
@@ -23,6 +23,14 @@ impl Capsule {
             bloom.insert(&h?);
         }
         Ok(bloom)
+    }
+
+    /// Record `h` as replicas exchange it, with its payloads unless `header_only`; None if
+    /// not held.
+    fn bundle(&self, h: RecordHash, header_only: bool) -> Result<Option<Bundle>> {
+        let Some(record) = self.store().record_bytes(&h)? else { return Ok(None) };
+        let payloads = if header_only { Vec::new() } else { self.payloads(h, self.record(h)?.header.sub_count)? };
+        Ok(Some(Bundle { record, payloads }))
     }
 
     /// The payloads of `record` as stored (each decoded from its sub-record, not proven: the
@@ -133,40 +141,15 @@ impl Replica for Capsule {
     }
 
     fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>> {
-        let mut bundles = Vec::new();
-        let mut bytes = 0;
-        for &h in records.iter().take(MAX_HASHES) {
-            let Some(record) = self.store().record_bytes(&h)? else { continue };
-            let count = self.record(h)?.header.sub_count;
-            let bundle = Bundle { record, payloads: self.payloads(h, count)? };
-            bytes += bundle.size();
-            bundles.push(bundle);
-            if bytes >= MAX_BATCH_BYTES {
-                break;
-            }
-        }
-        Ok(bundles)
+        Ok(batch_of(records.iter().take(MAX_HASHES).copied(), |h| self.bundle(h, false))?.0)
     }
 
     fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since> {
         let lacking = self.difference(&heads[..heads.len().min(MAX_HASHES)])?;
-        let mut answer = Since { heads: Capsule::heads(self)?, ..Since::default() };
-        let mut bytes = 0;
-        for h in lacking {
-            if bytes >= MAX_BATCH_BYTES {
-                answer.more = true;
-                break;
-            }
-            let bundle = if headers_only {
-                let record = self.store().record_bytes(&h)?.ok_or(VerifyError::MissingRecord { record: h })?;
-                Bundle { record, payloads: Vec::new() }
-            } else {
-                self.fetch(&[h])?.pop().ok_or(VerifyError::MissingRecord { record: h })?
-            };
-            bytes += bundle.size();
-            answer.bundles.push(bundle);
-        }
-        Ok(answer)
+        let (bundles, more) = batch_of(lacking, |h| {
+            self.bundle(h, headers_only)?.map(Some).ok_or(VerifyError::MissingRecord { record: h }.into())
+        })?;
+        Ok(Since { heads: Capsule::heads(self)?, bundles, more })
     }
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {

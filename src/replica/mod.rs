@@ -102,6 +102,26 @@ pub trait Replica: Send + Sync {
     fn put(&self, bundles: Vec<Bundle>) -> Result<usize>;
 }
 
+/// Bundles of `records` in order, each from `bundle_of` (None: not held, skipped), until
+/// `MAX_BATCH_BYTES` is passed; and whether some were left for a next answer. How every
+/// replica cuts `fetch` and `since` answers.
+pub(crate) fn batch_of(
+    records: impl IntoIterator<Item = RecordHash>,
+    mut bundle_of: impl FnMut(RecordHash) -> Result<Option<Bundle>>,
+) -> Result<(Vec<Bundle>, bool)> {
+    let (mut bundles, mut bytes) = (Vec::new(), 0);
+    for h in records {
+        if bytes >= MAX_BATCH_BYTES {
+            return Ok((bundles, true));
+        }
+        if let Some(bundle) = bundle_of(h)? {
+            bytes += bundle.size();
+            bundles.push(bundle);
+        }
+    }
+    Ok((bundles, false))
+}
+
 /// The replica of `capsule` at `url`: `http://` or `https://` for a `capsulefs serve`,
 /// `file:///PATH` for a folder. `pusher` (this machine's writer key and device id) is needed
 /// only to push to a folder, which keeps one signed head object per device.

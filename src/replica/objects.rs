@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
+use super::{Bundle, MAX_HASHES, Node, Replica, Since, batch_of};
 use crate::capsule::{check_metadata, sub_records};
 use crate::crypto::keys::Identity;
 use crate::crypto::sign;
@@ -308,27 +308,7 @@ impl<O: Objects> Replica for ObjectReplica<O> {
     }
 
     fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>> {
-        let mut bundles = Vec::new();
-        let mut bytes = 0;
-        for h in records.iter().take(MAX_HASHES) {
-            let Some(RecordObject { record, subs }) = self.read_object(h)? else { continue };
-            let payloads = subs
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    SubRecord::decode(s).map(|s| s.data).map_err(|source| {
-                        VerifyError::MalformedSubRecord { record: *h, idx: SubIdx(i as u32), source }.into()
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let bundle = Bundle { record, payloads };
-            bytes += bundle.size();
-            bundles.push(bundle);
-            if bytes >= MAX_BATCH_BYTES {
-                break;
-            }
-        }
-        Ok(bundles)
+        Ok(batch_of(records.iter().take(MAX_HASHES).copied(), |h| self.bundle(&h, false))?.0)
     }
 
     fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since> {
@@ -340,23 +320,10 @@ impl<O: Objects> Replica for ObjectReplica<O> {
                 index.parents.iter().filter(|(h, _)| !covered.contains(h)).map(|(h, p)| (*h, p.clone())).collect();
             (lacking, index.heads())
         };
-        let mut answer = Since { heads: own_heads, ..Since::default() };
-        let mut bytes = 0;
-        for node in super::transfer::topological(&lacking)? {
-            if bytes >= MAX_BATCH_BYTES {
-                answer.more = true;
-                break;
-            }
-            let bundle = if headers_only {
-                let object = self.read_object(&node.record)?.ok_or_else(|| self.missing_object(&node.record))?;
-                Bundle { record: object.record, payloads: Vec::new() }
-            } else {
-                self.fetch(&[node.record])?.pop().ok_or_else(|| self.missing_object(&node.record))?
-            };
-            bytes += bundle.size();
-            answer.bundles.push(bundle);
-        }
-        Ok(answer)
+        let order = super::transfer::topological(&lacking)?.into_iter().map(|n| n.record);
+        let (bundles, more) =
+            batch_of(order, |h| self.bundle(&h, headers_only)?.map(Some).ok_or_else(|| self.missing_object(&h)))?;
+        Ok(Since { heads: own_heads, bundles, more })
     }
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
@@ -427,6 +394,25 @@ impl<O: Objects> Replica for ObjectReplica<O> {
 }
 
 impl<O: Objects> ObjectReplica<O> {
+    /// Record `h` as replicas exchange it, with its payloads unless `header_only`; None if
+    /// the folder has no object for it.
+    fn bundle(&self, h: &RecordHash, header_only: bool) -> Result<Option<Bundle>> {
+        let Some(RecordObject { record, subs }) = self.read_object(h)? else { return Ok(None) };
+        if header_only {
+            return Ok(Some(Bundle { record, payloads: Vec::new() }));
+        }
+        let payloads = subs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                SubRecord::decode(s).map(|s| s.data).map_err(|source| {
+                    VerifyError::MalformedSubRecord { record: *h, idx: SubIdx(i as u32), source }.into()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Bundle { record, payloads }))
+    }
+
     fn missing_object(&self, h: &RecordHash) -> Error {
         Error::Replica(format!(
             "{}: the object of {h:?} is missing, though the index names it",
