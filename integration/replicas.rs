@@ -626,6 +626,13 @@ fn a_folder_replica_takes_pushes_and_gives_clones_whole_or_sparse() {
         let Some(m) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
         sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
     }
+    // One round between the folder and a server, by hand: the server learns the capsule.
+    let server = Server::start();
+    let relayed = home.ok(&["sync", &url, &server.url()]);
+    assert!(relayed.contains(&format!("of {id} from {url} to {}", server.url())), "{relayed}");
+    let from_server = same_user(&home);
+    from_server.ok(&["clone", &format!("{}#{id}", server.url())]);
+    assert_eq!(from_server.ok(&["log", "c"]), home.ok(&["log", "c"]));
     // What the first machine writes later reaches a clone through the folder.
     let laptop = same_user(&home);
     laptop.ok(&["clone", &format!("{url}#{id}")]);

@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow, bail};
 
 use capsulefs::capsule::Capsule;
 use capsulefs::crypto::keys::{Identity, Keyring};
-use capsulefs::record::CapsuleId;
+use capsulefs::record::{CapsuleId, Metadata};
 use capsulefs::replica::objects::Pusher;
 use capsulefs::replica::{self, Replica};
 use capsulefs::store::rocks::RocksKv;
@@ -63,8 +63,13 @@ impl Home {
     /// Who pushes `capsule` from here: the first local identity allowed to write it, with this
     /// device's id; None when no local identity may write it.
     pub fn pusher(&self, capsule: &Capsule) -> anyhow::Result<Option<Pusher>> {
+        self.pusher_for(capsule.metadata())
+    }
+
+    /// `pusher`, for the capsule `metadata` describes.
+    pub fn pusher_for(&self, metadata: &Metadata) -> anyhow::Result<Option<Pusher>> {
         let ring = self.keyring()?;
-        let Some(identity) = ring.identities().iter().find(|i| capsule.metadata().may_write(&i.writer())) else {
+        let Some(identity) = ring.identities().iter().find(|i| metadata.may_write(&i.writer())) else {
             return Ok(None);
         };
         Ok(Some(Pusher { identity: identity.clone(), device: self.device_id()? }))

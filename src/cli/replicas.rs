@@ -9,8 +9,6 @@ use clap::{Parser, Subcommand};
 use capsulefs::Error;
 use capsulefs::capsule::Capsule;
 use capsulefs::record::{CapsuleId, SignedMetadata};
-use capsulefs::replica::Replica;
-use capsulefs::replica::remote::Remote;
 use capsulefs::replica::transfer::{self, Report, Take};
 
 use super::home::Home;
@@ -189,7 +187,7 @@ pub fn pull(home: &Home, a: PullArgs) -> anyhow::Result<()> {
 
 pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     if a.name.contains("://") {
-        return sync_servers(&a.name, &a.urls);
+        return sync_servers(home, &a.name, &a.urls);
     }
     let capsule = home.open(&a.name)?;
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
@@ -209,10 +207,11 @@ fn split_source(source: &str) -> anyhow::Result<(&str, Option<CapsuleId>)> {
     }
 }
 
-/// `capsulefs sync URL_A URL_B`: one anti-entropy round between two servers, both ways, through
-/// this process (nothing local is read or changed), for the capsule named by `#ID`, or else
-/// for every capsule either server holds.
-fn sync_servers(first: &str, rest: &[String]) -> anyhow::Result<()> {
+/// `capsulefs sync URL_A URL_B`: one anti-entropy round between two replicas (servers or
+/// folders), both ways, through this process (no local capsule is read or changed), for the
+/// capsule named by `#ID`, or else for every capsule either holds. A folder takes records
+/// only from a writer: this machine's key signs its head statement there.
+fn sync_servers(home: &Home, first: &str, rest: &[String]) -> anyhow::Result<()> {
     let [second] = rest else {
         bail!(Error::Invalid("give two server URLs: capsulefs sync URL_A[#ID] URL_B[#ID]".into()));
     };
@@ -223,19 +222,24 @@ fn sync_servers(first: &str, rest: &[String]) -> anyhow::Result<()> {
         }
         (Some(id), _) | (_, Some(id)) => vec![id],
         (None, None) => {
-            let mut ids = Remote::capsules_at(a)?;
-            ids.extend(Remote::capsules_at(b)?);
+            let mut ids = capsulefs::replica::capsules_at(a)?;
+            ids.extend(capsulefs::replica::capsules_at(b)?);
             ids.sort();
             ids.dedup();
             ids
         }
     };
     for id in ids {
-        let (remote_a, remote_b) = (Remote::new(a, id)?, Remote::new(b, id)?);
-        if remote_a.metadata()?.is_none() && remote_b.metadata()?.is_none() {
+        let (probe_a, probe_b) = (capsulefs::replica::open(a, id, None)?, capsulefs::replica::open(b, id, None)?);
+        let Some(metadata) = probe_a.metadata()?.or(probe_b.metadata()?) else {
             bail!(Error::NotFound(format!("capsule {id} on {a} or {b}")));
-        }
-        for (from, to) in [(&remote_a, &remote_b), (&remote_b, &remote_a)] {
+        };
+        let metadata =
+            SignedMetadata::decode(&metadata).map_err(|e| Error::Invalid(format!("{id}'s metadata: {e}")))?;
+        let pusher = home.pusher_for(&metadata.metadata)?;
+        let remote_a = capsulefs::replica::open(a, id, pusher.clone())?;
+        let remote_b = capsulefs::replica::open(b, id, pusher)?;
+        for (from, to) in [(&*remote_a, &*remote_b), (&*remote_b, &*remote_a)] {
             let (from_url, to_url) = (from.describe(), to.describe());
             let bar = Bar::new(&format!("{from_url} to {to_url}"));
             let report = transfer::relay(from, to, id, &bar)

@@ -102,6 +102,17 @@ pub trait Replica: Send + Sync {
     fn put(&self, bundles: Vec<Bundle>) -> Result<usize>;
 }
 
+/// Every capsule the replica location at `url` holds: a server's list, or a folder's
+/// capsule folders.
+pub fn capsules_at(url: &str) -> Result<Vec<crate::record::CapsuleId>> {
+    if url.starts_with("file://") {
+        use objects::Objects;
+        let names = folder::Folder::from_url(url)?.list("")?;
+        return Ok(names.iter().filter_map(|n| crate::record::CapsuleId::from_hex(n).ok()).collect());
+    }
+    remote::Remote::capsules_at(url)
+}
+
 /// Bundles of `records` in order, each from `bundle_of` (None: not held, skipped), until
 /// `MAX_BATCH_BYTES` is passed; and whether some were left for a next answer. How every
 /// replica cuts `fetch` and `since` answers.
