@@ -645,3 +645,29 @@ fn a_folder_replica_takes_pushes_and_gives_clones_whole_or_sparse() {
     let Some(m) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
     assert_eq!(fs::read(m.path("later.txt")).unwrap(), b"through the folder");
 }
+
+#[test]
+fn a_replica_url_mounts_directly_and_shows_what_was_pushed_since() {
+    let server = Server::start();
+    let home = Home::default();
+    let Some(id) = capsule_with_tree(&home) else { return };
+    home.ok(&["push", "c", &server.url()]);
+    let desktop = same_user(&home);
+    let source = format!("{}#{id}", server.url());
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    {
+        let Some(m) = Mounted::new(&desktop, &source, &["--read-only"]) else { return };
+        sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
+    }
+    // A sparse local copy, named by the id: headers all there, data only as read.
+    let verify = desktop.ok(&["verify", &id]);
+    assert!(verify.contains("not held"), "{verify}");
+    {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        fs::write(m.path("later.txt"), b"pushed after the first mount").unwrap();
+    }
+    home.ok(&["push", "c", &server.url()]);
+    // Mounting the URL again brings the local copy up to the replica's heads first.
+    let Some(m) = Mounted::new(&desktop, &source, &["--read-only"]) else { return };
+    assert_eq!(fs::read(m.path("later.txt")).unwrap(), b"pushed after the first mount");
+}

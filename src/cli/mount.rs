@@ -35,7 +35,8 @@ const FUSE_THREADS: usize = 4;
 
 #[derive(Parser, Debug)]
 pub struct MountArgs {
-    /// Capsule name or id.
+    /// Capsule name or id, or a replica as URL#CAPSULE_ID: then headers come now (a sparse
+    /// local copy, named by the id, made or brought up to date) and data as it is read.
     pub name: String,
     /// Folder to mount it on.
     pub dir: PathBuf,
@@ -131,9 +132,12 @@ fn registry_entry(home: &Home, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(home.root().join("mounts").join(key))
 }
 
-pub fn mount(home: &Home, a: MountArgs) -> anyhow::Result<()> {
+pub fn mount(home: &Home, mut a: MountArgs) -> anyhow::Result<()> {
     if !a.dir.is_dir() {
         bail!(Error::NotFound(format!("mount point {} (make the folder first)", a.dir.display())));
+    }
+    if a.name.contains("://") {
+        a.name = super::replicas::local_for_mount(home, &a.name)?;
     }
     if a.foreground { serve(home, &a) } else { spawn_daemon(home, &a) }
 }

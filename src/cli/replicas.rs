@@ -254,9 +254,18 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
     let (url, Some(id)) = split_source(&a.source)? else {
         bail!(Error::Invalid(format!("'{}': give the replica and the capsule as URL#CAPSULE_ID", a.source)));
     };
+    let taking = if a.sparse { Take::Headers } else { Take::Whole };
+    clone_from(home, url, id, a.name, taking)?;
+    println!("{id}");
+    Ok(())
+}
+
+/// Makes a local replica of capsule `id` from `url`, under `name` (default: the capsule's
+/// own), taking of each record what `taking` says; remembers `url` as its replica.
+fn clone_from(home: &Home, url: &str, id: CapsuleId, name: Option<String>, taking: Take) -> anyhow::Result<()> {
     let remote = capsulefs::replica::open(url, id, None)?;
     let metadata = remote.metadata()?.ok_or_else(|| Error::NotFound(format!("capsule {id:?} on {url}")))?;
-    let name = match a.name {
+    let name = match name {
         Some(n) => n,
         None => SignedMetadata::decode(&metadata).map_err(|e| Error::Invalid(e.to_string()))?.metadata.name,
     };
@@ -266,13 +275,31 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
     let (staging, kv) = home.staging_store()?;
     let capsule = Capsule::adopt(kv, id, &metadata, home.keyring()?.identities().to_vec())
         .with_context(|| format!("the metadata {url} sent"))?;
-    let taking = if a.sparse { Take::Headers } else { Take::Whole };
     let report = transfer::pull_taking(&capsule, &*remote, taking, &Bar::new(&format!("cloning from {url}")))
         .with_context(|| format!("pulling from {url}"))?;
     drop(capsule);
     home.register(&name, &id, staging)?;
     home.set_replicas(&id, &[url.to_owned()])?;
     print("pulled", "from", url, &report);
-    println!("{id}");
     Ok(())
+}
+
+/// For `capsulefs mount URL#CAPSULE_ID DIR`: the local replica of that capsule, brought up to
+/// the replica's heads, headers only (sub-records come when read); a sparse clone named by
+/// the capsule id if there is none yet. Returns the name to mount.
+pub fn local_for_mount(home: &Home, source: &str) -> anyhow::Result<String> {
+    let (url, Some(id)) = split_source(source)? else {
+        bail!(Error::Invalid(format!("'{source}': mount a replica as URL#CAPSULE_ID")));
+    };
+    if home.resolve(&id.to_hex()).is_err() {
+        clone_from(home, url, id, Some(id.to_hex()), Take::Headers)?;
+        return Ok(id.to_hex());
+    }
+    let capsule = home.open(&id.to_hex())?;
+    let remote = home.replica(url, &capsule)?;
+    let taking = if capsule.store().is_sparse()? { Take::Headers } else { Take::Whole };
+    let report = transfer::pull_taking(&capsule, &*remote, taking, &Bar::new(&format!("pulling from {url}")))
+        .with_context(|| format!("pulling from {url}"))?;
+    print("pulled", "from", url, &report);
+    Ok(id.to_hex())
 }
