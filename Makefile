@@ -9,8 +9,10 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_HOME ?= $(CURDIR)/.demo
 # Debian packages: RocksDB 7.8 to link against (see .cargo/config.toml), libclang for its
 # bindgen, FUSE for mounts; attr (getfattr/setfattr), rsync, git and sqlite3 for the tests that
-# run everyday tools inside a mount; curl for the tests that read a server's /metrics.
-APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl
+# run everyday tools inside a mount; curl for the tests that read a server's /metrics; openssl
+# for their TLS certificates; python3-venv for the S3 server the bucket tests start (moto).
+APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl \
+	python3 python3-venv
 
 .PHONY: help deps deps-bench bench-fs bench-sync tools build test lint bench man completions install demo clean
 
@@ -21,7 +23,7 @@ help:
 	@echo "make deps         install the Debian packages the build and tests need (root or sudo)"
 	@echo "make demo         build, create a local capsule (state in .demo/) and mount it at ./capsule"
 	@echo "make build        release build"
-	@echo "make tools        install the test tools (fsx) into target/tools"
+	@echo "make tools        install the test tools (fsx, moto's S3 server) into target/tools"
 	@echo "make test         format check, clippy, unit, library and integration tests (real mounts)"
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
 	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
@@ -37,10 +39,16 @@ deps:
 deps-bench:
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends bindfs gocryptfs bc
 
-tools: $(TOOLS)/bin/fsx
+tools: $(TOOLS)/bin/fsx $(TOOLS)/moto/bin/moto_server
 
 $(TOOLS)/bin/fsx:
 	$(CARGO) install fsx@0.3.2 --locked --root $(TOOLS)
+
+# An S3-compatible server for the bucket tests, in a venv of its own.
+$(TOOLS)/moto/bin/moto_server:
+	python3 -m venv $(TOOLS)/moto
+	$(TOOLS)/moto/bin/pip install -q 'moto[server]==5.2.5'
+
 
 build:
 	$(CARGO) build --release --locked

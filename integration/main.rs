@@ -1,6 +1,7 @@
 //! Tests that run the real `capsulefs` binary against real RocksDB stores in temporary homes.
 //! Each test owns its home folder and the processes it starts, and ends only those.
 
+mod buckets;
 mod cli;
 mod corruption;
 mod crash;
@@ -73,15 +74,20 @@ pub struct Mounted<'h> {
 
 impl<'h> Mounted<'h> {
     pub fn new(home: &'h Home, capsule: &str, extra: &[&str]) -> Option<Self> {
+        Self::with_env(home, capsule, extra, &[])
+    }
+
+    /// `new`, with environment variables for the mount daemon (e.g. a bucket's settings).
+    pub fn with_env(home: &'h Home, capsule: &str, extra: &[&str], env: &[(&str, &str)]) -> Option<Self> {
         if !Path::new("/dev/fuse").exists() {
             eprintln!("skipped: no /dev/fuse");
             return None;
         }
         let dir = home.path().join("mnt");
         fs::create_dir_all(&dir).unwrap();
-        let mut args = vec!["mount", capsule, dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        home.ok(&args);
+        let out =
+            home.command().arg("mount").arg(capsule).arg(&dir).args(extra).envs(env.iter().copied()).output().unwrap();
+        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
         Some(Self { home, dir })
     }
 

@@ -120,7 +120,7 @@ impl Drop for Server {
 }
 
 /// A capsule holding a copy of this crate's src/ tree, unmounted (the unmount signs the end).
-fn capsule_with_tree(home: &Home) -> Option<String> {
+pub(super) fn capsule_with_tree(home: &Home) -> Option<String> {
     let id = home.ok(&["create", "c"]).trim().to_owned();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let m = Mounted::new(home, "c", &[])?;
@@ -129,7 +129,7 @@ fn capsule_with_tree(home: &Home) -> Option<String> {
 }
 
 /// A second home with the same identity (a user's other machine).
-fn same_user(home: &Home) -> Home {
+pub(super) fn same_user(home: &Home) -> Home {
     let other = Home::default();
     fs::create_dir_all(other.path().join("keys")).unwrap();
     for key in fs::read_dir(home.path().join("keys")).unwrap() {

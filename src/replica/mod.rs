@@ -8,6 +8,7 @@
 //! checks (`Capsule::check_incoming`, then `ingest_checked`) before it is stored.
 
 pub mod bloom;
+pub mod bucket;
 pub mod folder;
 pub mod local;
 pub mod objects;
@@ -105,12 +106,13 @@ pub trait Replica: Send + Sync {
 /// Every capsule the replica location at `url` holds: a server's list, or a folder's
 /// capsule folders.
 pub fn capsules_at(url: &str) -> Result<Vec<crate::record::CapsuleId>> {
-    if url.starts_with("file://") {
-        use objects::Objects;
-        let names = folder::Folder::from_url(url)?.list("")?;
-        return Ok(names.iter().filter_map(|n| crate::record::CapsuleId::from_hex(n).ok()).collect());
-    }
-    remote::Remote::capsules_at(url)
+    use objects::Objects;
+    let names = match url {
+        u if u.starts_with("file://") => folder::Folder::from_url(url)?.list("")?,
+        u if u.starts_with("s3://") => bucket::Bucket::from_url(url)?.list("")?,
+        _ => return remote::Remote::capsules_at(url),
+    };
+    Ok(names.iter().filter_map(|n| crate::record::CapsuleId::from_hex(n).ok()).collect())
 }
 
 /// Bundles of `records` in order, each from `bundle_of` (None: not held, skipped), until
@@ -134,11 +136,14 @@ pub(crate) fn batch_of(
 }
 
 /// The replica of `capsule` at `url`: `http://` or `https://` for a `capsulefs serve`,
-/// `file:///PATH` for a folder. `pusher` (this machine's writer key and device id) is needed
+/// `file:///PATH` for a folder, `s3://BUCKET/PREFIX` for a bucket. `pusher` (this machine's writer key and device id) is needed
 /// only to push to a folder, which keeps one signed head object per device.
 pub fn open(url: &str, capsule: crate::record::CapsuleId, pusher: Option<Pusher>) -> Result<Box<dyn Replica>> {
     if url.starts_with("file://") {
         return Ok(Box::new(ObjectReplica::new(folder::Folder::from_url(url)?, capsule, pusher)));
+    }
+    if url.starts_with("s3://") {
+        return Ok(Box::new(ObjectReplica::new(bucket::Bucket::from_url(url)?, capsule, pusher)));
     }
     Ok(Box::new(remote::Remote::new(url, capsule)?))
 }

@@ -18,7 +18,7 @@ use crate::record::{CapsuleId, RecordHash, SubIdx};
 use crate::{Error, Result};
 
 /// Largest answer read from a server: a fetch of `MAX_BATCH_BYTES` plus one record past it.
-const MAX_ANSWER: u64 = (MAX_BATCH_BYTES as u64) * 2 + (1 << 20);
+pub(super) const MAX_ANSWER: u64 = (MAX_BATCH_BYTES as u64) * 2 + (1 << 20);
 /// A request that makes no progress for this long fails (the replica is then unreachable).
 const STALL: Duration = Duration::from_secs(60);
 
@@ -51,6 +51,20 @@ fn tls_config() -> Result<TlsConfig> {
     Ok(builder.root_certs(RootCerts::new_with_certs(&certs)).build())
 }
 
+/// The HTTP client every replica kind that speaks HTTP uses: statuses as answers (not
+/// errors), 10 s to connect, `STALL` without progress, the TLS roots above.
+pub(super) fn agent(https_only: bool) -> Result<ureq::Agent> {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .https_only(https_only)
+        .tls_config(tls_config()?)
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .timeout_per_read(Some(STALL))
+        .timeout_per_write(Some(STALL))
+        .build();
+    Ok(config.into())
+}
+
 pub struct Remote {
     base: String,
     capsule: CapsuleId,
@@ -73,18 +87,11 @@ impl Remote {
         let base = url.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(Error::Invalid(format!(
-                "replica URL '{url}': this build speaks http:// and https:// to `capsulefs serve` (file:///PATH for a folder; s3:// comes later)"
+                "replica URL '{url}': this build speaks http:// and https:// to `capsulefs serve` (file:///PATH for a folder, s3://BUCKET/PREFIX for a bucket)"
             )));
         }
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .https_only(base.starts_with("https://"))
-            .tls_config(tls_config()?)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .timeout_per_read(Some(STALL))
-            .timeout_per_write(Some(STALL))
-            .build();
-        Ok(Self { base, capsule, agent: config.into() })
+        let agent = agent(base.starts_with("https://"))?;
+        Ok(Self { base, capsule, agent })
     }
 
     /// Sends `body` (or none: a GET) and returns the answer's body for a 2xx, None for a 404.

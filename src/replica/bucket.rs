@@ -1,0 +1,176 @@
+//! `s3://BUCKET/PREFIX`: a replica's objects (`objects.rs`) in any S3-compatible bucket.
+//!
+//! Requests are signed by rusty-s3 (SigV4 presigned URLs, no I/O of its own) and sent by the
+//! same blocking HTTP client as `capsulefs serve` replicas, so the core stays synchronous and
+//! no second TLS stack is linked. Settings come from the standard AWS environment:
+//! `AWS_ENDPOINT_URL` (then path-style addressing), `AWS_REGION` or `AWS_DEFAULT_REGION`
+//! (default us-east-1), `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, or
+//! the `AWS_PROFILE` (default "default") section of `~/.aws/credentials`.
+//! Correctness never rests on conditional writes (Garage ignores them): the layout gives
+//! every mutable object one writer.
+
+use std::time::Duration;
+
+use rusty_s3::actions::{GetObject, ListObjectsV2, PutObject, S3Action};
+use rusty_s3::{Credentials, UrlStyle};
+
+use super::objects::Objects;
+use super::remote::{MAX_ANSWER, agent};
+use crate::{Error, Result};
+
+/// How long a signed request stays valid: it is sent at once.
+const SIGNED_FOR: Duration = Duration::from_secs(300);
+
+pub struct Bucket {
+    bucket: rusty_s3::Bucket,
+    credentials: Option<Credentials>,
+    /// Keys are `<prefix>/<key>`, or `<key>` with no prefix.
+    prefix: String,
+    url: String,
+    agent: ureq::Agent,
+}
+
+/// The `section` of an AWS-style ini file (`~/.aws/credentials`), as (key, value) pairs.
+fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut pairs = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = name.trim() == section;
+        } else if inside && let Some((k, v)) = line.split_once('=') {
+            pairs.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    pairs
+}
+
+fn credentials() -> Option<Credentials> {
+    if let Some(c) = Credentials::from_env() {
+        return Some(c);
+    }
+    let file = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".aws/credentials")))?;
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let pairs = ini_section(&std::fs::read_to_string(file).ok()?, &profile);
+    let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let (key, secret) = (get("aws_access_key_id")?, get("aws_secret_access_key")?);
+    Some(match get("aws_session_token") {
+        Some(token) => Credentials::new_with_token(key, secret, token),
+        None => Credentials::new(key, secret),
+    })
+}
+
+impl Bucket {
+    /// The bucket and prefix an `s3://BUCKET/PREFIX` URL names, reached as the environment says.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let rest = url.strip_prefix("s3://").unwrap_or(url);
+        let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if name.is_empty() {
+            return Err(Error::Invalid(format!("replica URL '{url}': give a bucket, as s3://BUCKET/PREFIX")));
+        }
+        let region = std::env::var("AWS_REGION")
+            .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|_| "us-east-1".into());
+        let (endpoint, style) = match std::env::var("AWS_ENDPOINT_URL") {
+            Ok(endpoint) => (endpoint, UrlStyle::Path),
+            Err(_) => (format!("https://s3.{region}.amazonaws.com"), UrlStyle::VirtualHost),
+        };
+        let parsed = endpoint.parse().map_err(|e| Error::Invalid(format!("AWS_ENDPOINT_URL '{endpoint}': {e}")))?;
+        let bucket = rusty_s3::Bucket::new(parsed, style, name.to_owned(), region)
+            .map_err(|e| Error::Invalid(format!("bucket '{name}' at {endpoint}: {e}")))?;
+        Ok(Self {
+            bucket,
+            credentials: credentials(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            url: url.to_owned(),
+            agent: agent(endpoint.starts_with("https://"))?,
+        })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() { key.to_owned() } else { format!("{}/{key}", self.prefix) }
+    }
+
+    fn failed(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::Replica(format!("{}: {what}: {e} (is the endpoint right, and are AWS_* credentials set?)", self.url))
+    }
+
+    /// GETs `url`, with `range` if given; None for a missing object.
+    fn fetch(&self, signed: &str, key: &str, range: Option<(u64, u64)>) -> Result<Option<Vec<u8>>> {
+        let mut request = self.agent.get(signed);
+        if let Some((start, len)) = range {
+            request = request.header("Range", &format!("bytes={start}-{}", start + len.max(1) - 1));
+        }
+        let mut response = request.call().map_err(|e| self.failed(key, e))?;
+        let status = response.status().as_u16();
+        let body =
+            response.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(|e| self.failed(key, e))?;
+        match status {
+            200 | 206 => Ok(Some(body)),
+            404 => Ok(None),
+            416 => Ok(Some(Vec::new())), // a range past the end
+            _ => Err(self.failed(key, format!("{status} {}", String::from_utf8_lossy(&body).trim()))),
+        }
+    }
+}
+
+impl Objects for Bucket {
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let full = self.full_key(key);
+        let signed = GetObject::new(&self.bucket, self.credentials.as_ref(), &full).sign(SIGNED_FOR);
+        self.fetch(signed.as_str(), key, None)
+    }
+
+    fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        let full = self.full_key(key);
+        let signed = GetObject::new(&self.bucket, self.credentials.as_ref(), &full).sign(SIGNED_FOR);
+        self.fetch(signed.as_str(), key, Some((start, len)))
+    }
+
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        let full = self.full_key(key);
+        let signed = PutObject::new(&self.bucket, self.credentials.as_ref(), &full).sign(SIGNED_FOR);
+        let mut response = self.agent.put(signed.as_str()).send(bytes).map_err(|e| self.failed(key, e))?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        Err(self.failed(key, format!("{status} {}", body.trim())))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let dir = if prefix.is_empty() { self.full_key("") } else { format!("{}/", self.full_key(prefix)) };
+        let dir = dir.trim_start_matches('/').to_owned();
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut action = ListObjectsV2::new(&self.bucket, self.credentials.as_ref());
+            action.with_prefix(dir.as_str());
+            action.with_delimiter("/");
+            if let Some(t) = &token {
+                action.with_continuation_token(t.as_str());
+            }
+            let signed = action.sign(SIGNED_FOR);
+            let body =
+                self.fetch(signed.as_str(), prefix, None)?.ok_or_else(|| self.failed("listing", "no such bucket"))?;
+            let page = ListObjectsV2::parse_response(&body).map_err(|e| self.failed("listing", e))?;
+            let strip = |k: &str| k.strip_prefix(dir.as_str()).map(|n| n.trim_end_matches('/').to_owned());
+            names.extend(page.contents.iter().filter_map(|c| strip(&c.key)));
+            names.extend(page.common_prefixes.iter().filter_map(|p| strip(&p.prefix)));
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        names.retain(|n| !n.is_empty());
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}
