@@ -24,13 +24,13 @@ fn moto() -> Option<PathBuf> {
 }
 
 /// An S3 server of its own on a free loopback port, with one bucket; killed when dropped.
-struct S3 {
+pub(super) struct S3 {
     child: Child,
-    endpoint: String,
+    pub(super) endpoint: String,
 }
 
 impl S3 {
-    fn start(bucket: &str) -> Option<Self> {
+    pub(super) fn start(bucket: &str) -> Option<Self> {
         let moto = moto()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(moto)

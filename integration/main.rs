@@ -3,6 +3,7 @@
 
 mod buckets;
 mod cli;
+mod conformance;
 mod corruption;
 mod crash;
 mod fsx;

@@ -18,14 +18,14 @@ use capsulefs::replica::Bundle;
 use super::{Home, Mounted, sh};
 
 /// A `capsulefs serve` of its own, on a free loopback port; killed when dropped.
-struct Server {
+pub(super) struct Server {
     child: Child,
     addr: String,
     store: tempfile::TempDir,
 }
 
 impl Server {
-    fn start() -> Self {
+    pub(super) fn start() -> Self {
         let store = tempfile::tempdir().unwrap();
         Self::start_on(store, "127.0.0.1:0")
     }
@@ -62,7 +62,7 @@ impl Server {
         Self { child, addr, store }
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 

@@ -61,27 +61,48 @@ fn credentials() -> Option<Credentials> {
     })
 }
 
+/// Where a bucket is and how to sign for it.
+pub struct Settings {
+    /// Path-style addressing at this endpoint; None: AWS itself, virtual-host style.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub credentials: Option<Credentials>,
+}
+
+impl Settings {
+    /// From the standard AWS environment (see the module's comment).
+    pub fn from_env() -> Self {
+        let region = std::env::var("AWS_REGION")
+            .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|_| "us-east-1".into());
+        Self { endpoint: std::env::var("AWS_ENDPOINT_URL").ok(), region, credentials: credentials() }
+    }
+}
+
 impl Bucket {
     /// The bucket and prefix an `s3://BUCKET/PREFIX` URL names, reached as the environment says.
     pub fn from_url(url: &str) -> Result<Self> {
+        Self::with_settings(url, Settings::from_env())
+    }
+
+    /// The bucket and prefix `url` names, reached with `settings`.
+    pub fn with_settings(url: &str, settings: Settings) -> Result<Self> {
         let rest = url.strip_prefix("s3://").unwrap_or(url);
         let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if name.is_empty() {
             return Err(Error::Invalid(format!("replica URL '{url}': give a bucket, as s3://BUCKET/PREFIX")));
         }
-        let region = std::env::var("AWS_REGION")
-            .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
-            .unwrap_or_else(|_| "us-east-1".into());
-        let (endpoint, style) = match std::env::var("AWS_ENDPOINT_URL") {
-            Ok(endpoint) => (endpoint, UrlStyle::Path),
-            Err(_) => (format!("https://s3.{region}.amazonaws.com"), UrlStyle::VirtualHost),
+        let region = settings.region;
+        let (endpoint, style) = match settings.endpoint {
+            Some(endpoint) => (endpoint, UrlStyle::Path),
+            None => (format!("https://s3.{region}.amazonaws.com"), UrlStyle::VirtualHost),
         };
-        let parsed = endpoint.parse().map_err(|e| Error::Invalid(format!("AWS_ENDPOINT_URL '{endpoint}': {e}")))?;
+        let parsed = endpoint.parse().map_err(|e| Error::Invalid(format!("S3 endpoint '{endpoint}': {e}")))?;
         let bucket = rusty_s3::Bucket::new(parsed, style, name.to_owned(), region)
             .map_err(|e| Error::Invalid(format!("bucket '{name}' at {endpoint}: {e}")))?;
         Ok(Self {
             bucket,
-            credentials: credentials(),
+            credentials: settings.credentials,
             prefix: prefix.trim_matches('/').to_owned(),
             url: url.to_owned(),
             agent: agent(endpoint.starts_with("https://"))?,

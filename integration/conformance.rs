@@ -1,0 +1,100 @@
+//! One suite of replica behaviour, run against every kind: the local store, a `capsulefs
+//! serve`, a folder and an S3 bucket (moto). A new kind is one more line in the test below.
+
+use std::sync::Arc;
+
+use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
+use capsulefs::crypto::keys::Identity;
+use capsulefs::record::{RecordHash, SubIdx};
+use capsulefs::replica::bucket::{Bucket, Settings};
+use capsulefs::replica::objects::{ObjectReplica, Pusher};
+use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
+use capsulefs::replica::{self, Replica};
+use capsulefs::store::mem::MemKv;
+use capsulefs::store::{Durability, Kv};
+
+use super::buckets::S3;
+use super::replicas::Server;
+
+/// An empty copy of `source`'s capsule: its metadata and nothing else.
+fn copy_of(source: &Capsule, me: &Identity) -> Capsule {
+    Capsule::adopt(Arc::new(MemKv::new()) as Arc<dyn Kv>, source.id(), &source.metadata_bytes(), vec![me.clone()])
+        .unwrap()
+}
+
+/// A capsule with an unsigned record and a signed one on it.
+fn source(me: &Identity) -> Capsule {
+    let capsule = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("c", me), vec![me.clone()]).unwrap();
+    let unsigned = AppendOptions { sign: false, durability: Durability::Buffered, ..Default::default() };
+    capsule.append(me, &[b"first record"], unsigned.clone()).unwrap();
+    let signed = AppendOptions { sign: true, ..unsigned };
+    capsule.append(me, &[b"second record, payload 0", b"second record, payload 1"], signed).unwrap();
+    capsule
+}
+
+/// What every replica kind must do, given one that holds nothing of `capsule` yet.
+fn conforms(kind: &str, capsule: &Capsule, me: &Identity, replica: Arc<dyn Replica>) {
+    // Metadata: held once put; the same again is fine, another capsule's is refused.
+    if replica.metadata().unwrap().is_none() {
+        replica.put_metadata(&capsule.metadata_bytes()).unwrap();
+    }
+    replica.put_metadata(&capsule.metadata_bytes()).unwrap();
+    assert_eq!(replica.metadata().unwrap(), Some(capsule.metadata_bytes()), "{kind}");
+    let other = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("other", me), vec![]).unwrap();
+    assert!(replica.put_metadata(&other.metadata_bytes()).is_err(), "{kind}: another capsule's metadata taken");
+    // Records: everything pushed once; heads and membership as the source says.
+    let all: Vec<RecordHash> = capsule.log().unwrap().map(|e| e.unwrap().0).collect();
+    assert_eq!(push(capsule, replica.as_ref(), &()).unwrap().records, all.len(), "{kind}");
+    assert_eq!(push(capsule, replica.as_ref(), &()).unwrap().records, 0, "{kind}: nothing twice");
+    assert_eq!(replica.heads().unwrap(), capsule.heads().unwrap(), "{kind}");
+    assert!(replica.missing(&all).unwrap().is_empty(), "{kind}");
+    let unknown = RecordHash::from_bytes([7; 32]);
+    assert_eq!(replica.missing(&[unknown]).unwrap(), vec![unknown], "{kind}");
+    // Walks start where they are told and keep to the budget.
+    let head = capsule.heads().unwrap()[0];
+    let nodes = replica.walk(&[head], 1).unwrap();
+    assert_eq!(nodes.len(), 1, "{kind}");
+    assert_eq!(nodes[0].record, head, "{kind}");
+    // Fetch and since: records that check, parents first; headers alone when asked.
+    let bundle = replica.fetch(&[head]).unwrap().pop().unwrap();
+    let payloads: Vec<&[u8]> = bundle.payloads.iter().map(Vec::as_slice).collect();
+    assert_eq!(capsule.check_incoming(&bundle.record, &payloads).unwrap().hash(), head, "{kind}");
+    assert_eq!(replica.since(&[], false).unwrap().bundles.len(), all.len(), "{kind}");
+    assert!(replica.since(&[], true).unwrap().bundles.iter().all(|b| b.payloads.is_empty()), "{kind}");
+    assert!(replica.since(&[head], false).unwrap().bundles.is_empty(), "{kind}");
+    // Sub-records, one at a time with their Merkle paths; none past the last.
+    assert!(replica.sub_record(head, SubIdx(1)).unwrap().is_some(), "{kind}");
+    assert!(replica.sub_record(head, SubIdx(2)).unwrap().is_none(), "{kind}");
+    // A whole pull, and a sparse one whose sub-records come from the replica and prove.
+    let whole = copy_of(capsule, me);
+    pull(&whole, replica.as_ref(), &()).unwrap();
+    assert_eq!(whole.heads().unwrap(), capsule.heads().unwrap(), "{kind}");
+    let sparse = copy_of(capsule, me);
+    pull_taking(&sparse, replica.as_ref(), Take::Headers, &()).unwrap();
+    sparse.fill_from(replica);
+    assert_eq!(&sparse.read_sub_record(head, SubIdx(1)).unwrap().0.get()[..], b"second record, payload 1", "{kind}");
+}
+
+#[test]
+fn every_kind_of_replica_behaves_alike() {
+    let me = Identity::generate("me").unwrap();
+    let pusher = Pusher { identity: me.clone(), device: [1; 16] };
+    let capsule = source(&me);
+    let server = Server::start();
+    let folder = tempfile::tempdir().unwrap();
+    let folder_url = format!("file://{}", folder.path().display());
+    let local: Arc<dyn Replica> = Arc::new(copy_of(&capsule, &me));
+    conforms("local store", &capsule, &me, local);
+    conforms("capsulefs serve", &capsule, &me, Arc::from(replica::open(&server.url(), capsule.id(), None).unwrap()));
+    let folder = replica::open(&folder_url, capsule.id(), Some(pusher.clone())).unwrap();
+    conforms("folder", &capsule, &me, Arc::from(folder));
+    // An S3 bucket, when its server can run here (always in CI).
+    let Some(s3) = S3::start("conformance") else { return };
+    let settings = Settings {
+        endpoint: Some(s3.endpoint.clone()),
+        region: "us-east-1".into(),
+        credentials: Some(rusty_s3::Credentials::new("capsulefs-test", "capsulefs-test-secret")),
+    };
+    let bucket = Bucket::with_settings("s3://conformance/p", settings).unwrap();
+    conforms("s3", &capsule, &me, Arc::new(ObjectReplica::new(bucket, capsule.id(), Some(pusher))));
+}
