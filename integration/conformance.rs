@@ -26,7 +26,7 @@ fn copy_of(source: &Capsule, me: &Identity) -> Capsule {
 fn source(me: &Identity) -> Capsule {
     let capsule = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("c", me), vec![me.clone()]).unwrap();
     let unsigned = AppendOptions { sign: false, durability: Durability::Buffered, ..Default::default() };
-    capsule.append(me, &[b"first record"], unsigned.clone()).unwrap();
+    capsule.append(me, &[b"first record"], unsigned).unwrap();
     let signed = AppendOptions { sign: true, ..unsigned };
     capsule.append(me, &[b"second record, payload 0", b"second record, payload 1"], signed).unwrap();
     capsule
