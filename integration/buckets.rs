@@ -114,3 +114,57 @@ fn a_bucket_takes_pushes_and_gives_clones_whole_and_sparse_and_refuses_an_altere
     assert!(!refused.status.success(), "an altered object was taken: {refused:?}");
     assert!(stranger.run(&["log", "c"]).stdout.is_empty(), "nothing was kept");
 }
+
+#[test]
+fn two_devices_pushing_to_one_bucket_at_once_lose_nothing() {
+    use std::sync::Arc;
+
+    use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
+    use capsulefs::crypto::keys::Identity;
+    use capsulefs::replica::bucket::{Bucket, Settings};
+    use capsulefs::replica::objects::{ObjectReplica, Pusher};
+    use capsulefs::replica::transfer::{pull, push};
+    use capsulefs::store::mem::MemKv;
+    use capsulefs::store::{Durability, Kv};
+
+    let Some(s3) = S3::start("shared") else { return };
+    let (laptop_key, desktop_key) = (Identity::generate("laptop").unwrap(), Identity::generate("desktop").unwrap());
+    let spec = NewCapsule { writers: vec![desktop_key.writer()], ..NewCapsule::new("c", &laptop_key) };
+    let laptop = Capsule::create(Arc::new(MemKv::new()), spec, vec![laptop_key.clone()]).unwrap();
+    let copy = |me: &Identity| {
+        Capsule::adopt(Arc::new(MemKv::new()) as Arc<dyn Kv>, laptop.id(), &laptop.metadata_bytes(), vec![me.clone()])
+            .unwrap()
+    };
+    let desktop = copy(&desktop_key);
+    let bucket = |me: &Identity, device: u8| {
+        let settings = Settings {
+            endpoint: Some(s3.endpoint.clone()),
+            region: "us-east-1".into(),
+            credentials: Some(rusty_s3::Credentials::new("capsulefs-test", "capsulefs-test-secret")),
+        };
+        let pusher = Pusher { identity: me.clone(), device: [device; 16] };
+        ObjectReplica::new(Bucket::with_settings("s3://shared/p", settings).unwrap(), laptop.id(), Some(pusher))
+    };
+    push(&laptop, &bucket(&laptop_key, 1), &()).unwrap();
+    pull(&desktop, &bucket(&desktop_key, 2), &()).unwrap();
+    let signed = AppendOptions { sign: true, durability: Durability::Buffered, ..Default::default() };
+    // Ten commits each, each pushed at once, both devices at the same moment.
+    std::thread::scope(|s| {
+        for (capsule, me, device) in [(&laptop, &laptop_key, 1u8), (&desktop, &desktop_key, 2u8)] {
+            let replica = bucket(me, device);
+            s.spawn(move || {
+                for i in 0..10u32 {
+                    capsule.append(me, &[&i.to_le_bytes()], signed).unwrap();
+                    push(capsule, &replica, &()).unwrap();
+                }
+            });
+        }
+    });
+    let reader = copy(&laptop_key);
+    pull(&reader, &bucket(&laptop_key, 3), &()).unwrap();
+    let mut both: Vec<_> = laptop.heads().unwrap().into_iter().chain(desktop.heads().unwrap()).collect();
+    both.sort();
+    both.dedup();
+    assert_eq!(reader.heads().unwrap(), both, "every commit of both devices survived");
+    assert_eq!(reader.audit().unwrap().records, laptop.audit().unwrap().records + 10);
+}

@@ -671,3 +671,30 @@ fn a_replica_url_mounts_directly_and_shows_what_was_pushed_since() {
     let Some(m) = Mounted::new(&desktop, &source, &["--read-only"]) else { return };
     assert_eq!(fs::read(m.path("later.txt")).unwrap(), b"pushed after the first mount");
 }
+
+#[test]
+fn an_old_head_object_put_back_in_a_folder_is_reported_and_nothing_moves_back() {
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let f = home.file("a", b"a");
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    home.ok(&["push", "c", &url]);
+    let device = fs::read_to_string(home.path().join("device")).unwrap().trim().to_owned();
+    let head_object = dir.path().join(&id).join("heads").join(&device);
+    let old = fs::read(&head_object).unwrap();
+    for _ in 0..2 {
+        home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    }
+    home.ok(&["push", "c", &url]);
+    let before = home.ok(&["log", "c"]);
+    // Someone with write access to the folder puts the old statement back (a validly signed
+    // object, only older): the reader is told, and keeps what it has.
+    fs::write(&head_object, old).unwrap();
+    let out = home.run(&["pull", "c", &url]);
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{warning}");
+    assert!(warning.contains("lacks 2 signed records") && warning.contains("rolled back"), "{warning}");
+    assert_eq!(home.ok(&["log", "c"]), before);
+}
