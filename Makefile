@@ -14,16 +14,18 @@ DEMO_HOME ?= $(CURDIR)/.demo
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl \
 	python3 python3-venv
 
-.PHONY: help deps deps-bench bench-fs bench-sync tools build test lint bench man completions install demo clean
+.PHONY: help deps deps-bench bench-fs bench-sync tools garage build test lint bench man completions install demo clean
 
 # Test tools from crates.io, pinned, kept out of the way in target/tools.
 TOOLS := $(CURDIR)/target/tools
+GARAGE_ROOT ?= /var/cache/capsulefs/garage
 
 help:
 	@echo "make deps         install the Debian packages the build and tests need (root or sudo)"
 	@echo "make demo         build, create a local capsule (state in .demo/) and mount it at ./capsule"
 	@echo "make build        release build"
-	@echo "make tools        install the test tools (fsx, moto's S3 server) into target/tools"
+	@echo "make tools        install the test tools: fsx and moto's S3 server into target/tools, and"
+	@echo "                  Garage into GARAGE_ROOT=$(GARAGE_ROOT) (built once, about 19 minutes)"
 	@echo "make test         format check, clippy, unit, library and integration tests (real mounts)"
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
 	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
@@ -39,10 +41,18 @@ deps:
 deps-bench:
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends bindfs gocryptfs bc
 
-tools: $(TOOLS)/bin/fsx $(TOOLS)/moto/bin/moto_server
+tools: $(TOOLS)/bin/fsx $(TOOLS)/moto/bin/moto_server $(GARAGE_ROOT)/bin/garage
 
 $(TOOLS)/bin/fsx:
 	$(CARGO) install fsx@0.3.2 --locked --root $(TOOLS)
+
+# Garage, a real distributed S3 store, for the bucket tests' three-node cluster. Built once
+# outside the clone (about 19 minutes on 2 cores), so a machine that built it reuses it.
+garage: $(GARAGE_ROOT)/bin/garage
+
+$(GARAGE_ROOT)/bin/garage:
+	$(CARGO) install garage --version 2.5.0 --locked --no-default-features --features bundled-libs,sqlite \
+		--root $(GARAGE_ROOT)
 
 # An S3-compatible server for the bucket tests, in a venv of its own.
 $(TOOLS)/moto/bin/moto_server:
@@ -58,7 +68,7 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 test: lint tools
-	$(CARGO) test --locked
+	GARAGE=$(GARAGE_ROOT)/bin/garage $(CARGO) test --locked
 
 bench: build
 	$(BIN) bench proofs

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::garage::Garage;
 use super::{Home, Mounted, sh};
 
 /// moto's server from `make tools`, or from MOTO_SERVER; None (with a message) when absent.
@@ -167,4 +168,33 @@ fn two_devices_pushing_to_one_bucket_at_once_lose_nothing() {
     both.dedup();
     assert_eq!(reader.heads().unwrap(), both, "every commit of both devices survived");
     assert_eq!(reader.audit().unwrap().records, laptop.audit().unwrap().records + 10);
+}
+
+/// `capsulefs ARGS` in `home` with `env`, expecting success; its standard output.
+fn run_with(home: &Home, env: &[(&str, String)], args: &[&str]) -> String {
+    let out = home.command().args(args).envs(env.iter().map(|(k, v)| (*k, v.as_str()))).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_garage_cluster_keeps_serving_a_capsule_with_one_node_down() {
+    let Some(mut garage) = Garage::start("capsules") else { return };
+    let home = Home::default();
+    let Some(id) = super::replicas::capsule_with_tree(&home) else { return };
+    let url = "s3://capsules/team";
+    assert!(!run_with(&home, &garage.env(0), &["push", "c", url]).starts_with("pushed 0 "));
+    // One node of three stopped: pushes, clones and mounts go on through another.
+    garage.stop(2);
+    let env = garage.env(1);
+    let f = home.file("later", b"written with a node down");
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    assert!(run_with(&home, &env, &["push", "c", url]).starts_with("pushed 1 records"));
+    let laptop = super::replicas::same_user(&home);
+    run_with(&laptop, &env, &["clone", "--sparse", &format!("{url}#{id}")]);
+    assert_eq!(laptop.ok(&["log", "c"]), home.ok(&["log", "c"]));
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let Some(m) = Mounted::with_env(&laptop, "c", &["--read-only"], &pairs) else { return };
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
 }

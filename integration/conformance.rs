@@ -14,6 +14,7 @@ use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
 
 use super::buckets::S3;
+use super::garage::Garage;
 use super::replicas::Server;
 
 /// An empty copy of `source`'s capsule: its metadata and nothing else.
@@ -88,13 +89,23 @@ fn every_kind_of_replica_behaves_alike() {
     conforms("capsulefs serve", &capsule, &me, Arc::from(replica::open(&server.url(), capsule.id(), None).unwrap()));
     let folder = replica::open(&folder_url, capsule.id(), Some(pusher.clone())).unwrap();
     conforms("folder", &capsule, &me, Arc::from(folder));
-    // An S3 bucket, when its server can run here (always in CI).
-    let Some(s3) = S3::start("conformance") else { return };
-    let settings = Settings {
-        endpoint: Some(s3.endpoint.clone()),
-        region: "us-east-1".into(),
-        credentials: Some(rusty_s3::Credentials::new("capsulefs-test", "capsulefs-test-secret")),
+    // S3 buckets, when their servers can run here (always in CI): moto, and a Garage cluster.
+    let bucket = |endpoint: &str, region: &str, key: &str, secret: &str| {
+        let credentials = Some(rusty_s3::Credentials::new(key, secret));
+        let settings = Settings { endpoint: Some(endpoint.to_owned()), region: region.to_owned(), credentials };
+        let bucket = Bucket::with_settings("s3://conformance/p", settings).unwrap();
+        Arc::new(ObjectReplica::new(bucket, capsule.id(), Some(pusher.clone())))
     };
-    let bucket = Bucket::with_settings("s3://conformance/p", settings).unwrap();
-    conforms("s3", &capsule, &me, Arc::new(ObjectReplica::new(bucket, capsule.id(), Some(pusher))));
+    if let Some(s3) = S3::start("conformance") {
+        conforms(
+            "s3 (moto)",
+            &capsule,
+            &me,
+            bucket(&s3.endpoint, "us-east-1", "capsulefs-test", "capsulefs-test-secret"),
+        );
+    }
+    if let Some(garage) = Garage::start("conformance") {
+        let replica = bucket(&garage.endpoints[0], "garage", &garage.key_id, &garage.secret);
+        conforms("s3 (garage)", &capsule, &me, replica);
+    }
 }

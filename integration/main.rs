@@ -7,6 +7,7 @@ mod conformance;
 mod corruption;
 mod crash;
 mod fsx;
+mod garage;
 mod hardening;
 mod mount;
 mod replicas;
