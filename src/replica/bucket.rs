@@ -136,6 +136,27 @@ impl Bucket {
     }
 }
 
+/// `text` with its %XX escapes decoded (a malformed escape is kept as it is).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl Objects for Bucket {
     fn describe(&self) -> String {
         self.url.clone()
@@ -181,7 +202,12 @@ impl Objects for Bucket {
             let body =
                 self.fetch(signed.as_str(), prefix, None)?.ok_or_else(|| self.failed("listing", "no such bucket"))?;
             let page = ListObjectsV2::parse_response(&body).map_err(|e| self.failed("listing", e))?;
-            let strip = |k: &str| k.strip_prefix(dir.as_str()).map(|n| n.trim_end_matches('/').to_owned());
+            // Listings are asked with encoding-type=url: keys come percent-encoded (Garage
+            // encodes '/'; moto does not).
+            let strip = |k: &str| {
+                let k = percent_decoded(k);
+                k.strip_prefix(dir.as_str()).map(|n| n.trim_end_matches('/').to_owned())
+            };
             names.extend(page.contents.iter().filter_map(|c| strip(&c.key)));
             names.extend(page.common_prefixes.iter().filter_map(|p| strip(&p.prefix)));
             match page.next_continuation_token {
@@ -193,5 +219,17 @@ impl Objects for Bucket {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_keys_are_percent_decoded() {
+        assert_eq!(percent_decoded("team%2Fab%2Fheads%2F"), "team/ab/heads/");
+        assert_eq!(percent_decoded("plain/key"), "plain/key");
+        assert_eq!(percent_decoded("bad%zzend%"), "bad%zzend%");
     }
 }
