@@ -12,16 +12,8 @@ use super::{Home, Mounted, sh};
 
 /// moto's server from `make tools`, or from MOTO_SERVER; None (with a message) when absent.
 fn moto() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("MOTO_SERVER").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/moto/bin/moto_server")),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.exists());
-    if found.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "moto is not installed: CI must run `make tools`");
-        eprintln!("skipped: moto not installed (run `make tools`)");
-    }
-    found
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/moto/bin/moto_server");
+    super::tool("moto", "MOTO_SERVER", &default)
 }
 
 /// An S3 server of its own on a free loopback port, with one bucket; killed when dropped.

@@ -12,16 +12,7 @@ const OPS: &str = "100000";
 
 /// fsx from `make tools`, or from FSX; None (with a message) when it is not installed.
 fn fsx() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("FSX").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/fsx")),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.exists());
-    if found.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "fsx is not installed: CI must run `make tools`");
-        eprintln!("skipped: fsx not installed (run `make tools`)");
-    }
-    found
+    super::tool("fsx", "FSX", &Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/fsx"))
 }
 
 fn run_fsx(fsx: &Path, file: &Path, seed: &str, artifacts: &Path) {
