@@ -4,9 +4,9 @@
 use std::collections::{HashSet, VecDeque};
 
 use super::bloom::Bloom;
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since, batch_of};
+use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
 use crate::capsule::{Capsule, Incoming, Ingested};
-use crate::record::{RecordHash, SubIdx, SubRecord};
+use crate::record::{RecordHash, SubIdx};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
 
@@ -33,22 +33,16 @@ impl Capsule {
         Ok(Some(Bundle { record, payloads }))
     }
 
-    /// The payloads of `record` as stored (each decoded from its sub-record, not proven: the
-    /// receiver checks them against the record's Merkle root).
+    /// The payloads of `record` as stored.
     fn payloads(&self, record: RecordHash, count: u32) -> Result<Vec<Vec<u8>>> {
         (0..count)
             .map(|i| {
                 let idx = SubIdx(i);
-                let bytes = self
+                let stored = self
                     .store()
                     .sub_record_bytes(&record, idx)?
                     .ok_or(VerifyError::MissingSubRecord { record, idx })?;
-                let sub = SubRecord::decode(&bytes).map_err(|source| VerifyError::MalformedSubRecord {
-                    record,
-                    idx,
-                    source,
-                })?;
-                Ok(sub.data)
+                payload_of(record, idx, &stored)
             })
             .collect()
     }

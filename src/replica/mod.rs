@@ -19,7 +19,8 @@ pub mod transfer;
 use borsh::{BorshDeserialize, BorshSerialize};
 
 use crate::Result;
-use crate::record::{RecordHash, SubIdx};
+use crate::VerifyError;
+use crate::record::{RecordHash, SubIdx, SubRecord};
 use objects::{ObjectReplica, Pusher};
 
 /// One record as replicas exchange it: its encoding (header and signature) and its
@@ -101,6 +102,13 @@ pub trait Replica: Send + Sync {
     /// and takes an unsigned record only with a signed descendant in the same call.
     /// Returns how many were new.
     fn put(&self, bundles: Vec<Bundle>) -> Result<usize>;
+}
+
+/// The payload of a sub-record as a replica stores it (encoded with its Merkle path), for a
+/// `Bundle`. Not proven here: the receiver checks payloads against the record's Merkle root.
+pub(crate) fn payload_of(record: RecordHash, idx: SubIdx, stored: &[u8]) -> Result<Vec<u8>> {
+    let sub = SubRecord::decode(stored).map_err(|source| VerifyError::MalformedSubRecord { record, idx, source })?;
+    Ok(sub.data)
 }
 
 /// Every capsule the replica location at `url` holds: a server's list, or a folder's

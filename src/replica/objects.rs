@@ -23,13 +23,11 @@ use std::sync::Mutex;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
-use super::{Bundle, MAX_HASHES, Node, Replica, Since, batch_of};
+use super::{Bundle, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
 use crate::capsule::{check_metadata, sub_records};
 use crate::crypto::keys::Identity;
 use crate::crypto::sign;
-use crate::record::{
-    CapsuleId, Record, RecordHash, Signature, SignedMetadata, SubIdx, SubRecord, SubRecordBuf, WriterId,
-};
+use crate::record::{CapsuleId, Record, RecordHash, Signature, SignedMetadata, SubIdx, SubRecordBuf, WriterId};
 use crate::{Error, Result, VerifyError};
 
 /// The first bytes of every record object.
@@ -404,11 +402,7 @@ impl<O: Objects> ObjectReplica<O> {
         let payloads = subs
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                SubRecord::decode(s).map(|s| s.data).map_err(|source| {
-                    VerifyError::MalformedSubRecord { record: *h, idx: SubIdx(i as u32), source }.into()
-                })
-            })
+            .map(|(i, stored)| payload_of(*h, SubIdx(i as u32), stored))
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Bundle { record, payloads }))
     }
