@@ -87,6 +87,8 @@ struct Index {
     has_child: HashSet<RecordHash>,
     /// Segments read, by device.
     segments: HashMap<[u8; 16], u64>,
+    /// Whether the statements were read at all.
+    read: bool,
 }
 
 impl Index {
@@ -191,6 +193,16 @@ impl<O: Objects> ObjectReplica<O> {
         }
     }
 
+    /// `refresh`, unless done already: a round reads the statements once, at its `heads` or
+    /// `since`; the questions after it (`missing`, `walk`, `put`) use what that read, and
+    /// `put` adds what it writes. Each read is a listing and a request per device.
+    fn read_once(&self) -> Result<()> {
+        if self.index.lock().expect("no panics while locked").read {
+            return Ok(());
+        }
+        self.refresh()
+    }
+
     /// Reads the statements, and the segments not read yet of every device whose statement
     /// is valid. A statement that does not verify is skipped with a warning: it cannot hide
     /// what valid ones name.
@@ -229,6 +241,7 @@ impl<O: Objects> ObjectReplica<O> {
             }
             index.segments.insert(statement.device, statement.segments.max(read));
         }
+        index.read = true;
         Ok(())
     }
 
@@ -281,13 +294,13 @@ impl<O: Objects> Replica for ObjectReplica<O> {
     }
 
     fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {
-        self.refresh()?;
+        self.read_once()?;
         let index = self.index.lock().expect("no panics while locked");
         Ok(records.iter().take(MAX_HASHES).filter(|h| !index.parents.contains_key(h)).copied().collect())
     }
 
     fn walk(&self, from: &[RecordHash], budget: usize) -> Result<Vec<Node>> {
-        self.refresh()?;
+        self.read_once()?;
         let index = self.index.lock().expect("no panics while locked");
         let mut seen = HashSet::new();
         let mut queue: VecDeque<RecordHash> = from.iter().copied().collect();
@@ -352,7 +365,7 @@ impl<O: Objects> Replica for ObjectReplica<O> {
         let pusher = self.pusher.as_ref().ok_or_else(|| {
             Error::Invalid(format!("pushing to {} needs a writer key of this capsule here", self.objects.describe()))
         })?;
-        self.refresh()?;
+        self.read_once()?;
         let mut nodes = Vec::new();
         for bundle in &bundles {
             let record = Record::decode(&bundle.record).map_err(VerifyError::Undecodable)?;
