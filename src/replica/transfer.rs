@@ -76,16 +76,14 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
     progress.expect(order.len() as u64);
     let mut signed_here: HashSet<RecordHash> = HashSet::new();
     let mut anchored = anchored_positions(local, &order, &signed_here)?;
-    let mut batch: Vec<Bundle> = Vec::new();
-    let mut in_batch: Vec<usize> = Vec::new();
-    let mut batch_bytes = 0usize;
+    let mut batch = AnchoredBatch::default();
     for (i, node) in order.iter().enumerate() {
         let mut bundle =
             local.fetch(&[node.record])?.pop().ok_or(VerifyError::MissingRecord { record: node.record })?;
         // An unsigned record of ours that nothing signed covers yet, or that would hold a full
         // batch open waiting for its signed descendant: this machine holds the writer's key,
         // so it signs the record now (a signature does not change its hash).
-        let stuck = anchored[i].is_none_or(|a| a > i && batch_bytes + bundle.size() >= MAX_BATCH_BYTES);
+        let stuck = anchored[i].is_none_or(|a| a > i && batch.bytes + bundle.size() >= MAX_BATCH_BYTES);
         if stuck && let Some(signed) = local.sign_own(node.record)? {
             bundle.record = signed;
             signed_here.insert(node.record);
@@ -95,17 +93,13 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
             report.waiting_for_signature += 1;
             continue;
         }
-        batch_bytes += bundle.size();
-        batch.push(bundle);
-        in_batch.push(i);
-        // A batch may end only where every unsigned record in it has its signed descendant.
-        let needed_up_to = in_batch.iter().filter_map(|&p| anchored[p]).max().unwrap_or(i);
-        if batch_bytes >= MAX_BATCH_BYTES && needed_up_to <= i {
-            send(remote, &mut batch, &mut report, progress)?;
-            (batch_bytes, in_batch) = (0, Vec::new());
+        let record = Record::decode(&bundle.record).map_err(VerifyError::Undecodable)?;
+        batch.add(bundle, &record);
+        if batch.full() {
+            send(remote, &mut batch.take(), &mut report, progress)?;
         }
     }
-    send(remote, &mut batch, &mut report, progress)?;
+    send(remote, &mut batch.take(), &mut report, progress)?;
     Ok(report)
 }
 
@@ -473,7 +467,7 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
     report.reconcile_received += received;
     let order = topological(&lacking)?;
     progress.expect(order.len() as u64);
-    let mut batch = RelayBatch::default();
+    let mut batch = AnchoredBatch::default();
     let mut next = 0;
     while next < order.len() {
         for (bundle, expected) in fetch_slice(from, &order[next..], &mut report)? {
@@ -488,7 +482,7 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
             }
             batch.add(bundle, &record);
             next += 1;
-            if batch.bytes >= MAX_BATCH_BYTES && batch.uncovered.is_empty() {
+            if batch.full() {
                 send(to, &mut batch.take(), &mut report, progress)?;
             }
         }
@@ -499,15 +493,16 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
 
 /// Bundles on their way to a replica that takes an unsigned record only with a signed
 /// descendant in the same call: `uncovered` holds the unsigned ones still waiting for theirs.
+/// Push and relay both cut their batches here.
 #[derive(Default)]
-struct RelayBatch {
+struct AnchoredBatch {
     bundles: Vec<Bundle>,
     bytes: usize,
     parents: HashMap<RecordHash, Vec<RecordHash>>,
     uncovered: HashSet<RecordHash>,
 }
 
-impl RelayBatch {
+impl AnchoredBatch {
     fn add(&mut self, bundle: Bundle, record: &Record) {
         let hash = record.hash();
         self.bytes += bundle.size();
@@ -524,6 +519,12 @@ impl RelayBatch {
                 stack.extend(self.parents.get(&p).into_iter().flatten());
             }
         }
+    }
+
+    /// Past the batch size, and at a point where it may end: every unsigned record in it has
+    /// its signed descendant in it.
+    fn full(&self) -> bool {
+        self.bytes >= MAX_BATCH_BYTES && self.uncovered.is_empty()
     }
 
     fn take(&mut self) -> Vec<Bundle> {
