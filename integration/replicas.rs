@@ -503,13 +503,14 @@ fn one_peer_cannot_hold_every_worker_and_idle_connections_are_closed() {
     let polls: Vec<TcpStream> = (0..16)
         .map(|_| {
             let mut s = TcpStream::connect(&server.addr).unwrap();
-            let head = format!("GET {heads_path}?known={digest}&wait=30 HTTP/1.1\r\nHost: x\r\n\r\n");
+            let head = format!("GET {heads_path}?known={digest}&wait=60 HTTP/1.1\r\nHost: x\r\n\r\n");
             s.write_all(head.as_bytes()).unwrap();
             s
         })
         .collect();
-    // ...so the next request is told to wait (429) once they are in flight.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // ...so the next request is told to wait (429) once they are in flight (bounded below the
+    // polls' own 60 s, with room for a machine busy with the other tests).
+    let deadline = Instant::now() + Duration::from_secs(50);
     while server.raw("GET", &heads_path, b"") != 429 {
         assert!(Instant::now() < deadline, "the seventeenth request was never refused");
         std::thread::sleep(Duration::from_millis(20));
