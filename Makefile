@@ -14,7 +14,7 @@ DEMO_HOME ?= $(CURDIR)/.demo
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl \
 	python3 python3-venv
 
-.PHONY: help deps deps-bench bench-fs bench-sync tools garage build test lint bench man completions install demo clean
+.PHONY: help deps deps-bench bench-fs bench-sync bench-s3 tools garage build test lint bench man completions install demo clean
 
 # Test tools from crates.io, pinned, kept out of the way in target/tools.
 TOOLS := $(CURDIR)/target/tools
@@ -30,6 +30,7 @@ help:
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
 	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
 	@echo "make bench-sync   anti-entropy bytes and round trips against capsulefs serve, push against rsync"
+	@echo "make bench-s3     push and clone through a 3-node Garage cluster against the AWS CLI (root)"
 	@echo "make man          regenerate man/ from the CLI definition"
 	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX), and"
 	@echo "                  the mount(8) helper $(SBINDIR)/mount.fuse.capsulefs"
@@ -80,6 +81,15 @@ bench-fs: build
 # Two replicas of 100k records on loopback, and a 512 MiB push against an rsync daemon.
 bench-sync: build
 	$(BIN) bench sync
+
+# capsulefs against the AWS CLI on a three-node Garage cluster (root: it mounts).
+bench-s3: $(TOOLS)/aws/bin/aws $(GARAGE_ROOT)/bin/garage
+	GARAGE=$(GARAGE_ROOT)/bin/garage AWS_CLI=$(TOOLS)/aws/bin/aws $(CARGO) bench --locked --bench s3
+
+# The AWS CLI, the plain uploader bench-s3 compares with, in a venv of its own.
+$(TOOLS)/aws/bin/aws:
+	python3 -m venv $(TOOLS)/aws
+	$(TOOLS)/aws/bin/pip install -q 'awscli==1.46.3'
 
 man: build
 	rm -f man/*.1

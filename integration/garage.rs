@@ -1,7 +1,8 @@
 //! A three-node Garage cluster on loopback, started by the test that needs it and ended by
 //! pid: a real distributed S3 store, which does not honour conditional writes (see
 //! ../shared/DEPS.md). The binary comes from `make garage` (built once, outside the clone,
-//! in `/var/cache/capsulefs/garage`) or from `GARAGE`.
+//! in `/var/cache/capsulefs/garage`) or from `GARAGE`. `benches/s3.rs` includes this file
+//! too, for `make bench-s3`.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -81,7 +82,7 @@ impl Garage {
                 .arg(garage.config(node))
                 .arg("server")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(garage.log(node)).unwrap())
                 .spawn()
                 .unwrap();
             garage.nodes.push(Some(child));
@@ -114,6 +115,28 @@ impl Garage {
         garage.admin(&["bucket", "create", bucket]);
         garage.admin(&["bucket", "allow", "--read", "--write", "--owner", bucket, "--key", &garage.key_id]);
         Some(garage)
+    }
+
+    /// Where node `node` logs: one line for each S3 request, among others.
+    fn log(&self, node: usize) -> PathBuf {
+        self.dir.path().join(format!("node{node}.log"))
+    }
+
+    /// How many S3 requests node `node` has answered so far, counted from its log: a Garage
+    /// built without its metrics feature logs each request at info, as `ADDR [(key ID)] METHOD
+    /// PATH`; a failed one adds a second line, `error ... in response to ...`.
+    pub fn requests(&self, node: usize) -> usize {
+        let log = std::fs::read_to_string(self.log(node)).unwrap_or_default();
+        let answered = |line: &&str| {
+            let Some(at) = line.find("generic_server") else { return false };
+            // Past the target's colon and the colour codes around it.
+            let message = line[at..].split_once(':').map_or("", |(_, m)| m);
+            let message =
+                message.trim_start_matches(|c: char| c == '\x1b' || c == '[' || c == 'm' || c.is_ascii_digit());
+            let message = message.trim_start();
+            message.starts_with(|c: char| c.is_ascii_digit())
+        };
+        log.lines().filter(answered).count()
     }
 
     /// The AWS environment that reaches node `node`.

@@ -7,6 +7,7 @@
 //! steer what is asked for next, and every record and payload goes through the capsule's own
 //! checks (`Capsule::check_incoming`, then `ingest_checked`) before it is stored.
 
+mod ahead;
 pub mod bloom;
 pub mod bucket;
 pub mod folder;

@@ -19,10 +19,12 @@
 //! writer, and every record read goes through the capsule's own checks before it is stored.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
+use super::ahead::ReadAhead;
 use super::{Bundle, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
 use crate::capsule::{check_metadata, sub_records};
 use crate::crypto::keys::Identity;
@@ -37,6 +39,9 @@ const RECORD_MAGIC: &[u8; 8] = b"capsrec1";
 const TABLE_READ: u64 = 64 << 10;
 /// Most sub-records a record object may claim (a sealed commit has at most 65 536).
 const MAX_SUBS: u32 = 1 << 17;
+/// Record objects a push writes at once: a bucket takes one PUT at tens of milliseconds of
+/// latency, so a batch of small records goes several at a time.
+const PUTS_AT_ONCE: usize = 4;
 
 /// The objects a replica is kept in: a folder, or a bucket.
 pub trait Objects: Send + Sync {
@@ -127,9 +132,13 @@ struct RecordObject {
 }
 
 pub struct ObjectReplica<O: Objects> {
-    objects: O,
+    objects: Arc<O>,
+    /// Record objects read ahead of `since` and `fetch`.
+    ahead: ReadAhead<O>,
     capsule: CapsuleId,
     pusher: Option<Pusher>,
+    /// The signed metadata once read and checked: immutable, named by the capsule's id.
+    metadata: OnceLock<SignedMetadata>,
     index: Mutex<Index>,
 }
 
@@ -167,9 +176,15 @@ fn parse_table(bytes: &[u8]) -> Option<(usize, Vec<usize>, usize)> {
     Some((record_len, lens, 16 + 4 * count as usize))
 }
 
-impl<O: Objects> ObjectReplica<O> {
+impl<O: Objects + 'static> ObjectReplica<O> {
     pub fn new(objects: O, capsule: CapsuleId, pusher: Option<Pusher>) -> Self {
-        Self { objects, capsule, pusher, index: Mutex::default() }
+        let objects = Arc::new(objects);
+        let ahead = ReadAhead::new(objects.clone());
+        Self { ahead, objects, capsule, pusher, metadata: OnceLock::new(), index: Mutex::default() }
+    }
+
+    fn record_key(&self, h: &RecordHash) -> String {
+        self.key(&format!("records/{}", h.to_hex()))
     }
 
     fn key(&self, rest: &str) -> String {
@@ -180,14 +195,17 @@ impl<O: Objects> ObjectReplica<O> {
         Error::Replica(format!("{}: {what} is malformed (altered or truncated?)", self.objects.describe()))
     }
 
-    fn signed_metadata(&self) -> Result<Option<SignedMetadata>> {
+    fn signed_metadata(&self) -> Result<Option<&SignedMetadata>> {
+        if let Some(signed) = self.metadata.get() {
+            return Ok(Some(signed));
+        }
         match self.objects.get(&self.key("metadata"))? {
             Some(bytes) => {
                 let signed = check_metadata(&bytes)?;
                 if signed.metadata.id() != self.capsule {
                     return Err(self.malformed("the metadata object"));
                 }
-                Ok(Some(signed))
+                Ok(Some(self.metadata.get_or_init(|| signed)))
             }
             None => Ok(None),
         }
@@ -247,8 +265,8 @@ impl<O: Objects> ObjectReplica<O> {
 
     /// Record `h`'s object, parsed.
     fn read_object(&self, h: &RecordHash) -> Result<Option<RecordObject>> {
-        let key = self.key(&format!("records/{}", h.to_hex()));
-        let Some(bytes) = self.objects.get(&key)? else { return Ok(None) };
+        let key = self.record_key(h);
+        let Some(bytes) = self.ahead.get(&key)? else { return Ok(None) };
         let (record_len, lens, start) = parse_table(&bytes).ok_or_else(|| self.malformed(&key))?;
         let mut at = start;
         let mut take = |len: usize| -> Result<Vec<u8>> {
@@ -262,7 +280,7 @@ impl<O: Objects> ObjectReplica<O> {
     }
 }
 
-impl<O: Objects> Replica for ObjectReplica<O> {
+impl<O: Objects + 'static> Replica for ObjectReplica<O> {
     fn describe(&self) -> String {
         self.objects.describe()
     }
@@ -319,26 +337,31 @@ impl<O: Objects> Replica for ObjectReplica<O> {
     }
 
     fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>> {
-        Ok(batch_of(records.iter().take(MAX_HASHES).copied(), |h| self.bundle(&h, false))?.0)
+        let records = &records[..records.len().min(MAX_HASHES)];
+        self.ahead.plan(records.iter().map(|h| self.record_key(h)));
+        Ok(batch_of(records.iter().copied(), |h| self.bundle(&h, false))?.0)
     }
 
     fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since> {
-        self.refresh()?;
-        let (lacking, own_heads) = {
-            let index = self.index.lock().expect("no panics while locked");
-            let covered = index.ancestors(&heads[..heads.len().min(MAX_HASHES)]);
-            let lacking: HashMap<RecordHash, Vec<RecordHash>> =
-                index.parents.iter().filter(|(h, _)| !covered.contains(h)).map(|(h, p)| (*h, p.clone())).collect();
-            (lacking, index.heads())
-        };
-        let order = super::transfer::topological(&lacking)?.into_iter().map(|n| n.record);
+        // The index read so far answers while it has something the asker lacks (a pull
+        // comes back for the rest batch by batch); once the asker has caught up with it,
+        // the statements are read again for what was pushed since.
+        self.read_once()?;
+        let (mut lacking, mut own_heads) = self.lacking(heads);
+        if lacking.is_empty() {
+            self.refresh()?;
+            (lacking, own_heads) = self.lacking(heads);
+        }
+        let order: Vec<RecordHash> = super::transfer::topological(&lacking)?.into_iter().map(|n| n.record).collect();
+        // The next answers will hold these too, in this order: read them ahead.
+        self.ahead.plan(order.iter().map(|h| self.record_key(h)));
         let (bundles, more) =
             batch_of(order, |h| self.bundle(&h, headers_only)?.map(Some).ok_or_else(|| self.missing_object(&h)))?;
         Ok(Since { heads: own_heads, bundles, more })
     }
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
-        let key = self.key(&format!("records/{}", record.to_hex()));
+        let key = self.record_key(&record);
         let Some(head) = self.objects.get_range(&key, 0, TABLE_READ)? else { return Ok(None) };
         let (record_len, lens, start) = match parse_table(&head) {
             Some(table) => table,
@@ -357,7 +380,7 @@ impl<O: Objects> Replica for ObjectReplica<O> {
         }
     }
 
-    /// Writes the records (parents first) that the replica lacks, then one index segment
+    /// Writes the records that the replica lacks (a few at once), then one index segment
     /// naming them, then this device's statement: a reader that sees the statement finds
     /// every object it names. The records are checked against their Merkle roots; the rest
     /// of the checks are every reader's.
@@ -367,6 +390,7 @@ impl<O: Objects> Replica for ObjectReplica<O> {
         })?;
         self.read_once()?;
         let mut nodes = Vec::new();
+        let mut objects = Vec::new();
         for bundle in &bundles {
             let record = Record::decode(&bundle.record).map_err(VerifyError::Undecodable)?;
             let h = record.hash();
@@ -377,12 +401,13 @@ impl<O: Objects> Replica for ObjectReplica<O> {
             if root != record.header.merkle_root || subs.len() != record.header.sub_count as usize {
                 return Err(Error::Invalid(format!("{h:?}: its payloads do not match its Merkle root")));
             }
-            self.objects.put(&self.key(&format!("records/{}", h.to_hex())), &encode_object(&bundle.record, &subs))?;
+            objects.push((self.record_key(&h), encode_object(&bundle.record, &subs)));
             nodes.push(Node { record: h, parents: record.header.parents });
         }
         if nodes.is_empty() {
             return Ok(0);
         }
+        self.put_all(&objects)?;
         let mut index = self.index.lock().expect("no panics while locked");
         let device = hex16(&pusher.device);
         let n = index.segments.get(&pusher.device).copied().unwrap_or(0);
@@ -404,7 +429,22 @@ impl<O: Objects> Replica for ObjectReplica<O> {
     }
 }
 
-impl<O: Objects> ObjectReplica<O> {
+impl<O: Objects + 'static> ObjectReplica<O> {
+    /// Writes `objects`, `PUTS_AT_ONCE` at a time; the first error, if any, once all ended.
+    fn put_all(&self, objects: &[(String, Vec<u8>)]) -> Result<()> {
+        let next = AtomicUsize::new(0);
+        let put_some = || -> Result<()> {
+            while let Some((key, bytes)) = objects.get(next.fetch_add(1, Ordering::Relaxed)) {
+                self.objects.put(key, bytes)?;
+            }
+            Ok(())
+        };
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..PUTS_AT_ONCE.min(objects.len())).map(|_| s.spawn(put_some)).collect();
+            workers.into_iter().try_for_each(|w| w.join().expect("a PUT worker panicked"))
+        })
+    }
+
     /// Record `h` as replicas exchange it, with its payloads unless `header_only`; None if
     /// the folder has no object for it.
     fn bundle(&self, h: &RecordHash, header_only: bool) -> Result<Option<Bundle>> {
@@ -418,6 +458,16 @@ impl<O: Objects> ObjectReplica<O> {
             .map(|(i, stored)| payload_of(*h, SubIdx(i as u32), stored))
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Bundle { record, payloads }))
+    }
+
+    /// The records of the index read so far that `heads` do not cover, with their parents;
+    /// and the index's heads.
+    fn lacking(&self, heads: &[RecordHash]) -> (HashMap<RecordHash, Vec<RecordHash>>, Vec<RecordHash>) {
+        let index = self.index.lock().expect("no panics while locked");
+        let covered = index.ancestors(&heads[..heads.len().min(MAX_HASHES)]);
+        let lacking =
+            index.parents.iter().filter(|(h, _)| !covered.contains(h)).map(|(h, p)| (*h, p.clone())).collect();
+        (lacking, index.heads())
     }
 
     fn missing_object(&self, h: &RecordHash) -> Error {
