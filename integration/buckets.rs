@@ -65,6 +65,42 @@ impl S3 {
     }
 }
 
+impl S3 {
+    /// Gets, puts or deletes object `key` of `bucket` with a signed request (boto3, from
+    /// moto's venv), as anyone holding the bucket's keys could; what a get returned.
+    fn object(&self, op: &str, bucket: &str, key: &str, body: &[u8]) -> Vec<u8> {
+        let python = moto().unwrap().with_file_name("python");
+        let script = "import boto3,sys; c = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1', \
+            aws_access_key_id='capsulefs-test', aws_secret_access_key='capsulefs-test-secret'); \
+            op, b, k = sys.argv[2:5]; \
+            sys.stdout.buffer.write(c.get_object(Bucket=b, Key=k)['Body'].read()) if op == 'get' else \
+            c.put_object(Bucket=b, Key=k, Body=sys.stdin.buffer.read()) if op == 'put' else \
+            c.delete_object(Bucket=b, Key=k)";
+        let mut child = Command::new(python)
+            .args(["-c", script, &self.endpoint, op, bucket, key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), body).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "boto3 {op} {key}: {out:?}");
+        out.stdout
+    }
+
+    /// The keys of `bucket` under `prefix` (a listing, as boto3 pages it).
+    fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let python = moto().unwrap().with_file_name("python");
+        let script = "import boto3,sys; c = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1', \
+            aws_access_key_id='capsulefs-test', aws_secret_access_key='capsulefs-test-secret'); \
+            [print(o['Key']) for p in c.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[2], Prefix=sys.argv[3]) \
+             for o in p.get('Contents', [])]";
+        let out = Command::new(python).args(["-c", script, &self.endpoint, bucket, prefix]).output().unwrap();
+        assert!(out.status.success(), "boto3 list {prefix}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+    }
+}
+
 impl Drop for S3 {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -93,19 +129,69 @@ fn a_bucket_takes_pushes_and_gives_clones_whole_and_sparse_and_refuses_an_altere
     }
     // A record object replaced in the bucket: a fresh clone refuses it and keeps nothing.
     let head = home.ok(&["log", "c"]).split(' ').next().unwrap().to_owned();
-    // Written with a signed request (boto3, from moto's venv), as anyone with the bucket's
-    // keys could.
-    let python = moto().unwrap().with_file_name("python");
-    let script = "import boto3,sys; boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1', \
-        aws_access_key_id='capsulefs-test', aws_secret_access_key='capsulefs-test-secret')\
-        .put_object(Bucket='capsules', Key=sys.argv[2], Body=b'capsrec1 but not a record')";
-    let key = format!("team/{id}/records/{head}");
-    let put = Command::new(python).args(["-c", script, &s3.endpoint, &key]).output().unwrap();
-    assert!(put.status.success(), "{put:?}");
+    s3.object("put", "capsules", &format!("team/{id}/records/{head}"), b"capsrec1 but not a record");
     let stranger = super::replicas::same_user(&home);
     let refused = s3.run(&stranger, &["clone", &format!("{url}#{id}")]);
     assert!(!refused.status.success(), "an altered object was taken: {refused:?}");
     assert!(stranger.run(&["log", "c"]).stdout.is_empty(), "nothing was kept");
+}
+
+#[test]
+fn a_bucket_rolled_back_or_missing_objects_is_reported_and_never_serves_wrong_bytes() {
+    let Some(s3) = S3::start("capsules") else { return };
+    let home = Home::default();
+    let Some(id) = super::replicas::capsule_with_tree(&home) else { return };
+    let url = "s3://capsules/team";
+    s3.ok(&home, &["push", "c", url]);
+    let device = std::fs::read_to_string(home.path().join("device")).unwrap();
+    let head_key = format!("team/{id}/heads/{}", device.trim());
+    let old_head = s3.object("get", "capsules", &head_key, b"");
+    let f = home.file("later", b"a later commit");
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    s3.ok(&home, &["push", "c", url]);
+    let laptop = super::replicas::same_user(&home);
+    s3.ok(&laptop, &["clone", &format!("{url}#{id}")]);
+    let sparse = super::replicas::same_user(&home);
+    s3.ok(&sparse, &["clone", "--sparse", &format!("{url}#{id}")]);
+
+    // The old head object put back: a pull says the bucket went back, and moves nothing.
+    s3.object("put", "capsules", &head_key, &old_head);
+    let pulled = s3.run(&laptop, &["pull", "c", url]);
+    assert!(pulled.status.success(), "{pulled:?}");
+    let warned = String::from_utf8_lossy(&pulled.stderr);
+    assert!(warned.contains("lacks 1 signed records") && warned.contains("rolled back"), "{warned}");
+    assert_eq!(laptop.ok(&["log", "c"]), home.ok(&["log", "c"]), "the clone did not move back");
+
+    // Every record object deleted, while the sparse clone is mounted (it has read the
+    // keystore and the root): a fresh clone fails, naming what is missing, and keeps
+    // nothing; the mount answers EIO or the right bytes, never others.
+    let Some(m) = Mounted::with_env(&sparse, "c", &["--read-only"], &s3.env()) else { return };
+    let records = s3.keys("capsules", &format!("team/{id}/records/"));
+    assert!(records.len() > 2, "{records:?}");
+    for key in &records {
+        s3.object("delete", "capsules", key, b"");
+    }
+    let stranger = super::replicas::same_user(&home);
+    let refused = s3.run(&stranger, &["clone", &format!("{url}#{id}")]);
+    assert!(!refused.status.success(), "a clone of a bucket missing objects succeeded: {refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("missing"), "{said}");
+    assert!(stranger.run(&["log", "c"]).stdout.is_empty(), "nothing was kept");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let (mut right, mut eio) = (0, 0);
+    for rel in files_under(&src) {
+        match std::fs::read(m.path("tree").join(&rel)) {
+            Ok(bytes) => {
+                assert_eq!(bytes, std::fs::read(src.join(&rel)).unwrap(), "{rel:?}: wrong bytes");
+                right += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{rel:?}: {e}");
+                eio += 1;
+            }
+        }
+    }
+    assert!(eio > 0, "no read failed though the objects holding the tree are gone ({right} read)");
 }
 
 #[test]
@@ -160,6 +246,20 @@ fn two_devices_pushing_to_one_bucket_at_once_lose_nothing() {
     both.dedup();
     assert_eq!(reader.heads().unwrap(), both, "every commit of both devices survived");
     assert_eq!(reader.audit().unwrap().records, laptop.audit().unwrap().records + 10);
+}
+
+/// The files below `dir`, as paths relative to it.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel)).unwrap() {
+            let entry = entry.unwrap();
+            let path = rel.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() { stack.push(path) } else { files.push(path) }
+        }
+    }
+    files
 }
 
 /// `capsulefs ARGS` in `home` with `env`, expecting success; its standard output.

@@ -639,7 +639,12 @@ impl Capsule {
             return read;
         };
         let bytes = source.sub_record(record, idx)?.ok_or_else(|| {
-            Error::NotFound(format!("sub-record {} of {record:?}: not held here, nor on {}", idx.0, source.describe()))
+            Error::Replica(format!(
+                "{}: lost sub-record {} of {record:?}, which this sparse copy does not hold either: \
+                 read it from another replica (`capsulefs pull NAME URL`)",
+                source.describe(),
+                idx.0
+            ))
         })?;
         let proven = self.prover().check_sub_record(record, idx, bytes.clone())?;
         let mut batch = self.store.batch();
