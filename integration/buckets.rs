@@ -301,3 +301,60 @@ fn a_garage_cluster_keeps_serving_a_capsule_with_one_node_down() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
 }
+
+#[test]
+fn a_push_cut_by_a_killed_client_or_garage_node_resumes_and_shows_nothing_half_written() {
+    let Some(mut garage) = Garage::start("capsules") else { return };
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    // Many signed records, so that a push takes many requests.
+    let payload = home.file("p", &vec![0x5a; 3 << 20]);
+    for _ in 0..24 {
+        home.ok(&["append", "c", "--sign", payload.to_str().unwrap()]);
+    }
+    let url = "s3://capsules/team";
+    // A push through node 0, cut once node 0 has answered `requests` more requests (or the
+    // push ended first), bounded in time.
+    let started = |garage: &Garage, requests: usize| {
+        let before = garage.requests(0);
+        let push = home
+            .command()
+            .args(["push", "c", url])
+            .envs(garage.env(0))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        (push, before + requests)
+    };
+    let wait_for = |garage: &Garage, push: &mut Child, requests: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while garage.requests(0) < requests && push.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the push never reached the bucket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let source = format!("{url}#{id}");
+
+    // The pushing process killed -9: a clone then sees a consistent capsule, a prefix of it.
+    let (mut push, enough) = started(&garage, 20);
+    wait_for(&garage, &mut push, enough);
+    let _ = push.kill();
+    let _ = push.wait();
+    let peek = super::replicas::same_user(&home);
+    run_with(&peek, &garage.env(1), &["clone", &source]);
+    peek.ok(&["verify", "c"]);
+    let all = home.ok(&["log", "c"]);
+    assert!(peek.ok(&["log", "c"]).lines().all(|l| all.contains(l)), "a clone saw records the capsule lacks");
+
+    // The Garage node the push talks to killed -9 mid-push: the push resumes through another.
+    let (mut push, enough) = started(&garage, 4);
+    wait_for(&garage, &mut push, enough);
+    garage.stop(0);
+    let _ = push.wait();
+    assert!(run_with(&home, &garage.env(1), &["push", "c", url]).starts_with("pushed "));
+    let other = super::replicas::same_user(&home);
+    run_with(&other, &garage.env(1), &["clone", &source]);
+    assert_eq!(other.ok(&["log", "c"]), all, "every record arrived");
+    other.ok(&["verify", "c"]);
+}
