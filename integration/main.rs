@@ -1,6 +1,7 @@
 //! Tests that run the real `capsulefs` binary against real RocksDB stores in temporary homes.
 //! Each test owns its home folder and the processes it starts, and ends only those.
 
+mod background;
 mod buckets;
 mod cli;
 mod conformance;

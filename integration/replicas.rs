@@ -30,7 +30,7 @@ impl Server {
         Self::start_on(store, "127.0.0.1:0")
     }
 
-    fn start_on(store: tempfile::TempDir, listen: &str) -> Self {
+    pub(super) fn start_on(store: tempfile::TempDir, listen: &str) -> Self {
         Self::start_peered(store, listen, &[])
     }
 
@@ -67,7 +67,7 @@ impl Server {
     }
 
     /// kill -9, keeping the store for a restart on the same address.
-    fn kill(mut self) -> (tempfile::TempDir, String) {
+    pub(super) fn kill(mut self) -> (tempfile::TempDir, String) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let store = std::mem::replace(&mut self.store, tempfile::tempdir().unwrap());

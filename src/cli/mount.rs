@@ -19,12 +19,13 @@ use anyhow::{Context, bail};
 use clap::Parser;
 
 use capsulefs::Error;
-use capsulefs::capsule::PROOF_CACHE_RECORDS;
+use capsulefs::capsule::{Capsule, PROOF_CACHE_RECORDS};
 use capsulefs::fs::Fs;
 use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::payload_cache::Caches;
 use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
 use capsulefs::member::content_key;
+use capsulefs::replica::uploader::Uploader;
 use capsulefs::store::Durability;
 use fuser::{Config, MountOption, SessionACL};
 
@@ -66,6 +67,14 @@ pub struct MountArgs {
     /// Commit changes that no close or fsync has committed after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub commit_after: u64,
+    /// Do not push commits to the capsule's replicas (`capsulefs replica add`) in the
+    /// background; `capsulefs push` sends them later.
+    #[arg(long)]
+    pub no_push: bool,
+    /// At unmount, wait this long for the last commits to reach the replicas (0: do not
+    /// wait; what is left goes with the next mount or `capsulefs push`).
+    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    pub push_wait: u64,
 }
 
 #[derive(Parser, Debug)]
@@ -176,8 +185,12 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
         }
         std::fs::write(marker, format!("{}\n", std::process::id()))?;
     }
+    let uploader = if fs.is_read_only() || a.no_push { None } else { uploader(home, &capsule)? };
     let shared = Arc::new(RwLock::new(fs));
-    let adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
+    let mut adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
+    if let Some(uploader) = &uploader {
+        adapter = adapter.with_uploads(uploader.status());
+    }
     let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
     // Resolved before mounting, while the path still ends in the folder underneath.
     let mount_point = a.dir.canonicalize().with_context(|| format!("{} is not an existing folder", a.dir.display()))?;
@@ -192,6 +205,16 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     let served = session.run();
     let committed = timer.finish();
+    if let Some(uploader) = uploader {
+        for left in uploader.finish(Duration::from_secs(a.push_wait)) {
+            tracing::warn!(
+                "at unmount, {} still lacks commits of this mount ({}): `capsulefs push {}` sends them",
+                left.url,
+                left.error.as_deref().unwrap_or("the push did not end in time"),
+                a.name
+            );
+        }
+    }
     // Close the store (and release its lock) before saying we are gone.
     drop(shared);
     drop(capsule);
@@ -202,6 +225,20 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     served.context("serving the mount")?;
     committed.context("final commit at unmount")?;
     Ok(())
+}
+
+/// Pushes the mount's commits to the capsule's remembered replicas in the background; None
+/// when it has none. A replica that cannot be opened (a bad URL, missing bucket settings) is
+/// skipped with a warning.
+fn uploader(home: &Home, capsule: &Arc<Capsule>) -> anyhow::Result<Option<Uploader>> {
+    let mut replicas = Vec::new();
+    for url in home.replicas(&capsule.id())? {
+        match home.replica(&url, capsule) {
+            Ok(replica) => replicas.push((url, replica)),
+            Err(e) => tracing::warn!("not pushing to {url} in the background: {e:#}"),
+        }
+    }
+    Ok((!replicas.is_empty()).then(|| Uploader::start(capsule.clone(), replicas)))
 }
 
 fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use crate::fs::Fs;
 use crate::proof::CacheStats;
 use crate::record::RecordHash;
+use crate::replica::uploader::ReplicaStatus;
 use crate::{Error, Result};
 
 pub const CONTROL_NAME: &[u8] = b".capsule";
@@ -115,6 +116,8 @@ pub struct Status {
     pub plain_cache: CacheStats,
     pub node_cache: CacheStats,
     pub history_views: usize,
+    /// The replicas the mount pushes to in the background, one line each.
+    pub replicas: Vec<ReplicaStatus>,
 }
 
 fn hit_rate(s: CacheStats) -> String {
@@ -140,7 +143,7 @@ impl Status {
             hit_rate(self.plain_cache),
             hit_rate(self.node_cache),
             self.history_views,
-        )
+        ) + &self.replicas.iter().map(|r| r.render() + "\n").collect::<String>()
     }
 }
 

@@ -29,6 +29,7 @@ use crate::fs::Fs;
 use crate::fs::filesystem::XattrMode;
 use crate::fs::node::{Inode, Kind, ROOT_INO, Time};
 use crate::record::Params;
+use crate::replica::uploader::UploadStatus;
 use crate::store::Durability;
 use crate::{Error, Result};
 pub use commit::CommitTimer;
@@ -58,6 +59,8 @@ pub struct CapsuleFs {
     /// releasedir: one walk of a directory per pass, however many replies a large one takes.
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_listing: AtomicU64,
+    /// The background push's replicas, when the mount pushes.
+    uploads: Option<UploadStatus>,
 }
 
 fn system_time(t: Time) -> SystemTime {
@@ -148,7 +151,14 @@ impl CapsuleFs {
             views: Mutex::new(Views::default()),
             listings: Mutex::new(HashMap::new()),
             next_listing: AtomicU64::new(1),
+            uploads: None,
         }
+    }
+
+    /// Shows the background push's replicas in `.capsule/status`.
+    pub fn with_uploads(mut self, uploads: UploadStatus) -> Self {
+        self.uploads = Some(uploads);
+        self
     }
 
     /// Makes the commits that closes ask for, and commits whatever has waited `after`, until
@@ -207,6 +217,7 @@ impl CapsuleFs {
             plain_cache: fs.cache().plain.stats(),
             node_cache: fs.cache().nodes.stats(),
             history_views: self.views().open_count(),
+            replicas: self.uploads.as_ref().map(UploadStatus::replicas).unwrap_or_default(),
         }
     }
 

@@ -16,6 +16,7 @@ pub mod objects;
 pub mod remote;
 pub mod sketch;
 pub mod transfer;
+pub mod uploader;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 

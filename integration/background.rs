@@ -1,0 +1,56 @@
+//! A mount's background push: commits reach the capsule's replicas without `capsulefs push`,
+//! wait while a replica is down, and go when it returns; unmount sends the last ones.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::replicas::{Server, same_user};
+use super::{Home, Mounted, write_fsynced};
+
+/// Waits (bounded) until the mount's `.capsule/status` has a line for the replica that
+/// satisfies `ok`; returns that line.
+fn replica_line(mount: &Path, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let status = fs::read_to_string(mount.join(".capsule/status")).unwrap();
+        if let Some(line) = status.lines().find(|l| l.starts_with("replica: ") && ok(l)) {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "never {what}:\n{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_mount_pushes_its_commits_in_the_background_and_catches_up_after_an_outage() {
+    let server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["replica", "add", "c", &server.url()]);
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    write_fsynced(&m.path("a.txt"), b"written while the server was up");
+    replica_line(&m.dir, "pushed", |l| l.contains(" reachable, 0 records to push") && !l.ends_with("never"));
+
+    // The server down: commits wait, counted; the mount goes on working.
+    let (store, addr) = server.kill();
+    write_fsynced(&m.path("b.txt"), b"written while the server was down");
+    let line = replica_line(&m.dir, "unreachable", |l| l.contains(" unreachable, "));
+    assert!(line.contains("error: "), "{line}");
+    replica_line(&m.dir, "counting what waits", |l| !l.contains(" 0 records to push"));
+
+    // Back on the same address: the waiting commits go by themselves.
+    let server = Server::start_on(store, &addr);
+    replica_line(&m.dir, "caught up", |l| l.contains(" reachable, 0 records to push"));
+
+    // Unmounting right after a write sends it with the final commit.
+    fs::write(m.path("c.txt"), b"written just before unmount").unwrap();
+    drop(m);
+    let laptop = same_user(&home);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    laptop.ok(&["verify", "c"]);
+    let Some(copy) = Mounted::new(&laptop, "c", &["--read-only"]) else { return };
+    assert_eq!(fs::read(copy.path("a.txt")).unwrap(), b"written while the server was up");
+    assert_eq!(fs::read(copy.path("b.txt")).unwrap(), b"written while the server was down");
+    assert_eq!(fs::read(copy.path("c.txt")).unwrap(), b"written just before unmount");
+}

@@ -1,0 +1,231 @@
+//! A mount's background push: one thread that sends each new local commit to every replica
+//! the capsule remembers, retries unreachable ones with back-off, and keeps a per-replica
+//! status for `.capsule/status`. Commits made offline wait as what they are, local records
+//! not yet pushed; nothing else is queued, so nothing is lost if the process dies.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Replica;
+use super::transfer::push;
+use crate::capsule::Capsule;
+use crate::record::RecordHash;
+
+/// How often the thread looks for new local heads (a read of the store's heads).
+const LOOK_EVERY: Duration = Duration::from_millis(200);
+/// Waits before retrying a replica that failed: doubling from the first to the last.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LAST_RETRY: Duration = Duration::from_secs(60);
+
+/// What the mount knows of one replica.
+#[derive(Clone, Debug)]
+pub struct ReplicaStatus {
+    pub url: String,
+    /// None until the first attempt.
+    pub reachable: Option<bool>,
+    /// Local records the replica lacks, as of the last look.
+    pub to_push: usize,
+    pub last_push: Option<SystemTime>,
+    /// The last failure, while it lasts.
+    pub error: Option<String>,
+}
+
+impl ReplicaStatus {
+    /// One line of `.capsule/status`.
+    pub fn render(&self) -> String {
+        let reachable = match self.reachable {
+            None => "not tried yet",
+            Some(true) => "reachable",
+            Some(false) => "unreachable",
+        };
+        let last = self
+            .last_push
+            .and_then(|t| t.elapsed().ok())
+            .map_or_else(|| "never".to_owned(), |ago| format!("{} s ago", ago.as_secs()));
+        let error = self.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default();
+        format!("replica: {} {reachable}, {} records to push, last push {last}{error}", self.url, self.to_push)
+    }
+}
+
+#[derive(Default)]
+struct Control {
+    stop: bool,
+    /// Set by `finish`: the thread ends after one more round, or at `stop`.
+    last_round: bool,
+}
+
+struct Shared {
+    control: Mutex<Control>,
+    changed: Condvar,
+    status: Mutex<Vec<ReplicaStatus>>,
+}
+
+impl Shared {
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().expect("no panics while locked")
+    }
+}
+
+/// The statuses of an `Uploader`'s replicas, readable from elsewhere (the mount's control files).
+#[derive(Clone)]
+pub struct UploadStatus(Arc<Shared>);
+
+impl UploadStatus {
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.0.status.lock().expect("no panics while locked").clone()
+    }
+}
+
+pub struct Uploader {
+    shared: Arc<Shared>,
+    thread: JoinHandle<()>,
+}
+
+struct Target {
+    replica: Box<dyn Replica>,
+    /// The local heads last pushed whole; None until a push succeeds.
+    pushed: Option<Vec<RecordHash>>,
+    /// The local heads `to_push` was last counted at, while waiting to retry.
+    counted: Vec<RecordHash>,
+    retry: Duration,
+    next_try: Instant,
+}
+
+impl Uploader {
+    /// Starts pushing `capsule` to `replicas` (with their URLs), now and after every commit.
+    pub fn start(capsule: Arc<Capsule>, replicas: Vec<(String, Box<dyn Replica>)>) -> Self {
+        let status = replicas
+            .iter()
+            .map(|(url, _)| ReplicaStatus {
+                url: url.clone(),
+                reachable: None,
+                to_push: 0,
+                last_push: None,
+                error: None,
+            })
+            .collect();
+        let shared =
+            Arc::new(Shared { control: Mutex::default(), changed: Condvar::new(), status: Mutex::new(status) });
+        let targets = replicas
+            .into_iter()
+            .map(|(_, replica)| Target {
+                replica,
+                pushed: None,
+                counted: Vec::new(),
+                retry: FIRST_RETRY,
+                next_try: Instant::now(),
+            })
+            .collect();
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("capsulefs-push".into())
+                .spawn(move || run(&capsule, targets, &shared))
+                .expect("spawning the push thread")
+        };
+        Self { shared, thread }
+    }
+
+    pub fn status(&self) -> UploadStatus {
+        UploadStatus(self.shared.clone())
+    }
+
+    /// After the final commit: one more round to every replica, waited for up to `wait`.
+    /// Returns the replicas still lacking records (their statuses) if it did not end in time
+    /// or some push failed; those records go with the next mount or `capsulefs push`.
+    pub fn finish(self, wait: Duration) -> Vec<ReplicaStatus> {
+        self.shared.control().last_round = true;
+        self.shared.changed.notify_all();
+        let deadline = Instant::now() + wait;
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            let control = self.shared.control();
+            let _ = self.shared.changed.wait_timeout(control, Duration::from_millis(50));
+        }
+        if self.thread.is_finished() {
+            let _ = self.thread.join();
+        } else {
+            self.shared.control().stop = true;
+        }
+        let status = self.shared.status.lock().expect("no panics while locked");
+        status.iter().filter(|s| s.to_push > 0 || s.reachable != Some(true)).cloned().collect()
+    }
+}
+
+fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
+    loop {
+        let last_round = {
+            let control = shared.control();
+            if control.stop {
+                return;
+            }
+            control.last_round
+        };
+        let heads = match capsule.heads() {
+            Ok(heads) => heads,
+            Err(e) => {
+                tracing::warn!("background push: reading the local heads: {e}");
+                Vec::new()
+            }
+        };
+        for (i, target) in targets.iter_mut().enumerate() {
+            if target.pushed.as_ref() == Some(&heads) {
+                continue;
+            }
+            // Worked on outside the lock: a push may take seconds, a status read must not.
+            let mut status = shared.status.lock().expect("no panics while locked")[i].clone();
+            if last_round || Instant::now() >= target.next_try {
+                round(capsule, target, &heads, &mut status);
+            } else if let Some(theirs) = target.pushed.as_deref().filter(|_| target.counted != heads) {
+                // Waiting to retry: commits made meanwhile are counted as waiting.
+                status.to_push = capsule.difference(theirs).map_or(status.to_push, |d| d.len());
+                target.counted = heads.clone();
+            }
+            shared.status.lock().expect("no panics while locked")[i] = status;
+        }
+        if last_round {
+            shared.changed.notify_all();
+            return;
+        }
+        let control = shared.control();
+        if !control.stop && !control.last_round {
+            let _ = shared.changed.wait_timeout(control, LOOK_EVERY);
+        }
+    }
+}
+
+/// One push to `target`, its outcome written to `status`.
+fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &mut ReplicaStatus) {
+    let url = status.url.clone();
+    match push(capsule, &*target.replica, &()) {
+        Ok(report) => {
+            if report.records > 0 {
+                tracing::info!("background push: {} records to {url}", report.records);
+            }
+            if status.reachable == Some(false) {
+                tracing::info!("background push: {url} is reachable again");
+            }
+            // Records waiting for a signature are pushed once the mount signs them.
+            target.pushed = (report.waiting_for_signature == 0).then(|| heads.to_vec());
+            (target.retry, target.next_try) = (FIRST_RETRY, Instant::now() + LOOK_EVERY);
+            *status = ReplicaStatus {
+                url,
+                reachable: Some(true),
+                to_push: report.waiting_for_signature,
+                last_push: Some(SystemTime::now()),
+                error: None,
+            };
+        }
+        Err(e) => {
+            if status.reachable != Some(false) {
+                tracing::warn!("background push to {url} failed (retrying, at most every minute): {e}");
+            }
+            target.next_try = Instant::now() + target.retry;
+            target.retry = (target.retry * 2).min(LAST_RETRY);
+            let lacking = target.pushed.as_deref().map(|theirs| capsule.difference(theirs).map_or(0, |d| d.len()));
+            status.reachable = Some(false);
+            status.to_push = lacking.unwrap_or(status.to_push);
+            status.error = Some(e.to_string());
+        }
+    }
+}
