@@ -221,7 +221,7 @@ fn two_devices_pushing_to_one_bucket_at_once_lose_nothing() {
             region: "us-east-1".into(),
             credentials: Some(rusty_s3::Credentials::new("capsulefs-test", "capsulefs-test-secret")),
         };
-        let pusher = Pusher { identity: me.clone(), device: [device; 16] };
+        let pusher = Pusher { identity: me.clone(), device: [device; 16], turn: None };
         ObjectReplica::new(Bucket::with_settings("s3://shared/p", settings).unwrap(), laptop.id(), Some(pusher))
     };
     push(&laptop, &bucket(&laptop_key, 1), &()).unwrap();

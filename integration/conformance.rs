@@ -79,7 +79,7 @@ fn conforms(kind: &str, capsule: &Capsule, me: &Identity, replica: Arc<dyn Repli
 #[test]
 fn every_kind_of_replica_behaves_alike() {
     let me = Identity::generate("me").unwrap();
-    let pusher = Pusher { identity: me.clone(), device: [1; 16] };
+    let pusher = Pusher { identity: me.clone(), device: [1; 16], turn: None };
     let capsule = source(&me);
     let server = Server::start();
     let folder = tempfile::tempdir().unwrap();

@@ -72,7 +72,8 @@ impl Home {
         let Some(identity) = ring.identities().iter().find(|i| metadata.may_write(&i.writer())) else {
             return Ok(None);
         };
-        Ok(Some(Pusher { identity: identity.clone(), device: self.device_id()? }))
+        let turn = Some(self.root.join("device.lock"));
+        Ok(Some(Pusher { identity: identity.clone(), device: self.device_id()?, turn }))
     }
 
     /// The replica at `url` for `capsule`, able to take pushes from this machine.

@@ -19,6 +19,7 @@
 //! writer, and every record read goes through the capsule's own checks before it is stored.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -60,6 +61,10 @@ pub trait Objects: Send + Sync {
 pub struct Pusher {
     pub identity: Identity,
     pub device: [u8; 16],
+    /// A file this device's pushes lock while they write a segment and the statement, so
+    /// that two processes of one home (a mount's background push and `capsulefs push`) take
+    /// turns instead of writing the same segment number.
+    pub turn: Option<PathBuf>,
 }
 
 /// What a device says it pushed.
@@ -140,6 +145,19 @@ pub struct ObjectReplica<O: Objects> {
     /// The signed metadata once read and checked: immutable, named by the capsule's id.
     metadata: OnceLock<SignedMetadata>,
     index: Mutex<Index>,
+}
+
+/// Waits for this device's turn to write its segment and statement: an exclusive lock on
+/// `path`, held until the file is dropped.
+fn take_turn(path: &Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.lock().map_err(|e| Error::io(path, e))?;
+    Ok(file)
 }
 
 fn hex16(device: &[u8; 16]) -> String {
@@ -230,36 +248,43 @@ impl<O: Objects + 'static> ObjectReplica<O> {
         };
         let mut index = self.index.lock().expect("no panics while locked");
         for name in self.objects.list(&self.key("heads"))? {
-            let Some(bytes) = self.objects.get(&self.key(&format!("heads/{name}")))? else { continue };
-            let statement = match borsh::from_slice::<SignedStatement>(&bytes) {
-                Ok(s)
-                    if hex16(&s.statement.device) == name
-                        && s.statement.capsule == self.capsule
-                        && signed.metadata.may_write(&s.statement.writer)
-                        && sign::verify_heads(&s.statement.writer, &s.statement.digest(), &s.signature) =>
-                {
-                    s.statement
-                }
-                _ => {
-                    tracing::warn!("{}: ignoring heads/{name}: not a valid signed statement", self.objects.describe());
-                    continue;
-                }
-            };
-            let read = index.segments.get(&statement.device).copied().unwrap_or(0);
-            for n in read..statement.segments {
-                let key = self.key(&format!("index/{name}/{n:016x}"));
-                let bytes = self.objects.get(&key)?.ok_or_else(|| {
-                    Error::Replica(format!(
-                        "{}: {key} is missing, though the device's heads name it",
-                        self.objects.describe()
-                    ))
-                })?;
-                let nodes: Vec<Node> = borsh::from_slice(&bytes).map_err(|_| self.malformed(&key))?;
-                nodes.into_iter().for_each(|node| index.add(node));
-            }
-            index.segments.insert(statement.device, statement.segments.max(read));
+            self.read_device(&name, signed, &mut index)?;
         }
         index.read = true;
+        Ok(())
+    }
+
+    /// Reads device `name`'s statement and the segments of it not read yet into `index`; a
+    /// statement that does not verify is skipped with a warning.
+    fn read_device(&self, name: &str, signed: &SignedMetadata, index: &mut Index) -> Result<()> {
+        let Some(bytes) = self.objects.get(&self.key(&format!("heads/{name}")))? else { return Ok(()) };
+        let statement = match borsh::from_slice::<SignedStatement>(&bytes) {
+            Ok(s)
+                if hex16(&s.statement.device) == name
+                    && s.statement.capsule == self.capsule
+                    && signed.metadata.may_write(&s.statement.writer)
+                    && sign::verify_heads(&s.statement.writer, &s.statement.digest(), &s.signature) =>
+            {
+                s.statement
+            }
+            _ => {
+                tracing::warn!("{}: ignoring heads/{name}: not a valid signed statement", self.objects.describe());
+                return Ok(());
+            }
+        };
+        let read = index.segments.get(&statement.device).copied().unwrap_or(0);
+        for n in read..statement.segments {
+            let key = self.key(&format!("index/{name}/{n:016x}"));
+            let bytes = self.objects.get(&key)?.ok_or_else(|| {
+                Error::Replica(format!(
+                    "{}: {key} is missing, though the device's heads name it",
+                    self.objects.describe()
+                ))
+            })?;
+            let nodes: Vec<Node> = borsh::from_slice(&bytes).map_err(|_| self.malformed(&key))?;
+            nodes.into_iter().for_each(|node| index.add(node));
+        }
+        index.segments.insert(statement.device, statement.segments.max(read));
         Ok(())
     }
 
@@ -408,8 +433,12 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
             return Ok(0);
         }
         self.put_all(&objects)?;
+        let _turn = pusher.turn.as_deref().map(take_turn).transpose()?;
         let mut index = self.index.lock().expect("no panics while locked");
         let device = hex16(&pusher.device);
+        // Another process of this device may have pushed since this one read the index.
+        let signed = self.signed_metadata()?.ok_or_else(|| Error::NotFound(format!("capsule {:?}", self.capsule)))?;
+        self.read_device(&device, signed, &mut index)?;
         let n = index.segments.get(&pusher.device).copied().unwrap_or(0);
         self.objects.put(&self.key(&format!("index/{device}/{n:016x}")), &borsh::to_vec(&nodes).expect("to memory"))?;
         let stored = nodes.len();

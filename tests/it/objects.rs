@@ -6,6 +6,7 @@ use std::sync::Arc;
 use capsulefs::capsule::Capsule;
 use capsulefs::crypto::keys::Identity;
 use capsulefs::record::{RecordHash, SubIdx};
+use capsulefs::replica::Replica;
 use capsulefs::replica::folder::Folder;
 use capsulefs::replica::objects::{ObjectReplica, Pusher};
 use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
@@ -16,7 +17,8 @@ use super::{fixture, signed};
 
 fn folder(dir: &std::path::Path, cap: &Capsule, pusher: Option<(&Identity, u8)>) -> ObjectReplica<Folder> {
     let folder = Folder::from_url(&format!("file://{}", dir.display())).unwrap();
-    let pusher = pusher.map(|(identity, device)| Pusher { identity: identity.clone(), device: [device; 16] });
+    let pusher =
+        pusher.map(|(identity, device)| Pusher { identity: identity.clone(), device: [device; 16], turn: None });
     ObjectReplica::new(folder, cap.id(), pusher)
 }
 
@@ -54,6 +56,33 @@ fn two_devices_pushing_at_once_never_lose_each_others_records() {
     assert_eq!(reader.heads().unwrap(), expected);
     assert_eq!(got.records as u64, reader.audit().unwrap().records);
     assert_eq!(reader.audit().unwrap().records, f.cap.audit().unwrap().records + 20);
+}
+
+#[test]
+fn two_pushes_of_one_device_at_once_take_turns_and_lose_nothing() {
+    // A mount's background push and `capsulefs push` in one home: one device, two processes,
+    // each with its own view of the index, sharing the home's turn file. Both read the index,
+    // then each writes a segment: the second must see the first's, not write the same one.
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let turn = dir.path().join("device.lock");
+    let replica = || {
+        let folder = Folder::from_url(&format!("file://{}", dir.path().join("replica").display())).unwrap();
+        let pusher = Pusher { identity: f.owner.clone(), device: [1; 16], turn: Some(turn.clone()) };
+        ObjectReplica::new(folder, f.cap.id(), Some(pusher))
+    };
+    push(&f.cap, &replica(), &()).unwrap();
+    let (mount, command) = (replica(), replica());
+    mount.heads().unwrap();
+    command.heads().unwrap();
+    for pusher in [&mount, &command] {
+        let h = f.cap.append(&f.owner, &[&pusher.describe().len().to_le_bytes()[..1]], signed()).unwrap();
+        assert_eq!(pusher.put(f.cap.fetch(&[h]).unwrap()).unwrap(), 1);
+    }
+    let reader = copy_of(&f.cap, &f.owner);
+    pull(&reader, &replica(), &()).unwrap();
+    assert_eq!(reader.heads().unwrap(), f.cap.heads().unwrap());
+    assert_eq!(reader.audit().unwrap().records, f.cap.audit().unwrap().records);
 }
 
 #[test]
