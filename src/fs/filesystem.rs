@@ -810,7 +810,7 @@ impl Fs {
         if size < inode.size {
             let keep = size.div_ceil(CHUNK_SIZE);
             // Trim the new last chunk so the cut bytes cannot come back if the file grows again.
-            if size % CHUNK_SIZE != 0
+            if !size.is_multiple_of(CHUNK_SIZE)
                 && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?.map(ChunkBytes::into_owned)
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
