@@ -54,3 +54,53 @@ fn a_mount_pushes_its_commits_in_the_background_and_catches_up_after_an_outage()
     assert_eq!(fs::read(copy.path("b.txt")).unwrap(), b"written while the server was down");
     assert_eq!(fs::read(copy.path("c.txt")).unwrap(), b"written just before unmount");
 }
+
+/// Waits (bounded) until `ok` holds.
+fn eventually(what: &str, ok: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok() {
+        assert!(Instant::now() < deadline, "never {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Commits a mount's pending changes durably (fsync on its root: a signed commit).
+fn fsync_dir(dir: &Path) {
+    fs::File::open(dir).unwrap().sync_all().unwrap();
+}
+
+#[test]
+fn two_mounts_through_one_server_see_each_others_changes_without_remounting() {
+    let server = Server::start();
+    let desk = Home::default();
+    let id = desk.ok(&["create", "c"]).trim().to_owned();
+    desk.ok(&["replica", "add", "c", &server.url()]);
+    let Some(a) = Mounted::new(&desk, "c", &[]) else { return };
+    write_fsynced(&a.path("notes.txt"), b"first draft");
+    replica_line(&a.dir, "pushed", |l| l.contains(" reachable, 0 records to push") && !l.contains("last push never"));
+    let laptop = same_user(&desk);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };
+    assert_eq!(fs::read(b.path("notes.txt")).unwrap(), b"first draft");
+
+    write_fsynced(&a.path("notes.txt"), b"from the desk");
+    eventually("the laptop read the desk's change", || {
+        fs::read(b.path("notes.txt")).is_ok_and(|c| c == b"from the desk")
+    });
+    // A shell that listed the folder before sees the new name and, later, its removal.
+    fs::remove_file(a.path("notes.txt")).unwrap();
+    fsync_dir(&a.dir);
+    let listed = |dir: &Path| fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>();
+    eventually("the laptop saw the removal", || !listed(&b.dir).iter().any(|n| n == "notes.txt"));
+
+    // And back: the laptop writes, the desk sees it, on top of what it had.
+    write_fsynced(&b.path("reply.txt"), b"from the laptop");
+    eventually("the desk read the laptop's file", || {
+        fs::read(a.path("reply.txt")).is_ok_and(|c| c == b"from the laptop")
+    });
+    let status = fs::read_to_string(a.path(".capsule/status")).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("replica: ") && !l.contains(" 0 records pulled")), "{status}");
+    drop((a, b));
+    desk.ok(&["verify", "c"]);
+    laptop.ok(&["verify", "c"]);
+}

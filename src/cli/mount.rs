@@ -21,10 +21,13 @@ use clap::Parser;
 use capsulefs::Error;
 use capsulefs::capsule::{Capsule, PROOF_CACHE_RECORDS};
 use capsulefs::fs::Fs;
+use capsulefs::fs::filesystem::Followed;
 use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::payload_cache::Caches;
 use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
 use capsulefs::member::content_key;
+use capsulefs::replica::follower::Follower;
+use capsulefs::replica::status::SyncStatus;
 use capsulefs::replica::uploader::Uploader;
 use capsulefs::store::Durability;
 use fuser::{Config, MountOption, SessionACL};
@@ -67,10 +70,10 @@ pub struct MountArgs {
     /// Commit changes that no close or fsync has committed after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub commit_after: u64,
-    /// Do not push commits to the capsule's replicas (`capsulefs replica add`) in the
-    /// background; `capsulefs push` sends them later.
+    /// Do not sync with the capsule's replicas (`capsulefs replica add`) in the background:
+    /// commits wait for `capsulefs push`, and others' commits for `capsulefs pull`.
     #[arg(long)]
-    pub no_push: bool,
+    pub no_sync: bool,
     /// At unmount, wait this long for the last commits to reach the replicas (0: do not
     /// wait; what is left goes with the next mount or `capsulefs push`).
     #[arg(long, value_name = "SECS", default_value_t = 20)]
@@ -185,11 +188,12 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
         }
         std::fs::write(marker, format!("{}\n", std::process::id()))?;
     }
-    let uploader = if fs.is_read_only() || a.no_push { None } else { uploader(home, &capsule)? };
+    let syncing = !fs.is_read_only() && !a.no_sync;
     let shared = Arc::new(RwLock::new(fs));
+    let background = if syncing { background(home, &capsule, &shared)? } else { None };
     let mut adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
-    if let Some(uploader) = &uploader {
-        adapter = adapter.with_uploads(uploader.status());
+    if let Some(background) = &background {
+        adapter = adapter.with_replicas(background.status.clone());
     }
     let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
     // Resolved before mounting, while the path still ends in the folder underneath.
@@ -205,8 +209,8 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     let served = session.run();
     let committed = timer.finish();
-    if let Some(uploader) = uploader {
-        for left in uploader.finish(Duration::from_secs(a.push_wait)) {
+    if let Some(background) = background {
+        for left in background.uploader.finish(Duration::from_secs(a.push_wait)) {
             tracing::warn!(
                 "at unmount, {} still lacks commits of this mount ({}): `capsulefs push {}` sends them",
                 left.url,
@@ -227,18 +231,55 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Pushes the mount's commits to the capsule's remembered replicas in the background; None
-/// when it has none. A replica that cannot be opened (a bad URL, missing bucket settings) is
-/// skipped with a warning.
-fn uploader(home: &Home, capsule: &Arc<Capsule>) -> anyhow::Result<Option<Uploader>> {
-    let mut replicas = Vec::new();
+/// A writable mount's background sync with the capsule's remembered replicas: its commits
+/// pushed, theirs pulled and shown. None when it remembers none. A replica that cannot be
+/// opened (a bad URL, missing bucket settings) is skipped with a warning.
+struct Background {
+    uploader: Uploader,
+    /// Stops the pulling threads when dropped.
+    _follower: Follower,
+    status: SyncStatus,
+}
+
+fn background(home: &Home, capsule: &Arc<Capsule>, live: &Arc<RwLock<Fs>>) -> anyhow::Result<Option<Background>> {
+    let (mut urls, mut pushing, mut pulling) = (Vec::new(), Vec::new(), Vec::new());
     for url in home.replicas(&capsule.id())? {
-        match home.replica(&url, capsule) {
-            Ok(replica) => replicas.push((url, replica)),
-            Err(e) => tracing::warn!("not pushing to {url} in the background: {e:#}"),
+        match (home.replica(&url, capsule), home.replica(&url, capsule)) {
+            (Ok(push), Ok(pull)) => {
+                urls.push(url);
+                pushing.push(push);
+                pulling.push(pull);
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::warn!("not syncing with {url} in the background: {e:#}"),
         }
     }
-    Ok((!replicas.is_empty()).then(|| Uploader::start(capsule.clone(), replicas)))
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    let status = SyncStatus::new(urls);
+    let live = live.clone();
+    let arrived = Arc::new(move || follow_live(&live));
+    Ok(Some(Background {
+        uploader: Uploader::start(capsule.clone(), pushing, status.clone()),
+        _follower: Follower::start(capsule.clone(), pulling, status.clone(), arrived),
+        status,
+    }))
+}
+
+/// After records arrived from a replica: the live filesystem moves to the newer commit they
+/// made, when nothing is pending here. The kernel's cached names and attributes expire
+/// within the mount's one-second TTL, and a file's cached pages at its next open.
+fn follow_live(live: &RwLock<Fs>) {
+    match live.write().expect("no panics while locked").follow() {
+        Ok(Followed::Moved(h)) => tracing::info!("the mount now shows {h:?}, from a replica"),
+        Ok(Followed::Diverged(n)) => tracing::warn!(
+            "this mount and another machine both changed the capsule ({n} filesystem branches): \
+             the mount goes on with its own branch, since merging is not built yet"
+        ),
+        Ok(Followed::Pending) => tracing::debug!("a newer commit arrived while changes are pending here"),
+        Ok(Followed::Same) => {}
+        Err(e) => tracing::warn!("moving the mount to the newest commit: {e}"),
+    }
 }
 
 fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {

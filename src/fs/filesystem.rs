@@ -46,6 +46,21 @@ pub enum XattrMode {
     Replace,
 }
 
+/// What `Fs::follow` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Followed {
+    /// Already at the capsule's filesystem head.
+    Same,
+    /// Moved to this newer commit.
+    Moved(RecordHash),
+    /// A newer commit exists, but changes are pending here: after they are committed the
+    /// two are branches.
+    Pending,
+    /// The capsule has this many filesystem heads (branches made apart): this filesystem
+    /// stays on its own until merges are built.
+    Diverged(usize),
+}
+
 pub struct Fs {
     /// The capsule, content key and cache of verified payloads (shared with views).
     sealed: Sealed,
@@ -168,7 +183,14 @@ impl Fs {
         writer: Option<Identity>,
         record: RecordHash,
     ) -> Result<Self> {
-        let header = capsule.proven_header(record)?;
+        let sealed = Sealed { capsule, key, cache: Arc::default() };
+        let (inodes, next_ino) = Self::committed_state(&sealed, record)?;
+        Ok(Self::with_state(sealed, writer, inodes, next_ino, Some(record)))
+    }
+
+    /// The inode table and next inode number of commit `record`, from its superblock.
+    fn committed_state(sealed: &Sealed, record: RecordHash) -> Result<(Trie<Inode>, u64)> {
+        let header = sealed.capsule.proven_header(record)?;
         let last = match header.kind {
             RecordKind::FsCommit => header.sub_count.checked_sub(1),
             RecordKind::Data | RecordKind::Membership => None,
@@ -177,7 +199,6 @@ impl Fs {
             Error::NotFound(format!("{record:?} as a filesystem commit (it is a {:?} record)", header.kind))
         })?;
         let at = Loc { record, idx: SubIdx(last) };
-        let sealed = Sealed { capsule, key, cache: Arc::default() };
         let bytes = sealed.read(at, &sealed.place(SealedKind::Superblock, 0, 0, 0))?;
         let sb = Superblock::decode(&bytes).map_err(|source| VerifyError::MalformedSubRecord {
             record,
@@ -188,7 +209,25 @@ impl Fs {
             Some(r) => Trie::open(r.resolve(record), INODE_LEAF),
             None => Trie::empty(INODE_LEAF),
         };
-        Ok(Self::with_state(sealed, writer, inodes, sb.next_ino, Some(record)))
+        Ok((inodes, sb.next_ino))
+    }
+
+    /// Moves this filesystem to the capsule's filesystem head when records from elsewhere
+    /// made a newer one (every commit lies below the one head there is), unless changes are
+    /// pending here. Open handles and caches stay: the cache holds proven bytes by place.
+    pub fn follow(&mut self) -> Result<Followed> {
+        let heads = heads::filesystem_heads(&self.sealed.capsule)?;
+        match heads.as_slice() {
+            [] => Ok(Followed::Same),
+            [h] if Some(*h) == self.base => Ok(Followed::Same),
+            [_] if self.is_dirty() && !self.untouched() => Ok(Followed::Pending),
+            [h] => {
+                (self.inodes, self.next_ino) = Self::committed_state(&self.sealed, *h)?;
+                self.base = Some(*h);
+                Ok(Followed::Moved(*h))
+            }
+            many => Ok(Followed::Diverged(many.len())),
+        }
     }
 
     fn with_state(
@@ -217,6 +256,16 @@ impl Fs {
     /// The commit this state builds on.
     pub fn base(&self) -> Option<RecordHash> {
         self.base
+    }
+
+    /// A new filesystem nothing was done to yet but making its root: given up for a commit
+    /// that arrives from elsewhere, rather than made a branch of its own.
+    fn untouched(&self) -> bool {
+        self.base.is_none()
+            && self.next_ino == ROOT_INO + 1
+            && self.chunks.is_empty()
+            && self.files.is_empty()
+            && self.dirs.is_empty()
     }
 
     /// Bytes of written chunks waiting for a commit.

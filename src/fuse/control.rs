@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use crate::fs::Fs;
 use crate::proof::CacheStats;
 use crate::record::RecordHash;
-use crate::replica::uploader::ReplicaStatus;
+use crate::replica::status::ReplicaStatus;
 use crate::{Error, Result};
 
 pub const CONTROL_NAME: &[u8] = b".capsule";

@@ -29,7 +29,7 @@ use crate::fs::Fs;
 use crate::fs::filesystem::XattrMode;
 use crate::fs::node::{Inode, Kind, ROOT_INO, Time};
 use crate::record::Params;
-use crate::replica::uploader::UploadStatus;
+use crate::replica::status::SyncStatus;
 use crate::store::Durability;
 use crate::{Error, Result};
 pub use commit::CommitTimer;
@@ -60,7 +60,7 @@ pub struct CapsuleFs {
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_listing: AtomicU64,
     /// The background push's replicas, when the mount pushes.
-    uploads: Option<UploadStatus>,
+    replicas: Option<SyncStatus>,
 }
 
 fn system_time(t: Time) -> SystemTime {
@@ -151,13 +151,13 @@ impl CapsuleFs {
             views: Mutex::new(Views::default()),
             listings: Mutex::new(HashMap::new()),
             next_listing: AtomicU64::new(1),
-            uploads: None,
+            replicas: None,
         }
     }
 
     /// Shows the background push's replicas in `.capsule/status`.
-    pub fn with_uploads(mut self, uploads: UploadStatus) -> Self {
-        self.uploads = Some(uploads);
+    pub fn with_replicas(mut self, replicas: SyncStatus) -> Self {
+        self.replicas = Some(replicas);
         self
     }
 
@@ -217,7 +217,7 @@ impl CapsuleFs {
             plain_cache: fs.cache().plain.stats(),
             node_cache: fs.cache().nodes.stats(),
             history_views: self.views().open_count(),
-            replicas: self.uploads.as_ref().map(UploadStatus::replicas).unwrap_or_default(),
+            replicas: self.replicas.as_ref().map(SyncStatus::replicas).unwrap_or_default(),
         }
     }
 

@@ -11,10 +11,12 @@ mod ahead;
 pub mod bloom;
 pub mod bucket;
 pub mod folder;
+pub mod follower;
 pub mod local;
 pub mod objects;
 pub mod remote;
 pub mod sketch;
+pub mod status;
 pub mod transfer;
 pub mod uploader;
 

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Replica;
+use super::status::{ReplicaStatus, SyncStatus};
 use super::transfer::push;
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
@@ -17,36 +18,6 @@ const LOOK_EVERY: Duration = Duration::from_millis(200);
 /// Waits before retrying a replica that failed: doubling from the first to the last.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(60);
-
-/// What the mount knows of one replica.
-#[derive(Clone, Debug)]
-pub struct ReplicaStatus {
-    pub url: String,
-    /// None until the first attempt.
-    pub reachable: Option<bool>,
-    /// Local records the replica lacks, as of the last look.
-    pub to_push: usize,
-    pub last_push: Option<SystemTime>,
-    /// The last failure, while it lasts.
-    pub error: Option<String>,
-}
-
-impl ReplicaStatus {
-    /// One line of `.capsule/status`.
-    pub fn render(&self) -> String {
-        let reachable = match self.reachable {
-            None => "not tried yet",
-            Some(true) => "reachable",
-            Some(false) => "unreachable",
-        };
-        let last = self
-            .last_push
-            .and_then(|t| t.elapsed().ok())
-            .map_or_else(|| "never".to_owned(), |ago| format!("{} s ago", ago.as_secs()));
-        let error = self.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default();
-        format!("replica: {} {reachable}, {} records to push, last push {last}{error}", self.url, self.to_push)
-    }
-}
 
 #[derive(Default)]
 struct Control {
@@ -58,22 +29,12 @@ struct Control {
 struct Shared {
     control: Mutex<Control>,
     changed: Condvar,
-    status: Mutex<Vec<ReplicaStatus>>,
+    status: SyncStatus,
 }
 
 impl Shared {
     fn control(&self) -> MutexGuard<'_, Control> {
         self.control.lock().expect("no panics while locked")
-    }
-}
-
-/// The statuses of an `Uploader`'s replicas, readable from elsewhere (the mount's control files).
-#[derive(Clone)]
-pub struct UploadStatus(Arc<Shared>);
-
-impl UploadStatus {
-    pub fn replicas(&self) -> Vec<ReplicaStatus> {
-        self.0.status.lock().expect("no panics while locked").clone()
     }
 }
 
@@ -93,23 +54,13 @@ struct Target {
 }
 
 impl Uploader {
-    /// Starts pushing `capsule` to `replicas` (with their URLs), now and after every commit.
-    pub fn start(capsule: Arc<Capsule>, replicas: Vec<(String, Box<dyn Replica>)>) -> Self {
-        let status = replicas
-            .iter()
-            .map(|(url, _)| ReplicaStatus {
-                url: url.clone(),
-                reachable: None,
-                to_push: 0,
-                last_push: None,
-                error: None,
-            })
-            .collect();
-        let shared =
-            Arc::new(Shared { control: Mutex::default(), changed: Condvar::new(), status: Mutex::new(status) });
+    /// Starts pushing `capsule` to `replicas`, in the order `status` lists them, now and
+    /// after every commit.
+    pub fn start(capsule: Arc<Capsule>, replicas: Vec<Box<dyn Replica>>, status: SyncStatus) -> Self {
+        let shared = Arc::new(Shared { control: Mutex::default(), changed: Condvar::new(), status });
         let targets = replicas
             .into_iter()
-            .map(|(_, replica)| Target {
+            .map(|replica| Target {
                 replica,
                 pushed: None,
                 counted: Vec::new(),
@@ -125,10 +76,6 @@ impl Uploader {
                 .expect("spawning the push thread")
         };
         Self { shared, thread }
-    }
-
-    pub fn status(&self) -> UploadStatus {
-        UploadStatus(self.shared.clone())
     }
 
     /// After the final commit: one more round to every replica, waited for up to `wait`.
@@ -147,8 +94,7 @@ impl Uploader {
         } else {
             self.shared.control().stop = true;
         }
-        let status = self.shared.status.lock().expect("no panics while locked");
-        status.iter().filter(|s| s.to_push > 0 || s.reachable != Some(true)).cloned().collect()
+        self.shared.status.replicas().into_iter().filter(|s| s.to_push > 0 || s.reachable != Some(true)).collect()
     }
 }
 
@@ -173,7 +119,7 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
                 continue;
             }
             // Worked on outside the lock: a push may take seconds, a status read must not.
-            let mut status = shared.status.lock().expect("no panics while locked")[i].clone();
+            let mut status = shared.status.get(i);
             if last_round || Instant::now() >= target.next_try {
                 round(capsule, target, &heads, &mut status);
             } else if let Some(theirs) = target.pushed.as_deref().filter(|_| target.counted != heads) {
@@ -181,7 +127,10 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
                 status.to_push = capsule.difference(theirs).map_or(status.to_push, |d| d.len());
                 target.counted = heads.clone();
             }
-            shared.status.lock().expect("no panics while locked")[i] = status;
+            shared.status.update(i, |s| {
+                (s.reachable, s.to_push, s.last_push, s.error) =
+                    (status.reachable, status.to_push, status.last_push, status.error)
+            });
         }
         if last_round {
             shared.changed.notify_all();
@@ -208,13 +157,10 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
             // Records waiting for a signature are pushed once the mount signs them.
             target.pushed = (report.waiting_for_signature == 0).then(|| heads.to_vec());
             (target.retry, target.next_try) = (FIRST_RETRY, Instant::now() + LOOK_EVERY);
-            *status = ReplicaStatus {
-                url,
-                reachable: Some(true),
-                to_push: report.waiting_for_signature,
-                last_push: Some(SystemTime::now()),
-                error: None,
-            };
+            status.reachable = Some(true);
+            status.to_push = report.waiting_for_signature;
+            status.last_push = Some(SystemTime::now());
+            status.error = None;
         }
         Err(e) => {
             if status.reachable != Some(false) {

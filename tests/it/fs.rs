@@ -395,3 +395,30 @@ fn a_chunk_of_pieces_read_whole_and_past_its_end() {
     assert_eq!(fresh.read(ino, 0, CHUNK_SIZE as u32).unwrap(), want[..CHUNK_SIZE as usize]);
     assert_eq!(fresh.read(ino, 0, 1 << 20).unwrap(), want);
 }
+
+#[test]
+fn a_live_filesystem_follows_commits_made_elsewhere_unless_it_has_its_own() {
+    use capsulefs::fs::filesystem::Followed;
+    let s = setup();
+    // Two filesystems over one capsule stand for two machines after a pull: `desk` writes,
+    // `fresh` has done nothing, `busy` has a change of its own pending.
+    let (mut desk, mut fresh) = (s.fs(), s.fs());
+    let (ino, _) = desk.make(ROOT_INO, b"notes", file()).unwrap();
+    desk.write(ino, 0, b"from the desk").unwrap();
+    let first = commit(&mut desk);
+    let mut busy = s.fs();
+    assert_eq!(fresh.follow().unwrap(), Followed::Moved(first), "an untouched new root gives way");
+    let (at, _) = fresh.lookup(ROOT_INO, b"notes").unwrap();
+    assert_eq!(fresh.read(at, 0, 64).unwrap(), b"from the desk");
+    assert_eq!(busy.follow().unwrap(), Followed::Same);
+
+    desk.write(ino, 0, b"FROM").unwrap();
+    let second = commit(&mut desk);
+    assert_eq!(fresh.follow().unwrap(), Followed::Moved(second));
+    assert_eq!(fresh.read(at, 0, 64).unwrap(), b"FROM the desk");
+    busy.write(ino, 0, b"mine").unwrap();
+    assert_eq!(busy.follow().unwrap(), Followed::Pending, "pending changes are not dropped");
+    commit(&mut busy);
+    assert_eq!(busy.follow().unwrap(), Followed::Diverged(2));
+    assert_eq!(filesystem_heads(&s.cap).unwrap().len(), 2, "both branches kept");
+}

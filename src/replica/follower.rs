@@ -1,0 +1,111 @@
+//! A mount's background pull: a thread per replica that pulls what it has (every record
+//! checked by the capsule before it is stored, as in any pull), then waits for its heads to
+//! change (a server's long poll) or, for a folder or bucket that cannot wait, looks again
+//! after `POLL_EVERY`. After each pull that stored records it calls `arrived`, which moves
+//! the live filesystem forward.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Replica;
+use super::status::SyncStatus;
+use super::transfer::pull;
+use crate::capsule::Capsule;
+
+/// How long a long poll may wait for new heads.
+const WAIT: Duration = Duration::from_secs(30);
+/// How often a replica that cannot wait (a folder, a bucket) is looked at: each look is a
+/// listing and a read per device, so not too often for a bucket that bills requests.
+const POLL_EVERY: Duration = Duration::from_secs(2);
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LAST_RETRY: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Stop {
+    /// Sleeps `d` unless stopped first; whether to go on.
+    fn sleep(&self, d: Duration) -> bool {
+        let stopped = self.stopped.lock().expect("no panics while locked");
+        let (stopped, _) = self.changed.wait_timeout_while(stopped, d, |s| !*s).expect("no panics while locked");
+        !*stopped
+    }
+
+    fn is_set(&self) -> bool {
+        *self.stopped.lock().expect("no panics while locked")
+    }
+}
+
+/// The pulling threads; they end at the next chance once this is dropped (a long poll ends
+/// within `WAIT`, and the process usually ends before).
+pub struct Follower {
+    stop: Arc<Stop>,
+}
+
+impl Follower {
+    /// Starts pulling from `replicas` (in the order `status` lists them) into `capsule`.
+    pub fn start(
+        capsule: Arc<Capsule>,
+        replicas: Vec<Box<dyn Replica>>,
+        status: SyncStatus,
+        arrived: Arc<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        let stop = Arc::new(Stop::default());
+        for (i, replica) in replicas.into_iter().enumerate() {
+            let (capsule, status, arrived, stop) = (capsule.clone(), status.clone(), arrived.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("capsulefs-pull".into())
+                .spawn(move || follow(&capsule, &*replica, i, &status, &*arrived, &stop))
+                .expect("spawning a pull thread");
+        }
+        Self { stop }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        *self.stop.stopped.lock().expect("no panics while locked") = true;
+        self.stop.changed.notify_all();
+    }
+}
+
+fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatus, arrived: &dyn Fn(), stop: &Stop) {
+    let mut retry = FIRST_RETRY;
+    while !stop.is_set() {
+        let round = pull(capsule, replica, &()).and_then(|report| Ok((report, replica.heads()?)));
+        match round {
+            Ok((report, seen)) => {
+                status.update(i, |s| {
+                    (s.reachable, s.last_pull, s.error) = (Some(true), Some(SystemTime::now()), None);
+                    s.pulled += report.records as u64;
+                });
+                if report.records > 0 {
+                    tracing::info!("background pull: {} records from {}", report.records, replica.describe());
+                    arrived();
+                }
+                retry = FIRST_RETRY;
+                let asked = Instant::now();
+                match replica.watch_heads(&seen, WAIT) {
+                    // A replica that answers at once cannot wait: look again later.
+                    Ok(heads) if heads == seen && asked.elapsed() < POLL_EVERY / 2 => {
+                        stop.sleep(POLL_EVERY);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("waiting for new heads at {}: {e}", replica.describe()),
+                }
+            }
+            Err(e) => {
+                let was = status.get(i).reachable;
+                if was != Some(false) {
+                    tracing::warn!("background pull from {} failed (retrying): {e}", replica.describe());
+                }
+                status.update(i, |s| (s.reachable, s.error) = (Some(false), Some(e.to_string())));
+                stop.sleep(retry);
+                retry = (retry * 2).min(LAST_RETRY);
+            }
+        }
+    }
+}
