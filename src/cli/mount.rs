@@ -303,6 +303,10 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     }
     cmd.args(["--commit-after", &a.commit_after.to_string(), "--cache-mib", &a.cache_mib.to_string()]);
     cmd.args(["--proof-cache-records", &a.proof_cache_records.to_string()]);
+    cmd.args(["--push-wait", &a.push_wait.to_string()]);
+    if a.no_sync {
+        cmd.arg("--no-sync");
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
