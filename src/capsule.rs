@@ -17,6 +17,7 @@ use crate::record::{
     SignedMetadata, SubIdx, SubRecordBuf, WriterId, merkle,
 };
 use crate::replica::Replica;
+use crate::replica::prefetch::SubRecordSource;
 use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, StoreError, VerifyError};
 
@@ -196,7 +197,7 @@ pub struct Capsule {
     /// One append or ingest at a time: each reads heads and sequence numbers it then updates.
     write_lock: Mutex<WriteState>,
     /// Where a sparse replica fetches the sub-records it does not hold (`fill_from`).
-    filler: OnceLock<Arc<dyn Replica>>,
+    filler: OnceLock<SubRecordSource>,
 }
 
 impl Drop for Capsule {
@@ -649,7 +650,7 @@ impl Capsule {
         let proven = self.prover().check_sub_record(record, idx, bytes.clone())?;
         let mut batch = self.store.batch();
         batch.put_sub_record(&record, idx, bytes);
-        if let Err(e) = self.store.write(batch, Durability::Buffered) {
+        if let Err(e) = self.store.write(batch, Durability::Cache) {
             // A store opened read-only beside a mount: the next read fetches it again.
             tracing::debug!("not keeping a fetched sub-record: {e}");
         }
@@ -659,7 +660,7 @@ impl Capsule {
     /// Makes this a sparse replica's capsule: sub-records it does not hold are fetched from
     /// `source` when read (and proven like any other). Set once; later calls are ignored.
     pub fn fill_from(&self, source: Arc<dyn Replica>) {
-        let _ = self.filler.set(source);
+        let _ = self.filler.set(SubRecordSource::new(source));
     }
 
     /// Every check `check_incoming` makes that needs no payloads: for a sparse replica, which

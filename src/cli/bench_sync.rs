@@ -46,6 +46,9 @@ pub struct SyncBenchArgs {
     /// Only the push against rsync (for working on push speed).
     #[arg(long, hide = true)]
     pub push_only: bool,
+    /// Only the mount-to-mount figures (for working on them).
+    #[arg(long, hide = true)]
+    pub mountsync_only: bool,
 }
 
 const DIFFERENCES: [usize; 3] = [1, 100, 10_000];
@@ -408,6 +411,19 @@ fn push_against_rsync(dir: &Path, me: &Identity, mib: usize) -> anyhow::Result<(
 pub fn run(a: SyncBenchArgs) -> anyhow::Result<()> {
     ensure!(a.records > DIFFERENCES[2] * 2, "--records must be above {}", DIFFERENCES[2] * 2);
     let dir = tempfile::tempdir()?;
+    if !a.mountsync_only {
+        antientropy(&a, dir.path())?;
+    }
+    let m = super::bench_mountsync::run(&dir.path().join("mountsync"))?;
+    println!(
+        "mountsync: propagate_p50_ms={:.0} propagate_p99_ms={:.0} remote_cold_read_vs_local={:.2}",
+        m.p50_ms, m.p99_ms, m.cold_read_ratio
+    );
+    Ok(())
+}
+
+/// The anti-entropy table and the push against rsync, ending with the `antientropy:` line.
+fn antientropy(a: &SyncBenchArgs, root: &Path) -> anyhow::Result<()> {
     let me = Identity::generate("bench")?;
     println!("{} records per replica; the local one has d more; bytes are message bodies, each way", a.records);
     println!(
@@ -419,7 +435,7 @@ pub fn run(a: SyncBenchArgs) -> anyhow::Result<()> {
     let differences = if a.push_only { &[][..] } else { &DIFFERENCES[..] };
     for (i, &d) in differences.iter().enumerate() {
         for shape in Shape::ALL {
-            let (local, server_dir, truth) = scenario(dir.path(), &me, a.records, d, shape)?;
+            let (local, server_dir, truth) = scenario(root, &me, a.records, d, shape)?;
             let mut truth_sorted = truth.clone();
             truth_sorted.sort();
             let record_bytes: u64 = truth
@@ -462,7 +478,7 @@ pub fn run(a: SyncBenchArgs) -> anyhow::Result<()> {
     println!(
         "(wire: every byte both ways through a counting proxy, HTTP framing included; record bytes: what the difference weighs)"
     );
-    let (push, rsync) = push_against_rsync(dir.path(), &me, a.mib)?;
+    let (push, rsync) = push_against_rsync(root, &me, a.mib)?;
     println!(
         "push of a {} MiB tree (64 files) to capsulefs serve: {push:.2} s; rsync -a of the same tree to an rsync daemon: {rsync:.2} s",
         a.mib

@@ -2,6 +2,7 @@
 //! it), dispatch to one module per command, and the error-to-exit-code table.
 
 mod bench;
+mod bench_mountsync;
 mod bench_sync;
 mod capsules;
 mod docs;

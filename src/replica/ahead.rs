@@ -1,83 +1,95 @@
-//! Reading objects ahead of a reader that says what it will read next, so that a clone or a
-//! pull from a bucket keeps several GETs in flight and overlaps them with checking and
-//! storing what came before. A bucket answers one GET at a few hundred MB/s at best and with
-//! tens of milliseconds of latency; a few at once, read while the records before them are
-//! being stored, are what lets a clone keep up with a parallel plain downloader.
+//! Reading ahead of a reader that says what it will read next: record objects for a clone or
+//! a pull from a bucket, sub-records for a sequential reader of a sparse replica. A bucket
+//! answers one GET at a few hundred MB/s at best and with tens of milliseconds of latency,
+//! a server one sub-record per round trip; several requests at once, made while the reader
+//! checks and stores what came before, are what keep a clone or a cold read moving.
 //!
 //! The bytes fetched are not believed here any more than elsewhere: this only moves them
-//! earlier. Held bytes are bounded (`HELD_BYTES`, plus what the workers are fetching).
+//! earlier. Held bytes are bounded (`held_bytes`, plus what the workers are fetching).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::objects::Objects;
 use crate::Result;
 
-/// GETs in flight at once.
-const WORKERS: usize = 4;
-/// Fetched bytes that may wait for the reader before the workers pause.
-const HELD_BYTES: usize = 128 << 20;
+/// How one item is fetched: its bytes, or None if the source does not have it.
+pub type Fetch<K> = dyn Fn(&K) -> Result<Option<Vec<u8>>> + Send + Sync;
 
-#[derive(Default)]
-struct State {
+struct State<K> {
     /// Keys to fetch, in the order the reader will ask for them.
-    wanted: VecDeque<String>,
-    fetching: HashSet<String>,
-    fetched: HashMap<String, Result<Option<Vec<u8>>>>,
+    wanted: VecDeque<K>,
+    fetching: HashSet<K>,
+    fetched: HashMap<K, Result<Option<Vec<u8>>>>,
     held: usize,
     workers: usize,
     closed: bool,
 }
 
-struct Shared {
-    state: Mutex<State>,
+struct Shared<K> {
+    state: Mutex<State<K>>,
     changed: Condvar,
+    /// Fetched bytes that may wait for the reader before the workers pause.
+    held_bytes: usize,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<K> Shared<K> {
+    fn lock(&self) -> MutexGuard<'_, State<K>> {
         self.state.lock().expect("no panics while locked")
     }
 }
 
-/// Objects read ahead by up to `WORKERS` threads, which end when this is dropped.
-pub struct ReadAhead<O: Objects> {
-    objects: Arc<O>,
-    shared: Arc<Shared>,
+/// Items read ahead by up to `workers` threads, which end when this is dropped.
+pub struct ReadAhead<K> {
+    fetch: Arc<Fetch<K>>,
+    workers: usize,
+    shared: Arc<Shared<K>>,
 }
 
-impl<O: Objects + 'static> ReadAhead<O> {
-    pub fn new(objects: Arc<O>) -> Self {
-        let shared = Arc::new(Shared { state: Mutex::default(), changed: Condvar::new() });
-        Self { objects, shared }
+impl<K: Clone + Eq + Hash + Send + 'static> ReadAhead<K> {
+    pub fn new(fetch: Arc<Fetch<K>>, workers: usize, held_bytes: usize) -> Self {
+        let state = State {
+            wanted: VecDeque::new(),
+            fetching: HashSet::new(),
+            fetched: HashMap::new(),
+            held: 0,
+            workers: 0,
+            closed: false,
+        };
+        let shared = Arc::new(Shared { state: Mutex::new(state), changed: Condvar::new(), held_bytes });
+        Self { fetch, workers, shared }
     }
 
-    /// The reader will ask for `keys`, in this order, next: start fetching them, and forget
-    /// what was fetched for an earlier plan and is not in this one.
-    pub fn plan(&self, keys: impl IntoIterator<Item = String>) {
+    /// The reader will ask for `keys`, in this order, next: fetch them instead of what an
+    /// earlier plan still wanted. What was fetched for an earlier plan stays for the reader
+    /// (one reader's plans interleave, e.g. a file's chunks and its chunk map's nodes) until
+    /// the held bytes reach their bound; then what this plan does not name is let go.
+    pub fn plan(&self, keys: impl IntoIterator<Item = K>) {
         let mut state = self.shared.lock();
-        let keys: Vec<String> = keys.into_iter().collect();
-        let planned: HashSet<&String> = keys.iter().collect();
-        let dropped: Vec<String> = state.fetched.keys().filter(|k| !planned.contains(k)).cloned().collect();
-        for key in dropped {
-            if let Some(Ok(Some(bytes))) = state.fetched.remove(&key) {
-                state.held -= bytes.len();
+        let keys: Vec<K> = keys.into_iter().collect();
+        if state.held >= self.shared.held_bytes {
+            let planned: HashSet<&K> = keys.iter().collect();
+            let dropped: Vec<K> = state.fetched.keys().filter(|k| !planned.contains(k)).cloned().collect();
+            for key in dropped {
+                if let Some(Ok(Some(bytes))) = state.fetched.remove(&key) {
+                    state.held -= bytes.len();
+                }
             }
         }
-        let fresh: VecDeque<String> =
+        let fresh: VecDeque<K> =
             keys.into_iter().filter(|k| !state.fetching.contains(k) && !state.fetched.contains_key(k)).collect();
         state.wanted = fresh;
-        while state.workers < WORKERS.min(state.wanted.len()) {
+        while state.workers < self.workers.min(state.wanted.len()) {
             state.workers += 1;
-            let (objects, shared) = (self.objects.clone(), self.shared.clone());
-            std::thread::spawn(move || work(&*objects, &shared));
+            let (fetch, shared) = (self.fetch.clone(), self.shared.clone());
+            std::thread::spawn(move || work(&*fetch, &shared));
         }
         self.shared.changed.notify_all();
     }
 
     /// Object `key`: from what was fetched ahead, or once its fetch ends, or fetched now if
     /// it was not planned or not started yet.
-    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    pub fn get(&self, key: &K) -> Result<Option<Vec<u8>>> {
         let mut state = self.shared.lock();
         loop {
             if let Some(got) = state.fetched.remove(key) {
@@ -90,14 +102,14 @@ impl<O: Objects + 'static> ReadAhead<O> {
             if !state.fetching.contains(key) {
                 state.wanted.retain(|k| k != key);
                 drop(state);
-                return self.objects.get(key);
+                return (self.fetch)(key);
             }
             state = self.shared.changed.wait(state).expect("no panics while locked");
         }
     }
 }
 
-impl<O: Objects> Drop for ReadAhead<O> {
+impl<K> Drop for ReadAhead<K> {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.changed.notify_all();
@@ -105,20 +117,20 @@ impl<O: Objects> Drop for ReadAhead<O> {
 }
 
 /// One worker: fetches the next wanted key while the held bytes allow, until closed.
-fn work<O: Objects>(objects: &O, shared: &Shared) {
+fn work<K: Clone + Eq + Hash>(fetch: &Fetch<K>, shared: &Shared<K>) {
     let mut state = shared.lock();
     loop {
         if state.closed {
             return;
         }
-        let next = if state.held < HELD_BYTES { state.wanted.pop_front() } else { None };
+        let next = if state.held < shared.held_bytes { state.wanted.pop_front() } else { None };
         let Some(key) = next else {
             state = shared.changed.wait(state).expect("no panics while locked");
             continue;
         };
         state.fetching.insert(key.clone());
         drop(state);
-        let got = objects.get(&key);
+        let got = fetch(&key);
         state = shared.lock();
         state.fetching.remove(&key);
         if let Ok(Some(bytes)) = &got {

@@ -14,6 +14,7 @@ pub mod folder;
 pub mod follower;
 pub mod local;
 pub mod objects;
+pub mod prefetch;
 pub mod remote;
 pub mod sketch;
 pub mod status;

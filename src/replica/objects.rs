@@ -43,6 +43,9 @@ const MAX_SUBS: u32 = 1 << 17;
 /// Record objects a push writes at once: a bucket takes one PUT at tens of milliseconds of
 /// latency, so a batch of small records goes several at a time.
 const PUTS_AT_ONCE: usize = 4;
+/// Record objects a clone or pull reads ahead at once, and the bytes they may hold waiting.
+const GETS_AT_ONCE: usize = 4;
+const AHEAD_BYTES: usize = 128 << 20;
 
 /// The objects a replica is kept in: a folder, or a bucket.
 pub trait Objects: Send + Sync {
@@ -139,7 +142,7 @@ struct RecordObject {
 pub struct ObjectReplica<O: Objects> {
     objects: Arc<O>,
     /// Record objects read ahead of `since` and `fetch`.
-    ahead: ReadAhead<O>,
+    ahead: ReadAhead<String>,
     capsule: CapsuleId,
     pusher: Option<Pusher>,
     /// The signed metadata once read and checked: immutable, named by the capsule's id.
@@ -197,7 +200,8 @@ fn parse_table(bytes: &[u8]) -> Option<(usize, Vec<usize>, usize)> {
 impl<O: Objects + 'static> ObjectReplica<O> {
     pub fn new(objects: O, capsule: CapsuleId, pusher: Option<Pusher>) -> Self {
         let objects = Arc::new(objects);
-        let ahead = ReadAhead::new(objects.clone());
+        let source = objects.clone();
+        let ahead = ReadAhead::new(Arc::new(move |key: &String| source.get(key)), GETS_AT_ONCE, AHEAD_BYTES);
         Self { ahead, objects, capsule, pusher, metadata: OnceLock::new(), index: Mutex::default() }
     }
 

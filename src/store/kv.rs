@@ -54,6 +54,9 @@ pub enum Durability {
     Buffered,
     /// fsync'ed: survives both.
     Durable,
+    /// Bytes that can be fetched again (a sparse replica's sub-records): like `Buffered`,
+    /// and a store may keep them where writing costs least, with no sync at all.
+    Cache,
 }
 
 /// Writes applied all together or not at all.

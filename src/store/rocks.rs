@@ -123,7 +123,12 @@ impl Kv for RocksKv {
             .filter(|(cf, _, v)| is_large(cf, v))
             .filter_map(|(_, _, v)| v.as_ref().map(Vec::len))
             .sum();
-        let packing = durability == Durability::Buffered || large_bytes > INLINE_DURABLE_MAX;
+        // A cache write stays inline: a pack append would sync for bytes that can be fetched again.
+        let packing = match durability {
+            Durability::Cache => false,
+            Durability::Buffered => true,
+            Durability::Durable => large_bytes > INLINE_DURABLE_MAX,
+        };
         let to_pack = |cf: &Cf, v: &Option<Vec<u8>>| packing && is_large(cf, v);
         let large: Vec<&[u8]> =
             batch.ops.iter().filter(|(cf, _, v)| to_pack(cf, v)).filter_map(|(_, _, v)| v.as_deref()).collect();
