@@ -29,7 +29,8 @@ help:
 	@echo "make test         format check, clippy, unit, library and integration tests (real mounts)"
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
 	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
-	@echo "make bench-sync   anti-entropy bytes and round trips against capsulefs serve, push against rsync"
+	@echo "make bench-sync   anti-entropy against capsulefs serve, push against rsync, and mount to mount"
+	@echo "                  against Syncthing (root: it mounts; make deps-bench installs Syncthing)"
 	@echo "make bench-s3     push and clone through a 3-node Garage cluster against the AWS CLI (root)"
 	@echo "make man          regenerate man/ from the CLI definition"
 	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX), and"
@@ -40,7 +41,7 @@ deps:
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES)
 
 deps-bench:
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends bindfs gocryptfs bc
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends bindfs gocryptfs bc syncthing
 
 tools: $(TOOLS)/bin/fsx $(TOOLS)/moto/bin/moto_server $(GARAGE_ROOT)/bin/garage
 
@@ -78,7 +79,8 @@ bench: build
 bench-fs: build
 	$(SUDO) BIN=$(BIN) benches/fs.sh
 
-# Two replicas of 100k records on loopback, and a 512 MiB push against an rsync daemon.
+# Two replicas of 100k records on loopback, a 512 MiB push against an rsync daemon, and two
+# mounts syncing through one server against Syncthing (root: it mounts).
 bench-sync: build
 	$(BIN) bench sync
 

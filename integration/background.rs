@@ -10,7 +10,7 @@ use super::{Home, Mounted, write_fsynced};
 
 /// Waits (bounded) until the mount's `.capsule/status` has a line for the replica that
 /// satisfies `ok`; returns that line.
-fn replica_line(mount: &Path, what: &str, ok: impl Fn(&str) -> bool) -> String {
+pub(super) fn replica_line(mount: &Path, what: &str, ok: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let status = fs::read_to_string(mount.join(".capsule/status")).unwrap();
@@ -56,7 +56,7 @@ fn a_mount_pushes_its_commits_in_the_background_and_catches_up_after_an_outage()
 }
 
 /// Waits (bounded) until `ok` holds.
-fn eventually(what: &str, ok: impl Fn() -> bool) {
+pub(super) fn eventually(what: &str, ok: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !ok() {
         assert!(Instant::now() < deadline, "never {what}");

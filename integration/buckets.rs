@@ -358,3 +358,29 @@ fn a_push_cut_by_a_killed_client_or_garage_node_resumes_and_shows_nothing_half_w
     assert_eq!(other.ok(&["log", "c"]), all, "every record arrived");
     other.ok(&["verify", "c"]);
 }
+
+#[test]
+fn two_mounts_sync_through_a_bucket() {
+    use super::background::{eventually, replica_line};
+    let Some(s3) = S3::start("capsules") else { return };
+    let desk = Home::default();
+    let id = desk.ok(&["create", "c"]).trim().to_owned();
+    let url = "s3://capsules/team";
+    desk.ok(&["replica", "add", "c", url]);
+    let Some(a) = Mounted::with_env(&desk, "c", &[], &s3.env()) else { return };
+    super::write_fsynced(&a.path("notes.txt"), b"first draft");
+    replica_line(&a.dir, "pushed", |l| l.contains(" reachable, 0 records to push") && !l.contains("last push never"));
+    let laptop = super::replicas::same_user(&desk);
+    s3.ok(&laptop, &["clone", &format!("{url}#{id}")]);
+    let Some(b) = Mounted::with_env(&laptop, "c", &[], &s3.env()) else { return };
+    assert_eq!(std::fs::read(b.path("notes.txt")).unwrap(), b"first draft");
+    // The bucket cannot tell anyone of new heads: each mount looks every two seconds.
+    super::write_fsynced(&a.path("notes.txt"), b"from the desk");
+    eventually("the laptop read the desk's change", || {
+        std::fs::read(b.path("notes.txt")).is_ok_and(|c| c == b"from the desk")
+    });
+    super::write_fsynced(&b.path("reply.txt"), b"from the laptop");
+    eventually("the desk read the laptop's file", || {
+        std::fs::read(a.path("reply.txt")).is_ok_and(|c| c == b"from the laptop")
+    });
+}

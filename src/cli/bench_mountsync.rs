@@ -131,6 +131,108 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One Syncthing instance's home, device id and ports.
+struct Peer {
+    home: PathBuf,
+    folder: PathBuf,
+    id: String,
+    port: u16,
+    gui: u16,
+}
+
+/// Two Syncthing instances on loopback sharing one folder, with nothing reaching outside it
+/// (no discovery, relays or NAT), its file watcher at its shortest delay (1 s; 10 by
+/// default). None when Syncthing is not installed (`make deps-bench`).
+fn syncthing(root: &Path) -> anyhow::Result<Option<(String, Vec<f64>)>> {
+    if Command::new("syncthing").arg("--version").output().is_err() {
+        return Ok(None);
+    }
+    let mut peers = Vec::new();
+    for name in ["st-a", "st-b"] {
+        let home = root.join(name);
+        let out = Command::new("syncthing")
+            .args(["generate", "--no-default-folder", "--skip-port-probing"])
+            .arg(format!("--home={}", home.display()))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let id = text
+            .lines()
+            .find_map(|l| l.split_once("Device ID: ").map(|(_, id)| id.trim().to_owned()))
+            .with_context(|| format!("no device id from syncthing generate: {text}"))?;
+        let folder = root.join(format!("{name}-folder"));
+        std::fs::create_dir_all(&folder)?;
+        peers.push(Peer { home, folder, id, port: free_port()?, gui: free_port()? });
+    }
+    let mut running = Vec::new();
+    for (me, peer) in [(&peers[0], &peers[1]), (&peers[1], &peers[0])] {
+        let config = format!(
+            r#"<configuration version="36">
+    <folder id="bench" label="bench" path="{folder}" type="sendreceive" rescanIntervalS="3600" fsWatcherEnabled="true" fsWatcherDelayS="1">
+        <device id="{me}"></device>
+        <device id="{peer}"></device>
+        <minDiskFree unit="%">0</minDiskFree>
+    </folder>
+    <device id="{me}" name="me" compression="metadata"><address>dynamic</address></device>
+    <device id="{peer}" name="peer" compression="metadata"><address>tcp://127.0.0.1:{peer_port}</address></device>
+    <gui enabled="true" tls="false"><address>127.0.0.1:{gui}</address><apikey>capsulefs-bench</apikey></gui>
+    <options>
+        <listenAddress>tcp://127.0.0.1:{port}</listenAddress>
+        <globalAnnounceEnabled>false</globalAnnounceEnabled>
+        <localAnnounceEnabled>false</localAnnounceEnabled>
+        <relaysEnabled>false</relaysEnabled>
+        <natEnabled>false</natEnabled>
+        <urAccepted>-1</urAccepted>
+        <autoUpgradeIntervalH>0</autoUpgradeIntervalH>
+        <crashReportingEnabled>false</crashReportingEnabled>
+        <startBrowser>false</startBrowser>
+    </options>
+</configuration>
+"#,
+            folder = me.folder.display(),
+            me = me.id,
+            peer = peer.id,
+            peer_port = peer.port,
+            gui = me.gui,
+            port = me.port,
+        );
+        std::fs::write(me.home.join("config.xml"), config)?;
+        let child = Command::new("syncthing")
+            .args(["serve", "--no-browser", "--no-restart", "--no-upgrade"])
+            .arg(format!("--home={}", me.home.display()))
+            .env("STNOUPGRADE", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting syncthing")?;
+        running.push(Started(child));
+    }
+    // Readiness: each sees the other connected and the folder idle, bounded.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for peer in &peers {
+        let ask = |path: &str| -> String {
+            ureq::get(&format!("http://127.0.0.1:{}{path}", peer.gui))
+                .header("X-API-Key", "capsulefs-bench")
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok())
+                .unwrap_or_default()
+        };
+        while !(ask("/rest/system/connections").contains("\"connected\": true")
+            && ask("/rest/db/status?folder=bench").contains("\"state\": \"idle\""))
+        {
+            ensure!(Instant::now() < deadline, "the two Syncthing instances never connected");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let times = propagation(&peers[0].folder, &peers[1].folder, "probe")?;
+    drop(running);
+    Ok(Some(("Syncthing 1.19 (watcher delay 1 s)".to_owned(), times)))
+}
+
 /// The plain comparison: `rsync -a A/ B/` every second, as a user would script it.
 fn rsync_loop(root: &Path) -> anyhow::Result<(String, Vec<f64>)> {
     let (a, b) = (root.join("rsync-a"), root.join("rsync-b"));
@@ -188,7 +290,10 @@ pub fn run(root: &Path) -> anyhow::Result<MountSync> {
         let a = Mount::new(&desk, "c", root.join("a"), &[])?;
         let b = Mount::new(&laptop, "c", root.join("b"), &[])?;
         let ours = propagation(&a.dir, &b.dir, "probe")?;
-        let (peer, theirs) = rsync_loop(root)?;
+        let (peer, theirs) = match syncthing(root)? {
+            Some(measured) => measured,
+            None => rsync_loop(root)?,
+        };
         let (p50, p99) = (percentile(&ours, 0.5), percentile(&ours, 0.99));
         println!(
             "propagation of a 4 KiB write+fsync from mount A to a reader in mount B, {PROBES} files: \

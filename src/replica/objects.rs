@@ -304,6 +304,13 @@ impl<O: Objects + 'static> ObjectReplica<O> {
             Ok(piece)
         };
         let record = take(record_len)?;
+        // Another record's object put under this name (swapped): refused here, by name.
+        if Record::decode(&record).map(|r| r.hash()).ok() != Some(*h) {
+            return Err(Error::Replica(format!(
+                "{}: {key} holds another record than its name says (swapped or altered)",
+                self.objects.describe()
+            )));
+        }
         let subs = lens.iter().map(|&l| take(l)).collect::<Result<_>>()?;
         Ok(Some(RecordObject { record, subs }))
     }

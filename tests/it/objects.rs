@@ -114,4 +114,12 @@ fn an_altered_object_is_refused_and_a_forged_statement_ignored() {
     sparse.fill_from(Arc::new(folder(dir.path(), &sparse, None)));
     assert!(matches!(sparse.read_sub_record(h, SubIdx(0)), Err(capsulefs::Error::Verify(_))));
     assert!(sparse.store().sub_record_bytes(&h, SubIdx(0)).unwrap().is_none());
+    // Another genuine record's object put under this record's name (swapped): refused by name.
+    let later = f.cap.append(&f.owner, &[b"a later record"], signed()).unwrap();
+    push(&f.cap, &folder(dir.path(), &f.cap, Some((&f.owner, 1))), &()).unwrap();
+    std::fs::copy(root.join("records").join(later.to_hex()), &object).unwrap();
+    let fresh = copy_of(&f.cap, &f.owner);
+    let refused = pull(&fresh, &folder(dir.path(), &fresh, None), &());
+    assert!(matches!(&refused, Err(capsulefs::Error::Replica(m)) if m.contains("another record")), "{refused:?}");
+    assert!(!fresh.store().has_record(&h).unwrap());
 }
