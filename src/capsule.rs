@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::crypto::keys::Identity;
 use crate::crypto::random_bytes;
@@ -152,6 +152,9 @@ struct WriteState {
     last_seqs: HashMap<WriterId, Seq>,
     heads: Option<Vec<RecordHash>>,
     next_order: Option<u64>,
+    /// Records stored by this process, and calls of `wake_waiters`, for `wait_for_records`.
+    stored: u64,
+    wakeups: u64,
 }
 
 impl WriteState {
@@ -196,6 +199,8 @@ pub struct Capsule {
     trust_key: Option<TrustKey>,
     /// One append or ingest at a time: each reads heads and sequence numbers it then updates.
     write_lock: Mutex<WriteState>,
+    /// Told each time a record is stored (see `wait_for_records`).
+    stored: Condvar,
     /// Where a sparse replica fetches the sub-records it does not hold (`fill_from`).
     filler: OnceLock<SubRecordSource>,
 }
@@ -284,6 +289,7 @@ impl Capsule {
             local,
             trust_key: None,
             write_lock: Mutex::default(),
+            stored: Condvar::new(),
             filler: OnceLock::new(),
         }
     }
@@ -495,7 +501,33 @@ impl Capsule {
         self.store.write(batch, durability)?;
         state.stored(header.writer, header.seq);
         (state.heads, state.next_order) = (Some(heads), Some(order + 1));
+        state.stored += 1;
+        self.stored.notify_all();
         Ok(())
+    }
+
+    /// How many records this process has stored in the capsule so far.
+    pub fn records_stored(&self) -> u64 {
+        self.write_lock.lock().expect("no panics while locked").stored
+    }
+
+    /// Waits until this process has stored more than `seen` records, or `timeout` passed, or
+    /// `wake_waiters` was called; returns the count. How a background thread (a mount's push)
+    /// hears of each commit at once without reading the store over and over.
+    pub fn wait_for_records(&self, seen: u64, timeout: Duration) -> u64 {
+        let state = self.write_lock.lock().expect("no panics while locked");
+        let woken = state.wakeups;
+        let (state, _) = self
+            .stored
+            .wait_timeout_while(state, timeout, |s| s.stored <= seen && s.wakeups == woken)
+            .expect("no panics while locked");
+        state.stored
+    }
+
+    /// Ends every `wait_for_records` now.
+    pub fn wake_waiters(&self) {
+        self.write_lock.lock().expect("no panics while locked").wakeups += 1;
+        self.stored.notify_all();
     }
 
     /// The height a record with `parents` gets: one above the highest of them.

@@ -1,6 +1,6 @@
-//! A mount's background push: one thread that sends each new local commit to every replica
-//! the capsule remembers, retries unreachable ones with back-off, and keeps a per-replica
-//! status for `.capsule/status`. Commits made offline wait as what they are, local records
+//! A mount's background push: one thread, woken by each record the capsule stores, that
+//! sends new local commits to every replica the capsule remembers, retries unreachable ones
+//! with back-off, and keeps a per-replica status for `.capsule/status`. Commits made offline wait as what they are, local records
 //! not yet pushed; nothing else is queued, so nothing is lost if the process dies.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -13,8 +13,8 @@ use super::transfer::push;
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
 
-/// How often the thread looks for new local heads (a read of the store's heads).
-const LOOK_EVERY: Duration = Duration::from_millis(200);
+/// How often the thread looks at replicas waiting for a retry when no commit woke it.
+const RETRY_CHECK: Duration = Duration::from_secs(1);
 /// Waits before retrying a replica that failed: doubling from the first to the last.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(60);
@@ -39,6 +39,7 @@ impl Shared {
 }
 
 pub struct Uploader {
+    capsule: Arc<Capsule>,
     shared: Arc<Shared>,
     thread: JoinHandle<()>,
 }
@@ -68,6 +69,7 @@ impl Uploader {
                 next_try: Instant::now(),
             })
             .collect();
+        let watched = capsule.clone();
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -75,7 +77,7 @@ impl Uploader {
                 .spawn(move || run(&capsule, targets, &shared))
                 .expect("spawning the push thread")
         };
-        Self { shared, thread }
+        Self { capsule: watched, shared, thread }
     }
 
     /// After the final commit: one more round to every replica, waited for up to `wait`.
@@ -84,6 +86,7 @@ impl Uploader {
     pub fn finish(self, wait: Duration) -> Vec<ReplicaStatus> {
         self.shared.control().last_round = true;
         self.shared.changed.notify_all();
+        self.capsule.wake_waiters();
         let deadline = Instant::now() + wait;
         while !self.thread.is_finished() && Instant::now() < deadline {
             let control = self.shared.control();
@@ -99,6 +102,7 @@ impl Uploader {
 }
 
 fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
+    let mut seen = capsule.records_stored();
     loop {
         let last_round = {
             let control = shared.control();
@@ -136,10 +140,8 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
             shared.changed.notify_all();
             return;
         }
-        let control = shared.control();
-        if !control.stop && !control.last_round {
-            let _ = shared.changed.wait_timeout(control, LOOK_EVERY);
-        }
+        // Woken by the next record stored (a commit), by `finish`, or to retry.
+        seen = capsule.wait_for_records(seen, RETRY_CHECK);
     }
 }
 
@@ -156,7 +158,7 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
             }
             // Records waiting for a signature are pushed once the mount signs them.
             target.pushed = (report.waiting_for_signature == 0).then(|| heads.to_vec());
-            (target.retry, target.next_try) = (FIRST_RETRY, Instant::now() + LOOK_EVERY);
+            (target.retry, target.next_try) = (FIRST_RETRY, Instant::now());
             status.reachable = Some(true);
             status.to_push = report.waiting_for_signature;
             status.last_push = Some(SystemTime::now());
