@@ -61,6 +61,10 @@ pub(super) fn agent(https_only: bool) -> Result<ureq::Agent> {
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_per_read(Some(STALL))
         .timeout_per_write(Some(STALL))
+        // Read-ahead keeps several requests in flight to one server: with ureq's default of
+        // 3 idle connections a host, most of a cold read's requests opened a new connection.
+        .max_idle_connections_per_host(16)
+        .max_idle_connections(64)
         .build();
     Ok(config.into())
 }

@@ -151,6 +151,8 @@ impl Kv for RocksKv {
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(durability == Durability::Durable);
+        // Fetched sub-records skip the WAL too: a crash loses them whole, to be fetched again.
+        wo.disable_wal(durability == Durability::Cache);
         self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e))
     }
 
