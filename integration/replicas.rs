@@ -699,3 +699,34 @@ fn an_old_head_object_put_back_in_a_folder_is_reported_and_nothing_moves_back() 
     assert!(warning.contains("lacks 2 signed records") && warning.contains("rolled back"), "{warning}");
     assert_eq!(home.ok(&["log", "c"]), before);
 }
+
+#[test]
+fn a_remote_only_mount_fetches_about_what_is_read_not_the_whole_file() {
+    let server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        super::write_fsynced(&m.path("big"), &big);
+    }
+    home.ok(&["push", "c", &server.url()]);
+    // 1 MiB from the middle of a 32 MiB file (512 chunks of 64 KiB) through `mount URL#ID`.
+    let laptop = same_user(&home);
+    let source = format!("{}#{id}", server.url());
+    {
+        let Some(m) = Mounted::new(&laptop, &source, &["--read-only"]) else { return };
+        let mut f = fs::File::open(m.path("big")).unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(16 << 20)).unwrap();
+        std::io::Read::read_exact(&mut f, &mut got).unwrap();
+        assert_eq!(got, big[16 << 20..17 << 20]);
+    }
+    let verify = laptop.ok(&["verify", &id]);
+    // "ok: N records (S signed), M sub-records (B bytes) verified"
+    let held: u64 = verify.split(" sub-records (").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    let not_held = count_before(&verify, "sub-records not held");
+    // The 16 chunks read, what a reader reads ahead (the kernel's readahead, and up to 15
+    // sub-records after each fetched one), and tree nodes: far from the file's 512 chunks.
+    assert!(held >= 16 && held < 128 && not_held > 400, "{verify}");
+}
