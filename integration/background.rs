@@ -11,26 +11,38 @@ use super::{Home, Mounted, write_fsynced};
 /// Waits (bounded) until the mount's `.capsule/status` has a line for the replica that
 /// satisfies `ok`; returns that line.
 pub(super) fn replica_line(mount: &Path, what: &str, ok: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
+    let found = std::cell::RefCell::new(String::new());
+    eventually(what, || {
         let status = fs::read_to_string(mount.join(".capsule/status")).unwrap();
-        if let Some(line) = status.lines().find(|l| l.starts_with("replica: ") && ok(l)) {
-            return line.to_owned();
-        }
-        assert!(Instant::now() < deadline, "never {what}:\n{status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        let line = status.lines().find(|l| l.starts_with("replica: ") && ok(l)).map(str::to_owned);
+        *found.borrow_mut() = line.unwrap_or(status);
+        found.borrow().starts_with("replica: ")
+    });
+    found.into_inner()
+}
+
+/// A new capsule in `home` with `url` remembered as its replica, mounted (with `env` for the
+/// daemon), and file `name` written there and pushed in the background: its id and the mount.
+pub(super) fn pushed_mount<'h>(
+    home: &'h Home,
+    url: &str,
+    env: &[(&str, &str)],
+    (name, bytes): (&str, &[u8]),
+) -> Option<(String, Mounted<'h>)> {
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["replica", "add", "c", url]);
+    let m = Mounted::with_env(home, "c", &[], env)?;
+    write_fsynced(&m.path(name), bytes);
+    replica_line(&m.dir, "pushed", |l| l.contains(" reachable, 0 records to push") && !l.contains("last push never"));
+    Some((id, m))
 }
 
 #[test]
 fn a_mount_pushes_its_commits_in_the_background_and_catches_up_after_an_outage() {
     let server = Server::start();
     let home = Home::default();
-    let id = home.ok(&["create", "c"]).trim().to_owned();
-    home.ok(&["replica", "add", "c", &server.url()]);
-    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
-    write_fsynced(&m.path("a.txt"), b"written while the server was up");
-    replica_line(&m.dir, "pushed", |l| l.contains(" reachable, 0 records to push") && !l.ends_with("never"));
+    let first = ("a.txt", &b"written while the server was up"[..]);
+    let Some((id, m)) = pushed_mount(&home, &server.url(), &[], first) else { return };
 
     // The server down: commits wait, counted; the mount goes on working.
     let (store, addr) = server.kill();
@@ -73,11 +85,7 @@ fn fsync_dir(dir: &Path) {
 fn two_mounts_through_one_server_see_each_others_changes_without_remounting() {
     let server = Server::start();
     let desk = Home::default();
-    let id = desk.ok(&["create", "c"]).trim().to_owned();
-    desk.ok(&["replica", "add", "c", &server.url()]);
-    let Some(a) = Mounted::new(&desk, "c", &[]) else { return };
-    write_fsynced(&a.path("notes.txt"), b"first draft");
-    replica_line(&a.dir, "pushed", |l| l.contains(" reachable, 0 records to push") && !l.contains("last push never"));
+    let Some((id, a)) = pushed_mount(&desk, &server.url(), &[], ("notes.txt", b"first draft")) else { return };
     let laptop = same_user(&desk);
     laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
     let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };

@@ -361,15 +361,11 @@ fn a_push_cut_by_a_killed_client_or_garage_node_resumes_and_shows_nothing_half_w
 
 #[test]
 fn two_mounts_sync_through_a_bucket() {
-    use super::background::{eventually, replica_line};
+    use super::background::{eventually, pushed_mount};
     let Some(s3) = S3::start("capsules") else { return };
     let desk = Home::default();
-    let id = desk.ok(&["create", "c"]).trim().to_owned();
     let url = "s3://capsules/team";
-    desk.ok(&["replica", "add", "c", url]);
-    let Some(a) = Mounted::with_env(&desk, "c", &[], &s3.env()) else { return };
-    super::write_fsynced(&a.path("notes.txt"), b"first draft");
-    replica_line(&a.dir, "pushed", |l| l.contains(" reachable, 0 records to push") && !l.contains("last push never"));
+    let Some((id, a)) = pushed_mount(&desk, url, &s3.env(), ("notes.txt", b"first draft")) else { return };
     let laptop = super::replicas::same_user(&desk);
     s3.ok(&laptop, &["clone", &format!("{url}#{id}")]);
     let Some(b) = Mounted::with_env(&laptop, "c", &[], &s3.env()) else { return };

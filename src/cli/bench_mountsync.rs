@@ -7,7 +7,7 @@
 //! server alone (`mount URL#ID`: fetched on demand) against the same read in a local mount.
 //! Both reads are cold: the mounts are fresh and the kernel's page cache is dropped first.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,19 +68,6 @@ impl Drop for Started {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn serve(store: &Path) -> anyhow::Result<(Started, String)> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["serve", "--listen", "127.0.0.1:0", "--store"])
-        .arg(store)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-    let addr = line.trim().strip_prefix("listening on ").context("the server's readiness line")?.to_owned();
-    Ok((Started(child), format!("http://{addr}")))
 }
 
 /// A second home with the first one's keys: the same person on another machine.
@@ -266,7 +253,8 @@ fn cold_read(file: &Path) -> anyhow::Result<f64> {
 }
 
 pub fn run(root: &Path) -> anyhow::Result<MountSync> {
-    let (_server, url) = serve(&root.join("server"))?;
+    let server = super::bench_sync::Served::start(&root.join("server"))?;
+    let url = format!("http://{}", server.addr);
     let desk = root.join("desk");
     let id = exec(capsulefs(&desk)?.args(["create", "c"]))?.trim().to_owned();
     exec(capsulefs(&desk)?.args(["replica", "add", "c", &url]))?;

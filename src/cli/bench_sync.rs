@@ -127,13 +127,13 @@ impl Proxy {
 }
 
 /// A `capsulefs serve` on a free loopback port, ended when dropped.
-struct Served {
+pub(super) struct Served {
     child: Child,
-    addr: String,
+    pub(super) addr: String,
 }
 
 impl Served {
-    fn start(store: &Path) -> anyhow::Result<Self> {
+    pub(super) fn start(store: &Path) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--listen", "127.0.0.1:0", "--store"])
             .arg(store)
