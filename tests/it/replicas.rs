@@ -147,15 +147,17 @@ fn a_sparse_replica_proves_each_fetched_sub_record_and_refuses_a_tampered_one() 
         laptop.read_sub_record(h, SubIdx(0)),
         Err(capsulefs::Error::Verify(VerifyError::MissingSubRecord { .. }))
     ));
-    laptop.fill_from(server.clone());
-    assert_eq!(&laptop.read_sub_record(h, SubIdx(0)).unwrap().0.get()[..], b"first");
-    assert!(laptop.store().sub_record_bytes(&h, SubIdx(0)).unwrap().is_some(), "kept once fetched");
-    // The server's copy of the second sub-record is altered: refused, and nothing kept.
+    // The server's copy of the second sub-record is altered (before any fetch: a read of the
+    // first reads the second ahead): the first is proven and kept, the second refused and
+    // not kept.
     let mut altered = server.store().sub_record_bytes(&h, SubIdx(1)).unwrap().unwrap();
     *altered.last_mut().unwrap() ^= 1;
     let mut batch = Batch::default();
     batch.put(Cf::Subs, [&h.as_bytes()[..], &1u32.to_be_bytes()].concat(), altered);
     server_kv.write(batch, Durability::Buffered).unwrap();
+    laptop.fill_from(server.clone());
+    assert_eq!(&laptop.read_sub_record(h, SubIdx(0)).unwrap().0.get()[..], b"first");
+    assert!(laptop.store().sub_record_bytes(&h, SubIdx(0)).unwrap().is_some(), "kept once fetched");
     assert!(matches!(laptop.read_sub_record(h, SubIdx(1)), Err(capsulefs::Error::Verify(_))));
     assert!(laptop.store().sub_record_bytes(&h, SubIdx(1)).unwrap().is_none());
     let audit = laptop.audit().unwrap();
