@@ -94,7 +94,10 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
                         stop.sleep(POLL_EVERY);
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::debug!("waiting for new heads at {}: {e}", replica.describe()),
+                    Err(e) => {
+                        tracing::debug!("waiting for new heads at {}: {e}", replica.describe());
+                        stop.sleep(POLL_EVERY);
+                    }
                 }
             }
             Err(e) => {
