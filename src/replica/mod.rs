@@ -103,6 +103,12 @@ pub trait Replica: Send + Sync {
     }
     /// Sub-record `idx` of `record` with its Merkle path, as stored.
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>>;
+    /// How many bytes of records one `put` should carry. A server bounds what it takes at
+    /// `MAX_BATCH_BYTES`; an object store may take more, since each batch costs it an index
+    /// segment and a statement, written one after the other, on top of the records.
+    fn batch_bytes(&self) -> usize {
+        MAX_BATCH_BYTES
+    }
     /// Stores bundles given parents first. A replica checks every one before storing any,
     /// and takes an unsigned record only with a signed descendant in the same call.
     /// Returns how many were new.

@@ -45,6 +45,10 @@ const MAX_SUBS: u32 = 1 << 17;
 const PUTS_AT_ONCE: usize = 4;
 /// Record objects a clone or pull reads ahead at once, and the bytes they may hold waiting.
 const GETS_AT_ONCE: usize = 4;
+/// Record bytes one push batch carries to a folder or bucket: four times a server's, so that
+/// a batch of 16 MiB records keeps `PUTS_AT_ONCE` busy, and the segment and statement each
+/// batch ends with are written a quarter as often (held twice in memory while written).
+const PUT_BATCH_BYTES: usize = 4 * super::MAX_BATCH_BYTES;
 const AHEAD_BYTES: usize = 128 << 20;
 
 /// The objects a replica is kept in: a folder, or a bucket.
@@ -394,6 +398,10 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
         let (bundles, more) =
             batch_of(order, |h| self.bundle(&h, headers_only)?.map(Some).ok_or_else(|| self.missing_object(&h)))?;
         Ok(Since { heads: own_heads, bundles, more })
+    }
+
+    fn batch_bytes(&self) -> usize {
+        PUT_BATCH_BYTES
     }
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, sketch};
+use super::{Bundle, MAX_HASHES, Node, Replica, sketch};
 use crate::capsule::{Capsule, Ingested};
 use crate::record::{CapsuleId, Record, RecordHash, Seq, WriterId};
 use crate::store::Durability;
@@ -76,14 +76,14 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
     progress.expect(order.len() as u64);
     let mut signed_here: HashSet<RecordHash> = HashSet::new();
     let mut anchored = anchored_positions(local, &order, &signed_here)?;
-    let mut batch = AnchoredBatch::default();
+    let mut batch = AnchoredBatch::new(remote.batch_bytes());
     for (i, node) in order.iter().enumerate() {
         let mut bundle =
             local.fetch(&[node.record])?.pop().ok_or(VerifyError::MissingRecord { record: node.record })?;
         // An unsigned record of ours that nothing signed covers yet, or that would hold a full
         // batch open waiting for its signed descendant: this machine holds the writer's key,
         // so it signs the record now (a signature does not change its hash).
-        let stuck = anchored[i].is_none_or(|a| a > i && batch.bytes + bundle.size() >= MAX_BATCH_BYTES);
+        let stuck = anchored[i].is_none_or(|a| a > i && batch.bytes + bundle.size() >= batch.limit);
         if stuck && let Some(signed) = local.sign_own(node.record)? {
             bundle.record = signed;
             signed_here.insert(node.record);
@@ -467,7 +467,7 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
     report.reconcile_received += received;
     let order = topological(&lacking)?;
     progress.expect(order.len() as u64);
-    let mut batch = AnchoredBatch::default();
+    let mut batch = AnchoredBatch::new(to.batch_bytes());
     let mut next = 0;
     while next < order.len() {
         for (bundle, expected) in fetch_slice(from, &order[next..], &mut report)? {
@@ -493,16 +493,20 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
 
 /// Bundles on their way to a replica that takes an unsigned record only with a signed
 /// descendant in the same call: `uncovered` holds the unsigned ones still waiting for theirs.
-/// Push and relay both cut their batches here.
-#[derive(Default)]
+/// Push and relay both cut their batches here, at the receiving replica's `batch_bytes`.
 struct AnchoredBatch {
     bundles: Vec<Bundle>,
     bytes: usize,
+    limit: usize,
     parents: HashMap<RecordHash, Vec<RecordHash>>,
     uncovered: HashSet<RecordHash>,
 }
 
 impl AnchoredBatch {
+    fn new(limit: usize) -> Self {
+        Self { bundles: Vec::new(), bytes: 0, limit, parents: HashMap::new(), uncovered: HashSet::new() }
+    }
+
     fn add(&mut self, bundle: Bundle, record: &Record) {
         let hash = record.hash();
         self.bytes += bundle.size();
@@ -524,11 +528,11 @@ impl AnchoredBatch {
     /// Past the batch size, and at a point where it may end: every unsigned record in it has
     /// its signed descendant in it.
     fn full(&self) -> bool {
-        self.bytes >= MAX_BATCH_BYTES && self.uncovered.is_empty()
+        self.bytes >= self.limit && self.uncovered.is_empty()
     }
 
     fn take(&mut self) -> Vec<Bundle> {
-        std::mem::take(self).bundles
+        std::mem::replace(self, Self::new(self.limit)).bundles
     }
 }
 
