@@ -1,5 +1,5 @@
-//! A capsule replica kept as plain objects, in a folder (`folder.rs`) or, next, a bucket: no
-//! capsule server, nothing on the far side that runs code. The layout, under
+//! A capsule replica kept as plain objects, in a folder (`folder.rs`) or a bucket
+//! (`bucket.rs`): no capsule server, nothing on the far side that runs code. The layout, under
 //! `<capsule id hex>/` (bytes in ARCHITECTURE.md):
 //!
 //! - `metadata`: the signed metadata.
@@ -143,6 +143,16 @@ struct RecordObject {
     subs: Vec<Vec<u8>>,
 }
 
+/// The first bytes of a record object as read (the whole object when its table is longer
+/// than `TABLE_READ`), and its table.
+struct Head {
+    bytes: Vec<u8>,
+    record_len: usize,
+    lens: Vec<usize>,
+    /// Where the record starts; its sub-records follow it.
+    start: usize,
+}
+
 pub struct ObjectReplica<O: Objects> {
     objects: Arc<O>,
     /// Record objects read ahead of `since` and `fetch`.
@@ -221,6 +231,13 @@ impl<O: Objects + 'static> ObjectReplica<O> {
         Error::Replica(format!("{}: {what} is malformed (altered or truncated?)", self.objects.describe()))
     }
 
+    /// The signed metadata, which every statement is checked against; an error if the
+    /// replica does not hold the capsule.
+    fn held_metadata(&self) -> Result<&SignedMetadata> {
+        self.signed_metadata()?
+            .ok_or_else(|| Error::NotFound(format!("capsule {:?} in {}", self.capsule, self.objects.describe())))
+    }
+
     fn signed_metadata(&self) -> Result<Option<&SignedMetadata>> {
         if let Some(signed) = self.metadata.get() {
             return Ok(Some(signed));
@@ -251,9 +268,7 @@ impl<O: Objects + 'static> ObjectReplica<O> {
     /// is valid. A statement that does not verify is skipped with a warning: it cannot hide
     /// what valid ones name.
     fn refresh(&self) -> Result<()> {
-        let Some(signed) = self.signed_metadata()? else {
-            return Err(Error::NotFound(format!("capsule {:?} in {}", self.capsule, self.objects.describe())));
-        };
+        let signed = self.held_metadata()?;
         let mut index = self.index.lock().expect("no panics while locked");
         for name in self.objects.list(&self.key("heads"))? {
             self.read_device(&name, signed, &mut index)?;
@@ -308,15 +323,50 @@ impl<O: Objects + 'static> ObjectReplica<O> {
             Ok(piece)
         };
         let record = take(record_len)?;
-        // Another record's object put under this name (swapped): refused here, by name.
-        if Record::decode(&record).map(|r| r.hash()).ok() != Some(*h) {
+        self.check_named(h, &key, &record)?;
+        let subs = lens.iter().map(|&l| take(l)).collect::<Result<_>>()?;
+        Ok(Some(RecordObject { record, subs }))
+    }
+
+    /// Another record's object put under this name (swapped) is refused here, by name.
+    fn check_named(&self, h: &RecordHash, key: &str, record: &[u8]) -> Result<()> {
+        if Record::decode(record).map(|r| r.hash()).ok() != Some(*h) {
             return Err(Error::Replica(format!(
                 "{}: {key} holds another record than its name says (swapped or altered)",
                 self.objects.describe()
             )));
         }
-        let subs = lens.iter().map(|&l| take(l)).collect::<Result<_>>()?;
-        Ok(Some(RecordObject { record, subs }))
+        Ok(())
+    }
+
+    /// The head of the object at `key`: one ranged read, or the whole object when its
+    /// table does not fit in it; None if there is no such object.
+    fn head(&self, key: &str) -> Result<Option<Head>> {
+        let Some(mut bytes) = self.objects.get_range(key, 0, TABLE_READ)? else { return Ok(None) };
+        if parse_table(&bytes).is_none() && bytes.len() as u64 == TABLE_READ {
+            let Some(whole) = self.objects.get(key)? else { return Ok(None) };
+            bytes = whole;
+        }
+        let (record_len, lens, start) = parse_table(&bytes).ok_or_else(|| self.malformed(key))?;
+        Ok(Some(Head { bytes, record_len, lens, start }))
+    }
+
+    /// `len` bytes at `offset` of the object at `key`: from `head` when it holds them, else
+    /// by a ranged read (None if the object is gone).
+    fn piece(&self, key: &str, head: &Head, offset: usize, len: usize) -> Result<Option<Vec<u8>>> {
+        match head.bytes.get(offset..offset + len) {
+            Some(bytes) => Ok(Some(bytes.to_vec())),
+            None => self.objects.get_range(key, offset as u64, len as u64),
+        }
+    }
+
+    /// Record `h`'s encoding alone, without reading its sub-records (a sparse clone's headers).
+    fn read_header(&self, h: &RecordHash) -> Result<Option<Vec<u8>>> {
+        let key = self.record_key(h);
+        let Some(head) = self.head(&key)? else { return Ok(None) };
+        let record = self.piece(&key, &head, head.start, head.record_len)?.unwrap_or_default();
+        self.check_named(h, &key, &record)?;
+        Ok(Some(record))
     }
 }
 
@@ -393,8 +443,11 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
             (lacking, own_heads) = self.lacking(heads);
         }
         let order: Vec<RecordHash> = super::transfer::topological(&lacking)?.into_iter().map(|n| n.record).collect();
-        // The next answers will hold these too, in this order: read them ahead.
-        self.ahead.plan(order.iter().map(|h| self.record_key(h)));
+        // The next answers will hold these too, in this order: read them ahead (whole objects;
+        // headers alone are small ranged reads).
+        if !headers_only {
+            self.ahead.plan(order.iter().map(|h| self.record_key(h)));
+        }
         let (bundles, more) =
             batch_of(order, |h| self.bundle(&h, headers_only)?.map(Some).ok_or_else(|| self.missing_object(&h)))?;
         Ok(Since { heads: own_heads, bundles, more })
@@ -406,22 +459,10 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
         let key = self.record_key(&record);
-        let Some(head) = self.objects.get_range(&key, 0, TABLE_READ)? else { return Ok(None) };
-        let (record_len, lens, start) = match parse_table(&head) {
-            Some(table) => table,
-            // A table longer than the first read: read the whole object.
-            None if head.len() as u64 == TABLE_READ => {
-                let Some(object) = self.read_object(&record)? else { return Ok(None) };
-                return Ok(object.subs.into_iter().nth(idx.0 as usize));
-            }
-            None => return Err(self.malformed(&key)),
-        };
-        let Some(&len) = lens.get(idx.0 as usize) else { return Ok(None) };
-        let offset = start + record_len + lens[..idx.0 as usize].iter().sum::<usize>();
-        match head.get(offset..offset + len) {
-            Some(bytes) => Ok(Some(bytes.to_vec())),
-            None => self.objects.get_range(&key, offset as u64, len as u64),
-        }
+        let Some(head) = self.head(&key)? else { return Ok(None) };
+        let Some(&len) = head.lens.get(idx.0 as usize) else { return Ok(None) };
+        let offset = head.start + head.record_len + head.lens[..idx.0 as usize].iter().sum::<usize>();
+        self.piece(&key, &head, offset, len)
     }
 
     /// Writes the records that the replica lacks (a few at once), then one index segment
@@ -456,8 +497,7 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
         let mut index = self.index.lock().expect("no panics while locked");
         let device = hex16(&pusher.device);
         // Another process of this device may have pushed since this one read the index.
-        let signed = self.signed_metadata()?.ok_or_else(|| Error::NotFound(format!("capsule {:?}", self.capsule)))?;
-        self.read_device(&device, signed, &mut index)?;
+        self.read_device(&device, self.held_metadata()?, &mut index)?;
         let n = index.segments.get(&pusher.device).copied().unwrap_or(0);
         self.objects.put(&self.key(&format!("index/{device}/{n:016x}")), &borsh::to_vec(&nodes).expect("to memory"))?;
         let stored = nodes.len();
@@ -496,10 +536,10 @@ impl<O: Objects + 'static> ObjectReplica<O> {
     /// Record `h` as replicas exchange it, with its payloads unless `header_only`; None if
     /// the folder has no object for it.
     fn bundle(&self, h: &RecordHash, header_only: bool) -> Result<Option<Bundle>> {
-        let Some(RecordObject { record, subs }) = self.read_object(h)? else { return Ok(None) };
         if header_only {
-            return Ok(Some(Bundle { record, payloads: Vec::new() }));
+            return Ok(self.read_header(h)?.map(|record| Bundle { record, payloads: Vec::new() }));
         }
+        let Some(RecordObject { record, subs }) = self.read_object(h)? else { return Ok(None) };
         let payloads = subs
             .iter()
             .enumerate()
