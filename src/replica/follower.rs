@@ -75,9 +75,8 @@ impl Drop for Follower {
 fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatus, arrived: &dyn Fn(), stop: &Stop) {
     let mut retry = FIRST_RETRY;
     while !stop.is_set() {
-        let round = pull(capsule, replica, &()).and_then(|report| Ok((report, replica.heads()?)));
-        match round {
-            Ok((report, seen)) => {
+        match pull(capsule, replica, &()) {
+            Ok(report) => {
                 status.update(i, |s| {
                     (s.reachable, s.last_pull, s.error) = (Some(true), Some(SystemTime::now()), None);
                     s.pulled += report.records as u64;
@@ -88,9 +87,9 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
                 }
                 retry = FIRST_RETRY;
                 let asked = Instant::now();
-                match replica.watch_heads(&seen, WAIT) {
+                match replica.watch_heads(&report.replica_heads, WAIT) {
                     // A replica that answers at once cannot wait: look again later.
-                    Ok(heads) if heads == seen && asked.elapsed() < POLL_EVERY / 2 => {
+                    Ok(heads) if heads == report.replica_heads && asked.elapsed() < POLL_EVERY / 2 => {
                         stop.sleep(POLL_EVERY);
                     }
                     Ok(_) => {}

@@ -38,6 +38,9 @@ pub struct Report {
     /// with the highest sequence number among them. The local capsule never moves back (it
     /// only ever adds records); a replica that offers less is behind, or was rolled back.
     pub replica_lacks: Vec<(WriterId, Seq, usize)>,
+    /// After a pull: the replica's heads as it last gave them (a follower waits for them
+    /// to change).
+    pub replica_heads: Vec<RecordHash>,
 }
 
 /// Told as records move, for a progress bar; `&()` ignores it.
@@ -225,6 +228,7 @@ pub fn pull_taking(local: &Capsule, remote: &dyn Replica, taking: Take, progress
     }
     local.store().sync()?;
     report.replica_lacks = signed_lacking(local, &theirs)?;
+    report.replica_heads = theirs;
     Ok(report)
 }
 
