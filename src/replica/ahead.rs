@@ -39,6 +39,17 @@ impl<K> Shared<K> {
     }
 }
 
+impl<K: Eq + Hash> State<K> {
+    /// What was fetched for `key`, no longer held.
+    fn take(&mut self, key: &K) -> Option<Result<Option<Vec<u8>>>> {
+        let got = self.fetched.remove(key)?;
+        if let Ok(Some(bytes)) = &got {
+            self.held -= bytes.len();
+        }
+        Some(got)
+    }
+}
+
 /// Items read ahead by up to `workers` threads, which end when this is dropped.
 pub struct ReadAhead<K> {
     fetch: Arc<Fetch<K>>,
@@ -71,9 +82,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> ReadAhead<K> {
             let planned: HashSet<&K> = keys.iter().collect();
             let dropped: Vec<K> = state.fetched.keys().filter(|k| !planned.contains(k)).cloned().collect();
             for key in dropped {
-                if let Some(Ok(Some(bytes))) = state.fetched.remove(&key) {
-                    state.held -= bytes.len();
-                }
+                state.take(&key);
             }
         }
         let fresh: VecDeque<K> =
@@ -92,10 +101,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> ReadAhead<K> {
     pub fn get(&self, key: &K) -> Result<Option<Vec<u8>>> {
         let mut state = self.shared.lock();
         loop {
-            if let Some(got) = state.fetched.remove(key) {
-                if let Ok(Some(bytes)) = &got {
-                    state.held -= bytes.len();
-                }
+            if let Some(got) = state.take(key) {
                 self.shared.changed.notify_all();
                 return got;
             }

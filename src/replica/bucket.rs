@@ -117,6 +117,13 @@ impl Bucket {
         Error::Replica(format!("{}: {what}: {e} (is the endpoint right, and are AWS_* credentials set?)", self.url))
     }
 
+    /// Object `key`, or the `range` of it if given; None for a missing object.
+    fn get_object(&self, key: &str, range: Option<(u64, u64)>) -> Result<Option<Vec<u8>>> {
+        let full = self.full_key(key);
+        let signed = GetObject::new(&self.bucket, self.credentials.as_ref(), &full).sign(SIGNED_FOR);
+        self.fetch(signed.as_str(), key, range)
+    }
+
     /// GETs `url`, with `range` if given; None for a missing object.
     fn fetch(&self, signed: &str, key: &str, range: Option<(u64, u64)>) -> Result<Option<Vec<u8>>> {
         let mut request = self.agent.get(signed);
@@ -163,15 +170,11 @@ impl Objects for Bucket {
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let full = self.full_key(key);
-        let signed = GetObject::new(&self.bucket, self.credentials.as_ref(), &full).sign(SIGNED_FOR);
-        self.fetch(signed.as_str(), key, None)
+        self.get_object(key, None)
     }
 
     fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>> {
-        let full = self.full_key(key);
-        let signed = GetObject::new(&self.bucket, self.credentials.as_ref(), &full).sign(SIGNED_FOR);
-        self.fetch(signed.as_str(), key, Some((start, len)))
+        self.get_object(key, Some((start, len)))
     }
 
     fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
