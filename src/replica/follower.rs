@@ -100,11 +100,12 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
                 }
             }
             Err(e) => {
-                let was = status.get(i).reachable;
-                if was != Some(false) {
-                    tracing::warn!("background pull from {} failed (retrying): {e}", replica.describe());
-                }
-                status.update(i, |s| (s.reachable, s.error) = (Some(false), Some(e.to_string())));
+                status.update(i, |s| {
+                    if s.reachable != Some(false) {
+                        tracing::warn!("background pull from {} failed (retrying): {e}", replica.describe());
+                    }
+                    (s.reachable, s.error) = (Some(false), Some(e.to_string()));
+                });
                 stop.sleep(retry);
                 retry = (retry * 2).min(LAST_RETRY);
             }

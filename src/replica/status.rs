@@ -61,10 +61,6 @@ impl SyncStatus {
         self.0.lock().expect("no panics while locked").clone()
     }
 
-    pub(super) fn get(&self, i: usize) -> ReplicaStatus {
-        self.0.lock().expect("no panics while locked")[i].clone()
-    }
-
     pub(super) fn update(&self, i: usize, change: impl FnOnce(&mut ReplicaStatus)) {
         change(&mut self.0.lock().expect("no panics while locked")[i]);
     }

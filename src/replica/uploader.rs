@@ -122,19 +122,15 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
             if target.pushed.as_ref() == Some(&heads) {
                 continue;
             }
-            // Worked on outside the lock: a push may take seconds, a status read must not.
-            let mut status = shared.status.get(i);
             if last_round || Instant::now() >= target.next_try {
-                round(capsule, target, &heads, &mut status);
+                round(capsule, target, &heads, &shared.status, i);
             } else if let Some(theirs) = target.pushed.as_deref().filter(|_| target.counted != heads) {
                 // Waiting to retry: commits made meanwhile are counted as waiting.
-                status.to_push = capsule.difference(theirs).map_or(status.to_push, |d| d.len());
+                if let Ok(lacking) = capsule.difference(theirs) {
+                    shared.status.update(i, |s| s.to_push = lacking.len());
+                }
                 target.counted = heads.clone();
             }
-            shared.status.update(i, |s| {
-                (s.reachable, s.to_push, s.last_push, s.error) =
-                    (status.reachable, status.to_push, status.last_push, status.error)
-            });
         }
         if last_round {
             shared.changed.notify_all();
@@ -145,35 +141,38 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
     }
 }
 
-/// One push to `target`, its outcome written to `status`.
-fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &mut ReplicaStatus) {
-    let url = status.url.clone();
+/// One push to `target`, its outcome written to replica `i` of `status` (once it ended: a
+/// push may take seconds, a status read must not wait for it).
+fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &SyncStatus, i: usize) {
+    let url = target.replica.describe();
     match push(capsule, &*target.replica, &()) {
         Ok(report) => {
             if report.records > 0 {
                 tracing::info!("background push: {} records to {url}", report.records);
             }
-            if status.reachable == Some(false) {
-                tracing::info!("background push: {url} is reachable again");
-            }
             // Records waiting for a signature are pushed once the mount signs them.
             target.pushed = (report.waiting_for_signature == 0).then(|| heads.to_vec());
             (target.retry, target.next_try) = (FIRST_RETRY, Instant::now());
-            status.reachable = Some(true);
-            status.to_push = report.waiting_for_signature;
-            status.last_push = Some(SystemTime::now());
-            status.error = None;
+            status.update(i, |s| {
+                if s.reachable == Some(false) {
+                    tracing::info!("background push: {url} is reachable again");
+                }
+                (s.reachable, s.to_push, s.last_push, s.error) =
+                    (Some(true), report.waiting_for_signature, Some(SystemTime::now()), None);
+            });
         }
         Err(e) => {
-            if status.reachable != Some(false) {
-                tracing::warn!("background push to {url} failed (retrying, at most every minute): {e}");
-            }
             target.next_try = Instant::now() + target.retry;
             target.retry = (target.retry * 2).min(LAST_RETRY);
             let lacking = target.pushed.as_deref().map(|theirs| capsule.difference(theirs).map_or(0, |d| d.len()));
-            status.reachable = Some(false);
-            status.to_push = lacking.unwrap_or(status.to_push);
-            status.error = Some(e.to_string());
+            status.update(i, |s| {
+                if s.reachable != Some(false) {
+                    tracing::warn!("background push to {url} failed (retrying, at most every minute): {e}");
+                }
+                s.reachable = Some(false);
+                s.to_push = lacking.unwrap_or(s.to_push);
+                s.error = Some(e.to_string());
+            });
         }
     }
 }
