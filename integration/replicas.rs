@@ -500,19 +500,26 @@ fn one_peer_cannot_hold_every_worker_and_idle_connections_are_closed() {
     let heads: Vec<RecordHash> = borsh::from_slice(&out.stdout).unwrap();
     let digest = capsulefs::net::protocol::heads_digest(&heads);
     // Sixteen long polls that wait on unchanged heads fill this address's share...
-    let polls: Vec<TcpStream> = (0..16)
-        .map(|_| {
-            let mut s = TcpStream::connect(&server.addr).unwrap();
-            let head = format!("GET {heads_path}?known={digest}&wait=60 HTTP/1.1\r\nHost: x\r\n\r\n");
-            s.write_all(head.as_bytes()).unwrap();
-            s
-        })
-        .collect();
+    let poll = || {
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        let head = format!("GET {heads_path}?known={digest}&wait=60 HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        s
+    };
+    let mut polls: Vec<TcpStream> = (0..16).map(|_| poll()).collect();
     // ...so the next request is told to wait (429) once they are in flight (bounded below the
-    // polls' own 60 s, with room for a machine busy with the other tests).
+    // polls' own 60 s, with room for a machine busy with the other tests). A probe that the
+    // server reached before the last poll takes that poll's place: the poll is refused, so it
+    // is sent again.
     let deadline = Instant::now() + Duration::from_secs(50);
     while server.raw("GET", &heads_path, b"") != 429 {
         assert!(Instant::now() < deadline, "the seventeenth request was never refused");
+        for p in polls.iter_mut() {
+            if p.peek(&mut [0]).is_ok() {
+                *p = poll();
+            }
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(polls);
