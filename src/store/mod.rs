@@ -4,6 +4,7 @@
 //! `CapsuleStore` gives the column families their typed keys and values.
 
 pub mod capsule_store;
+pub mod journal;
 pub mod kv;
 pub mod mem;
 pub mod packs;

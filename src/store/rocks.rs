@@ -1,10 +1,13 @@
 //! The RocksDB `Kv`: one database per capsule, one column family per job.
 //!
-//! Crash safety: every batch goes through the WAL; `Durability::Durable` syncs it before
-//! returning. On reopen the WAL is replayed in `TolerateCorruptedTailRecords` mode: a record
-//! torn by a crash mid-write was never acknowledged and is dropped, while corruption anywhere
-//! else fails the open with `StoreError::Corrupted` instead of silently rolling back (which
-//! `PointInTimeRecovery` would do). Block checksums are verified on every read.
+//! Crash safety: every batch (but `Durability::Cache`) goes through the WAL, unsynced, and
+//! into the fsync journal (`journal.rs`); `Durability::Durable` syncs the journal before
+//! returning, or the WAL when the batch does not fit in the journal's lap. On reopen the WAL is
+//! replayed in `TolerateCorruptedTailRecords` mode: a record torn by a crash mid-write is
+//! dropped, while corruption anywhere else fails the open with `StoreError::Corrupted` instead
+//! of silently rolling back (which `PointInTimeRecovery` would do). Then the journal's entries
+//! past the stamp the database holds are written again: what a power cut took from the WAL's
+//! unsynced tail. Block checksums are verified on every read.
 //!
 //! Sub-record values of `PACK_MIN` bytes or more live in pack files (`packs.rs`) under
 //! `<store>/packs`; the `subs` column family holds a tag byte and either the value itself or
@@ -17,6 +20,9 @@ use rocksdb::{
     WriteBatch, WriteOptions,
 };
 
+use std::sync::Mutex;
+
+use super::journal::{Journal, Stamp};
 use super::kv::{Batch, Cf, Durability, Entries, Kv, prefix_end};
 use super::packs::{PackLoc, Packs};
 use crate::{Result, StoreError};
@@ -31,11 +37,18 @@ const PACK_MIN: usize = 16 << 10;
 const INLINE_DURABLE_MAX: usize = 256 << 10;
 const INLINE: u8 = 0;
 const IN_PACK: u8 = 1;
+/// In `Cf::Meta`: the journal stamp of the last journaled batch, written in that batch.
+const JOURNAL_STAMP_KEY: &[u8] = b"journal-stamp";
+/// What putting the stamp adds to a `WriteBatch`, at most (tag, column family, lengths, key,
+/// value).
+const STAMP_PUT_MAX: usize = 16 + JOURNAL_STAMP_KEY.len() + Stamp::ENCODED_LEN;
 
 pub struct RocksKv {
     db: DB,
     packs: Packs,
     path: PathBuf,
+    /// None when opened read-only.
+    journal: Option<Mutex<Journal>>,
 }
 
 impl RocksKv {
@@ -50,7 +63,29 @@ impl RocksKv {
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| store_error(path, e))?;
         let packs = Packs::open(&path.join("packs"), create)?;
-        Ok(Self { db, packs, path: path.to_owned() })
+        let (journal, entries) = Journal::open(&path.join("journal"))?;
+        let mut kv = Self { db, packs, path: path.to_owned(), journal: None };
+        let stored = kv.db.get_cf(kv.cf(Cf::Meta), JOURNAL_STAMP_KEY).map_err(|e| store_error(path, e))?;
+        let stored = stored.as_deref().and_then(Stamp::decode);
+        let lost: Vec<_> = entries.iter().filter(|e| Some(e.stamp) > stored).collect();
+        for entry in &lost {
+            let batch = WriteBatch::from_data(&entry.payload);
+            kv.db.write_opt(batch, &WriteOptions::default()).map_err(|e| store_error(path, e))?;
+        }
+        if !lost.is_empty() {
+            tracing::warn!(
+                "{}: {} batches the WAL had lost came back from the fsync journal",
+                path.display(),
+                lost.len()
+            );
+        }
+        // The lap about to be overwritten must be in the database for good first, replayed or
+        // left unsynced in the WAL by a process that was killed.
+        kv.sync()?;
+        let mut journal = journal;
+        journal.restart(stored);
+        kv.journal = Some(Mutex::new(journal));
+        Ok(kv)
     }
 
     /// Opens the store at `path` read-only, beside a process that has it open for writing (a
@@ -63,7 +98,7 @@ impl RocksKv {
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
         let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(|e| store_error(path, e))?;
         let packs = Packs::open(&path.join("packs"), false)?;
-        Ok(Self { db, packs, path: path.to_owned() })
+        Ok(Self { db, packs, path: path.to_owned(), journal: None })
     }
 
     /// A `subs` value as stored: the tag, then the value or its location.
@@ -150,10 +185,34 @@ impl Kv for RocksKv {
             }
         }
         let mut wo = WriteOptions::default();
-        wo.set_sync(durability == Durability::Durable);
-        // Fetched sub-records skip the WAL too: a crash loses them whole, to be fetched again.
-        wo.disable_wal(durability == Durability::Cache);
-        self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e))
+        let durable = durability == Durability::Durable;
+        let journal = self.journal.as_ref().filter(|_| durability != Durability::Cache);
+        let Some(journal) = journal else {
+            wo.set_sync(durable);
+            // Fetched sub-records skip the WAL too: a crash loses them whole, to be fetched again.
+            wo.disable_wal(durability == Durability::Cache);
+            return self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e));
+        };
+        // Held across both writes, so the journal holds batches in the WAL's order.
+        let mut journal = journal.lock().expect("no panics while locked");
+        match journal.stamp_for(wb.size_in_bytes() + STAMP_PUT_MAX) {
+            Some(stamp) => {
+                wb.put_cf(self.cf(Cf::Meta), JOURNAL_STAMP_KEY, stamp.encode());
+                let payload = wb.data().to_vec();
+                self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e))?;
+                journal.append(stamp, &payload, durable)
+            }
+            None => {
+                wo.set_sync(durable);
+                self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e))?;
+                if durable {
+                    journal.restart(None);
+                } else {
+                    journal.skip();
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Pack values are synced before any batch names them, so only the WAL is left.
@@ -190,6 +249,55 @@ impl Kv for RocksKv {
 mod tests {
     use super::*;
     use crate::store::mem::MemKv;
+
+    /// A copy of the store taken while it is open, with every WAL file cut to nothing: what a
+    /// power cut leaves when the WAL was never synced.
+    fn after_power_cut(live: &Path, journal: bool) -> tempfile::TempDir {
+        let copy = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(live).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name();
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir(copy.path().join(&name)).unwrap();
+                continue;
+            }
+            if !journal && name == "journal" {
+                continue;
+            }
+            std::fs::copy(entry.path(), copy.path().join(&name)).unwrap();
+            if name.to_string_lossy().ends_with(".log") {
+                std::fs::File::options().write(true).open(copy.path().join(&name)).unwrap().set_len(0).unwrap();
+            }
+        }
+        copy
+    }
+
+    #[test]
+    fn durable_batches_outlive_a_lost_wal_through_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let rocks = RocksKv::open(dir.path(), true).unwrap();
+        for i in 0..5u8 {
+            let mut b = Batch::default();
+            b.put(Cf::Order, vec![i], vec![i; 100]);
+            let durability = if i % 2 == 0 { Durability::Durable } else { Durability::Buffered };
+            rocks.write(b, durability).unwrap();
+        }
+        // The copy without the journal shows what the cut WAL alone loses...
+        let bare = after_power_cut(dir.path(), false);
+        assert_eq!(RocksKv::open(bare.path(), false).unwrap().get(Cf::Order, &[4]).unwrap(), None);
+        // ...and with it, every batch up to the last durable one comes back.
+        let cut = after_power_cut(dir.path(), true);
+        let reopened = RocksKv::open(cut.path(), false).unwrap();
+        for i in 0..5u8 {
+            assert_eq!(reopened.get(Cf::Order, &[i]).unwrap(), Some(vec![i; 100]), "batch {i}");
+        }
+        // A batch larger than the journal's lap is synced through the WAL instead.
+        let mut b = Batch::default();
+        b.put(Cf::Order, vec![9], vec![9; 2 << 20]);
+        reopened.write(b, Durability::Durable).unwrap();
+        drop(reopened);
+        assert_eq!(RocksKv::open(cut.path(), false).unwrap().get(Cf::Order, &[9]).unwrap(), Some(vec![9; 2 << 20]));
+    }
 
     /// RocksKv and MemKv must agree on scans, including prefixes that end in 0xff.
     #[test]
