@@ -733,7 +733,53 @@ fn a_remote_only_mount_fetches_about_what_is_read_not_the_whole_file() {
     // "ok: N records (S signed), M sub-records (B bytes) verified"
     let held: u64 = verify.split(" sub-records (").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
     let not_held = count_before(&verify, "sub-records not held");
-    // The 16 chunks read, what a reader reads ahead (the kernel's readahead, and up to 15
-    // sub-records after each fetched one), and tree nodes: far from the file's 512 chunks.
+    // The 16 chunks read, what a reader reads ahead (the kernel's readahead, and the runs of
+    // 16 sub-records holding what was read), and tree nodes: far from the file's 512 chunks.
     assert!((16..128).contains(&held) && not_held > 400, "{verify}");
+}
+
+#[test]
+fn a_damaged_kept_copy_is_fetched_again_and_never_returned() {
+    use std::os::unix::fs::FileExt;
+    let server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    {
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        super::write_fsynced(&m.path("big"), &big);
+    }
+    home.ok(&["push", "c", &server.url()]);
+    let laptop = same_user(&home);
+    laptop.ok(&["clone", "--sparse", &format!("{}#{id}", server.url())]);
+    let read_big = || {
+        let m = Mounted::new(&laptop, "c", &["--read-only"]).expect("mounted before");
+        fs::read(m.path("big"))
+    };
+    // Kept copies of what was read, each garbled past the pack's magic (or a power cut that
+    // kept their locations but not the bytes).
+    let garble = || {
+        for pack in fs::read_dir(laptop.store_path(&id).join("packs")).unwrap() {
+            let pack = pack.unwrap().path();
+            let len = fs::metadata(&pack).unwrap().len();
+            fs::File::options()
+                .write(true)
+                .open(&pack)
+                .unwrap()
+                .write_all_at(&vec![0x5a; len as usize - 8], 8)
+                .unwrap();
+        }
+    };
+    if Mounted::new(&laptop, "c", &["--read-only"]).is_none() {
+        return; // no FUSE here
+    }
+    assert_eq!(read_big().unwrap(), big);
+    garble();
+    // Each damaged copy fails its proof and comes again from the server.
+    assert_eq!(read_big().unwrap(), big);
+    // With no replica to ask, a damaged copy is EIO, never wrong bytes.
+    garble();
+    drop(server);
+    let err = read_big().expect_err("damaged copies with no replica to fetch them from");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 }

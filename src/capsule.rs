@@ -667,11 +667,33 @@ impl Capsule {
     /// stored header, keeps it, and returns it.
     pub fn read_sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<(Verified<Payload>, SubRecordProof)> {
         let read = self.prover().read_sub_record(record, idx);
-        let (Err(Error::Verify(VerifyError::MissingSubRecord { .. })), Some(source)) = (&read, self.filler.get())
-        else {
-            return read;
-        };
-        let bytes = source.sub_record(record, idx)?.ok_or_else(|| {
+        let Some(source) = self.filler.get() else { return read };
+        match &read {
+            Err(Error::Verify(VerifyError::MissingSubRecord { .. })) => {}
+            // A kept copy that is damaged (or never reached the disk before a power cut: kept
+            // copies are not synced) is fetched again, and proven like the first time.
+            Err(
+                e @ (Error::Verify(VerifyError::MerkleMismatch { .. } | VerifyError::MalformedSubRecord { .. })
+                | Error::Store(_)),
+            ) => tracing::warn!("{e}: fetching sub-record {} of {record:?} again from {}", idx.0, source.describe()),
+            _ => return read,
+        }
+        let (prover, mut batch, mut asked) = (self.prover(), self.store.batch(), None);
+        // The rest of the run is kept too, each proven first (a bad one is left out: a read
+        // of it fetches it again, and fails then if it is still bad).
+        for (i, bytes) in source.run_holding(record, idx)? {
+            match prover.check_sub_record(record, i, bytes.clone()) {
+                Ok(proven) => {
+                    batch.put_sub_record(&record, i, bytes);
+                    if i == idx {
+                        asked = Some(proven);
+                    }
+                }
+                Err(e) if i == idx => return Err(e),
+                Err(e) => tracing::debug!("not keeping sub-record {} of {record:?}: {e}", i.0),
+            }
+        }
+        let proven = asked.ok_or_else(|| {
             Error::Replica(format!(
                 "{}: lost sub-record {} of {record:?}, which this sparse copy does not hold either: \
                  read it from another replica (`capsulefs pull NAME URL`)",
@@ -679,12 +701,9 @@ impl Capsule {
                 idx.0
             ))
         })?;
-        let proven = self.prover().check_sub_record(record, idx, bytes.clone())?;
-        let mut batch = self.store.batch();
-        batch.put_sub_record(&record, idx, bytes);
         if let Err(e) = self.store.write(batch, Durability::Cache) {
             // A store opened read-only beside a mount: the next read fetches it again.
-            tracing::debug!("not keeping a fetched sub-record: {e}");
+            tracing::debug!("not keeping fetched sub-records: {e}");
         }
         Ok(proven)
     }

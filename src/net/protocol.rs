@@ -26,6 +26,10 @@ pub enum Route {
     Records,
     /// GET: one sub-record with its Merkle path, as stored.
     SubRecord(RecordHash, SubIdx),
+    /// GET `?count=N`: `Vec<Vec<u8>>`, sub-records from this one on, each as stored: as many
+    /// in a row as the server holds, at most N (capped at `MAX_RUN`) and `MAX_RUN_BYTES` (at
+    /// least one, if held). A sequential reader's run of chunks in one round trip.
+    SubRecordRun(RecordHash, SubIdx),
     /// POST `sketch::Request` (a sketch of the asker's heads): `sketch::Answer`.
     HeadsSketch,
     /// GET `?salt=HEX&bits=N`: the poster's Bloom filter over every record held
@@ -44,6 +48,7 @@ impl Route {
             Route::Since => "since",
             Route::Records => "records",
             Route::SubRecord(..) => "sub-record",
+            Route::SubRecordRun(..) => "sub-record-run",
             Route::Bloom => "bloom",
             Route::HeadsSketch => "heads-sketch",
         }
@@ -57,6 +62,7 @@ pub const CAPSULES: &str = "/v1/capsules";
 pub fn path(capsule: &CapsuleId, route: Route) -> String {
     match route {
         Route::SubRecord(record, idx) => format!("/v1/capsules/{capsule}/records/{record}/{}", idx.0),
+        Route::SubRecordRun(record, idx) => format!("/v1/capsules/{capsule}/records/{record}/{}/run", idx.0),
         other => format!("/v1/capsules/{capsule}/{}", other.name()),
     }
 }
@@ -66,6 +72,10 @@ pub struct WalkRequest {
     pub from: Vec<RecordHash>,
     pub budget: u32,
 }
+
+/// Most sub-records, and most bytes of them, in one `SubRecordRun` answer.
+pub const MAX_RUN: u32 = 64;
+pub const MAX_RUN_BYTES: usize = 8 << 20;
 
 /// Longest a `heads` long poll waits, in seconds.
 pub const MAX_WAIT: u64 = 60;

@@ -383,6 +383,34 @@ async fn sub_record(State(s): Shared, UrlPath((id, record, idx)): UrlPath<(Strin
     .await
 }
 
+#[derive(serde::Deserialize)]
+struct RunQuery {
+    count: u32,
+}
+
+async fn sub_record_run(
+    State(s): Shared,
+    UrlPath((id, record, idx)): UrlPath<(String, String, u32)>,
+    Query(q): Query<RunQuery>,
+) -> Response {
+    blocking(s, move |s| {
+        let record = RecordHash::from_hex(&record).map_err(|e| Error::Invalid(format!("record: {e}")))?;
+        let held = s.held(capsule_id(&id)?)?;
+        let (mut run, mut bytes) = (Vec::new(), 0);
+        for i in (idx..).take(q.count.min(protocol::MAX_RUN) as usize) {
+            match held.sub_record(record, SubIdx(i))? {
+                Some(sub) if run.is_empty() || bytes + sub.len() <= protocol::MAX_RUN_BYTES => {
+                    bytes += sub.len();
+                    run.push(sub);
+                }
+                _ => break,
+            }
+        }
+        Ok(borsh_body(&run))
+    })
+    .await
+}
+
 async fn heads_sketch(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
     blocking(s, move |s| {
         let request: sketch::Request = decode(&body)?;
@@ -478,6 +506,7 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/capsules/{id}/since", axum::routing::post(since))
         .route("/v1/capsules/{id}/records", axum::routing::post(put_records))
         .route("/v1/capsules/{id}/records/{record}/{idx}", get(sub_record))
+        .route("/v1/capsules/{id}/records/{record}/{idx}/run", get(sub_record_run))
         .route("/v1/capsules/{id}/bloom", get(bloom))
         .route("/v1/capsules/{id}/heads-sketch", axum::routing::post(heads_sketch))
         .route("/metrics", get(metrics))

@@ -14,51 +14,69 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use crate::Result;
 
 /// How one item is fetched: its bytes, or None if the source does not have it.
-pub type Fetch<K> = dyn Fn(&K) -> Result<Option<Vec<u8>>> + Send + Sync;
+pub type Fetch<K, V> = dyn Fn(&K) -> Result<Option<V>> + Send + Sync;
 
-struct State<K> {
+/// What an item weighs against the bound on held bytes.
+pub trait Weigh {
+    fn weight(&self) -> usize;
+}
+
+impl Weigh for Vec<u8> {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A run of sub-records.
+impl Weigh for Vec<Vec<u8>> {
+    fn weight(&self) -> usize {
+        self.iter().map(Vec::len).sum()
+    }
+}
+
+struct State<K, V> {
     /// Keys to fetch, in the order the reader will ask for them.
     wanted: VecDeque<K>,
     fetching: HashSet<K>,
-    fetched: HashMap<K, Result<Option<Vec<u8>>>>,
+    fetched: HashMap<K, Result<Option<V>>>,
     held: usize,
     workers: usize,
     closed: bool,
 }
 
-struct Shared<K> {
-    state: Mutex<State<K>>,
+struct Shared<K, V> {
+    state: Mutex<State<K, V>>,
     changed: Condvar,
     /// Fetched bytes that may wait for the reader before the workers pause.
     held_bytes: usize,
 }
 
-impl<K> Shared<K> {
-    fn lock(&self) -> MutexGuard<'_, State<K>> {
+impl<K, V> Shared<K, V> {
+    fn lock(&self) -> MutexGuard<'_, State<K, V>> {
         self.state.lock().expect("no panics while locked")
     }
 }
 
-impl<K: Eq + Hash> State<K> {
+impl<K: Eq + Hash, V: Weigh> State<K, V> {
     /// What was fetched for `key`, no longer held.
-    fn take(&mut self, key: &K) -> Option<Result<Option<Vec<u8>>>> {
+    fn take(&mut self, key: &K) -> Option<Result<Option<V>>> {
         let got = self.fetched.remove(key)?;
-        if let Ok(Some(bytes)) = &got {
-            self.held -= bytes.len();
+        if let Ok(Some(item)) = &got {
+            self.held -= item.weight();
         }
         Some(got)
     }
 }
 
 /// Items read ahead by up to `workers` threads, which end when this is dropped.
-pub struct ReadAhead<K> {
-    fetch: Arc<Fetch<K>>,
+pub struct ReadAhead<K, V = Vec<u8>> {
+    fetch: Arc<Fetch<K, V>>,
     workers: usize,
-    shared: Arc<Shared<K>>,
+    shared: Arc<Shared<K, V>>,
 }
 
-impl<K: Clone + Eq + Hash + Send + 'static> ReadAhead<K> {
-    pub fn new(fetch: Arc<Fetch<K>>, workers: usize, held_bytes: usize) -> Self {
+impl<K: Clone + Eq + Hash + Send + 'static, V: Weigh + Send + 'static> ReadAhead<K, V> {
+    pub fn new(fetch: Arc<Fetch<K, V>>, workers: usize, held_bytes: usize) -> Self {
         let state = State {
             wanted: VecDeque::new(),
             fetching: HashSet::new(),
@@ -98,7 +116,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> ReadAhead<K> {
 
     /// Object `key`: from what was fetched ahead, or once its fetch ends, or fetched now if
     /// it was not planned or not started yet.
-    pub fn get(&self, key: &K) -> Result<Option<Vec<u8>>> {
+    pub fn get(&self, key: &K) -> Result<Option<V>> {
         let mut state = self.shared.lock();
         loop {
             if let Some(got) = state.take(key) {
@@ -115,7 +133,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> ReadAhead<K> {
     }
 }
 
-impl<K> Drop for ReadAhead<K> {
+impl<K, V> Drop for ReadAhead<K, V> {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.changed.notify_all();
@@ -123,7 +141,7 @@ impl<K> Drop for ReadAhead<K> {
 }
 
 /// One worker: fetches the next wanted key while the held bytes allow, until closed.
-fn work<K: Clone + Eq + Hash>(fetch: &Fetch<K>, shared: &Shared<K>) {
+fn work<K: Clone + Eq + Hash, V: Weigh>(fetch: &Fetch<K, V>, shared: &Shared<K, V>) {
     let mut state = shared.lock();
     loop {
         if state.closed {
@@ -139,8 +157,8 @@ fn work<K: Clone + Eq + Hash>(fetch: &Fetch<K>, shared: &Shared<K>) {
         let got = fetch(&key);
         state = shared.lock();
         state.fetching.remove(&key);
-        if let Ok(Some(bytes)) = &got {
-            state.held += bytes.len();
+        if let Ok(Some(item)) = &got {
+            state.held += item.weight();
         }
         state.fetched.insert(key, got);
         shared.changed.notify_all();

@@ -103,6 +103,19 @@ pub trait Replica: Send + Sync {
     }
     /// Sub-record `idx` of `record` with its Merkle path, as stored.
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>>;
+    /// Sub-records `from`, `from + 1`, ... of `record` as stored: as many in a row as the
+    /// replica holds, at most `count` (empty when it lacks even `from`). One request where the
+    /// replica can answer so; else one per sub-record.
+    fn sub_record_run(&self, record: RecordHash, from: SubIdx, count: u32) -> Result<Vec<Vec<u8>>> {
+        let mut run = Vec::new();
+        for i in (from.0..).take(count as usize) {
+            match self.sub_record(record, SubIdx(i))? {
+                Some(sub) => run.push(sub),
+                None => break,
+            }
+        }
+        Ok(run)
+    }
     /// How many bytes of records one `put` should carry. A server bounds what it takes at
     /// `MAX_BATCH_BYTES`; an object store may take more, since each batch costs it an index
     /// segment and a statement, written one after the other, on top of the records.

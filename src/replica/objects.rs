@@ -465,6 +465,28 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
         self.piece(&key, &head, offset, len)
     }
 
+    /// A run of sub-records lies in one piece of the record's object: one ranged read.
+    fn sub_record_run(&self, record: RecordHash, from: SubIdx, count: u32) -> Result<Vec<Vec<u8>>> {
+        let key = self.record_key(&record);
+        let Some(head) = self.head(&key)? else { return Ok(Vec::new()) };
+        let first = (from.0 as usize).min(head.lens.len());
+        let lens = &head.lens[first..(first + count as usize).min(head.lens.len())];
+        if lens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let offset = head.start + head.record_len + head.lens[..first].iter().sum::<usize>();
+        let Some(bytes) = self.piece(&key, &head, offset, lens.iter().sum())? else { return Ok(Vec::new()) };
+        // A short answer (a truncated object) gives the sub-records it holds whole.
+        let mut rest = &bytes[..];
+        let mut run = Vec::new();
+        for &len in lens {
+            let Some((sub, after)) = rest.split_at_checked(len) else { break };
+            run.push(sub.to_vec());
+            rest = after;
+        }
+        Ok(run)
+    }
+
     /// Writes the records that the replica lacks (a few at once), then one index segment
     /// naming them, then this device's statement: a reader that sees the statement finds
     /// every object it names. The records are checked against their Merkle roots; the rest

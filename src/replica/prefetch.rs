@@ -1,7 +1,9 @@
 //! Where a sparse replica's missing sub-records come from, read ahead: a program reading a
 //! file front to back asks for one chunk after another, and chunks written in order sit one
-//! after another in their record, so on a miss the next few are asked for at once, in
-//! parallel, while the reader proves and uses the first.
+//! after another in their record. So sub-records are fetched in aligned runs of `RUN` (one
+//! request each where the replica can answer so: `Replica::sub_record_run`), and on a miss the
+//! run holding it and the next few are asked for at once, in parallel, while the reader
+//! proves and keeps the first.
 
 use std::sync::Arc;
 
@@ -10,22 +12,27 @@ use super::ahead::ReadAhead;
 use crate::Result;
 use crate::record::{RecordHash, SubIdx};
 
-/// Sub-records asked for after each one read, and requests in flight at once (a server
-/// takes 16 at once from one address).
-const AHEAD: u32 = 16;
-const AT_ONCE: usize = 8;
+/// Sub-records per run (16 chunks of 64 KiB: 1 MiB), runs asked for from the one read, and
+/// requests in flight at once (a server takes 16 at once from one address).
+const RUN: u32 = 16;
+const RUNS_AHEAD: u32 = 4;
+const AT_ONCE: usize = 4;
 const HELD_BYTES: usize = 16 << 20;
 
 /// A sparse capsule's source of the sub-records it does not hold (`Capsule::fill_from`).
 pub struct SubRecordSource {
     replica: Arc<dyn Replica>,
-    ahead: ReadAhead<(RecordHash, SubIdx)>,
+    /// Runs by record and first sub-record.
+    ahead: ReadAhead<(RecordHash, u32), Vec<Vec<u8>>>,
 }
 
 impl SubRecordSource {
     pub fn new(replica: Arc<dyn Replica>) -> Self {
         let source = replica.clone();
-        let fetch = move |&(record, idx): &(RecordHash, SubIdx)| source.sub_record(record, idx);
+        let fetch = move |&(record, first): &(RecordHash, u32)| {
+            let run = source.sub_record_run(record, SubIdx(first), RUN)?;
+            Ok((!run.is_empty()).then_some(run))
+        };
         Self { replica, ahead: ReadAhead::new(Arc::new(fetch), AT_ONCE, HELD_BYTES) }
     }
 
@@ -33,11 +40,14 @@ impl SubRecordSource {
         self.replica.describe()
     }
 
-    /// Sub-record `idx` of `record` as the replica stores it; the ones after it are asked for
-    /// meanwhile (a record's last ones, past its end, come back None and cost one request).
-    pub fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
+    /// The run of `record`'s sub-records that holds `idx`, each with its index, as the replica
+    /// stores them (those it holds in a row; `idx` may be missing). The runs after it are
+    /// asked for meanwhile; a record's last runs, past its end, come back empty.
+    pub fn run_holding(&self, record: RecordHash, idx: SubIdx) -> Result<Vec<(SubIdx, Vec<u8>)>> {
+        let first = idx.0 - idx.0 % RUN;
         // This one first: planned, it is kept if already fetched, and fetched now if not.
-        self.ahead.plan((idx.0..idx.0.saturating_add(AHEAD)).map(|i| (record, SubIdx(i))));
-        self.ahead.get(&(record, idx))
+        self.ahead.plan((0..RUNS_AHEAD).map_while(|n| Some((record, first.checked_add(n * RUN)?))));
+        let run = self.ahead.get(&(record, first))?.unwrap_or_default();
+        Ok(run.into_iter().zip(first..).map(|(bytes, i)| (SubIdx(i), bytes)).collect())
     }
 }

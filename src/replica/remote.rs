@@ -223,6 +223,15 @@ impl Replica for Remote {
         self.call(Route::SubRecord(record, idx), None)
     }
 
+    fn sub_record_run(&self, record: RecordHash, from: SubIdx, count: u32) -> Result<Vec<Vec<u8>>> {
+        let run: Vec<Vec<u8>> =
+            self.expect_with(Route::SubRecordRun(record, from), &format!("?count={count}"), None)?;
+        if run.len() > count as usize {
+            return Err(Error::Replica(format!("{}: {} sub-records for a run of {count}", self.base, run.len())));
+        }
+        Ok(run)
+    }
+
     fn heads_difference(&self, salt: &[u8; 16], cells: &[sketch::Cell]) -> Result<sketch::Answer> {
         let request = sketch::Request { salt: *salt, cells: cells[..cells.len().min(sketch::MAX_CELLS)].to_vec() };
         self.expect(Route::HeadsSketch, Some(codec::encode(&request)))

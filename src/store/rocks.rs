@@ -47,7 +47,8 @@ pub struct RocksKv {
     db: DB,
     packs: Packs,
     path: PathBuf,
-    /// None when opened read-only.
+    /// None when opened read-only (beside a mount), and then writes fail before any pack is
+    /// touched.
     journal: Option<Mutex<Journal>>,
 }
 
@@ -149,7 +150,8 @@ impl Kv for RocksKv {
     }
 
     /// Pack values are appended and synced first, so no location RocksDB persists (by WAL
-    /// sync, a memtable flush or the kernel's writeback) can name bytes that are not on disk.
+    /// sync, a memtable flush or the kernel's writeback) can name bytes that are not on disk;
+    /// `Durability::Cache` alone skips the sync (bytes that can be fetched again).
     fn write(&self, batch: Batch, durability: Durability) -> Result<()> {
         let is_large = |cf: &Cf, v: &Option<Vec<u8>>| matches!(v, Some(v) if *cf == Cf::Subs && v.len() >= PACK_MIN);
         let large_bytes: usize = batch
@@ -158,10 +160,11 @@ impl Kv for RocksKv {
             .filter(|(cf, _, v)| is_large(cf, v))
             .filter_map(|(_, _, v)| v.as_ref().map(Vec::len))
             .sum();
-        // A cache write stays inline: a pack append would sync for bytes that can be fetched again.
+        if self.journal.is_none() {
+            return Err(StoreError::Backend(format!("{}: opened read-only", self.path.display())).into());
+        }
         let packing = match durability {
-            Durability::Cache => false,
-            Durability::Buffered => true,
+            Durability::Cache | Durability::Buffered => true,
             Durability::Durable => large_bytes > INLINE_DURABLE_MAX,
         };
         let to_pack = |cf: &Cf, v: &Option<Vec<u8>>| packing && is_large(cf, v);
@@ -170,7 +173,12 @@ impl Kv for RocksKv {
         let mut locs = Vec::new().into_iter();
         if !large.is_empty() {
             locs = self.packs.append(&large)?.into_iter();
-            self.packs.sync()?;
+            // Cached bytes can be fetched again: they are not synced, so a power cut may leave
+            // a kept location naming bytes that never reached the disk. The sparse replica's
+            // read finds them unproven and fetches them again (`Capsule::read_sub_record`).
+            if durability != Durability::Cache {
+                self.packs.sync()?;
+            }
         }
         let mut wb = WriteBatch::default();
         for (cf, key, value) in &batch.ops {
