@@ -77,6 +77,34 @@ pub(super) fn eventually(what: &str, ok: impl Fn() -> bool) {
 }
 
 /// Commits a mount's pending changes durably (fsync on its root: a signed commit).
+#[test]
+fn a_file_open_for_reading_keeps_its_old_content_until_reopened() {
+    use std::os::unix::fs::FileExt;
+    let server = Server::start();
+    let desk = Home::default();
+    let old: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let Some((id, a)) = pushed_mount(&desk, &server.url(), &[], ("report.txt", &old)) else { return };
+    let laptop = same_user(&desk);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };
+    let reader = fs::File::open(b.path("report.txt")).unwrap();
+    let mut start = vec![0; 1000];
+    reader.read_exact_at(&mut start, 0).unwrap();
+    assert_eq!(start, old[..1000]);
+    // The desk rewrites the file in place (same size: the kernel keeps one size per inode).
+    let new: Vec<u8> = (0..300_000u32).map(|i| (i % 13) as u8).collect();
+    write_fsynced(&a.path("report.txt"), &new);
+    eventually("the laptop read the desk's new version", || fs::read(b.path("report.txt")).is_ok_and(|c| c == new));
+    // With the kernel's cached pages gone (as under memory pressure), every read through the
+    // old handle reaches the mount, which answers with the version that handle opened.
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let mut again = vec![0; old.len()];
+    reader.read_exact_at(&mut again, 0).unwrap();
+    assert!(again == old, "the old handle read the new version");
+    drop(reader);
+    assert_eq!(fs::read(b.path("report.txt")).unwrap(), new);
+}
+
 fn fsync_dir(dir: &Path) {
     fs::File::open(dir).unwrap().sync_all().unwrap();
 }

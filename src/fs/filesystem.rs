@@ -81,6 +81,26 @@ pub struct Fs {
     base: Option<RecordHash>,
     /// Open handles per inode: an unlinked file lives on (nlink 0) until its last close.
     open_handles: HashMap<u64, u32>,
+    /// Handles opened for reading, by handle number.
+    readers: HashMap<u64, Reader>,
+}
+
+/// A handle opened for reading. When a follow changes its file under it, it is pinned to the
+/// file as it was, and reads that version until closed, as a local disk's reader of a file
+/// renamed over keeps the old one. Attributes are not pinned: the kernel keeps one size per
+/// inode for every handle, so a pinned reader reads its version up to the current size.
+struct Reader {
+    ino: u64,
+    pinned: Option<Inode>,
+}
+
+/// Which version of a file a read sees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Version {
+    /// As it stands here, writes pending included.
+    Live,
+    /// As committed at the inode the reader holds.
+    Committed,
 }
 
 /// A chunk's bytes: pending in memory, or committed (proven and opened, perhaps cached).
@@ -222,8 +242,18 @@ impl Fs {
             [h] if Some(*h) == self.base => Ok(Followed::Same),
             [_] if self.is_dirty() && !self.untouched() => Ok(Followed::Pending),
             [h] => {
+                let before: Vec<(u64, Inode)> = (self.readers.iter())
+                    .filter(|(_, r)| r.pinned.is_none())
+                    .filter_map(|(fh, r)| Some((*fh, self.getattr(r.ino).ok()?)))
+                    .collect();
                 (self.inodes, self.next_ino) = Self::committed_state(&self.sealed, *h)?;
                 self.base = Some(*h);
+                for (fh, old) in before {
+                    let Some(reader) = self.readers.get(&fh) else { continue };
+                    if self.getattr(reader.ino).ok().as_ref() != Some(&old) {
+                        self.readers.get_mut(&fh).expect("found above").pinned = Some(old);
+                    }
+                }
                 Ok(Followed::Moved(*h))
             }
             many => Ok(Followed::Diverged(many.len())),
@@ -250,6 +280,7 @@ impl Fs {
             sealer,
             base,
             open_handles: HashMap::new(),
+            readers: HashMap::new(),
         }
     }
 
@@ -466,6 +497,30 @@ impl Fs {
     /// A handle to `ino` was opened.
     pub fn opened(&mut self, ino: u64) {
         *self.open_handles.entry(ino).or_default() += 1;
+    }
+
+    /// Handle `fh` to `ino` was opened for reading only.
+    pub fn opened_reader(&mut self, ino: u64, fh: u64) {
+        self.opened(ino);
+        self.readers.insert(fh, Reader { ino, pinned: None });
+    }
+
+    /// Reading handle `fh` was closed.
+    pub fn released_reader(&mut self, fh: u64) -> Result<()> {
+        match self.readers.remove(&fh) {
+            Some(reader) => self.released(reader.ino),
+            None => Ok(()),
+        }
+    }
+
+    /// `read` through handle `fh`: the version it is pinned to, if a follow pinned it.
+    pub fn read_handle(&self, fh: u64, ino: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
+        match self.readers.get(&fh) {
+            Some(Reader { ino: i, pinned: Some(inode) }) if *i == ino => {
+                self.read_from(ino, inode, offset, len, Version::Committed)
+            }
+            _ => self.read(ino, offset, len),
+        }
     }
 
     /// A handle to `ino` was closed; the last close of an unlinked file removes it.
@@ -712,12 +767,22 @@ impl Fs {
     /// The bytes of chunk `n` of file `ino`: pending (borrowed), committed (proven, opened
     /// and kept in the payload cache: it is read only in part here, and the rest of it is
     /// likely asked for next), or None for a hole.
-    fn chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<ChunkBytes<'_>>> {
-        if let Some(c) = self.chunks.get(&(ino, n)) {
+    fn chunk(&self, ino: u64, inode: &Inode, n: u64, version: Version) -> Result<Option<ChunkBytes<'_>>> {
+        if let Some(c) = self.chunks.get(&(ino, n)).filter(|_| version == Version::Live) {
             return Ok(Some(ChunkBytes::Pending(&c.data)));
         }
-        let Some(chunk) = self.committed_chunk(ino, inode, n)? else { return Ok(None) };
+        let Some(chunk) = self.stored_chunk(ino, inode, n, version)? else { return Ok(None) };
         Ok(Some(ChunkBytes::Committed(self.committed_bytes(ino, n, &chunk)?)))
+    }
+
+    /// `committed_chunk` of the live file, or of exactly the version `inode` names.
+    fn stored_chunk(&self, ino: u64, inode: &Inode, n: u64, version: Version) -> Result<Option<Chunk>> {
+        match version {
+            Version::Live => self.committed_chunk(ino, inode, n),
+            Version::Committed => {
+                Self::committed_tree(inode, CHUNK_LEAF).get(&self.sealed.tree(SealedKind::ChunkMap, ino), n)
+            }
+        }
     }
 
     /// Where committed chunk `n` of file `ino` is stored, or None for a hole.
@@ -763,7 +828,12 @@ impl Fs {
 
     /// Up to `len` bytes from `offset`; holes read as zeros.
     pub fn read(&self, ino: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let inode = self.file_inode(ino)?;
+        self.read_from(ino, &self.file_inode(ino)?, offset, len, Version::Live)
+    }
+
+    /// Reads `inode`'s bytes: with the writes pending here (`Live`), or as `inode` names them
+    /// (`Committed`: a pinned reader's older version of the file).
+    fn read_from(&self, ino: u64, inode: &Inode, offset: u64, len: u32, version: Version) -> Result<Vec<u8>> {
         let end = inode.size.min(offset.saturating_add(u64::from(len)));
         let mut out = vec![0; end.saturating_sub(offset) as usize];
         let mut pos = offset;
@@ -772,9 +842,10 @@ impl Fs {
             let within = (pos % CHUNK_SIZE) as usize;
             let take = (end - pos).min(CHUNK_SIZE - within as u64) as usize;
             let dst = &mut out[(pos - offset) as usize..][..take];
-            if take == CHUNK_SIZE as usize && !self.chunks.contains_key(&(ino, n)) {
+            let pending = version == Version::Live && self.chunks.contains_key(&(ino, n));
+            if take == CHUNK_SIZE as usize && !pending {
                 // A committed chunk of one piece read whole is opened straight into the reply.
-                match self.committed_chunk(ino, &inode, n)? {
+                match self.stored_chunk(ino, inode, n, version)? {
                     Some(Chunk { pieces }) if pieces.len() == 1 => {
                         let at = pieces[0].at.absolute();
                         let place = self.sealed.chunk_place(ino, n);
@@ -788,7 +859,7 @@ impl Fs {
                     }
                     None => {}
                 }
-            } else if let Some(chunk) = self.chunk(ino, &inode, n)? {
+            } else if let Some(chunk) = self.chunk(ino, inode, n, version)? {
                 let start = within.min(chunk.len());
                 let have = (chunk.len() - start).min(take);
                 dst[..have].copy_from_slice(&chunk[start..start + have]);
@@ -860,7 +931,7 @@ impl Fs {
             let keep = size.div_ceil(CHUNK_SIZE);
             // Trim the new last chunk so the cut bytes cannot come back if the file grows again.
             if !size.is_multiple_of(CHUNK_SIZE)
-                && let Some(mut last) = self.chunk(ino, &inode, keep - 1)?.map(ChunkBytes::into_owned)
+                && let Some(mut last) = self.chunk(ino, &inode, keep - 1, Version::Live)?.map(ChunkBytes::into_owned)
             {
                 last.truncate((size % CHUNK_SIZE) as usize);
                 let version = self.next_chunk_version();

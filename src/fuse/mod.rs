@@ -58,7 +58,8 @@ pub struct CapsuleFs {
     /// Listings taken by a handle's first readdir and served to its later ones until
     /// releasedir: one walk of a directory per pass, however many replies a large one takes.
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
-    next_listing: AtomicU64,
+    /// Numbers for listings and reading handles; 0 is a handle with no state of its own.
+    next_handle: AtomicU64,
     /// The background push's replicas, when the mount pushes.
     replicas: Option<SyncStatus>,
 }
@@ -150,7 +151,7 @@ impl CapsuleFs {
             wakeups: Arc::default(),
             views: Mutex::new(Views::default()),
             listings: Mutex::new(HashMap::new()),
-            next_listing: AtomicU64::new(1),
+            next_handle: AtomicU64::new(1),
             replicas: None,
         }
     }
@@ -498,8 +499,15 @@ impl Filesystem for CapsuleFs {
         reply_entry(linked, reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: fuser::ReplyOpen) {
         match Node::decode(ino.0) {
+            // A reader gets a handle of its own, which a change from elsewhere may pin to the
+            // version it opened (`Fs::follow`).
+            Node::Live(i) if flags.0 & libc::O_ACCMODE == libc::O_RDONLY => {
+                let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+                self.fs_mut().opened_reader(i, fh);
+                return reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
             Node::Live(i) => self.fs_mut().opened(i),
             // Rendered afresh on every read: no page cache, no size limit from getattr.
             Node::Status => return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
@@ -512,7 +520,7 @@ impl Filesystem for CapsuleFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -524,7 +532,7 @@ impl Filesystem for CapsuleFs {
             let start = (offset as usize).min(text.len());
             return reply.data(&text[start..(start + size as usize).min(text.len())]);
         }
-        reply_data(self.on_tree(ino.0, |fs, i, _| fs.read(i, offset, size)), reply);
+        reply_data(self.on_tree(ino.0, |fs, i, _| fs.read_handle(fh.0, i, offset, size)), reply);
     }
 
     fn write(
@@ -558,7 +566,7 @@ impl Filesystem for CapsuleFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
@@ -566,7 +574,10 @@ impl Filesystem for CapsuleFs {
     ) {
         let Node::Live(ino) = Node::decode(ino.0) else { return reply.ok() };
         let written = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        let result = self.fs_mut().released(ino);
+        let result = match fh.0 {
+            0 => self.fs_mut().released(ino),
+            reader => self.fs_mut().released_reader(reader),
+        };
         if written {
             self.wakeups.commit_soon();
         }
@@ -583,7 +594,7 @@ impl Filesystem for CapsuleFs {
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
         // The listing is taken by the first readdir (offset 0) and kept for the later ones.
-        let fh = self.next_listing.fetch_add(1, Ordering::Relaxed);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.listings().insert(fh, Arc::new(Vec::new()));
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
