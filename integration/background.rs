@@ -76,7 +76,6 @@ pub(super) fn eventually(what: &str, ok: impl Fn() -> bool) {
     }
 }
 
-/// Commits a mount's pending changes durably (fsync on its root: a signed commit).
 #[test]
 fn a_file_open_for_reading_keeps_its_old_content_until_reopened() {
     use std::os::unix::fs::FileExt;
@@ -105,6 +104,27 @@ fn a_file_open_for_reading_keeps_its_old_content_until_reopened() {
     assert_eq!(fs::read(b.path("report.txt")).unwrap(), new);
 }
 
+#[test]
+fn the_kernel_forgets_at_once_what_a_change_from_elsewhere_made_stale() {
+    let server = Server::start();
+    let desk = Home::default();
+    let Some((id, a)) = pushed_mount(&desk, &server.url(), &[], ("notes.txt", b"short")) else { return };
+    let laptop = same_user(&desk);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    // The laptop's kernel may keep names and attributes for ten minutes, far longer than this
+    // test waits: only being told what changed can make it see the desk's changes.
+    let Some(b) = Mounted::new(&laptop, "c", &["--attr-ttl", "600"]) else { return };
+    assert_eq!(fs::read(b.path("notes.txt")).unwrap(), b"short");
+    let longer = b"a much longer second version";
+    write_fsynced(&a.path("notes.txt"), longer);
+    // A kept size of 5 would cut the new version short.
+    eventually("the laptop read the whole new version", || fs::read(b.path("notes.txt")).is_ok_and(|c| c == longer));
+    fs::remove_file(a.path("notes.txt")).unwrap();
+    fsync_dir(&a.dir);
+    eventually("the laptop's kernel forgot the removed name", || fs::metadata(b.path("notes.txt")).is_err());
+}
+
+/// Commits a mount's pending changes durably (fsync on its root: a signed commit).
 fn fsync_dir(dir: &Path) {
     fs::File::open(dir).unwrap().sync_all().unwrap();
 }

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -30,7 +30,7 @@ use capsulefs::replica::follower::Follower;
 use capsulefs::replica::status::SyncStatus;
 use capsulefs::replica::uploader::Uploader;
 use capsulefs::store::Durability;
-use fuser::{Config, MountOption, SessionACL};
+use fuser::{Config, MountOption, Notifier, SessionACL};
 
 use super::home::Home;
 
@@ -78,6 +78,10 @@ pub struct MountArgs {
     /// wait; what is left goes with the next mount or `capsulefs push`).
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     pub push_wait: u64,
+    /// How long the kernel may keep names and attributes (changes from elsewhere are told to
+    /// it at once; longer only for tests that show it).
+    #[arg(long, value_name = "SECS", default_value_t = capsulefs::fuse::TTL.as_secs(), hide = true)]
+    pub attr_ttl: u64,
 }
 
 #[derive(Parser, Debug)]
@@ -190,8 +194,11 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     }
     let syncing = !fs.is_read_only() && !a.no_sync;
     let shared = Arc::new(RwLock::new(fs));
-    let background = if syncing { background(home, &capsule, &shared)? } else { None };
-    let mut adapter = CapsuleFs::new(shared.clone(), &capsule.metadata().params);
+    // Set once the session exists; the follower tells the kernel through it what changed.
+    let notifier = Arc::new(OnceLock::new());
+    let background = if syncing { background(home, &capsule, &shared, &notifier)? } else { None };
+    let mut adapter =
+        CapsuleFs::new(shared.clone(), &capsule.metadata().params).with_ttl(Duration::from_secs(a.attr_ttl));
     if let Some(background) = &background {
         adapter = adapter.with_replicas(background.status.clone());
     }
@@ -201,6 +208,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let session = fuser::Session::new(adapter, &a.dir, &fuse_config(a)).with_context(|| {
         format!("mounting on {} (is /dev/fuse there, and the folder not mounted already?)", a.dir.display())
     })?;
+    let _ = notifier.set(session.notifier());
     super::readahead::raise(&mount_point, MAX_READAHEAD >> 10);
     let entry = registry_entry(home, &a.dir)?;
     std::fs::create_dir_all(entry.parent().expect("entry has a parent"))?;
@@ -241,7 +249,12 @@ struct Background {
     status: SyncStatus,
 }
 
-fn background(home: &Home, capsule: &Arc<Capsule>, live: &Arc<RwLock<Fs>>) -> anyhow::Result<Option<Background>> {
+fn background(
+    home: &Home,
+    capsule: &Arc<Capsule>,
+    live: &Arc<RwLock<Fs>>,
+    notifier: &Arc<OnceLock<Notifier>>,
+) -> anyhow::Result<Option<Background>> {
     let (mut urls, mut pushing, mut pulling) = (Vec::new(), Vec::new(), Vec::new());
     for url in home.replicas(&capsule.id())? {
         match (home.replica(&url, capsule), home.replica(&url, capsule)) {
@@ -257,8 +270,8 @@ fn background(home: &Home, capsule: &Arc<Capsule>, live: &Arc<RwLock<Fs>>) -> an
         return Ok(None);
     }
     let status = SyncStatus::new(urls);
-    let live = live.clone();
-    let arrived = Arc::new(move || follow_live(&live));
+    let (live, notifier) = (live.clone(), notifier.clone());
+    let arrived = Arc::new(move || follow_live(&live, notifier.get()));
     Ok(Some(Background {
         uploader: Uploader::start(capsule.clone(), pushing, status.clone()),
         _follower: Follower::start(capsule.clone(), pulling, status.clone(), arrived),
@@ -267,11 +280,17 @@ fn background(home: &Home, capsule: &Arc<Capsule>, live: &Arc<RwLock<Fs>>) -> an
 }
 
 /// After records arrived from a replica: the live filesystem moves to the newer commit they
-/// made, when nothing is pending here. The kernel's cached names and attributes expire
-/// within the mount's one-second TTL, and a file's cached pages at its next open.
-fn follow_live(live: &RwLock<Fs>) {
-    match live.write().expect("no panics while locked").follow() {
-        Ok(Followed::Moved(h)) => tracing::info!("the mount now shows {h:?}, from a replica"),
+/// made, when nothing is pending here, and the kernel forgets the names, attributes and pages
+/// that commit changed (outside the filesystem's lock: the kernel may call back into it).
+fn follow_live(live: &RwLock<Fs>, notifier: Option<&Notifier>) {
+    let followed = live.write().expect("no panics while locked").follow();
+    match followed {
+        Ok(Followed::Moved(h, changes)) => {
+            tracing::info!("the mount now shows {h:?}, from a replica");
+            if let Some(notifier) = notifier {
+                capsulefs::fuse::forget(notifier, &changes);
+            }
+        }
         Ok(Followed::Diverged(n)) => tracing::warn!(
             "this mount and another machine both changed the capsule ({n} filesystem branches): \
              the mount goes on with its own branch, since merging is not built yet"
@@ -303,7 +322,7 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     }
     cmd.args(["--commit-after", &a.commit_after.to_string(), "--cache-mib", &a.cache_mib.to_string()]);
     cmd.args(["--proof-cache-records", &a.proof_cache_records.to_string()]);
-    cmd.args(["--push-wait", &a.push_wait.to_string()]);
+    cmd.args(["--push-wait", &a.push_wait.to_string(), "--attr-ttl", &a.attr_ttl.to_string()]);
     if a.no_sync {
         cmd.arg("--no-sync");
     }

@@ -38,6 +38,15 @@ const MAX_XATTR_VALUE: usize = 64 * 1024;
 const PROVENANCE_PREFIX: &[u8] = b"user.capsule.";
 const PROVENANCE: [&[u8]; 3] = [b"record", b"writer", b"verified"];
 
+/// What moving to another commit changed, for the kernel's caches to forget.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Inodes whose attributes or contents differ (or that appeared or went).
+    pub inodes: Vec<u64>,
+    /// Names that appeared, went, or name another inode: (directory, name).
+    pub names: Vec<(u64, Vec<u8>)>,
+}
+
 /// setxattr's flags: any, XATTR_CREATE (must not exist) or XATTR_REPLACE (must exist).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XattrMode {
@@ -47,12 +56,12 @@ pub enum XattrMode {
 }
 
 /// What `Fs::follow` did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Followed {
     /// Already at the capsule's filesystem head.
     Same,
-    /// Moved to this newer commit.
-    Moved(RecordHash),
+    /// Moved to this newer commit, which changed these.
+    Moved(RecordHash, Changes),
     /// A newer commit exists, but changes are pending here: after they are committed the
     /// two are branches.
     Pending,
@@ -246,7 +255,9 @@ impl Fs {
                     .filter(|(_, r)| r.pinned.is_none())
                     .filter_map(|(fh, r)| Some((*fh, self.getattr(r.ino).ok()?)))
                     .collect();
-                (self.inodes, self.next_ino) = Self::committed_state(&self.sealed, *h)?;
+                let (inodes, next_ino) = Self::committed_state(&self.sealed, *h)?;
+                let changes = self.changes(&self.inodes, &inodes)?;
+                (self.inodes, self.next_ino) = (inodes, next_ino);
                 self.base = Some(*h);
                 for (fh, old) in before {
                     let Some(reader) = self.readers.get(&fh) else { continue };
@@ -254,10 +265,38 @@ impl Fs {
                         self.readers.get_mut(&fh).expect("found above").pinned = Some(old);
                     }
                 }
-                Ok(Followed::Moved(*h))
+                Ok(Followed::Moved(*h, changes))
             }
             many => Ok(Followed::Diverged(many.len())),
         }
+    }
+
+    /// What differs between inode tables `old` and `new`: the inodes, and in directories on
+    /// both sides, the names.
+    fn changes(&self, old: &Trie<Inode>, new: &Trie<Inode>) -> Result<Changes> {
+        let table = self.sealed.tree(SealedKind::InodeTable, 0);
+        let inodes = old.changed_keys(new, &table)?;
+        let mut names = Vec::new();
+        for &ino in &inodes {
+            let (Some(a), Some(b)) = (old.get(&table, ino)?, new.get(&table, ino)?) else { continue };
+            if a.kind != Kind::Dir || b.kind != Kind::Dir {
+                continue;
+            }
+            let src = self.sealed.tree(SealedKind::Directory, ino);
+            let (a, b) = (Self::committed_tree::<Bucket>(&a, DIR_LEAF), Self::committed_tree::<Bucket>(&b, DIR_LEAF));
+            for key in a.changed_keys(&b, &src)? {
+                let (left, right) = (a.get(&src, key)?.unwrap_or_default(), b.get(&src, key)?.unwrap_or_default());
+                let find = |bucket: &Bucket, name: &[u8]| bucket.0.iter().find(|e| e.name == name).cloned();
+                for entry in left.0.iter().chain(&right.0) {
+                    if find(&left, &entry.name) != find(&right, &entry.name) {
+                        names.push((ino, entry.name.clone()));
+                    }
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(Changes { inodes, names })
     }
 
     fn with_state(

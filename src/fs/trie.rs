@@ -348,6 +348,63 @@ impl<V: Value> Trie<V> {
         }
     }
 
+    /// The keys whose values differ between this tree and `other` (held by one only, or
+    /// unequal), in ascending order. Subtrees both share (the same stored node) are skipped,
+    /// so the cost grows with the difference, not with the trees.
+    pub fn changed_keys(&self, other: &Self, src: &dyn NodeSource) -> Result<Vec<u64>>
+    where
+        V: PartialEq,
+    {
+        let mut out = Vec::new();
+        Self::diff(src, self.root.as_ref(), other.root.as_ref(), Self::ROOT, &mut out)?;
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn diff(
+        src: &dyn NodeSource,
+        a: Option<&Slot<V>>,
+        b: Option<&Slot<V>>,
+        pos: NodePos,
+        out: &mut Vec<u64>,
+    ) -> Result<()>
+    where
+        V: PartialEq,
+    {
+        if let (Some(Slot::Stored(x)), Some(Slot::Stored(y))) = (a, b)
+            && x == y
+        {
+            return Ok(());
+        }
+        let a = a.map(|slot| view(src, slot, pos)).transpose()?;
+        let b = b.map(|slot| view(src, slot, pos)).transpose()?;
+        if let (Some(Node::Inner(left)), Some(Node::Inner(right))) = (a.as_deref(), b.as_deref()) {
+            let digits: std::collections::BTreeSet<&u8> = left.keys().chain(right.keys()).collect();
+            for d in digits {
+                Self::diff(src, left.get(d), right.get(d), child_pos(pos, *d), out)?;
+            }
+            return Ok(());
+        }
+        // A leaf against anything: compare the entries under each side.
+        let under = |node: Option<&Node<V>>| -> Result<BTreeMap<u64, V>> {
+            let mut entries = Vec::new();
+            match node {
+                None => {}
+                Some(Node::Leaf(leaf)) => entries.extend(leaf.iter().map(|(k, v)| (*k, v.clone()))),
+                Some(Node::Inner(children)) => {
+                    for (d, child) in children {
+                        Self::collect(src, child, child_pos(pos, *d), &mut entries)?;
+                    }
+                }
+            }
+            Ok(entries.into_iter().collect())
+        };
+        let (left, right) = (under(a.as_deref())?, under(b.as_deref())?);
+        out.extend(left.keys().chain(right.keys()).filter(|k| left.get(k) != right.get(k)));
+        Ok(())
+    }
+
     /// Every entry, in tree order (by key digits, lowest digit first).
     pub fn entries(&self, src: &dyn NodeSource) -> Result<Vec<(u64, V)>> {
         let mut out = Vec::new();
@@ -568,6 +625,33 @@ mod tests {
             for (k, v) in &model {
                 prop_assert_eq!(t.get(&mem, *k).unwrap(), Some(*v));
             }
+        }
+
+        /// A committed version and a later one (committed in between or not): the changed keys
+        /// are exactly those the two models disagree on, either way round.
+        #[test]
+        fn changed_keys_are_what_two_versions_disagree_on(
+            first in proptest::collection::vec(op(), 0..200),
+            then in proptest::collection::vec(op(), 0..60),
+            leaf_max in 1usize..6,
+        ) {
+            let mem = Mem::default();
+            let apply = |t: &mut Trie<u16>, model: &mut BTreeMap<u64, u16>, op: &Op| match op {
+                Op::Insert(k, v) => { t.insert(&mem, *k, *v).unwrap(); model.insert(*k, *v); }
+                Op::Remove(k) => { t.remove(&mem, *k).unwrap(); model.remove(k); }
+                Op::Commit => { mem.commit(t); }
+            };
+            let (mut t, mut model) = (Trie::empty(leaf_max), BTreeMap::new());
+            first.iter().for_each(|op| apply(&mut t, &mut model, op));
+            mem.commit(&mut t);
+            let (before, before_model) = (t.clone(), model.clone());
+            then.iter().for_each(|op| apply(&mut t, &mut model, op));
+            let mut want: Vec<u64> =
+                before_model.keys().chain(model.keys()).filter(|k| before_model.get(k) != model.get(k)).copied().collect();
+            want.sort_unstable();
+            want.dedup();
+            prop_assert_eq!(before.changed_keys(&t, &mem).unwrap(), want.clone());
+            prop_assert_eq!(t.changed_keys(&before, &mem).unwrap(), want);
         }
     }
 }

@@ -26,7 +26,7 @@ use fuser::{
 };
 
 use crate::fs::Fs;
-use crate::fs::filesystem::XattrMode;
+use crate::fs::filesystem::{Changes, XattrMode};
 use crate::fs::node::{Inode, Kind, ROOT_INO, Time};
 use crate::record::Params;
 use crate::replica::status::SyncStatus;
@@ -37,7 +37,10 @@ use commit::{SignPolicy, Wakeups, commit, commit_durable};
 use control::{CONTROL_NAME, Node, Status, Views};
 use errno::to_errno;
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may keep names and attributes by default. Changes from elsewhere are
+/// also told to it at once (`Changes`, through fuser's notifier), so this bounds only what a
+/// lost notification could leave stale.
+pub const TTL: Duration = Duration::from_secs(1);
 /// Written but uncommitted bytes that force a commit. Measured, 512 MiB `dd conv=fsync`, three
 /// runs each: 4 MiB 1.42-1.46 s, 8 MiB 1.20-1.45 s, 16 MiB 1.08-1.26 s, 32 MiB 1.40-1.86 s
 /// (with chunks sealed as they fill; at 32 MiB and more, fresh memory and longer stalls win).
@@ -60,6 +63,8 @@ pub struct CapsuleFs {
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     /// Numbers for listings and reading handles; 0 is a handle with no state of its own.
     next_handle: AtomicU64,
+    /// How long the kernel may keep names and attributes.
+    ttl: Duration,
     /// The background push's replicas, when the mount pushes.
     replicas: Option<SyncStatus>,
 }
@@ -140,6 +145,23 @@ fn perm(mode: u32, umask: u32) -> u16 {
     (mode & !umask & 0o7777) as u16
 }
 
+/// Tells the kernel to forget what `changes` made stale: each changed inode's attributes and
+/// cached pages, and each changed name's entry. An inode or name it never cached is refused
+/// (ENOENT), which is no error here.
+pub fn forget(notifier: &fuser::Notifier, changes: &Changes) {
+    let told = |what: String, result: std::io::Result<()>| match result {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => tracing::debug!("telling the kernel {what} changed: {e}"),
+        _ => {}
+    };
+    for &ino in &changes.inodes {
+        told(format!("inode {ino}"), notifier.inval_inode(INodeNo(Node::Live(ino).encode()), 0, 0));
+    }
+    for (dir, name) in &changes.names {
+        let parent = INodeNo(Node::Live(*dir).encode());
+        told(format!("a name in {dir}"), notifier.inval_entry(parent, OsStr::from_bytes(name)));
+    }
+}
+
 /// Maps an inode number of the tree being read to the kernel's number for it.
 type Encode<'a> = &'a dyn Fn(u64) -> u64;
 
@@ -153,7 +175,14 @@ impl CapsuleFs {
             listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             replicas: None,
+            ttl: TTL,
         }
+    }
+
+    /// Lets the kernel keep names and attributes for `ttl` instead of `TTL`.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
     }
 
     /// Shows the background push's replicas in `.capsule/status`.
@@ -314,16 +343,16 @@ fn with_dots(ino: u64, entries: &Listing) -> impl Iterator<Item = (u64, (u64, Fi
     (1..).zip(all)
 }
 
-fn reply_entry(r: Result<FileAttr>, reply: ReplyEntry) {
+fn reply_entry(ttl: Duration, r: Result<FileAttr>, reply: ReplyEntry) {
     match r {
-        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+        Ok(a) => reply.entry(&ttl, &a, Generation(0)),
         Err(e) => reply.error(to_errno(&e)),
     }
 }
 
-fn reply_attr(r: Result<FileAttr>, reply: ReplyAttr) {
+fn reply_attr(ttl: Duration, r: Result<FileAttr>, reply: ReplyAttr) {
     match r {
-        Ok(a) => reply.attr(&TTL, &a),
+        Ok(a) => reply.attr(&ttl, &a),
         Err(e) => reply.error(to_errno(&e)),
     }
 }
@@ -376,11 +405,11 @@ impl Filesystem for CapsuleFs {
             _ => self
                 .on_tree(parent.0, |fs, dir, encode| fs.lookup(dir, name.as_bytes()).map(|(i, n)| attr(encode(i), &n))),
         };
-        reply_entry(found, reply);
+        reply_entry(self.ttl, found, reply);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        reply_attr(self.any_attr(ino.0), reply);
+        reply_attr(self.ttl, self.any_attr(ino.0), reply);
     }
 
     fn setattr(
@@ -419,7 +448,7 @@ impl Filesystem for CapsuleFs {
             })?;
             Ok(attr(ino, &inode))
         });
-        reply_attr(result, reply);
+        reply_attr(self.ttl, result, reply);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -441,11 +470,11 @@ impl Filesystem for CapsuleFs {
             libc::S_IFBLK => (Kind::BlockDevice, rdev),
             _ => return reply.error(Errno::EINVAL),
         };
-        reply_entry(self.make(req, parent, name, kind, perm(mode, umask), rdev), reply);
+        reply_entry(self.ttl, self.make(req, parent, name, kind, perm(mode, umask), rdev), reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        reply_entry(self.make(req, parent, name, Kind::Dir, perm(mode, umask), 0), reply);
+        reply_entry(self.ttl, self.make(req, parent, name, Kind::Dir, perm(mode, umask), 0), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -463,7 +492,7 @@ impl Filesystem for CapsuleFs {
             let (ino, inode) = self.fs_mut().make(parent, new_name(parent, link_name)?, inode)?;
             Ok(attr(ino, &inode))
         });
-        reply_entry(made, reply);
+        reply_entry(self.ttl, made, reply);
     }
 
     fn rename(
@@ -496,7 +525,7 @@ impl Filesystem for CapsuleFs {
             let parent = live(newparent)?;
             Ok(attr(ino, &self.fs_mut().link(ino, parent, new_name(parent, newname)?)?))
         });
-        reply_entry(linked, reply);
+        reply_entry(self.ttl, linked, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: fuser::ReplyOpen) {
@@ -632,7 +661,7 @@ impl Filesystem for CapsuleFs {
                 _ => self.any_attr(child),
             };
             let full = match attr {
-                Ok(attr) => reply.add(INodeNo(child), i, OsStr::from_bytes(name), &TTL, &attr, Generation(0)),
+                Ok(attr) => reply.add(INodeNo(child), i, OsStr::from_bytes(name), &self.ttl, &attr, Generation(0)),
                 // Listed, but not cached: a stat of it asks again and gets the error (EIO).
                 Err(_) => {
                     let bare = FileAttr { ino: INodeNo(child), kind, perm: 0, size: 0, nlink: 1, ..own };
@@ -704,7 +733,7 @@ impl Filesystem for CapsuleFs {
         match self.make(req, parent, name, Kind::File, perm(mode, umask), 0) {
             Ok(a) => {
                 self.fs_mut().opened(a.ino.0);
-                reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty())
+                reply.created(&self.ttl, &a, Generation(0), FileHandle(0), FopenFlags::empty())
             }
             Err(e) => reply.error(to_errno(&e)),
         }

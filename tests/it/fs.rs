@@ -407,14 +407,19 @@ fn a_live_filesystem_follows_commits_made_elsewhere_unless_it_has_its_own() {
     desk.write(ino, 0, b"from the desk").unwrap();
     let first = commit(&mut desk);
     let mut busy = s.fs();
-    assert_eq!(fresh.follow().unwrap(), Followed::Moved(first), "an untouched new root gives way");
+    let Followed::Moved(head, changes) = fresh.follow().unwrap() else { panic!("an untouched new root gives way") };
+    assert_eq!(head, first);
+    assert!(changes.inodes.contains(&ino) && changes.names.contains(&(ROOT_INO, b"notes".to_vec())), "{changes:?}");
     let (at, _) = fresh.lookup(ROOT_INO, b"notes").unwrap();
     assert_eq!(fresh.read(at, 0, 64).unwrap(), b"from the desk");
     assert_eq!(busy.follow().unwrap(), Followed::Same);
 
     desk.write(ino, 0, b"FROM").unwrap();
     let second = commit(&mut desk);
-    assert_eq!(fresh.follow().unwrap(), Followed::Moved(second));
+    let Followed::Moved(head, changes) = fresh.follow().unwrap() else { panic!("moved to the second commit") };
+    assert_eq!(head, second);
+    // Only the file changed: no name did, and the trees they share were not walked.
+    assert_eq!((changes.inodes, changes.names), (vec![ino], vec![]));
     assert_eq!(fresh.read(at, 0, 64).unwrap(), b"FROM the desk");
     busy.write(ino, 0, b"mine").unwrap();
     assert_eq!(busy.follow().unwrap(), Followed::Pending, "pending changes are not dropped");
