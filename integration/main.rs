@@ -10,6 +10,7 @@ mod crash;
 mod fsx;
 mod garage;
 mod hardening;
+mod membership;
 mod mount;
 mod replicas;
 mod tool;

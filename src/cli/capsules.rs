@@ -30,7 +30,7 @@ pub struct CreateArgs {
     pub writers: Vec<WriterId>,
 }
 
-fn parse_writer(s: &str) -> Result<WriterId, String> {
+pub(super) fn parse_writer(s: &str) -> Result<WriterId, String> {
     WriterId::from_hex(s).map_err(|e| e.to_string())
 }
 

@@ -1,4 +1,4 @@
-//! `capsulefs key`: make and list writer identities.
+//! `capsulefs key`: make, list and show writer identities.
 
 use clap::Subcommand;
 
@@ -16,13 +16,18 @@ pub enum KeyCommand {
     },
     /// List identities: name and writer id.
     List,
+    /// Print an identity's public key (its writer id), to give to a capsule's admin.
+    Show {
+        /// Name of the identity (default: 'default', or the only one).
+        name: Option<String>,
+    },
 }
 
 pub fn run(home: &Home, cmd: KeyCommand) -> anyhow::Result<()> {
-    let mut ring = home.keyring()?;
     match cmd {
-        KeyCommand::New { name } => println!("{}", ring.add(Identity::generate(&name)?)?.writer()),
-        KeyCommand::List => ring.identities().iter().for_each(|i| println!("{}\t{}", i.name(), i.writer())),
+        KeyCommand::New { name } => println!("{}", home.keyring()?.add(Identity::generate(&name)?)?.writer()),
+        KeyCommand::List => home.keyring()?.identities().iter().for_each(|i| println!("{}\t{}", i.name(), i.writer())),
+        KeyCommand::Show { name } => println!("{}", home.identity(name.as_deref(), false)?.writer()),
     }
     Ok(())
 }

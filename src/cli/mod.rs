@@ -8,6 +8,7 @@ mod capsules;
 mod docs;
 mod home;
 mod keys;
+mod members;
 mod mount;
 mod mount_helper;
 mod progress;
@@ -67,6 +68,10 @@ pub enum Command {
     Log(read::LogArgs),
     /// Verify every record and sub-record; exit 1 naming the first bad record.
     Verify(read::VerifyArgs),
+    /// Give a member access (read today): a signed grant with the content key wrapped for them.
+    Grant(members::GrantArgs),
+    /// The capsule's members: one line each, `PUBKEY LEVEL`, then who granted it and where.
+    Members(members::MembersArgs),
     /// Mount a capsule as a folder (returns once mounted; --foreground stays attached).
     Mount(mount::MountArgs),
     /// Unmount a folder mounted by `capsulefs mount`, after its final commit.
@@ -113,6 +118,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Key(cmd) => keys::run(&home, cmd),
         Command::Create(a) => capsules::create(&home, a),
+        Command::Grant(a) => members::grant(&home, a),
+        Command::Members(a) => members::list(&home, a),
         Command::List => capsules::list(&home),
         Command::Append(a) => capsules::append(&home, a),
         Command::Cat(a) => read::cat(&home, a),

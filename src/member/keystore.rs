@@ -17,10 +17,34 @@ use crate::{Error, Result, VerifyError};
 /// The first generation of a capsule's content key.
 pub const FIRST_GENERATION: KeyGen = KeyGen(1);
 
+/// Massolit's levels: each includes the rights of those below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, BorshSerialize, BorshDeserialize)]
+#[borsh(use_discriminant = true)]
+#[repr(u8)]
+pub enum Level {
+    Read = 1,
+    Write = 2,
+    Admin = 16,
+    Superadmin = 32,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Read => "read",
+            Level::Write => "write",
+            Level::Admin => "admin",
+            Level::Superadmin => "superadmin",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub enum MembershipEntry {
     /// Generation `generation` of the content key, wrapped for `member` (crypto::wrap).
     WrappedKey { generation: KeyGen, member: WriterId, wrapped: [u8; WRAPPED_LEN] },
+    /// `member` holds `level` from this record on.
+    Grant { member: WriterId, level: Level },
 }
 
 /// One entry as stored: a version byte, then the entry.
@@ -39,7 +63,7 @@ impl Canonical for StoredEntry {
             MembershipEntry::WrappedKey { generation: KeyGen(0), .. } => {
                 Err(DecodeError::NonCanonical("key generations start at 1"))
             }
-            MembershipEntry::WrappedKey { .. } => Ok(()),
+            MembershipEntry::WrappedKey { .. } | MembershipEntry::Grant { .. } => Ok(()),
         }
     }
 }
@@ -65,36 +89,88 @@ pub fn create_keystore(capsule: &Capsule, owner: &Identity) -> Result<(ContentKe
     Ok((key, record))
 }
 
-/// The newest content key generation wrapped for `me` by an admin, read through proofs.
-pub fn content_key(capsule: &Capsule, me: &Identity) -> Result<ContentKey> {
-    let mut best: Option<(KeyGen, [u8; WRAPPED_LEN])> = None;
-    // A record that fails its own check cannot say what it holds: left out, not fatal, so
-    // one damaged data record does not lock the owner out of the whole capsule.
+/// One membership record made by an admin (as the metadata names them): its hash, its
+/// writer, and its entries, read through proofs.
+pub struct AdminRecord {
+    pub record: RecordHash,
+    pub writer: WriterId,
+    pub entries: Vec<MembershipEntry>,
+}
+
+/// The membership records of a capsule: those by admins, which count, and those by anyone
+/// else, which are kept (they are valid records) but never applied.
+pub struct Changelog {
+    pub by_admins: Vec<AdminRecord>,
+    pub ignored: Vec<(RecordHash, WriterId)>,
+}
+
+/// Reads every membership record. A record that fails its own check cannot say what it
+/// holds: it is left out (logged), not fatal, so one damaged data record does not lock the
+/// owner out of the whole capsule.
+pub fn changelog(capsule: &Capsule) -> Result<Changelog> {
+    let mut log = Changelog { by_admins: Vec::new(), ignored: Vec::new() };
     for entry in capsule.intact_log("keystore")? {
         let (h, record) = entry?;
         let header = &record.header;
-        if header.kind != RecordKind::Membership || !capsule.metadata().is_admin(&header.writer) {
+        if header.kind != RecordKind::Membership {
             continue;
         }
+        if !capsule.metadata().is_admin(&header.writer) {
+            log.ignored.push((h, header.writer));
+            continue;
+        }
+        let mut entries = Vec::new();
         for idx in 0..header.sub_count {
             let (bytes, _) = capsule.read_sub_record(h, SubIdx(idx))?;
-            let entry = MembershipEntry::decode(bytes.get()).map_err(|source| VerifyError::MalformedSubRecord {
+            entries.push(MembershipEntry::decode(bytes.get()).map_err(|source| VerifyError::MalformedSubRecord {
                 record: h,
                 idx: SubIdx(idx),
                 source,
-            })?;
-            let MembershipEntry::WrappedKey { generation, member, wrapped } = entry;
-            if member == me.writer() && best.is_none_or(|(g, _)| generation > g) {
-                best = Some((generation, wrapped));
-            }
+            })?);
+        }
+        log.by_admins.push(AdminRecord { record: h, writer: header.writer, entries });
+    }
+    Ok(log)
+}
+
+/// The newest content key generation wrapped for `me` by an admin, read through proofs.
+pub fn content_key(capsule: &Capsule, me: &Identity) -> Result<ContentKey> {
+    let mut best: Option<(KeyGen, [u8; WRAPPED_LEN])> = None;
+    for entry in changelog(capsule)?.by_admins.into_iter().flat_map(|r| r.entries) {
+        if let MembershipEntry::WrappedKey { generation, member, wrapped } = entry
+            && member == me.writer()
+            && best.is_none_or(|(g, _)| generation > g)
+        {
+            best = Some((generation, wrapped));
         }
     }
     let (generation, wrapped) = best.ok_or_else(|| {
         Error::NotFound(format!(
-            "a content key for {:?} in capsule {:?} (is this identity a member?)",
+            "a content key for {:?} in capsule {:?} (is this identity a member? an admin gives \
+             read access with `capsulefs grant NAME {} --level read`)",
             me.writer(),
-            capsule.id()
+            capsule.id(),
+            me.writer()
         ))
     })?;
     wrap::unwrap(&wrapped, &capsule.id(), generation, me).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Grants `member` read access: a signed membership record by `admin` holding the grant and
+/// the current content key wrapped for the member. Returns the record.
+pub fn grant_read(capsule: &Capsule, admin: &Identity, member: &WriterId) -> Result<RecordHash> {
+    if !capsule.metadata().is_admin(&admin.writer()) {
+        return Err(Error::Invalid(format!(
+            "granting access to capsule {:?}: {:?} is not one of its admins, and only an admin may grant \
+             (sign with an admin's key: --key NAME)",
+            capsule.id(),
+            admin.writer()
+        )));
+    }
+    let key = content_key(capsule, admin)?;
+    let wrapped = wrap::wrap(&key, &capsule.id(), member).map_err(|e| Error::Invalid(e.to_string()))?;
+    let grant = MembershipEntry::Grant { member: *member, level: Level::Read };
+    let wrapped = MembershipEntry::WrappedKey { generation: key.generation(), member: *member, wrapped };
+    let opts = AppendOptions { sign: true, kind: RecordKind::Membership, ..Default::default() };
+    capsule.append(admin, &[&grant.encode(), &wrapped.encode()], opts)
 }

@@ -3,5 +3,7 @@
 //! whose writer lacks the level to make it is ignored (Massolit's changelog rule).
 
 pub mod keystore;
+pub mod roster;
 
-pub use keystore::{MembershipEntry, content_key, create_keystore};
+pub use keystore::{Level, MembershipEntry, content_key, create_keystore, grant_read};
+pub use roster::{Member, Roster, members};
