@@ -47,3 +47,51 @@ fn a_reader_granted_by_the_creator_reads_through_a_replica_and_cannot_write() {
     let err = fs::write(m.path("mine.txt"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
 }
+
+#[test]
+fn an_invitation_token_joins_and_mounts_and_one_naming_another_creator_is_refused() {
+    use capsulefs::member::Invitation;
+    use capsulefs::record::{CapsuleId, WriterId};
+    let server = Server::start();
+    let alice = Home::default();
+    let id = alice.ok(&["create", "c"]).trim().to_owned();
+    let carol = Home::default();
+    carol.ok(&["key", "new"]);
+    let carol_key = carol.ok(&["key", "show"]).trim().to_owned();
+    // A token needs a replica to join through.
+    let nowhere = alice.run(&["invite", "c", &carol_key, "--level", "read"]);
+    assert_eq!(nowhere.status.code(), Some(5), "{nowhere:?}");
+    alice.ok(&["replica", "add", "c", &server.url()]);
+    {
+        let Some(m) = Mounted::new(&alice, "c", &["--no-sync"]) else { return };
+        write_fsynced(&m.path("hello.txt"), b"welcome, carol");
+    }
+    // invite grants, pushes the grant with everything else, and prints the token last.
+    let out = alice.ok(&["invite", "c", &carol_key, "--level", "read"]);
+    let token = out.lines().last().unwrap().to_owned();
+    assert!(Invitation::is_token(&token), "{out}");
+    assert_eq!(Invitation::from_token(&token).unwrap().capsule, CapsuleId::from_hex(&id).unwrap());
+
+    // The same capsule and replica, but another creator: whoever altered the token (or the
+    // replica's metadata) is caught before anything is kept.
+    let forged = Invitation { creator: WriterId::from_bytes([1; 32]), ..Invitation::from_token(&token).unwrap() };
+    let refused = carol.run(&["join", &forged.token()]);
+    assert_eq!(refused.status.code(), Some(6), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("as the invitation says"), "{refused:?}");
+    assert!(carol.run(&["members", &id]).status.code() == Some(3), "nothing was kept");
+
+    // `mount TOKEN DIR` joins (headers only, as `mount URL#ID`) and reads.
+    let Some(m) = Mounted::new(&carol, &token, &[]) else { return };
+    assert_eq!(fs::read(m.path("hello.txt")).unwrap(), b"welcome, carol");
+    // A reader's mount pulls in the background too: alice's next file appears in it.
+    {
+        let Some(a) = Mounted::new(&alice, "c", &[]) else { return };
+        write_fsynced(&a.path("news.txt"), b"pushed by alice's mount");
+        super::background::eventually("carol's mount showed alice's new file", || {
+            fs::read(m.path("news.txt")).is_ok_and(|c| c == b"pushed by alice's mount")
+        });
+    }
+    drop(m);
+    let members = carol.ok(&["members", &id]);
+    assert!(members.contains(&format!("{carol_key} read granted by ")), "{members}");
+}

@@ -552,10 +552,10 @@ fn one_peer_cannot_hold_every_worker_and_idle_connections_are_closed() {
     assert!(server.alive());
 }
 
-/// The number before `what` in `text` (e.g. "229 sub-records not held").
+/// The number before `what` in `text` (e.g. "229 sub-records not held"); 0 when no line says
+/// it (`verify` prints no "not held" line for none).
 fn count_before(text: &str, what: &str) -> u64 {
-    let line = text.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no '{what}' in {text}"));
-    line.split_whitespace().next().unwrap().parse().unwrap()
+    text.lines().find(|l| l.contains(what)).map_or(0, |line| line.split_whitespace().next().unwrap().parse().unwrap())
 }
 
 #[test]
@@ -663,13 +663,17 @@ fn a_replica_url_mounts_directly_and_shows_what_was_pushed_since() {
     let desktop = same_user(&home);
     let source = format!("{}#{id}", server.url());
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    // A sparse local copy, named by the id: headers all there, data only as read (a mount
+    // that reads nothing but its root leaves most of it on the server).
+    if Mounted::new(&desktop, &source, &["--read-only"]).is_none() {
+        return;
+    }
+    let verify = desktop.ok(&["verify", &id]);
+    assert!(verify.contains("not held"), "{verify}");
     {
         let Some(m) = Mounted::new(&desktop, &source, &["--read-only"]) else { return };
         sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
     }
-    // A sparse local copy, named by the id: headers all there, data only as read.
-    let verify = desktop.ok(&["verify", &id]);
-    assert!(verify.contains("not held"), "{verify}");
     {
         let Some(m) = Mounted::new(&home, "c", &[]) else { return };
         fs::write(m.path("later.txt"), b"pushed after the first mount").unwrap();

@@ -1,10 +1,10 @@
-//! `capsulefs grant` and `members`: who may read a capsule.
+//! `capsulefs grant`, `invite`, `join` and `members`: who may read a capsule.
 
 use anyhow::bail;
 use clap::{Parser, ValueEnum};
 
 use capsulefs::Error;
-use capsulefs::member::{Level, grant_read, members};
+use capsulefs::member::{Invitation, Level, grant_read, members};
 use capsulefs::record::WriterId;
 
 use super::home::Home;
@@ -34,6 +34,11 @@ pub struct GrantArgs {
 /// Appends a signed grant with the content key wrapped for the member; it reaches other
 /// machines with the next push. Prints the record.
 pub fn grant(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
+    println!("{}", grant_only(home, &a)?);
+    Ok(())
+}
+
+fn grant_only(home: &Home, a: &GrantArgs) -> anyhow::Result<capsulefs::record::RecordHash> {
     if !matches!(a.level, LevelArg::Read) {
         bail!(Error::Unsupported(format!(
             "granting {} access (only read can be granted so far: writing rights still come from the \
@@ -43,8 +48,63 @@ pub fn grant(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
     }
     let admin = home.identity(a.key.as_deref(), false)?;
     let capsule = home.open(&a.name)?;
-    println!("{}", grant_read(&capsule, &admin, &a.pubkey)?);
+    Ok(grant_read(&capsule, &admin, &a.pubkey)?)
+}
+
+/// `grant`, then a push of the grant to the capsule's replicas, then the token that lets the
+/// member join: printed last, one line.
+pub fn invite(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
+    let id = home.resolve(&a.name)?;
+    let replicas = home.replicas(&id)?;
+    if replicas.is_empty() {
+        bail!(Error::Invalid(format!(
+            "'{}' has no replica for the member to join through: add one with `capsulefs replica add {} URL`",
+            a.name, a.name
+        )));
+    }
+    grant_only(home, &a)?;
+    super::replicas::push(home, super::replicas::TransferArgs { name: a.name.clone(), urls: Vec::new() })?;
+    let creator = home.open_for_reading(&a.name)?.metadata().creator;
+    println!("{}", Invitation { capsule: id, creator, replicas }.token());
     Ok(())
+}
+
+#[derive(Parser, Debug)]
+pub struct JoinArgs {
+    /// The token `capsulefs invite` printed.
+    pub token: String,
+    /// Local name (default: the capsule's own name).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Clones the capsule from the first of the token's replicas that answers, after checking
+/// that its metadata names the creator the token does. Prints the capsule id.
+pub fn join(home: &Home, a: JoinArgs) -> anyhow::Result<()> {
+    let name = join_as(home, &a.token, a.name, capsulefs::replica::transfer::Take::Whole)?;
+    println!("{}", home.resolve(&name)?);
+    Ok(())
+}
+
+/// `join`, taking of each record what `taking` says; returns the local name.
+pub fn join_as(
+    home: &Home,
+    token: &str,
+    name: Option<String>,
+    taking: capsulefs::replica::transfer::Take,
+) -> anyhow::Result<String> {
+    let invitation = Invitation::from_token(token)?;
+    let mut failures = Vec::new();
+    for url in &invitation.replicas {
+        match super::replicas::clone_checked(home, url, &invitation, name.clone(), taking) {
+            Ok(name) => {
+                home.set_replicas(&invitation.capsule, &invitation.replicas)?;
+                return Ok(name);
+            }
+            Err(e) => failures.push(format!("{url}: {e:#}")),
+        }
+    }
+    bail!(Error::Replica(format!("no replica of the invitation could be joined through: {}", failures.join("; "))))
 }
 
 #[derive(Parser, Debug)]

@@ -70,6 +70,11 @@ pub enum Command {
     Verify(read::VerifyArgs),
     /// Give a member access (read today): a signed grant with the content key wrapped for them.
     Grant(members::GrantArgs),
+    /// Grant, push the grant to the capsule's replicas, and print a token (last line) that
+    /// `capsulefs join TOKEN` or `capsulefs mount TOKEN DIR` takes.
+    Invite(members::GrantArgs),
+    /// Make a local replica of the capsule an invitation token names, from its replicas.
+    Join(members::JoinArgs),
     /// The capsule's members: one line each, `PUBKEY LEVEL`, then who granted it and where.
     Members(members::MembersArgs),
     /// Mount a capsule as a folder (returns once mounted; --foreground stays attached).
@@ -120,6 +125,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Create(a) => capsules::create(&home, a),
         Command::Grant(a) => members::grant(&home, a),
         Command::Members(a) => members::list(&home, a),
+        Command::Invite(a) => members::invite(&home, a),
+        Command::Join(a) => members::join(&home, a),
         Command::List => capsules::list(&home),
         Command::Append(a) => capsules::append(&home, a),
         Command::Cat(a) => read::cat(&home, a),

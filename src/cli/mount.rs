@@ -25,9 +25,10 @@ use capsulefs::fs::filesystem::Followed;
 use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::payload_cache::Caches;
 use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
-use capsulefs::member::content_key;
+use capsulefs::member::{Invitation, content_key};
 use capsulefs::replica::follower::Follower;
 use capsulefs::replica::status::SyncStatus;
+use capsulefs::replica::transfer::Take;
 use capsulefs::replica::uploader::Uploader;
 use capsulefs::store::Durability;
 use fuser::{Config, MountOption, Notifier, SessionACL};
@@ -152,7 +153,14 @@ pub fn mount(home: &Home, mut a: MountArgs) -> anyhow::Result<()> {
     if !a.dir.is_dir() {
         bail!(Error::NotFound(format!("mount point {} (make the folder first)", a.dir.display())));
     }
-    if a.name.contains("://") {
+    if Invitation::is_token(&a.name) {
+        let invitation = Invitation::from_token(&a.name)?;
+        a.name = match home.resolve(&invitation.capsule.to_hex()) {
+            Ok(_) => invitation.capsule.to_hex(),
+            // Headers only, as for `mount URL#ID`: sub-records come when read.
+            Err(_) => super::members::join_as(home, &a.name, None, Take::Headers)?,
+        };
+    } else if a.name.contains("://") {
         a.name = super::replicas::local_for_mount(home, &a.name)?;
     }
     if a.foreground { serve(home, &a) } else { spawn_daemon(home, &a) }
@@ -192,7 +200,8 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
         }
         std::fs::write(marker, format!("{}\n", std::process::id()))?;
     }
-    let syncing = !fs.is_read_only() && !a.no_sync;
+    // Whenever this mount holds the store: a reader's mount pulls too, and has nothing to push.
+    let syncing = !(a.read_only || a.at.is_some() || a.no_sync);
     let shared = Arc::new(RwLock::new(fs));
     // Set once the session exists; the follower tells the kernel through it what changed.
     let notifier = Arc::new(OnceLock::new());

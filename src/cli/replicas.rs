@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 
 use capsulefs::Error;
 use capsulefs::capsule::Capsule;
-use capsulefs::record::{CapsuleId, SignedMetadata};
+use capsulefs::member::Invitation;
+use capsulefs::record::{CapsuleId, SignedMetadata, WriterId};
 use capsulefs::replica::transfer::{self, Report, Take};
 
 use super::home::Home;
@@ -263,12 +264,42 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
 /// Makes a local replica of capsule `id` from `url`, under `name` (default: the capsule's
 /// own), taking of each record what `taking` says; remembers `url` as its replica.
 fn clone_from(home: &Home, url: &str, id: CapsuleId, name: Option<String>, taking: Take) -> anyhow::Result<()> {
+    clone_named(home, url, id, None, name, taking).map(drop)
+}
+
+/// `clone_from` for an invitation: the metadata must name the creator the token names.
+/// Returns the local name.
+pub fn clone_checked(
+    home: &Home,
+    url: &str,
+    invitation: &Invitation,
+    name: Option<String>,
+    taking: Take,
+) -> anyhow::Result<String> {
+    clone_named(home, url, invitation.capsule, Some(&invitation.creator), name, taking)
+}
+
+fn clone_named(
+    home: &Home,
+    url: &str,
+    id: CapsuleId,
+    creator: Option<&WriterId>,
+    name: Option<String>,
+    taking: Take,
+) -> anyhow::Result<String> {
     let remote = capsulefs::replica::open(url, id, None)?;
     let metadata = remote.metadata()?.ok_or_else(|| Error::NotFound(format!("capsule {id:?} on {url}")))?;
-    let name = match name {
-        Some(n) => n,
-        None => SignedMetadata::decode(&metadata).map_err(|e| Error::Invalid(e.to_string()))?.metadata.name,
-    };
+    let signed = SignedMetadata::decode(&metadata).map_err(|e| Error::Invalid(e.to_string()))?;
+    if let Some(creator) = creator
+        && signed.metadata.creator != *creator
+    {
+        bail!(Error::Invalid(format!(
+            "{url} serves capsule {id:?} made by {:?}, not by {creator:?} as the invitation says: \
+             ask the person who invited you for a new token",
+            signed.metadata.creator
+        )));
+    }
+    let name = name.unwrap_or(signed.metadata.name);
     if home.name_taken(&name) {
         bail!(Error::Exists(format!("capsule '{name}' here: choose another with --name")));
     }
@@ -281,7 +312,7 @@ fn clone_from(home: &Home, url: &str, id: CapsuleId, name: Option<String>, takin
     home.register(&name, &id, staging)?;
     home.set_replicas(&id, &[url.to_owned()])?;
     print("pulled", "from", url, &report);
-    Ok(())
+    Ok(name)
 }
 
 /// For `capsulefs mount URL#CAPSULE_ID DIR`: the local replica of that capsule, brought up to

@@ -2,8 +2,10 @@
 //! content key. Entries live in signed `RecordKind::Membership` records; an entry in a record
 //! whose writer lacks the level to make it is ignored (Massolit's changelog rule).
 
+pub mod invite;
 pub mod keystore;
 pub mod roster;
 
+pub use invite::Invitation;
 pub use keystore::{Level, MembershipEntry, content_key, create_keystore, grant_read};
 pub use roster::{Member, Roster, members};
