@@ -70,11 +70,11 @@ fn an_invitation_token_joins_and_mounts_and_one_naming_another_creator_is_refuse
     let out = alice.ok(&["invite", "c", &carol_key, "--level", "read"]);
     let token = out.lines().last().unwrap().to_owned();
     assert!(Invitation::is_token(&token), "{out}");
-    assert_eq!(Invitation::from_token(&token).unwrap().capsule, CapsuleId::from_hex(&id).unwrap());
+    assert_eq!(Invitation::from_token(&token, &[]).unwrap().capsule, CapsuleId::from_hex(&id).unwrap());
 
     // The same capsule and replica, but another creator: whoever altered the token (or the
     // replica's metadata) is caught before anything is kept.
-    let forged = Invitation { creator: WriterId::from_bytes([1; 32]), ..Invitation::from_token(&token).unwrap() };
+    let forged = Invitation { creator: WriterId::from_bytes([1; 32]), ..Invitation::from_token(&token, &[]).unwrap() };
     let refused = carol.run(&["join", &forged.token()]);
     assert_eq!(refused.status.code(), Some(6), "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("as the invitation says"), "{refused:?}");
@@ -94,4 +94,16 @@ fn an_invitation_token_joins_and_mounts_and_one_naming_another_creator_is_refuse
     drop(m);
     let members = carol.ok(&["members", &id]);
     assert!(members.contains(&format!("{carol_key} read granted by ")), "{members}");
+
+    // A sealed token shows nothing of the capsule or its replicas, and opens for carol alone.
+    let sealed = alice.ok(&["invite", "c", &carol_key, "--level", "read", "--encrypt"]);
+    let sealed = sealed.lines().last().unwrap();
+    assert!(Invitation::is_token(sealed) && !sealed.contains(&id) && !sealed.contains("127.0.0.1"), "{sealed}");
+    let eve = Home::default();
+    eve.ok(&["key", "new"]);
+    let refused = eve.run(&["join", sealed]);
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("sealed for another key"), "{refused:?}");
+    let carol_laptop = super::replicas::same_user(&carol);
+    assert_eq!(carol_laptop.ok(&["join", sealed]).lines().last(), Some(id.as_str()));
 }

@@ -51,9 +51,20 @@ fn grant_only(home: &Home, a: &GrantArgs) -> anyhow::Result<capsulefs::record::R
     Ok(grant_read(&capsule, &admin, &a.pubkey)?)
 }
 
+#[derive(Parser, Debug)]
+pub struct InviteArgs {
+    #[command(flatten)]
+    pub grant: GrantArgs,
+    /// Seal the token for the member: only their identity opens it, so the capsule id and
+    /// replica URLs stay private to them.
+    #[arg(long)]
+    pub encrypt: bool,
+}
+
 /// `grant`, then a push of the grant to the capsule's replicas, then the token that lets the
 /// member join: printed last, one line.
-pub fn invite(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
+pub fn invite(home: &Home, a: InviteArgs) -> anyhow::Result<()> {
+    let InviteArgs { grant: a, encrypt } = a;
     let id = home.resolve(&a.name)?;
     let replicas = home.replicas(&id)?;
     if replicas.is_empty() {
@@ -65,7 +76,8 @@ pub fn invite(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
     grant_only(home, &a)?;
     super::replicas::push(home, super::replicas::TransferArgs { name: a.name.clone(), urls: Vec::new() })?;
     let creator = home.open_for_reading(&a.name)?.metadata().creator;
-    println!("{}", Invitation { capsule: id, creator, replicas }.token());
+    let invitation = Invitation { capsule: id, creator, replicas };
+    println!("{}", if encrypt { invitation.sealed_token(&a.pubkey)? } else { invitation.token() });
     Ok(())
 }
 
@@ -76,27 +88,39 @@ pub struct JoinArgs {
     /// Local name (default: the capsule's own name).
     #[arg(long)]
     pub name: Option<String>,
+    /// The identity a sealed token was made for (default: whichever opens it).
+    #[arg(long)]
+    pub key: Option<String>,
 }
 
 /// Clones the capsule from the first of the token's replicas that answers, after checking
 /// that its metadata names the creator the token does. Prints the capsule id.
 pub fn join(home: &Home, a: JoinArgs) -> anyhow::Result<()> {
-    let name = join_as(home, &a.token, a.name, capsulefs::replica::transfer::Take::Whole)?;
+    let invitation = read_token(home, &a.token, a.key.as_deref())?;
+    let name = join_as(home, &invitation, a.name, capsulefs::replica::transfer::Take::Whole)?;
     println!("{}", home.resolve(&name)?);
     Ok(())
+}
+
+/// The invitation in `token`; a sealed one opened with identity `key`, or any of this home's.
+pub fn read_token(home: &Home, token: &str, key: Option<&str>) -> anyhow::Result<Invitation> {
+    let identities = match key {
+        Some(name) => vec![home.identity(Some(name), false)?],
+        None => home.keyring()?.identities().to_vec(),
+    };
+    Ok(Invitation::from_token(token, &identities)?)
 }
 
 /// `join`, taking of each record what `taking` says; returns the local name.
 pub fn join_as(
     home: &Home,
-    token: &str,
+    invitation: &Invitation,
     name: Option<String>,
     taking: capsulefs::replica::transfer::Take,
 ) -> anyhow::Result<String> {
-    let invitation = Invitation::from_token(token)?;
     let mut failures = Vec::new();
     for url in &invitation.replicas {
-        match super::replicas::clone_checked(home, url, &invitation, name.clone(), taking) {
+        match super::replicas::clone_checked(home, url, invitation, name.clone(), taking) {
             Ok(name) => {
                 home.set_replicas(&invitation.capsule, &invitation.replicas)?;
                 return Ok(name);

@@ -72,7 +72,7 @@ pub enum Command {
     Grant(members::GrantArgs),
     /// Grant, push the grant to the capsule's replicas, and print a token (last line) that
     /// `capsulefs join TOKEN` or `capsulefs mount TOKEN DIR` takes.
-    Invite(members::GrantArgs),
+    Invite(members::InviteArgs),
     /// Make a local replica of the capsule an invitation token names, from its replicas.
     Join(members::JoinArgs),
     /// The capsule's members: one line each, `PUBKEY LEVEL`, then who granted it and where.

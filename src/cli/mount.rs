@@ -154,11 +154,11 @@ pub fn mount(home: &Home, mut a: MountArgs) -> anyhow::Result<()> {
         bail!(Error::NotFound(format!("mount point {} (make the folder first)", a.dir.display())));
     }
     if Invitation::is_token(&a.name) {
-        let invitation = Invitation::from_token(&a.name)?;
+        let invitation = super::members::read_token(home, &a.name, a.key.as_deref())?;
         a.name = match home.resolve(&invitation.capsule.to_hex()) {
             Ok(_) => invitation.capsule.to_hex(),
             // Headers only, as for `mount URL#ID`: sub-records come when read.
-            Err(_) => super::members::join_as(home, &a.name, None, Take::Headers)?,
+            Err(_) => super::members::join_as(home, &invitation, None, Take::Headers)?,
         };
     } else if a.name.contains("://") {
         a.name = super::replicas::local_for_mount(home, &a.name)?;

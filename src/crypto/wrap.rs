@@ -1,5 +1,6 @@
-//! Wrapping a content key for one member: HPKE (RFC 9180, base mode) with
-//! DHKEM(X25519, HKDF-SHA256), HKDF-SHA256 and AES-256-GCM.
+//! Sealing for one member, HPKE (RFC 9180, base mode) with DHKEM(X25519, HKDF-SHA256),
+//! HKDF-SHA256 and AES-256-GCM: content keys (`wrap`) and anything else (`seal_to`, e.g. an
+//! invitation token).
 //!
 //! Members are named by their ed25519 keys, so a member's X25519 key is the birationally
 //! equivalent Montgomery point of its ed25519 key (the conversion age uses for ssh-ed25519
@@ -36,23 +37,43 @@ fn info(capsule: &CapsuleId, generation: KeyGen) -> Vec<u8> {
     [INFO_DOMAIN, capsule.as_bytes(), &generation.0.to_le_bytes()].concat()
 }
 
-/// Wraps `key` so that only `member` can unwrap it.
-pub fn wrap(key: &ContentKey, capsule: &CapsuleId, member: &WriterId) -> Result<[u8; WRAPPED_LEN], WrapError> {
-    let ed =
-        ed25519_dalek::VerifyingKey::from_bytes(member.as_bytes()).map_err(|_| WrapError::BadMemberKey(*member))?;
-    let public = KemPublic::from_bytes(&ed.to_montgomery().to_bytes()).map_err(|_| WrapError::BadMemberKey(*member))?;
-    let (encapped, wrapped) = hpke::single_shot_seal::<AesGcm256, HkdfSha256, X25519HkdfSha256>(
+/// Seals `plaintext` so that only `member` can open it, bound to `info` and, as associated
+/// data, to the member's id. Returns the encapsulated key (32 bytes) then the ciphertext.
+pub fn seal_to(member: &WriterId, info: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, WrapError> {
+    let bad = || WrapError::BadMemberKey(*member);
+    let ed = ed25519_dalek::VerifyingKey::from_bytes(member.as_bytes()).map_err(|_| bad())?;
+    let public = KemPublic::from_bytes(&ed.to_montgomery().to_bytes()).map_err(|_| bad())?;
+    let (encapped, sealed) = hpke::single_shot_seal::<AesGcm256, HkdfSha256, X25519HkdfSha256>(
         &OpModeS::Base,
         &public,
-        &info(capsule, key.generation()),
-        key.secret(),
+        info,
+        plaintext,
         member.as_bytes(),
     )
-    .map_err(|_| WrapError::BadMemberKey(*member))?;
-    let mut out = [0u8; WRAPPED_LEN];
-    out[..32].copy_from_slice(&encapped.to_bytes());
-    out[32..].copy_from_slice(&wrapped);
-    Ok(out)
+    .map_err(|_| bad())?;
+    Ok([&encapped.to_bytes()[..], &sealed].concat())
+}
+
+/// Opens what `seal_to` sealed for `me` under `info`; None if it does not open.
+pub fn open_as(me: &Identity, info: &[u8], sealed: &[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    let private = KemPrivate::from_bytes(&zeroize::Zeroizing::new(me.key().to_scalar_bytes())[..]).ok()?;
+    let encapped = KemEncapped::from_bytes(sealed.get(..32)?).ok()?;
+    let opened = hpke::single_shot_open::<AesGcm256, HkdfSha256, X25519HkdfSha256>(
+        &OpModeR::Base,
+        &private,
+        &encapped,
+        info,
+        &sealed[32..],
+        me.writer().as_bytes(),
+    )
+    .ok()?;
+    Some(zeroize::Zeroizing::new(opened))
+}
+
+/// Wraps `key` so that only `member` can unwrap it.
+pub fn wrap(key: &ContentKey, capsule: &CapsuleId, member: &WriterId) -> Result<[u8; WRAPPED_LEN], WrapError> {
+    let sealed = seal_to(member, &info(capsule, key.generation()), key.secret())?;
+    Ok(sealed.try_into().expect("32 bytes of encapsulated key and 48 of sealed content key"))
 }
 
 /// Unwraps generation `generation` of the content key with the member's own identity.
@@ -62,22 +83,8 @@ pub fn unwrap(
     generation: KeyGen,
     me: &Identity,
 ) -> Result<ContentKey, WrapError> {
-    let member = me.writer();
-    let fail = || WrapError::DoesNotOpen { member, generation };
-    let private =
-        KemPrivate::from_bytes(&zeroize::Zeroizing::new(me.key().to_scalar_bytes())[..]).map_err(|_| fail())?;
-    let encapped = KemEncapped::from_bytes(&wrapped[..32]).map_err(|_| fail())?;
-    let opened = zeroize::Zeroizing::new(
-        hpke::single_shot_open::<AesGcm256, HkdfSha256, X25519HkdfSha256>(
-            &OpModeR::Base,
-            &private,
-            &encapped,
-            &info(capsule, generation),
-            &wrapped[32..],
-            member.as_bytes(),
-        )
-        .map_err(|_| fail())?,
-    );
+    let fail = || WrapError::DoesNotOpen { member: me.writer(), generation };
+    let opened = open_as(me, &info(capsule, generation), wrapped).ok_or_else(fail)?;
     let bytes: [u8; 32] = opened.as_slice().try_into().map_err(|_| fail())?;
     Ok(ContentKey::from_bytes(generation, bytes))
 }
