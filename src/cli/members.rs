@@ -17,6 +17,17 @@ pub enum LevelArg {
     Superadmin,
 }
 
+impl From<LevelArg> for Level {
+    fn from(level: LevelArg) -> Level {
+        match level {
+            LevelArg::Read => Level::Read,
+            LevelArg::Write => Level::Write,
+            LevelArg::Admin => Level::Admin,
+            LevelArg::Superadmin => Level::Superadmin,
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 pub struct GrantArgs {
     /// Local name of the capsule.
@@ -39,11 +50,12 @@ pub fn grant(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
 }
 
 fn grant_only(home: &Home, a: &GrantArgs) -> anyhow::Result<capsulefs::record::RecordHash> {
-    if !matches!(a.level, LevelArg::Read) {
+    let level = Level::from(a.level);
+    if level != Level::Read {
         bail!(Error::Unsupported(format!(
             "granting {} access (only read can be granted so far: writing rights still come from the \
              capsule's metadata alone, given with `capsulefs create --writer`)",
-            format!("{:?}", a.level).to_lowercase()
+            level.name()
         )));
     }
     let admin = home.identity(a.key.as_deref(), false)?;
