@@ -46,6 +46,9 @@ fn a_reader_granted_by_the_creator_reads_through_a_replica_and_cannot_write() {
     assert_eq!(fs::read(m.path("plan.txt")).unwrap(), b"for carol's eyes");
     let err = fs::write(m.path("mine.txt"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    // The mount's log says why, naming the level she holds and the one writing needs.
+    let log = fs::read_to_string(carol.path().join("logs/mount-c.log")).unwrap();
+    assert!(log.contains("holds the read level") && log.contains("not the write level"), "{log}");
 }
 
 #[test]

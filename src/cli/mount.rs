@@ -176,6 +176,14 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
         Some(at) => Fs::open_at(capsule.clone(), key, None, capsule.resolve(at)?)?,
         None => {
             let writer = (!a.read_only && capsule.metadata().may_write(&me.writer())).then(|| me.clone());
+            if !a.read_only && writer.is_none() {
+                tracing::warn!(
+                    "{:?} holds the read level of capsule {:?}, not the write level: mounted read-only, \
+                     writes fail with EROFS (writers are named in the capsule's metadata)",
+                    me.writer(),
+                    capsule.id()
+                );
+            }
             let mut fs = Fs::open(capsule.clone(), key, writer)?;
             if fs.base().is_none() && !a.read_only {
                 // A new filesystem's root takes the owner and mode of the folder it is mounted on.
