@@ -251,20 +251,17 @@ impl Fs {
             [h] if Some(*h) == self.base => Ok(Followed::Same),
             [_] if self.is_dirty() && !self.untouched() => Ok(Followed::Pending),
             [h] => {
-                let before: Vec<(u64, Inode)> = (self.readers.iter())
-                    .filter(|(_, r)| r.pinned.is_none())
-                    .filter_map(|(fh, r)| Some((*fh, self.getattr(r.ino).ok()?)))
-                    .collect();
                 let (inodes, next_ino) = Self::committed_state(&self.sealed, *h)?;
                 let changes = self.changes(&self.inodes, &inodes)?;
-                (self.inodes, self.next_ino) = (inodes, next_ino);
-                self.base = Some(*h);
-                for (fh, old) in before {
-                    let Some(reader) = self.readers.get(&fh) else { continue };
-                    if self.getattr(reader.ino).ok().as_ref() != Some(&old) {
-                        self.readers.get_mut(&fh).expect("found above").pinned = Some(old);
+                // Readers of a file the move changed keep the inode they saw.
+                let table = self.sealed.tree(SealedKind::InodeTable, 0);
+                for reader in self.readers.values_mut().filter(|r| r.pinned.is_none()) {
+                    if changes.inodes.binary_search(&reader.ino).is_ok() {
+                        reader.pinned = self.inodes.get(&table, reader.ino)?;
                     }
                 }
+                (self.inodes, self.next_ino) = (inodes, next_ino);
+                self.base = Some(*h);
                 Ok(Followed::Moved(*h, changes))
             }
             many => Ok(Followed::Diverged(many.len())),
