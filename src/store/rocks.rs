@@ -64,7 +64,7 @@ impl RocksKv {
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| store_error(path, e))?;
         let packs = Packs::open(&path.join("packs"), create)?;
-        let (journal, entries) = Journal::open(&path.join("journal"))?;
+        let (mut journal, entries) = Journal::open(&path.join("journal"))?;
         let mut kv = Self { db, packs, path: path.to_owned(), journal: None };
         let stored = kv.db.get_cf(kv.cf(Cf::Meta), JOURNAL_STAMP_KEY).map_err(|e| store_error(path, e))?;
         let stored = stored.as_deref().and_then(Stamp::decode);
@@ -83,7 +83,6 @@ impl RocksKv {
         // The lap about to be overwritten must be in the database for good first, replayed or
         // left unsynced in the WAL by a process that was killed.
         kv.sync()?;
-        let mut journal = journal;
         journal.restart(stored);
         kv.journal = Some(Mutex::new(journal));
         Ok(kv)
@@ -160,9 +159,9 @@ impl Kv for RocksKv {
             .filter(|(cf, _, v)| is_large(cf, v))
             .filter_map(|(_, _, v)| v.as_ref().map(Vec::len))
             .sum();
-        if self.journal.is_none() {
+        let Some(journal) = &self.journal else {
             return Err(StoreError::Backend(format!("{}: opened read-only", self.path.display())).into());
-        }
+        };
         let packing = match durability {
             Durability::Cache | Durability::Buffered => true,
             Durability::Durable => large_bytes > INLINE_DURABLE_MAX,
@@ -193,14 +192,13 @@ impl Kv for RocksKv {
             }
         }
         let mut wo = WriteOptions::default();
-        let durable = durability == Durability::Durable;
-        let journal = self.journal.as_ref().filter(|_| durability != Durability::Cache);
-        let Some(journal) = journal else {
-            wo.set_sync(durable);
-            // Fetched sub-records skip the WAL too: a crash loses them whole, to be fetched again.
-            wo.disable_wal(durability == Durability::Cache);
+        if durability == Durability::Cache {
+            // Fetched sub-records skip the WAL and the journal: a crash loses them whole, to be
+            // fetched again.
+            wo.disable_wal(true);
             return self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e));
-        };
+        }
+        let durable = durability == Durability::Durable;
         // Held across both writes, so the journal holds batches in the WAL's order.
         let mut journal = journal.lock().expect("no panics while locked");
         match journal.stamp_for(wb.size_in_bytes() + STAMP_PUT_MAX) {
