@@ -458,11 +458,7 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
     }
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
-        let key = self.record_key(&record);
-        let Some(head) = self.head(&key)? else { return Ok(None) };
-        let Some(&len) = head.lens.get(idx.0 as usize) else { return Ok(None) };
-        let offset = head.start + head.record_len + head.lens[..idx.0 as usize].iter().sum::<usize>();
-        self.piece(&key, &head, offset, len)
+        Ok(self.sub_record_run(record, idx, 1)?.pop())
     }
 
     /// A run of sub-records lies in one piece of the record's object: one ranged read.
