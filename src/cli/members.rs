@@ -4,8 +4,9 @@ use anyhow::bail;
 use clap::{Parser, ValueEnum};
 
 use capsulefs::Error;
+use capsulefs::capsule::Capsule;
 use capsulefs::member::{Invitation, Level, grant_read, members};
-use capsulefs::record::WriterId;
+use capsulefs::record::{RecordHash, WriterId};
 
 use super::home::Home;
 
@@ -45,11 +46,11 @@ pub struct GrantArgs {
 /// Appends a signed grant with the content key wrapped for the member; it reaches other
 /// machines with the next push. Prints the record.
 pub fn grant(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
-    println!("{}", grant_only(home, &a)?);
+    println!("{}", grant_only(home, &home.open(&a.name)?, &a)?);
     Ok(())
 }
 
-fn grant_only(home: &Home, a: &GrantArgs) -> anyhow::Result<capsulefs::record::RecordHash> {
+fn grant_only(home: &Home, capsule: &Capsule, a: &GrantArgs) -> anyhow::Result<RecordHash> {
     let level = Level::from(a.level);
     if level != Level::Read {
         bail!(Error::Unsupported(format!(
@@ -59,8 +60,7 @@ fn grant_only(home: &Home, a: &GrantArgs) -> anyhow::Result<capsulefs::record::R
         )));
     }
     let admin = home.identity(a.key.as_deref(), false)?;
-    let capsule = home.open(&a.name)?;
-    Ok(grant_read(&capsule, &admin, &a.pubkey)?)
+    Ok(grant_read(capsule, &admin, &a.pubkey)?)
 }
 
 #[derive(Parser, Debug)]
@@ -85,9 +85,12 @@ pub fn invite(home: &Home, a: InviteArgs) -> anyhow::Result<()> {
             a.name, a.name
         )));
     }
-    grant_only(home, &a)?;
+    let creator = {
+        let capsule = home.open(&a.name)?;
+        grant_only(home, &capsule, &a)?;
+        capsule.metadata().creator
+    };
     super::replicas::push(home, super::replicas::TransferArgs { name: a.name.clone(), urls: Vec::new() })?;
-    let creator = home.open_for_reading(&a.name)?.metadata().creator;
     let invitation = Invitation { capsule: id, creator, replicas };
     println!("{}", if encrypt { invitation.sealed_token(&a.pubkey)? } else { invitation.token() });
     Ok(())

@@ -82,11 +82,22 @@ impl MembershipEntry {
 /// membership record. Returns the key and the record.
 pub fn create_keystore(capsule: &Capsule, owner: &Identity) -> Result<(ContentKey, RecordHash)> {
     let key = ContentKey::generate(FIRST_GENERATION);
-    let wrapped = wrap::wrap(&key, &capsule.id(), &owner.writer()).map_err(|e| Error::Invalid(e.to_string()))?;
-    let entry = MembershipEntry::WrappedKey { generation: key.generation(), member: owner.writer(), wrapped };
-    let opts = AppendOptions { sign: true, kind: RecordKind::Membership, ..Default::default() };
-    let record = capsule.append(owner, &[&entry.encode()], opts)?;
+    let record = append_entries(capsule, owner, &[wrapped_for(capsule, &key, &owner.writer())?])?;
     Ok((key, record))
+}
+
+/// `key` wrapped for `member`, as an entry.
+fn wrapped_for(capsule: &Capsule, key: &ContentKey, member: &WriterId) -> Result<MembershipEntry> {
+    let wrapped = wrap::wrap(key, &capsule.id(), member).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(MembershipEntry::WrappedKey { generation: key.generation(), member: *member, wrapped })
+}
+
+/// One signed membership record by `signer` holding `entries`.
+fn append_entries(capsule: &Capsule, signer: &Identity, entries: &[MembershipEntry]) -> Result<RecordHash> {
+    let encoded: Vec<Vec<u8>> = entries.iter().map(MembershipEntry::encode).collect();
+    let payloads: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+    let opts = AppendOptions { sign: true, kind: RecordKind::Membership, ..Default::default() };
+    capsule.append(signer, &payloads, opts)
 }
 
 /// One membership record made by an admin (as the metadata names them): its hash, its
@@ -168,9 +179,6 @@ pub fn grant_read(capsule: &Capsule, admin: &Identity, member: &WriterId) -> Res
         )));
     }
     let key = content_key(capsule, admin)?;
-    let wrapped = wrap::wrap(&key, &capsule.id(), member).map_err(|e| Error::Invalid(e.to_string()))?;
     let grant = MembershipEntry::Grant { member: *member, level: Level::Read };
-    let wrapped = MembershipEntry::WrappedKey { generation: key.generation(), member: *member, wrapped };
-    let opts = AppendOptions { sign: true, kind: RecordKind::Membership, ..Default::default() };
-    capsule.append(admin, &[&grant.encode(), &wrapped.encode()], opts)
+    append_entries(capsule, admin, &[grant, wrapped_for(capsule, &key, member)?])
 }
