@@ -98,8 +98,9 @@ impl Journal {
         let read = file.read_at(&mut bytes, 0).map_err(|e| io_error(path, e))?;
         bytes.truncate(read);
         let entries = read_lap(&bytes);
-        let next = entries.last().map_or(Stamp { epoch: 1, seq: 0 }, |e| Stamp { seq: e.stamp.seq + 1, ..e.stamp });
-        let journal = Self { file, path: path.to_owned(), pos: FILE_BYTES, next, gap: true };
+        // Only the lap's epoch matters to `restart`; until it, the gap refuses every append.
+        let next = Stamp { epoch: entries.last().map_or(1, |e| e.stamp.epoch), seq: 0 };
+        let journal = Self { file, path: path.to_owned(), pos: 0, next, gap: true };
         Ok((journal, entries))
     }
 
