@@ -132,7 +132,26 @@ fn measure(tree: &Tree, root: &Path, aws: &Path, garage: &Garage) -> Figures {
     let (secs, requests, _) =
         measured(Command::new(aws).args(["s3", "cp", "--recursive", "--quiet", &plain]).arg(&down), garage);
     println!("  aws s3 cp down: {secs:.2} s, {requests} requests");
+    reconcile_cost(tree.name, &home, &clone_home, &url, garage);
     Figures { push, clone, aws_up, aws_down: (secs, requests) }
+}
+
+/// What finding a difference with a bucket costs: a pull when nothing changed, then one new
+/// record pushed by the first home and pulled by the clone. The layout's claim is that these
+/// counts grow with what changed, not with the capsule, so the two trees (tens against
+/// hundreds of records) should show the same figures.
+fn reconcile_cost(name: &str, home: &Path, clone_home: &Path, url: &str, garage: &Garage) {
+    let records = run(capsulefs(clone_home).args(["log", name]), garage).lines().count();
+    let (_, idle, _) = measured(capsulefs(clone_home).args(["pull", name, url]), garage);
+    let note = home.join("one-more-record");
+    std::fs::write(&note, b"one more record").unwrap();
+    run(capsulefs(home).args(["append", "--sign", name]).arg(&note), garage);
+    let (_, up, _) = measured(capsulefs(home).args(["push", name, url]), garage);
+    let (_, down, _) = measured(capsulefs(clone_home).args(["pull", name, url]), garage);
+    println!(
+        "  reconciliation with {records} records held: pull with nothing new {idle} requests; \
+         one new record: push {up} requests, pull {down} requests"
+    );
 }
 
 fn main() {

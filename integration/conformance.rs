@@ -2,12 +2,14 @@
 //! serve`, a folder and an S3 bucket (moto). A new kind is one more line in the test below.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::record::{RecordHash, SubIdx};
 use capsulefs::replica::bucket::{Bucket, Settings};
-use capsulefs::replica::objects::{ObjectReplica, Pusher};
+use capsulefs::replica::folder::Folder;
+use capsulefs::replica::objects::{ObjectReplica, Objects, Pusher};
 use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::replica::{self, Replica};
 use capsulefs::store::mem::MemKv;
@@ -108,4 +110,95 @@ fn every_kind_of_replica_behaves_alike() {
         let replica = bucket(&garage.endpoints[0], "garage", &garage.key_id, &garage.secret);
         conforms("s3 (garage)", &capsule, &me, replica);
     }
+}
+
+/// A folder's objects, counting the reads made of them (gets, ranged gets and listings).
+struct Counted {
+    folder: Folder,
+    reads: Arc<AtomicUsize>,
+}
+
+impl Objects for Counted {
+    fn describe(&self) -> String {
+        self.folder.describe()
+    }
+    fn get(&self, key: &str) -> capsulefs::Result<Option<Vec<u8>>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.folder.get(key)
+    }
+    fn get_range(&self, key: &str, start: u64, len: u64) -> capsulefs::Result<Option<Vec<u8>>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.folder.get_range(key, start, len)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> capsulefs::Result<()> {
+        self.folder.put(key, bytes)
+    }
+    fn list(&self, prefix: &str) -> capsulefs::Result<Vec<String>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.folder.list(prefix)
+    }
+}
+
+/// A replica of `capsule` in the folder at `url`, as a new process opens it, and the count
+/// of reads made of it.
+fn counted(url: &str, capsule: &Capsule) -> (ObjectReplica<Counted>, Arc<AtomicUsize>) {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let folder = Folder::from_url(url).unwrap();
+    (ObjectReplica::new(Counted { folder, reads: reads.clone() }, capsule.id(), None), reads)
+}
+
+#[test]
+fn a_pull_from_a_folder_reads_what_changed_not_the_whole_index() {
+    let me = Identity::generate("me").unwrap();
+    let pusher = Pusher { identity: me.clone(), device: [1; 16], turn: None };
+    let capsule = source(&me);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let signed = AppendOptions { sign: true, durability: Durability::Buffered, ..Default::default() };
+    let push_one = |i: usize| {
+        capsule.append(&me, &[format!("record {i}").as_bytes()], signed).unwrap();
+        push(&capsule, replica::open(&url, capsule.id(), Some(pusher.clone())).unwrap().as_ref(), &()).unwrap();
+    };
+    // Forty pushes, each a segment of the device's index.
+    (0..40).for_each(push_one);
+    let copy = copy_of(&capsule, &me);
+    let (replica, _) = counted(&url, &capsule);
+    assert_eq!(pull(&copy, &replica, &()).unwrap().records, 42);
+    // Nothing new: the metadata, the listing of statements, the one statement.
+    let (replica, reads) = counted(&url, &capsule);
+    assert_eq!(pull(&copy, &replica, &()).unwrap().records, 0);
+    assert_eq!(reads.load(Ordering::Relaxed), 3, "reads for a pull that finds nothing new");
+    // One new record: the newest segment and the record's object on top of that.
+    push_one(40);
+    let (replica, reads) = counted(&url, &capsule);
+    assert_eq!(pull(&copy, &replica, &()).unwrap().records, 1);
+    assert_eq!(reads.load(Ordering::Relaxed), 5, "reads for a pull of one new record");
+    assert_eq!(copy.heads().unwrap(), capsule.heads().unwrap());
+}
+
+#[test]
+fn head_statements_of_two_devices_taking_turns_stay_as_short_as_their_heads() {
+    let me = Identity::generate("me").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let signed = AppendOptions { sign: true, durability: Durability::Buffered, ..Default::default() };
+    let first = source(&me);
+    let second = copy_of(&first, &me);
+    let devices = [(&first, [1u8; 16]), (&second, [2u8; 16])];
+    for round in 0..10 {
+        for &(capsule, device) in &devices {
+            if round > 0 || device != [1; 16] {
+                pull(capsule, &counted(&url, capsule).0, &()).unwrap();
+            }
+            capsule.append(&me, &[format!("round {round}").as_bytes()], signed).unwrap();
+            // Pushed by another process, which has read nothing of the index.
+            let pusher = Pusher { identity: me.clone(), device, turn: None };
+            push(capsule, replica::open(&url, capsule.id(), Some(pusher)).unwrap().as_ref(), &()).unwrap();
+        }
+    }
+    // Each device's statement names its own heads, never the heads others built on since.
+    let (replica, _) = counted(&url, &second);
+    let heads = replica.heads().unwrap();
+    assert!(heads.len() <= 2, "{} heads stated after 20 pushes", heads.len());
+    assert!(heads.contains(&second.heads().unwrap()[0]));
 }

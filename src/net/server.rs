@@ -359,7 +359,7 @@ async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes
         let capsule = s.held(capsule_id(&id)?)?;
         let bundles: Vec<Bundle> = decode(&body)?;
         let bytes: u64 = bundles.iter().map(|b| b.size() as u64).sum();
-        let stored = capsule.put(bundles)?;
+        let stored = capsule.put(bundles, None)?;
         if stored > 0 {
             *s.news.0.lock().expect("no panics while locked") = true;
             s.news.1.notify_all();

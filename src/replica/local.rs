@@ -150,7 +150,7 @@ impl Replica for Capsule {
         self.store().sub_record_bytes(&record, idx)
     }
 
-    fn put(&self, bundles: Vec<Bundle>) -> Result<usize> {
+    fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {
         if bundles.iter().map(Bundle::size).sum::<usize>() > MAX_BATCH_BYTES + (16 << 20) {
             return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
         }

@@ -124,8 +124,16 @@ pub trait Replica: Send + Sync {
     }
     /// Stores bundles given parents first. A replica checks every one before storing any,
     /// and takes an unsigned record only with a signed descendant in the same call.
-    /// Returns how many were new.
-    fn put(&self, bundles: Vec<Bundle>) -> Result<usize>;
+    /// Returns how many were new. `settles`: on the last batch of a transfer that leaves the
+    /// replica holding everything the sender holds, the sender's heads; an object store names
+    /// them in its head statement (a server finds its heads itself).
+    fn put(&self, bundles: Vec<Bundle>, settles: Option<&[RecordHash]>) -> Result<usize>;
+    /// Whether pulls should walk down from its heads rather than ask `since`: true where
+    /// answering `since` means reading the replica's whole index (object stores), while a
+    /// walk reads only as far as the records the asker lacks.
+    fn prefers_walking(&self) -> bool {
+        false
+    }
 }
 
 /// The payload of a sub-record as a replica stores it (encoded with its Merkle path), for a

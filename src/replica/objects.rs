@@ -8,13 +8,14 @@
 //! - `index/<device hex>/<n, 16 hex digits>`: segment n of one device's pushes, the records it
 //!   wrote with their parents.
 //! - `heads/<device hex>`: that device's statement, signed by its writer: how many segments it
-//!   wrote and the heads it saw.
+//!   wrote and heads that cover everything it pushed.
 //!
 //! Records and segments are named by what they hold and never rewritten; a head object has
 //! exactly one writer, the device it names, so two devices pushing at once cannot lose each
 //! other's work on any store, whatever it does with conditional writes. Readers take the union
-//! of every valid statement and read only the segments they have not read yet, so finding
-//! what changed costs the number of devices plus what changed, not the capsule's size.
+//! of every valid statement as the heads, and read segments, newest first, only as far as a
+//! walk from the heads they lack needs, so finding what changed costs the number of devices
+//! plus what changed, not the capsule's size.
 //! Nothing here is believed: a statement counts only with a valid signature of an authorized
 //! writer, and every record read goes through the capsule's own checks before it is stored.
 
@@ -96,14 +97,20 @@ impl Statement {
     }
 }
 
-/// What this process has read of the replica's index.
+/// What this process has read of the replica's index. Statements are read every round;
+/// segments only when a question needs them, newest first, so that finding a few new records
+/// reads the few segments that name them, not the whole index.
 #[derive(Default)]
 struct Index {
     parents: HashMap<RecordHash, Vec<RecordHash>>,
     /// Records some record names as a parent: the heads are the others.
     has_child: HashSet<RecordHash>,
-    /// Segments read, by device.
+    /// By device, the heads its statement names: together they cover everything pushed.
+    stated: HashMap<[u8; 16], Vec<RecordHash>>,
+    /// By device, the segments its statement counts.
     segments: HashMap<[u8; 16], u64>,
+    /// By device, the segments not read yet, the newest last.
+    unread: HashMap<[u8; 16], Vec<u64>>,
     /// Whether the statements were read at all.
     read: bool,
 }
@@ -117,10 +124,31 @@ impl Index {
         self.parents.insert(node.record, node.parents);
     }
 
+    /// The records the statements name that no record read so far names as a parent: every
+    /// head of the replica, and perhaps some of their ancestors (which a holder of the heads
+    /// holds anyway).
     fn heads(&self) -> Vec<RecordHash> {
-        let mut heads: Vec<RecordHash> = self.parents.keys().filter(|h| !self.has_child.contains(h)).copied().collect();
+        let mut heads: Vec<RecordHash> =
+            self.stated.values().flatten().filter(|h| !self.has_child.contains(h)).copied().collect();
         heads.sort();
+        heads.dedup();
         heads
+    }
+
+    /// Takes note of a device's statement: its heads, and its segments not seen before as
+    /// unread.
+    fn state(&mut self, statement: Statement) {
+        let seen = self.segments.get(&statement.device).copied().unwrap_or(0);
+        if statement.segments > seen {
+            self.unread.entry(statement.device).or_default().extend(seen..statement.segments);
+            self.segments.insert(statement.device, statement.segments);
+        }
+        self.stated.insert(statement.device, statement.heads);
+    }
+
+    /// The next segments to read: the newest unread one of each device.
+    fn next_unread(&mut self) -> Vec<([u8; 16], u64)> {
+        self.unread.iter_mut().filter_map(|(device, unread)| Some((*device, unread.pop()?))).collect()
     }
 
     /// Every record of the index reachable from `from` (those it holds), `from` included.
@@ -134,6 +162,14 @@ impl Index {
         }
         seen
     }
+}
+
+/// The records of `index` that `heads` do not cover, with their parents; and the index's
+/// heads.
+fn not_covered(index: &Index, heads: &[RecordHash]) -> (HashMap<RecordHash, Vec<RecordHash>>, Vec<RecordHash>) {
+    let covered = index.ancestors(&heads[..heads.len().min(MAX_HASHES)]);
+    let lacking = index.parents.iter().filter(|(h, _)| !covered.contains(h)).map(|(h, p)| (*h, p.clone())).collect();
+    (lacking, index.heads())
 }
 
 /// A record object's contents: the record's encoding, and its sub-records, each encoded with
@@ -264,9 +300,8 @@ impl<O: Objects + 'static> ObjectReplica<O> {
         self.refresh()
     }
 
-    /// Reads the statements, and the segments not read yet of every device whose statement
-    /// is valid. A statement that does not verify is skipped with a warning: it cannot hide
-    /// what valid ones name.
+    /// Reads the statements of every device. A statement that does not verify is skipped
+    /// with a warning: it cannot hide what valid ones name.
     fn refresh(&self) -> Result<()> {
         let signed = self.held_metadata()?;
         let mut index = self.index.lock().expect("no panics while locked");
@@ -277,27 +312,29 @@ impl<O: Objects + 'static> ObjectReplica<O> {
         Ok(())
     }
 
-    /// Reads device `name`'s statement and the segments of it not read yet into `index`; a
+    /// Reads device `name`'s statement into `index` (its segments are read when needed); a
     /// statement that does not verify is skipped with a warning.
     fn read_device(&self, name: &str, signed: &SignedMetadata, index: &mut Index) -> Result<()> {
         let Some(bytes) = self.objects.get(&self.key(&format!("heads/{name}")))? else { return Ok(()) };
-        let statement = match borsh::from_slice::<SignedStatement>(&bytes) {
+        match borsh::from_slice::<SignedStatement>(&bytes) {
             Ok(s)
                 if hex16(&s.statement.device) == name
                     && s.statement.capsule == self.capsule
                     && signed.metadata.may_write(&s.statement.writer)
                     && sign::verify_heads(&s.statement.writer, &s.statement.digest(), &s.signature) =>
             {
-                s.statement
+                index.state(s.statement);
             }
-            _ => {
-                tracing::warn!("{}: ignoring heads/{name}: not a valid signed statement", self.objects.describe());
-                return Ok(());
-            }
-        };
-        let read = index.segments.get(&statement.device).copied().unwrap_or(0);
-        for n in read..statement.segments {
-            let key = self.key(&format!("index/{name}/{n:016x}"));
+            _ => tracing::warn!("{}: ignoring heads/{name}: not a valid signed statement", self.objects.describe()),
+        }
+        Ok(())
+    }
+
+    /// Reads the newest unread segment of each device into `index`; false if none was left.
+    fn read_more(&self, index: &mut Index) -> Result<bool> {
+        let next = index.next_unread();
+        for (device, n) in &next {
+            let key = self.key(&format!("index/{}/{n:016x}", hex16(device)));
             let bytes = self.objects.get(&key)?.ok_or_else(|| {
                 Error::Replica(format!(
                     "{}: {key} is missing, though the device's heads name it",
@@ -307,8 +344,16 @@ impl<O: Objects + 'static> ObjectReplica<O> {
             let nodes: Vec<Node> = borsh::from_slice(&bytes).map_err(|_| self.malformed(&key))?;
             nodes.into_iter().for_each(|node| index.add(node));
         }
-        index.segments.insert(statement.device, statement.segments.max(read));
-        Ok(())
+        Ok(!next.is_empty())
+    }
+
+    /// The statements (once a round) and every segment they count: the whole index, for the
+    /// questions that need it (`missing`, `since`).
+    fn read_whole(&self) -> Result<std::sync::MutexGuard<'_, Index>> {
+        self.read_once()?;
+        let mut index = self.index.lock().expect("no panics while locked");
+        while self.read_more(&mut index)? {}
+        Ok(index)
     }
 
     /// Record `h`'s object, parsed.
@@ -376,7 +421,20 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
     }
 
     fn metadata(&self) -> Result<Option<Vec<u8>>> {
-        self.objects.get(&self.key("metadata"))
+        let bytes = self.objects.get(&self.key("metadata"))?;
+        // Kept once checked, so that reading the statements next does not read it again.
+        if let Some(bytes) = &bytes
+            && self.metadata.get().is_none()
+            && let Ok(signed) = check_metadata(bytes)
+            && signed.metadata.id() == self.capsule
+        {
+            let _ = self.metadata.set(signed);
+        }
+        Ok(bytes)
+    }
+
+    fn prefers_walking(&self) -> bool {
+        true
     }
 
     fn put_metadata(&self, signed: &[u8]) -> Result<()> {
@@ -402,14 +460,17 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
     }
 
     fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {
-        self.read_once()?;
-        let index = self.index.lock().expect("no panics while locked");
+        let index = self.read_whole()?;
         Ok(records.iter().take(MAX_HASHES).filter(|h| !index.parents.contains_key(h)).copied().collect())
     }
 
+    /// Reads segments, newest first, only until they name the records asked about; beyond
+    /// them the walk goes as far as the segments read so far reach. An asker that walks from
+    /// a few new heads down to records it holds reads the newest segments, not the index.
     fn walk(&self, from: &[RecordHash], budget: usize) -> Result<Vec<Node>> {
         self.read_once()?;
-        let index = self.index.lock().expect("no panics while locked");
+        let mut index = self.index.lock().expect("no panics while locked");
+        let asked: HashSet<&RecordHash> = from.iter().collect();
         let mut seen = HashSet::new();
         let mut queue: VecDeque<RecordHash> = from.iter().copied().collect();
         let mut nodes = Vec::new();
@@ -417,6 +478,7 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
             if nodes.len() >= budget.min(MAX_HASHES) {
                 break;
             }
+            while asked.contains(&h) && !index.parents.contains_key(&h) && self.read_more(&mut index)? {}
             let Some(parents) = index.parents.get(&h) else { continue };
             if seen.insert(h) {
                 queue.extend(parents.iter().copied());
@@ -429,18 +491,24 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
     fn fetch(&self, records: &[RecordHash]) -> Result<Vec<Bundle>> {
         let records = &records[..records.len().min(MAX_HASHES)];
         self.ahead.plan(records.iter().map(|h| self.record_key(h)));
-        Ok(batch_of(records.iter().copied(), |h| self.bundle(&h, false))?.0)
+        // A record the index names must have its object; one it does not is simply not held.
+        let bundle = |h: RecordHash| match self.bundle(&h, false)? {
+            None if self.index.lock().expect("no panics while locked").parents.contains_key(&h) => {
+                Err(self.missing_object(&h))
+            }
+            found => Ok(found),
+        };
+        Ok(batch_of(records.iter().copied(), bundle)?.0)
     }
 
     fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since> {
         // The index read so far answers while it has something the asker lacks (a pull
         // comes back for the rest batch by batch); once the asker has caught up with it,
         // the statements are read again for what was pushed since.
-        self.read_once()?;
-        let (mut lacking, mut own_heads) = self.lacking(heads);
+        let (mut lacking, mut own_heads) = not_covered(&*self.read_whole()?, heads);
         if lacking.is_empty() {
             self.refresh()?;
-            (lacking, own_heads) = self.lacking(heads);
+            (lacking, own_heads) = not_covered(&*self.read_whole()?, heads);
         }
         let order: Vec<RecordHash> = super::transfer::topological(&lacking)?.into_iter().map(|n| n.record).collect();
         // The next answers will hold these too, in this order: read them ahead (whole objects;
@@ -487,7 +555,7 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
     /// naming them, then this device's statement: a reader that sees the statement finds
     /// every object it names. The records are checked against their Merkle roots; the rest
     /// of the checks are every reader's.
-    fn put(&self, bundles: Vec<Bundle>) -> Result<usize> {
+    fn put(&self, bundles: Vec<Bundle>, settles: Option<&[RecordHash]>) -> Result<usize> {
         let pusher = self.pusher.as_ref().ok_or_else(|| {
             Error::Invalid(format!("pushing to {} needs a writer key of this capsule here", self.objects.describe()))
         })?;
@@ -519,18 +587,35 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
         let n = index.segments.get(&pusher.device).copied().unwrap_or(0);
         self.objects.put(&self.key(&format!("index/{device}/{n:016x}")), &borsh::to_vec(&nodes).expect("to memory"))?;
         let stored = nodes.len();
+        // The statement's heads cover everything this device pushed: the sender's heads once
+        // it says this batch settles the transfer, else the last statement's and this batch's.
+        let mut heads: Vec<RecordHash> = match settles {
+            Some(heads) => heads.to_vec(),
+            None => index
+                .stated
+                .get(&pusher.device)
+                .into_iter()
+                .flatten()
+                .copied()
+                .chain(nodes.iter().map(|n| n.record))
+                .collect(),
+        };
         nodes.into_iter().for_each(|node| index.add(node));
+        heads.retain(|h| settles.is_some() || !index.has_child.contains(h));
+        heads.sort();
+        heads.dedup();
         let statement = Statement {
             capsule: self.capsule,
             device: pusher.device,
             writer: pusher.identity.writer(),
             segments: n + 1,
-            heads: index.heads(),
+            heads,
         };
         let signature = sign::sign_heads(pusher.identity.key(), &statement.digest());
         let signed = SignedStatement { statement, signature };
         self.objects.put(&self.key(&format!("heads/{device}")), &borsh::to_vec(&signed).expect("to memory"))?;
         index.segments.insert(pusher.device, n + 1);
+        index.stated.insert(pusher.device, signed.statement.heads);
         Ok(stored)
     }
 }
@@ -564,16 +649,6 @@ impl<O: Objects + 'static> ObjectReplica<O> {
             .map(|(i, stored)| payload_of(*h, SubIdx(i as u32), stored))
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Bundle { record, payloads }))
-    }
-
-    /// The records of the index read so far that `heads` do not cover, with their parents;
-    /// and the index's heads.
-    fn lacking(&self, heads: &[RecordHash]) -> (HashMap<RecordHash, Vec<RecordHash>>, Vec<RecordHash>) {
-        let index = self.index.lock().expect("no panics while locked");
-        let covered = index.ancestors(&heads[..heads.len().min(MAX_HASHES)]);
-        let lacking =
-            index.parents.iter().filter(|(h, _)| !covered.contains(h)).map(|(h, p)| (*h, p.clone())).collect();
-        (lacking, index.heads())
     }
 
     fn missing_object(&self, h: &RecordHash) -> Error {

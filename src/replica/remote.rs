@@ -237,7 +237,7 @@ impl Replica for Remote {
         self.expect(Route::HeadsSketch, Some(codec::encode(&request)))
     }
 
-    fn put(&self, bundles: Vec<Bundle>) -> Result<usize> {
+    fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {
         let stored: u64 = self.expect(Route::Records, Some(codec::encode(&bundles)))?;
         Ok(stored as usize)
     }

@@ -97,16 +97,27 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
             continue;
         }
         let record = Record::decode(&bundle.record).map_err(VerifyError::Undecodable)?;
-        batch.add(bundle, &record);
+        // A full batch goes once the next record is known, so that the last one sent is
+        // always the one that settles the push.
         if batch.full() {
-            send(remote, &mut batch.take(), &mut report, progress)?;
+            send(remote, &mut batch.take(), None, &mut report, progress)?;
         }
+        batch.add(bundle, &record);
     }
-    send(remote, &mut batch.take(), &mut report, progress)?;
+    // Once every record went, the replica holds everything this capsule does.
+    let settles = if report.waiting_for_signature == 0 { Some(local.heads()?) } else { None };
+    send(remote, &mut batch.take(), settles.as_deref(), &mut report, progress)?;
     Ok(report)
 }
 
-fn send(remote: &dyn Replica, batch: &mut Vec<Bundle>, report: &mut Report, progress: &dyn Progress) -> Result<()> {
+/// Puts `batch` to `remote`; `settles` as `Replica::put` takes it.
+fn send(
+    remote: &dyn Replica,
+    batch: &mut Vec<Bundle>,
+    settles: Option<&[RecordHash]>,
+    report: &mut Report,
+    progress: &dyn Progress,
+) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -114,7 +125,7 @@ fn send(remote: &dyn Replica, batch: &mut Vec<Bundle>, report: &mut Report, prog
     report.bytes += bundles.iter().map(|b| b.size() as u64).sum::<u64>();
     report.records += bundles.len();
     report.round_trips += 1;
-    remote.put(bundles)?;
+    remote.put(bundles, settles)?;
     progress.moved(report.records as u64, report.bytes);
     Ok(())
 }
@@ -190,7 +201,10 @@ pub fn pull_taking(local: &Capsule, remote: &dyn Replica, taking: Take, progress
     }
     // With many heads here, telling the replica what this capsule holds costs more than
     // walking down from the replica's heads it lacks (the hole frontier) to records it holds.
-    let by_since = shared.len() < theirs.len() && local.heads()?.len() <= SKETCH_ABOVE;
+    // Where `since` reads the replica's whole index (an object store), walking down from
+    // its heads reads only what is new, except for a sparse pull, which takes headers alone.
+    let walk_first = remote.prefers_walking() && taking == Take::Whole;
+    let by_since = shared.len() < theirs.len() && local.heads()?.len() <= SKETCH_ABOVE && !walk_first;
     if by_since {
         let mut known = haves(local)?;
         known.extend(&shared);
@@ -484,14 +498,15 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
                     record.hash()
                 )));
             }
+            if batch.full() {
+                send(to, &mut batch.take(), None, &mut report, progress)?;
+            }
             batch.add(bundle, &record);
             next += 1;
-            if batch.full() {
-                send(to, &mut batch.take(), &mut report, progress)?;
-            }
         }
     }
-    send(to, &mut batch.take(), &mut report, progress)?;
+    // `to` now holds everything `from`'s heads cover.
+    send(to, &mut batch.take(), Some(&heads), &mut report, progress)?;
     Ok(report)
 }
 

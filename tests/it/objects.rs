@@ -77,7 +77,7 @@ fn two_pushes_of_one_device_at_once_take_turns_and_lose_nothing() {
     command.heads().unwrap();
     for pusher in [&mount, &command] {
         let h = f.cap.append(&f.owner, &[&pusher.describe().len().to_le_bytes()[..1]], signed()).unwrap();
-        assert_eq!(pusher.put(f.cap.fetch(&[h]).unwrap()).unwrap(), 1);
+        assert_eq!(pusher.put(f.cap.fetch(&[h]).unwrap(), None).unwrap(), 1);
     }
     let reader = copy_of(&f.cap, &f.owner);
     pull(&reader, &replica(), &()).unwrap();

@@ -51,8 +51,8 @@ impl Replica for Forgetful<'_> {
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> capsulefs::Result<Option<Vec<u8>>> {
         self.0.sub_record(record, idx)
     }
-    fn put(&self, bundles: Vec<Bundle>) -> capsulefs::Result<usize> {
-        self.0.put(bundles)
+    fn put(&self, bundles: Vec<Bundle>, settles: Option<&[RecordHash]>) -> capsulefs::Result<usize> {
+        self.0.put(bundles, settles)
     }
 }
 
