@@ -397,6 +397,60 @@ fn permissions_are_checked_for_other_users() {
 }
 
 #[test]
+fn writes_truncates_and_chowns_clear_set_id_bits_as_on_a_local_disk() {
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    let Some(m) = Mounted::new(&home, "c", &["-o", "allow_other"]) else { return };
+    fs::set_permissions(&m.dir, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(home.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = |name: &str| fs::metadata(m.path(name)).unwrap().permissions().mode() & 0o7777;
+    let file = |name: &str, mode: u32, owner: Option<u32>| {
+        fs::write(m.path(name), b"program").unwrap();
+        std::os::unix::fs::chown(m.path(name), owner, owner).unwrap();
+        fs::set_permissions(m.path(name), fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let as_nobody = |cmd: &str| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // A write by an unprivileged owner clears set-user-ID, and set-group-ID with group execute.
+    file("both", 0o6775, Some(65534));
+    as_nobody(&format!("echo more >> {}", m.path("both").display()));
+    assert_eq!(mode("both"), 0o775);
+    // Without group execute, set-group-ID is not a privilege and stays.
+    file("lock", 0o2666, Some(65534));
+    as_nobody(&format!("echo more >> {}", m.path("lock").display()));
+    assert_eq!(mode("lock"), 0o2666);
+    // A truncate by the unprivileged owner clears them too.
+    file("cut", 0o4755, Some(65534));
+    as_nobody(&format!("truncate -s 1 {}", m.path("cut").display()));
+    assert_eq!(mode("cut"), 0o755);
+    // Root (CAP_FSETID) writes and truncates without clearing them.
+    file("roots", 0o6755, None);
+    fs::OpenOptions::new().append(true).open(m.path("roots")).unwrap().write_all(b"more").unwrap();
+    fs::OpenOptions::new().write(true).open(m.path("roots")).unwrap().set_len(2).unwrap();
+    assert_eq!(mode("roots"), 0o6755);
+    // A chown clears them, even by root, except on a folder.
+    std::os::unix::fs::chown(m.path("roots"), Some(1), Some(1)).unwrap();
+    assert_eq!(mode("roots"), 0o755);
+    fs::create_dir(m.path("shared")).unwrap();
+    fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o2775)).unwrap();
+    std::os::unix::fs::chown(m.path("shared"), Some(1), Some(1)).unwrap();
+    assert_eq!(mode("shared"), 0o2775);
+    // What was cleared stays cleared once committed and mounted again.
+    drop(m);
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    let modes: Vec<u32> = ["both", "lock", "cut", "roots"]
+        .iter()
+        .map(|n| fs::metadata(m.path(n)).unwrap().permissions().mode() & 0o7777)
+        .collect();
+    assert_eq!(modes, [0o775, 0o2666, 0o755, 0o755]);
+}
+
+#[test]
 fn a_file_unlinked_while_open_is_removed_after_a_crash() {
     let home = Home::default();
     let id = home.ok(&["create", "c"]);

@@ -732,6 +732,15 @@ impl Fs {
         Ok(inode)
     }
 
+    /// Clears `ino`'s set-user-ID and set-group-ID bits as a write by an unprivileged
+    /// process must (`Inode::drop_set_ids`); nothing to store when it has none.
+    pub fn drop_set_ids(&mut self, ino: u64) -> Result<()> {
+        if self.getattr(ino)?.has_set_ids() {
+            self.set_attr(ino, Inode::drop_set_ids)?;
+        }
+        Ok(())
+    }
+
     /// An extended attribute: stored user.* ones, or the read-only provenance of the inode
     /// (`user.capsule.record`, `.writer`, `.verified`).
     pub fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {

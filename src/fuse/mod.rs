@@ -391,6 +391,10 @@ impl Filesystem for CapsuleFs {
         let _ = config.add_capabilities(
             InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS,
         );
+        // Clearing set-user-ID and set-group-ID bits on write, truncate and chown is ours to do
+        // (`write` and `setattr` below): otherwise the kernel asks for security.capability
+        // before every write, one more round trip on each append.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -414,7 +418,7 @@ impl Filesystem for CapsuleFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -430,10 +434,18 @@ impl Filesystem for CapsuleFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // The kernel leaves clearing set-ID bits to us (FUSE_HANDLE_KILLPRIV_V2): a chown of
+        // anything but a folder clears them, and so does a truncate by a caller without
+        // CAP_FSETID (taken to be any but root); a mode given in the same call wins.
+        let owner_changes = uid.is_some() || gid.is_some();
+        let truncate_drops = size.is_some() && req.uid() != 0;
         let result = live(ino).and_then(|ino| {
             let mut fs = self.fs_mut();
             size.map_or(Ok(()), |s| fs.truncate(ino, s))?;
             let inode = fs.set_attr(ino, |i| {
+                if (truncate_drops || owner_changes && i.kind != Kind::Dir) && mode.is_none() {
+                    i.drop_set_ids();
+                }
                 if let Some(m) = mode {
                     i.perm = (m & 0o7777) as u16;
                 }
@@ -571,13 +583,17 @@ impl Filesystem for CapsuleFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let result = live(ino).and_then(|ino| {
             let mut fs = self.fs_mut();
+            // Set by the kernel when the writer lacks CAP_FSETID (FUSE_HANDLE_KILLPRIV_V2).
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                fs.drop_set_ids(ino)?;
+            }
             fs.write(ino, offset, data)?;
             if fs.pending_bytes() > PENDING_LIMIT { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) }
         });
