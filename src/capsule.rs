@@ -151,10 +151,19 @@ struct WriteState {
     /// Each writer's highest sequence number stored, once looked up.
     last_seqs: HashMap<WriterId, Seq>,
     heads: Option<Vec<RecordHash>>,
+    /// Of the heads this process stored: their heights and whether they are signed, so a
+    /// commit on top of them reads neither back (nor asks whether its parents are known).
+    head_facts: HashMap<RecordHash, HeadFacts>,
     next_order: Option<u64>,
     /// Records stored by this process, and calls of `wake_waiters`, for `wait_for_records`.
     stored: u64,
     wakeups: u64,
+}
+
+#[derive(Clone, Copy)]
+struct HeadFacts {
+    height: u64,
+    signed: bool,
 }
 
 impl WriteState {
@@ -476,8 +485,13 @@ impl Capsule {
         durability: Durability,
     ) -> Result<()> {
         let header = &record.header;
-        self.check_parents_known(h, header)?;
-        if let Some(first) = self.store.record_at(&header.writer, header.seq)? {
+        // Past the writer's highest number stored, no record can hold this one's already.
+        let past_last = state.last_seq(&self.store, &header.writer)?.is_some_and(|last| header.seq > last);
+        let (order, heads_before) = (state.next_order(&self.store)?, state.heads(&self.store)?);
+        let facts = &state.head_facts;
+        let unread: Vec<RecordHash> = header.parents.iter().filter(|p| !facts.contains_key(p)).copied().collect();
+        self.check_parents_known(h, &unread)?;
+        if !past_last && let Some(first) = self.store.record_at(&header.writer, header.seq)? {
             self.check_seq_entry(first, header)?;
             return Err(self.keep_evidence(first, h, &record)?);
         }
@@ -485,21 +499,25 @@ impl Capsule {
         if subs.len() != header.sub_count as usize {
             batch.mark_sparse(); // a header without its sub-records (`check_incoming_header`)
         }
-        let order = state.next_order(&self.store)?;
-        let heads = batch.put_record(&h, record.encode(), &header.parents, state.heads(&self.store)?, order);
+        let heads = batch.put_record(&h, record.encode(), &header.parents, heads_before, order);
         for (i, sub) in subs.into_iter().enumerate() {
             batch.put_sub_record(&h, SubIdx(i as u32), sub);
         }
         batch.put_seq(&header.writer, header.seq, &h);
-        batch.put_height(&h, self.height_of_child(&header.parents)?);
+        let height = self.height_of_child(&header.parents, facts)?;
+        batch.put_height(&h, height);
         if let Some(mac) = attestation {
             batch.put_attestation(&h, mac);
         }
-        if record.signature.is_some() {
-            witness::stage_signed(&self.store, &mut batch, self.id, h, &header.parents)?;
+        let signed = record.signature.is_some();
+        if signed {
+            let known_signed = |p: &RecordHash| facts.get(p).is_some_and(|f| f.signed);
+            witness::stage_signed(&self.store, &mut batch, self.id, h, &header.parents, &known_signed)?;
         }
         self.store.write(batch, durability)?;
         state.stored(header.writer, header.seq);
+        state.head_facts.retain(|k, _| heads.contains(k));
+        state.head_facts.insert(h, HeadFacts { height, signed });
         (state.heads, state.next_order) = (Some(heads), Some(order + 1));
         state.stored += 1;
         self.stored.notify_all();
@@ -531,14 +549,17 @@ impl Capsule {
     }
 
     /// The height a record with `parents` gets: one above the highest of them.
-    fn height_of_child(&self, parents: &[RecordHash]) -> Result<u64> {
+    fn height_of_child(&self, parents: &[RecordHash], facts: &HashMap<RecordHash, HeadFacts>) -> Result<u64> {
         let genesis = RecordHash::genesis(self.id);
         let mut highest = 0;
         for p in parents.iter().filter(|p| **p != genesis) {
-            let height = self
-                .store
-                .height(p)?
-                .ok_or_else(|| StoreError::BadIndex { cf: "heights", detail: format!("{p:?} has no height") })?;
+            let height = match facts.get(p) {
+                Some(f) => f.height,
+                None => self
+                    .store
+                    .height(p)?
+                    .ok_or_else(|| StoreError::BadIndex { cf: "heights", detail: format!("{p:?} has no height") })?,
+            };
             highest = highest.max(height);
         }
         Ok(highest + 1)
@@ -574,9 +595,9 @@ impl Capsule {
         Ok(missing)
     }
 
-    fn check_parents_known(&self, record: RecordHash, header: &RecordHeader) -> Result<()> {
+    fn check_parents_known(&self, record: RecordHash, parents: &[RecordHash]) -> Result<()> {
         let genesis = RecordHash::genesis(self.id);
-        for p in &header.parents {
+        for p in parents {
             if *p != genesis && !self.store.has_record(p)? {
                 return Err(VerifyError::UnknownParent { record, parent: *p }.into());
             }
@@ -794,7 +815,7 @@ impl Capsule {
             let h = h?;
             let record = self.record(h)?;
             check_record_claims(self.id, self.metadata(), h, &record)?;
-            self.check_parents_known(h, &record.header)?;
+            self.check_parents_known(h, &record.header.parents)?;
             // Proven before the indexes are checked: a planted record is unverified data.
             prover.prove_record(h)?;
             if self.store.record_at(&record.header.writer, record.header.seq)? != Some(h) {

@@ -19,6 +19,7 @@ pub fn stage_signed(
     capsule: CapsuleId,
     signed: RecordHash,
     parents: &[RecordHash],
+    known_signed: &dyn Fn(&RecordHash) -> bool,
 ) -> Result<usize> {
     let genesis = RecordHash::genesis(capsule);
     let mut staged: HashMap<RecordHash, Witness> = HashMap::new();
@@ -27,8 +28,10 @@ pub fn stage_signed(
     staged.insert(signed, own);
     let mut queue: VecDeque<(RecordHash, u32, RecordHash)> = parents.iter().map(|p| (*p, 1, signed)).collect();
     while let Some((record, dist, via)) = queue.pop_front() {
-        if record == genesis || staged.contains_key(&record) {
-            continue; // BFS: a record staged earlier was reached at a distance no larger.
+        if record == genesis || staged.contains_key(&record) || known_signed(&record) {
+            // BFS: a record staged earlier was reached at a distance no larger; a signed one
+            // is its own witness, at distance 0.
+            continue;
         }
         if store.witness(&record)?.is_some_and(|w| w.dist <= dist) {
             continue; // Already as close; so are its ancestors through it.
