@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use capsulefs::crypto::keys::Keyring;
 use capsulefs::record::codec::FORMAT_VERSION;
-use capsulefs::record::{KeyGen, MerklePath, Record, RecordHash, RecordHeader, RecordKind, Seq, SubRecord, merkle};
+use capsulefs::record::{
+    DeviceId, KeyGen, MerklePath, Record, RecordHash, RecordHeader, RecordKind, Seq, SubRecord, merkle,
+};
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::store::{Batch, Cf, Durability, Kv};
 
@@ -240,6 +242,7 @@ fn forged_trust_state_in_a_real_store_is_refused() {
         capsule: capsulefs::record::CapsuleId::from_hex(&id).unwrap(),
         parents: vec![genuine_hash],
         writer: owner,
+        device: DeviceId([6; 16]),
         seq: Seq(9),
         time_ms: 1,
         kind: RecordKind::Membership,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use capsulefs::crypto::keys::Keyring;
 use capsulefs::crypto::sign;
 use capsulefs::record::codec::{self, FORMAT_VERSION};
-use capsulefs::record::{CapsuleId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
+use capsulefs::record::{CapsuleId, DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
 use capsulefs::replica::Bundle;
 
 use super::{Home, Mounted, sh};
@@ -214,6 +214,7 @@ fn record_bytes(home: &Home, id: &str, parent: RecordHash, seq: u64, signed: boo
         capsule: CapsuleId::from_hex(id).unwrap(),
         parents: vec![parent],
         writer: me.writer(),
+        device: DeviceId([6; 16]),
         seq: Seq(seq),
         time_ms: 1,
         kind: RecordKind::Data,
@@ -786,4 +787,56 @@ fn a_damaged_kept_copy_is_fetched_again_and_never_returned() {
     drop(server);
     let err = read_big().expect_err("damaged copies with no replica to fetch them from");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+}
+
+#[test]
+fn two_devices_of_one_key_are_branches_and_a_restored_backup_is_a_fork() {
+    let server = Server::start();
+    let laptop = Home::default();
+    let id = laptop.ok(&["create", "c"]).trim().to_owned();
+    let note = laptop.file("note", b"from the laptop");
+    laptop.ok(&["append", "c", "--sign", note.to_str().unwrap()]);
+    laptop.ok(&["push", "c", &server.url()]);
+    let desktop = same_user(&laptop);
+    desktop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let write = |home: &Home, text: &str| {
+        let f = home.file("edit", text.as_bytes());
+        home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+    };
+
+    // Apart, each device writes with the same key; both pushes are taken.
+    write(&laptop, "laptop, offline");
+    write(&desktop, "desktop, offline");
+    laptop.ok(&["push", "c", &server.url()]);
+    desktop.ok(&["push", "c", &server.url()]);
+    for home in [&laptop, &desktop] {
+        home.ok(&["pull", "c", &server.url()]);
+        let verify = home.run(&["verify", "c"]);
+        assert!(verify.status.success(), "{verify:?}");
+        assert!(!String::from_utf8_lossy(&verify.stderr).contains("equivocation"), "{verify:?}");
+    }
+    let sorted = |home: &Home| {
+        let mut lines: Vec<String> = home.ok(&["log", "c"]).lines().map(str::to_owned).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(sorted(&laptop), sorted(&desktop), "both devices hold both branches");
+    let log = laptop.ok(&["log", "c"]);
+    let devices: std::collections::HashSet<&str> =
+        log.lines().filter_map(|l| l.split(' ').find(|w| w.starts_with("device="))).collect();
+    assert_eq!(devices.len(), 2, "the laptop's records and the desktop's: {log}");
+
+    // The desktop's home is backed up, writes on, and is later restored from the backup: the
+    // restored copy numbers its next record as the desktop already did, which is a fork.
+    let restored = Home::default();
+    let copied = Command::new("cp").arg("-a").arg(desktop.path().join(".")).arg(restored.path()).status().unwrap();
+    assert!(copied.success());
+    write(&desktop, "desktop, later");
+    desktop.ok(&["push", "c", &server.url()]);
+    write(&restored, "desktop, restored");
+    let out = restored.run(&["push", "c", &server.url()]);
+    assert!(!out.status.success(), "a fork was taken: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a fork"), "{out:?}");
+    let out = laptop.run(&["pull", "c", &server.url()]);
+    assert!(out.status.success(), "the server kept the fork out: {out:?}");
 }

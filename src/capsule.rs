@@ -13,13 +13,13 @@ use crate::proof::verify::{TrustState, check_record_bytes, check_record_claims, 
 use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRecordProof, Verified, witness};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{
-    CapsuleId, KeyGen, Metadata, NodeHash, Params, Payload, Record, RecordHash, RecordHeader, RecordKind, Seq,
-    SignedMetadata, SubIdx, SubRecordBuf, WriterId, merkle,
+    CapsuleId, DeviceId, KeyGen, Metadata, NodeHash, Params, Payload, Record, RecordHash, RecordHeader, RecordKind,
+    Seq, SignedMetadata, SubIdx, SubRecordBuf, WriterId, merkle,
 };
 use crate::replica::Replica;
 use crate::replica::prefetch::SubRecordSource;
 use crate::store::{CapsuleStore, Durability, Kv};
-use crate::{Error, Result, StoreError, VerifyError};
+use crate::{Error, Fork, Result, StoreError, VerifyError};
 
 /// Records whose proven headers stay in memory.
 pub const PROOF_CACHE_RECORDS: usize = 1 << 16;
@@ -148,8 +148,10 @@ pub struct AuditReport {
 /// a writer's last sequence number alone was a tenth of its CPU).
 #[derive(Default)]
 struct WriteState {
-    /// Each writer's highest sequence number stored, once looked up.
-    last_seqs: HashMap<WriterId, Seq>,
+    /// Each writer's highest sequence number stored from each device, once looked up.
+    last_seqs: HashMap<(WriterId, DeviceId), Seq>,
+    /// This store's device id, once read (or chosen, at the first append).
+    device: Option<DeviceId>,
     heads: Option<Vec<RecordHash>>,
     /// Of the heads this process stored: their heights and whether they are signed, so a
     /// commit on top of them reads neither back (nor asks whether its parents are known).
@@ -181,20 +183,39 @@ impl WriteState {
         }
     }
 
-    fn last_seq(&mut self, store: &CapsuleStore, w: &WriterId) -> Result<Option<Seq>> {
-        if let Some(seq) = self.last_seqs.get(w) {
+    fn last_seq(&mut self, store: &CapsuleStore, w: &WriterId, d: &DeviceId) -> Result<Option<Seq>> {
+        if let Some(seq) = self.last_seqs.get(&(*w, *d)) {
             return Ok(Some(*seq));
         }
-        let found = store.last_seq(w)?;
+        let found = store.last_seq(w, d)?;
         if let Some(seq) = found {
-            self.last_seqs.insert(*w, seq);
+            self.last_seqs.insert((*w, *d), seq);
         }
         Ok(found)
     }
 
-    fn stored(&mut self, w: WriterId, seq: Seq) {
-        let last = self.last_seqs.entry(w).or_insert(seq);
+    fn stored(&mut self, w: WriterId, d: DeviceId, seq: Seq) {
+        let last = self.last_seqs.entry((w, d)).or_insert(seq);
         *last = (*last).max(seq);
+    }
+
+    /// The device this store numbers its records as: read once, or chosen at random and
+    /// stored durably by the first append.
+    fn device(&mut self, store: &CapsuleStore) -> Result<DeviceId> {
+        if let Some(d) = self.device {
+            return Ok(d);
+        }
+        let device = match store.device()? {
+            Some(d) => d,
+            None => {
+                let d = DeviceId(crate::crypto::random_bytes::<16>());
+                let mut batch = store.batch();
+                batch.put_device(d);
+                store.write(batch, Durability::Durable)?;
+                d
+            }
+        };
+        Ok(*self.device.insert(device))
     }
 }
 
@@ -411,13 +432,15 @@ impl Capsule {
             parents.push(RecordHash::genesis(self.id));
         }
         let w = writer.writer();
-        let seq = Seq(state.last_seq(&self.store, &w)?.map_or(1, |s| s.0 + 1));
+        let device = state.device(&self.store)?;
+        let seq = Seq(state.last_seq(&self.store, &w, &device)?.map_or(1, |s| s.0 + 1));
         let (merkle_root, subs) = sub_records(subs);
         let header = RecordHeader {
             version: FORMAT_VERSION,
             capsule: self.id,
             parents,
             writer: w,
+            device,
             seq,
             time_ms: now_ms(),
             kind: opts.kind,
@@ -486,12 +509,13 @@ impl Capsule {
     ) -> Result<()> {
         let header = &record.header;
         // Past the writer's highest number stored, no record can hold this one's already.
-        let past_last = state.last_seq(&self.store, &header.writer)?.is_some_and(|last| header.seq > last);
+        let past_last =
+            state.last_seq(&self.store, &header.writer, &header.device)?.is_some_and(|last| header.seq > last);
         let (order, heads_before) = (state.next_order(&self.store)?, state.heads(&self.store)?);
         let facts = &state.head_facts;
         let unread: Vec<RecordHash> = header.parents.iter().filter(|p| !facts.contains_key(p)).copied().collect();
         self.check_parents_known(h, &unread)?;
-        if !past_last && let Some(first) = self.store.record_at(&header.writer, header.seq)? {
+        if !past_last && let Some(first) = self.store.record_at(&header.writer, &header.device, header.seq)? {
             self.check_seq_entry(first, header)?;
             return Err(self.keep_evidence(first, h, &record)?);
         }
@@ -503,7 +527,7 @@ impl Capsule {
         for (i, sub) in subs.into_iter().enumerate() {
             batch.put_sub_record(&h, SubIdx(i as u32), sub);
         }
-        batch.put_seq(&header.writer, header.seq, &h);
+        batch.put_seq(&header.writer, &header.device, header.seq, &h);
         let height = self.height_of_child(&header.parents, facts)?;
         batch.put_height(&h, height);
         if let Some(mac) = attestation {
@@ -515,7 +539,7 @@ impl Capsule {
             witness::stage_signed(&self.store, &mut batch, self.id, h, &header.parents, &known_signed)?;
         }
         self.store.write(batch, durability)?;
-        state.stored(header.writer, header.seq);
+        state.stored(header.writer, header.device, header.seq);
         state.head_facts.retain(|k, _| heads.contains(k));
         state.head_facts.insert(h, HeadFacts { height, signed });
         (state.heads, state.next_order) = (Some(heads), Some(order + 1));
@@ -609,9 +633,11 @@ impl Capsule {
     /// called a fork, the indexed one must really be that writer's record with that number.
     fn check_seq_entry(&self, indexed: RecordHash, header: &RecordHeader) -> Result<()> {
         let first = self.record(indexed)?.header;
-        if first.writer != header.writer || first.seq != header.seq {
-            let detail =
-                format!("{:?} seq {} points at {indexed:?}, which is not that record", header.writer, header.seq.0);
+        if first.writer != header.writer || first.device != header.device || first.seq != header.seq {
+            let detail = format!(
+                "{:?} {:?} seq {} points at {indexed:?}, which is not that record",
+                header.writer, header.device, header.seq.0
+            );
             return Err(StoreError::BadIndex { cf: "seqs", detail }.into());
         }
         Ok(())
@@ -619,20 +645,21 @@ impl Capsule {
 
     /// Stores both records of a reused sequence number as evidence, and returns the error.
     fn keep_evidence(&self, first: RecordHash, second: RecordHash, record: &Record) -> Result<Error> {
-        let (writer, seq) = (record.header.writer, record.header.seq);
+        let (writer, device, seq) = (record.header.writer, record.header.device, record.header.seq);
         let first_bytes = self.store.record_bytes(&first)?.ok_or(VerifyError::MissingRecord { record: first })?;
         let mut batch = self.store.batch();
-        batch.put_evidence(&writer, seq, &first, first_bytes);
-        batch.put_evidence(&writer, seq, &second, record.encode());
+        batch.put_evidence(&writer, &device, seq, &first, first_bytes);
+        batch.put_evidence(&writer, &device, seq, &second, record.encode());
         self.store.write(batch, Durability::Durable)?;
         tracing::error!(
             ?writer,
+            ?device,
             seq = seq.0,
             ?first,
             ?second,
             "writer equivocated: two records share a sequence number"
         );
-        Ok(VerifyError::Equivocation { writer, seq, first, second }.into())
+        Ok(VerifyError::Equivocation(Box::new(Fork { writer, device, seq, first, second })).into())
     }
 
     fn prover(&self) -> Prover<'_> {
@@ -818,8 +845,10 @@ impl Capsule {
             self.check_parents_known(h, &record.header.parents)?;
             // Proven before the indexes are checked: a planted record is unverified data.
             prover.prove_record(h)?;
-            if self.store.record_at(&record.header.writer, record.header.seq)? != Some(h) {
-                let detail = format!("{:?} seq {} does not point at {h:?}", record.header.writer, record.header.seq.0);
+            let header = &record.header;
+            if self.store.record_at(&header.writer, &header.device, header.seq)? != Some(h) {
+                let detail =
+                    format!("{:?} {:?} seq {} does not point at {h:?}", header.writer, header.device, header.seq.0);
                 return Err(StoreError::BadIndex { cf: "seqs", detail }.into());
             }
             for idx in 0..record.header.sub_count {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::record::{CapsuleId, DecodeError, RecordHash, Seq, SubIdx, WriterId};
+use crate::record::{CapsuleId, DecodeError, DeviceId, RecordHash, Seq, SubIdx, WriterId};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -90,15 +90,26 @@ pub enum VerifyError {
         "{record:?} claims {count} sub-records with root {root}, but its payloads give {actual_count} with another root"
     )]
     PayloadMismatch { record: RecordHash, count: u32, actual_count: usize, root: String },
-    #[error(
-        "{writer:?} signed two different records with sequence number {}, {first:?} and {second:?}: a fork \
-         (one key writing from two copies of the same state, e.g. a restored backup); the second is kept aside \
-         as evidence, not merged (`capsulefs verify` lists it)",
-        seq.0
-    )]
-    Equivocation { writer: WriterId, seq: Seq, first: RecordHash, second: RecordHash },
+    #[error(transparent)]
+    Equivocation(Box<Fork>),
     #[error("capsule metadata does not verify: {0}")]
     Metadata(String),
+}
+
+/// Two different signed records with one writer, device and sequence number.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{writer:?} signed two different records with sequence number {} of device {device:?}, {first:?} and \
+     {second:?}: a fork (one key writing from two copies of the same store, e.g. a restored backup); the \
+     second is kept aside as evidence, not merged (`capsulefs verify` lists it)",
+    seq.0
+)]
+pub struct Fork {
+    pub writer: WriterId,
+    pub device: DeviceId,
+    pub seq: Seq,
+    pub first: RecordHash,
+    pub second: RecordHash,
 }
 
 #[derive(Debug, thiserror::Error)]

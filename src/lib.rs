@@ -41,4 +41,4 @@ pub mod record;
 pub mod replica;
 pub mod store;
 
-pub use error::{Error, Result, StoreError, VerifyError};
+pub use error::{Error, Fork, Result, StoreError, VerifyError};

@@ -104,9 +104,10 @@ pub fn log(home: &Home, a: LogArgs) -> anyhow::Result<()> {
             .collect();
         writeln!(
             out,
-            "{h} parents={} writer={} seq={} {} subs={}{}",
+            "{h} parents={} writer={} device={} seq={} {} subs={}{}",
             parents.join(","),
             &hd.writer.to_hex()[..12],
+            &hex::encode(hd.device.0)[..8],
             hd.seq.0,
             if record.signature.is_some() { "signed" } else { "unsigned" },
             hd.sub_count,
@@ -131,8 +132,11 @@ pub fn verify(home: &Home, a: VerifyArgs) -> anyhow::Result<()> {
     let report = capsule.audit().context("verify failed")?;
     for e in capsule.store().evidence()? {
         eprintln!(
-            "capsulefs: warning: equivocation evidence: writer {} used seq {} for {}",
-            e.writer, e.seq.0, e.record
+            "capsulefs: warning: equivocation evidence: writer {} used seq {} of device {} for {}",
+            e.writer,
+            e.seq.0,
+            hex::encode(e.device.0),
+            e.record
         );
     }
     println!(

@@ -118,12 +118,14 @@ fn print(verb: &str, preposition: &str, url: &str, r: &Report) {
         "{verb} {} records ({} bytes) {preposition} {url} in {} round trips; finding them took {} bytes sent, {} received",
         r.records, r.bytes, r.round_trips, r.reconcile_sent, r.reconcile_received
     );
-    for (writer, seq, count) in &r.replica_lacks {
+    for lacking in &r.replica_lacks {
         eprintln!(
-            "capsulefs: warning: {url} lacks {count} signed records of writer {} (up to seq {}) that this capsule holds: \
-             it is behind or was rolled back; `capsulefs push` repairs it",
-            &writer.to_hex()[..12],
-            seq.0
+            "capsulefs: warning: {url} lacks {} signed records of writer {} (device {}, up to seq {}) that this \
+             capsule holds: it is behind or was rolled back; `capsulefs push` repairs it",
+            lacking.count,
+            &lacking.writer.to_hex()[..12],
+            &hex::encode(lacking.device.0)[..8],
+            lacking.seq.0
         );
     }
     if r.waiting_for_signature > 0 {

@@ -95,7 +95,7 @@ fn reason(e: &Error) -> &'static str {
             VerifyError::UnknownParent { .. } => "unknown_parent",
             VerifyError::Unanchored { .. } => "unsigned_without_signed_descendant",
             VerifyError::PayloadMismatch { .. } => "payload_mismatch",
-            VerifyError::Equivocation { .. } => "equivocation",
+            VerifyError::Equivocation(_) => "equivocation",
             VerifyError::Metadata(_) => "bad_metadata",
             _ => "unverified",
         },

@@ -5,8 +5,9 @@
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
-/// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u8 = 1;
+/// The only format version this build reads and writes. 2: record headers name the device
+/// whose sequence space numbers them.
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

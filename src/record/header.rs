@@ -7,7 +7,7 @@
 use borsh::{BorshDeserialize, BorshSerialize};
 
 use super::codec::{self, Canonical, DecodeError, FORMAT_VERSION, strictly_ascending};
-use super::ids::{CapsuleId, KeyGen, NodeHash, RecordHash, Seq, Signature, WriterId};
+use super::ids::{CapsuleId, DeviceId, KeyGen, NodeHash, RecordHash, Seq, Signature, WriterId};
 
 const HASH_DOMAIN: &[u8] = b"capsulefs record v1\0";
 pub const SIGNATURE_DOMAIN: &[u8] = b"capsulefs record signature v1\0";
@@ -36,6 +36,8 @@ pub struct RecordHeader {
     /// Sorted, unique, at least one; a capsule's first records point at `RecordHash::genesis`.
     pub parents: Vec<RecordHash>,
     pub writer: WriterId,
+    /// The writer's device that numbered this record: `seq` counts within it.
+    pub device: DeviceId,
     pub seq: Seq,
     pub time_ms: u64,
     pub kind: RecordKind,

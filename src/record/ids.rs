@@ -81,7 +81,20 @@ impl RecordHash {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, BorshSerialize, BorshDeserialize)]
 pub struct SubIdx(pub u32);
 
-/// Per-writer sequence number; the first record of a writer has `Seq(1)`.
+/// One store's sequence space: a writer's records from one device (a store, chosen at random
+/// the first time it appends) are numbered 1, 2, 3, ... apart from the writer's other devices,
+/// so two honest devices of one key are two branches, and only a number reused on one device
+/// is a fork.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, BorshSerialize, BorshDeserialize)]
+pub struct DeviceId(pub [u8; 16]);
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dev:{}", &hex::encode(self.0)[..8])
+    }
+}
+
+/// Per-device sequence number; the first record of a writer's device has `Seq(1)`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, BorshSerialize, BorshDeserialize)]
 pub struct Seq(pub u64);
 

@@ -10,7 +10,7 @@ pub mod sub_record;
 
 pub use codec::DecodeError;
 pub use header::{Record, RecordHeader, RecordKind};
-pub use ids::{CapsuleId, KeyGen, NodeHash, RecordHash, Seq, Signature, SubIdx, WriterId};
+pub use ids::{CapsuleId, DeviceId, KeyGen, NodeHash, RecordHash, Seq, Signature, SubIdx, WriterId};
 pub use merkle::MerklePath;
 pub use metadata::{Metadata, Params, SignedMetadata};
 pub use sub_record::{Payload, SubRecord, SubRecordBuf};

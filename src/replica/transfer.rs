@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{Bundle, MAX_HASHES, Node, Replica, sketch};
 use crate::capsule::{Capsule, Ingested};
-use crate::record::{CapsuleId, Record, RecordHash, Seq, WriterId};
+use crate::record::{CapsuleId, DeviceId, Record, RecordHash, Seq, WriterId};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
 
@@ -34,13 +34,23 @@ pub struct Report {
     /// Local unsigned records no signed record covers yet: a replica takes them only with a
     /// signed descendant, so they wait for the next signature (a mount signs within T seconds).
     pub waiting_for_signature: usize,
-    /// After a pull: signed records this capsule holds that the replica does not, by writer,
-    /// with the highest sequence number among them. The local capsule never moves back (it
+    /// After a pull: signed records this capsule holds that the replica does not, by writer
+    /// and device, with the highest sequence number among them. The local capsule never moves back (it
     /// only ever adds records); a replica that offers less is behind, or was rolled back.
-    pub replica_lacks: Vec<(WriterId, Seq, usize)>,
+    pub replica_lacks: Vec<Lacking>,
     /// After a pull: the replica's heads as it last gave them (a follower waits for them
     /// to change).
     pub replica_heads: Vec<RecordHash>,
+}
+
+/// Signed records of one writer's device that a replica lacks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lacking {
+    pub writer: WriterId,
+    pub device: DeviceId,
+    /// The highest sequence number among them.
+    pub seq: Seq,
+    pub count: usize,
 }
 
 /// Told as records move, for a progress bar; `&()` ignores it.
@@ -289,19 +299,19 @@ pub fn replica_heads(local: &Capsule, remote: &dyn Replica, report: &mut Report)
     Ok(theirs)
 }
 
-/// The signed records this capsule holds that a replica with heads `theirs` lacks, by writer:
-/// (writer, highest sequence number among them, how many).
-fn signed_lacking(local: &Capsule, theirs: &[RecordHash]) -> Result<Vec<(WriterId, Seq, usize)>> {
-    let mut by_writer: BTreeMap<WriterId, (Seq, usize)> = BTreeMap::new();
+/// The signed records this capsule holds that a replica with heads `theirs` lacks, by writer
+/// and device: (writer, device, highest sequence number among them, how many).
+fn signed_lacking(local: &Capsule, theirs: &[RecordHash]) -> Result<Vec<Lacking>> {
+    let mut by_lane: BTreeMap<(WriterId, DeviceId), (Seq, usize)> = BTreeMap::new();
     for h in local.difference(theirs)? {
-        let record = local.record(h)?;
-        if record.signature.is_some() {
-            let entry = by_writer.entry(record.header.writer).or_insert((record.header.seq, 0));
-            entry.0 = entry.0.max(record.header.seq);
+        let Record { header, signature } = local.record(h)?;
+        if signature.is_some() {
+            let entry = by_lane.entry((header.writer, header.device)).or_insert((header.seq, 0));
+            entry.0 = entry.0.max(header.seq);
             entry.1 += 1;
         }
     }
-    Ok(by_writer.into_iter().map(|(w, (seq, n))| (w, seq, n)).collect())
+    Ok(by_lane.into_iter().map(|((writer, device), (seq, count))| Lacking { writer, device, seq, count }).collect())
 }
 
 /// How far below each head `haves` looks.

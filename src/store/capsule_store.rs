@@ -6,7 +6,7 @@ use std::sync::Arc;
 use borsh::{BorshDeserialize, BorshSerialize};
 
 use super::kv::{Batch, Cf, Durability, Kv};
-use crate::record::{RecordHash, Seq, SubIdx, WriterId};
+use crate::record::{DeviceId, RecordHash, Seq, SubIdx, WriterId};
 use crate::{Result, StoreError};
 
 const METADATA_KEY: &[u8] = b"metadata";
@@ -19,11 +19,15 @@ const NEXT_ORDER_KEY: &[u8] = b"next-order";
 /// missing sub-record is then fetched from a replica, not a loss. Forging it hides nothing:
 /// what is fetched is proven like anything else, and `verify` counts what is not held.
 const SPARSE_KEY: &[u8] = b"sparse";
+/// This store's device id (16 bytes), chosen at its first append: the sequence space its
+/// writers' records are numbered in.
+const DEVICE_KEY: &[u8] = b"device";
 
-/// Two records one writer made with the same sequence number: proof of a fork.
+/// Two records one writer's device made with the same sequence number: proof of a fork.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Evidence {
     pub writer: WriterId,
+    pub device: DeviceId,
     pub seq: Seq,
     pub record: RecordHash,
     pub record_bytes: Vec<u8>,
@@ -58,9 +62,17 @@ fn sub_key(h: &RecordHash, idx: SubIdx) -> Vec<u8> {
     [&h.as_bytes()[..], &idx.0.to_be_bytes()].concat()
 }
 
-fn seq_key(w: &WriterId, seq: Seq) -> Vec<u8> {
-    [&w.as_bytes()[..], &seq.0.to_be_bytes()].concat()
+/// A sequence space: one writer's records from one device.
+fn lane_key(w: &WriterId, d: &DeviceId) -> Vec<u8> {
+    [&w.as_bytes()[..], &d.0].concat()
 }
+
+fn seq_key(w: &WriterId, d: &DeviceId, seq: Seq) -> Vec<u8> {
+    [lane_key(w, d), seq.0.to_be_bytes().to_vec()].concat()
+}
+
+/// Bytes of a `seq_key`: writer, device, sequence number.
+const SEQ_KEY_LEN: usize = 32 + 16 + 8;
 
 impl CapsuleStore {
     pub fn new(kv: Arc<dyn Kv>) -> Self {
@@ -109,16 +121,26 @@ impl CapsuleStore {
         Ok(Some(u64::from_be_bytes(bytes)))
     }
 
-    pub fn record_at(&self, w: &WriterId, seq: Seq) -> Result<Option<RecordHash>> {
-        self.kv.get(Cf::Seqs, &seq_key(w, seq))?.map(|v| hash_value(Cf::Seqs, &v)).transpose()
+    pub fn record_at(&self, w: &WriterId, d: &DeviceId, seq: Seq) -> Result<Option<RecordHash>> {
+        self.kv.get(Cf::Seqs, &seq_key(w, d, seq))?.map(|v| hash_value(Cf::Seqs, &v)).transpose()
     }
 
-    pub fn last_seq(&self, w: &WriterId) -> Result<Option<Seq>> {
-        let Some(entry) = self.kv.scan(Cf::Seqs, w.as_bytes(), true)?.next() else { return Ok(None) };
+    /// The highest sequence number stored of writer `w`'s device `d`.
+    pub fn last_seq(&self, w: &WriterId, d: &DeviceId) -> Result<Option<Seq>> {
+        let Some(entry) = self.kv.scan(Cf::Seqs, &lane_key(w, d), true)?.next() else { return Ok(None) };
         let key = entry?.0;
-        let tail: [u8; 8] =
-            key.get(32..).and_then(|t| t.try_into().ok()).ok_or_else(|| bad_index(Cf::Seqs, "short key"))?;
+        let tail: [u8; 8] = key
+            .get(SEQ_KEY_LEN - 8..)
+            .and_then(|t| t.try_into().ok())
+            .ok_or_else(|| bad_index(Cf::Seqs, "short key"))?;
         Ok(Some(Seq(u64::from_be_bytes(tail))))
+    }
+
+    /// This store's device id, once its first append chose one.
+    pub fn device(&self) -> Result<Option<DeviceId>> {
+        let Some(v) = self.kv.get(Cf::Meta, DEVICE_KEY)? else { return Ok(None) };
+        let bytes: [u8; 16] = v.try_into().map_err(|_| bad_index(Cf::Meta, "the device id is not 16 bytes"))?;
+        Ok(Some(DeviceId(bytes)))
     }
 
     /// The proven mark of `h` as stored (a MAC that `proof::TrustState` checks).
@@ -148,12 +170,14 @@ impl CapsuleStore {
             .scan(Cf::Evidence, &[], false)?
             .map(|e| {
                 let (k, v) = e?;
-                if k.len() != 72 {
-                    return Err(bad_index(Cf::Evidence, "key is not 72 bytes"));
+                if k.len() != SEQ_KEY_LEN + 32 {
+                    return Err(bad_index(Cf::Evidence, format!("key is not {} bytes", SEQ_KEY_LEN + 32)));
                 }
-                let seq = u64::from_be_bytes(k[32..40].try_into().expect("length checked"));
-                let w = WriterId::from_slice(&k[..32]).map_err(|e| bad_index(Cf::Evidence, e))?;
-                Ok(Evidence { writer: w, seq: Seq(seq), record: hash_value(Cf::Evidence, &k[40..])?, record_bytes: v })
+                let writer = WriterId::from_slice(&k[..32]).map_err(|e| bad_index(Cf::Evidence, e))?;
+                let device = DeviceId(k[32..48].try_into().expect("length checked"));
+                let seq = Seq(u64::from_be_bytes(k[48..SEQ_KEY_LEN].try_into().expect("length checked")));
+                let record = hash_value(Cf::Evidence, &k[SEQ_KEY_LEN..])?;
+                Ok(Evidence { writer, device, seq, record, record_bytes: v })
             })
             .collect()
     }
@@ -190,6 +214,10 @@ impl StoreBatch {
         self.batch.put(Cf::Meta, METADATA_KEY, bytes);
     }
 
+    pub fn put_device(&mut self, d: DeviceId) {
+        self.batch.put(Cf::Meta, DEVICE_KEY, d.0.to_vec());
+    }
+
     pub fn mark_sparse(&mut self) {
         self.batch.put(Cf::Meta, SPARSE_KEY, vec![1]);
     }
@@ -224,8 +252,8 @@ impl StoreBatch {
         self.batch.put(Cf::Heights, h.as_bytes().to_vec(), height.to_be_bytes().to_vec());
     }
 
-    pub fn put_seq(&mut self, w: &WriterId, seq: Seq, h: &RecordHash) {
-        self.batch.put(Cf::Seqs, seq_key(w, seq), h.as_bytes().to_vec());
+    pub fn put_seq(&mut self, w: &WriterId, d: &DeviceId, seq: Seq, h: &RecordHash) {
+        self.batch.put(Cf::Seqs, seq_key(w, d, seq), h.as_bytes().to_vec());
     }
 
     pub fn put_witness(&mut self, h: &RecordHash, w: &Witness) {
@@ -244,7 +272,7 @@ impl StoreBatch {
         self.batch.put(Cf::Attest, h.as_bytes().to_vec(), mac.to_vec());
     }
 
-    pub fn put_evidence(&mut self, w: &WriterId, seq: Seq, h: &RecordHash, record: Vec<u8>) {
-        self.batch.put(Cf::Evidence, [seq_key(w, seq), h.as_bytes().to_vec()].concat(), record);
+    pub fn put_evidence(&mut self, w: &WriterId, d: &DeviceId, seq: Seq, h: &RecordHash, record: Vec<u8>) {
+        self.batch.put(Cf::Evidence, [seq_key(w, d, seq), h.as_bytes().to_vec()].concat(), record);
     }
 }

@@ -2,8 +2,8 @@
 
 use capsulefs::record::codec::{self, DecodeError, FORMAT_VERSION};
 use capsulefs::record::{
-    CapsuleId, KeyGen, Metadata, NodeHash, Params, Record, RecordHash, RecordHeader, RecordKind, Seq, Signature,
-    SignedMetadata, SubRecord, WriterId,
+    CapsuleId, DeviceId, KeyGen, Metadata, NodeHash, Params, Record, RecordHash, RecordHeader, RecordKind, Seq,
+    Signature, SignedMetadata, SubRecord, WriterId,
 };
 use proptest::prelude::*;
 
@@ -13,6 +13,7 @@ fn header(parents: Vec<RecordHash>) -> RecordHeader {
         capsule: CapsuleId::from_bytes([1; 32]),
         parents,
         writer: WriterId::from_bytes([2; 32]),
+        device: DeviceId([6; 16]),
         seq: Seq(7),
         time_ms: 1_700_000_000_000,
         kind: RecordKind::Data,
@@ -57,8 +58,10 @@ fn truncation_is_rejected_at_every_length() {
 #[test]
 fn unknown_versions_are_rejected() {
     let mut b = record(vec![rh(1)], false).encode();
-    b[0] = 2;
-    check_rejects(&b, DecodeError::UnknownVersion(2));
+    b[0] = FORMAT_VERSION + 1;
+    check_rejects(&b, DecodeError::UnknownVersion(FORMAT_VERSION + 1));
+    b[0] = 1; // before records named their device
+    check_rejects(&b, DecodeError::UnknownVersion(1));
 }
 
 #[test]
@@ -82,8 +85,8 @@ fn a_length_prefix_longer_than_the_input_is_rejected() {
 #[test]
 fn bad_enum_and_option_tags_are_rejected() {
     let good = record(vec![rh(1)], true).encode();
-    // kind sits after parents (4 + 32), writer (32), seq (8), time (8).
-    let kind_at = PARENTS_AT + 4 + 32 + 32 + 8 + 8;
+    // kind sits after parents (4 + 32), writer (32), device (16), seq (8), time (8).
+    let kind_at = PARENTS_AT + 4 + 32 + 32 + 16 + 8 + 8;
     let mut b = good.clone();
     b[kind_at] = 7;
     assert!(matches!(Record::decode(&b), Err(DecodeError::Malformed(_))));
@@ -169,6 +172,7 @@ fn arb_record() -> impl Strategy<Value = Record> {
                 capsule: CapsuleId::from_bytes([1; 32]),
                 parents: parents.into_iter().collect(),
                 writer: WriterId::from_bytes(w),
+                device: DeviceId([6; 16]),
                 seq: Seq(seq),
                 time_ms,
                 kind: if membership { RecordKind::Membership } else { RecordKind::Data },
@@ -222,9 +226,9 @@ proptest! {
 /// The worked sizes in ARCHITECTURE.md ("Formats").
 #[test]
 fn encoded_sizes_match_architecture_md() {
-    assert_eq!(record(vec![rh(1)], false).encode().len(), 159);
-    assert_eq!(record(vec![rh(1)], true).encode().len(), 223);
-    assert_eq!(record(vec![rh(1), rh(2)], true).encode().len(), 255);
+    assert_eq!(record(vec![rh(1)], false).encode().len(), 175);
+    assert_eq!(record(vec![rh(1)], true).encode().len(), 239);
+    assert_eq!(record(vec![rh(1), rh(2)], true).encode().len(), 271);
     let m = Metadata { writers: vec![], ..metadata() };
     assert_eq!(SignedMetadata { metadata: m, signature: Signature([0; 64]) }.encode().len(), 146);
     let sub = |len: usize, path: usize| {

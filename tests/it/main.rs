@@ -14,7 +14,7 @@ use capsulefs::capsule::{AppendOptions, Capsule, Ingested, NewCapsule};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::crypto::sign;
 use capsulefs::record::codec::FORMAT_VERSION;
-use capsulefs::record::{KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
+use capsulefs::record::{DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
 
@@ -58,6 +58,7 @@ impl Fixture {
             capsule: self.cap.id(),
             parents,
             writer: by.writer(),
+            device: DeviceId([6; 16]),
             seq: Seq(seq),
             time_ms: 1,
             kind: RecordKind::Data,

@@ -195,7 +195,8 @@ fn a_reused_sequence_number_is_kept_as_evidence() {
     let first = f.put(&f.other, 1, &[f.genesis()], b"first", true);
     let bytes = f.make(&f.other, 1, &[f.genesis()], &[b"second"], true);
     let err = verify_err(f.cap.ingest(&bytes, &[b"second"], Durability::Buffered));
-    let VerifyError::Equivocation { writer, seq, first: got_first, second } = err else { panic!("{err:?}") };
+    let VerifyError::Equivocation(fork) = err else { panic!("{err:?}") };
+    let capsulefs::Fork { writer, seq, first: got_first, second, .. } = *fork;
     assert_eq!((writer, seq.0, got_first), (f.other.writer(), 1, first));
     let evidence = f.cap.store().evidence().unwrap();
     let mut recorded: Vec<_> = evidence.iter().map(|e| e.record).collect();
@@ -269,6 +270,7 @@ fn a_forged_sequence_entry_is_not_taken_for_a_fork() {
     let f = fixture();
     let unrelated = f.cap.append(&f.owner, &[b"owner's"], signed()).unwrap();
     let mut key = f.other.writer().as_bytes().to_vec();
+    key.extend_from_slice(&[6; 16]); // the device of records made by hand
     key.extend_from_slice(&1u64.to_be_bytes());
     overwrite(&f.kv, Cf::Seqs, key, Some(unrelated.as_bytes().to_vec()));
     let bytes = f.make(&f.other, 1, &[f.genesis()], &[b"honest"], true);
