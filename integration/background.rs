@@ -160,3 +160,59 @@ fn two_mounts_through_one_server_see_each_others_changes_without_remounting() {
     desk.ok(&["verify", "c"]);
     laptop.ok(&["verify", "c"]);
 }
+
+/// A copy of server store `store` as it is now, for putting back later.
+fn copy_of_store(store: &tempfile::TempDir) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    super::sh(&format!("cp -a {}/. {}", store.path().display(), copy.path().display()));
+    copy
+}
+
+#[test]
+fn a_replica_put_back_to_an_older_state_raises_an_alarm_in_the_mount() {
+    let server = Server::start();
+    let home = Home::default();
+    let Some((_, m)) = pushed_mount(&home, &server.url(), &[], ("a.txt", b"first")) else { return };
+    // The server's state now, kept aside while it is stopped.
+    let (store, addr) = server.kill();
+    let old = copy_of_store(&store);
+    let server = Server::start_on(store, &addr);
+    write_fsynced(&m.path("b.txt"), b"second");
+    // The mount's pull sees the server holding b.txt's commit (the newest record) before it
+    // goes back.
+    let newest = home.ok(&["log", "c"]).lines().next().unwrap()[..12].to_owned();
+    replica_line(&m.dir, "b.txt's commit among the server's heads", |l| l.contains(&newest));
+
+    // The server put back to the copy: it lacks a commit it held; the mount says so.
+    let (_, addr) = server.kill();
+    let _server = Server::start_on(old, &addr);
+    let line = replica_line(&m.dir, "the alarm", |l| l.contains("ALARM: rolled back"));
+    assert!(line.contains("lacks 1 signed records"), "{line}");
+}
+
+#[test]
+fn a_replica_serving_a_fork_raises_an_alarm_in_the_mount() {
+    use capsulefs::record::{RecordHash, codec};
+    let (a, b) = (Server::start(), Server::start());
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["push", "c", &a.url()]);
+    home.ok(&["push", "c", &b.url()]);
+    // One writer, device and sequence number, two different signed records: one on each server.
+    let head = RecordHash::from_hex(home.ok(&["log", "c"]).split(' ').next().unwrap()).unwrap();
+    let genesis = RecordHash::from_hex(&id).unwrap();
+    let records = format!("/v1/capsules/{id}/records");
+    let first = super::replicas::record_bytes(&home, &id, head, 1000, true);
+    let second = super::replicas::record_bytes(&home, &id, genesis, 1000, true);
+    assert_eq!(a.raw("POST", &records, &codec::encode(&vec![first])), 200);
+    assert_eq!(b.raw("POST", &records, &codec::encode(&vec![second])), 200);
+
+    let laptop = same_user(&home);
+    laptop.ok(&["clone", &format!("{}#{id}", a.url())]);
+    laptop.ok(&["replica", "add", "c", &b.url()]);
+    let Some(m) = Mounted::new(&laptop, "c", &[]) else { return };
+    let line = replica_line(&m.dir, "the fork alarm", |l| l.contains("ALARM: serves a forked writer"));
+    assert!(line.starts_with(&format!("replica: {} ", b.url())) && line.contains("sequence number 1000"), "{line}");
+    let status = fs::read_to_string(m.path(".capsule/status")).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("ALARM: writer ") && l.contains("as seq 1000: a fork")), "{status}");
+}

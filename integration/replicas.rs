@@ -85,7 +85,7 @@ impl Server {
     }
 
     /// One raw HTTP/1.1 request; returns the status code (0 if the server closed first).
-    fn raw(&self, method: &str, path: &str, body: &[u8]) -> u16 {
+    pub(super) fn raw(&self, method: &str, path: &str, body: &[u8]) -> u16 {
         self.raw_declaring(method, path, body.len(), body)
     }
 
@@ -206,7 +206,7 @@ fn a_server_killed_mid_push_loses_nothing_acknowledged_and_the_push_resumes() {
 }
 
 /// A record of capsule `id` by the home's own key, as raw bytes, and its one payload.
-fn record_bytes(home: &Home, id: &str, parent: RecordHash, seq: u64, signed: bool) -> Bundle {
+pub(super) fn record_bytes(home: &Home, id: &str, parent: RecordHash, seq: u64, signed: bool) -> Bundle {
     let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
     let payload = format!("payload {seq}").into_bytes();
     let header = RecordHeader {

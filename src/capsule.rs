@@ -377,6 +377,13 @@ impl Capsule {
         &self.store
     }
 
+    /// The forks this capsule keeps evidence of: (writer, device, seq), each once.
+    pub fn forks(&self) -> Result<Vec<(WriterId, DeviceId, Seq)>> {
+        let mut forks: Vec<_> = self.store.evidence()?.into_iter().map(|e| (e.writer, e.device, e.seq)).collect();
+        forks.dedup();
+        Ok(forks)
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
     }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use crate::fs::Fs;
 use crate::proof::CacheStats;
-use crate::record::RecordHash;
+use crate::record::{DeviceId, RecordHash, Seq, WriterId};
 use crate::replica::status::ReplicaStatus;
 use crate::{Error, Result};
 
@@ -118,6 +118,8 @@ pub struct Status {
     pub history_views: usize,
     /// The replicas the mount pushes to in the background, one line each.
     pub replicas: Vec<ReplicaStatus>,
+    /// Forks this capsule keeps evidence of: (writer, device, seq), each once.
+    pub forks: Vec<(WriterId, DeviceId, Seq)>,
 }
 
 fn hit_rate(s: CacheStats) -> String {
@@ -144,6 +146,19 @@ impl Status {
             hit_rate(self.node_cache),
             self.history_views,
         ) + &self.replicas.iter().map(|r| r.render() + "\n").collect::<String>()
+            + &self
+                .forks
+                .iter()
+                .map(|(w, d, seq)| {
+                    format!(
+                        "ALARM: writer {} (device {}) signed two records as seq {}: a fork; the second is kept \
+                         aside as evidence (`capsulefs verify` lists both), not merged\n",
+                        &w.to_hex()[..12],
+                        &hex::encode(d.0)[..8],
+                        seq.0
+                    )
+                })
+                .collect::<String>()
     }
 }
 

@@ -248,6 +248,10 @@ impl CapsuleFs {
             node_cache: fs.cache().nodes.stats(),
             history_views: self.views().open_count(),
             replicas: self.replicas.as_ref().map(SyncStatus::replicas).unwrap_or_default(),
+            forks: fs.capsule().forks().unwrap_or_else(|e| {
+                tracing::warn!("reading the fork evidence for .capsule/status: {e}");
+                Vec::new()
+            }),
         }
     }
 

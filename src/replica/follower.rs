@@ -11,6 +11,8 @@ use super::Replica;
 use super::status::SyncStatus;
 use super::transfer::pull;
 use crate::capsule::Capsule;
+use crate::record::{DeviceId, RecordHash, Seq, WriterId};
+use crate::{Error, VerifyError};
 
 /// How long a long poll may wait for new heads.
 const WAIT: Duration = Duration::from_secs(30);
@@ -77,9 +79,11 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
     while !stop.is_set() {
         match pull(capsule, replica, &()) {
             Ok(report) => {
+                let at_heads = signed_lanes(capsule, &report.replica_heads);
                 status.update(i, |s| {
                     (s.reachable, s.last_pull, s.error) = (Some(true), Some(SystemTime::now()), None);
                     s.pulled += report.records as u64;
+                    s.pulled_from(&report.replica_heads, &at_heads, &report.replica_lacks);
                 });
                 if report.records > 0 {
                     tracing::info!("background pull: {} records from {}", report.records, replica.describe());
@@ -101,6 +105,9 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
             }
             Err(e) => {
                 status.update(i, |s| {
+                    if let Error::Verify(VerifyError::Equivocation(fork)) = &e {
+                        s.raise(format!("serves a forked writer: {fork}"));
+                    }
                     if s.reachable != Some(false) {
                         tracing::warn!("background pull from {} failed (retrying): {e}", replica.describe());
                     }
@@ -111,4 +118,15 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
             }
         }
     }
+}
+
+/// (writer, device, seq) of the signed records among `heads` held here: what a replica with
+/// those heads holds at least, lane by lane.
+fn signed_lanes(capsule: &Capsule, heads: &[RecordHash]) -> Vec<(WriterId, DeviceId, Seq)> {
+    heads
+        .iter()
+        .filter_map(|h| capsule.record(*h).ok())
+        .filter(|r| r.signature.is_some())
+        .map(|r| (r.header.writer, r.header.device, r.header.seq))
+        .collect()
 }

@@ -1,8 +1,12 @@
 //! What a mount knows of each replica it syncs with, written by the background push and pull
 //! threads and read by `.capsule/status`.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+
+use super::transfer::Lacking;
+use crate::record::{DeviceId, RecordHash, Seq, WriterId};
 
 /// One replica, as this mount last saw it.
 #[derive(Clone, Debug)]
@@ -18,6 +22,13 @@ pub struct ReplicaStatus {
     pub pulled: u64,
     /// The last failure, while it lasts.
     pub error: Option<String>,
+    /// What it did that no honest, up-to-date replica does (went back, served a fork); kept
+    /// until the mount ends, even once a push repaired it.
+    pub alarm: Option<String>,
+    /// Its heads as the last pull found them.
+    pub heads: Vec<RecordHash>,
+    /// By writer and device, the highest signed sequence number it has been seen to hold.
+    held: HashMap<(WriterId, DeviceId), Seq>,
 }
 
 fn ago(t: Option<SystemTime>) -> String {
@@ -26,7 +37,51 @@ fn ago(t: Option<SystemTime>) -> String {
 
 impl ReplicaStatus {
     fn new(url: String) -> Self {
-        Self { url, reachable: None, to_push: 0, last_push: None, last_pull: None, pulled: 0, error: None }
+        Self {
+            url,
+            reachable: None,
+            to_push: 0,
+            last_push: None,
+            last_pull: None,
+            pulled: 0,
+            error: None,
+            alarm: None,
+            heads: Vec::new(),
+            held: HashMap::new(),
+        }
+    }
+
+    /// After a pull: `heads` are its heads, `at_heads` (writer, device, seq) of the signed
+    /// ones held here, and `lacks` what it lacks of this capsule. A replica that lacks a
+    /// record at or below a number it was seen to hold has gone back: an alarm, logged.
+    pub fn pulled_from(&mut self, heads: &[RecordHash], at_heads: &[(WriterId, DeviceId, Seq)], lacks: &[Lacking]) {
+        self.heads = heads.to_vec();
+        for l in lacks {
+            if self.held.get(&(l.writer, l.device)).is_some_and(|held| l.lowest <= *held) {
+                let alarm = format!(
+                    "rolled back: it lacks {} signed records of writer {} (device {}) from seq {}, though it \
+                     held seq {} before",
+                    l.count,
+                    &l.writer.to_hex()[..12],
+                    &hex::encode(l.device.0)[..8],
+                    l.lowest.0,
+                    self.held[&(l.writer, l.device)].0
+                );
+                self.raise(alarm);
+            }
+        }
+        for &(writer, device, seq) in at_heads {
+            let held = self.held.entry((writer, device)).or_insert(seq);
+            *held = (*held).max(seq);
+        }
+    }
+
+    /// Raises `alarm` (logged once, shown in `.capsule/status` until the mount ends).
+    pub fn raise(&mut self, alarm: String) {
+        if self.alarm.as_deref() != Some(&alarm) {
+            tracing::error!("replica {}: {alarm}", self.url);
+            self.alarm = Some(alarm);
+        }
     }
 
     /// One line of `.capsule/status`.
@@ -37,13 +92,18 @@ impl ReplicaStatus {
             Some(false) => "unreachable",
         };
         let error = self.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default();
+        let alarm = self.alarm.as_ref().map(|a| format!(", ALARM: {a}")).unwrap_or_default();
+        let heads: Vec<String> = self.heads.iter().take(4).map(|h| h.to_hex()[..12].to_owned()).collect();
+        let more = if self.heads.len() > 4 { format!(" and {} more", self.heads.len() - 4) } else { String::new() };
         format!(
-            "replica: {} {reachable}, {} records to push, last push {}, {} records pulled, last pull {}{error}",
+            "replica: {} {reachable}, {} records to push, last push {}, {} records pulled, last pull {}, heads \
+             [{}{more}]{error}{alarm}",
             self.url,
             self.to_push,
             ago(self.last_push),
             self.pulled,
-            ago(self.last_pull)
+            ago(self.last_pull),
+            heads.join(",")
         )
     }
 }

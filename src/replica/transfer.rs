@@ -48,8 +48,9 @@ pub struct Report {
 pub struct Lacking {
     pub writer: WriterId,
     pub device: DeviceId,
-    /// The highest sequence number among them.
+    /// The highest sequence number among them, and the lowest.
     pub seq: Seq,
+    pub lowest: Seq,
     pub count: usize,
 }
 
@@ -302,16 +303,17 @@ pub fn replica_heads(local: &Capsule, remote: &dyn Replica, report: &mut Report)
 /// The signed records this capsule holds that a replica with heads `theirs` lacks, by writer
 /// and device: (writer, device, highest sequence number among them, how many).
 fn signed_lacking(local: &Capsule, theirs: &[RecordHash]) -> Result<Vec<Lacking>> {
-    let mut by_lane: BTreeMap<(WriterId, DeviceId), (Seq, usize)> = BTreeMap::new();
+    let mut by_lane: BTreeMap<(WriterId, DeviceId), Lacking> = BTreeMap::new();
     for h in local.difference(theirs)? {
         let Record { header, signature } = local.record(h)?;
         if signature.is_some() {
-            let entry = by_lane.entry((header.writer, header.device)).or_insert((header.seq, 0));
-            entry.0 = entry.0.max(header.seq);
-            entry.1 += 1;
+            let (writer, device, seq) = (header.writer, header.device, header.seq);
+            let entry =
+                by_lane.entry((writer, device)).or_insert(Lacking { writer, device, seq, lowest: seq, count: 0 });
+            (entry.seq, entry.lowest, entry.count) = (entry.seq.max(seq), entry.lowest.min(seq), entry.count + 1);
         }
     }
-    Ok(by_lane.into_iter().map(|((writer, device), (seq, count))| Lacking { writer, device, seq, count }).collect())
+    Ok(by_lane.into_values().collect())
 }
 
 /// How far below each head `haves` looks.
