@@ -192,21 +192,9 @@ fn a_replica_put_back_to_an_older_state_raises_an_alarm_in_the_mount() {
 
 #[test]
 fn a_replica_serving_a_fork_raises_an_alarm_in_the_mount() {
-    use capsulefs::record::{RecordHash, codec};
     let (a, b) = (Server::start(), Server::start());
     let home = Home::default();
-    let id = home.ok(&["create", "c"]).trim().to_owned();
-    home.ok(&["push", "c", &a.url()]);
-    home.ok(&["push", "c", &b.url()]);
-    // One writer, device and sequence number, two different signed records: one on each server.
-    let head = RecordHash::from_hex(home.ok(&["log", "c"]).split(' ').next().unwrap()).unwrap();
-    let genesis = RecordHash::from_hex(&id).unwrap();
-    let records = format!("/v1/capsules/{id}/records");
-    let first = super::replicas::record_bytes(&home, &id, head, 1000, true);
-    let second = super::replicas::record_bytes(&home, &id, genesis, 1000, true);
-    assert_eq!(a.raw("POST", &records, &codec::encode(&vec![first])), 200);
-    assert_eq!(b.raw("POST", &records, &codec::encode(&vec![second])), 200);
-
+    let id = super::replicas::forked_on(&home, &a, &b);
     let laptop = same_user(&home);
     laptop.ok(&["clone", &format!("{}#{id}", a.url())]);
     laptop.ok(&["replica", "add", "c", &b.url()]);

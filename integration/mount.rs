@@ -368,6 +368,14 @@ fn a_directory_of_100k_entries_lists_and_survives_a_remount() {
     assert!(names.binary_search(&5).is_err() && names.binary_search(&6).is_ok());
 }
 
+/// Runs shell command `cmd` as the user nobody (uid and gid 65534, no other groups).
+fn as_nobody(cmd: &str) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn permissions_are_checked_for_other_users() {
     let home = Home::default();
@@ -380,12 +388,6 @@ fn permissions_are_checked_for_other_users() {
     fs::set_permissions(m.path("public"), fs::Permissions::from_mode(0o644)).unwrap();
     // The mount's parent folders must let 'nobody' through to reach it.
     fs::set_permissions(home.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let as_nobody = |cmd: &str| {
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
-            .output()
-            .unwrap()
-    };
     let public = as_nobody(&format!("cat {}", m.path("public").display()));
     assert_eq!(public.stdout, b"hello", "{}", String::from_utf8_lossy(&public.stderr));
     let private = as_nobody(&format!("cat {}", m.path("private").display()));
@@ -410,10 +412,7 @@ fn writes_truncates_and_chowns_clear_set_id_bits_as_on_a_local_disk() {
         fs::set_permissions(m.path(name), fs::Permissions::from_mode(mode)).unwrap();
     };
     let as_nobody = |cmd: &str| {
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
-            .output()
-            .unwrap();
+        let out = as_nobody(cmd);
         assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
     };
     // A write by an unprivileged owner clears set-user-ID, and set-group-ID with group execute.

@@ -85,7 +85,7 @@ impl Server {
     }
 
     /// One raw HTTP/1.1 request; returns the status code (0 if the server closed first).
-    pub(super) fn raw(&self, method: &str, path: &str, body: &[u8]) -> u16 {
+    fn raw(&self, method: &str, path: &str, body: &[u8]) -> u16 {
         self.raw_declaring(method, path, body.len(), body)
     }
 
@@ -206,7 +206,7 @@ fn a_server_killed_mid_push_loses_nothing_acknowledged_and_the_push_resumes() {
 }
 
 /// A record of capsule `id` by the home's own key, as raw bytes, and its one payload.
-pub(super) fn record_bytes(home: &Home, id: &str, parent: RecordHash, seq: u64, signed: bool) -> Bundle {
+fn record_bytes(home: &Home, id: &str, parent: RecordHash, seq: u64, signed: bool) -> Bundle {
     let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
     let payload = format!("payload {seq}").into_bytes();
     let header = RecordHeader {
@@ -589,21 +589,27 @@ fn a_sparse_clone_holds_headers_and_fetches_each_sub_record_when_read() {
     sh(&format!("diff -r {} {}", src.display(), m.path("tree").display()));
 }
 
-#[test]
-fn a_replica_serving_a_forked_writer_is_refused_and_the_fork_kept_as_evidence() {
-    let (a, b) = (Server::start(), Server::start());
-    let home = Home::default();
+/// A new capsule of `home` pushed to servers `a` and `b`, then one writer, device and sequence
+/// number (1000) given to two different signed records: one on each server. Its id.
+pub(super) fn forked_on(home: &Home, a: &Server, b: &Server) -> String {
     let id = home.ok(&["create", "c"]).trim().to_owned();
     home.ok(&["push", "c", &a.url()]);
     home.ok(&["push", "c", &b.url()]);
     let genesis = RecordHash::from_hex(&id).unwrap();
     let head = RecordHash::from_hex(home.ok(&["log", "c"]).split(' ').next().unwrap()).unwrap();
-    // One writer, one sequence number, two different signed records: one on each server.
     let records = format!("/v1/capsules/{id}/records");
-    let first = record_bytes(&home, &id, head, 1000, true);
-    let second = record_bytes(&home, &id, genesis, 1000, true);
+    let first = record_bytes(home, &id, head, 1000, true);
+    let second = record_bytes(home, &id, genesis, 1000, true);
     assert_eq!(a.raw("POST", &records, &codec::encode(&vec![first])), 200);
     assert_eq!(b.raw("POST", &records, &codec::encode(&vec![second])), 200);
+    id
+}
+
+#[test]
+fn a_replica_serving_a_forked_writer_is_refused_and_the_fork_kept_as_evidence() {
+    let (a, b) = (Server::start(), Server::start());
+    let home = Home::default();
+    let id = forked_on(&home, &a, &b);
     let laptop = same_user(&home);
     laptop.ok(&["clone", &format!("{}#{id}", a.url())]);
     let before = laptop.ok(&["log", "c"]);
