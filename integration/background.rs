@@ -172,7 +172,7 @@ fn copy_of_store(store: &tempfile::TempDir) -> tempfile::TempDir {
 fn a_replica_put_back_to_an_older_state_raises_an_alarm_in_the_mount() {
     let server = Server::start();
     let home = Home::default();
-    let Some((_, m)) = pushed_mount(&home, &server.url(), &[], ("a.txt", b"first")) else { return };
+    let Some((id, m)) = pushed_mount(&home, &server.url(), &[], ("a.txt", b"first")) else { return };
     // The server's state now, kept aside while it is stopped.
     let (store, addr) = server.kill();
     let old = copy_of_store(&store);
@@ -185,9 +185,17 @@ fn a_replica_put_back_to_an_older_state_raises_an_alarm_in_the_mount() {
 
     // The server put back to the copy: it lacks a commit it held; the mount says so.
     let (_, addr) = server.kill();
-    let _server = Server::start_on(old, &addr);
+    let server = Server::start_on(old, &addr);
     let line = replica_line(&m.dir, "the alarm", |l| l.contains("ALARM: rolled back"));
     assert!(line.contains("lacks 1 signed records"), "{line}");
+    // The background push sends the lost commit again, without waiting for a new one; the
+    // alarm stays for the rest of the mount.
+    eventually("the lost commit pushed again", || {
+        let laptop = same_user(&home);
+        laptop.run(&["clone", &format!("{}#{id}", server.url())]).status.success()
+            && laptop.ok(&["log", "c"]).lines().next().is_some_and(|l| l.starts_with(&newest))
+    });
+    assert!(fs::read_to_string(m.path(".capsule/status")).unwrap().contains("ALARM: rolled back"));
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub struct ReplicaStatus {
     pub alarm: Option<String>,
     /// Its heads as the last pull found them.
     pub heads: Vec<RecordHash>,
+    /// Set when a pull found it lacking signed records held here (behind, or rolled back):
+    /// the background push sends them without waiting for the next commit.
+    needs_push: bool,
     /// By writer and device, the highest signed sequence number it has been seen to hold.
     held: HashMap<(WriterId, DeviceId), Seq>,
 }
@@ -47,6 +50,7 @@ impl ReplicaStatus {
             error: None,
             alarm: None,
             heads: Vec::new(),
+            needs_push: false,
             held: HashMap::new(),
         }
     }
@@ -56,6 +60,7 @@ impl ReplicaStatus {
     /// record at or below a number it was seen to hold has gone back: an alarm, logged.
     pub fn pulled_from(&mut self, heads: &[RecordHash], at_heads: &[(WriterId, DeviceId, Seq)], lacks: &[Lacking]) {
         self.heads = heads.to_vec();
+        self.needs_push |= !lacks.is_empty();
         for l in lacks {
             if self.held.get(&(l.writer, l.device)).is_some_and(|held| l.lowest <= *held) {
                 let alarm = format!(
@@ -123,5 +128,10 @@ impl SyncStatus {
 
     pub(super) fn update(&self, i: usize, change: impl FnOnce(&mut ReplicaStatus)) {
         change(&mut self.0.lock().expect("no panics while locked")[i]);
+    }
+
+    /// Whether a pull found replica `i` lacking records held here since the last call.
+    pub(super) fn take_needs_push(&self, i: usize) -> bool {
+        std::mem::take(&mut self.0.lock().expect("no panics while locked")[i].needs_push)
     }
 }

@@ -119,6 +119,10 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
             }
         };
         for (i, target) in targets.iter_mut().enumerate() {
+            // A pull found it lacking what was pushed (rolled back, or a push raced it).
+            if shared.status.take_needs_push(i) {
+                target.pushed = None;
+            }
             if target.pushed.as_ref() == Some(&heads) {
                 continue;
             }
