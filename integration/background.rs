@@ -212,3 +212,23 @@ fn a_replica_serving_a_fork_raises_an_alarm_in_the_mount() {
     let status = fs::read_to_string(m.path(".capsule/status")).unwrap();
     assert!(status.lines().any(|l| l.starts_with("ALARM: writer ") && l.contains("as seq 1000: a fork")), "{status}");
 }
+
+#[test]
+fn a_replica_that_went_back_while_unmounted_is_noticed_at_the_next_mount() {
+    let server = Server::start();
+    let home = Home::default();
+    let Some((_, m)) = pushed_mount(&home, &server.url(), &[], ("a.txt", b"first")) else { return };
+    let (store, addr) = server.kill();
+    let old = copy_of_store(&store);
+    let server = Server::start_on(store, &addr);
+    write_fsynced(&m.path("b.txt"), b"second");
+    let newest = home.ok(&["log", "c"]).lines().next().unwrap()[..12].to_owned();
+    replica_line(&m.dir, "b.txt's commit among the server's heads", |l| l.contains(&newest));
+    drop(m);
+
+    // Put back while no mount was watching; the next mount knows what it had seen.
+    let (_, addr) = server.kill();
+    let _server = Server::start_on(old, &addr);
+    let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+    replica_line(&m.dir, "the alarm", |l| l.contains("ALARM: rolled back"));
+}

@@ -143,6 +143,13 @@ pub struct AuditReport {
     pub not_held: u64,
 }
 
+/// The MAC context of the replica watermarks a store keeps.
+const WATERMARK_CONTEXT: &str = "capsulefs 2026 what a replica was seen to hold v1";
+
+fn watermark_note(url: &str) -> String {
+    format!("replica-held/{}", &blake3::hash(url.as_bytes()).to_hex()[..32])
+}
+
 /// What appends and ingests keep between them, under the write lock: copies of store values
 /// that only they change, so an fsync'ed commit does not read them back (the reverse scan for
 /// a writer's last sequence number alone was a tenth of its CPU).
@@ -375,6 +382,33 @@ impl Capsule {
 
     pub fn store(&self) -> &CapsuleStore {
         &self.store
+    }
+
+    /// What replica `url` was last seen to hold, by writer and device: the highest signed
+    /// sequence number (`keep_replica_watermarks`). Empty if none was kept, or if the note
+    /// does not carry this machine's MAC (made elsewhere, or altered): a note that cannot be
+    /// trusted is dropped, which can only cost an alarm, never raise a false one.
+    pub fn replica_watermarks(&self, url: &str) -> Result<Vec<(WriterId, DeviceId, Seq)>> {
+        let (Some(key), Some(bytes)) = (&self.trust_key, self.store.note(&watermark_note(url))?) else {
+            return Ok(Vec::new());
+        };
+        let Some((body, mac)) = bytes.split_last_chunk::<32>() else { return Ok(Vec::new()) };
+        if key.note_mac(WATERMARK_CONTEXT, &[self.id.as_bytes(), url.as_bytes(), body].concat()) != *mac {
+            tracing::warn!("ignoring what was noted of {url}: the note is not this machine's");
+            return Ok(Vec::new());
+        }
+        Ok(borsh::from_slice::<Vec<(WriterId, DeviceId, Seq)>>(body).unwrap_or_default())
+    }
+
+    /// Keeps `marks` as what replica `url` was seen to hold, so that a replica that goes back
+    /// while this machine is away is noticed at the next pull. Needs the trust key.
+    pub fn keep_replica_watermarks(&self, url: &str, marks: &[(WriterId, DeviceId, Seq)]) -> Result<()> {
+        let Some(key) = &self.trust_key else { return Ok(()) };
+        let body = borsh::to_vec(marks).expect("encoding to memory");
+        let mac = key.note_mac(WATERMARK_CONTEXT, &[self.id.as_bytes(), url.as_bytes(), &body].concat());
+        let mut batch = self.store.batch();
+        batch.put_note(&watermark_note(url), [body, mac.to_vec()].concat());
+        self.store.write(batch, Durability::Buffered)
     }
 
     /// The forks this capsule keeps evidence of: (writer, device, seq), each once.

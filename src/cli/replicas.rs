@@ -118,7 +118,8 @@ fn print(verb: &str, preposition: &str, url: &str, r: &Report) {
         "{verb} {} records ({} bytes) {preposition} {url} in {} round trips; finding them took {} bytes sent, {} received",
         r.records, r.bytes, r.round_trips, r.reconcile_sent, r.reconcile_received
     );
-    for lacking in &r.replica_lacks {
+    // After a push they are what it just sent; after a pull, what it still lacks.
+    for lacking in r.replica_lacks.iter().filter(|_| verb != "pushed") {
         eprintln!(
             "capsulefs: warning: {url} lacks {} signed records of writer {} (device {}, up to seq {}) that this \
              capsule holds: it is behind or was rolled back; `capsulefs push` repairs it",

@@ -36,6 +36,12 @@ impl TrustKey {
         *h.finalize().as_bytes()
     }
 
+    /// A MAC of `bytes` for purpose `context` (its own key, derived from this one): how other
+    /// local notes kept in a store are authenticated.
+    pub fn note_mac(&self, context: &str, bytes: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&blake3::derive_key(context, &*self.0), bytes).as_bytes()
+    }
+
     pub fn check_mark(&self, capsule: &CapsuleId, record: &RecordHash, mark: &[u8]) -> bool {
         <[u8; 32]>::try_from(mark)
             .is_ok_and(|m| blake3::Hash::from(m) == blake3::Hash::from(self.mark(capsule, record)))

@@ -75,16 +75,28 @@ impl Drop for Follower {
 }
 
 fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatus, arrived: &dyn Fn(), stop: &Stop) {
+    // What an earlier mount saw the replica hold: a replica that went back meanwhile is
+    // noticed at the first pull.
+    let url = status.update(i, |s| s.url.clone());
+    match capsule.replica_watermarks(&url) {
+        Ok(marks) => status.update(i, |s| s.remember(&marks)),
+        Err(e) => tracing::warn!("reading what was noted of {url}: {e}"),
+    }
     let mut retry = FIRST_RETRY;
     while !stop.is_set() {
         match pull(capsule, replica, &()) {
             Ok(report) => {
                 let at_heads = signed_lanes(capsule, &report.replica_heads);
-                status.update(i, |s| {
+                let moved = status.update(i, |s| {
                     (s.reachable, s.last_pull, s.error) = (Some(true), Some(SystemTime::now()), None);
                     s.pulled += report.records as u64;
-                    s.pulled_from(&report.replica_heads, &at_heads, &report.replica_lacks);
+                    s.pulled_from(&report.replica_heads, &at_heads, &report.replica_lacks)
                 });
+                if let Some(marks) = moved
+                    && let Err(e) = capsule.keep_replica_watermarks(&url, &marks)
+                {
+                    tracing::debug!("noting what {url} holds (a read-only mount cannot): {e}");
+                }
                 if report.records > 0 {
                     tracing::info!("background pull: {} records from {}", report.records, replica.describe());
                     arrived();

@@ -58,9 +58,28 @@ impl ReplicaStatus {
     /// After a pull: `heads` are its heads, `at_heads` (writer, device, seq) of the signed
     /// ones held here, and `lacks` what it lacks of this capsule. A replica that lacks a
     /// record at or below a number it was seen to hold has gone back: an alarm, logged.
-    pub fn pulled_from(&mut self, heads: &[RecordHash], at_heads: &[(WriterId, DeviceId, Seq)], lacks: &[Lacking]) {
+    /// Returns the watermarks when they moved (for the capsule to keep across mounts).
+    pub fn pulled_from(
+        &mut self,
+        heads: &[RecordHash],
+        at_heads: &[(WriterId, DeviceId, Seq)],
+        lacks: &[Lacking],
+    ) -> Option<Vec<(WriterId, DeviceId, Seq)>> {
         self.heads = heads.to_vec();
         self.needs_push |= !lacks.is_empty();
+        self.check_lacks(lacks);
+        let mut moved = false;
+        for &(writer, device, seq) in at_heads {
+            let held = self.held.entry((writer, device)).or_insert(Seq(0));
+            moved |= seq > *held;
+            *held = (*held).max(seq);
+        }
+        moved.then(|| self.watermarks())
+    }
+
+    /// `lacks`: what a pull or push found it lacking. Lacking a record at or below a number it
+    /// was seen to hold means it went back: an alarm, logged.
+    pub fn check_lacks(&mut self, lacks: &[Lacking]) {
         for l in lacks {
             if self.held.get(&(l.writer, l.device)).is_some_and(|held| l.lowest <= *held) {
                 let alarm = format!(
@@ -75,10 +94,18 @@ impl ReplicaStatus {
                 self.raise(alarm);
             }
         }
-        for &(writer, device, seq) in at_heads {
-            let held = self.held.entry((writer, device)).or_insert(seq);
-            *held = (*held).max(seq);
-        }
+    }
+
+    /// By writer and device, the highest signed sequence number it was seen to hold.
+    pub fn watermarks(&self) -> Vec<(WriterId, DeviceId, Seq)> {
+        let mut marks: Vec<_> = self.held.iter().map(|(&(w, d), &seq)| (w, d, seq)).collect();
+        marks.sort();
+        marks
+    }
+
+    /// Starts from watermarks kept by an earlier mount.
+    pub fn remember(&mut self, marks: &[(WriterId, DeviceId, Seq)]) {
+        self.held.extend(marks.iter().map(|&(w, d, seq)| ((w, d), seq)));
     }
 
     /// Raises `alarm` (logged once, shown in `.capsule/status` until the mount ends).
@@ -126,8 +153,8 @@ impl SyncStatus {
         self.0.lock().expect("no panics while locked").clone()
     }
 
-    pub(super) fn update(&self, i: usize, change: impl FnOnce(&mut ReplicaStatus)) {
-        change(&mut self.0.lock().expect("no panics while locked")[i]);
+    pub(super) fn update<T>(&self, i: usize, change: impl FnOnce(&mut ReplicaStatus) -> T) -> T {
+        change(&mut self.0.lock().expect("no panics while locked")[i])
     }
 
     /// Whether a pull found replica `i` lacking records held here since the last call.

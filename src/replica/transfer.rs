@@ -34,8 +34,8 @@ pub struct Report {
     /// Local unsigned records no signed record covers yet: a replica takes them only with a
     /// signed descendant, so they wait for the next signature (a mount signs within T seconds).
     pub waiting_for_signature: usize,
-    /// After a pull: signed records this capsule holds that the replica does not, by writer
-    /// and device, with the highest sequence number among them. The local capsule never moves back (it
+    /// Signed records this capsule holds that the replica did not (before a push, after a
+    /// pull), by writer and device. The local capsule never moves back (it
     /// only ever adds records); a replica that offers less is behind, or was rolled back.
     pub replica_lacks: Vec<Lacking>,
     /// After a pull: the replica's heads as it last gave them (a follower waits for them
@@ -88,6 +88,7 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
         .map(|h| Ok(Node { record: h, parents: local.record(h)?.header.parents }))
         .collect::<Result<_>>()?;
     progress.expect(order.len() as u64);
+    report.replica_lacks = lanes_of(local, order.iter().map(|n| n.record))?;
     let mut signed_here: HashSet<RecordHash> = HashSet::new();
     let mut anchored = anchored_positions(local, &order, &signed_here)?;
     let mut batch = AnchoredBatch::new(remote.batch_bytes());
@@ -301,10 +302,15 @@ pub fn replica_heads(local: &Capsule, remote: &dyn Replica, report: &mut Report)
 }
 
 /// The signed records this capsule holds that a replica with heads `theirs` lacks, by writer
-/// and device: (writer, device, highest sequence number among them, how many).
+/// and device.
 fn signed_lacking(local: &Capsule, theirs: &[RecordHash]) -> Result<Vec<Lacking>> {
+    lanes_of(local, local.difference(theirs)?)
+}
+
+/// The signed ones among `records`, by writer and device.
+fn lanes_of(local: &Capsule, records: impl IntoIterator<Item = RecordHash>) -> Result<Vec<Lacking>> {
     let mut by_lane: BTreeMap<(WriterId, DeviceId), Lacking> = BTreeMap::new();
-    for h in local.difference(theirs)? {
+    for h in records {
         let Record { header, signature } = local.record(h)?;
         if signature.is_some() {
             let (writer, device, seq) = (header.writer, header.device, header.seq);

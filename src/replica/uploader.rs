@@ -163,6 +163,9 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
                 }
                 (s.reachable, s.to_push, s.last_push, s.error) =
                     (Some(true), report.waiting_for_signature, Some(SystemTime::now()), None);
+                // What it lacked before this push: a replica that went back is noticed here
+                // too, whichever thread reaches it first.
+                s.check_lacks(&report.replica_lacks);
             });
         }
         Err(e) => {

@@ -62,6 +62,11 @@ fn sub_key(h: &RecordHash, idx: SubIdx) -> Vec<u8> {
     [&h.as_bytes()[..], &idx.0.to_be_bytes()].concat()
 }
 
+/// Notes live in the meta column family under this prefix and their name.
+fn note_key(name: &str) -> Vec<u8> {
+    [b"note/".as_slice(), name.as_bytes()].concat()
+}
+
 /// A sequence space: one writer's records from one device.
 fn lane_key(w: &WriterId, d: &DeviceId) -> Vec<u8> {
     [&w.as_bytes()[..], &d.0].concat()
@@ -134,6 +139,11 @@ impl CapsuleStore {
             .and_then(|t| t.try_into().ok())
             .ok_or_else(|| bad_index(Cf::Seqs, "short key"))?;
         Ok(Some(Seq(u64::from_be_bytes(tail))))
+    }
+
+    /// A note this machine keeps in the store under `name` (authenticated by the caller).
+    pub fn note(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.kv.get(Cf::Meta, &note_key(name))
     }
 
     /// This store's device id, once its first append chose one.
@@ -212,6 +222,10 @@ pub struct StoreBatch {
 impl StoreBatch {
     pub fn put_metadata(&mut self, bytes: Vec<u8>) {
         self.batch.put(Cf::Meta, METADATA_KEY, bytes);
+    }
+
+    pub fn put_note(&mut self, name: &str, bytes: Vec<u8>) {
+        self.batch.put(Cf::Meta, note_key(name), bytes);
     }
 
     pub fn put_device(&mut self, d: DeviceId) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use capsulefs::capsule::{Capsule, EarlierProofs, NewCapsule};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::crypto::sign::TrustKey;
-use capsulefs::record::{Record, RecordHash, SubIdx, SubRecord};
+use capsulefs::record::{DeviceId, Record, RecordHash, Seq, SubIdx, SubRecord};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Batch, Cf, Durability, Kv, Witness};
 use capsulefs::{Error, VerifyError};
@@ -277,4 +277,22 @@ fn a_forged_sequence_entry_is_not_taken_for_a_fork() {
     let err = f.cap.ingest(&bytes, &[b"honest"], Durability::Buffered).unwrap_err();
     assert!(matches!(err, Error::Store(capsulefs::StoreError::BadIndex { cf: "seqs", .. })), "{err}");
     assert!(f.cap.store().evidence().unwrap().is_empty(), "no evidence against an honest writer");
+}
+
+#[test]
+fn what_a_replica_was_seen_to_hold_is_believed_only_with_this_machines_mac() {
+    let f = fixture();
+    let trust = TrustKey::generate();
+    let cap = Capsule::open(f.kv.clone(), vec![f.owner.clone()]).unwrap().with_trust_key(trust.clone());
+    let marks = vec![(f.owner.writer(), DeviceId([1; 16]), Seq(7))];
+    cap.keep_replica_watermarks("http://r:7070", &marks).unwrap();
+    assert_eq!(cap.replica_watermarks("http://r:7070").unwrap(), marks);
+    assert!(cap.replica_watermarks("http://other:7070").unwrap().is_empty());
+    // Another machine's key, or an altered note: ignored, never believed.
+    let elsewhere = Capsule::open(f.kv.clone(), vec![f.owner.clone()]).unwrap().with_trust_key(TrustKey::generate());
+    assert!(elsewhere.replica_watermarks("http://r:7070").unwrap().is_empty());
+    let (key, mut note) = f.kv.scan(Cf::Meta, b"note/", false).unwrap().next().unwrap().unwrap();
+    note[55] ^= 1; // in the sequence number
+    overwrite(&f.kv, Cf::Meta, key, Some(note));
+    assert!(cap.replica_watermarks("http://r:7070").unwrap().is_empty());
 }
