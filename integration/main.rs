@@ -105,7 +105,12 @@ impl<'h> Mounted<'h> {
     /// The daemon's pid, from the mount registry.
     pub fn daemon_pid(&self) -> u32 {
         let mounts = self.home.path().join("mounts");
-        let entry = fs::read_dir(mounts).unwrap().next().unwrap().unwrap().path();
+        // The registry entry, not the mount's request socket beside it.
+        let entry = fs::read_dir(mounts)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_none())
+            .expect("a registry entry");
         fs::read_to_string(entry).unwrap().lines().next().unwrap().parse().unwrap()
     }
 }

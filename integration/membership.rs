@@ -110,3 +110,42 @@ fn an_invitation_token_joins_and_mounts_and_one_naming_another_creator_is_refuse
     let carol_laptop = super::replicas::same_user(&carol);
     assert_eq!(carol_laptop.ok(&["join", sealed]).lines().last(), Some(id.as_str()));
 }
+
+#[test]
+fn an_invitation_made_while_the_capsule_is_mounted_goes_through_the_mount() {
+    let server = Server::start();
+    let alice = Home::default();
+    alice.ok(&["create", "c"]);
+    alice.ok(&["replica", "add", "c", &server.url()]);
+    let carol = Home::default();
+    carol.ok(&["key", "new"]);
+    let carol_key = carol.ok(&["key", "show"]).trim().to_owned();
+    let Some(m) = Mounted::new(&alice, "c", &[]) else { return };
+    write_fsynced(&m.path("hello.txt"), b"written in a mount that stays up");
+    // The mount holds the store: the grant is appended by its daemon, and the invitation's
+    // push reads the store beside it.
+    let out = alice.ok(&["invite", "c", &carol_key, "--level", "read"]);
+    let token = out.lines().last().unwrap().to_owned();
+    let members = alice.ok(&["members", "c"]);
+    assert!(members.contains(&format!("{carol_key} read granted by")), "{members}");
+    // The mount goes on writing on top of the grant.
+    write_fsynced(&m.path("later.txt"), b"after the grant");
+    let dir = tempfile::tempdir().unwrap();
+    carol.ok(&["mount", &token, dir.path().to_str().unwrap()]);
+    let hello = fs::read(dir.path().join("hello.txt"));
+    carol.ok(&["umount", dir.path().to_str().unwrap()]);
+    assert_eq!(hello.unwrap(), b"written in a mount that stays up");
+    // A request the mount does not carry out is refused with a reason.
+    let refused = alice.run(&["grant", "c", &carol_key, "--level", "admin"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    drop(m);
+    assert!(
+        !alice
+            .path()
+            .join("mounts")
+            .read_dir()
+            .unwrap()
+            .any(|e| { e.unwrap().path().extension().is_some_and(|x| x == "sock") }),
+        "the request socket is removed at unmount"
+    );
+}

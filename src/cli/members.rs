@@ -4,7 +4,6 @@ use anyhow::bail;
 use clap::{Parser, ValueEnum};
 
 use capsulefs::Error;
-use capsulefs::capsule::Capsule;
 use capsulefs::member::{Invitation, Level, grant_read, members};
 use capsulefs::record::{RecordHash, WriterId};
 
@@ -46,11 +45,12 @@ pub struct GrantArgs {
 /// Appends a signed grant with the content key wrapped for the member; it reaches other
 /// machines with the next push. Prints the record.
 pub fn grant(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
-    println!("{}", grant_only(home, &home.open(&a.name)?, &a)?);
+    println!("{}", grant_only(home, &a)?);
     Ok(())
 }
 
-fn grant_only(home: &Home, capsule: &Capsule, a: &GrantArgs) -> anyhow::Result<RecordHash> {
+/// The grant, appended here, or by the capsule's writable mount when one holds its store.
+fn grant_only(home: &Home, a: &GrantArgs) -> anyhow::Result<RecordHash> {
     let level = Level::from(a.level);
     if level != Level::Read {
         bail!(Error::Unsupported(format!(
@@ -59,8 +59,11 @@ fn grant_only(home: &Home, capsule: &Capsule, a: &GrantArgs) -> anyhow::Result<R
             level.name()
         )));
     }
+    if let Some(socket) = super::mount::request_socket(home, &home.resolve(&a.name)?) {
+        return super::requests::grant_through(&socket, &a.pubkey, a.key.as_deref());
+    }
     let admin = home.identity(a.key.as_deref(), false)?;
-    Ok(grant_read(capsule, &admin, &a.pubkey)?)
+    Ok(grant_read(&home.open(&a.name)?, &admin, &a.pubkey)?)
 }
 
 #[derive(Parser, Debug)]
@@ -85,11 +88,8 @@ pub fn invite(home: &Home, a: InviteArgs) -> anyhow::Result<()> {
             a.name, a.name
         )));
     }
-    let creator = {
-        let capsule = home.open(&a.name)?;
-        grant_only(home, &capsule, &a)?;
-        capsule.metadata().creator
-    };
+    grant_only(home, &a)?;
+    let creator = home.open_for_reading(&a.name)?.metadata().creator;
     super::replicas::push(home, super::replicas::TransferArgs { name: a.name.clone(), urls: Vec::new() })?;
     let invitation = Invitation { capsule: id, creator, replicas };
     println!("{}", if encrypt { invitation.sealed_token(&a.pubkey)? } else { invitation.token() });

@@ -15,6 +15,7 @@ mod progress;
 mod read;
 mod readahead;
 mod replicas;
+mod requests;
 mod serve;
 
 use std::path::PathBuf;

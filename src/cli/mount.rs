@@ -149,6 +149,12 @@ fn registry_entry(home: &Home, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(home.root().join("mounts").join(key))
 }
 
+/// The request socket of the writable mount of capsule `id`, if one runs (`requests.rs`).
+pub fn request_socket(home: &Home, id: &capsulefs::record::CapsuleId) -> Option<PathBuf> {
+    let (dir, _) = home.mounted_at(id)?;
+    Some(registry_entry(home, &dir).ok()?.with_extension("sock")).filter(|p| p.exists())
+}
+
 pub fn mount(home: &Home, mut a: MountArgs) -> anyhow::Result<()> {
     if !a.dir.is_dir() {
         bail!(Error::NotFound(format!("mount point {} (make the folder first)", a.dir.display())));
@@ -230,6 +236,11 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let entry = registry_entry(home, &a.dir)?;
     std::fs::create_dir_all(entry.parent().expect("entry has a parent"))?;
     std::fs::write(&entry, format!("{}\n{}\n{}\n", std::process::id(), a.name, a.dir.display()))?;
+    // A writable mount holds the store: commands that append to it (a grant) ask it here.
+    let requests = match &marker {
+        Some(_) => Some(super::requests::Requests::serve(entry.with_extension("sock"), home.root(), capsule.clone())?),
+        None => None,
+    };
     println!("{READY}");
     std::io::stdout().flush()?;
     let served = session.run();
@@ -245,6 +256,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
         }
     }
     // Close the store (and release its lock) before saying we are gone.
+    drop(requests);
     drop(shared);
     drop(capsule);
     let _ = std::fs::remove_file(&entry);
