@@ -732,15 +732,6 @@ impl Fs {
         Ok(inode)
     }
 
-    /// Clears `ino`'s set-user-ID and set-group-ID bits as a write by an unprivileged
-    /// process must (`Inode::drop_set_ids`); nothing to store when it has none.
-    pub fn drop_set_ids(&mut self, ino: u64) -> Result<()> {
-        if self.getattr(ino)?.has_set_ids() {
-            self.set_attr(ino, Inode::drop_set_ids)?;
-        }
-        Ok(())
-    }
-
     /// An extended attribute: stored user.* ones, or the read-only provenance of the inode
     /// (`user.capsule.record`, `.writer`, `.verified`).
     pub fn get_xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
@@ -915,8 +906,21 @@ impl Fs {
     }
 
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_clearing(ino, offset, data, false)
+    }
+
+    /// `write` by a process without CAP_FSETID: it also clears the file's set-user-ID and
+    /// set-group-ID bits (`Inode::drop_set_ids`), in the same inode update.
+    pub fn write_unprivileged(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_clearing(ino, offset, data, true)
+    }
+
+    fn write_clearing(&mut self, ino: u64, offset: u64, data: &[u8], drop_set_ids: bool) -> Result<()> {
         self.writable()?;
         let mut inode = self.file_inode(ino)?;
+        if drop_set_ids {
+            inode.drop_set_ids();
+        }
         let mut pos = offset;
         let mut rest = data;
         while !rest.is_empty() {

@@ -97,12 +97,6 @@ impl Inode {
         }
     }
 
-    /// Whether writing or truncating (or, for any caller, changing the owner of) this inode
-    /// must clear set-user-ID and set-group-ID bits: only when it has them.
-    pub fn has_set_ids(&self) -> bool {
-        self.perm & 0o6000 != 0
-    }
-
     /// Clears the bits a change of contents or owner takes away, as Linux does: set-user-ID
     /// always, set-group-ID only with group execute (without it, the bit marks mandatory
     /// locking, not privilege).

@@ -596,9 +596,10 @@ impl Filesystem for CapsuleFs {
             let mut fs = self.fs_mut();
             // Set by the kernel when the writer lacks CAP_FSETID (FUSE_HANDLE_KILLPRIV_V2).
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                fs.drop_set_ids(ino)?;
+                fs.write_unprivileged(ino, offset, data)?;
+            } else {
+                fs.write(ino, offset, data)?;
             }
-            fs.write(ino, offset, data)?;
             if fs.pending_bytes() > PENDING_LIMIT { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) }
         });
         match result {
