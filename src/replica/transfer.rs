@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{Bundle, MAX_HASHES, Node, Replica, sketch};
 use crate::capsule::{Capsule, Ingested};
-use crate::record::{CapsuleId, DeviceId, Record, RecordHash, Seq, WriterId};
+use crate::record::{CapsuleId, DeviceId, Record, RecordHash, RecordHeader, Seq, WriterId};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
 
@@ -82,13 +82,18 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
         report.round_trips += 1;
     }
     let theirs = replica_heads(local, remote, &mut report)?;
+    let mut lanes = Lanes::default();
     let order: Vec<Node> = local
         .difference(&theirs)?
         .into_iter()
-        .map(|h| Ok(Node { record: h, parents: local.record(h)?.header.parents }))
+        .map(|h| {
+            let record = local.record(h)?;
+            lanes.add(&record);
+            Ok(Node { record: h, parents: record.header.parents })
+        })
         .collect::<Result<_>>()?;
     progress.expect(order.len() as u64);
-    report.replica_lacks = lanes_of(local, order.iter().map(|n| n.record))?;
+    report.replica_lacks = lanes.into_vec();
     let mut signed_here: HashSet<RecordHash> = HashSet::new();
     let mut anchored = anchored_positions(local, &order, &signed_here)?;
     let mut batch = AnchoredBatch::new(remote.batch_bytes());
@@ -304,22 +309,30 @@ pub fn replica_heads(local: &Capsule, remote: &dyn Replica, report: &mut Report)
 /// The signed records this capsule holds that a replica with heads `theirs` lacks, by writer
 /// and device.
 fn signed_lacking(local: &Capsule, theirs: &[RecordHash]) -> Result<Vec<Lacking>> {
-    lanes_of(local, local.difference(theirs)?)
+    let mut lanes = Lanes::default();
+    for h in local.difference(theirs)? {
+        lanes.add(&local.record(h)?);
+    }
+    Ok(lanes.into_vec())
 }
 
-/// The signed ones among `records`, by writer and device.
-fn lanes_of(local: &Capsule, records: impl IntoIterator<Item = RecordHash>) -> Result<Vec<Lacking>> {
-    let mut by_lane: BTreeMap<(WriterId, DeviceId), Lacking> = BTreeMap::new();
-    for h in records {
-        let Record { header, signature } = local.record(h)?;
-        if signature.is_some() {
-            let (writer, device, seq) = (header.writer, header.device, header.seq);
-            let entry =
-                by_lane.entry((writer, device)).or_insert(Lacking { writer, device, seq, lowest: seq, count: 0 });
-            (entry.seq, entry.lowest, entry.count) = (entry.seq.max(seq), entry.lowest.min(seq), entry.count + 1);
+/// Signed records counted by writer and device, as `Lacking`.
+#[derive(Default)]
+struct Lanes(BTreeMap<(WriterId, DeviceId), Lacking>);
+
+impl Lanes {
+    fn add(&mut self, record: &Record) {
+        if record.signature.is_none() {
+            return;
         }
+        let RecordHeader { writer, device, seq, .. } = record.header;
+        let entry = self.0.entry((writer, device)).or_insert(Lacking { writer, device, seq, lowest: seq, count: 0 });
+        (entry.seq, entry.lowest, entry.count) = (entry.seq.max(seq), entry.lowest.min(seq), entry.count + 1);
     }
-    Ok(by_lane.into_values().collect())
+
+    fn into_vec(self) -> Vec<Lacking> {
+        self.0.into_values().collect()
+    }
 }
 
 /// How far below each head `haves` looks.
