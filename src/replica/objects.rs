@@ -278,16 +278,16 @@ impl<O: Objects + 'static> ObjectReplica<O> {
         if let Some(signed) = self.metadata.get() {
             return Ok(Some(signed));
         }
-        match self.objects.get(&self.key("metadata"))? {
-            Some(bytes) => {
-                let signed = check_metadata(&bytes)?;
-                if signed.metadata.id() != self.capsule {
-                    return Err(self.malformed("the metadata object"));
-                }
-                Ok(Some(self.metadata.get_or_init(|| signed)))
-            }
-            None => Ok(None),
+        self.objects.get(&self.key("metadata"))?.map(|bytes| self.keep_metadata(&bytes)).transpose()
+    }
+
+    /// `bytes` checked as this capsule's signed metadata, and kept.
+    fn keep_metadata(&self, bytes: &[u8]) -> Result<&SignedMetadata> {
+        let signed = check_metadata(bytes)?;
+        if signed.metadata.id() != self.capsule {
+            return Err(self.malformed("the metadata object"));
         }
+        Ok(self.metadata.get_or_init(|| signed))
     }
 
     /// `refresh`, unless done already: a round reads the statements once, at its `heads` or
@@ -422,13 +422,12 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
 
     fn metadata(&self) -> Result<Option<Vec<u8>>> {
         let bytes = self.objects.get(&self.key("metadata"))?;
-        // Kept once checked, so that reading the statements next does not read it again.
+        // Kept once checked, so that reading the statements next does not read it again; the
+        // caller judges bytes that do not check.
         if let Some(bytes) = &bytes
             && self.metadata.get().is_none()
-            && let Ok(signed) = check_metadata(bytes)
-            && signed.metadata.id() == self.capsule
         {
-            let _ = self.metadata.set(signed);
+            let _ = self.keep_metadata(bytes);
         }
         Ok(bytes)
     }
@@ -587,21 +586,18 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
         let n = index.segments.get(&pusher.device).copied().unwrap_or(0);
         self.objects.put(&self.key(&format!("index/{device}/{n:016x}")), &borsh::to_vec(&nodes).expect("to memory"))?;
         let stored = nodes.len();
+        let pushed: Vec<RecordHash> = nodes.iter().map(|n| n.record).collect();
+        nodes.into_iter().for_each(|node| index.add(node));
         // The statement's heads cover everything this device pushed: the sender's heads once
-        // it says this batch settles the transfer, else the last statement's and this batch's.
+        // it says this batch settles the transfer, else the last statement's and this batch's
+        // that no record known names as a parent.
         let mut heads: Vec<RecordHash> = match settles {
             Some(heads) => heads.to_vec(),
-            None => index
-                .stated
-                .get(&pusher.device)
-                .into_iter()
-                .flatten()
-                .copied()
-                .chain(nodes.iter().map(|n| n.record))
-                .collect(),
+            None => {
+                let before = index.stated.get(&pusher.device).into_iter().flatten();
+                before.chain(&pushed).filter(|h| !index.has_child.contains(h)).copied().collect()
+            }
         };
-        nodes.into_iter().for_each(|node| index.add(node));
-        heads.retain(|h| settles.is_some() || !index.has_child.contains(h));
         heads.sort();
         heads.dedup();
         let statement = Statement {
