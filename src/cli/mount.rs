@@ -237,10 +237,10 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(entry.parent().expect("entry has a parent"))?;
     std::fs::write(&entry, format!("{}\n{}\n{}\n", std::process::id(), a.name, a.dir.display()))?;
     // A writable mount holds the store: commands that append to it (a grant) ask it here.
-    let requests = match &marker {
-        Some(_) => Some(super::requests::Requests::serve(entry.with_extension("sock"), home.root(), capsule.clone())?),
-        None => None,
-    };
+    let requests = marker
+        .as_ref()
+        .map(|_| super::requests::Requests::serve(entry.with_extension("sock"), home.root(), capsule.clone()))
+        .transpose()?;
     println!("{READY}");
     std::io::stdout().flush()?;
     let served = session.run();
