@@ -162,6 +162,67 @@ fn two_mounts_through_one_server_see_each_others_changes_without_remounting() {
     laptop.ok(&["verify", "c"]);
 }
 
+#[test]
+fn two_mounts_that_changed_apart_show_the_same_merge_once_the_server_returns() {
+    let server = Server::start();
+    let desk = Home::default();
+    let Some((id, a)) = pushed_mount(&desk, &server.url(), &[], ("shared.txt", b"base")) else { return };
+    write_fsynced(&a.path("edited-on-laptop.txt"), b"base");
+    write_fsynced(&a.path("gone.txt"), b"base");
+    replica_line(&a.dir, "pushed", |l| l.contains(" reachable, 0 records to push"));
+    let laptop = same_user(&desk);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };
+    assert_eq!(fs::read(b.path("gone.txt")).unwrap(), b"base");
+
+    // The server down, both machines change the capsule.
+    let (store, addr) = server.kill();
+    write_fsynced(&a.path("shared.txt"), b"the desk's version");
+    write_fsynced(&a.path("desk-only.txt"), b"desk");
+    fs::remove_file(a.path("edited-on-laptop.txt")).unwrap();
+    fs::remove_file(a.path("gone.txt")).unwrap();
+    fsync_dir(&a.dir);
+    write_fsynced(&b.path("shared.txt"), b"the laptop's version");
+    write_fsynced(&b.path("laptop-only.txt"), b"laptop");
+    write_fsynced(&b.path("edited-on-laptop.txt"), b"edited on the laptop");
+
+    // Back: each pulls the other's branch and shows the merge, the same on both.
+    let _server = Server::start_on(store, &addr);
+    let tree = |dir: &Path| {
+        let mut names: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .map(|name| (name.clone(), fs::read(dir.join(&name)).unwrap_or_default()))
+            .collect();
+        names.sort();
+        names
+    };
+    eventually("both mounts showed the same merge", || {
+        let t = tree(&a.dir);
+        t.len() == 5 && t == tree(&b.dir)
+    });
+    let merged = tree(&a.dir);
+    let names: Vec<&str> = merged.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"desk-only.txt") && names.contains(&"laptop-only.txt"), "{names:?}");
+    assert!(!names.contains(&"gone.txt"), "{names:?}");
+    let content = |name: &str| merged.iter().find(|(n, _)| n == name).map(|(_, c)| c.clone()).unwrap();
+    assert_eq!(content("edited-on-laptop.txt"), b"edited on the laptop", "an edit outlives a delete");
+    let copy =
+        names.iter().find(|n| n.starts_with("shared.conflict-") && n.ends_with(".txt")).expect("a conflict copy");
+    let mut versions = [content("shared.txt"), content(copy)];
+    versions.sort();
+    assert_eq!(versions, [b"the desk's version".to_vec(), b"the laptop's version".to_vec()]);
+
+    // The next change on either side commits the merge; the other follows it.
+    write_fsynced(&b.path("after.txt"), b"after the merge");
+    eventually("the desk saw the change made on the merge", || {
+        fs::read(a.path("after.txt")).is_ok_and(|c| c == b"after the merge") && tree(&a.dir) == tree(&b.dir)
+    });
+    drop((a, b));
+    desk.ok(&["verify", "c"]);
+    laptop.ok(&["verify", "c"]);
+}
+
 /// A copy of server store `store` as it is now, for putting back later.
 fn copy_of_store(store: &tempfile::TempDir) -> tempfile::TempDir {
     let copy = tempfile::tempdir().unwrap();

@@ -439,6 +439,11 @@ impl Capsule {
         TrustState { capsule: self.id, store: &self.store, key: self.trust_key.as_ref(), local: &self.local }
     }
 
+    /// The device this store writes as (chosen and stored now if it has not written yet).
+    pub fn device(&self) -> Result<DeviceId> {
+        self.write_lock.lock().expect("no panics while locked").device(&self.store)
+    }
+
     /// Current heads, sorted; a capsule without records has none.
     pub fn heads(&self) -> Result<Vec<RecordHash>> {
         self.write_lock.lock().expect("no panics while locked").heads(&self.store)

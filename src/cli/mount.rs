@@ -191,7 +191,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
                 );
             }
             let mut fs = Fs::open(capsule.clone(), key, writer)?;
-            if fs.base().is_none() && !a.read_only {
+            if fs.heads().is_empty() && !a.read_only {
                 // A new filesystem's root takes the owner and mode of the folder it is mounted on.
                 let m = std::fs::metadata(&a.dir)?;
                 fs.set_attr(ROOT_INO, |i| {
@@ -308,25 +308,35 @@ fn background(
     }))
 }
 
-/// After records arrived from a replica: the live filesystem moves to the newer commit they
-/// made, when nothing is pending here, and the kernel forgets the names, attributes and pages
-/// that commit changed (outside the filesystem's lock: the kernel may call back into it).
+/// After records were stored (pulled from a replica, or committed here): the live filesystem
+/// moves to the newer commit they made, or to the merge of the branches there now are, when
+/// nothing is pending here, and the kernel forgets the names, attributes and pages that
+/// changed (outside the filesystem's lock: the kernel may call back into it).
 fn follow_live(live: &RwLock<Fs>, notifier: Option<&Notifier>) {
+    match live.read().expect("no panics while locked").behind() {
+        Ok(false) => return,
+        Ok(true) => {}
+        Err(e) => return tracing::warn!("finding the capsule's filesystem heads: {e}"),
+    }
     let followed = live.write().expect("no panics while locked").follow();
     match followed {
-        Ok(Followed::Moved(h, changes)) => {
-            tracing::info!("the mount now shows {h:?}, from a replica");
+        Ok(Followed::Moved(heads, changes)) => {
+            match heads.as_slice() {
+                [h] => tracing::info!("the mount now shows {h:?}, from a replica"),
+                _ => tracing::info!(
+                    "the mount now shows the merge of {} branches ({heads:?}); the next change here commits it",
+                    heads.len()
+                ),
+            }
             if let Some(notifier) = notifier {
                 capsulefs::fuse::forget(notifier, &changes);
             }
         }
-        Ok(Followed::Diverged(n)) => tracing::warn!(
-            "this mount and another machine both changed the capsule ({n} filesystem branches): \
-             the mount goes on with its own branch, since merging is not built yet"
-        ),
-        Ok(Followed::Pending) => tracing::debug!("a newer commit arrived while changes are pending here"),
+        Ok(Followed::Pending) => {
+            tracing::debug!("newer commits arrived while changes are pending here: merged after the next commit")
+        }
         Ok(Followed::Same) => {}
-        Err(e) => tracing::warn!("moving the mount to the newest commit: {e}"),
+        Err(e) => tracing::warn!("moving the mount to the capsule's newest state: {e}"),
     }
 }
 

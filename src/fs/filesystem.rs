@@ -13,11 +13,13 @@ use std::sync::Arc;
 
 use super::heads;
 use super::node::{
-    Bucket, CHUNK_SIZE, Chunk, DirEntry, Inode, Kind, MAX_PIECES, Piece, ROOT_INO, Superblock, Time, name_key,
+    Bucket, CHUNK_SIZE, Chunk, DirEntry, Inode, Kind, MAX_PIECES, Piece, ROOT_INO, Superblock, Time, inode_range,
+    name_key, ranged_ino,
 };
 use super::payload_cache::Caches;
 use super::sealed::{CommitBuilder, Sealed};
 use super::sealer::{ChunkKey, Sealer};
+use super::state::{CHUNK_LEAF, DIR_LEAF, State, committed_tree};
 use super::trie::{Loc, NodeSource, Ref, Trie, Value};
 use crate::capsule::{Capsule, EarlierProofs};
 use crate::crypto::aead::{ContentKey, SealedKind};
@@ -28,9 +30,6 @@ use crate::record::{RecordHash, RecordKind, SubIdx};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
 
-const INODE_LEAF: usize = 32;
-const DIR_LEAF: usize = 64;
-const CHUNK_LEAF: usize = 128;
 /// The longest name component and symlink target a local disk (ext4) takes.
 const MAX_NAME: usize = 255;
 const MAX_SYMLINK_TARGET: usize = 4095;
@@ -60,14 +59,12 @@ pub enum XattrMode {
 pub enum Followed {
     /// Already at the capsule's filesystem head.
     Same,
-    /// Moved to this newer commit, which changed these.
-    Moved(RecordHash, Changes),
-    /// A newer commit exists, but changes are pending here: after they are committed the
-    /// two are branches.
+    /// Moved to the state of these filesystem heads (their merge, for more than one), which
+    /// changed these.
+    Moved(Vec<RecordHash>, Changes),
+    /// Newer commits exist, but changes are pending here: once they are committed, the next
+    /// follow merges.
     Pending,
-    /// The capsule has this many filesystem heads (branches made apart): this filesystem
-    /// stays on its own until merges are built.
-    Diverged(usize),
 }
 
 pub struct Fs {
@@ -76,8 +73,11 @@ pub struct Fs {
     /// None for a read-only view (of the past, or without write rights).
     writer: Option<Identity>,
     inodes: Trie<Inode>,
-    next_ino: u64,
-    /// Chunk maps and directories changed since the last commit.
+    /// The last inode number handed out per range (see `node::inode_range`).
+    allocated: BTreeMap<u32, u32>,
+    /// This writer and device's range, once known (at the first `make`).
+    range: Option<u32>,
+    /// Chunk maps and directories changed since the last commit (directories also by a merge).
     files: HashMap<u64, Trie<Chunk>>,
     dirs: HashMap<u64, Trie<Bucket>>,
     /// Written chunks not yet committed, by (inode, chunk number).
@@ -86,8 +86,11 @@ pub struct Fs {
     chunk_version: u64,
     /// Seals completed chunks while writes go on (writable filesystems only).
     sealer: Option<Sealer>,
-    /// The commit this state builds on.
-    base: Option<RecordHash>,
+    /// The filesystem heads this state holds: the commit it builds on, or the branches it
+    /// merged (committed as parents by the next commit).
+    heads: Vec<RecordHash>,
+    /// Whether anything changed here since the last commit (a merge alone is no change).
+    touched: bool,
     /// Open handles per inode: an unlinked file lives on (nlink 0) until its last close.
     open_handles: HashMap<u64, u32>,
     /// Handles opened for reading, by handle number.
@@ -179,30 +182,19 @@ fn shown(name: &[u8]) -> String {
 }
 
 impl Fs {
-    /// The filesystem as of the commit the capsule's heads descend from, writable by
-    /// `writer`; empty if there is none yet. Two or more filesystem heads (branches made
-    /// apart) open read-only only, at the newest by `heads::newest`, until merges exist.
+    /// The filesystem as of the capsule's filesystem heads, writable by `writer`: one
+    /// commit's state, or the deterministic merge of branches made apart (`State::of_heads`);
+    /// empty if there is no commit yet.
     pub fn open(capsule: Arc<Capsule>, key: ContentKey, writer: Option<Identity>) -> Result<Self> {
         let fs_heads = heads::filesystem_heads(&capsule)?;
-        if fs_heads.len() > 1 && writer.is_some() {
-            let listed: Vec<String> = fs_heads.iter().map(|h| h.to_hex()[..12].to_owned()).collect();
-            return Err(Error::Invalid(format!(
-                "the capsule has {} filesystem heads ({}): branches made apart, which this build cannot merge \
-                 yet; mount it --read-only to see the newest, or --at RECORD for one branch",
-                fs_heads.len(),
-                listed.join(", ")
-            )));
+        let sealed = Sealed { capsule, key, cache: Arc::default() };
+        if fs_heads.is_empty() {
+            let mut fs = Self::with_state(sealed, writer, State::empty(), Vec::new());
+            fs.put_inode(ROOT_INO, Inode::new(Kind::Dir, 0o755, 0, 0))?;
+            return Ok(fs);
         }
-        match heads::newest(&capsule, &fs_heads)? {
-            Some(h) => Self::open_at(capsule, key, writer, h),
-            None => {
-                let sealed = Sealed { capsule, key, cache: Arc::default() };
-                let mut fs = Self::with_state(sealed, writer, Trie::empty(INODE_LEAF), ROOT_INO + 1, None);
-                let root = Inode::new(Kind::Dir, 0o755, 0, 0);
-                fs.put_inode(ROOT_INO, root)?;
-                Ok(fs)
-            }
-        }
+        let state = State::of_heads(&sealed, &fs_heads)?;
+        Ok(Self::with_state(sealed, writer, state, fs_heads))
     }
 
     /// The filesystem as of commit `record` (a view of the past when `writer` is None).
@@ -213,74 +205,62 @@ impl Fs {
         record: RecordHash,
     ) -> Result<Self> {
         let sealed = Sealed { capsule, key, cache: Arc::default() };
-        let (inodes, next_ino) = Self::committed_state(&sealed, record)?;
-        Ok(Self::with_state(sealed, writer, inodes, next_ino, Some(record)))
+        let state = State::committed(&sealed, record)?;
+        Ok(Self::with_state(sealed, writer, state, vec![record]))
     }
 
-    /// The inode table and next inode number of commit `record`, from its superblock.
-    fn committed_state(sealed: &Sealed, record: RecordHash) -> Result<(Trie<Inode>, u64)> {
-        let header = sealed.capsule.proven_header(record)?;
-        let last = match header.kind {
-            RecordKind::FsCommit => header.sub_count.checked_sub(1),
-            RecordKind::Data | RecordKind::Membership => None,
-        }
-        .ok_or_else(|| {
-            Error::NotFound(format!("{record:?} as a filesystem commit (it is a {:?} record)", header.kind))
-        })?;
-        let at = Loc { record, idx: SubIdx(last) };
-        let bytes = sealed.read(at, &sealed.place(SealedKind::Superblock, 0, 0, 0))?;
-        let sb = Superblock::decode(&bytes).map_err(|source| VerifyError::MalformedSubRecord {
-            record,
-            idx: at.idx,
-            source,
-        })?;
-        let inodes = match sb.inodes {
-            Some(r) => Trie::open(r.resolve(record), INODE_LEAF),
-            None => Trie::empty(INODE_LEAF),
-        };
-        Ok((inodes, sb.next_ino))
-    }
-
-    /// Moves this filesystem to the capsule's filesystem head when records from elsewhere
-    /// made a newer one (every commit lies below the one head there is), unless changes are
-    /// pending here. Open handles and caches stay: the cache holds proven bytes by place.
+    /// Moves this filesystem to the capsule's filesystem heads when records from elsewhere
+    /// moved them, unless changes are pending here: to the newer commit, or to the merge of
+    /// the branches there now are. Open handles and caches stay: the cache holds proven
+    /// bytes by place.
     pub fn follow(&mut self) -> Result<Followed> {
-        let heads = heads::filesystem_heads(&self.sealed.capsule)?;
-        match heads.as_slice() {
-            [] => Ok(Followed::Same),
-            [h] if Some(*h) == self.base => Ok(Followed::Same),
-            [_] if self.is_dirty() && !self.untouched() => Ok(Followed::Pending),
-            [h] => {
-                let (inodes, next_ino) = Self::committed_state(&self.sealed, *h)?;
-                let changes = self.changes(&self.inodes, &inodes)?;
-                // Readers of a file the move changed keep the inode they saw.
-                let table = self.sealed.tree(SealedKind::InodeTable, 0);
-                for reader in self.readers.values_mut().filter(|r| r.pinned.is_none()) {
-                    if changes.inodes.binary_search(&reader.ino).is_ok() {
-                        reader.pinned = self.inodes.get(&table, reader.ino)?;
-                    }
-                }
-                (self.inodes, self.next_ino) = (inodes, next_ino);
-                self.base = Some(*h);
-                Ok(Followed::Moved(*h, changes))
-            }
-            many => Ok(Followed::Diverged(many.len())),
+        if !self.behind()? {
+            return Ok(Followed::Same);
         }
+        let heads = heads::filesystem_heads(&self.sealed.capsule)?;
+        if self.is_dirty() && !self.untouched() {
+            return Ok(Followed::Pending);
+        }
+        let state = State::of_heads(&self.sealed, &heads)?;
+        let changes = self.changes(&state)?;
+        // Readers of a file the move changed keep the inode they saw.
+        let table = self.sealed.tree(SealedKind::InodeTable, 0);
+        for reader in self.readers.values_mut().filter(|r| r.pinned.is_none()) {
+            if changes.inodes.binary_search(&reader.ino).is_ok() {
+                reader.pinned = self.inodes.get(&table, reader.ino)?;
+            }
+        }
+        (self.inodes, self.dirs, self.allocated) = (state.inodes, state.dirs, state.allocated);
+        self.files.clear();
+        self.chunks.clear();
+        self.touched = false;
+        self.heads = heads.clone();
+        Ok(Followed::Moved(heads, changes))
     }
 
-    /// What differs between inode tables `old` and `new`: the inodes, and in directories on
-    /// both sides, the names.
-    fn changes(&self, old: &Trie<Inode>, new: &Trie<Inode>) -> Result<Changes> {
+    /// Whether the capsule's filesystem heads moved past the state shown here.
+    pub fn behind(&self) -> Result<bool> {
+        let heads = heads::filesystem_heads(&self.sealed.capsule)?;
+        Ok(!heads.is_empty() && heads != self.heads)
+    }
+
+    /// What differs between this filesystem and state `new`: the inodes, and in
+    /// directories on both sides, the names.
+    fn changes(&self, new: &State) -> Result<Changes> {
         let table = self.sealed.tree(SealedKind::InodeTable, 0);
-        let inodes = old.changed_keys(new, &table)?;
+        let mut inodes = self.inodes.changed_keys(&new.inodes, &table)?;
+        // Directories a merge changed in memory may keep their inodes.
+        inodes.extend(self.dirs.keys().chain(new.dirs.keys()));
+        inodes.sort_unstable();
+        inodes.dedup();
         let mut names = Vec::new();
         for &ino in &inodes {
-            let (Some(a), Some(b)) = (old.get(&table, ino)?, new.get(&table, ino)?) else { continue };
+            let (Some(a), Some(b)) = (self.inodes.get(&table, ino)?, new.inode(&self.sealed, ino)?) else { continue };
             if a.kind != Kind::Dir || b.kind != Kind::Dir {
                 continue;
             }
             let src = self.sealed.tree(SealedKind::Directory, ino);
-            let (a, b) = (Self::committed_tree::<Bucket>(&a, DIR_LEAF), Self::committed_tree::<Bucket>(&b, DIR_LEAF));
+            let (a, b) = (Self::current_tree(&self.dirs, ino, &a, DIR_LEAF), new.dir_tree(ino, &b));
             for key in a.changed_keys(&b, &src)? {
                 let (left, right) = (a.get(&src, key)?.unwrap_or_default(), b.get(&src, key)?.unwrap_or_default());
                 let find = |bucket: &Bucket, name: &[u8]| bucket.0.iter().find(|e| e.name == name).cloned();
@@ -296,40 +276,36 @@ impl Fs {
         Ok(Changes { inodes, names })
     }
 
-    fn with_state(
-        sealed: Sealed,
-        writer: Option<Identity>,
-        inodes: Trie<Inode>,
-        next_ino: u64,
-        base: Option<RecordHash>,
-    ) -> Self {
+    fn with_state(sealed: Sealed, writer: Option<Identity>, state: State, heads: Vec<RecordHash>) -> Self {
         let sealer = writer.is_some().then(|| Sealer::start(sealed.key.clone()));
         Self {
             sealed,
             writer,
-            inodes,
-            next_ino,
+            inodes: state.inodes,
+            allocated: state.allocated,
+            range: None,
             files: HashMap::new(),
-            dirs: HashMap::new(),
+            dirs: state.dirs,
             chunks: BTreeMap::new(),
             chunk_version: 0,
             sealer,
-            base,
+            heads,
+            touched: false,
             open_handles: HashMap::new(),
             readers: HashMap::new(),
         }
     }
 
-    /// The commit this state builds on.
-    pub fn base(&self) -> Option<RecordHash> {
-        self.base
+    /// The filesystem heads this state holds: one commit, or the branches it merged.
+    pub fn heads(&self) -> &[RecordHash] {
+        &self.heads
     }
 
     /// A new filesystem nothing was done to yet but making its root: given up for a commit
     /// that arrives from elsewhere, rather than made a branch of its own.
     fn untouched(&self) -> bool {
-        self.base.is_none()
-            && self.next_ino == ROOT_INO + 1
+        self.heads.is_empty()
+            && self.allocated.is_empty()
             && self.chunks.is_empty()
             && self.files.is_empty()
             && self.dirs.is_empty()
@@ -340,8 +316,9 @@ impl Fs {
         self.chunks.values().map(|c| c.data.len()).sum()
     }
 
+    /// Whether changes wait for a commit.
     pub fn is_dirty(&self) -> bool {
-        self.inodes.is_dirty() || !self.chunks.is_empty()
+        self.touched || !self.chunks.is_empty()
     }
 
     /// Whether writes are refused: a view of the past, or no write rights.
@@ -399,6 +376,7 @@ impl Fs {
         inode.changed_in = Some(Ref::Here(SubIdx(0)));
         let sealed = &self.sealed;
         self.inodes.insert(&sealed.tree(SealedKind::InodeTable, 0), ino, inode)?;
+        self.touched = true;
         Ok(())
     }
 
@@ -410,15 +388,6 @@ impl Fs {
         Ok(inode)
     }
 
-    /// A directory's entry tree as committed (cheap: nothing is read until used).
-    fn committed_tree<V: Value>(inode: &Inode, leaf_max: usize) -> Trie<V> {
-        match inode.content {
-            // Values loaded from a committed leaf have absolute refs; `Here` never reaches this.
-            Some(Ref::At(record, idx)) => Trie::open(Loc { record, idx }, leaf_max),
-            Some(Ref::Here(_)) | None => Trie::empty(leaf_max),
-        }
-    }
-
     /// The tree of `ino` as it stands: changed in `overlay`, or as committed.
     fn current_tree<'a, V: Value>(
         overlay: &'a HashMap<u64, Trie<V>>,
@@ -428,7 +397,7 @@ impl Fs {
     ) -> Cow<'a, Trie<V>> {
         match overlay.get(&ino) {
             Some(tree) => Cow::Borrowed(tree),
-            None => Cow::Owned(Self::committed_tree(inode, leaf_max)),
+            None => Cow::Owned(committed_tree(inode.content, leaf_max)),
         }
     }
 
@@ -460,7 +429,7 @@ impl Fs {
         let inode = self.dir_inode(dir)?;
         let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::Directory, dir);
-        let tree = self.dirs.entry(dir).or_insert_with(|| Self::committed_tree(&inode, DIR_LEAF));
+        let tree = self.dirs.entry(dir).or_insert_with(|| committed_tree(inode.content, DIR_LEAF));
         let key = name_key(name);
         let mut bucket = tree.get(&src, key)?.unwrap_or_default();
         change(&mut bucket.0);
@@ -502,14 +471,29 @@ impl Fs {
         if self.lookup_in(dir, name)?.is_some() {
             return Err(Error::Exists(shown(name)));
         }
-        let ino = self.next_ino;
-        self.next_ino += 1;
+        let ino = self.allocate()?;
         if inode.kind == Kind::Symlink {
             inode.size = inode.target.len() as u64;
         }
         self.put_inode(ino, inode.clone())?;
         self.add_entry(dir, name, ino, inode.kind)?;
         Ok((ino, inode))
+    }
+
+    /// The next inode number of this writer and device's range.
+    fn allocate(&mut self) -> Result<u64> {
+        let range = match self.range {
+            Some(range) => range,
+            None => {
+                let writer = self.writer.as_ref().ok_or(Error::ReadOnlyView)?.writer();
+                *self.range.insert(inode_range(&writer, &self.sealed.capsule.device()?))
+            }
+        };
+        let last = self.allocated.entry(range).or_default();
+        *last = last.checked_add(1).ok_or_else(|| {
+            Error::Invalid("this device has made 2^32 files in this capsule, all its inode numbers".into())
+        })?;
+        Ok(ranged_ino(range, *last))
     }
 
     /// A new name for an existing file (hard link).
@@ -576,6 +560,7 @@ impl Fs {
     fn remove_inode(&mut self, ino: u64) -> Result<()> {
         let sealed = &self.sealed;
         self.inodes.remove(&sealed.tree(SealedKind::InodeTable, 0), ino)?;
+        self.touched = true;
         self.files.remove(&ino);
         self.dirs.remove(&ino);
         self.chunks.retain(|(i, _), _| *i != ino);
@@ -808,7 +793,7 @@ impl Fs {
             return Ok(Some(ChunkBytes::Pending(&c.data)));
         }
         let Some(chunk) = self.stored_chunk(ino, inode, n, version)? else { return Ok(None) };
-        Ok(Some(ChunkBytes::Committed(self.committed_bytes(ino, n, &chunk)?)))
+        Ok(Some(ChunkBytes::Committed(self.committed_bytes(inode.chunks_at(ino), n, &chunk)?)))
     }
 
     /// `committed_chunk` of the live file, or of exactly the version `inode` names.
@@ -816,18 +801,20 @@ impl Fs {
         match version {
             Version::Live => self.committed_chunk(ino, inode, n),
             Version::Committed => {
-                Self::committed_tree(inode, CHUNK_LEAF).get(&self.sealed.tree(SealedKind::ChunkMap, ino), n)
+                let src = self.sealed.tree(SealedKind::ChunkMap, inode.chunks_at(ino));
+                committed_tree(inode.content, CHUNK_LEAF).get(&src, n)
             }
         }
     }
 
     /// Where committed chunk `n` of file `ino` is stored, or None for a hole.
     fn committed_chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Chunk>> {
-        let src = self.sealed.tree(SealedKind::ChunkMap, ino);
+        let src = self.sealed.tree(SealedKind::ChunkMap, inode.chunks_at(ino));
         Self::current_tree(&self.files, ino, inode, CHUNK_LEAF).get(&src, n)
     }
 
-    /// The bytes of committed chunk `n` of file `ino`: its pieces, each proven and opened.
+    /// The bytes of committed chunk `n` of the file whose chunks are sealed at inode number
+    /// `ino` (`Inode::chunks_at`): its pieces, each proven and opened.
     fn committed_bytes(&self, ino: u64, n: u64, chunk: &Chunk) -> Result<Arc<Vec<u8>>> {
         if let [only] = chunk.pieces.as_slice() {
             return self.piece(ino, n, 0, only);
@@ -839,7 +826,8 @@ impl Fs {
         Ok(Arc::new(bytes))
     }
 
-    /// One piece of committed chunk `n` of file `ino`, starting `start` bytes into it.
+    /// One piece of committed chunk `n` of the file sealed at `ino`, starting `start` bytes
+    /// into it.
     fn piece(&self, ino: u64, n: u64, start: usize, piece: &Piece) -> Result<Arc<Vec<u8>>> {
         let at = piece.at.absolute();
         let plain = self.sealed.read(at, &self.sealed.piece_place(ino, n, start))?;
@@ -884,12 +872,12 @@ impl Fs {
                 match self.stored_chunk(ino, inode, n, version)? {
                     Some(Chunk { pieces }) if pieces.len() == 1 => {
                         let at = pieces[0].at.absolute();
-                        let place = self.sealed.chunk_place(ino, n);
+                        let place = self.sealed.chunk_place(inode.chunks_at(ino), n);
                         let len = self.sealed.read_into(at, &place, dst)?;
                         check_piece_len(at, &pieces[0], len)?;
                     }
                     Some(chunk) => {
-                        let bytes = self.committed_bytes(ino, n, &chunk)?;
+                        let bytes = self.committed_bytes(inode.chunks_at(ino), n, &chunk)?;
                         let have = bytes.len().min(take);
                         dst[..have].copy_from_slice(&bytes[..have]);
                     }
@@ -905,6 +893,21 @@ impl Fs {
         Ok(out)
     }
 
+    /// A conflict copy's first change: its chunks were sealed at another inode's number (see
+    /// `Inode::sealed_as`), so they are read and made pending here, to be sealed at its own.
+    fn unshare(&mut self, ino: u64, inode: &mut Inode) -> Result<()> {
+        let Some(at) = inode.sealed_as else { return Ok(()) };
+        let src = self.sealed.tree(SealedKind::ChunkMap, at);
+        for (n, chunk) in committed_tree::<Chunk>(inode.content, CHUNK_LEAF).entries(&src)? {
+            let data = self.committed_bytes(at, n, &chunk)?;
+            let version = self.next_chunk_version();
+            self.chunks.insert((ino, n), PendingChunk { data, version, kept: None });
+        }
+        self.files.insert(ino, Trie::empty(CHUNK_LEAF));
+        (inode.content, inode.sealed_as) = (None, None);
+        Ok(())
+    }
+
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
         self.write_clearing(ino, offset, data, false)
     }
@@ -918,6 +921,7 @@ impl Fs {
     fn write_clearing(&mut self, ino: u64, offset: u64, data: &[u8], drop_set_ids: bool) -> Result<()> {
         self.writable()?;
         let mut inode = self.file_inode(ino)?;
+        self.unshare(ino, &mut inode)?;
         if drop_set_ids {
             inode.drop_set_ids();
         }
@@ -976,6 +980,7 @@ impl Fs {
     pub fn truncate(&mut self, ino: u64, size: u64) -> Result<()> {
         self.writable()?;
         let mut inode = self.file_inode(ino)?;
+        self.unshare(ino, &mut inode)?;
         if size < inode.size {
             let keep = size.div_ceil(CHUNK_SIZE);
             // Trim the new last chunk so the cut bytes cannot come back if the file grows again.
@@ -989,7 +994,7 @@ impl Fs {
             self.chunks.retain(|(i, n), _| *i != ino || *n < keep);
             let sealed = &self.sealed;
             let src = sealed.tree(SealedKind::ChunkMap, ino);
-            let map = self.files.entry(ino).or_insert_with(|| Self::committed_tree(&inode, CHUNK_LEAF));
+            let map = self.files.entry(ino).or_insert_with(|| committed_tree(inode.content, CHUNK_LEAF));
             for (n, _) in map.entries(&src)? {
                 if n >= keep {
                     map.remove(&src, n)?;
@@ -1048,7 +1053,7 @@ impl Fs {
                 Entry::Occupied(map) => map.into_mut(),
                 Entry::Vacant(slot) => {
                     let Some(inode) = inodes.get(&table, ino)? else { continue };
-                    slot.insert(Self::committed_tree(&inode, CHUNK_LEAF))
+                    slot.insert(committed_tree(inode.content, CHUNK_LEAF))
                 }
             };
             let len = pending.data.len();
@@ -1085,18 +1090,19 @@ impl Fs {
         let sb = Superblock {
             version: FORMAT_VERSION,
             inodes: inodes_root,
-            next_ino: self.next_ino,
+            allocated: self.allocated.iter().map(|(r, n)| (*r, *n)).collect(),
             chunk_size: CHUNK_SIZE as u32,
         };
         builder.push(&sealed.place(SealedKind::Superblock, 0, 0, 0), &sb.encode());
-        let parents = heads::commit_parents(&sealed.capsule, self.base)?;
+        let parents = heads::commit_parents(&sealed.capsule, &self.heads)?;
         let record = builder.finish(writer, &parents, sign, durability)?;
         inodes.committed(inodes_root, record);
         self.inodes = inodes;
         self.files.clear();
         self.dirs.clear();
         self.chunks.clear();
-        self.base = Some(record);
+        self.heads = vec![record];
+        self.touched = false;
         Ok(record)
     }
 }

@@ -5,7 +5,7 @@
 //! filesystem commits. The walks read only each record's shape (parents, kind), checked
 //! against its hash; the commit finally opened is proven like every other read.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 
 use crate::capsule::Capsule;
 use crate::record::{KeyGen, RecordHash, RecordKind};
@@ -81,6 +81,70 @@ pub fn filesystem_heads(capsule: &Capsule) -> Result<Vec<RecordHash>> {
     Ok(heads)
 }
 
+/// The filesystem commits a merge of `ours` (taken together) with `theirs` starts from: the
+/// nearest commits that both descend from, none below another. Empty when the two share no
+/// commit (each made its own first one). The walk goes down by height, highest first, and
+/// stops once every record still to visit lies below a common one already found, so it reads what the two
+/// made since they parted, not all of history. Heights are a local index: a wrong one only
+/// makes the walk longer, never its answer wrong, since a record counts as common only when
+/// parent links from both sides reach it.
+pub fn merge_bases(capsule: &Capsule, ours: &[RecordHash], theirs: RecordHash) -> Result<Vec<RecordHash>> {
+    const OURS: u8 = 1;
+    const THEIRS: u8 = 2;
+    const BOTH: u8 = OURS | THEIRS;
+    /// Below a common record: no record reached from here is a nearest one.
+    const BELOW: u8 = 4;
+    let genesis = RecordHash::genesis(capsule.id());
+    let height = |h: RecordHash| -> Result<u64> { Ok(capsule.store().height(&h)?.unwrap_or(0)) };
+    let mut flags: HashMap<RecordHash, u8> = HashMap::new();
+    let mut done: HashMap<RecordHash, u8> = HashMap::new();
+    let mut queue = BinaryHeap::new();
+    for (&h, side) in ours.iter().map(|h| (h, OURS)).chain([(&theirs, THEIRS)]) {
+        *flags.entry(h).or_default() |= side;
+        queue.push((height(h)?, h));
+    }
+    let mut common = Vec::new();
+    while queue.iter().any(|(_, h)| flags[h] & BELOW == 0) {
+        let Some((_, h)) = queue.pop() else { break };
+        let f = flags[&h];
+        if done.get(&h) == Some(&f) {
+            continue;
+        }
+        done.insert(h, f);
+        let passed = if f & BOTH == BOTH {
+            if f & BELOW == 0 {
+                common.push(h);
+            }
+            BOTH | BELOW
+        } else {
+            f
+        };
+        for p in capsule.record(h)?.header.parents {
+            let before = flags.get(&p).copied().unwrap_or(0);
+            if p != genesis && before | passed != before {
+                flags.insert(p, before | passed);
+                queue.push((height(p)?, p));
+            }
+        }
+    }
+    // Records of other kinds stand for the commits below them.
+    let commits: Vec<RecordHash> = nearest_commits(capsule, &common)?.into_iter().collect();
+    let mut bases = Vec::new();
+    for &c in &commits {
+        let mut below_another = false;
+        for &other in &commits {
+            if other != c && descends_from(capsule, other, c)? {
+                below_another = true;
+                break;
+            }
+        }
+        if !below_another {
+            bases.push(c);
+        }
+    }
+    Ok(bases)
+}
+
 /// The newest of several filesystem heads by a rule every replica applies alike: the
 /// writer's commit time, then the hash.
 pub fn newest(capsule: &Capsule, heads: &[RecordHash]) -> Result<Option<RecordHash>> {
@@ -92,21 +156,22 @@ pub fn newest(capsule: &Capsule, heads: &[RecordHash]) -> Result<Option<RecordHa
     Ok(best.map(|(_, h)| h))
 }
 
-/// The parents of a commit built on `base`: every current head whose filesystem state is
-/// `base` (`base` itself, and records of other kinds on top of it), never a head holding
-/// another state, which the commit has not merged. `base` is always among them or below them.
-pub fn commit_parents(capsule: &Capsule, base: Option<RecordHash>) -> Result<Vec<RecordHash>> {
-    let state: BTreeSet<RecordHash> = base.into_iter().collect();
-    let mut parents = Vec::new();
+/// The parents of a commit of a state that holds the filesystem heads `held` (one commit, or
+/// the branches a merge combined): every current head whose filesystem state lies within
+/// `held` (a held commit, or records of other kinds on top of held commits), and each held
+/// commit that none of those covers. Never a head holding another state, which the commit
+/// has not merged.
+pub fn commit_parents(capsule: &Capsule, held: &[RecordHash]) -> Result<Vec<RecordHash>> {
+    let held: BTreeSet<RecordHash> = held.iter().copied().collect();
+    let mut parents = BTreeSet::new();
+    let mut covered = BTreeSet::new();
     for head in capsule.heads()? {
-        if Some(head) == base || nearest_commits(capsule, &[head])? == state {
-            parents.push(head);
+        let state = if held.contains(&head) { BTreeSet::from([head]) } else { nearest_commits(capsule, &[head])? };
+        if state.is_subset(&held) {
+            parents.insert(head);
+            covered.extend(state);
         }
     }
-    if parents.is_empty()
-        && let Some(base) = base
-    {
-        parents.push(base);
-    }
-    Ok(parents)
+    parents.extend(held.difference(&covered));
+    Ok(parents.into_iter().collect())
 }

@@ -4,8 +4,8 @@
 use borsh::{BorshDeserialize, BorshSerialize};
 
 use super::trie::{Ref, Value};
-use crate::record::RecordHash;
 use crate::record::codec::{self, Canonical, DecodeError, FORMAT_VERSION};
+use crate::record::{DeviceId, RecordHash, WriterId};
 
 /// Bytes per chunk: each chunk is one sealed sub-record.
 pub const CHUNK_SIZE: u64 = 64 * 1024;
@@ -66,6 +66,10 @@ pub struct Inode {
     /// The commit that last changed this inode: stored as `Ref::Here`, so it resolves to the
     /// record holding it (which cannot be named before it exists). Provenance xattrs read it.
     pub changed_in: Option<Ref>,
+    /// The inode number this file's chunks and chunk map were sealed at, when not its own: a
+    /// merge's conflict copy keeps the other version's stored chunks (every machine computes
+    /// the same copy, so none may seal anything new). Its first write seals it afresh.
+    pub sealed_as: Option<u64>,
 }
 
 impl Value for Inode {
@@ -94,7 +98,13 @@ impl Inode {
             rdev: 0,
             xattrs: Vec::new(),
             changed_in: None,
+            sealed_as: None,
         }
+    }
+
+    /// The inode number this file's chunks are sealed at (see `sealed_as`).
+    pub fn chunks_at(&self, ino: u64) -> u64 {
+        self.sealed_as.unwrap_or(ino)
     }
 
     /// Clears the bits a change of contents or owner takes away, as Linux does: set-user-ID
@@ -182,12 +192,41 @@ pub fn name_key(name: &[u8]) -> u64 {
     u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("blake3 gives 32 bytes"))
 }
 
+/// Inode numbers are handed out per device, so that files two devices make apart never
+/// share a number and a merge can combine them: `range << 32 | n`, where `range` (below
+/// 2^29, never 0) comes from the writer and device and `n` counts from 1. Range 0 holds the
+/// root alone; numbers from 2^61 are conflict copies (`conflict_copy_ino`).
+pub fn inode_range(writer: &WriterId, device: &DeviceId) -> u32 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"capsulefs inode range v1\0").update(writer.as_bytes()).update(&device.0);
+    let n = u32::from_le_bytes(h.finalize().as_bytes()[..4].try_into().expect("blake3 gives 32 bytes"));
+    1 + n % ((1 << 29) - 1)
+}
+
+/// The number of inode `n` of `range`.
+pub fn ranged_ino(range: u32, n: u32) -> u64 {
+    u64::from(range) << 32 | u64::from(n)
+}
+
+/// Where conflict copies are numbered: from 2^61 up, below the kernel numbers of views.
+const CONFLICT_BASE: u64 = 1 << 61;
+
+/// The number of the conflict copy of inode `ino` as changed in record `record`: the same on
+/// every machine that computes the merge.
+pub fn conflict_copy_ino(record: &RecordHash, ino: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"capsulefs conflict copy v1\0").update(record.as_bytes()).update(&ino.to_le_bytes());
+    let n = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("blake3 gives 32 bytes"));
+    CONFLICT_BASE | (n & (CONFLICT_BASE - 1))
+}
+
 /// The last sub-record of every filesystem commit: where the inode table is.
 #[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub struct Superblock {
     pub version: u8,
     pub inodes: Option<Ref>,
-    pub next_ino: u64,
+    /// Per inode range, the last number handed out in it (see `inode_range`), sorted.
+    pub allocated: Vec<(u32, u32)>,
     pub chunk_size: u32,
 }
 
@@ -195,6 +234,9 @@ impl Canonical for Superblock {
     fn check(&self) -> Result<(), DecodeError> {
         if self.version != FORMAT_VERSION {
             return Err(DecodeError::UnknownVersion(self.version));
+        }
+        if !self.allocated.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err(DecodeError::NonCanonical("inode ranges out of order"));
         }
         if u64::from(self.chunk_size) != CHUNK_SIZE {
             return Err(DecodeError::NonCanonical("this build reads 64 KiB chunks only"));

@@ -4,8 +4,12 @@
 //! `du` do not walk the whole history; it is reached by name.
 //!
 //! Kernel inode numbers carry the tree they belong to: the live filesystem's own numbers
-//! (below `VIEW_BASE`), the three control nodes, and views, `VIEW_BASE | slot << 40 | ino`.
+//! (below `VIEW_BASE`), the three control nodes, and views, `VIEW_BASE | slot << 40 | n`,
+//! where `n` is the inode number itself below 2^32 (the root) and otherwise a number the
+//! view gives out as the kernel meets its inodes (`Numbering`), since per-device inode
+//! numbers take more than 40 bits.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::fs::Fs;
@@ -27,7 +31,7 @@ pub enum Node {
     ControlDir,
     Status,
     History,
-    /// Inode `ino` of the view in `slot`.
+    /// Node `ino` of the view in `slot`, in the view's numbering (see `Numbering`).
     View {
         slot: u32,
         ino: u64,
@@ -69,8 +73,48 @@ pub fn history_name(position: usize, record: RecordHash) -> String {
 /// is opened on first use, so listing thousands of commits opens none of them.
 #[derive(Default)]
 pub struct Views {
-    slots: Vec<(RecordHash, Option<Fs>)>,
+    slots: Vec<ViewSlot>,
     by_record: HashMap<RecordHash, u32>,
+}
+
+struct ViewSlot {
+    record: RecordHash,
+    view: Option<Fs>,
+    numbers: RefCell<Numbering>,
+}
+
+/// Where a view's inode numbers of 32 bits and more are given short numbers for the kernel:
+/// 2^32 and up, in the order the kernel meets them, for the life of the mount.
+#[derive(Default)]
+pub struct Numbering {
+    to_short: HashMap<u64, u64>,
+    to_ino: Vec<u64>,
+}
+
+const SHORT_BASE: u64 = 1 << 32;
+
+impl Numbering {
+    /// The kernel's number (within the view) for inode `ino`.
+    pub fn short(&mut self, ino: u64) -> u64 {
+        if ino < SHORT_BASE {
+            return ino;
+        }
+        let next = SHORT_BASE + self.to_ino.len() as u64;
+        *self.to_short.entry(ino).or_insert_with(|| {
+            self.to_ino.push(ino);
+            next
+        })
+    }
+
+    /// The inode a kernel number given out by `short` stands for.
+    pub fn ino(&self, short: u64) -> Result<u64> {
+        match short.checked_sub(SHORT_BASE) {
+            None => Ok(short),
+            Some(i) => {
+                self.to_ino.get(i as usize).copied().ok_or_else(|| Error::NotFound(format!("history inode {short}")))
+            }
+        }
+    }
 }
 
 impl Views {
@@ -82,31 +126,33 @@ impl Views {
         if self.slots.len() >= MAX_SLOTS {
             return Err(Error::Invalid(format!("more than {MAX_SLOTS} past commits in use; remount")));
         }
-        self.slots.push((record, None));
+        self.slots.push(ViewSlot { record, view: None, numbers: RefCell::default() });
         let slot = (self.slots.len() - 1) as u32;
         self.by_record.insert(record, slot);
         Ok(slot)
     }
 
-    /// The view in `slot`, opened from `live` if this is its first use.
-    pub fn open(&mut self, live: &Fs, slot: u32) -> Result<&Fs> {
-        let (record, view) =
+    /// The view in `slot`, opened from `live` if this is its first use, with its numbering.
+    pub fn open(&mut self, live: &Fs, slot: u32) -> Result<(&Fs, &RefCell<Numbering>)> {
+        let ViewSlot { record, view, numbers } =
             self.slots.get_mut(slot as usize).ok_or_else(|| Error::NotFound(format!("history view {slot}")))?;
-        match view {
-            Some(fs) => Ok(fs),
-            None => Ok(view.insert(live.view_at(*record)?)),
-        }
+        let fs = match view {
+            Some(fs) => fs,
+            None => view.insert(live.view_at(*record)?),
+        };
+        Ok((fs, numbers))
     }
 
     pub fn open_count(&self) -> usize {
-        self.slots.iter().filter(|(_, v)| v.is_some()).count()
+        self.slots.iter().filter(|s| s.view.is_some()).count()
     }
 }
 
 /// What `.capsule/status` says, one `key: value` line each.
 pub struct Status {
     pub capsule: String,
-    pub head: Option<RecordHash>,
+    /// The filesystem heads the mount shows: one commit, or the branches it merged.
+    pub heads: Vec<RecordHash>,
     pub read_only: bool,
     pub pending_bytes: usize,
     pub uncommitted: bool,
@@ -130,7 +176,10 @@ fn hit_rate(s: CacheStats) -> String {
 
 impl Status {
     pub fn render(&self) -> String {
-        let head = self.head.map_or_else(|| "none".to_owned(), |h| h.to_hex());
+        let head = match self.heads.as_slice() {
+            [] => "none".to_owned(),
+            heads => heads.iter().map(RecordHash::to_hex).collect::<Vec<_>>().join(" + "),
+        };
         format!(
             "capsule: {}\nhead: {head}\nmode: {}\npending_bytes: {}\nuncommitted_changes: {}\n\
              commits_this_mount: {} ({} signed)\nproof_cache: {}\nverified_payload_cache: {}\n\
@@ -165,6 +214,18 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::Node;
+
+    #[test]
+    fn a_views_long_inode_numbers_get_short_ones_that_map_back() {
+        let mut n = super::Numbering::default();
+        assert_eq!(n.short(1), 1, "the root keeps its number");
+        let (a, b) = (3 << 32 | 7, (1 << 61) | 12345);
+        let (sa, sb) = (n.short(a), n.short(b));
+        assert!(sa < 1 << 40 && sb < 1 << 40 && sa != sb);
+        assert_eq!(n.short(a), sa, "stable");
+        assert_eq!((n.ino(sa).unwrap(), n.ino(sb).unwrap(), n.ino(1).unwrap()), (a, b, 1));
+        assert!(n.ino(sb + 1).is_err(), "never given out");
+    }
 
     #[test]
     fn inode_numbers_round_trip_and_never_collide() {

@@ -222,7 +222,9 @@ impl CapsuleFs {
             Node::View { slot, ino } => {
                 let live = self.fs();
                 let mut views = self.views();
-                op(views.open(&live, slot)?, ino, &|i| Node::View { slot, ino: i }.encode())
+                let (view, numbers) = views.open(&live, slot)?;
+                let ino = numbers.borrow().ino(ino)?;
+                op(view, ino, &|i| Node::View { slot, ino: numbers.borrow_mut().short(i) }.encode())
             }
             other => Err(Error::Invalid(format!("{other:?} is not in a file tree"))),
         }
@@ -237,7 +239,7 @@ impl CapsuleFs {
         let policy = self.policy.lock().expect("no panics while locked");
         Status {
             capsule: fs.capsule().id().to_hex(),
-            head: fs.base(),
+            heads: fs.heads().to_vec(),
             read_only: fs.is_read_only(),
             pending_bytes: fs.pending_bytes(),
             uncommitted: fs.is_dirty(),

@@ -6,8 +6,9 @@
 use borsh::{BorshDeserialize, BorshSerialize};
 
 /// The only format version this build reads and writes. 2: record headers name the device
-/// whose sequence space numbers them.
-pub const FORMAT_VERSION: u8 = 2;
+/// whose sequence space numbers them. 3: filesystem inode numbers are handed out per device
+/// (superblocks keep a counter per range) and inodes may name where their chunks were sealed.
+pub const FORMAT_VERSION: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

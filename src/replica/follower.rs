@@ -1,8 +1,10 @@
 //! A mount's background pull: a thread per replica that pulls what it has (every record
 //! checked by the capsule before it is stored, as in any pull), then waits for its heads to
 //! change (a server's long poll) or, for a folder or bucket that cannot wait, looks again
-//! after `POLL_EVERY`. After each pull that stored records it calls `arrived`, which moves
-//! the live filesystem forward.
+//! after `POLL_EVERY`. One more thread calls `arrived` whenever the capsule stored records,
+//! pulled or committed here, which moves the live filesystem forward: to a newer commit, or
+//! to the merge of branches (also when a commit here ends changes that kept it from
+//! following what arrived before).
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,6 +18,8 @@ use crate::{Error, VerifyError};
 
 /// How long a long poll may wait for new heads.
 const WAIT: Duration = Duration::from_secs(30);
+/// How often the thread calling `arrived` looks whether it is stopped.
+const WATCH_TICK: Duration = Duration::from_secs(1);
 /// How often a replica that cannot wait (a folder, a bucket) is looked at: each look is a
 /// listing and a read per device, so not too often for a bucket that bills requests.
 const POLL_EVERY: Duration = Duration::from_secs(2);
@@ -57,12 +61,26 @@ impl Follower {
     ) -> Self {
         let stop = Arc::new(Stop::default());
         for (i, replica) in replicas.into_iter().enumerate() {
-            let (capsule, status, arrived, stop) = (capsule.clone(), status.clone(), arrived.clone(), stop.clone());
+            let (capsule, status, stop) = (capsule.clone(), status.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("capsulefs-pull".into())
-                .spawn(move || follow(&capsule, &*replica, i, &status, &*arrived, &stop))
+                .spawn(move || follow(&capsule, &*replica, i, &status, &stop))
                 .expect("spawning a pull thread");
         }
+        let watching = stop.clone();
+        std::thread::Builder::new()
+            .name("capsulefs-follow".into())
+            .spawn(move || {
+                let mut seen = capsule.records_stored();
+                while !watching.is_set() {
+                    let now = capsule.wait_for_records(seen, WATCH_TICK);
+                    if now != seen {
+                        seen = now;
+                        arrived();
+                    }
+                }
+            })
+            .expect("spawning the follow thread");
         Self { stop }
     }
 }
@@ -74,7 +92,7 @@ impl Drop for Follower {
     }
 }
 
-fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatus, arrived: &dyn Fn(), stop: &Stop) {
+fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatus, stop: &Stop) {
     // What an earlier mount saw the replica hold: a replica that went back meanwhile is
     // noticed at the first pull.
     let url = status.update(i, |s| s.url.clone());
@@ -99,7 +117,6 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
                 }
                 if report.records > 0 {
                     tracing::info!("background pull: {} records from {}", report.records, replica.describe());
-                    arrived();
                 }
                 retry = FIRST_RETRY;
                 let asked = Instant::now();
