@@ -48,6 +48,9 @@ struct Target {
     replica: Box<dyn Replica>,
     /// The local heads last pushed whole; None until a push succeeds.
     pushed: Option<Vec<RecordHash>>,
+    /// Push at the next chance even if the heads did not move: a pull found the replica
+    /// lacking what was pushed. `pushed` stays, to count what waits meanwhile.
+    again: bool,
     /// The local heads `to_push` was last counted at, while waiting to retry.
     counted: Vec<RecordHash>,
     retry: Duration,
@@ -64,6 +67,7 @@ impl Uploader {
             .map(|replica| Target {
                 replica,
                 pushed: None,
+                again: false,
                 counted: Vec::new(),
                 retry: FIRST_RETRY,
                 next_try: Instant::now(),
@@ -121,9 +125,9 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
         for (i, target) in targets.iter_mut().enumerate() {
             // A pull found it lacking what was pushed (rolled back, or a push raced it).
             if shared.status.take_needs_push(i) {
-                target.pushed = None;
+                target.again = true;
             }
-            if target.pushed.as_ref() == Some(&heads) {
+            if !target.again && target.pushed.as_ref() == Some(&heads) {
                 continue;
             }
             if last_round || Instant::now() >= target.next_try {
@@ -156,7 +160,7 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
             }
             // Records waiting for a signature are pushed once the mount signs them.
             target.pushed = (report.waiting_for_signature == 0).then(|| heads.to_vec());
-            (target.retry, target.next_try) = (FIRST_RETRY, Instant::now());
+            (target.retry, target.next_try, target.again) = (FIRST_RETRY, Instant::now(), false);
             status.update(i, |s| {
                 if s.reachable == Some(false) {
                     tracing::info!("background push: {url} is reachable again");
