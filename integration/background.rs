@@ -126,6 +126,17 @@ fn the_kernel_forgets_at_once_what_a_change_from_elsewhere_made_stale() {
 }
 
 /// Commits a mount's pending changes durably (fsync on its root: a signed commit).
+/// The files in `dir` with their bytes, by name.
+fn files_in(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .map(|name| (name.clone(), fs::read(dir.join(&name)).unwrap_or_default()))
+        .collect();
+    files.sort();
+    files
+}
+
 fn fsync_dir(dir: &Path) {
     fs::File::open(dir).unwrap().sync_all().unwrap();
 }
@@ -188,20 +199,11 @@ fn two_mounts_that_changed_apart_show_the_same_merge_once_the_server_returns() {
 
     // Back: each pulls the other's branch and shows the merge, the same on both.
     let _server = Server::start_on(store, &addr);
-    let tree = |dir: &Path| {
-        let mut names: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .map(|name| (name.clone(), fs::read(dir.join(&name)).unwrap_or_default()))
-            .collect();
-        names.sort();
-        names
-    };
     eventually("both mounts showed the same merge", || {
-        let t = tree(&a.dir);
-        t.len() == 5 && t == tree(&b.dir)
+        let t = files_in(&a.dir);
+        t.len() == 5 && t == files_in(&b.dir)
     });
-    let merged = tree(&a.dir);
+    let merged = files_in(&a.dir);
     let names: Vec<&str> = merged.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains(&"desk-only.txt") && names.contains(&"laptop-only.txt"), "{names:?}");
     assert!(!names.contains(&"gone.txt"), "{names:?}");
@@ -216,8 +218,41 @@ fn two_mounts_that_changed_apart_show_the_same_merge_once_the_server_returns() {
     // The next change on either side commits the merge; the other follows it.
     write_fsynced(&b.path("after.txt"), b"after the merge");
     eventually("the desk saw the change made on the merge", || {
-        fs::read(a.path("after.txt")).is_ok_and(|c| c == b"after the merge") && tree(&a.dir) == tree(&b.dir)
+        fs::read(a.path("after.txt")).is_ok_and(|c| c == b"after the merge") && files_in(&a.dir) == files_in(&b.dir)
     });
+    drop((a, b));
+    desk.ok(&["verify", "c"]);
+    laptop.ok(&["verify", "c"]);
+}
+
+#[test]
+fn a_mount_killed_mid_sync_catches_up_after_a_remount_and_loses_nothing_fsynced() {
+    let server = Server::start();
+    let desk = Home::default();
+    let Some((id, a)) = pushed_mount(&desk, &server.url(), &[], ("start.txt", b"start")) else { return };
+    let laptop = same_user(&desk);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let mut wanted = vec![("start.txt".to_owned(), b"start".to_vec())];
+    {
+        let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };
+        // Both write while syncing; the laptop's daemon dies in the middle of it.
+        for i in 0..5 {
+            for (m, who) in [(&a, "desk"), (&b, "laptop")] {
+                let (name, bytes) = (format!("{who}-{i}.txt"), format!("{who} wrote {i}").into_bytes());
+                write_fsynced(&m.path(&name), &bytes);
+                wanted.push((name, bytes));
+            }
+        }
+        super::sh(&format!("kill -9 {}", b.daemon_pid()));
+    }
+    for i in 5..8 {
+        let (name, bytes) = (format!("desk-{i}.txt"), format!("desk wrote {i}").into_bytes());
+        write_fsynced(&a.path(&name), &bytes);
+        wanted.push((name, bytes));
+    }
+    let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };
+    wanted.sort();
+    eventually("both mounts hold every fsynced file", || files_in(&a.dir) == wanted && files_in(&b.dir) == wanted);
     drop((a, b));
     desk.ok(&["verify", "c"]);
     laptop.ok(&["verify", "c"]);
