@@ -50,7 +50,9 @@ fn a_mount_pushes_its_commits_in_the_background_and_catches_up_after_an_outage()
     write_fsynced(&m.path("b.txt"), b"written while the server was down");
     let line = replica_line(&m.dir, "unreachable", |l| l.contains(" unreachable, "));
     assert!(line.contains("error: "), "{line}");
-    replica_line(&m.dir, "counting what waits", |l| !l.contains(" 0 records to push"));
+    let waiting = replica_line(&m.dir, "counting what waits", |l| !l.contains(" 0 records to push"));
+    let bytes = waiting.split(" records to push (").nth(1).unwrap_or_default();
+    assert!(!bytes.starts_with("0 B)") && bytes.contains("B)"), "the bytes waiting are counted too: {waiting}");
 
     // Back on the same address: the waiting commits go by themselves.
     let server = Server::start_on(store, &addr);

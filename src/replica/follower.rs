@@ -108,6 +108,7 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
                 let moved = status.update(i, |s| {
                     (s.reachable, s.last_pull, s.error) = (Some(true), Some(SystemTime::now()), None);
                     s.pulled += report.records as u64;
+                    s.pulled_bytes += report.bytes;
                     s.pulled_from(&report.replica_heads, &at_heads, &report.replica_lacks)
                 });
                 if let Some(marks) = moved

@@ -33,6 +33,17 @@ impl Capsule {
         Ok(Some(Bundle { record, payloads }))
     }
 
+    /// About the bytes record `h` takes in a push: its encoding and its sub-records as stored
+    /// (Merkle paths included), without reading the payloads.
+    pub fn stored_size(&self, h: RecordHash) -> Result<u64> {
+        let Some(record) = self.store().record_bytes(&h)? else { return Ok(0) };
+        let mut size = record.len() as u64;
+        for i in 0..self.record(h)?.header.sub_count {
+            size += self.store().sub_record_len(&h, SubIdx(i))?.unwrap_or(0) as u64;
+        }
+        Ok(size)
+    }
+
     /// The payloads of `record` as stored.
     fn payloads(&self, record: RecordHash, count: u32) -> Result<Vec<Vec<u8>>> {
         (0..count)

@@ -14,12 +14,14 @@ pub struct ReplicaStatus {
     pub url: String,
     /// None until the first attempt.
     pub reachable: Option<bool>,
-    /// Local records the replica lacks, as of the last look.
+    /// Local records the replica lacks, as of the last look, and about their bytes.
     pub to_push: usize,
+    pub to_push_bytes: u64,
     pub last_push: Option<SystemTime>,
     pub last_pull: Option<SystemTime>,
-    /// Records pulled from it since the mount started.
+    /// Records pulled from it since the mount started, and their bytes.
     pub pulled: u64,
+    pub pulled_bytes: u64,
     /// The last failure, while it lasts.
     pub error: Option<String>,
     /// What it did that no honest, up-to-date replica does (went back, served a fork); kept
@@ -34,6 +36,19 @@ pub struct ReplicaStatus {
     held: HashMap<(WriterId, DeviceId), Seq>,
 }
 
+/// Bytes as a person reads them: `512 B`, `12.3 KiB`, `4.0 MiB`.
+fn shown_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let (mut value, mut unit) = (n as f64 / 1024.0, 0);
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        (value, unit) = (value / 1024.0, unit + 1);
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 fn ago(t: Option<SystemTime>) -> String {
     t.and_then(|t| t.elapsed().ok()).map_or_else(|| "never".to_owned(), |d| format!("{} s ago", d.as_secs()))
 }
@@ -44,9 +59,11 @@ impl ReplicaStatus {
             url,
             reachable: None,
             to_push: 0,
+            to_push_bytes: 0,
             last_push: None,
             last_pull: None,
             pulled: 0,
+            pulled_bytes: 0,
             error: None,
             alarm: None,
             heads: Vec::new(),
@@ -128,12 +145,14 @@ impl ReplicaStatus {
         let heads: Vec<String> = self.heads.iter().take(4).map(|h| h.to_hex()[..12].to_owned()).collect();
         let more = if self.heads.len() > 4 { format!(" and {} more", self.heads.len() - 4) } else { String::new() };
         format!(
-            "replica: {} {reachable}, {} records to push, last push {}, {} records pulled, last pull {}, heads \
-             [{}{more}]{error}{alarm}",
+            "replica: {} {reachable}, {} records to push ({}), last push {}, {} records pulled ({}), last pull {}, \
+             heads [{}{more}]{error}{alarm}",
             self.url,
             self.to_push,
+            shown_bytes(self.to_push_bytes),
             ago(self.last_push),
             self.pulled,
+            shown_bytes(self.pulled_bytes),
             ago(self.last_pull),
             heads.join(",")
         )

@@ -3,6 +3,7 @@
 //! with back-off, and keeps a per-replica status for `.capsule/status`. Commits made offline wait as what they are, local records
 //! not yet pushed; nothing else is queued, so nothing is lost if the process dies.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -53,6 +54,8 @@ struct Target {
     again: bool,
     /// The local heads `to_push` was last counted at, while waiting to retry.
     counted: Vec<RecordHash>,
+    /// Sizes of the records counted as waiting, so each is sized once per outage.
+    sizes: HashMap<RecordHash, u64>,
     retry: Duration,
     next_try: Instant,
 }
@@ -69,6 +72,7 @@ impl Uploader {
                 pushed: None,
                 again: false,
                 counted: Vec::new(),
+                sizes: HashMap::new(),
                 retry: FIRST_RETRY,
                 next_try: Instant::now(),
             })
@@ -134,8 +138,8 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
                 round(capsule, target, &heads, &shared.status, i);
             } else if let Some(theirs) = target.pushed.as_deref().filter(|_| target.counted != heads) {
                 // Waiting to retry: commits made meanwhile are counted as waiting.
-                if let Ok(lacking) = capsule.difference(theirs) {
-                    shared.status.update(i, |s| s.to_push = lacking.len());
+                if let Some(waiting) = waiting(capsule, theirs, &mut target.sizes) {
+                    shared.status.update(i, |s| (s.to_push, s.to_push_bytes) = waiting);
                 }
                 target.counted = heads.clone();
             }
@@ -161,12 +165,13 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
             // Records waiting for a signature are pushed once the mount signs them.
             target.pushed = (report.waiting_for_signature == 0).then(|| heads.to_vec());
             (target.retry, target.next_try, target.again) = (FIRST_RETRY, Instant::now(), false);
+            target.sizes.clear();
             status.update(i, |s| {
                 if s.reachable == Some(false) {
                     tracing::info!("background push: {url} is reachable again");
                 }
-                (s.reachable, s.to_push, s.last_push, s.error) =
-                    (Some(true), report.waiting_for_signature, Some(SystemTime::now()), None);
+                (s.reachable, s.to_push, s.to_push_bytes, s.last_push, s.error) =
+                    (Some(true), report.waiting_for_signature, 0, Some(SystemTime::now()), None);
                 // What it lacked before this push: a replica that went back is noticed here
                 // too, whichever thread reaches it first.
                 s.check_lacks(&report.replica_lacks);
@@ -175,15 +180,29 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
         Err(e) => {
             target.next_try = Instant::now() + target.retry;
             target.retry = (target.retry * 2).min(LAST_RETRY);
-            let lacking = target.pushed.as_deref().map(|theirs| capsule.difference(theirs).map_or(0, |d| d.len()));
+            let lacking = target.pushed.as_deref().and_then(|theirs| waiting(capsule, theirs, &mut target.sizes));
             status.update(i, |s| {
                 if s.reachable != Some(false) {
                     tracing::warn!("background push to {url} failed (retrying, at most every minute): {e}");
                 }
                 s.reachable = Some(false);
-                s.to_push = lacking.unwrap_or(s.to_push);
+                (s.to_push, s.to_push_bytes) = lacking.unwrap_or((s.to_push, s.to_push_bytes));
                 s.error = Some(e.to_string());
             });
         }
     }
+}
+
+/// Records (and about their bytes) held here that a replica holding `theirs` lacks; each
+/// record is sized once (`sizes`). None if the store could not be read.
+fn waiting(capsule: &Capsule, theirs: &[RecordHash], sizes: &mut HashMap<RecordHash, u64>) -> Option<(usize, u64)> {
+    let lacking = capsule.difference(theirs).ok()?;
+    let mut bytes = 0;
+    for h in &lacking {
+        bytes += match sizes.get(h) {
+            Some(size) => *size,
+            None => *sizes.entry(*h).or_insert(capsule.stored_size(*h).ok()?),
+        };
+    }
+    Some((lacking.len(), bytes))
 }

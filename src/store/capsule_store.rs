@@ -105,6 +105,11 @@ impl CapsuleStore {
         self.kv.get(Cf::Subs, &sub_key(h, idx))
     }
 
+    /// The length of a stored sub-record, without reading it where the store can tell.
+    pub fn sub_record_len(&self, h: &RecordHash, idx: SubIdx) -> Result<Option<usize>> {
+        self.kv.value_len(Cf::Subs, &sub_key(h, idx))
+    }
+
     pub fn witness(&self, h: &RecordHash) -> Result<Option<Witness>> {
         let Some(v) = self.kv.get(Cf::Witness, h.as_bytes())? else { return Ok(None) };
         borsh::from_slice(&v).map(Some).map_err(|e| bad_index(Cf::Witness, e))

@@ -82,6 +82,11 @@ pub type Entries<'a> = Box<dyn Iterator<Item = Result<Entry>> + 'a>;
 
 pub trait Kv: Send + Sync {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// The length of the value `get` would return, where the store can tell it without
+    /// reading the value (a sub-record kept in a pack).
+    fn value_len(&self, cf: Cf, key: &[u8]) -> Result<Option<usize>> {
+        Ok(self.get(cf, key)?.map(|v| v.len()))
+    }
     fn write(&self, batch: Batch, durability: Durability) -> Result<()>;
     /// Makes every write so far durable (as if each had been `Durability::Durable`).
     fn sync(&self) -> Result<()>;

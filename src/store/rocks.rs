@@ -148,6 +148,20 @@ impl Kv for RocksKv {
         }
     }
 
+    fn value_len(&self, cf: Cf, key: &[u8]) -> Result<Option<usize>> {
+        let stored = self
+            .db
+            .get_pinned_cf_opt(self.cf(cf), key, &ReadOptions::default())
+            .map_err(|e| store_error(&self.path, e))?;
+        Ok(match stored {
+            Some(v) if cf == Cf::Subs => match v.split_first() {
+                Some((&IN_PACK, loc)) => PackLoc::decode(loc).map(|loc| loc.len as usize),
+                _ => Some(v.len().saturating_sub(1)),
+            },
+            v => v.map(|v| v.len()),
+        })
+    }
+
     /// Pack values are appended and synced first, so no location RocksDB persists (by WAL
     /// sync, a memtable flush or the kernel's writeback) can name bytes that are not on disk;
     /// `Durability::Cache` alone skips the sync (bytes that can be fetched again).
@@ -326,6 +340,10 @@ mod tests {
         let subs = |kv: &dyn Kv| kv.scan(Cf::Subs, &[], false).unwrap().map(Result::unwrap).collect::<Vec<_>>();
         assert_eq!(subs(&rocks), subs(&mem));
         assert_eq!(rocks.get(Cf::Subs, &[2]).unwrap(), Some(vec![4; PACK_MIN]));
+        for key in [[1], [2], [3], [4]] {
+            let len = rocks.get(Cf::Subs, &key).unwrap().map(|v| v.len());
+            assert_eq!(rocks.value_len(Cf::Subs, &key).unwrap(), len, "told without reading the pack");
+        }
         assert!(dir.path().join("packs").join("00000001.pack").exists());
         for prefix in [&[][..], &[1], &[1, 0xff], &[0xff], &[3]] {
             for reverse in [false, true] {
