@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::replicas::{Server, same_user};
+use super::replicas::{Server, copy_of_store, same_user};
 use super::{Home, Mounted, write_fsynced};
 
 /// Waits (bounded) until the mount's `.capsule/status` has a line for the replica that
@@ -258,13 +258,6 @@ fn a_mount_killed_mid_sync_catches_up_after_a_remount_and_loses_nothing_fsynced(
     drop((a, b));
     desk.ok(&["verify", "c"]);
     laptop.ok(&["verify", "c"]);
-}
-
-/// A copy of server store `store` as it is now, for putting back later.
-fn copy_of_store(store: &tempfile::TempDir) -> tempfile::TempDir {
-    let copy = tempfile::tempdir().unwrap();
-    super::sh(&format!("cp -a {}/. {}", store.path().display(), copy.path().display()));
-    copy
 }
 
 /// A server that will lose a commit: a mount of a new capsule in `home` pushes a.txt, the

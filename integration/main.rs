@@ -12,6 +12,7 @@ mod garage;
 mod hardening;
 mod membership;
 mod mount;
+mod quorum;
 mod replicas;
 mod tool;
 mod tools;

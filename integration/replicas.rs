@@ -128,6 +128,13 @@ pub(super) fn capsule_with_tree(home: &Home) -> Option<String> {
     Some(id)
 }
 
+/// A copy of server store `store` as it is now, for putting back later.
+pub(super) fn copy_of_store(store: &tempfile::TempDir) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    super::sh(&format!("cp -a {}/. {}", store.path().display(), copy.path().display()));
+    copy
+}
+
 /// A second home with the same identity (a user's other machine).
 pub(super) fn same_user(home: &Home) -> Home {
     let other = Home::default();

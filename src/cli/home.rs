@@ -16,6 +16,9 @@ use capsulefs::replica::{self, Replica};
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::{Error, Result};
 
+/// The replica list's policy line: how many replicas may lie.
+const POLICY_PREFIX: &str = "faulty ";
+
 pub struct Home {
     root: PathBuf,
 }
@@ -245,8 +248,8 @@ impl Home {
         self.capsules_dir().join(id.to_hex()).join("replicas")
     }
 
-    /// The replica URLs remembered for capsule `id`.
-    pub fn replicas(&self, id: &CapsuleId) -> anyhow::Result<Vec<String>> {
+    /// The lines of capsule `id`'s replica list: URLs, and the policy line (`faulty B`).
+    fn replica_lines(&self, id: &CapsuleId) -> anyhow::Result<Vec<String>> {
         let path = self.replicas_file(id);
         match fs::read_to_string(&path) {
             Ok(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()),
@@ -255,10 +258,38 @@ impl Home {
         }
     }
 
-    /// Remembers `urls` as capsule `id`'s replicas (written whole, then renamed into place).
+    /// The replica URLs remembered for capsule `id`.
+    pub fn replicas(&self, id: &CapsuleId) -> anyhow::Result<Vec<String>> {
+        Ok(self.replica_lines(id)?.into_iter().filter(|l| l.contains("://")).collect())
+    }
+
+    /// How many of capsule `id`'s replicas may lie (`capsulefs replica policy`; 0 by default).
+    pub fn replica_policy(&self, id: &CapsuleId) -> anyhow::Result<usize> {
+        let line = self.replica_lines(id)?.into_iter().find_map(|l| l.strip_prefix(POLICY_PREFIX).map(str::to_owned));
+        match line {
+            None => Ok(0),
+            Some(b) => Ok(b.trim().parse().map_err(|_| Error::Invalid(format!("replica policy 'faulty {b}'")))?),
+        }
+    }
+
+    /// Remembers `urls` as capsule `id`'s replicas (written whole, then renamed into place),
+    /// keeping its policy.
     pub fn set_replicas(&self, id: &CapsuleId, urls: &[String]) -> anyhow::Result<()> {
+        let faulty = self.replica_policy(id)?;
+        self.write_replica_list(id, urls, faulty)
+    }
+
+    /// Sets how many of capsule `id`'s replicas may lie.
+    pub fn set_replica_policy(&self, id: &CapsuleId, faulty: usize) -> anyhow::Result<()> {
+        self.write_replica_list(id, &self.replicas(id)?, faulty)
+    }
+
+    fn write_replica_list(&self, id: &CapsuleId, urls: &[String], faulty: usize) -> anyhow::Result<()> {
         let path = self.replicas_file(id);
-        let text: String = urls.iter().map(|u| format!("{u}\n")).collect();
+        let mut text: String = urls.iter().map(|u| format!("{u}\n")).collect();
+        if faulty > 0 {
+            text.push_str(&format!("{POLICY_PREFIX}{faulty}\n"));
+        }
         let tmp = path.with_extension("new");
         fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &path)).map_err(|e| Error::io(&path, e))?;
         Ok(())

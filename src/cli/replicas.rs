@@ -10,6 +10,7 @@ use capsulefs::Error;
 use capsulefs::capsule::Capsule;
 use capsulefs::member::Invitation;
 use capsulefs::record::{CapsuleId, SignedMetadata, WriterId};
+use capsulefs::replica::quorum::{self, Quorum, Round};
 use capsulefs::replica::transfer::{self, Report, Take};
 
 use super::home::Home;
@@ -24,6 +25,15 @@ pub enum ReplicaCommand {
     List { name: String },
     /// Forget a replica.
     Remove { name: String, url: String },
+    /// How many of the capsule's replicas may lie (0: trust each). With B > 0 (and at least
+    /// 3B + 1 replicas), `push`, `pull` and `sync` without URLs go through a quorum of n - B:
+    /// heads are read from every replica, each record is taken from whoever has it, replicas
+    /// found behind are sent what they lack, and a push counts once n - B replicas hold it.
+    Policy {
+        name: String,
+        #[arg(long)]
+        faulty: usize,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -60,6 +70,13 @@ pub struct CloneArgs {
     /// (and proven against its header then), then kept.
     #[arg(long)]
     pub sparse: bool,
+    /// More replicas of the same capsule (URL, repeatable): remembered with the first, and
+    /// with --faulty, the clone ends with a pull through their quorum.
+    #[arg(long = "also", value_name = "URL")]
+    pub also: Vec<String>,
+    /// How many of the replicas may lie (see `capsulefs replica policy`).
+    #[arg(long, default_value_t = 0)]
+    pub faulty: usize,
 }
 
 fn check_url(url: &str) -> anyhow::Result<()> {
@@ -81,10 +98,21 @@ pub fn replica(home: &Home, cmd: ReplicaCommand) -> anyhow::Result<()> {
             home.set_replicas(&id, &urls)
         }
         ReplicaCommand::List { name } => {
-            for url in home.replicas(&home.resolve(&name)?)? {
+            let id = home.resolve(&name)?;
+            let urls = home.replicas(&id)?;
+            for url in &urls {
                 println!("{url}");
             }
+            let faulty = home.replica_policy(&id)?;
+            if faulty > 0 {
+                eprintln!("policy: at most {faulty} faulty, quorum {} of {}", urls.len() - faulty, urls.len());
+            }
             Ok(())
+        }
+        ReplicaCommand::Policy { name, faulty } => {
+            let id = home.resolve(&name)?;
+            quorum::check_policy(home.replicas(&id)?.len(), faulty)?;
+            home.set_replica_policy(&id, faulty)
         }
         ReplicaCommand::Remove { name, url } => {
             let id = home.resolve(&name)?;
@@ -94,6 +122,8 @@ pub fn replica(home: &Home, cmd: ReplicaCommand) -> anyhow::Result<()> {
             if urls.len() == before {
                 bail!(Error::NotFound(format!("replica {url} of '{name}' (see `capsulefs replica list {name}`)")));
             }
+            quorum::check_policy(urls.len(), home.replica_policy(&id)?)
+                .context("the replica policy would no longer hold")?;
             home.set_replicas(&id, &urls)
         }
     }
@@ -164,15 +194,61 @@ fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> a
     Ok(())
 }
 
+/// The remembered replicas as a quorum, when no URL was given and the capsule's policy
+/// allows faulty replicas.
+fn quorum_of(home: &Home, capsule: &Capsule, given: &[String]) -> anyhow::Result<Option<Quorum>> {
+    let faulty = home.replica_policy(&capsule.id())?;
+    if !given.is_empty() || faulty == 0 {
+        return Ok(None);
+    }
+    let members =
+        home.replicas(&capsule.id())?.iter().map(|url| home.replica(url, capsule)).collect::<Result<_, _>>()?;
+    Ok(Some(Quorum::new(members, faulty)?))
+}
+
+/// One line per replica of a round through a quorum, then the count.
+fn print_round(verb: &str, preposition: &str, round: &Round) {
+    for o in &round.outcomes {
+        match &o.transfer {
+            Ok(report) => print(verb, preposition, &o.replica, report),
+            Err(e) => eprintln!("capsulefs: warning: {} did not answer: {e}", o.replica),
+        }
+        match &o.written_back {
+            Some(Ok(report)) => print("wrote back", "to", &o.replica, report),
+            Some(Err(e)) => eprintln!("capsulefs: warning: writing back to {} failed: {e}", o.replica),
+            None => {}
+        }
+    }
+    println!("{} of {} replicas answered (quorum {})", round.acknowledged(), round.outcomes.len(), round.quorum);
+}
+
+fn quorum_push(capsule: &Capsule, quorum: &Quorum) -> anyhow::Result<()> {
+    print_round("pushed", "to", &quorum.push(capsule)?);
+    Ok(())
+}
+
+fn quorum_pull(capsule: &Capsule, quorum: &Quorum) -> anyhow::Result<()> {
+    print_round("pulled", "from", &quorum.pull(capsule, &Bar::new("pulling through the quorum"))?);
+    Ok(())
+}
+
 pub fn push(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     // Pushing only reads the local store, so it works beside a mount too.
     let capsule = home.open_for_reading(&a.name)?;
+    if let Some(quorum) = quorum_of(home, &capsule, &a.urls)? {
+        return quorum_push(&capsule, &quorum);
+    }
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
     transfer_each(home, &capsule, &urls, Way::Push)
 }
 
 pub fn pull(home: &Home, a: PullArgs) -> anyhow::Result<()> {
     let capsule = home.open(&a.transfer.name)?;
+    if !a.follow
+        && let Some(quorum) = quorum_of(home, &capsule, &a.transfer.urls)?
+    {
+        return quorum_pull(&capsule, &quorum);
+    }
     let urls = urls(home, &a.transfer.name, &capsule.id(), a.transfer.urls)?;
     if !a.follow {
         return transfer_each(home, &capsule, &urls, Way::Pull);
@@ -194,6 +270,10 @@ pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
         return sync_servers(home, &a.name, &a.urls);
     }
     let capsule = home.open(&a.name)?;
+    if let Some(quorum) = quorum_of(home, &capsule, &a.urls)? {
+        quorum_pull(&capsule, &quorum)?;
+        return quorum_push(&capsule, &quorum);
+    }
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
     transfer_each(home, &capsule, &urls, Way::Pull)?;
     transfer_each(home, &capsule, &urls, Way::Push)
@@ -259,7 +339,21 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
         bail!(Error::Invalid(format!("'{}': give the replica and the capsule as URL#CAPSULE_ID", a.source)));
     };
     let taking = if a.sparse { Take::Headers } else { Take::Whole };
-    clone_from(home, url, id, a.name, taking)?;
+    let mut urls = vec![url.to_owned()];
+    for also in &a.also {
+        check_url(also)?;
+        urls.push(also.split_once('#').map_or(also.as_str(), |(u, _)| u).to_owned());
+    }
+    quorum::check_policy(urls.len(), a.faulty)?;
+    let name = clone_named(home, url, id, None, a.name, taking)?;
+    if urls.len() > 1 || a.faulty > 0 {
+        home.set_replicas(&id, &urls)?;
+        home.set_replica_policy(&id, a.faulty)?;
+        let capsule = home.open(&name)?;
+        if let Some(quorum) = quorum_of(home, &capsule, &[])? {
+            quorum_pull(&capsule, &quorum)?;
+        }
+    }
     println!("{id}");
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod follower;
 pub mod local;
 pub mod objects;
 pub mod prefetch;
+pub mod quorum;
 pub mod remote;
 pub mod sketch;
 pub mod status;

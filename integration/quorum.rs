@@ -1,0 +1,95 @@
+//! Quorums over replicas that may lie: four servers on loopback, at most one faulty.
+
+use super::Home;
+use super::replicas::{Server, copy_of_store, same_user};
+
+/// Four servers remembered as `home`'s capsule c's replicas, with at most one faulty.
+fn four_servers(home: &Home) -> (String, Vec<Server>) {
+    let servers: Vec<Server> = (0..4).map(|_| Server::start()).collect();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    for s in &servers {
+        home.ok(&["replica", "add", "c", &s.url()]);
+    }
+    home.ok(&["replica", "policy", "c", "--faulty", "1"]);
+    (id, servers)
+}
+
+fn append(home: &Home, text: &str) {
+    let f = home.file("record", text.as_bytes());
+    home.ok(&["append", "c", "--sign", f.to_str().unwrap()]);
+}
+
+#[test]
+fn a_policy_needs_3b_plus_1_replicas_and_a_push_needs_a_write_quorum() {
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    let servers: Vec<Server> = (0..3).map(|_| Server::start()).collect();
+    for s in &servers {
+        home.ok(&["replica", "add", "c", &s.url()]);
+    }
+    let out = home.run(&["replica", "policy", "c", "--faulty", "1"]);
+    assert_eq!(out.status.code(), Some(5), "3 replicas cannot outvote 1 liar: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 4"), "{out:?}");
+    let fourth = Server::start();
+    home.ok(&["replica", "add", "c", &fourth.url()]);
+    home.ok(&["replica", "policy", "c", "--faulty", "1"]);
+    let out = home.run(&["replica", "remove", "c", &fourth.url()]);
+    assert_eq!(out.status.code(), Some(5), "removing one would break the policy: {out:?}");
+
+    append(&home, "one");
+    let pushed = home.ok(&["push", "c"]);
+    assert!(pushed.ends_with("4 of 4 replicas answered (quorum 3)\n"), "{pushed}");
+    // One down: still a write quorum. Two down: not replicated, exit 6.
+    let mut servers = servers;
+    drop(servers.pop());
+    append(&home, "two");
+    let pushed = home.ok(&["push", "c"]);
+    assert!(pushed.ends_with("3 of 4 replicas answered (quorum 3)\n"), "{pushed}");
+    drop(servers.pop());
+    append(&home, "three");
+    let out = home.run(&["push", "c"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 4 replicas answered, a quorum is 3"), "{out:?}");
+}
+
+#[test]
+fn a_clone_through_the_quorum_gets_the_newest_state_past_a_rolled_back_server_and_heals_it() {
+    let home = Home::default();
+    let (id, mut servers) = four_servers(&home);
+    append(&home, "old state");
+    home.ok(&["push", "c"]);
+    // Server 0's store as it is now, put back later: a rollback.
+    let (store, addr) = servers.remove(0).kill();
+    let old_copy = copy_of_store(&store);
+    servers.insert(0, Server::start_on(store, &addr));
+    append(&home, "newest state");
+    home.ok(&["push", "c"]);
+    let (_, addr) = servers.remove(0).kill();
+    servers.insert(0, Server::start_on(old_copy, &addr));
+    // And server 1 is down.
+    drop(servers.remove(1));
+
+    // A fresh clone starting at the rolled-back server still ends at the newest state.
+    let laptop = same_user(&home);
+    let urls: Vec<String> = servers.iter().map(Server::url).collect();
+    let mut args = vec!["clone".to_owned(), format!("{}#{id}", urls[0]), "--faulty".into(), "1".into()];
+    args.extend(
+        home.ok(&["replica", "list", "c"])
+            .lines()
+            .filter(|u| *u != urls[0])
+            .flat_map(|u| ["--also".to_owned(), u.to_owned()]),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = laptop.run(&args);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("3 of 4 replicas answered (quorum 3)"), "{said}");
+    assert!(said.contains("wrote back 1 records"), "the rolled-back server is healed: {said}");
+    assert_eq!(laptop.ok(&["cat", "c", "head:0"]), "newest state");
+    laptop.ok(&["verify", "c"]);
+
+    // Server 0 now holds the newest state itself.
+    let other = same_user(&home);
+    other.ok(&["clone", &format!("{}#{id}", urls[0])]);
+    assert_eq!(other.ok(&["cat", "c", "head:0"]), "newest state");
+}
