@@ -14,7 +14,7 @@ DEMO_HOME ?= $(CURDIR)/.demo
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl \
 	python3 python3-venv
 
-.PHONY: help deps deps-bench bench-fs bench-sync bench-s3 tools garage build test lint bench man completions install demo clean
+.PHONY: help deps deps-bench bench-fs bench-sync bench-quorum bench-s3 tools garage build test lint bench man completions install demo clean
 
 # Test tools from crates.io, pinned, kept out of the way in target/tools.
 TOOLS := $(CURDIR)/target/tools
@@ -83,6 +83,10 @@ bench-fs: build
 # mounts syncing through one server against Syncthing (root: it mounts).
 bench-sync: build
 	$(BIN) bench sync
+
+# Pull through a quorum of 4 servers against one, and fork detection by simulation.
+bench-quorum: build
+	$(BIN) bench quorum
 
 # capsulefs against the AWS CLI on a three-node Garage cluster (root: it mounts).
 bench-s3: $(TOOLS)/aws/bin/aws $(GARAGE_ROOT)/bin/garage

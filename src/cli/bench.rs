@@ -35,12 +35,16 @@ pub enum BenchCommand {
     },
     /// Anti-entropy and push throughput against `capsulefs serve` on loopback (make bench-sync).
     Sync(super::bench_sync::SyncBenchArgs),
+    /// Pull latency through a quorum of four replicas against one, and the rate at which a
+    /// forked writer is caught, by simulation (the `quorum:` line).
+    Quorum(super::bench_quorum::QuorumBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Proofs { ops } => proofs(ops),
         BenchCommand::Sync(a) => super::bench_sync::run(a),
+        BenchCommand::Quorum(a) => super::bench_quorum::run(a),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_mountsync;
+mod bench_quorum;
 mod bench_sync;
 mod capsules;
 mod docs;

@@ -11,12 +11,12 @@
 //! need `(n + 2B + 1) / 2` matching answers because its values are not self-verifying; we need
 //! none to match.
 //!
-//! A pull through a quorum (`Quorum::pull`) asks every replica for its heads at once, pulls
-//! from each that announced a record held nowhere here, then sends each replica that answered
-//! what it lacks (write-back), so one reader heals the set.
+//! A pull through a quorum (`Quorum::pull`) pulls from the first replica while asking the
+//! others for their heads, pulls from each that announced a record held nowhere here, then
+//! sends each replica that answered what it lacks (write-back), so one reader heals the set.
 
 use super::Replica;
-use super::transfer::{Progress, Report, pull, push};
+use super::transfer::{Progress, Report, pull, pull_announced, push};
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
 use crate::{Error, Result};
@@ -98,47 +98,63 @@ impl Quorum {
         self.members.len() - self.faulty
     }
 
-    /// `op` on every replica at once (a thread each), results in replica order.
-    fn each<T: Send>(&self, op: impl Fn(&dyn Replica) -> T + Sync) -> Vec<T> {
+    /// `op(i, replica i)` on every replica at once (a thread each), results in replica order.
+    fn each<T: Send>(&self, op: impl Fn(usize, &dyn Replica) -> T + Sync) -> Vec<T> {
         std::thread::scope(|s| {
-            let running: Vec<_> = self.members.iter().map(|m| s.spawn(|| op(&**m))).collect();
+            let op = &op;
+            let running: Vec<_> = self.members.iter().enumerate().map(|(i, m)| s.spawn(move || op(i, &**m))).collect();
             running.into_iter().map(|t| t.join().expect("a replica call panicked")).collect()
         })
     }
 
-    /// Pulls the newest state a read quorum shows: every replica's heads, the records any of
-    /// them has that are held nowhere here (each proven before it is stored), then the
-    /// write-back of what each replica that answered lacks.
+    /// Pulls the newest state a read quorum shows: a plain pull from the first replica while
+    /// the others are asked for their heads (so a quorum costs little more than one replica
+    /// when they agree), then from each of them whatever its heads cover that is held nowhere
+    /// here (each record proven before it is stored), then the write-back of what each
+    /// replica that answered lacks.
     pub fn pull(&self, local: &Capsule, progress: &dyn Progress) -> Result<Round> {
-        let heads = self.each(|m| m.heads());
-        let mut outcomes = Vec::new();
-        for (member, heads) in self.members.iter().zip(heads) {
-            let transfer = match heads {
-                Err(e) => Err(e),
-                Ok(heads) if holds_all(local, &heads)? => Ok(Report::default()),
-                Ok(_) => pull(local, &**member, progress),
+        let (first, others) = self.members.split_first().expect("a policy has replicas");
+        let (first_pull, others_heads) = std::thread::scope(|s| {
+            let asked: Vec<_> = others.iter().map(|m| s.spawn(|| m.heads())).collect();
+            let first_pull = pull(local, &**first, progress);
+            (first_pull, asked.into_iter().map(|t| t.join().expect("a replica call panicked")).collect::<Vec<_>>())
+        });
+        let mut announced = vec![first_pull.as_ref().map(|r| r.replica_heads.clone()).map_err(|e| e.to_string())];
+        let mut outcomes = vec![Outcome {
+            replica: first.describe(),
+            transfer: first_pull.map_err(|e| e.to_string()),
+            written_back: None,
+        }];
+        for (member, heads) in others.iter().zip(others_heads) {
+            let transfer = match &heads {
+                Err(e) => Err(e.to_string()),
+                Ok(heads) if holds_all(local, heads)? => Ok(Report::default()),
+                Ok(heads) => pull_announced(local, &**member, heads.clone(), progress).map_err(|e| e.to_string()),
             };
-            outcomes.push(Outcome {
-                replica: member.describe(),
-                transfer: transfer.map_err(|e| e.to_string()),
-                written_back: None,
-            });
+            announced.push(heads.map_err(|e| e.to_string()));
+            outcomes.push(Outcome { replica: member.describe(), transfer, written_back: None });
         }
-        let round = Round { outcomes, quorum: self.size() }.check("reading heads")?;
+        let mut round = Round { outcomes, quorum: self.size() }.check("reading heads")?;
+        // A replica that announced exactly the heads held now lacks nothing; the others are
+        // asked, all at once, and sent what they lack.
         let held = local.heads()?;
-        let mut outcomes = round.outcomes;
-        let lacking = self.each(|m| m.missing(&held).map(|missing| !missing.is_empty()));
-        for ((outcome, member), lacks) in outcomes.iter_mut().zip(&self.members).zip(lacking) {
-            if outcome.acknowledged() && lacks.unwrap_or(false) {
+        let lacking = self.each(|i, m| match &announced[i] {
+            Ok(heads) if *heads != held && round.outcomes[i].acknowledged() => {
+                m.missing(&held).map(|missing| !missing.is_empty()).unwrap_or(false)
+            }
+            _ => false,
+        });
+        for ((outcome, member), lacks) in round.outcomes.iter_mut().zip(&self.members).zip(lacking) {
+            if lacks {
                 outcome.written_back = Some(push(local, &**member, &()).map_err(|e| e.to_string()));
             }
         }
-        Ok(Round { outcomes, quorum: round.quorum })
+        Ok(round)
     }
 
     /// Pushes to every replica at once; replicated once a write quorum acknowledged.
     pub fn push(&self, local: &Capsule) -> Result<Round> {
-        let results = self.each(|m| push(local, m, &()));
+        let results = self.each(|_, m| push(local, m, &()));
         let outcomes = self
             .members
             .iter()

@@ -209,7 +209,32 @@ pub fn pull_taking(local: &Capsule, remote: &dyn Replica, taking: Take, progress
     // replica does, and nothing more is asked. Otherwise the heads held here go with our own
     // in `since`: the replica may not know our newest records (local commits not pushed yet),
     // but it knows its own heads, so it does not resend what lies below them.
-    let mut theirs = replica_heads(local, remote, &mut report)?;
+    let theirs = replica_heads(local, remote, &mut report)?;
+    pull_below(local, remote, theirs, taking, report, progress)
+}
+
+/// `pull` from a replica whose heads were just read (`theirs`, by a quorum's read), without
+/// asking for them again. Every record is checked as in any pull: a replica serving another
+/// capsule's records gets them refused by their capsule id.
+pub fn pull_announced(
+    local: &Capsule,
+    remote: &dyn Replica,
+    theirs: Vec<RecordHash>,
+    progress: &dyn Progress,
+) -> Result<Report> {
+    pull_below(local, remote, theirs, Take::Whole, Report::default(), progress)
+}
+
+/// The rest of a pull once the replica's heads are known: what lies below them that is not
+/// held here.
+fn pull_below(
+    local: &Capsule,
+    remote: &dyn Replica,
+    mut theirs: Vec<RecordHash>,
+    taking: Take,
+    mut report: Report,
+    progress: &dyn Progress,
+) -> Result<Report> {
     let mut shared = Vec::new();
     for &h in &theirs {
         if local.store().has_record(&h)? {
