@@ -93,3 +93,49 @@ fn a_clone_through_the_quorum_gets_the_newest_state_past_a_rolled_back_server_an
     other.ok(&["clone", &format!("{}#{id}", urls[0])]);
     assert_eq!(other.ok(&["cat", "c", "head:0"]), "newest state");
 }
+
+#[test]
+fn a_restored_backup_that_forks_is_reported_by_every_reader_and_its_evidence_reaches_every_server() {
+    let home = Home::default();
+    let (id, servers) = four_servers(&home);
+    append(&home, "before the backup");
+    home.ok(&["push", "c"]);
+    // The home restored from a backup: the same keys and device, so its next number is one
+    // the original uses too.
+    let restored = Home::default();
+    super::sh(&format!("cp -a {}/. {}", home.path().display(), restored.path().display()));
+    let urls: Vec<String> = servers.iter().map(Server::url).collect();
+    append(&home, "the original goes on");
+    home.ok(&["push", "c", &urls[0], &urls[1]]);
+    append(&restored, "the restored copy writes");
+    restored.ok(&["push", "c", &urls[2], &urls[3]]);
+
+    // A reader through the quorum meets both branches: exit 7, and the evidence.
+    let reader = same_user(&home);
+    let out = reader.run(&[
+        "clone",
+        &format!("{}#{id}", urls[0]),
+        "--also",
+        &urls[1],
+        "--also",
+        &urls[2],
+        "--also",
+        &urls[3],
+        "--faulty",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ALARM"), "{out:?}");
+    let verify = reader.run(&["verify", "c"]);
+    assert_eq!(verify.status.code(), Some(7), "{verify:?}");
+    assert_eq!(reader.ok(&["cat", "c", "head:0"]), "the original goes on", "the forked branch is not merged");
+
+    // Every server now holds the evidence, and a reader of any one of them learns it.
+    for url in &urls {
+        let other = same_user(&home);
+        let out = other.run(&["clone", &format!("{url}#{id}"), "--faulty", "0"]);
+        assert!(out.status.success(), "{url}: {out:?}");
+        let verify = other.run(&["verify", "c"]);
+        assert_eq!(verify.status.code(), Some(7), "{url} passed the evidence on: {verify:?}");
+    }
+}

@@ -622,10 +622,11 @@ fn a_replica_serving_a_forked_writer_is_refused_and_the_fork_kept_as_evidence() 
     let before = laptop.ok(&["log", "c"]);
     let out = laptop.run(&["pull", "c", &b.url()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(7), "a fork has an exit code of its own: {stderr}");
     assert!(stderr.contains("sequence number 1000") && stderr.contains("a fork"), "the fork is named: {stderr}");
     assert_eq!(laptop.ok(&["log", "c"]), before, "the second record is not taken into the DAG");
     let verify = laptop.run(&["verify", "c"]);
+    assert_eq!(verify.status.code(), Some(7), "{verify:?}");
     assert!(String::from_utf8_lossy(&verify.stderr).contains("equivocation evidence"), "{verify:?}");
 }
 
@@ -850,6 +851,10 @@ fn two_devices_of_one_key_are_branches_and_a_restored_backup_is_a_fork() {
     let out = restored.run(&["push", "c", &server.url()]);
     assert!(!out.status.success(), "a fork was taken: {out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("a fork"), "{out:?}");
+    // The server kept the forked record out, and its evidence: a pull takes the desktop's
+    // new record, learns of the fork, and says so (exit 7).
     let out = laptop.run(&["pull", "c", &server.url()]);
-    assert!(out.status.success(), "the server kept the fork out: {out:?}");
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pulled 1 records"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ALARM: a replica holds evidence of a fork"), "{out:?}");
 }

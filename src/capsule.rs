@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::crypto::keys::Identity;
 use crate::crypto::random_bytes;
 use crate::crypto::sign::{self, TrustKey};
+use crate::proof::fork::ForkEvidence;
 use crate::proof::verify::{TrustState, check_record_bytes, check_record_claims, check_record_rights};
 use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRecordProof, Verified, witness};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
@@ -687,6 +688,43 @@ impl Capsule {
             return Err(StoreError::BadIndex { cf: "seqs", detail }.into());
         }
         Ok(())
+    }
+
+    /// The forks this capsule keeps evidence of, as evidence anyone can check: for each
+    /// writer, device and sequence number, the first signed record with each other one.
+    pub fn fork_evidence(&self) -> Result<Vec<ForkEvidence>> {
+        let mut groups: std::collections::BTreeMap<_, Vec<Record>> = std::collections::BTreeMap::new();
+        for e in self.store.evidence()? {
+            let record = check_record_bytes(e.record, &e.record_bytes)?;
+            if record.signature.is_some() {
+                groups.entry((e.writer, e.device, e.seq)).or_default().push(record);
+            }
+        }
+        let mut evidence = Vec::new();
+        for records in groups.values() {
+            if let [first, rest @ ..] = records.as_slice() {
+                evidence.extend(rest.iter().map(|r| ForkEvidence::of(first, r)));
+            }
+        }
+        Ok(evidence)
+    }
+
+    /// Keeps `evidence` (from a replica, or from another client through one) once it checks:
+    /// the fork it proves, if it was not known here; None if it was.
+    pub fn take_evidence(&self, evidence: &ForkEvidence) -> Result<Option<Fork>> {
+        let fork = evidence.check(self.id, self.metadata())?;
+        let known = self.store.evidence()?;
+        let held = |h: RecordHash| known.iter().any(|e| e.record == h);
+        if held(fork.first) && held(fork.second) {
+            return Ok(None);
+        }
+        let mut batch = self.store.batch();
+        for (h, bytes) in [(fork.first, &evidence.first), (fork.second, &evidence.second)] {
+            batch.put_evidence(&fork.writer, &fork.device, fork.seq, &h, bytes.clone());
+        }
+        self.store.write(batch, Durability::Durable)?;
+        tracing::error!("a replica passed on evidence of a fork: {fork}");
+        Ok(Some(fork))
     }
 
     /// Stores both records of a reused sequence number as evidence, and returns the error.

@@ -97,7 +97,7 @@ pub enum VerifyError {
 }
 
 /// Two different signed records with one writer, device and sequence number.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
     "{writer:?} signed two different records with sequence number {} of device {device:?}, {first:?} and \
      {second:?}: a fork (one key writing from two copies of the same store, e.g. a restored backup); the \

@@ -33,7 +33,8 @@ EXIT CODES:
   3  not found: no such capsule, record, sub-record or key
   4  store error: the local store is corrupted, locked by another process, or unreadable
   5  invalid input or conflict (for example a name that already exists)
-  6  a replica could not be reached, or refused what was sent";
+  6  a replica could not be reached, or refused what was sent; or fewer than a quorum answered
+  7  a fork: a writer signed two records with one device and sequence number";
 
 #[derive(Parser, Debug)]
 #[command(name = "capsulefs", version, about = "A secure filesystem for untrusted storage, built on DataCapsules")]
@@ -153,6 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The exit code for an error, from the first capsulefs error in its chain (see EXIT_CODES).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.chain().find_map(|c| c.downcast_ref::<Error>()) {
+        Some(Error::Verify(capsulefs::VerifyError::Equivocation(_))) => 7,
         Some(Error::Verify(_)) => 1,
         Some(Error::NotFound(_)) => 3,
         Some(Error::Store(_) | Error::Io { .. }) => 4,

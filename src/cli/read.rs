@@ -146,5 +146,12 @@ pub fn verify(home: &Home, a: VerifyArgs) -> anyhow::Result<()> {
     if report.not_held > 0 {
         println!("{} sub-records not held here (a sparse clone: fetched and proven when read)", report.not_held);
     }
-    Ok(())
+    // Evidence is kept only once it checked (signatures, one writer, device and number).
+    match capsule.fork_evidence()?.first() {
+        None => Ok(()),
+        Some(evidence) => {
+            let fork = evidence.check(capsule.id(), capsule.metadata())?;
+            Err(capsulefs::Error::Verify(capsulefs::VerifyError::Equivocation(Box::new(fork))).into())
+        }
+    }
 }

@@ -6,12 +6,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use capsulefs::Error;
 use capsulefs::capsule::Capsule;
 use capsulefs::member::Invitation;
 use capsulefs::record::{CapsuleId, SignedMetadata, WriterId};
+use capsulefs::replica::Replica;
 use capsulefs::replica::quorum::{self, Quorum, Round};
 use capsulefs::replica::transfer::{self, Report, Take};
+use capsulefs::{Error, Fork, VerifyError};
 
 use super::home::Home;
 use super::progress::Bar;
@@ -174,7 +175,9 @@ enum Way {
     Pull,
 }
 
-fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result<()> {
+/// Moves records between `capsule` and each of `urls`; returns the forks learned on the way.
+fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result<Vec<Fork>> {
+    let mut forks = Vec::new();
     for url in urls {
         let remote = home.replica(url, capsule)?;
         let (report, doing, verb, preposition) = match way {
@@ -182,7 +185,7 @@ fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> a
                 (transfer::push(capsule, &*remote, &Bar::new(&format!("pushing to {url}"))), "pushing", "pushed", "to")
             }
             Way::Pull => (
-                transfer::pull(capsule, &*remote, &Bar::new(&format!("pulling from {url}"))),
+                pull_learning(capsule, &*remote, &Bar::new(&format!("pulling from {url}"))),
                 "pulling",
                 "pulled",
                 "from",
@@ -190,8 +193,29 @@ fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> a
         };
         let report = report.with_context(|| format!("{doing} {preposition} {url}"))?;
         print(verb, preposition, url, &report);
+        forks.extend(report.forks_learned);
     }
-    Ok(())
+    Ok(forks)
+}
+
+/// A pull, then the replica's fork evidence (one more request: library pulls, as a mount's,
+/// leave it out, since a bucket answers it with a listing).
+fn pull_learning(capsule: &Capsule, remote: &dyn Replica, bar: &Bar) -> capsulefs::Result<Report> {
+    let mut report = transfer::pull(capsule, remote, bar)?;
+    transfer::learn_evidence(capsule, remote, &mut report)?;
+    Ok(report)
+}
+
+/// Exit 7 (after the transfers finished) when replicas showed evidence of forks not known
+/// here before: the forked branch is kept aside, never merged.
+fn alarm_on(forks: Vec<Fork>) -> anyhow::Result<()> {
+    let Some(first) = forks.first().cloned() else { return Ok(()) };
+    forks.iter().for_each(warn_fork);
+    Err(Error::Verify(VerifyError::Equivocation(Box::new(first))).into())
+}
+
+fn warn_fork(fork: &Fork) {
+    eprintln!("capsulefs: ALARM: a replica holds evidence of a fork: {fork}");
 }
 
 /// The remembered replicas as a quorum, when no URL was given and the capsule's policy
@@ -211,6 +235,7 @@ fn print_round(verb: &str, preposition: &str, round: &Round) {
     for o in &round.outcomes {
         match &o.transfer {
             Ok(report) => print(verb, preposition, &o.replica, report),
+            Err(e) if o.forked => eprintln!("capsulefs: ALARM: {} holds the other branch of a fork: {e}", o.replica),
             Err(e) => eprintln!("capsulefs: warning: {} did not answer: {e}", o.replica),
         }
         match &o.written_back {
@@ -227,9 +252,11 @@ fn quorum_push(capsule: &Capsule, quorum: &Quorum) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn quorum_pull(capsule: &Capsule, quorum: &Quorum) -> anyhow::Result<()> {
-    print_round("pulled", "from", &quorum.pull(capsule, &Bar::new("pulling through the quorum"))?);
-    Ok(())
+/// A pull through the quorum; returns the forks learned.
+fn quorum_pull(capsule: &Capsule, quorum: &Quorum) -> anyhow::Result<Vec<Fork>> {
+    let round = quorum.pull(capsule, &Bar::new("pulling through the quorum"))?;
+    print_round("pulled", "from", &round);
+    Ok(round.forks_learned)
 }
 
 pub fn push(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
@@ -239,7 +266,7 @@ pub fn push(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
         return quorum_push(&capsule, &quorum);
     }
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    transfer_each(home, &capsule, &urls, Way::Push)
+    transfer_each(home, &capsule, &urls, Way::Push).map(drop)
 }
 
 pub fn pull(home: &Home, a: PullArgs) -> anyhow::Result<()> {
@@ -247,16 +274,19 @@ pub fn pull(home: &Home, a: PullArgs) -> anyhow::Result<()> {
     if !a.follow
         && let Some(quorum) = quorum_of(home, &capsule, &a.transfer.urls)?
     {
-        return quorum_pull(&capsule, &quorum);
+        return alarm_on(quorum_pull(&capsule, &quorum)?);
     }
     let urls = urls(home, &a.transfer.name, &capsule.id(), a.transfer.urls)?;
     if !a.follow {
-        return transfer_each(home, &capsule, &urls, Way::Pull);
+        return alarm_on(transfer_each(home, &capsule, &urls, Way::Pull)?);
     }
     let remote = home.replica(&urls[0], &capsule)?;
     loop {
         let round = transfer_each(home, &capsule, &urls[..1], Way::Pull)
-            .and_then(|()| Ok(remote.heads()?))
+            .and_then(|forks| {
+                forks.iter().for_each(warn_fork);
+                Ok(remote.heads()?)
+            })
             .and_then(|seen| Ok(remote.watch_heads(&seen, FOLLOW_WAIT)?));
         if let Err(e) = round {
             eprintln!("capsulefs: {e:#} (trying again in {} s)", FOLLOW_RETRY.as_secs());
@@ -271,12 +301,14 @@ pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     }
     let capsule = home.open(&a.name)?;
     if let Some(quorum) = quorum_of(home, &capsule, &a.urls)? {
-        quorum_pull(&capsule, &quorum)?;
-        return quorum_push(&capsule, &quorum);
+        let forks = quorum_pull(&capsule, &quorum)?;
+        quorum_push(&capsule, &quorum)?;
+        return alarm_on(forks);
     }
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    transfer_each(home, &capsule, &urls, Way::Pull)?;
-    transfer_each(home, &capsule, &urls, Way::Push)
+    let forks = transfer_each(home, &capsule, &urls, Way::Pull)?;
+    transfer_each(home, &capsule, &urls, Way::Push)?;
+    alarm_on(forks)
 }
 
 /// `URL#CAPSULE_ID` split in two; the id is None without a `#`.
@@ -351,7 +383,8 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
         home.set_replica_policy(&id, a.faulty)?;
         let capsule = home.open(&name)?;
         if let Some(quorum) = quorum_of(home, &capsule, &[])? {
-            quorum_pull(&capsule, &quorum)?;
+            println!("{id}");
+            return alarm_on(quorum_pull(&capsule, &quorum)?);
         }
     }
     println!("{id}");
@@ -403,12 +436,15 @@ fn clone_named(
     let (staging, kv) = home.staging_store()?;
     let capsule = Capsule::adopt(kv, id, &metadata, home.keyring()?.identities().to_vec())
         .with_context(|| format!("the metadata {url} sent"))?;
-    let report = transfer::pull_taking(&capsule, &*remote, taking, &Bar::new(&format!("cloning from {url}")))
+    let mut report = transfer::pull_taking(&capsule, &*remote, taking, &Bar::new(&format!("cloning from {url}")))
         .with_context(|| format!("pulling from {url}"))?;
+    transfer::learn_evidence(&capsule, &*remote, &mut report)
+        .with_context(|| format!("asking {url} for fork evidence"))?;
     drop(capsule);
     home.register(&name, &id, staging)?;
     home.set_replicas(&id, &[url.to_owned()])?;
     print("pulled", "from", url, &report);
+    report.forks_learned.iter().for_each(warn_fork);
     Ok(name)
 }
 

@@ -32,6 +32,9 @@ pub enum Route {
     SubRecordRun(RecordHash, SubIdx),
     /// POST `sketch::Request` (a sketch of the asker's heads): `sketch::Answer`.
     HeadsSketch,
+    /// GET: `Vec<ForkEvidence>` the server keeps; POST `Vec<ForkEvidence>`: each checked
+    /// against the metadata, then kept and served (answers `()`).
+    Evidence,
     /// GET `?salt=HEX&bits=N`: the poster's Bloom filter over every record held
     /// (`replica::bloom`), for the comparison in `make bench-sync`.
     Bloom,
@@ -50,6 +53,7 @@ impl Route {
             Route::SubRecord(..) => "sub-record",
             Route::SubRecordRun(..) => "sub-record-run",
             Route::Bloom => "bloom",
+            Route::Evidence => "evidence",
             Route::HeadsSketch => "heads-sketch",
         }
     }

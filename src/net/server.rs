@@ -29,6 +29,7 @@ use super::limits::{Bounded, PeerAddr, PerPeer};
 use super::protocol::{self, WalkRequest};
 use super::tls;
 use crate::capsule::Capsule;
+use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
 use crate::replica::remote::Remote;
@@ -372,6 +373,19 @@ async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes
     .await
 }
 
+async fn get_evidence(State(s): Shared, UrlPath(id): UrlPath<String>) -> Response {
+    blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.evidence()?))).await
+}
+
+async fn put_evidence(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| {
+        let evidence: Vec<ForkEvidence> = decode(&body)?;
+        s.held(capsule_id(&id)?)?.put_evidence(&evidence)?;
+        Ok(borsh_body(&()))
+    })
+    .await
+}
+
 async fn sub_record(State(s): Shared, UrlPath((id, record, idx)): UrlPath<(String, String, u32)>) -> Response {
     blocking(s, move |s| {
         let record = RecordHash::from_hex(&record).map_err(|e| Error::Invalid(format!("record: {e}")))?;
@@ -508,6 +522,7 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/capsules/{id}/records/{record}/{idx}", get(sub_record))
         .route("/v1/capsules/{id}/records/{record}/{idx}/run", get(sub_record_run))
         .route("/v1/capsules/{id}/bloom", get(bloom))
+        .route("/v1/capsules/{id}/evidence", get(get_evidence).post(put_evidence))
         .route("/v1/capsules/{id}/heads-sketch", axum::routing::post(heads_sketch))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))

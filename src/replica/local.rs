@@ -4,8 +4,9 @@
 use std::collections::{HashSet, VecDeque};
 
 use super::bloom::Bloom;
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
+use super::{Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
 use crate::capsule::{Capsule, Incoming, Ingested};
+use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
@@ -159,6 +160,25 @@ impl Replica for Capsule {
 
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> Result<Option<Vec<u8>>> {
         self.store().sub_record_bytes(&record, idx)
+    }
+
+    fn evidence(&self) -> Result<Vec<ForkEvidence>> {
+        let mut evidence = self.fork_evidence()?;
+        evidence.truncate(MAX_EVIDENCE);
+        Ok(evidence)
+    }
+
+    fn put_evidence(&self, evidence: &[ForkEvidence]) -> Result<()> {
+        if evidence.len() > MAX_EVIDENCE {
+            return Err(Error::Invalid(format!(
+                "{} pieces of fork evidence at once; at most {MAX_EVIDENCE}",
+                evidence.len()
+            )));
+        }
+        for e in evidence {
+            self.take_evidence(e)?;
+        }
+        Ok(())
     }
 
     fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {

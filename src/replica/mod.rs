@@ -26,6 +26,7 @@ use borsh::{BorshDeserialize, BorshSerialize};
 
 use crate::Result;
 use crate::VerifyError;
+use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx, SubRecord};
 use objects::{ObjectReplica, Pusher};
 
@@ -64,6 +65,8 @@ pub struct Since {
 /// carries: both ends hold them to it, so no request or answer grows without bound.
 pub const MAX_HASHES: usize = 8192;
 pub const MAX_BATCH_BYTES: usize = 32 << 20;
+/// Most pieces of fork evidence one answer or request carries.
+pub const MAX_EVIDENCE: usize = 1024;
 
 /// A replica of one capsule. Implementations: `Capsule` (the local store) and
 /// `remote::Remote` (a `capsulefs serve`); object stores come next, as more implementations.
@@ -129,6 +132,12 @@ pub trait Replica: Send + Sync {
     /// replica holding everything the sender holds, the sender's heads; an object store names
     /// them in its head statement (a server finds its heads itself).
     fn put(&self, bundles: Vec<Bundle>, settles: Option<&[RecordHash]>) -> Result<usize>;
+    /// The fork evidence it keeps (`proof::fork`), at most `MAX_EVIDENCE`; whoever takes it
+    /// checks each piece against the metadata first.
+    fn evidence(&self) -> Result<Vec<ForkEvidence>>;
+    /// Gives it evidence of forks (at most `MAX_EVIDENCE`), which it checks before keeping,
+    /// so that it serves the evidence to every client.
+    fn put_evidence(&self, evidence: &[ForkEvidence]) -> Result<()>;
     /// Whether pulls should walk down from its heads rather than ask `since`: true where
     /// answering `since` means reading the replica's whole index (object stores), while a
     /// walk reads only as far as the records the asker lacks.

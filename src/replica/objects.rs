@@ -9,6 +9,7 @@
 //!   wrote with their parents.
 //! - `heads/<device hex>`: that device's statement, signed by its writer: how many segments it
 //!   wrote and heads that cover everything it pushed.
+//! - `evidence/<32 hex>`: fork evidence (`proof::fork`), named by a hash of its bytes.
 //!
 //! Records and segments are named by what they hold and never rewritten; a head object has
 //! exactly one writer, the device it names, so two devices pushing at once cannot lose each
@@ -27,10 +28,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use borsh::{BorshDeserialize, BorshSerialize};
 
 use super::ahead::ReadAhead;
-use super::{Bundle, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
+use super::{Bundle, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
 use crate::capsule::{check_metadata, sub_records};
 use crate::crypto::keys::Identity;
 use crate::crypto::sign;
+use crate::proof::fork::ForkEvidence;
 use crate::record::{CapsuleId, Record, RecordHash, Signature, SignedMetadata, SubIdx, SubRecordBuf, WriterId};
 use crate::{Error, Result, VerifyError};
 
@@ -451,6 +453,29 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
                 self.objects.put(&self.key("metadata"), signed)
             }
         }
+    }
+
+    /// Evidence objects, `evidence/<blake3 of the encoding, 32 hex digits>`: anyone may write
+    /// one (it proves itself), so a malformed one is skipped, not believed.
+    fn evidence(&self) -> Result<Vec<ForkEvidence>> {
+        let mut evidence = Vec::new();
+        for name in self.objects.list(&self.key("evidence"))?.into_iter().take(MAX_EVIDENCE) {
+            let Some(bytes) = self.objects.get(&self.key(&format!("evidence/{name}")))? else { continue };
+            match borsh::from_slice::<ForkEvidence>(&bytes) {
+                Ok(e) => evidence.push(e),
+                Err(_) => tracing::warn!("{}: ignoring evidence/{name}: malformed", self.objects.describe()),
+            }
+        }
+        Ok(evidence)
+    }
+
+    fn put_evidence(&self, evidence: &[ForkEvidence]) -> Result<()> {
+        for e in evidence.iter().take(MAX_EVIDENCE) {
+            let bytes = borsh::to_vec(e).expect("encoding to memory cannot fail");
+            let name = hex::encode(&blake3::hash(&bytes).as_bytes()[..16]);
+            self.objects.put(&self.key(&format!("evidence/{name}")), &bytes)?;
+        }
+        Ok(())
     }
 
     fn heads(&self) -> Result<Vec<RecordHash>> {

@@ -16,10 +16,10 @@
 //! sends each replica that answered what it lacks (write-back), so one reader heals the set.
 
 use super::Replica;
-use super::transfer::{Progress, Report, pull, pull_announced, push};
+use super::transfer::{Progress, Report, learn_evidence, pass_evidence, pull, pull_announced, push};
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
-use crate::{Error, Result};
+use crate::{Error, Fork, Result, VerifyError};
 
 /// Replicas of one capsule of which at most `faulty` may lie.
 pub struct Quorum {
@@ -34,11 +34,20 @@ pub struct Outcome {
     pub transfer: std::result::Result<Report, String>,
     /// What a pull sent back to it because it lacked records held here.
     pub written_back: Option<std::result::Result<Report, String>>,
+    /// Its records were refused as a fork: it answered, with the other branch of a writer
+    /// that signed two records with one number.
+    pub forked: bool,
 }
 
 impl Outcome {
+    fn new(replica: &dyn Replica, transfer: Result<Report>) -> Self {
+        let forked = matches!(&transfer, Err(Error::Verify(VerifyError::Equivocation(_))));
+        Self { replica: replica.describe(), transfer: transfer.map_err(|e| e.to_string()), written_back: None, forked }
+    }
+
+    /// Whether it answered: with what was asked, or with a forked branch.
     fn acknowledged(&self) -> bool {
-        self.transfer.is_ok()
+        self.transfer.is_ok() || self.forked
     }
 }
 
@@ -46,6 +55,9 @@ impl Outcome {
 pub struct Round {
     pub outcomes: Vec<Outcome>,
     pub quorum: usize,
+    /// Forks this round found that were not known here before: from the replicas' evidence,
+    /// or met when a replica's record was refused as equivocation.
+    pub forks_learned: Vec<Fork>,
 }
 
 impl Round {
@@ -113,6 +125,7 @@ impl Quorum {
     /// here (each record proven before it is stored), then the write-back of what each
     /// replica that answered lacks.
     pub fn pull(&self, local: &Capsule, progress: &dyn Progress) -> Result<Round> {
+        let known_forks = local.forks()?;
         let (first, others) = self.members.split_first().expect("a policy has replicas");
         let (first_pull, others_heads) = std::thread::scope(|s| {
             let asked: Vec<_> = others.iter().map(|m| s.spawn(|| m.heads())).collect();
@@ -120,26 +133,22 @@ impl Quorum {
             (first_pull, asked.into_iter().map(|t| t.join().expect("a replica call panicked")).collect::<Vec<_>>())
         });
         let mut announced = vec![first_pull.as_ref().map(|r| r.replica_heads.clone()).map_err(|e| e.to_string())];
-        let mut outcomes = vec![Outcome {
-            replica: first.describe(),
-            transfer: first_pull.map_err(|e| e.to_string()),
-            written_back: None,
-        }];
+        let mut outcomes = vec![Outcome::new(&**first, first_pull)];
         for (member, heads) in others.iter().zip(others_heads) {
             let transfer = match &heads {
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Error::Replica(e.to_string())),
                 Ok(heads) if holds_all(local, heads)? => Ok(Report::default()),
-                Ok(heads) => pull_announced(local, &**member, heads.clone(), progress).map_err(|e| e.to_string()),
+                Ok(heads) => pull_announced(local, &**member, heads.clone(), progress),
             };
             announced.push(heads.map_err(|e| e.to_string()));
-            outcomes.push(Outcome { replica: member.describe(), transfer, written_back: None });
+            outcomes.push(Outcome::new(&**member, transfer));
         }
-        let mut round = Round { outcomes, quorum: self.size() }.check("reading heads")?;
+        let mut round = Round { outcomes, quorum: self.size(), forks_learned: Vec::new() }.check("reading heads")?;
         // A replica that announced exactly the heads held now lacks nothing; the others are
         // asked, all at once, and sent what they lack.
         let held = local.heads()?;
         let lacking = self.each(|i, m| match &announced[i] {
-            Ok(heads) if *heads != held && round.outcomes[i].acknowledged() => {
+            Ok(heads) if *heads != held && round.outcomes[i].transfer.is_ok() => {
                 m.missing(&held).map(|missing| !missing.is_empty()).unwrap_or(false)
             }
             _ => false,
@@ -149,19 +158,32 @@ impl Quorum {
                 outcome.written_back = Some(push(local, &**member, &()).map_err(|e| e.to_string()));
             }
         }
+        // Fork evidence: learned from every replica that answered, then passed on to every
+        // replica (one that refused a forked record's branch included), so a fork one of them
+        // saw reaches the others.
+        self.each(|i, m| round.outcomes[i].acknowledged().then(|| learn_evidence(local, m, &mut Report::default())));
+        for (outcome, passed) in
+            round.outcomes.iter().zip(self.each(|_, m| pass_evidence(local, m, &mut Report::default())))
+        {
+            if let Err(e) = passed {
+                tracing::warn!("passing fork evidence on to {}: {e}", outcome.replica);
+            }
+        }
+        // Forks new here: learned from evidence, or met as a replica's record was refused.
+        for evidence in local.fork_evidence()? {
+            let fork = evidence.check(local.id(), local.metadata())?;
+            if !known_forks.contains(&(fork.writer, fork.device, fork.seq)) && !round.forks_learned.contains(&fork) {
+                round.forks_learned.push(fork);
+            }
+        }
         Ok(round)
     }
 
     /// Pushes to every replica at once; replicated once a write quorum acknowledged.
     pub fn push(&self, local: &Capsule) -> Result<Round> {
         let results = self.each(|_, m| push(local, m, &()));
-        let outcomes = self
-            .members
-            .iter()
-            .zip(results)
-            .map(|(m, r)| Outcome { replica: m.describe(), transfer: r.map_err(|e| e.to_string()), written_back: None })
-            .collect();
-        Round { outcomes, quorum: self.size() }.check("pushing")
+        let outcomes = self.members.iter().zip(results).map(|(m, r)| Outcome::new(&**m, r)).collect();
+        Round { outcomes, quorum: self.size(), forks_learned: Vec::new() }.check("pushing")
     }
 }
 

@@ -11,8 +11,9 @@ use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 use super::bloom::Bloom;
 use super::sketch;
-use super::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Node, Replica, Since};
+use super::{Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since};
 use crate::net::protocol::{self, Route};
+use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
 use crate::{Error, Result};
@@ -235,6 +236,18 @@ impl Replica for Remote {
     fn heads_difference(&self, salt: &[u8; 16], cells: &[sketch::Cell]) -> Result<sketch::Answer> {
         let request = sketch::Request { salt: *salt, cells: cells[..cells.len().min(sketch::MAX_CELLS)].to_vec() };
         self.expect(Route::HeadsSketch, Some(codec::encode(&request)))
+    }
+
+    fn evidence(&self) -> Result<Vec<ForkEvidence>> {
+        let evidence: Vec<ForkEvidence> = self.expect(Route::Evidence, None)?;
+        Ok(evidence.into_iter().take(MAX_EVIDENCE).collect())
+    }
+
+    fn put_evidence(&self, evidence: &[ForkEvidence]) -> Result<()> {
+        for slice in evidence.chunks(MAX_EVIDENCE) {
+            self.expect::<()>(Route::Evidence, Some(codec::encode(&slice.to_vec())))?;
+        }
+        Ok(())
     }
 
     fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {

@@ -16,7 +16,7 @@ use super::{Bundle, MAX_HASHES, Node, Replica, sketch};
 use crate::capsule::{Capsule, Ingested};
 use crate::record::{CapsuleId, DeviceId, Record, RecordHash, RecordHeader, Seq, WriterId};
 use crate::store::Durability;
-use crate::{Error, Result, VerifyError};
+use crate::{Error, Fork, Result, VerifyError};
 
 /// The first slice of a fallback walk; each round asks about four times more.
 const FIRST_BUDGET: usize = 16;
@@ -41,6 +41,8 @@ pub struct Report {
     /// After a pull: the replica's heads as it last gave them (a follower waits for them
     /// to change).
     pub replica_heads: Vec<RecordHash>,
+    /// Forks this capsule learned of from the replica's evidence.
+    pub forks_learned: Vec<Fork>,
 }
 
 /// Signed records of one writer's device that a replica lacks.
@@ -124,7 +126,35 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
     // Once every record went, the replica holds everything this capsule does.
     let settles = if report.waiting_for_signature == 0 { Some(local.heads()?) } else { None };
     send(remote, &mut batch.take(), settles.as_deref(), &mut report, progress)?;
+    pass_evidence(local, remote, &mut report)?;
     Ok(report)
+}
+
+/// Gives `remote` the fork evidence this capsule keeps (nothing, and no request, when it
+/// keeps none), so that the replica serves it to every other client.
+pub fn pass_evidence(local: &Capsule, remote: &dyn Replica, report: &mut Report) -> Result<()> {
+    let evidence = local.fork_evidence()?;
+    if !evidence.is_empty() {
+        remote.put_evidence(&evidence)?;
+        report.round_trips += 1;
+    }
+    Ok(())
+}
+
+/// Takes the fork evidence `remote` keeps, each piece checked against the metadata; what was
+/// new here goes in `report.forks_learned`. Evidence that does not check is refused and
+/// logged: a replica that sends it lies, but cannot make this capsule believe a fork.
+pub fn learn_evidence(local: &Capsule, remote: &dyn Replica, report: &mut Report) -> Result<()> {
+    let evidence = remote.evidence()?;
+    report.round_trips += 1;
+    for e in &evidence {
+        match local.take_evidence(e) {
+            Ok(Some(fork)) => report.forks_learned.push(fork),
+            Ok(None) => {}
+            Err(err) => tracing::warn!("{} sent fork evidence that does not check: {err}", remote.describe()),
+        }
+    }
+    Ok(())
 }
 
 /// Puts `batch` to `remote`; `settles` as `Replica::put` takes it.
@@ -563,6 +593,13 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
     }
     // `to` now holds everything `from`'s heads cover.
     send(to, &mut batch.take(), Some(&heads), &mut report, progress)?;
+    // Fork evidence travels with the records; `to` checks it before keeping it.
+    let evidence = from.evidence()?;
+    report.round_trips += 1;
+    if !evidence.is_empty() {
+        to.put_evidence(&evidence)?;
+        report.round_trips += 1;
+    }
     Ok(report)
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use capsulefs::VerifyError;
 use capsulefs::capsule::{Capsule, Parents};
+use capsulefs::proof::fork::ForkEvidence;
 use capsulefs::record::{RecordHash, SubIdx, SubRecordBuf};
 use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::replica::{Bundle, Node, Replica, Since};
@@ -53,6 +54,12 @@ impl Replica for Forgetful<'_> {
     }
     fn put(&self, bundles: Vec<Bundle>, settles: Option<&[RecordHash]>) -> capsulefs::Result<usize> {
         self.0.put(bundles, settles)
+    }
+    fn evidence(&self) -> capsulefs::Result<Vec<ForkEvidence>> {
+        self.0.evidence()
+    }
+    fn put_evidence(&self, evidence: &[ForkEvidence]) -> capsulefs::Result<()> {
+        self.0.put_evidence(evidence)
     }
 }
 

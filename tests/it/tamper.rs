@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use capsulefs::capsule::{Capsule, EarlierProofs, NewCapsule};
 use capsulefs::crypto::keys::Identity;
-use capsulefs::crypto::sign::TrustKey;
+use capsulefs::crypto::sign::{self, TrustKey};
 use capsulefs::record::{DeviceId, Record, RecordHash, Seq, SubIdx, SubRecord};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Batch, Cf, Durability, Kv, Witness};
@@ -209,6 +209,47 @@ fn a_reused_sequence_number_is_kept_as_evidence() {
     // The same record again is not equivocation.
     let again = f.make(&f.other, 1, &[f.genesis()], &[b"first"], true);
     assert!(f.cap.ingest(&again, &[b"first"], Durability::Buffered).is_ok());
+}
+
+#[test]
+fn fork_evidence_checks_with_the_metadata_alone_and_travels_between_replicas() {
+    use capsulefs::proof::fork::ForkEvidence;
+    use capsulefs::replica::Replica;
+    let f = fixture();
+    let first = f.make(&f.other, 1, &[f.genesis()], &[b"first"], true);
+    let second = f.make(&f.other, 1, &[f.genesis()], &[b"second"], true);
+    let (a, b) = (Record::decode(&first).unwrap(), Record::decode(&second).unwrap());
+    let evidence = ForkEvidence::of(&a, &b);
+    let fork = evidence.check(f.cap.id(), f.cap.metadata()).unwrap();
+    assert_eq!((fork.writer, fork.seq.0), (f.other.writer(), 1));
+    // What does not prove a fork is refused: one record twice, the wrong order, another
+    // number, an unsigned record, a signature by someone else, another capsule's metadata.
+    let refused = |e: &ForkEvidence| e.check(f.cap.id(), f.cap.metadata()).is_err();
+    assert!(refused(&ForkEvidence { first: first.clone(), second: first.clone() }));
+    assert!(refused(&ForkEvidence { first: evidence.second.clone(), second: evidence.first.clone() }));
+    let other_seq = Record::decode(&f.make(&f.other, 2, &[f.genesis()], &[b"x"], true)).unwrap();
+    assert!(refused(&ForkEvidence::of(&a, &other_seq)));
+    let unsigned = Record::decode(&f.make(&f.other, 1, &[f.genesis()], &[b"u"], false)).unwrap();
+    assert!(refused(&ForkEvidence::of(&a, &unsigned)));
+    let mut forged = b.clone();
+    forged.signature = Some(sign::sign_record(f.owner.key(), &forged.hash()));
+    assert!(refused(&ForkEvidence::of(&a, &forged)));
+    let elsewhere = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("elsewhere", &f.owner), vec![]).unwrap();
+    assert!(evidence.check(elsewhere.id(), elsewhere.metadata()).is_err());
+
+    // A replica takes it once, serves it, and a client learns it from there.
+    f.cap.put_evidence(std::slice::from_ref(&evidence)).unwrap();
+    assert_eq!(f.cap.forks().unwrap(), vec![(f.other.writer(), fork.device, fork.seq)]);
+    assert_eq!(f.cap.take_evidence(&evidence).unwrap(), None, "known already");
+    let client = Capsule::adopt(Arc::new(MemKv::new()), f.cap.id(), &f.cap.metadata_bytes(), Vec::new()).unwrap();
+    for e in f.cap.evidence().unwrap() {
+        assert_eq!(client.take_evidence(&e).unwrap(), Some(fork.clone()));
+    }
+    assert_eq!(client.fork_evidence().unwrap(), vec![evidence.clone()]);
+    // Bad evidence from a replica is refused and nothing is kept.
+    let bad = ForkEvidence { first: first.clone(), second: first };
+    assert!(client.put_evidence(&[bad]).is_err());
+    assert_eq!(client.fork_evidence().unwrap(), vec![evidence]);
 }
 
 #[test]
