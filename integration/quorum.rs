@@ -139,3 +139,40 @@ fn a_restored_backup_that_forks_is_reported_by_every_reader_and_its_evidence_rea
         assert_eq!(verify.status.code(), Some(7), "{url} passed the evidence on: {verify:?}");
     }
 }
+
+#[test]
+fn a_name_is_bound_once_and_a_client_refuses_a_server_that_answers_another_capsule() {
+    let (s0, s1) = (Server::start(), Server::start());
+    let alice = Home::default();
+    let id = alice.ok(&["create", "c"]).trim().to_owned();
+    for s in [&s0, &s1] {
+        alice.ok(&["replica", "add", "c", &s.url()]);
+    }
+    alice.ok(&["push", "c"]);
+    let said = alice.ok(&["name", "register", "notes", "--capsule", "c"]);
+    assert!(said.ends_with(&format!("notes {id}\n")) && said.matches("bound 'notes'").count() == 2, "{said}");
+    alice.ok(&["name", "register", "notes", "--capsule", "c"]); // the same binding again: fine
+
+    // Another creator cannot take the name on either server.
+    let mallory = Home::default();
+    mallory.ok(&["create", "c"]);
+    mallory.ok(&["replica", "add", "c", &s0.url()]);
+    let out = mallory.run(&["name", "register", "notes", "--capsule", "c"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bound once"), "{out:?}");
+
+    // Bob resolves it through both servers and pins it.
+    let bob = Home::default();
+    let out = bob.ok(&["clone", &format!("{}#notes", s0.url()), "--also", &s1.url(), "--name", "notes"]);
+    assert!(out.ends_with(&format!("{id}\n")), "{out}");
+    // A server that answers the name with another capsule is refused loudly.
+    let liar = Server::start();
+    mallory.ok(&["replica", "add", "c", &liar.url()]);
+    let out = mallory.run(&["name", "register", "notes", "--capsule", "c"]);
+    assert_eq!(out.status.code(), Some(5), "still taken on the first server: {out:?}");
+    mallory.ok(&["replica", "remove", "c", &s0.url()]);
+    mallory.ok(&["name", "register", "notes", "--capsule", "c"]); // free on the new server
+    let out = bob.run(&["clone", &format!("{}#notes", liar.url()), "--name", "other"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("first accepted here"), "{out:?}");
+}

@@ -12,6 +12,7 @@ mod keys;
 mod members;
 mod mount;
 mod mount_helper;
+mod names;
 mod progress;
 mod read;
 mod readahead;
@@ -88,9 +89,12 @@ pub enum Command {
     Status(mount::StatusArgs),
     /// Host capsule replicas for others to push to and pull from (holds no content keys).
     Serve(serve::ServeArgs),
-    /// The replicas remembered for a capsule: add, list, remove.
+    /// The replicas remembered for a capsule: add, list, remove, policy.
     #[command(subcommand)]
     Replica(replicas::ReplicaCommand),
+    /// Human-readable capsule names, bound on first use by the replicas (`clone URL#NAME`).
+    #[command(subcommand)]
+    Name(names::NameCommand),
     /// Send a capsule's records to its replicas (or the URLs given).
     Push(replicas::TransferArgs),
     /// Fetch and verify the records of a capsule's replicas (or the URLs given).
@@ -141,6 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Status(a) => mount::status(&home, a),
         Command::Serve(a) => serve::serve(&home, a),
         Command::Replica(cmd) => replicas::replica(&home, cmd),
+        Command::Name(cmd) => names::name(&home, cmd),
         Command::Push(a) => replicas::push(&home, a),
         Command::Pull(a) => replicas::pull(&home, a),
         Command::Sync(a) => replicas::sync(&home, a),

@@ -62,7 +62,9 @@ const FOLLOW_RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
 pub struct CloneArgs {
-    /// The replica and the capsule: http(s)://HOST:PORT#CAPSULE_ID or file:///PATH#CAPSULE_ID.
+    /// The replica and the capsule: http(s)://HOST:PORT#CAPSULE_ID or file:///PATH#CAPSULE_ID,
+    /// or http(s)://HOST:PORT#NAME for a name registered there (`capsulefs name register`),
+    /// resolved through the servers given (with --also) and pinned here once accepted.
     pub source: String,
     /// Local name (default: the capsule's own name).
     #[arg(long)]
@@ -367,16 +369,22 @@ fn sync_servers(home: &Home, first: &str, rest: &[String]) -> anyhow::Result<()>
 }
 
 pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
-    let (url, Some(id)) = split_source(&a.source)? else {
-        bail!(Error::Invalid(format!("'{}': give the replica and the capsule as URL#CAPSULE_ID", a.source)));
-    };
     let taking = if a.sparse { Take::Headers } else { Take::Whole };
+    let (url, fragment) = a.source.rsplit_once('#').unwrap_or((&a.source, ""));
     let mut urls = vec![url.to_owned()];
     for also in &a.also {
         check_url(also)?;
         urls.push(also.split_once('#').map_or(also.as_str(), |(u, _)| u).to_owned());
     }
     quorum::check_policy(urls.len(), a.faulty)?;
+    let id = match CapsuleId::from_hex(fragment) {
+        Ok(id) => id,
+        Err(_) if !fragment.is_empty() => super::names::resolve(home, fragment, &urls, a.faulty)?,
+        Err(_) => bail!(Error::Invalid(format!(
+            "'{}': give the replica and the capsule as URL#CAPSULE_ID or URL#NAME",
+            a.source
+        ))),
+    };
     let name = clone_named(home, url, id, None, a.name, taking)?;
     if urls.len() > 1 || a.faulty > 0 {
         home.set_replicas(&id, &urls)?;

@@ -10,6 +10,7 @@ use crate::record::{CapsuleId, RecordHash, Signature, WriterId};
 
 const METADATA_DOMAIN: &[u8] = b"capsulefs metadata signature v1\0";
 const HEADS_DOMAIN: &[u8] = b"capsulefs object-store heads v1\0";
+const NAME_DOMAIN: &[u8] = b"capsulefs name binding v1\0";
 const ATTEST_CONTEXT: &str = "capsulefs 2026 local attestation of unsigned records v1";
 const PROVEN_MARK_CONTEXT: &str = "capsulefs 2026 proven mark of a record in a local store v1";
 
@@ -105,6 +106,16 @@ pub fn sign_heads(key: &SigningKey, statement: &[u8; 32]) -> Signature {
 
 pub fn verify_heads(writer: &WriterId, statement: &[u8; 32], sig: &Signature) -> bool {
     verify(writer, &[HEADS_DOMAIN, &statement[..]].concat(), sig)
+}
+
+/// A capsule's creator binding a human-readable name to it (`member::name`), as the blake3
+/// digest of the name and the capsule id.
+pub fn sign_name(key: &SigningKey, binding: &[u8; 32]) -> Signature {
+    Signature(key.sign(&[NAME_DOMAIN, &binding[..]].concat()).to_bytes())
+}
+
+pub fn verify_name(creator: &WriterId, binding: &[u8; 32], sig: &Signature) -> bool {
+    verify(creator, &[NAME_DOMAIN, &binding[..]].concat(), sig)
 }
 
 /// A MAC only the holder of `key` can make: it proves, on the writer's own machine, that the

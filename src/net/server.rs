@@ -29,6 +29,7 @@ use super::limits::{Bounded, PeerAddr, PerPeer};
 use super::protocol::{self, WalkRequest};
 use super::tls;
 use crate::capsule::Capsule;
+use crate::member::name::{NameBinding, check_name};
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
@@ -138,6 +139,61 @@ fn decode<T: borsh::BorshDeserialize>(body: &[u8]) -> Result<T> {
 impl Server {
     fn store_path(&self, id: &CapsuleId) -> PathBuf {
         self.dir.join("capsules").join(id.to_hex()).join("store")
+    }
+
+    /// The binding of `name` this server took first, as stored.
+    fn name(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_name(name)?;
+        let path = self.dir.join("names").join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Takes `binding` if its name is free here, or already bound to the same capsule by the
+    /// same creator; any other binding of a name taken is refused (trust on first use). The
+    /// file appears whole or not at all: written aside, then linked in place, which fails if
+    /// another request linked first.
+    fn bind(&self, binding: &NameBinding, bytes: &[u8]) -> Result<()> {
+        let wanted = binding.check()?;
+        let dir = self.dir.join("names");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(&binding.name);
+        let taken = |held: Vec<u8>| -> Result<()> {
+            let held: NameBinding = decode(&held)?;
+            if held.check()? == wanted {
+                return Ok(());
+            }
+            Err(Error::Exists(format!(
+                "the name '{}' is bound to another capsule or creator on this server; a name is bound once",
+                binding.name
+            )))
+        };
+        if let Some(held) = self.name(&binding.name)? {
+            return taken(held);
+        }
+        let aside = dir.join(format!(".{}.{}", binding.name, hex::encode(crate::crypto::random_bytes::<8>())));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&aside)?;
+            std::io::Write::write_all(&mut f, bytes)?;
+            f.sync_all()
+        };
+        write().map_err(|e| Error::io(&aside, e))?;
+        let linked = std::fs::hard_link(&aside, &path);
+        let _ = std::fs::remove_file(&aside);
+        match linked {
+            Ok(()) => {
+                std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(&dir, e))?;
+                tracing::info!("bound the name '{}' to {:?}", binding.name, wanted.0);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                taken(std::fs::read(&path).map_err(|e| Error::io(&path, e))?)
+            }
+            Err(e) => Err(Error::io(&path, e)),
+        }
     }
 
     /// The replica of `id`, opened on first use; None if this server does not hold it.
@@ -373,6 +429,26 @@ async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes
     .await
 }
 
+async fn get_name(State(s): Shared, UrlPath(name): UrlPath<String>) -> Response {
+    blocking(s, move |s| match s.name(&name)? {
+        Some(bytes) => Ok(bytes.into_response()),
+        None => Err(Error::NotFound(format!("the name '{name}' on this server"))),
+    })
+    .await
+}
+
+async fn put_name(State(s): Shared, UrlPath(name): UrlPath<String>, body: Bytes) -> Response {
+    blocking(s, move |s| {
+        let binding: NameBinding = decode(&body)?;
+        if binding.name != name {
+            return Err(Error::Invalid(format!("a binding of '{}' sent to the name '{name}'", binding.name)));
+        }
+        s.bind(&binding, &body)?;
+        Ok(borsh_body(&()))
+    })
+    .await
+}
+
 async fn get_evidence(State(s): Shared, UrlPath(id): UrlPath<String>) -> Response {
     blocking(s, move |s| Ok(borsh_body(&s.held(capsule_id(&id)?)?.evidence()?))).await
 }
@@ -512,6 +588,7 @@ async fn per_peer_limit(
 fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route(protocol::CAPSULES, get(capsules))
+        .route("/v1/names/{name}", get(get_name).post(put_name))
         .route("/v1/capsules/{id}/metadata", get(get_metadata).post(put_metadata))
         .route("/v1/capsules/{id}/heads", get(heads))
         .route("/v1/capsules/{id}/missing", axum::routing::post(missing))

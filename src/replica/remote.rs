@@ -12,6 +12,7 @@ use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 use super::bloom::Bloom;
 use super::sketch;
 use super::{Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since};
+use crate::member::name::NameBinding;
 use crate::net::protocol::{self, Route};
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
@@ -137,6 +138,7 @@ impl Remote {
         match status {
             200..=299 => Ok(Some(answer)),
             404 => Ok(None),
+            409 => Err(Error::Exists(format!("{}: {}", self.base, String::from_utf8_lossy(&answer).trim()))),
             _ => Err(Error::Replica(format!(
                 "{} refused {what}: {} {}",
                 self.base,
@@ -144,6 +146,20 @@ impl Remote {
                 String::from_utf8_lossy(&answer).trim()
             ))),
         }
+    }
+
+    /// The binding of `name` the server took first (unchecked: see `NameBinding::check`).
+    pub fn name(&self, name: &str) -> Result<Option<NameBinding>> {
+        match self.request(&format!("/v1/names/{name}"), "name", None)? {
+            Some(bytes) => self.decode("name", &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Asks the server to bind `binding`'s name to its capsule (refused if taken otherwise).
+    pub fn bind_name(&self, binding: &NameBinding) -> Result<()> {
+        self.request(&format!("/v1/names/{}", binding.name), "name", Some(codec::encode(binding)))?;
+        Ok(())
     }
 
     /// The poster's Bloom filter over every record the server holds, salted by the asker.
