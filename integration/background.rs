@@ -260,6 +260,32 @@ fn a_mount_killed_mid_sync_catches_up_after_a_remount_and_loses_nothing_fsynced(
     laptop.ok(&["verify", "c"]);
 }
 
+#[test]
+fn replicated_fsync_returns_once_the_replicas_hold_the_commit_and_fails_when_they_cannot() {
+    let server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["replica", "add", "c", &server.url()]);
+    let Some(m) = Mounted::new(&home, "c", &["--replicated-fsync", "--replicated-fsync-wait", "2"]) else { return };
+    write_fsynced(&m.path("a.txt"), b"on the server before fsync returned");
+    // Read at once: fsync waited for the push.
+    let status = fs::read_to_string(m.path(".capsule/status")).unwrap();
+    assert!(status.contains("replicated: 1 of 1 replicas hold every commit made here"), "{status}");
+    let other = same_user(&home);
+    other.ok(&["clone", &format!("{}#{id}", server.url())]);
+    assert_eq!(other.ok(&["log", "c"]).lines().count(), home.ok(&["log", "c"]).lines().count());
+
+    // With the replica gone, fsync fails after the wait, and the file stays written here.
+    let _stopped = server.kill();
+    let mut f = fs::File::create(m.path("b.txt")).unwrap();
+    std::io::Write::write_all(&mut f, b"only here").unwrap();
+    let err = f.sync_all().expect_err("no replica holds it");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(fs::read(m.path("b.txt")).unwrap(), b"only here");
+    let status = fs::read_to_string(m.path(".capsule/status")).unwrap();
+    assert!(status.contains("replicated: 0 of 1 replicas"), "{status}");
+}
+
 /// A server that will lose a commit: a mount of a new capsule in `home` pushes a.txt, the
 /// server's store is copied aside, then b.txt is pushed and the mount's pull sees the server
 /// hold its commit. Returns the capsule id, the mount, the server, the copy, and the first 12

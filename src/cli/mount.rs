@@ -79,6 +79,15 @@ pub struct MountArgs {
     /// wait; what is left goes with the next mount or `capsulefs push`).
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     pub push_wait: u64,
+    /// fsync returns only once a write quorum of the capsule's replicas holds the commit (all
+    /// but the faulty ones its `replica policy` allows; all of them by default): durability
+    /// beyond this disk. Past --replicated-fsync-wait, fsync fails with EIO (the commit stays
+    /// here and goes out when the replicas are back).
+    #[arg(long)]
+    pub replicated_fsync: bool,
+    /// How long a --replicated-fsync waits for the replicas.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub replicated_fsync_wait: u64,
     /// How long the kernel may keep names and attributes (changes from elsewhere are told to
     /// it at once; longer only for tests that show it).
     #[arg(long, value_name = "SECS", default_value_t = capsulefs::fuse::TTL.as_secs(), hide = true)]
@@ -225,6 +234,18 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     if let Some(background) = &background {
         adapter = adapter.with_replicas(background.status.clone());
     }
+    if a.replicated_fsync {
+        let Some(background) = &background else {
+            bail!(Error::Invalid(
+                "--replicated-fsync needs replicas to sync with in the background (`capsulefs replica add`, and \
+                 not --no-sync or --read-only)"
+                    .into()
+            ));
+        };
+        let n = background.status.replicas().len();
+        let needed = n - home.replica_policy(&capsule.id())?.min(n - 1);
+        adapter = adapter.with_replicated_fsync(needed, Duration::from_secs(a.replicated_fsync_wait));
+    }
     let timer = adapter.commit_timer(Duration::from_secs(a.commit_after));
     // Resolved before mounting, while the path still ends in the folder underneath.
     let mount_point = a.dir.canonicalize().with_context(|| format!("{} is not an existing folder", a.dir.display()))?;
@@ -364,6 +385,9 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     cmd.args(["--push-wait", &a.push_wait.to_string(), "--attr-ttl", &a.attr_ttl.to_string()]);
     if a.no_sync {
         cmd.arg("--no-sync");
+    }
+    if a.replicated_fsync {
+        cmd.args(["--replicated-fsync", "--replicated-fsync-wait", &a.replicated_fsync_wait.to_string()]);
     }
     let mut child = cmd
         .stdin(Stdio::null())

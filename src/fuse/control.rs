@@ -164,6 +164,8 @@ pub struct Status {
     pub history_views: usize,
     /// The replicas the mount pushes to in the background, one line each.
     pub replicas: Vec<ReplicaStatus>,
+    /// How many of them hold everything this mount stored, of how many (with replicas).
+    pub replicated: Option<(usize, usize)>,
     /// Forks this capsule keeps evidence of: (writer, device, seq), each once.
     pub forks: Vec<(WriterId, DeviceId, Seq)>,
 }
@@ -195,6 +197,10 @@ impl Status {
             hit_rate(self.node_cache),
             self.history_views,
         ) + &self.replicas.iter().map(|r| r.render() + "\n").collect::<String>()
+            + &self
+                .replicated
+                .map(|(held, of)| format!("replicated: {held} of {of} replicas hold every commit made here\n"))
+                .unwrap_or_default()
             + &self
                 .forks
                 .iter()

@@ -67,6 +67,9 @@ pub struct CapsuleFs {
     ttl: Duration,
     /// The background push's replicas, when the mount pushes.
     replicas: Option<SyncStatus>,
+    /// `--replicated-fsync`: fsync returns once this many replicas hold the commit, or fails
+    /// with EIO after waiting this long.
+    replicated_fsync: Option<(usize, Duration)>,
 }
 
 fn system_time(t: Time) -> SystemTime {
@@ -175,8 +178,33 @@ impl CapsuleFs {
             listings: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             replicas: None,
+            replicated_fsync: None,
             ttl: TTL,
         }
+    }
+
+    /// Makes fsync wait until `needed` of the replicas hold the commit, at most `wait`.
+    pub fn with_replicated_fsync(mut self, needed: usize, wait: Duration) -> Self {
+        self.replicated_fsync = Some((needed, wait));
+        self
+    }
+
+    /// An fsync: the durable commit, then, with `--replicated-fsync`, the wait for a write
+    /// quorum of replicas to hold it.
+    fn sync_durably(&self) -> Result<()> {
+        commit_durable(&self.policy, &mut self.fs_mut())?;
+        let (Some((needed, wait)), Some(replicas)) = (self.replicated_fsync, &self.replicas) else { return Ok(()) };
+        let mark = self.fs().capsule().records_stored();
+        if replicas.wait_replicated(mark, needed, wait) {
+            return Ok(());
+        }
+        let held = replicas.holding(mark);
+        tracing::error!(
+            "fsync: the commit reached {held} of {} replicas within {} s, and --replicated-fsync needs {needed}:              failing with EIO (it stays committed here and goes out when the replicas are back)",
+            replicas.replicas().len(),
+            wait.as_secs()
+        );
+        Err(Error::Replica(format!("the commit reached {held} replicas, {needed} needed")))
     }
 
     /// Lets the kernel keep names and attributes for `ttl` instead of `TTL`.
@@ -250,6 +278,7 @@ impl CapsuleFs {
             node_cache: fs.cache().nodes.stats(),
             history_views: self.views().open_count(),
             replicas: self.replicas.as_ref().map(SyncStatus::replicas).unwrap_or_default(),
+            replicated: self.replicas.as_ref().map(|r| (r.holding(fs.capsule().records_stored()), r.replicas().len())),
             forks: fs.capsule().forks().unwrap_or_else(|e| {
                 tracing::warn!("reading the fork evidence for .capsule/status: {e}");
                 Vec::new()
@@ -637,11 +666,11 @@ impl Filesystem for CapsuleFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply_empty(commit_durable(&self.policy, &mut self.fs_mut()), reply);
+        reply_empty(self.sync_durably(), reply);
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply_empty(commit_durable(&self.policy, &mut self.fs_mut()), reply);
+        reply_empty(self.sync_durably(), reply);
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {

@@ -2,8 +2,8 @@
 //! threads and read by `.capsule/status`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
 
 use super::transfer::Lacking;
 use crate::record::{DeviceId, RecordHash, Seq, WriterId};
@@ -16,6 +16,9 @@ pub struct ReplicaStatus {
     pub reachable: Option<bool>,
     /// Local records the replica lacks, as of the last look, and about their bytes.
     pub to_push: usize,
+    /// The replica holds every record this process had stored when its last complete push
+    /// began (a count of `Capsule::records_stored`).
+    pub holds_through: u64,
     pub to_push_bytes: u64,
     pub last_push: Option<SystemTime>,
     pub last_pull: Option<SystemTime>,
@@ -59,6 +62,7 @@ impl ReplicaStatus {
             url,
             reachable: None,
             to_push: 0,
+            holds_through: 0,
             to_push_bytes: 0,
             last_push: None,
             last_pull: None,
@@ -159,25 +163,48 @@ impl ReplicaStatus {
     }
 }
 
-/// The statuses of a mount's replicas, shared by the threads that sync them.
+/// The statuses of a mount's replicas, shared by the threads that sync them; the condition
+/// variable tells waiters (`wait_replicated`) that a push succeeded.
 #[derive(Clone)]
-pub struct SyncStatus(Arc<Mutex<Vec<ReplicaStatus>>>);
+pub struct SyncStatus(Arc<(Mutex<Vec<ReplicaStatus>>, Condvar)>);
 
 impl SyncStatus {
     pub fn new(urls: impl IntoIterator<Item = String>) -> Self {
-        Self(Arc::new(Mutex::new(urls.into_iter().map(ReplicaStatus::new).collect())))
+        Self(Arc::new((Mutex::new(urls.into_iter().map(ReplicaStatus::new).collect()), Condvar::new())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ReplicaStatus>> {
+        self.0.0.lock().expect("no panics while locked")
     }
 
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
-        self.0.lock().expect("no panics while locked").clone()
+        self.lock().clone()
     }
 
     pub(super) fn update<T>(&self, i: usize, change: impl FnOnce(&mut ReplicaStatus) -> T) -> T {
-        change(&mut self.0.lock().expect("no panics while locked")[i])
+        let answer = change(&mut self.lock()[i]);
+        self.0.1.notify_all();
+        answer
     }
 
     /// Whether a pull found replica `i` lacking records held here since the last call.
     pub(super) fn take_needs_push(&self, i: usize) -> bool {
-        std::mem::take(&mut self.0.lock().expect("no panics while locked")[i].needs_push)
+        std::mem::take(&mut self.lock()[i].needs_push)
+    }
+
+    /// How many replicas hold every record this process had stored when it had stored `mark`
+    /// (`Capsule::records_stored`).
+    pub fn holding(&self, mark: u64) -> usize {
+        self.lock().iter().filter(|s| s.holds_through >= mark).count()
+    }
+
+    /// Waits until `needed` replicas hold what was stored up to `mark`, at most `wait`;
+    /// whether they do.
+    pub fn wait_replicated(&self, mark: u64, needed: usize, wait: Duration) -> bool {
+        let held = |all: &mut Vec<ReplicaStatus>| all.iter().filter(|s| s.holds_through >= mark).count() >= needed;
+        let guard = self.lock();
+        let (mut guard, _) =
+            self.0.1.wait_timeout_while(guard, wait, |all| !held(all)).expect("no panics while locked");
+        held(&mut guard)
     }
 }

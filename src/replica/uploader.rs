@@ -157,6 +157,8 @@ fn run(capsule: &Capsule, mut targets: Vec<Target>, shared: &Shared) {
 /// push may take seconds, a status read must not wait for it).
 fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &SyncStatus, i: usize) {
     let url = target.replica.describe();
+    // A push that ends with nothing waiting holds every record stored before it began.
+    let began_at = capsule.records_stored();
     match push(capsule, &*target.replica, &()) {
         Ok(report) => {
             if report.records > 0 {
@@ -172,6 +174,9 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
                 }
                 (s.reachable, s.to_push, s.to_push_bytes, s.last_push, s.error) =
                     (Some(true), report.waiting_for_signature, 0, Some(SystemTime::now()), None);
+                if report.waiting_for_signature == 0 {
+                    s.holds_through = s.holds_through.max(began_at);
+                }
                 // What it lacked before this push: a replica that went back is noticed here
                 // too, whichever thread reaches it first.
                 s.check_lacks(&report.replica_lacks);
