@@ -61,24 +61,25 @@ fn descends_from(capsule: &Capsule, descendant: RecordHash, ancestor: RecordHash
 /// The filesystem heads: the commits nearest to the capsule's heads that no other of them
 /// descends from. One in the normal case; two or more when writers or devices branched.
 pub fn filesystem_heads(capsule: &Capsule) -> Result<Vec<RecordHash>> {
-    let candidates: Vec<RecordHash> = nearest_commits(capsule, &capsule.heads()?)?.into_iter().collect();
-    if candidates.len() < 2 {
-        return Ok(candidates);
-    }
-    let mut heads = Vec::new();
-    for &c in &candidates {
-        let mut covered = false;
-        for &other in &candidates {
+    topmost(capsule, nearest_commits(capsule, &capsule.heads()?)?)
+}
+
+/// Those of `commits` that no other of them descends from, in order.
+fn topmost(capsule: &Capsule, commits: BTreeSet<RecordHash>) -> Result<Vec<RecordHash>> {
+    let mut top = Vec::new();
+    for &c in &commits {
+        let mut below_another = false;
+        for &other in &commits {
             if other != c && descends_from(capsule, other, c)? {
-                covered = true;
+                below_another = true;
                 break;
             }
         }
-        if !covered {
-            heads.push(c);
+        if !below_another {
+            top.push(c);
         }
     }
-    Ok(heads)
+    Ok(top)
 }
 
 /// The filesystem commits a merge of `ours` (taken together) with `theirs` starts from: the
@@ -128,21 +129,7 @@ pub fn merge_bases(capsule: &Capsule, ours: &[RecordHash], theirs: RecordHash) -
         }
     }
     // Records of other kinds stand for the commits below them.
-    let commits: Vec<RecordHash> = nearest_commits(capsule, &common)?.into_iter().collect();
-    let mut bases = Vec::new();
-    for &c in &commits {
-        let mut below_another = false;
-        for &other in &commits {
-            if other != c && descends_from(capsule, other, c)? {
-                below_another = true;
-                break;
-            }
-        }
-        if !below_another {
-            bases.push(c);
-        }
-    }
-    Ok(bases)
+    topmost(capsule, nearest_commits(capsule, &common)?)
 }
 
 /// The newest of several filesystem heads by a rule every replica applies alike: the
