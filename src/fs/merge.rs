@@ -10,9 +10,12 @@
 //!   the loser's as a conflict copy beside it. A deleted inode changed on the other side stays.
 //! - A directory's names merge the same way, one name at a time. Added on both sides for
 //!   different inodes: the winner's keeps the name, the loser's gets a conflict name. A name
-//!   one side removed or replaced stays (or, replaced, moves to a conflict name) when the other
-//!   side changed anything under it. A directory renamed on one side and written on the other
-//!   keeps both, since names point at inodes.
+//!   one side removed or replaced, deleting what it named, stays (or, replaced, moves to a
+//!   conflict name) when the other side changed anything under it; a side that kept the inode
+//!   moved it or unlinked one of its names, and a file that would end with no name gets one
+//!   back. A directory renamed on one side and written on the other keeps both, since names
+//!   point at inodes; one moved to two places, or two moved into each other, keeps the
+//!   winner's move.
 //! - Conflict names are `stem.conflict-<writer8>-<record8>.ext`, from the record that last
 //!   changed the losing version; conflict copies are numbered by `conflict_copy_ino`.
 //! - Link counts are counted again from the names the merge decided.
