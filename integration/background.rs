@@ -286,6 +286,35 @@ fn replicated_fsync_returns_once_the_replicas_hold_the_commit_and_fails_when_the
     assert!(status.contains("replicated: 0 of 1 replicas"), "{status}");
 }
 
+#[test]
+fn a_home_restored_from_a_backup_takes_its_own_later_records_before_it_writes() {
+    let server = Server::start();
+    let home = Home::default();
+    let Some((id, m)) = pushed_mount(&home, &server.url(), &[], ("first.txt", b"before the backup")) else { return };
+    drop(m);
+    let backup = Home::default();
+    super::sh(&format!("cp -a {}/. {}", home.path().display(), backup.path().display()));
+    {
+        // The original goes on writing, and its unmount pushes.
+        let Some(m) = Mounted::new(&home, "c", &[]) else { return };
+        write_fsynced(&m.path("second.txt"), b"after the backup");
+    }
+    // The backup, restored and mounted, pulls this device's later records before it writes,
+    // so its next record follows them instead of reusing their numbers.
+    let Some(m) = Mounted::new(&backup, "c", &[]) else { return };
+    assert_eq!(fs::read(m.path("second.txt")).unwrap(), b"after the backup");
+    write_fsynced(&m.path("third.txt"), b"from the restored copy");
+    let line = replica_line(&m.dir, "pushed", |l| l.contains(" reachable, 0 records to push"));
+    assert!(!line.contains("ALARM"), "{line}");
+    drop(m);
+    backup.ok(&["verify", "c"]);
+    let other = same_user(&home);
+    other.ok(&["clone", &format!("{}#{id}", server.url())]);
+    other.ok(&["verify", "c"]);
+    let log = fs::read_to_string(backup.path().join("logs/mount-c.log")).unwrap();
+    assert!(log.contains("a store restored from a backup?"), "{log}");
+}
+
 /// A server that will lose a commit: a mount of a new capsule in `home` pushes a.txt, the
 /// server's store is copied aside, then b.txt is pushed and the mount's pull sees the server
 /// hold its commit. Returns the capsule id, the mount, the server, the copy, and the first 12

@@ -199,6 +199,11 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
                     capsule.id()
                 );
             }
+            if let Some(me) = &writer
+                && !a.no_sync
+            {
+                catch_up(home, &capsule, me);
+            }
             let mut fs = Fs::open(capsule.clone(), key, writer)?;
             if fs.heads().is_empty() && !a.read_only {
                 // A new filesystem's root takes the owner and mode of the folder it is mounted on.
@@ -287,6 +292,55 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     served.context("serving the mount")?;
     committed.context("final commit at unmount")?;
     Ok(())
+}
+
+/// How long a writable mount waits, at its start, for one pull from each replica.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Before a writable mount writes: one pull from every replica (each checked as any pull),
+/// for at most `CATCH_UP`; those still running go on in the background. A store restored from
+/// an old backup thus takes its own device's later records first and numbers its next record
+/// after them, instead of signing a second record with a number it already used (a fork).
+fn catch_up(home: &Home, capsule: &Arc<Capsule>, me: &capsulefs::crypto::keys::Identity) {
+    let urls = home.replicas(&capsule.id()).unwrap_or_default();
+    let own_last = || {
+        let device = capsule.device().ok()?;
+        capsule.store().last_seq(&me.writer(), &device).ok().flatten()
+    };
+    let before = own_last();
+    let (done, finished) = std::sync::mpsc::channel();
+    let mut asked = 0;
+    for url in urls {
+        let Ok(replica) = home.replica(&url, capsule) else { continue };
+        let (capsule, done) = (capsule.clone(), done.clone());
+        asked += 1;
+        std::thread::spawn(move || {
+            let _ = done.send((url, capsulefs::replica::transfer::pull(&capsule, &*replica, &())));
+        });
+    }
+    let deadline = Instant::now() + CATCH_UP;
+    for _ in 0..asked {
+        match finished.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((url, Ok(report))) if report.records > 0 => {
+                tracing::info!("before writing: pulled {} records from {url}", report.records)
+            }
+            Ok((_, Ok(_))) => {}
+            Ok((url, Err(e))) => tracing::warn!("before writing: pulling from {url}: {e}"),
+            Err(_) => {
+                tracing::warn!("replicas still answering after {} s: mounting without them", CATCH_UP.as_secs());
+                break;
+            }
+        }
+    }
+    let after = own_last();
+    if after > before {
+        tracing::warn!(
+            "the replicas held records this device wrote after this store's copy of it (through seq {}, here {}): \
+             a store restored from a backup? Caught up before writing, so nothing forks",
+            after.map_or(0, |s| s.0),
+            before.map_or(0, |s| s.0)
+        );
+    }
 }
 
 /// A writable mount's background sync with the capsule's remembered replicas: its commits
