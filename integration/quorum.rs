@@ -176,3 +176,46 @@ fn a_name_is_bound_once_and_a_client_refuses_a_server_that_answers_another_capsu
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("first accepted here"), "{out:?}");
 }
+
+#[test]
+fn two_servers_hiding_a_commit_cannot_make_a_reader_take_the_stale_state_for_the_newest() {
+    let home = Home::default();
+    let (id, mut servers) = four_servers(&home);
+    append(&home, "old state");
+    home.ok(&["push", "c"]);
+    // Servers 0 and 1 (more than B = 1) will go back to this state together.
+    let mut olds = Vec::new();
+    for i in 0..2 {
+        let (store, addr) = servers.remove(i).kill();
+        olds.push((copy_of_store(&store), addr.clone()));
+        servers.insert(i, Server::start_on(store, &addr));
+    }
+    append(&home, "newest state");
+    home.ok(&["push", "c"]);
+    for (i, (old, addr)) in olds.into_iter().enumerate() {
+        drop(servers.remove(i));
+        servers.insert(i, Server::start_on(old, &addr));
+    }
+    let urls: Vec<String> = servers.iter().map(Server::url).collect();
+    let clone_args = |first: usize| -> Vec<String> {
+        let mut args = vec!["clone".to_owned(), format!("{}#{id}", urls[first]), "--faulty".into(), "1".into()];
+        args.extend(
+            urls.iter().enumerate().filter(|(i, _)| *i != first).flat_map(|(_, u)| ["--also".to_owned(), u.clone()]),
+        );
+        args
+    };
+    // One honest server down: the other is in every read quorum, and its heads win.
+    drop(servers.remove(3));
+    let reader = same_user(&home);
+    let args = clone_args(0);
+    reader.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(reader.ok(&["cat", "c", "head:0"]), "newest state");
+    // Both honest servers down: two answers are no quorum, and the reader says so (exit 6)
+    // rather than take what the two say for the newest state.
+    drop(servers.remove(2));
+    let late = same_user(&home);
+    let args = clone_args(0);
+    let out = late.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 4 replicas answered"), "{out:?}");
+}

@@ -309,7 +309,7 @@ fn catch_up(home: &Home, capsule: &Arc<Capsule>, me: &capsulefs::crypto::keys::I
     };
     let before = own_last();
     let (done, finished) = std::sync::mpsc::channel();
-    let mut asked = 0;
+    let mut asked: usize = 0;
     for url in urls {
         let Ok(replica) = home.replica(&url, capsule) else { continue };
         let (capsule, done) = (capsule.clone(), done.clone());
@@ -319,18 +319,29 @@ fn catch_up(home: &Home, capsule: &Arc<Capsule>, me: &capsulefs::crypto::keys::I
         });
     }
     let deadline = Instant::now() + CATCH_UP;
+    let mut answered = 0;
     for _ in 0..asked {
         match finished.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok((url, Ok(report))) if report.records > 0 => {
-                tracing::info!("before writing: pulled {} records from {url}", report.records)
+            Ok((url, Ok(report))) => {
+                answered += 1;
+                if report.records > 0 {
+                    tracing::info!("before writing: pulled {} records from {url}", report.records)
+                }
             }
-            Ok((_, Ok(_))) => {}
             Ok((url, Err(e))) => tracing::warn!("before writing: pulling from {url}: {e}"),
             Err(_) => {
                 tracing::warn!("replicas still answering after {} s: mounting without them", CATCH_UP.as_secs());
                 break;
             }
         }
+    }
+    let faulty = home.replica_policy(&capsule.id()).unwrap_or(0);
+    if faulty > 0 && answered < asked.saturating_sub(faulty) {
+        tracing::warn!(
+            "only {answered} of {asked} replicas answered at mount start, fewer than a read quorum ({}): the newest \
+             state may not be here yet",
+            asked - faulty
+        );
     }
     let after = own_last();
     if after > before {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::Replica;
 use super::status::SyncStatus;
-use super::transfer::pull;
+use super::transfer::{learn_evidence, pull};
 use crate::capsule::Capsule;
 use crate::record::{DeviceId, RecordHash, Seq, WriterId};
 use crate::{Error, VerifyError};
@@ -103,7 +103,16 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
     let mut retry = FIRST_RETRY;
     while !stop.is_set() {
         match pull(capsule, replica, &()) {
-            Ok(report) => {
+            Ok(mut report) => {
+                // Records came: the replica may have learned of a fork with them.
+                if report.records > 0
+                    && let Err(e) = learn_evidence(capsule, replica, &mut report)
+                {
+                    tracing::debug!("asking {} for fork evidence: {e}", replica.describe());
+                }
+                for fork in &report.forks_learned {
+                    status.update(i, |s| s.raise(format!("holds evidence of a fork: {fork}")));
+                }
                 let at_heads = signed_lanes(capsule, &report.replica_heads);
                 let moved = status.update(i, |s| {
                     (s.reachable, s.last_pull, s.error) = (Some(true), Some(SystemTime::now()), None);
