@@ -31,6 +31,7 @@ help:
 	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
 	@echo "make bench-sync   anti-entropy against capsulefs serve, push against rsync, and mount to mount"
 	@echo "                  against Syncthing (root: it mounts; make deps-bench installs Syncthing)"
+	@echo "make bench-quorum pull through a quorum of 4 servers against one, and fork detection rates"
 	@echo "make bench-s3     push and clone through a 3-node Garage cluster against the AWS CLI (root)"
 	@echo "make man          regenerate man/ from the CLI definition"
 	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX), and"
