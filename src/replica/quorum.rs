@@ -158,15 +158,21 @@ impl Quorum {
                 outcome.written_back = Some(push(local, &**member, &()).map_err(|e| e.to_string()));
             }
         }
-        // Fork evidence: learned from every replica that answered, then passed on to every
-        // replica (one that refused a forked record's branch included), so a fork one of them
-        // saw reaches the others.
-        self.each(|i, m| round.outcomes[i].acknowledged().then(|| learn_evidence(local, m, &mut Report::default())));
-        for (outcome, passed) in
-            round.outcomes.iter().zip(self.each(|_, m| pass_evidence(local, m, &mut Report::default())))
-        {
-            if let Err(e) = passed {
-                tracing::warn!("passing fork evidence on to {}: {e}", outcome.replica);
+        // Fork evidence: learned from each replica that gave records or a forked branch (one
+        // that gave nothing new is asked at a later pull that brings records), then, when this
+        // capsule keeps any, passed on to every replica, so a fork one of them saw reaches all.
+        for (outcome, member) in round.outcomes.iter().zip(&self.members) {
+            let gave = outcome.forked || outcome.transfer.as_ref().is_ok_and(|r| r.records > 0);
+            if gave && let Err(e) = learn_evidence(local, &**member, &mut Report::default()) {
+                tracing::warn!("asking {} for fork evidence: {e}", outcome.replica);
+            }
+        }
+        if !local.fork_evidence()?.is_empty() {
+            let passed = self.each(|_, m| pass_evidence(local, m, &mut Report::default()));
+            for (outcome, passed) in round.outcomes.iter().zip(passed) {
+                if let Err(e) = passed {
+                    tracing::warn!("passing fork evidence on to {}: {e}", outcome.replica);
+                }
             }
         }
         // Forks new here: learned from evidence, or met as a replica's record was refused.
