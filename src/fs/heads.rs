@@ -132,17 +132,6 @@ pub fn merge_bases(capsule: &Capsule, ours: &[RecordHash], theirs: RecordHash) -
     topmost(capsule, nearest_commits(capsule, &common)?)
 }
 
-/// The newest of several filesystem heads by a rule every replica applies alike: the
-/// writer's commit time, then the hash.
-pub fn newest(capsule: &Capsule, heads: &[RecordHash]) -> Result<Option<RecordHash>> {
-    let mut best: Option<(u64, RecordHash)> = None;
-    for &h in heads {
-        let key = (capsule.record(h)?.header.time_ms, h);
-        best = best.max(Some(key));
-    }
-    Ok(best.map(|(_, h)| h))
-}
-
 /// The parents of a commit of a state that holds the filesystem heads `held` (one commit, or
 /// the branches a merge combined): every current head whose filesystem state lies within
 /// `held` (a held commit, or records of other kinds on top of held commits), and each held
