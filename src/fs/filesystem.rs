@@ -6,7 +6,6 @@
 //! the superblock last. Reads of committed data go through `Sealed`, so every byte returned
 //! was proven and opened first.
 
-use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,8 +18,8 @@ use super::node::{
 use super::payload_cache::Caches;
 use super::sealed::{CommitBuilder, Sealed};
 use super::sealer::{ChunkKey, Sealer};
-use super::state::{CHUNK_LEAF, DIR_LEAF, State, committed_tree};
-use super::trie::{Loc, NodeSource, Ref, Trie, Value};
+use super::state::{CHUNK_LEAF, DIR_LEAF, State, committed_tree, current_tree};
+use super::trie::{Loc, NodeSource, Ref, Trie};
 use crate::capsule::{Capsule, EarlierProofs};
 use crate::crypto::aead::{ContentKey, SealedKind};
 use crate::crypto::keys::Identity;
@@ -214,10 +213,7 @@ impl Fs {
     /// the branches there now are. Open handles and caches stay: the cache holds proven
     /// bytes by place.
     pub fn follow(&mut self) -> Result<Followed> {
-        if !self.behind()? {
-            return Ok(Followed::Same);
-        }
-        let heads = heads::filesystem_heads(&self.sealed.capsule)?;
+        let Some(heads) = self.newer_heads()? else { return Ok(Followed::Same) };
         if self.is_dirty() && !self.untouched() {
             return Ok(Followed::Pending);
         }
@@ -240,8 +236,13 @@ impl Fs {
 
     /// Whether the capsule's filesystem heads moved past the state shown here.
     pub fn behind(&self) -> Result<bool> {
+        Ok(self.newer_heads()?.is_some())
+    }
+
+    /// The capsule's filesystem heads, when they moved past the state shown here.
+    fn newer_heads(&self) -> Result<Option<Vec<RecordHash>>> {
         let heads = heads::filesystem_heads(&self.sealed.capsule)?;
-        Ok(!heads.is_empty() && heads != self.heads)
+        Ok((!heads.is_empty() && heads != self.heads).then_some(heads))
     }
 
     /// What differs between this filesystem and state `new`: the inodes, and in
@@ -260,7 +261,7 @@ impl Fs {
                 continue;
             }
             let src = self.sealed.tree(SealedKind::Directory, ino);
-            let (a, b) = (Self::current_tree(&self.dirs, ino, &a, DIR_LEAF), new.dir_tree(ino, &b));
+            let (a, b) = (current_tree(&self.dirs, ino, &a, DIR_LEAF), new.dir_tree(ino, &b));
             for key in a.changed_keys(&b, &src)? {
                 let (left, right) = (a.get(&src, key)?.unwrap_or_default(), b.get(&src, key)?.unwrap_or_default());
                 let find = |bucket: &Bucket, name: &[u8]| bucket.0.iter().find(|e| e.name == name).cloned();
@@ -388,25 +389,12 @@ impl Fs {
         Ok(inode)
     }
 
-    /// The tree of `ino` as it stands: changed in `overlay`, or as committed.
-    fn current_tree<'a, V: Value>(
-        overlay: &'a HashMap<u64, Trie<V>>,
-        ino: u64,
-        inode: &Inode,
-        leaf_max: usize,
-    ) -> Cow<'a, Trie<V>> {
-        match overlay.get(&ino) {
-            Some(tree) => Cow::Borrowed(tree),
-            None => Cow::Owned(committed_tree(inode.content, leaf_max)),
-        }
-    }
-
     fn lookup_in(&self, dir: u64, name: &[u8]) -> Result<Option<DirEntry>> {
         check_name_length(name)?;
         let inode = self.dir_inode(dir)?;
         let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::Directory, dir);
-        let bucket = Self::current_tree(&self.dirs, dir, &inode, DIR_LEAF).get(&src, name_key(name))?;
+        let bucket = current_tree(&self.dirs, dir, &inode, DIR_LEAF).get(&src, name_key(name))?;
         Ok(bucket.and_then(|b| b.0.into_iter().find(|e| e.name == name)))
     }
 
@@ -420,7 +408,7 @@ impl Fs {
         let inode = self.dir_inode(dir)?;
         let sealed = &self.sealed;
         let src = sealed.tree(SealedKind::Directory, dir);
-        let buckets = Self::current_tree(&self.dirs, dir, &inode, DIR_LEAF).entries(&src)?;
+        let buckets = current_tree(&self.dirs, dir, &inode, DIR_LEAF).entries(&src)?;
         Ok(buckets.into_iter().flat_map(|(_, b)| b.0).collect())
     }
 
@@ -810,7 +798,7 @@ impl Fs {
     /// Where committed chunk `n` of file `ino` is stored, or None for a hole.
     fn committed_chunk(&self, ino: u64, inode: &Inode, n: u64) -> Result<Option<Chunk>> {
         let src = self.sealed.tree(SealedKind::ChunkMap, inode.chunks_at(ino));
-        Self::current_tree(&self.files, ino, inode, CHUNK_LEAF).get(&src, n)
+        current_tree(&self.files, ino, inode, CHUNK_LEAF).get(&src, n)
     }
 
     /// The bytes of committed chunk `n` of the file whose chunks are sealed at inode number

@@ -36,6 +36,20 @@ pub fn committed_tree<V: Value>(root: Option<Ref>, leaf_max: usize) -> Trie<V> {
     }
 }
 
+/// The tree of `ino` (whose inode is `inode`) as it stands: changed in `overlay`, or as
+/// committed.
+pub fn current_tree<'a, V: Value>(
+    overlay: &'a HashMap<u64, Trie<V>>,
+    ino: u64,
+    inode: &Inode,
+    leaf_max: usize,
+) -> Cow<'a, Trie<V>> {
+    match overlay.get(&ino) {
+        Some(tree) => Cow::Borrowed(tree),
+        None => Cow::Owned(committed_tree(inode.content, leaf_max)),
+    }
+}
+
 impl State {
     /// No inodes at all: what two branches that each made their own first commit share.
     pub fn empty() -> Self {
@@ -92,9 +106,6 @@ impl State {
     /// The entry tree of directory `ino` (whose inode is `inode`): changed in memory, or
     /// as committed.
     pub fn dir_tree(&self, ino: u64, inode: &Inode) -> Cow<'_, Trie<Bucket>> {
-        match self.dirs.get(&ino) {
-            Some(tree) => Cow::Borrowed(tree),
-            None => Cow::Owned(committed_tree(inode.content, DIR_LEAF)),
-        }
+        current_tree(&self.dirs, ino, inode, DIR_LEAF)
     }
 }
