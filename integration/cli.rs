@@ -62,7 +62,8 @@ fn a_writer_without_rights_is_refused() {
     let f = home.file("x", b"x");
     let out = home.run(&["append", "solo", "--key", "guest", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("may not write"));
+    let refused = String::from_utf8_lossy(&out.stderr);
+    assert!(refused.contains("did not hold the write level") && refused.contains("--level write"), "{refused}");
     home.ok(&["create", "shared", "--writer", guest.trim()]);
     home.ok(&["append", "shared", "--key", "guest", "--sign", f.to_str().unwrap()]);
 }

@@ -1,8 +1,9 @@
-//! Membership: read access given to another person's key by the capsule's creator, carried
-//! by a replica like any record.
+//! Membership: levels given to other people's keys and taken away, carried by a replica like
+//! any record; a revocation cuts the member off and rotates the content key on live mounts.
 
 use std::fs;
 
+use super::background::eventually;
 use super::replicas::Server;
 use super::{Home, Mounted, write_fsynced};
 
@@ -29,10 +30,6 @@ fn a_reader_granted_by_the_creator_reads_through_a_replica_and_cannot_write() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is this identity a member"), "{refused:?}");
 
-    // Only read can be granted so far; writing rights come from the metadata.
-    let write = alice.run(&["grant", "c", &carol_key, "--level", "write"]);
-    assert_eq!(write.status.code(), Some(5), "{write:?}");
-    assert!(String::from_utf8_lossy(&write.stderr).contains("only read can be granted"), "{write:?}");
     let record = alice.ok(&["grant", "c", &carol_key, "--level", "read"]).trim().to_owned();
     alice.ok(&["push", "c", &server.url()]);
     let members = alice.ok(&["members", "c"]);
@@ -135,9 +132,11 @@ fn an_invitation_made_while_the_capsule_is_mounted_goes_through_the_mount() {
     let hello = fs::read(dir.path().join("hello.txt"));
     carol.ok(&["umount", dir.path().to_str().unwrap()]);
     assert_eq!(hello.unwrap(), b"written in a mount that stays up");
-    // A request the mount does not carry out is refused with a reason.
-    let refused = alice.run(&["grant", "c", &carol_key, "--level", "admin"]);
+    // A change the rights do not allow is refused with a reason, through the mount too.
+    let alice_key = alice.ok(&["key", "show"]).trim().to_owned();
+    let refused = alice.run(&["revoke", "c", &alice_key]);
     assert!(!refused.status.success(), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("stays its superadmin"), "{refused:?}");
     drop(m);
     assert!(
         !alice
@@ -148,4 +147,114 @@ fn an_invitation_made_while_the_capsule_is_mounted_goes_through_the_mount() {
             .any(|e| { e.unwrap().path().extension().is_some_and(|x| x == "sock") }),
         "the request socket is removed at unmount"
     );
+}
+
+/// One line of `capsulefs members`, for `key`.
+fn member_line(home: &Home, key: &str) -> Option<String> {
+    home.ok(&["members", "c"]).lines().find(|l| l.starts_with(key)).map(str::to_owned)
+}
+
+#[test]
+fn three_people_share_a_capsule_and_a_revocation_locks_one_out_of_what_follows() {
+    let (server, second) = (Server::start(), Server::start());
+    let (alice, bob, carol) = (Home::default(), Home::default(), Home::default());
+    alice.ok(&["create", "c"]);
+    alice.ok(&["replica", "add", "c", &server.url()]);
+    alice.ok(&["replica", "add", "c", &second.url()]);
+    let key_of = |h: &Home| {
+        h.ok(&["key", "new"]);
+        h.ok(&["key", "show"]).trim().to_owned()
+    };
+    let (bob_key, carol_key) = (key_of(&bob), key_of(&carol));
+    let Some(a) = Mounted::new(&alice, "c", &[]) else { return };
+    write_fsynced(&a.path("plan.txt"), b"alice's plan");
+    // Invitations go through alice's mount, which holds the store.
+    let bob_token = last(&alice.ok(&["invite", "c", &bob_key, "--level", "write"]));
+    let carol_token = last(&alice.ok(&["invite", "c", &carol_key, "--level", "read"]));
+    assert!(member_line(&alice, &bob_key).unwrap().starts_with(&format!("{bob_key} write granted by")));
+    bob.ok(&["join", &bob_token, "--name", "c"]);
+    carol.ok(&["join", &carol_token, "--name", "c"]);
+
+    // Bob writes; his mount pushes, alice's pulls and shows it.
+    let Some(b) = Mounted::new(&bob, "c", &[]) else { return };
+    assert_eq!(fs::read(b.path("plan.txt")).unwrap(), b"alice's plan");
+    write_fsynced(&b.path("bob.txt"), b"bob's notes");
+    eventually("alice's mount shows bob's file", || fs::read(a.path("bob.txt")).is_ok_and(|c| c == b"bob's notes"));
+
+    // Carol reads bob's file; she writes nothing, in a mount or with `append`.
+    carol.ok(&["pull", "c"]);
+    {
+        let Some(c) = Mounted::new(&carol, "c", &["--no-sync"]) else { return };
+        assert_eq!(fs::read(c.path("bob.txt")).unwrap(), b"bob's notes");
+        let err = fs::write(c.path("carol.txt"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    }
+    let note = carol.file("note", b"carol was here");
+    let refused = carol.run(&["append", "c", note.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("did not hold the write level"), "{refused:?}");
+
+    // Alice removes carol: a new key generation, taken by both live mounts.
+    alice.ok(&["revoke", "c", &carol_key]);
+    assert!(member_line(&alice, &carol_key).is_none());
+    let status = |m: &Mounted| fs::read_to_string(m.path(".capsule/status")).unwrap();
+    eventually("alice's mount seals with generation 2", || status(&a).contains("content_key: generation 2 held"));
+    write_fsynced(&a.path("after.txt"), b"not for carol");
+    let head_line = status(&a).lines().find_map(|l| l.strip_prefix("head: ").map(str::to_owned)).unwrap();
+    eventually("bob's mount reads what alice wrote after the rotation", || {
+        fs::read(b.path("after.txt")).is_ok_and(|c| c == b"not for carol")
+    });
+    assert!(status(&b).contains("content_key: generation 2 held, newest 2"), "{}", status(&b));
+    write_fsynced(&b.path("bob2.txt"), b"bob after the rotation");
+    eventually("alice's mount reads bob's newer file", || {
+        fs::read(a.path("bob2.txt")).is_ok_and(|c| c == b"bob after the rotation")
+    });
+
+    // Carol still reads everything from before, and nothing after: her client says why.
+    carol.ok(&["pull", "c"]);
+    let members = carol.ok(&["members", "c"]);
+    assert!(!members.contains(&carol_key), "{members}");
+    {
+        let Some(c) = Mounted::new(&carol, "c", &["--no-sync"]) else { return };
+        assert_eq!(fs::read(c.path("plan.txt")).unwrap(), b"alice's plan");
+        assert_eq!(fs::read(c.path("bob.txt")).unwrap(), b"bob's notes");
+        // Her mount shows the newest state she holds the key for; a view of a later commit
+        // is refused.
+        assert!(!c.path("after.txt").exists());
+        let later = c.path(&format!(".capsule/history/{head_line}/after.txt"));
+        let err = fs::read(later).map(|_| ()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+        assert!(status(&c).contains("ALARM: the capsule's newer records are sealed"), "{}", status(&c));
+    }
+    let log = fs::read_to_string(carol.path().join("logs/mount-c.log")).unwrap();
+    assert!(log.contains("sealed under generation 2 of the content key"), "{log}");
+
+    // Bob is removed while offline: what he writes after the cut-off is refused by both
+    // replicas alike, and reported; what he wrote before stays.
+    drop(b);
+    let bob_revoked = alice.ok(&["revoke", "c", &bob_key]).trim().to_owned();
+    for url in [server.url(), second.url()] {
+        eventually("the revocation reaches the replica", || {
+            carol.ok(&["pull", "c", &url]);
+            carol.ok(&["members", "c"]).lines().all(|l| !l.starts_with(&bob_key))
+        });
+    }
+    let late = bob.file("late", b"written after the cut-off");
+    bob.ok(&["append", "c", "--sign", late.to_str().unwrap()]);
+    for replica in [&server, &second] {
+        let pushed = bob.run(&["push", "c", &replica.url()]);
+        assert!(!pushed.status.success(), "{pushed:?}");
+        let said = String::from_utf8_lossy(&pushed.stderr);
+        assert!(
+            said.contains("past the cut-off of their revocation in rec:") && said.contains(&bob_revoked[..12]),
+            "{said}"
+        );
+        assert!(replica.metrics().contains("capsulefs_rejected_total{reason=\"revoked_writer\"}"));
+    }
+    assert!(bob.ok(&["verify", "c"]).starts_with("ok: "), "bob's own copy keeps his records");
+    drop(a);
+}
+
+fn last(out: &str) -> String {
+    out.lines().last().unwrap_or_default().to_owned()
 }

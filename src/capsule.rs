@@ -9,8 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::crypto::keys::Identity;
 use crate::crypto::random_bytes;
 use crate::crypto::sign::{self, TrustKey};
+use crate::member::Rights;
+use crate::member::history::History;
 use crate::proof::fork::ForkEvidence;
-use crate::proof::verify::{TrustState, check_record_bytes, check_record_claims, check_record_rights};
+use crate::proof::verify::{Authority, TrustState, check_record_bytes, check_record_claims};
 use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRecordProof, Verified, witness};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{
@@ -241,6 +243,8 @@ pub struct Capsule {
     stored: Condvar,
     /// Where a sparse replica fetches the sub-records it does not hold (`fill_from`).
     filler: OnceLock<SubRecordSource>,
+    /// Where membership records lie, and the rights in force at each record.
+    history: History,
 }
 
 impl Drop for Capsule {
@@ -329,6 +333,7 @@ impl Capsule {
             write_lock: Mutex::default(),
             stored: Condvar::new(),
             filler: OnceLock::new(),
+            history: History::default(),
         }
     }
 
@@ -445,6 +450,16 @@ impl Capsule {
         self.write_lock.lock().expect("no panics while locked").device(&self.store)
     }
 
+    /// The rights in force now: the metadata's, with every membership record held applied.
+    pub fn rights(&self) -> Result<Arc<Rights>> {
+        self.history.rights_of(self, &self.heads()?)
+    }
+
+    /// The highest sequence number held of each of `writer`'s devices.
+    pub fn last_seqs_of(&self, writer: &WriterId) -> Result<Vec<(DeviceId, Seq)>> {
+        self.store.last_seqs_of(writer)
+    }
+
     /// Current heads, sorted; a capsule without records has none.
     pub fn heads(&self) -> Result<Vec<RecordHash>> {
         self.write_lock.lock().expect("no panics while locked").heads(&self.store)
@@ -500,7 +515,7 @@ impl Capsule {
         let signature = opts.sign.then(|| sign::sign_record(writer.key(), &h));
         let attestation = (!opts.sign).then(|| sign::attest(writer.key(), &self.id, &h));
         // Signed just above: verifying it again was a tenth of an fsync-heavy workload's CPU.
-        check_record_rights(self.id, self.metadata(), h, &header)?;
+        // `insert` checks the writer's rights.
         self.insert(&mut state, h, Record { header, signature }, subs, attestation, opts.durability)?;
         Ok(h)
     }
@@ -527,7 +542,7 @@ impl Capsule {
             }
             .into());
         }
-        check_record_claims(self.id, self.metadata(), h, &record)?;
+        check_record_claims(self.id, h, &record)?;
         Ok(Incoming { hash: h, record, subs })
     }
 
@@ -562,11 +577,13 @@ impl Capsule {
         let facts = &state.head_facts;
         let unread: Vec<RecordHash> = header.parents.iter().filter(|p| !facts.contains_key(p)).copied().collect();
         self.check_parents_known(h, &unread)?;
+        let frontier = self.history.check_writer(self, h, header, true)?;
         if !past_last && let Some(first) = self.store.record_at(&header.writer, &header.device, header.seq)? {
             self.check_seq_entry(first, header)?;
             return Err(self.keep_evidence(first, h, &record)?);
         }
         let mut batch = self.store.batch();
+        let upto = self.history.keep(self, &mut batch, h, header, frontier);
         if subs.len() != header.sub_count as usize {
             batch.mark_sparse(); // a header without its sub-records (`check_incoming_header`)
         }
@@ -586,6 +603,9 @@ impl Capsule {
             witness::stage_signed(&self.store, &mut batch, self.id, h, &header.parents, &known_signed)?;
         }
         self.store.write(batch, durability)?;
+        if let Err(e) = self.history.stored(self, h, header, upto) {
+            tracing::warn!(record = ?h, "stored, but its membership entries could not be read yet: {e}");
+        }
         state.stored(header.writer, header.device, header.seq);
         state.head_facts.retain(|k, _| heads.contains(k));
         state.head_facts.insert(h, HeadFacts { height, signed });
@@ -712,7 +732,11 @@ impl Capsule {
     /// Keeps `evidence` (from a replica, or from another client through one) once it checks:
     /// the fork it proves, if it was not known here; None if it was.
     pub fn take_evidence(&self, evidence: &ForkEvidence) -> Result<Option<Fork>> {
-        let fork = evidence.check(self.id, self.metadata())?;
+        let fork = evidence.check(self.id)?;
+        // A stranger's fork is no one's concern, and would only fill the store.
+        if self.rights()?.level(&fork.writer).is_none() && self.last_seqs_of(&fork.writer)?.is_empty() {
+            return Err(VerifyError::UnauthorizedWriter { record: fork.first, writer: fork.writer }.into());
+        }
         let known = self.store.evidence()?;
         let held = |h: RecordHash| known.iter().any(|e| e.record == h);
         if held(fork.first) && held(fork.second) {
@@ -751,7 +775,7 @@ impl Capsule {
     }
 
     fn prover_with<'a>(&'a self, cache: &'a ProofCache, cache_use: CacheUse) -> Prover<'a> {
-        Prover { metadata: self.metadata(), source: &self.store, trust: self.trust(), cache, cache_use }
+        Prover { authority: self, source: &self.store, trust: self.trust(), cache, cache_use }
     }
 
     /// The encoding of `record` with a signature made now, if it is unsigned and its writer's
@@ -852,7 +876,7 @@ impl Capsule {
     pub fn check_incoming_header(&self, record_bytes: &[u8]) -> Result<Incoming> {
         let record = Record::decode(record_bytes).map_err(VerifyError::Undecodable)?;
         let h = record.hash();
-        check_record_claims(self.id, self.metadata(), h, &record)?;
+        check_record_claims(self.id, h, &record)?;
         Ok(Incoming { hash: h, record, subs: Vec::new() })
     }
 
@@ -925,7 +949,7 @@ impl Capsule {
         for h in self.store.arrival_order(false)? {
             let h = h?;
             let record = self.record(h)?;
-            check_record_claims(self.id, self.metadata(), h, &record)?;
+            check_record_claims(self.id, h, &record)?;
             self.check_parents_known(h, &record.header.parents)?;
             // Proven before the indexes are checked: a planted record is unverified data.
             prover.prove_record(h)?;
@@ -950,5 +974,11 @@ impl Capsule {
             report.signed += u64::from(record.signature.is_some());
         }
         Ok(report)
+    }
+}
+
+impl Authority for Capsule {
+    fn check_writer(&self, record: RecordHash, header: &RecordHeader) -> Result<()> {
+        self.history.check_writer(self, record, header, false).map(drop)
     }
 }

@@ -34,6 +34,8 @@ pub enum Error {
     NotPermitted(String),
     #[error("{0} is not supported")]
     Unsupported(String),
+    #[error("{0}")]
+    NoKey(String),
     #[error("replica {0}")]
     Replica(String),
     #[error("{}: {source}", path.display())]
@@ -76,8 +78,16 @@ pub enum VerifyError {
     MissingSubRecord { record: RecordHash, idx: SubIdx },
     #[error("{record:?} carries a signature that does not verify for {writer:?}")]
     BadSignature { record: RecordHash, writer: WriterId },
-    #[error("{record:?} is by {writer:?}, who may not write this capsule")]
+    #[error(
+        "{record:?} is by {writer:?}, who did not hold the write level as of its parents (an admin gives it with \
+         `capsulefs grant NAME {writer} --level write`)"
+    )]
     UnauthorizedWriter { record: RecordHash, writer: WriterId },
+    #[error(
+        "{record:?} is by {writer:?}, numbered past the cut-off of their revocation in {revocation:?}: \
+         refused (the writer was removed from the capsule before making it)"
+    )]
+    Revoked { record: RecordHash, writer: WriterId, revocation: RecordHash },
     #[error("{record:?} belongs to capsule {capsule:?}, not this one")]
     WrongCapsule { record: RecordHash, capsule: CapsuleId },
     #[error("{record:?} points at {parent:?}, which this store does not have")]

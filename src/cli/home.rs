@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow, bail};
 
 use capsulefs::capsule::Capsule;
 use capsulefs::crypto::keys::{Identity, Keyring};
-use capsulefs::record::{CapsuleId, Metadata};
+use capsulefs::record::{CapsuleId, WriterId};
 use capsulefs::replica::objects::Pusher;
 use capsulefs::replica::{self, Replica};
 use capsulefs::store::rocks::RocksKv;
@@ -66,13 +66,15 @@ impl Home {
     /// Who pushes `capsule` from here: the first local identity allowed to write it, with this
     /// device's id; None when no local identity may write it.
     pub fn pusher(&self, capsule: &Capsule) -> anyhow::Result<Option<Pusher>> {
-        self.pusher_for(capsule.metadata())
+        let rights = capsule.rights()?;
+        self.pusher_for(|w| rights.may_write(w))
     }
 
-    /// `pusher`, for the capsule `metadata` describes.
-    pub fn pusher_for(&self, metadata: &Metadata) -> anyhow::Result<Option<Pusher>> {
+    /// `pusher`, with the rights `may_write` gives (a relay between two replicas, with no
+    /// local copy, knows only the metadata's writers).
+    pub fn pusher_for(&self, may_write: impl Fn(&WriterId) -> bool) -> anyhow::Result<Option<Pusher>> {
         let ring = self.keyring()?;
-        let Some(identity) = ring.identities().iter().find(|i| metadata.may_write(&i.writer())) else {
+        let Some(identity) = ring.identities().iter().find(|i| may_write(&i.writer())) else {
             return Ok(None);
         };
         let turn = Some(self.root.join("device.lock"));

@@ -1,13 +1,15 @@
-//! `capsulefs grant`, `invite`, `join` and `members`: who may read a capsule.
+//! `capsulefs grant`, `revoke`, `invite`, `join` and `members`: who may read and write a
+//! capsule.
 
 use anyhow::bail;
 use clap::{Parser, ValueEnum};
 
 use capsulefs::Error;
-use capsulefs::member::{Invitation, Level, grant_read, members};
+use capsulefs::member::{self, Invitation, Level};
 use capsulefs::record::{RecordHash, WriterId};
 
 use super::home::Home;
+use super::requests::Change;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LevelArg {
@@ -43,7 +45,8 @@ pub struct GrantArgs {
 }
 
 /// Appends a signed grant with the content key wrapped for the member; it reaches other
-/// machines with the next push. Prints the record.
+/// machines with the next push (a mount's background sync pushes it at once). Prints the
+/// record.
 pub fn grant(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
     println!("{}", grant_only(home, &a)?);
     Ok(())
@@ -52,18 +55,37 @@ pub fn grant(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
 /// The grant, appended here, or by the capsule's writable mount when one holds its store.
 fn grant_only(home: &Home, a: &GrantArgs) -> anyhow::Result<RecordHash> {
     let level = Level::from(a.level);
-    if level != Level::Read {
-        bail!(Error::Unsupported(format!(
-            "granting {} access (only read can be granted so far: writing rights still come from the \
-             capsule's metadata alone, given with `capsulefs create --writer`)",
-            level.name()
-        )));
-    }
     if let Some(socket) = super::mount::request_socket(home, &home.resolve(&a.name)?) {
-        return super::requests::grant_through(&socket, &a.pubkey, a.key.as_deref());
+        return super::requests::change_through(&socket, Change::Grant(level), &a.pubkey, a.key.as_deref());
     }
     let admin = home.identity(a.key.as_deref(), false)?;
-    Ok(grant_read(&home.open(&a.name)?, &admin, &a.pubkey)?)
+    Ok(member::grant(&home.open(&a.name)?, &admin, &a.pubkey, level)?)
+}
+
+#[derive(Parser, Debug)]
+pub struct RevokeArgs {
+    /// Local name of the capsule.
+    pub name: String,
+    /// The member's public key.
+    #[arg(value_parser = super::capsules::parse_writer)]
+    pub pubkey: WriterId,
+    /// The admin identity that signs the revocation.
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+/// Appends a signed revocation with a new generation of the content key for the remaining
+/// members. Prints the record.
+pub fn revoke(home: &Home, a: RevokeArgs) -> anyhow::Result<()> {
+    let record = match super::mount::request_socket(home, &home.resolve(&a.name)?) {
+        Some(socket) => super::requests::change_through(&socket, Change::Revoke, &a.pubkey, a.key.as_deref())?,
+        None => {
+            let admin = home.identity(a.key.as_deref(), false)?;
+            member::revoke(&home.open(&a.name)?, &admin, &a.pubkey)?
+        }
+    };
+    println!("{record}");
+    Ok(())
 }
 
 #[derive(Parser, Debug)]
@@ -155,8 +177,8 @@ pub struct MembersArgs {
 /// One line per member: `PUBKEY LEVEL`, then who granted it and in which record.
 pub fn list(home: &Home, a: MembersArgs) -> anyhow::Result<()> {
     let capsule = home.open_for_reading(&a.name)?;
-    let roster = members(&capsule)?;
-    for m in roster.members {
+    let rights = capsule.rights()?;
+    for m in rights.members() {
         let from = match m.record {
             Some(record) => format!("record {record}"),
             None => "the metadata".to_owned(),
@@ -165,8 +187,11 @@ pub fn list(home: &Home, a: MembersArgs) -> anyhow::Result<()> {
             if m.level == Level::Superadmin && m.granted_by == m.key { "superadmin (creator)" } else { m.level.name() };
         println!("{} {level} granted by {} in {from}", m.key, m.granted_by);
     }
-    for (record, writer) in roster.not_applied {
-        eprintln!("capsulefs: not applied: membership record {record} by {writer} (not an admin, or more than read)");
+    for r in &rights.revocations {
+        eprintln!("capsulefs: {} was removed by {} in record {}", r.member, r.by, r.record);
+    }
+    for n in &rights.not_applied {
+        eprintln!("capsulefs: not applied: membership record {} by {}: {}", n.record, n.writer, n.why);
     }
     Ok(())
 }

@@ -81,6 +81,9 @@ pub enum Command {
     Join(members::JoinArgs),
     /// The capsule's members: one line each, `PUBKEY LEVEL`, then who granted it and where.
     Members(members::MembersArgs),
+    /// Remove a member: a signed revocation that cuts off their later records, with a new
+    /// generation of the content key for everyone else.
+    Revoke(members::RevokeArgs),
     /// Mount a capsule as a folder (returns once mounted; --foreground stays attached).
     Mount(mount::MountArgs),
     /// Unmount a folder mounted by `capsulefs mount`, after its final commit.
@@ -132,6 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Create(a) => capsules::create(&home, a),
         Command::Grant(a) => members::grant(&home, a),
         Command::Members(a) => members::list(&home, a),
+        Command::Revoke(a) => members::revoke(&home, a),
         Command::Invite(a) => members::invite(&home, a),
         Command::Join(a) => members::join(&home, a),
         Command::List => capsules::list(&home),
@@ -172,6 +176,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
             | Error::ReadOnlyView
             | Error::NoAttribute(_)
             | Error::NotPermitted(_)
+            | Error::NoKey(_)
             | Error::Unsupported(_),
         ) => 5,
         None if e.chain().any(|c| c.downcast_ref::<StoreError>().is_some()) => 4,

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,12 +20,13 @@ use clap::Parser;
 
 use capsulefs::Error;
 use capsulefs::capsule::{Capsule, PROOF_CACHE_RECORDS};
+use capsulefs::crypto::keys::Identity;
 use capsulefs::fs::Fs;
 use capsulefs::fs::filesystem::Followed;
 use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::payload_cache::Caches;
 use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
-use capsulefs::member::{Invitation, content_key};
+use capsulefs::member::{Invitation, Level, Rights, keyring, keystore::keyring_in};
 use capsulefs::replica::follower::Follower;
 use capsulefs::replica::status::SyncStatus;
 use capsulefs::replica::transfer::Take;
@@ -186,17 +187,20 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let opened = if a.read_only || a.at.is_some() { home.open_for_reading(&a.name) } else { home.open(&a.name) };
     let capsule = Arc::new(opened?.with_proof_cache(a.proof_cache_records));
     let me = home.identity(a.key.as_deref(), false)?;
-    let key = content_key(&capsule, &me).context("reading the capsule's content key")?;
+    let key = keyring(&capsule, &me).context("reading the capsule's content key")?;
     let fs = match &a.at {
         Some(at) => Fs::open_at(capsule.clone(), key, None, capsule.resolve(at)?)?,
         None => {
-            let writer = (!a.read_only && capsule.metadata().may_write(&me.writer())).then(|| me.clone());
+            let level = capsule.rights()?.level(&me.writer());
+            let writer = (!a.read_only && level.is_some_and(|l| l >= Level::Write)).then(|| me.clone());
             if !a.read_only && writer.is_none() {
                 tracing::warn!(
-                    "{:?} holds the read level of capsule {:?}, not the write level: mounted read-only, \
-                     writes fail with EROFS (writers are named in the capsule's metadata)",
+                    "{:?} holds the {} level of capsule {:?}, not the write level: mounted read-only, \
+                     writes fail with EROFS (an admin gives it with `capsulefs grant NAME {} --level write`)",
                     me.writer(),
-                    capsule.id()
+                    level.map_or("no", Level::name),
+                    capsule.id(),
+                    me.writer()
                 );
             }
             if let Some(me) = &writer
@@ -233,7 +237,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let shared = Arc::new(RwLock::new(fs));
     // Set once the session exists; the follower tells the kernel through it what changed.
     let notifier = Arc::new(OnceLock::new());
-    let background = if syncing { background(home, &capsule, &shared, &notifier)? } else { None };
+    let background = if syncing { background(home, &capsule, &me, &shared, &notifier)? } else { None };
     let mut adapter =
         CapsuleFs::new(shared.clone(), &capsule.metadata().params).with_ttl(Duration::from_secs(a.attr_ttl));
     if let Some(background) = &background {
@@ -367,6 +371,7 @@ struct Background {
 fn background(
     home: &Home,
     capsule: &Arc<Capsule>,
+    me: &Identity,
     live: &Arc<RwLock<Fs>>,
     notifier: &Arc<OnceLock<Notifier>>,
 ) -> anyhow::Result<Option<Background>> {
@@ -385,13 +390,44 @@ fn background(
         return Ok(None);
     }
     let status = SyncStatus::new(urls);
-    let (live, notifier) = (live.clone(), notifier.clone());
-    let arrived = Arc::new(move || follow_live(&live, notifier.get()));
+    let (live, notifier, held, me) = (live.clone(), notifier.clone(), capsule.clone(), me.clone());
+    let rights_seen = Mutex::new(None);
+    let arrived = Arc::new(move || {
+        take_new_keys(&live, &held, &me, &rights_seen);
+        follow_live(&live, notifier.get())
+    });
     Ok(Some(Background {
         uploader: Uploader::start(capsule.clone(), pushing, status.clone()),
         _follower: Follower::start(capsule.clone(), pulling, status.clone(), arrived),
         status,
     }))
+}
+
+/// After records were stored: when they changed the rights (a membership record), the live
+/// filesystem takes the generations of the content key they now give `me`: a rotation's new
+/// key, without a remount; none newer once `me` was removed, and the log says so.
+fn take_new_keys(live: &RwLock<Fs>, capsule: &Capsule, me: &Identity, seen: &Mutex<Option<Arc<Rights>>>) {
+    let rights = match capsule.rights() {
+        Ok(rights) => rights,
+        Err(e) => return tracing::warn!("reading the capsule's membership records: {e}"),
+    };
+    let mut seen = seen.lock().expect("no panics while locked");
+    if seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &rights)) {
+        return;
+    }
+    *seen = Some(rights.clone());
+    if rights.level(&me.writer()).is_none() {
+        tracing::error!(
+            "{:?} was removed from capsule {:?}: records made from now on are sealed with a key it is not given, \
+             and do not open here",
+            me.writer(),
+            capsule.id()
+        );
+    }
+    let ring = keyring_in(capsule, &rights, me);
+    if ring.current().is_some() {
+        live.write().expect("no panics while locked").take_keys(ring);
+    }
 }
 
 /// After records were stored (pulled from a replica, or committed here): the live filesystem

@@ -150,7 +150,7 @@ pub fn verify(home: &Home, a: VerifyArgs) -> anyhow::Result<()> {
     match capsule.fork_evidence()?.first() {
         None => Ok(()),
         Some(evidence) => {
-            let fork = evidence.check(capsule.id(), capsule.metadata())?;
+            let fork = evidence.check(capsule.id())?;
             Err(capsulefs::Error::Verify(capsulefs::VerifyError::Equivocation(Box::new(fork))).into())
         }
     }

@@ -162,6 +162,13 @@ fn print(verb: &str, preposition: &str, url: &str, r: &Report) {
             lacking.seq.0
         );
     }
+    if !r.revoked.is_empty() {
+        eprintln!(
+            "capsulefs: warning: {url} offered {} records by writers removed from the capsule, made past their \
+             revocation's cut-off: kept out (the log names each)",
+            r.revoked.len()
+        );
+    }
     if r.waiting_for_signature > 0 {
         println!(
             "{} unsigned records wait for a signed one before a replica takes them (a mount signs within the capsule's T seconds)",
@@ -354,7 +361,7 @@ fn sync_servers(home: &Home, first: &str, rest: &[String]) -> anyhow::Result<()>
         };
         let metadata =
             SignedMetadata::decode(&metadata).map_err(|e| Error::Invalid(format!("{id}'s metadata: {e}")))?;
-        let pusher = home.pusher_for(&metadata.metadata)?;
+        let pusher = home.pusher_for(|w| metadata.metadata.may_write(w))?;
         let remote_a = capsulefs::replica::open(a, id, pusher.clone())?;
         let remote_b = capsulefs::replica::open(b, id, pusher)?;
         for (from, to) in [(&*remote_a, &*remote_b), (&*remote_b, &*remote_a)] {

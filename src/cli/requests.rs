@@ -1,7 +1,7 @@
 //! Requests to a running mount from other `capsulefs` commands. A writable mount holds its
-//! capsule's store, so a command that must append to it (a grant) asks the mount's daemon
-//! instead, over a unix socket beside the mount's registry entry, readable by its owner only
-//! (whoever can connect could read the home's keys anyway). One request a connection: a
+//! capsule's store, so a command that must append to it (a grant or a revocation) asks the
+//! mount's daemon instead, over a unix socket beside the mount's registry entry, readable by
+//! its owner only (whoever can connect could read the home's keys anyway). One request a connection: a
 //! line of words, answered by `ok RECORD` or `error MESSAGE`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use capsulefs::capsule::Capsule;
-use capsulefs::member::{Level, grant_read};
+use capsulefs::member::{self, Level};
 use capsulefs::record::{RecordHash, WriterId};
 
 use super::home::Home;
@@ -88,23 +88,43 @@ fn read_request(stream: &UnixStream) -> anyhow::Result<Vec<String>> {
     Ok(line.split_whitespace().map(str::to_owned).collect())
 }
 
-/// `grant MEMBER LEVEL [KEY]`: what `capsulefs grant` does on an unmounted capsule.
-fn carry_out(words: &[String], home: &Home, capsule: &Capsule) -> anyhow::Result<RecordHash> {
-    let [verb, member, level, key @ ..] = words else { bail!("a request names what to do and to whom") };
-    if verb != "grant" || level != Level::Read.name() || key.len() > 1 {
-        bail!("this mount carries out `grant MEMBER read [KEY]` only, not `{}`", words.join(" "));
-    }
-    let member = WriterId::from_hex(member).map_err(|e| anyhow::anyhow!("member: {e}"))?;
-    let admin = home.identity(key.first().map(String::as_str), false)?;
-    Ok(grant_read(capsule, &admin, &member)?)
+/// A change of membership a mount carries out for another command.
+pub enum Change {
+    Grant(Level),
+    Revoke,
 }
 
-/// Asks the mount listening at `path` to grant `member` read access, signed by identity
-/// `key` (the default one if None). Returns the grant's record.
-pub fn grant_through(path: &Path, member: &WriterId, key: Option<&str>) -> anyhow::Result<RecordHash> {
+/// `grant MEMBER LEVEL [KEY]` or `revoke MEMBER - [KEY]`: what `capsulefs grant` and
+/// `revoke` do on an unmounted capsule.
+fn carry_out(words: &[String], home: &Home, capsule: &Capsule) -> anyhow::Result<RecordHash> {
+    let [verb, member, level, key @ ..] = words else { bail!("a request names what to do and to whom") };
+    let level = [Level::Read, Level::Write, Level::Admin, Level::Superadmin].into_iter().find(|l| l.name() == level);
+    let change = match (verb.as_str(), level) {
+        ("grant", Some(level)) if key.len() <= 1 => Change::Grant(level),
+        ("revoke", None) if key.len() <= 1 => Change::Revoke,
+        _ => bail!(
+            "this mount carries out `grant MEMBER LEVEL [KEY]` and `revoke MEMBER - [KEY]`, not `{}`",
+            words.join(" ")
+        ),
+    };
+    let member = WriterId::from_hex(member).map_err(|e| anyhow::anyhow!("member: {e}"))?;
+    let admin = home.identity(key.first().map(String::as_str), false)?;
+    Ok(match change {
+        Change::Grant(level) => member::grant(capsule, &admin, &member, level)?,
+        Change::Revoke => member::revoke(capsule, &admin, &member)?,
+    })
+}
+
+/// Asks the mount listening at `path` to make `change` to `member`, signed by identity
+/// `key` (the default one if None). Returns the change's record.
+pub fn change_through(path: &Path, change: Change, member: &WriterId, key: Option<&str>) -> anyhow::Result<RecordHash> {
     let mut stream = UnixStream::connect(path)
         .with_context(|| format!("asking the mount's daemon at {} (is it still running?)", path.display()))?;
-    let request = format!("grant {} {} {}\n", member.to_hex(), Level::Read.name(), key.unwrap_or_default());
+    let (verb, level) = match change {
+        Change::Grant(level) => ("grant", level.name()),
+        Change::Revoke => ("revoke", "-"),
+    };
+    let request = format!("{verb} {} {level} {}\n", member.to_hex(), key.unwrap_or_default());
     stream.write_all(request.as_bytes())?;
     let mut reply = String::new();
     BufReader::new(stream.take(MAX_REQUEST)).read_line(&mut reply)?;

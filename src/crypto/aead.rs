@@ -70,6 +70,8 @@ pub enum SealedKind {
     InodeTable = 4,
     /// The root of one commit.
     Superblock = 5,
+    /// The previous generation of the content key, sealed under the next (`seal_previous`).
+    PreviousKey = 6,
 }
 
 /// Where a sealed payload belongs; it is the associated data of its seal.
@@ -131,6 +133,30 @@ pub fn seal_into(key: &ContentKey, place: &Place, plaintext: &[u8], out: &mut [u
         .encrypt_inout_detached(&Nonce::default(), &aad, buf)
         .expect("AES-GCM encrypts any message below 64 GiB");
     tag_out.copy_from_slice(&tag);
+}
+
+/// The key of generation `key - 1`, sealed under `key`: whoever is given a generation can open
+/// every earlier one, so a member added after a rotation reads the history granted to them.
+pub fn seal_previous(key: &ContentKey, previous: &ContentKey, capsule: CapsuleId) -> Vec<u8> {
+    seal(key, &previous_place(capsule, previous.generation), &previous.bytes[..])
+}
+
+/// Opens what `seal_previous` made under `key`.
+pub fn open_previous(key: &ContentKey, capsule: CapsuleId, sealed: &[u8]) -> Result<ContentKey, OpenError> {
+    let generation = KeyGen(key.generation.0.saturating_sub(1));
+    let place = previous_place(capsule, generation);
+    let plain = Zeroizing::new(open(key, &place, sealed)?);
+    let bytes: [u8; 32] = plain[..].try_into().map_err(|_| OpenError { generation: key.generation, place })?;
+    Ok(ContentKey::from_bytes(generation, bytes))
+}
+
+/// Whether two keys are the same key of the same generation.
+pub fn same_key(a: &ContentKey, b: &ContentKey) -> bool {
+    a.generation == b.generation && a.bytes[..] == b.bytes[..]
+}
+
+fn previous_place(capsule: CapsuleId, generation: KeyGen) -> Place {
+    Place { capsule, kind: SealedKind::PreviousKey, object: u64::from(generation.0), offset: 0, level: 0 }
 }
 
 pub fn open(key: &ContentKey, place: &Place, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {

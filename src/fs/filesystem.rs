@@ -21,8 +21,9 @@ use super::sealer::{ChunkKey, Sealer};
 use super::state::{CHUNK_LEAF, DIR_LEAF, State, committed_tree, current_tree};
 use super::trie::{Loc, NodeSource, Ref, Trie};
 use crate::capsule::{Capsule, EarlierProofs};
-use crate::crypto::aead::{ContentKey, SealedKind};
+use crate::crypto::aead::SealedKind;
 use crate::crypto::keys::Identity;
+use crate::member::KeyRing;
 use crate::proof::Anchor;
 use crate::record::codec::FORMAT_VERSION;
 use crate::record::{RecordHash, RecordKind, SubIdx};
@@ -184,26 +185,41 @@ impl Fs {
     /// The filesystem as of the capsule's filesystem heads, writable by `writer`: one
     /// commit's state, or the deterministic merge of branches made apart (`State::of_heads`);
     /// empty if there is no commit yet.
-    pub fn open(capsule: Arc<Capsule>, key: ContentKey, writer: Option<Identity>) -> Result<Self> {
+    pub fn open(capsule: Arc<Capsule>, keys: impl Into<KeyRing>, writer: Option<Identity>) -> Result<Self> {
         let fs_heads = heads::filesystem_heads(&capsule)?;
-        let sealed = Sealed { capsule, key, cache: Arc::default() };
+        let sealed = Sealed::new(capsule, keys.into());
         if fs_heads.is_empty() {
             let mut fs = Self::with_state(sealed, writer, State::empty(), Vec::new());
             fs.put_inode(ROOT_INO, Inode::new(Kind::Dir, 0o755, 0, 0))?;
             return Ok(fs);
         }
-        let state = State::of_heads(&sealed, &fs_heads)?;
-        Ok(Self::with_state(sealed, writer, state, fs_heads))
+        match State::of_heads(&sealed, &fs_heads) {
+            Ok(state) => Ok(Self::with_state(sealed, writer, state, fs_heads)),
+            // A member removed from the capsule reads on what was shared with them.
+            Err(Error::NoKey(why)) if writer.is_none() => {
+                let keys = sealed.keys();
+                let readable = |g| !keys.get(g).is_empty();
+                let Some(newest) = heads::newest_readable(&sealed.capsule, &fs_heads, readable)? else {
+                    return Err(Error::NoKey(why));
+                };
+                tracing::error!("showing {newest:?}, the newest state this identity holds the key for: {why}");
+                Self::at(sealed, None, newest)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The filesystem as of commit `record` (a view of the past when `writer` is None).
     pub fn open_at(
         capsule: Arc<Capsule>,
-        key: ContentKey,
+        keys: impl Into<KeyRing>,
         writer: Option<Identity>,
         record: RecordHash,
     ) -> Result<Self> {
-        let sealed = Sealed { capsule, key, cache: Arc::default() };
+        Self::at(Sealed::new(capsule, keys.into()), writer, record)
+    }
+
+    fn at(sealed: Sealed, writer: Option<Identity>, record: RecordHash) -> Result<Self> {
         let state = State::committed(&sealed, record)?;
         Ok(Self::with_state(sealed, writer, state, vec![record]))
     }
@@ -278,7 +294,7 @@ impl Fs {
     }
 
     fn with_state(sealed: Sealed, writer: Option<Identity>, state: State, heads: Vec<RecordHash>) -> Self {
-        let sealer = writer.is_some().then(|| Sealer::start(sealed.key.clone()));
+        let sealer = writer.is_some().then(|| Sealer::start(sealed.sealing_key()));
         Self {
             sealed,
             writer,
@@ -345,10 +361,28 @@ impl Fs {
         Ok(commits)
     }
 
-    /// A read-only view of commit `record`, sharing this filesystem's capsule, key and cache.
+    /// A read-only view of commit `record`, sharing this filesystem's capsule, keys and cache.
     pub fn view_at(&self, record: RecordHash) -> Result<Fs> {
-        let view = Self::open_at(self.sealed.capsule.clone(), self.sealed.key.clone(), None, record)?;
-        Ok(view.with_cache(self.sealed.cache.clone()))
+        Self::at(self.sealed.share(), None, record)
+    }
+
+    /// The newest generation of the content key this filesystem holds.
+    pub fn sealing_key_generation(&self) -> crate::record::KeyGen {
+        self.sealed.sealing_key().generation()
+    }
+
+    /// Takes the generations of the content key in `keys` (a membership record brought a new
+    /// one, or took them away): reads open with them at once, and once the newest generation
+    /// changed, commits seal with it (chunks sealed ahead with the old one are sealed again).
+    pub fn take_keys(&mut self, keys: KeyRing) {
+        let (old, new) = (self.sealed.sealing_key(), keys.current().cloned());
+        self.sealed.set_keys(keys);
+        if let Some(new) = new.filter(|new| !crate::crypto::aead::same_key(new, &old))
+            && self.sealer.is_some()
+        {
+            tracing::info!("sealing with generation {} of the content key from now on", new.generation().0);
+            self.sealer = Some(Sealer::start(new));
+        }
     }
 
     /// Uses `cache` for verified payloads (to size it, or to share it).

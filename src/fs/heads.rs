@@ -64,6 +64,35 @@ pub fn filesystem_heads(capsule: &Capsule) -> Result<Vec<RecordHash>> {
     topmost(capsule, nearest_commits(capsule, &capsule.heads()?)?)
 }
 
+/// The newest filesystem commit at or below `starts` sealed under a generation `readable`
+/// accepts, by height: what a member removed from the capsule can still open.
+pub fn newest_readable(
+    capsule: &Capsule,
+    starts: &[RecordHash],
+    readable: impl Fn(KeyGen) -> bool,
+) -> Result<Option<RecordHash>> {
+    let genesis = RecordHash::genesis(capsule.id());
+    let height = |h: RecordHash| -> Result<u64> { Ok(capsule.store().height(&h)?.unwrap_or(0)) };
+    let mut seen: HashSet<RecordHash> = HashSet::new();
+    let mut queue = BinaryHeap::new();
+    for &h in starts {
+        queue.push((height(h)?, h));
+    }
+    while let Some((_, h)) = queue.pop() {
+        if h == genesis || !seen.insert(h) {
+            continue;
+        }
+        let header = capsule.record(h)?.header;
+        if header.kind == RecordKind::FsCommit && readable(header.key_gen) {
+            return Ok(Some(h));
+        }
+        for p in header.parents {
+            queue.push((height(p)?, p));
+        }
+    }
+    Ok(None)
+}
+
 /// Those of `commits` that no other of them descends from, in order.
 fn topmost(capsule: &Capsule, commits: BTreeSet<RecordHash>) -> Result<Vec<RecordHash>> {
     let mut top = Vec::new();

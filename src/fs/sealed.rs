@@ -1,29 +1,73 @@
 //! Between the filesystem and the capsule: nodes and chunks are read through proofs and opened
-//! with the content key; a commit's payloads are sealed as they are added and appended as one
-//! record.
+//! with the generation of the content key their record names; a commit's payloads are sealed
+//! with the newest generation as they are added and appended as one record.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::capsule::{AppendOptions, Capsule, Parents};
-use crate::crypto::aead::{self, ContentKey, Place, SealedKind};
+use crate::crypto::aead::{self, ContentKey, OpenError, Place, SealedKind};
 use crate::crypto::keys::Identity;
-use crate::record::{RecordHash, RecordKind, SubIdx, SubRecordBuf};
+use crate::member::KeyRing;
+use crate::record::{KeyGen, RecordHash, RecordKind, SubIdx, SubRecordBuf};
 use crate::store::Durability;
-use crate::{Result, VerifyError};
+use crate::{Error, Result, VerifyError};
 
 use super::node::CHUNK_SIZE;
 use super::payload_cache::Caches;
 use super::trie::{DecodedNode, Loc, NodePos, NodeSink, NodeSource};
 
-/// A capsule with the content key to open and seal its filesystem payloads, and the caches of
-/// payloads already proven and opened (shared by a mount's views of the past).
+/// A capsule with the generations of the content key that open and seal its filesystem
+/// payloads, and the caches of payloads already proven and opened (both shared by a mount's
+/// views of the past).
 pub struct Sealed {
     pub capsule: Arc<Capsule>,
-    pub key: ContentKey,
+    keys: Arc<RwLock<Arc<KeyRing>>>,
     pub cache: Arc<Caches>,
 }
 
 impl Sealed {
+    /// `keys` must hold a generation (`member::keyring` makes sure).
+    pub fn new(capsule: Arc<Capsule>, keys: KeyRing) -> Self {
+        assert!(keys.current().is_some(), "a key ring with a key in it");
+        Self { capsule, keys: Arc::new(RwLock::new(Arc::new(keys))), cache: Arc::default() }
+    }
+
+    /// Another view of the same capsule, sharing the keys and the caches.
+    pub fn share(&self) -> Self {
+        Self { capsule: self.capsule.clone(), keys: self.keys.clone(), cache: self.cache.clone() }
+    }
+
+    pub fn keys(&self) -> Arc<KeyRing> {
+        self.keys.read().expect("no panics while locked").clone()
+    }
+
+    /// Takes `keys` from now on, for this view and those it shares them with.
+    pub fn set_keys(&self, keys: KeyRing) {
+        assert!(keys.current().is_some(), "a key ring with a key in it");
+        *self.keys.write().expect("no panics while locked") = Arc::new(keys);
+    }
+
+    /// The key new payloads are sealed with: the newest generation held.
+    pub fn sealing_key(&self) -> ContentKey {
+        self.keys().current().expect("checked when set").clone()
+    }
+
+    /// Opens a payload of `at.record` with the key of the generation that record names.
+    fn open_with<R>(
+        &self,
+        at: Loc,
+        place: &Place,
+        mut open: impl FnMut(&ContentKey) -> std::result::Result<R, OpenError>,
+    ) -> Result<R> {
+        let generation = self.capsule.proven_header(at.record)?.key_gen;
+        let keys = self.keys();
+        let candidates = keys.get(generation);
+        if candidates.is_empty() {
+            return Err(no_key(at.record, generation, keys.newest()));
+        }
+        candidates.iter().find_map(|key| open(key).ok()).ok_or_else(|| seal_broken(at, place))
+    }
+
     pub fn place(&self, kind: SealedKind, object: u64, offset: u64, level: u8) -> Place {
         Place { capsule: self.capsule.id(), kind, object, offset, level }
     }
@@ -47,7 +91,7 @@ impl Sealed {
             return Ok(plain);
         }
         let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
-        let plain = Arc::new(aead::open(&self.key, place, sealed.get()).map_err(|_| seal_broken(at, place))?);
+        let plain = Arc::new(self.open_with(at, place, |key| aead::open(key, place, sealed.get()))?);
         self.cache.plain.insert(at, *place, plain.clone(), plain.len());
         Ok(plain)
     }
@@ -65,11 +109,10 @@ impl Sealed {
                 let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
                 let len = sealed.get().len().saturating_sub(aead::SEAL_OVERHEAD);
                 if len <= out.len() {
-                    aead::open_into(&self.key, place, sealed.get(), &mut out[..len])
-                        .map_err(|_| seal_broken(at, place))?;
+                    self.open_with(at, place, |key| aead::open_into(key, place, sealed.get(), &mut out[..len]))?;
                     return Ok(len);
                 }
-                Arc::new(aead::open(&self.key, place, sealed.get()).map_err(|_| seal_broken(at, place))?)
+                Arc::new(self.open_with(at, place, |key| aead::open(key, place, sealed.get()))?)
             }
         };
         let len = plain.len().min(out.len());
@@ -81,6 +124,16 @@ impl Sealed {
     pub fn tree(&self, kind: SealedKind, object: u64) -> TreeSource<'_> {
         TreeSource { sealed: self, kind, object }
     }
+}
+
+fn no_key(record: RecordHash, generation: KeyGen, newest: Option<KeyGen>) -> Error {
+    Error::NoKey(format!(
+        "{record:?} is sealed under generation {} of the content key, and this identity holds generations up to {}: \
+         it was removed from the capsule after that record's writer had it (`capsulefs members NAME` shows who is \
+         in), or the membership record with the new key has not been pulled yet (`capsulefs pull NAME`)",
+        generation.0,
+        newest.map_or(0, |g| g.0)
+    ))
 }
 
 fn seal_broken(at: Loc, place: &Place) -> crate::Error {
@@ -121,6 +174,8 @@ impl NodeSource for TreeSource<'_> {
 /// The sealed payloads of one commit, in sub-record order.
 pub struct CommitBuilder<'a> {
     sealed: &'a Sealed,
+    /// Every payload of one commit is sealed with one key, the one its record names.
+    key: ContentKey,
     payloads: Vec<SubRecordBuf>,
     /// Plaintexts of the tree nodes (and partial chunks) sealed here: once the record is
     /// appended they go to the payload cache, since the next operation reads them back (whole
@@ -130,14 +185,19 @@ pub struct CommitBuilder<'a> {
 
 impl<'a> CommitBuilder<'a> {
     pub fn new(sealed: &'a Sealed) -> Self {
-        Self { sealed, payloads: Vec::new(), nodes: Vec::new() }
+        Self { sealed, key: sealed.sealing_key(), payloads: Vec::new(), nodes: Vec::new() }
     }
 
     pub fn push(&mut self, place: &Place, plaintext: &[u8]) -> SubIdx {
-        let key = &self.sealed.key;
+        let key = &self.key;
         let sub =
             SubRecordBuf::filled(aead::sealed_len(plaintext.len()), |out| aead::seal_into(key, place, plaintext, out));
         self.push_sealed(sub)
+    }
+
+    /// The key this commit's payloads are sealed with.
+    pub fn key(&self) -> &ContentKey {
+        &self.key
     }
 
     /// `push`, keeping the plaintext for the payload cache once the record is appended: for a
@@ -149,8 +209,8 @@ impl<'a> CommitBuilder<'a> {
         idx
     }
 
-    /// A payload sealed before (by `fs::sealer`, with this builder's key and the place its
-    /// caller asks for it at).
+    /// A payload sealed before (by `fs::sealer`, with this builder's key, `key()`, and the
+    /// place its caller asks for it at).
     pub fn push_sealed(&mut self, sub: SubRecordBuf) -> SubIdx {
         self.payloads.push(sub);
         SubIdx(self.payloads.len() as u32 - 1)
@@ -169,8 +229,7 @@ impl<'a> CommitBuilder<'a> {
         sign: bool,
         durability: Durability,
     ) -> Result<RecordHash> {
-        let opts =
-            AppendOptions { sign, kind: RecordKind::FsCommit, key_gen: self.sealed.key.generation(), durability };
+        let opts = AppendOptions { sign, kind: RecordKind::FsCommit, key_gen: self.key.generation(), durability };
         let record = self.sealed.capsule.append_built(writer, Parents::These(parents), self.payloads, opts)?;
         for (idx, place, plain) in self.nodes {
             let weight = plain.len();

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use crate::fs::Fs;
 use crate::proof::CacheStats;
-use crate::record::{DeviceId, RecordHash, Seq, WriterId};
+use crate::record::{DeviceId, KeyGen, RecordHash, Seq, WriterId};
 use crate::replica::status::ReplicaStatus;
 use crate::{Error, Result};
 
@@ -168,6 +168,8 @@ pub struct Status {
     pub replicated: Option<(usize, usize)>,
     /// Forks this capsule keeps evidence of: (writer, device, seq), each once.
     pub forks: Vec<(WriterId, DeviceId, Seq)>,
+    /// The newest generation of the content key this mount holds, and the capsule's newest.
+    pub key_generations: (KeyGen, Option<KeyGen>),
 }
 
 fn hit_rate(s: CacheStats) -> String {
@@ -177,6 +179,16 @@ fn hit_rate(s: CacheStats) -> String {
 }
 
 impl Status {
+    fn render_keys(&self) -> String {
+        let (held, newest) = self.key_generations;
+        let mut lines = format!("content_key: generation {} held, newest {}\n", held.0, newest.map_or(held.0, |g| g.0));
+        if newest.is_some_and(|n| n > held) {
+            lines += "ALARM: the capsule's newer records are sealed under a generation of the content key this identity \
+                      was not given: it was removed from the capsule (`capsulefs members NAME`); they do not open here\n";
+        }
+        lines
+    }
+
     pub fn render(&self) -> String {
         let head = match self.heads.as_slice() {
             [] => "none".to_owned(),
@@ -201,6 +213,7 @@ impl Status {
                 .replicated
                 .map(|(held, of)| format!("replicated: {held} of {of} replicas hold every commit made here\n"))
                 .unwrap_or_default()
+            + &self.render_keys()
             + &self
                 .forks
                 .iter()

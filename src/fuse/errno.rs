@@ -18,6 +18,10 @@ pub(crate) fn to_errno(e: &Error) -> Errno {
         Error::NoAttribute(_) => Errno::from_i32(libc::ENODATA),
         Error::NotPermitted(_) => Errno::EPERM,
         Error::Unsupported(_) => Errno::from_i32(libc::EOPNOTSUPP),
+        Error::NoKey(why) => {
+            tracing::error!("refusing a read: {why}");
+            Errno::EACCES
+        }
         Error::Verify(v) => {
             tracing::error!(%v, "refusing unverified data");
             Errno::EIO

@@ -283,6 +283,10 @@ impl CapsuleFs {
                 tracing::warn!("reading the fork evidence for .capsule/status: {e}");
                 Vec::new()
             }),
+            key_generations: (
+                fs.sealing_key_generation(),
+                fs.capsule().rights().ok().and_then(|r| r.newest_generation()),
+            ),
         }
     }
 

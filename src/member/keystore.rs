@@ -1,21 +1,28 @@
-//! The keystore: each generation of the content key, wrapped for every member who may read.
+//! The keystore: each generation of the content key, wrapped for every member, in signed
+//! membership records; and the changes of membership that admins sign (grant, revoke).
 //!
-//! A keystore is a signed membership record whose sub-records are `MembershipEntry::WrappedKey`
-//! entries (see ARCHITECTURE.md, "Membership entries"). A reader finds the newest generation
-//! wrapped for it in a record by an admin, reading every entry through the usual proofs.
+//! Entries are `MembershipEntry` sub-records of `RecordKind::Membership` records (see
+//! ARCHITECTURE.md, "Membership"). Which of them count is decided by `rights::Rights`, as of
+//! the records' parents; a reader takes the generations wrapped for it in applied entries and
+//! opens earlier ones through the `PreviousKey` chain.
+
+use std::collections::BTreeMap;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
+use super::rights::Rights;
 use crate::capsule::{AppendOptions, Capsule};
-use crate::crypto::aead::ContentKey;
+use crate::crypto::aead::{self, ContentKey};
 use crate::crypto::keys::Identity;
 use crate::crypto::wrap::{self, WRAPPED_LEN};
 use crate::record::codec::{self, Canonical, DecodeError, FORMAT_VERSION};
-use crate::record::{KeyGen, RecordHash, RecordKind, SubIdx, WriterId};
-use crate::{Error, Result, VerifyError};
+use crate::record::{DeviceId, KeyGen, RecordHash, RecordKind, Seq, WriterId};
+use crate::{Error, Result};
 
 /// The first generation of a capsule's content key.
 pub const FIRST_GENERATION: KeyGen = KeyGen(1);
+/// Most devices a revocation names.
+const MAX_DEVICES: usize = 4096;
 
 /// Massolit's levels: each includes the rights of those below it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, BorshSerialize, BorshDeserialize)]
@@ -45,6 +52,13 @@ pub enum MembershipEntry {
     WrappedKey { generation: KeyGen, member: WriterId, wrapped: [u8; WRAPPED_LEN] },
     /// `member` holds `level` from this record on.
     Grant { member: WriterId, level: Level },
+    /// `member` holds no level from this record on. `seen` is, per device, the highest
+    /// sequence number of theirs the revoker held: their records past it are refused
+    /// everywhere once this entry is known (the cut-off; a device not named had none).
+    Revoke { member: WriterId, seen: Vec<(DeviceId, Seq)> },
+    /// Generation `generation - 1` of the content key sealed under generation `generation`
+    /// (`aead::seal_previous`): who holds a generation opens the ones before it.
+    PreviousKey { generation: KeyGen, sealed: Vec<u8> },
 }
 
 /// One entry as stored: a version byte, then the entry.
@@ -59,9 +73,23 @@ impl Canonical for StoredEntry {
         if self.version != FORMAT_VERSION {
             return Err(DecodeError::UnknownVersion(self.version));
         }
-        match self.entry {
+        match &self.entry {
             MembershipEntry::WrappedKey { generation: KeyGen(0), .. } => {
                 Err(DecodeError::NonCanonical("key generations start at 1"))
+            }
+            MembershipEntry::PreviousKey { generation, sealed } => {
+                if generation.0 < 2 || sealed.len() != 32 + aead::SEAL_OVERHEAD {
+                    return Err(DecodeError::NonCanonical(
+                        "a previous key is one sealed 32-byte key, from generation 2",
+                    ));
+                }
+                Ok(())
+            }
+            MembershipEntry::Revoke { seen, .. } => {
+                if seen.len() > MAX_DEVICES || !seen.windows(2).all(|w| w[0].0 < w[1].0) {
+                    return Err(DecodeError::NonCanonical("a revocation names each device once, in order"));
+                }
+                Ok(())
             }
             MembershipEntry::WrappedKey { .. } | MembershipEntry::Grant { .. } => Ok(()),
         }
@@ -100,85 +128,155 @@ fn append_entries(capsule: &Capsule, signer: &Identity, entries: &[MembershipEnt
     capsule.append(signer, &payloads, opts)
 }
 
-/// One membership record made by an admin (as the metadata names them): its hash, its
-/// writer, and its entries, read through proofs.
-pub struct AdminRecord {
-    pub record: RecordHash,
-    pub writer: WriterId,
-    pub entries: Vec<MembershipEntry>,
+/// The generations of the content key one identity can open.
+#[derive(Clone, Default)]
+pub struct KeyRing {
+    /// Per generation, every key found for it (two admins who rotate at once make two keys
+    /// of one generation; a payload opens with the one its writer used).
+    by_generation: BTreeMap<KeyGen, Vec<ContentKey>>,
 }
 
-/// The membership records of a capsule: those by admins, which count, and those by anyone
-/// else, which are kept (they are valid records) but never applied.
-pub struct Changelog {
-    pub by_admins: Vec<AdminRecord>,
-    pub ignored: Vec<(RecordHash, WriterId)>,
-}
-
-/// Reads every membership record. A record that fails its own check cannot say what it
-/// holds: it is left out (logged), not fatal, so one damaged data record does not lock the
-/// owner out of the whole capsule.
-pub fn changelog(capsule: &Capsule) -> Result<Changelog> {
-    let mut log = Changelog { by_admins: Vec::new(), ignored: Vec::new() };
-    for entry in capsule.intact_log("keystore")? {
-        let (h, record) = entry?;
-        let header = &record.header;
-        if header.kind != RecordKind::Membership {
-            continue;
-        }
-        if !capsule.metadata().is_admin(&header.writer) {
-            log.ignored.push((h, header.writer));
-            continue;
-        }
-        let mut entries = Vec::new();
-        for idx in 0..header.sub_count {
-            let (bytes, _) = capsule.read_sub_record(h, SubIdx(idx))?;
-            entries.push(MembershipEntry::decode(bytes.get()).map_err(|source| VerifyError::MalformedSubRecord {
-                record: h,
-                idx: SubIdx(idx),
-                source,
-            })?);
-        }
-        log.by_admins.push(AdminRecord { record: h, writer: header.writer, entries });
+impl KeyRing {
+    /// The key new records are sealed with: the newest generation (of two made at once, the
+    /// one applied last).
+    pub fn current(&self) -> Option<&ContentKey> {
+        self.by_generation.values().next_back().and_then(|keys| keys.last())
     }
-    Ok(log)
-}
 
-/// The newest content key generation wrapped for `me` by an admin, read through proofs.
-pub fn content_key(capsule: &Capsule, me: &Identity) -> Result<ContentKey> {
-    let mut best: Option<(KeyGen, [u8; WRAPPED_LEN])> = None;
-    for entry in changelog(capsule)?.by_admins.into_iter().flat_map(|r| r.entries) {
-        if let MembershipEntry::WrappedKey { generation, member, wrapped } = entry
-            && member == me.writer()
-            && best.is_none_or(|(g, _)| generation > g)
-        {
-            best = Some((generation, wrapped));
+    /// The keys of `generation`.
+    pub fn get(&self, generation: KeyGen) -> &[ContentKey] {
+        self.by_generation.get(&generation).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn newest(&self) -> Option<KeyGen> {
+        self.by_generation.keys().next_back().copied()
+    }
+
+    fn add(&mut self, key: ContentKey) {
+        let keys = self.by_generation.entry(key.generation()).or_default();
+        if !keys.iter().any(|k| aead::same_key(k, &key)) {
+            keys.push(key);
         }
     }
-    let (generation, wrapped) = best.ok_or_else(|| {
-        Error::NotFound(format!(
+}
+
+impl From<ContentKey> for KeyRing {
+    /// A ring of one key (a capsule made here, before any rotation).
+    fn from(key: ContentKey) -> Self {
+        let mut ring = KeyRing::default();
+        ring.add(key);
+        ring
+    }
+}
+
+/// Every generation `me` can open in `rights`: the ones wrapped for it by admins, and those
+/// before each, through the `PreviousKey` chain.
+pub fn keyring_in(capsule: &Capsule, rights: &Rights, me: &Identity) -> KeyRing {
+    let mut ring = KeyRing::default();
+    for (generation, wrapped) in rights.wrapped_for(&me.writer()) {
+        match wrap::unwrap(wrapped, &capsule.id(), *generation, me) {
+            Ok(key) => ring.add(key),
+            Err(e) => tracing::warn!("a wrapped key of generation {} does not open: {e}", generation.0),
+        }
+    }
+    let mut generation = ring.newest();
+    while let Some(g) = generation.filter(|g| g.0 > 1) {
+        let opened: Vec<ContentKey> = ring
+            .get(g)
+            .iter()
+            .flat_map(|key| {
+                rights.previous_of(g).filter_map(|sealed| aead::open_previous(key, capsule.id(), sealed).ok())
+            })
+            .collect();
+        opened.into_iter().for_each(|k| ring.add(k));
+        generation = Some(KeyGen(g.0 - 1));
+    }
+    ring
+}
+
+/// The generations of the content key `me` can open, as of every membership record held.
+pub fn keyring(capsule: &Capsule, me: &Identity) -> Result<KeyRing> {
+    let ring = keyring_in(capsule, &*capsule.rights()?, me);
+    if ring.current().is_none() {
+        return Err(Error::NotFound(format!(
             "a content key for {:?} in capsule {:?} (is this identity a member? an admin gives \
-             read access with `capsulefs grant NAME {} --level read`)",
+             access with `capsulefs grant NAME {} --level read`)",
             me.writer(),
             capsule.id(),
             me.writer()
-        ))
-    })?;
-    wrap::unwrap(&wrapped, &capsule.id(), generation, me).map_err(|e| Error::Invalid(e.to_string()))
-}
-
-/// Grants `member` read access: a signed membership record by `admin` holding the grant and
-/// the current content key wrapped for the member. Returns the record.
-pub fn grant_read(capsule: &Capsule, admin: &Identity, member: &WriterId) -> Result<RecordHash> {
-    if !capsule.metadata().is_admin(&admin.writer()) {
-        return Err(Error::Invalid(format!(
-            "granting access to capsule {:?}: {:?} is not one of its admins, and only an admin may grant \
-             (sign with an admin's key: --key NAME)",
-            capsule.id(),
-            admin.writer()
         )));
     }
-    let key = content_key(capsule, admin)?;
-    let grant = MembershipEntry::Grant { member: *member, level: Level::Read };
-    append_entries(capsule, admin, &[grant, wrapped_for(capsule, &key, member)?])
+    Ok(ring)
+}
+
+/// The newest generation of the content key `me` can open.
+pub fn content_key(capsule: &Capsule, me: &Identity) -> Result<ContentKey> {
+    Ok(keyring(capsule, me)?.current().expect("keyring has one").clone())
+}
+
+/// Refuses a change `admin` lacks the level for, saying which level it takes.
+fn check_level(
+    rights: &Rights,
+    admin: &Identity,
+    member: &WriterId,
+    to: Option<Level>,
+    capsule: &Capsule,
+) -> Result<()> {
+    match rights.needed_to_change(member, to) {
+        None => Err(Error::Invalid("the capsule's creator stays its superadmin: nobody can change that".into())),
+        Some(needed) if rights.level(&admin.writer()).is_none_or(|l| l < needed) => Err(Error::Invalid(format!(
+            "changing {member} in capsule {:?} takes the {} level, and {:?} holds {} (sign with another \
+             key: --key NAME)",
+            capsule.id(),
+            needed.name(),
+            admin.writer(),
+            rights.level(&admin.writer()).map_or("none", Level::name)
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Grants `member` `level`: a signed membership record by `admin` with the grant and the
+/// newest content key wrapped for the member (every level reads). A writer lowered to read
+/// is revoked first, so that their records past what this machine holds are cut off.
+pub fn grant(capsule: &Capsule, admin: &Identity, member: &WriterId, level: Level) -> Result<RecordHash> {
+    let rights = capsule.rights()?;
+    check_level(&rights, admin, member, Some(level), capsule)?;
+    let key = keyring_in(capsule, &rights, admin)
+        .current()
+        .cloned()
+        .ok_or_else(|| Error::NotFound(format!("a content key for {:?} to hand on", admin.writer())))?;
+    let mut entries = Vec::new();
+    if rights.may_write(member) && level < Level::Write {
+        entries.push(MembershipEntry::Revoke { member: *member, seen: capsule.last_seqs_of(member)? });
+    }
+    entries.push(MembershipEntry::Grant { member: *member, level });
+    entries.push(wrapped_for(capsule, &key, member)?);
+    append_entries(capsule, admin, &entries)
+}
+
+/// Removes `member`: a signed membership record by `admin` with the revocation (cut off at
+/// the member's records this machine holds) and a new generation of the content key, wrapped
+/// for every remaining member, with the previous generation sealed under it.
+pub fn revoke(capsule: &Capsule, admin: &Identity, member: &WriterId) -> Result<RecordHash> {
+    let rights = capsule.rights()?;
+    if rights.level(member).is_none() {
+        return Err(Error::NotFound(format!("{member} among the members of capsule {:?}", capsule.id())));
+    }
+    check_level(&rights, admin, member, None, capsule)?;
+    let ring = keyring_in(capsule, &rights, admin);
+    let previous =
+        ring.current().ok_or_else(|| Error::NotFound(format!("a content key for {:?} to rotate", admin.writer())))?;
+    let next = ContentKey::generate(KeyGen(previous.generation().0 + 1));
+    let mut entries = vec![
+        MembershipEntry::Revoke { member: *member, seen: capsule.last_seqs_of(member)? },
+        MembershipEntry::PreviousKey {
+            generation: next.generation(),
+            sealed: aead::seal_previous(&next, previous, capsule.id()),
+        },
+    ];
+    for remaining in rights.members().filter(|m| m.key != *member) {
+        entries.push(wrapped_for(capsule, &next, &remaining.key)?);
+    }
+    append_entries(capsule, admin, &entries)
 }

@@ -93,6 +93,7 @@ fn reason(e: &Error) -> &'static str {
             }
             VerifyError::BadSignature { .. } => "bad_signature",
             VerifyError::UnauthorizedWriter { .. } => "unauthorized_writer",
+            VerifyError::Revoked { .. } => "revoked_writer",
             VerifyError::WrongCapsule { .. } => "wrong_capsule",
             VerifyError::UnknownParent { .. } => "unknown_parent",
             VerifyError::Unanchored { .. } => "unsigned_without_signed_descendant",

@@ -6,7 +6,7 @@
 use borsh::{BorshDeserialize, BorshSerialize};
 
 use super::verify::{check_record_bytes, check_record_claims};
-use crate::record::{CapsuleId, Metadata, Record};
+use crate::record::{CapsuleId, Record};
 use crate::{Fork, VerifyError};
 
 /// The encodings of two signed records (header and signature each) that share a writer,
@@ -28,9 +28,10 @@ impl ForkEvidence {
     }
 
     /// The fork it proves, if it proves one in `capsule`: both records well formed, of this
-    /// capsule, by a writer allowed to write, each signed by that writer, different, with one
-    /// writer, device and sequence number, in canonical order.
-    pub fn check(&self, capsule: CapsuleId, metadata: &Metadata) -> Result<Fork, VerifyError> {
+    /// capsule, each signed by its writer, different, with one writer, device and sequence
+    /// number, in canonical order. (Whether that writer is a member is the holder's question:
+    /// `Capsule::take_evidence`.)
+    pub fn check(&self, capsule: CapsuleId) -> Result<Fork, VerifyError> {
         let refuse = |why: &str| VerifyError::Metadata(format!("fork evidence refused: {why}"));
         if self.first.len() > MAX_RECORD_BYTES || self.second.len() > MAX_RECORD_BYTES {
             return Err(refuse("a record larger than any header"));
@@ -42,7 +43,7 @@ impl ForkEvidence {
             if record.signature.is_none() {
                 return Err(refuse("an unsigned record proves nothing of its writer"));
             }
-            check_record_claims(capsule, metadata, hash, &record)?;
+            check_record_claims(capsule, hash, &record)?;
             Ok((hash, record))
         };
         let ((h1, r1), (h2, r2)) = (decode(&self.first)?, decode(&self.second)?);

@@ -7,7 +7,7 @@ use super::cache::ProofCache;
 use crate::crypto::keys::Identity;
 use crate::crypto::sign::{self, TrustKey};
 use crate::record::merkle;
-use crate::record::{CapsuleId, Metadata, Payload, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
+use crate::record::{CapsuleId, Payload, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
 use crate::store::{CapsuleStore, Durability};
 use crate::{Result, VerifyError};
 
@@ -137,10 +137,11 @@ impl TrustState<'_> {
     }
 }
 
-/// Proves records and sub-records of one capsule: bytes from `source`, checked against the
-/// metadata's signatures and rights, the local `trust` state and earlier proofs in `cache`.
+/// Proves records and sub-records of one capsule: bytes from `source`, checked against
+/// signatures, the writers' rights `authority` gives, the local `trust` state and earlier
+/// proofs in `cache`.
 pub struct Prover<'a> {
-    pub metadata: &'a Metadata,
+    pub authority: &'a dyn Authority,
     pub source: &'a dyn RecordSource,
     pub trust: TrustState<'a>,
     pub cache: &'a ProofCache,
@@ -157,15 +158,13 @@ pub fn check_record_bytes(record: RecordHash, bytes: &[u8]) -> Result<Record, Ve
     Ok(parsed)
 }
 
-/// Checks what a record claims about itself: capsule, writer rights, signature.
-pub fn check_record_claims(
-    capsule: CapsuleId,
-    metadata: &Metadata,
-    record: RecordHash,
-    parsed: &Record,
-) -> Result<(), VerifyError> {
-    check_record_rights(capsule, metadata, record, &parsed.header)?;
+/// Checks what a record claims about itself that needs nothing else: its capsule and its
+/// signature. Its writer's rights depend on its parents (`Authority`).
+pub fn check_record_claims(capsule: CapsuleId, record: RecordHash, parsed: &Record) -> Result<(), VerifyError> {
     let h = &parsed.header;
+    if h.capsule != capsule {
+        return Err(VerifyError::WrongCapsule { record, capsule: h.capsule });
+    }
     if let Some(sig) = &parsed.signature
         && !sign::verify_record(&h.writer, &record, sig)
     {
@@ -174,21 +173,10 @@ pub fn check_record_claims(
     Ok(())
 }
 
-/// The claims of a record made on this machine, whose signature (if any) it has just made:
-/// the capsule and the writer's rights.
-pub fn check_record_rights(
-    capsule: CapsuleId,
-    metadata: &Metadata,
-    record: RecordHash,
-    h: &RecordHeader,
-) -> Result<(), VerifyError> {
-    if h.capsule != capsule {
-        return Err(VerifyError::WrongCapsule { record, capsule: h.capsule });
-    }
-    if !metadata.may_write(&h.writer) {
-        return Err(VerifyError::UnauthorizedWriter { record, writer: h.writer });
-    }
-    Ok(())
+/// Whether a record's writer was allowed to make it: the rights as of its parents, which the
+/// membership records among its ancestors set (`member::history`).
+pub trait Authority {
+    fn check_writer(&self, record: RecordHash, header: &RecordHeader) -> Result<()>;
 }
 
 impl Prover<'_> {
@@ -217,7 +205,8 @@ impl Prover<'_> {
                     let parsed = self.load(current)?;
                     let persisted = self.cache_use == CacheUse::MemoryAndStore && self.trust.is_proven(&current)?;
                     if !persisted {
-                        check_record_claims(self.trust.capsule, self.metadata, current, &parsed)?;
+                        check_record_claims(self.trust.capsule, current, &parsed)?;
+                        self.authority.check_writer(current, &parsed.header)?;
                     }
                     (Arc::new(parsed.header), parsed.signature, persisted)
                 }

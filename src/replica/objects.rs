@@ -269,8 +269,7 @@ impl<O: Objects + 'static> ObjectReplica<O> {
         Error::Replica(format!("{}: {what} is malformed (altered or truncated?)", self.objects.describe()))
     }
 
-    /// The signed metadata, which every statement is checked against; an error if the
-    /// replica does not hold the capsule.
+    /// The signed metadata; an error if the replica does not hold the capsule.
     fn held_metadata(&self) -> Result<&SignedMetadata> {
         self.signed_metadata()?
             .ok_or_else(|| Error::NotFound(format!("capsule {:?} in {}", self.capsule, self.objects.describe())))
@@ -305,24 +304,25 @@ impl<O: Objects + 'static> ObjectReplica<O> {
     /// Reads the statements of every device. A statement that does not verify is skipped
     /// with a warning: it cannot hide what valid ones name.
     fn refresh(&self) -> Result<()> {
-        let signed = self.held_metadata()?;
+        self.held_metadata()?;
         let mut index = self.index.lock().expect("no panics while locked");
         for name in self.objects.list(&self.key("heads"))? {
-            self.read_device(&name, signed, &mut index)?;
+            self.read_device(&name, &mut index)?;
         }
         index.read = true;
         Ok(())
     }
 
     /// Reads device `name`'s statement into `index` (its segments are read when needed); a
-    /// statement that does not verify is skipped with a warning.
-    fn read_device(&self, name: &str, signed: &SignedMetadata, index: &mut Index) -> Result<()> {
+    /// statement that does not verify is skipped with a warning. Whether its writer may write
+    /// is not asked here: writers are granted in the capsule's own records, and every record
+    /// a statement names is checked as it is taken.
+    fn read_device(&self, name: &str, index: &mut Index) -> Result<()> {
         let Some(bytes) = self.objects.get(&self.key(&format!("heads/{name}")))? else { return Ok(()) };
         match borsh::from_slice::<SignedStatement>(&bytes) {
             Ok(s)
                 if hex16(&s.statement.device) == name
                     && s.statement.capsule == self.capsule
-                    && signed.metadata.may_write(&s.statement.writer)
                     && sign::verify_heads(&s.statement.writer, &s.statement.digest(), &s.signature) =>
             {
                 index.state(s.statement);
@@ -607,7 +607,8 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
         let mut index = self.index.lock().expect("no panics while locked");
         let device = hex16(&pusher.device);
         // Another process of this device may have pushed since this one read the index.
-        self.read_device(&device, self.held_metadata()?, &mut index)?;
+        self.held_metadata()?;
+        self.read_device(&device, &mut index)?;
         let n = index.segments.get(&pusher.device).copied().unwrap_or(0);
         self.objects.put(&self.key(&format!("index/{device}/{n:016x}")), &borsh::to_vec(&nodes).expect("to memory"))?;
         let stored = nodes.len();

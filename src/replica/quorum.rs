@@ -177,7 +177,7 @@ impl Quorum {
         }
         // Forks new here: learned from evidence, or met as a replica's record was refused.
         for evidence in local.fork_evidence()? {
-            let fork = evidence.check(local.id(), local.metadata())?;
+            let fork = evidence.check(local.id())?;
             if !known_forks.contains(&(fork.writer, fork.device, fork.seq)) && !round.forks_learned.contains(&fork) {
                 round.forks_learned.push(fork);
             }

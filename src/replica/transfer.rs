@@ -43,6 +43,9 @@ pub struct Report {
     pub replica_heads: Vec<RecordHash>,
     /// Forks this capsule learned of from the replica's evidence.
     pub forks_learned: Vec<Fork>,
+    /// Records the replica offered that a revocation held here cuts off: kept out, the rest
+    /// taken.
+    pub revoked: Vec<RecordHash>,
 }
 
 /// Signed records of one writer's device that a replica lacks.
@@ -178,16 +181,20 @@ fn send(
 }
 
 /// Checks `bundle` as the record `expected` (if given) and stores it (without payloads only
-/// when `taking` headers); counts what it stored.
+/// when `taking` headers, and never a membership record's: the rights every later record is
+/// checked against are read from them); counts what it stored.
 fn take(
     local: &Capsule,
     remote: &dyn Replica,
-    bundle: Bundle,
+    mut bundle: Bundle,
     expected: Option<RecordHash>,
     taking: Take,
     report: &mut Report,
     progress: &dyn Progress,
 ) -> Result<()> {
+    if taking == Take::Headers && bundle.payloads.is_empty() {
+        bundle.payloads = membership_payloads(remote, &bundle.record)?;
+    }
     let incoming = if taking == Take::Headers && bundle.payloads.is_empty() {
         local.check_incoming_header(&bundle.record)?
     } else {
@@ -204,11 +211,40 @@ fn take(
         )));
     }
     report.bytes += bundle.size() as u64;
-    if let Ingested::Stored(_) = local.ingest_checked(incoming, Durability::Buffered)? {
-        report.records += 1;
+    let hash = incoming.hash();
+    match local.ingest_checked(incoming, Durability::Buffered) {
+        Ok(Ingested::Stored(_)) => report.records += 1,
+        Ok(_) => {}
+        Err(Error::Verify(e @ crate::VerifyError::Revoked { .. })) => {
+            if !report.revoked.contains(&hash) {
+                tracing::warn!("{}: kept out: {e}", remote.describe());
+                report.revoked.push(hash);
+            }
+        }
+        Err(e) => return Err(e),
     }
     progress.moved(report.records as u64, report.bytes);
     Ok(())
+}
+
+/// The payloads of `record` when it is a membership record (fetched from `remote`); none else.
+fn membership_payloads(remote: &dyn Replica, record: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let parsed = crate::record::Record::decode(record).map_err(crate::VerifyError::Undecodable)?;
+    let header = &parsed.header;
+    if header.kind != crate::record::RecordKind::Membership || header.sub_count == 0 {
+        return Ok(Vec::new());
+    }
+    let h = parsed.hash();
+    let run = remote.sub_record_run(h, crate::record::SubIdx(0), header.sub_count)?;
+    if run.len() != header.sub_count as usize {
+        return Err(Error::Replica(format!(
+            "{} holds {} of the {} entries of membership record {h:?}: pull it whole from another replica",
+            remote.describe(),
+            run.len(),
+            header.sub_count
+        )));
+    }
+    run.iter().enumerate().map(|(i, stored)| super::payload_of(h, crate::record::SubIdx(i as u32), stored)).collect()
 }
 
 /// What a pull takes of each record.

@@ -131,6 +131,38 @@ impl CapsuleStore {
         Ok(Some(u64::from_be_bytes(bytes)))
     }
 
+    /// A record's membership frontier as kept, MAC first (`member::history` checks it).
+    pub fn frontier(&self, h: &RecordHash) -> Result<Option<Vec<u8>>> {
+        self.kv.get(Cf::Frontiers, h.as_bytes())
+    }
+
+    /// The membership records stored, by hash.
+    pub fn memberships(&self) -> Result<Vec<RecordHash>> {
+        self.kv.scan(Cf::Memberships, &[], false)?.map(|e| hash_value(Cf::Memberships, &e?.0)).collect()
+    }
+
+    /// The highest sequence number stored of each of writer `w`'s devices.
+    pub fn last_seqs_of(&self, w: &WriterId) -> Result<Vec<(DeviceId, Seq)>> {
+        let mut last: Vec<(DeviceId, Seq)> = Vec::new();
+        for entry in self.kv.scan(Cf::Seqs, w.as_bytes(), false)? {
+            let key = entry?.0;
+            let (device, seq) = key
+                .get(32..SEQ_KEY_LEN)
+                .and_then(|t| {
+                    Some((
+                        DeviceId(t.get(..16)?.try_into().ok()?),
+                        Seq(u64::from_be_bytes(t.get(16..)?.try_into().ok()?)),
+                    ))
+                })
+                .ok_or_else(|| bad_index(Cf::Seqs, "short key"))?;
+            match last.last_mut() {
+                Some((d, s)) if *d == device => *s = seq,
+                _ => last.push((device, seq)),
+            }
+        }
+        Ok(last)
+    }
+
     pub fn record_at(&self, w: &WriterId, d: &DeviceId, seq: Seq) -> Result<Option<RecordHash>> {
         self.kv.get(Cf::Seqs, &seq_key(w, d, seq))?.map(|v| hash_value(Cf::Seqs, &v)).transpose()
     }
@@ -265,6 +297,14 @@ impl StoreBatch {
 
     pub fn put_sub_record(&mut self, h: &RecordHash, idx: SubIdx, bytes: Vec<u8>) {
         self.batch.put(Cf::Subs, sub_key(h, idx), bytes);
+    }
+
+    pub fn put_frontier(&mut self, h: &RecordHash, kept: Vec<u8>) {
+        self.batch.put(Cf::Frontiers, h.as_bytes().to_vec(), kept);
+    }
+
+    pub fn put_membership(&mut self, h: &RecordHash) {
+        self.batch.put(Cf::Memberships, h.as_bytes().to_vec(), Vec::new());
     }
 
     pub fn put_height(&mut self, h: &RecordHash, height: u64) {

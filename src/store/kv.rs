@@ -15,10 +15,12 @@ pub enum Cf {
     Attest,
     Evidence,
     Heights,
+    Frontiers,
+    Memberships,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 12] = [
         Cf::Meta,
         Cf::Records,
         Cf::Subs,
@@ -29,6 +31,8 @@ impl Cf {
         Cf::Attest,
         Cf::Evidence,
         Cf::Heights,
+        Cf::Frontiers,
+        Cf::Memberships,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +47,8 @@ impl Cf {
             Cf::Attest => "attest",
             Cf::Evidence => "evidence",
             Cf::Heights => "heights",
+            Cf::Frontiers => "frontiers",
+            Cf::Memberships => "memberships",
         }
     }
 }

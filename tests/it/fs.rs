@@ -245,7 +245,7 @@ fn a_payload_read_at_another_place_does_not_open() {
     fs.write(a, 0, b"alpha").unwrap();
     let h = commit(&mut fs);
     let key = content_key(&s.cap, &s.me).unwrap();
-    let sealed = Sealed { capsule: s.cap.clone(), key, cache: Default::default() };
+    let sealed = Sealed::new(s.cap.clone(), key.into());
     let at = Loc { record: h, idx: SubIdx(0) };
     assert_eq!(sealed.read(at, &sealed.place(SealedKind::Chunk, a, 0, 0)).unwrap().as_slice(), b"alpha");
     for wrong in [sealed.place(SealedKind::Chunk, a + 1, 0, 0), sealed.place(SealedKind::Chunk, a, CHUNK_SIZE, 0)] {

@@ -4,6 +4,7 @@ mod dag;
 mod encoding;
 mod fs;
 mod keystore;
+mod membership;
 mod merge;
 mod objects;
 mod replicas;

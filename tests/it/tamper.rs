@@ -212,7 +212,7 @@ fn a_reused_sequence_number_is_kept_as_evidence() {
 }
 
 #[test]
-fn fork_evidence_checks_with_the_metadata_alone_and_travels_between_replicas() {
+fn fork_evidence_checks_without_keys_and_travels_between_replicas() {
     use capsulefs::proof::fork::ForkEvidence;
     use capsulefs::replica::Replica;
     let f = fixture();
@@ -220,11 +220,11 @@ fn fork_evidence_checks_with_the_metadata_alone_and_travels_between_replicas() {
     let second = f.make(&f.other, 1, &[f.genesis()], &[b"second"], true);
     let (a, b) = (Record::decode(&first).unwrap(), Record::decode(&second).unwrap());
     let evidence = ForkEvidence::of(&a, &b);
-    let fork = evidence.check(f.cap.id(), f.cap.metadata()).unwrap();
+    let fork = evidence.check(f.cap.id()).unwrap();
     assert_eq!((fork.writer, fork.seq.0), (f.other.writer(), 1));
     // What does not prove a fork is refused: one record twice, the wrong order, another
     // number, an unsigned record, a signature by someone else, another capsule's metadata.
-    let refused = |e: &ForkEvidence| e.check(f.cap.id(), f.cap.metadata()).is_err();
+    let refused = |e: &ForkEvidence| e.check(f.cap.id()).is_err();
     assert!(refused(&ForkEvidence { first: first.clone(), second: first.clone() }));
     assert!(refused(&ForkEvidence { first: evidence.second.clone(), second: evidence.first.clone() }));
     let other_seq = Record::decode(&f.make(&f.other, 2, &[f.genesis()], &[b"x"], true)).unwrap();
@@ -235,7 +235,7 @@ fn fork_evidence_checks_with_the_metadata_alone_and_travels_between_replicas() {
     forged.signature = Some(sign::sign_record(f.owner.key(), &forged.hash()));
     assert!(refused(&ForkEvidence::of(&a, &forged)));
     let elsewhere = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("elsewhere", &f.owner), vec![]).unwrap();
-    assert!(evidence.check(elsewhere.id(), elsewhere.metadata()).is_err());
+    assert!(evidence.check(elsewhere.id()).is_err());
 
     // A replica takes it once, serves it, and a client learns it from there.
     f.cap.put_evidence(std::slice::from_ref(&evidence)).unwrap();
