@@ -11,12 +11,14 @@
 //! need `(n + 2B + 1) / 2` matching answers because its values are not self-verifying; we need
 //! none to match.
 //!
-//! A pull through a quorum (`Quorum::pull`) pulls from the first replica while asking the
-//! others for their heads, pulls from each that announced a record held nowhere here, then
+//! A pull through a quorum (`Quorum::pull`) pulls from the first replica (and asks it for its
+//! fork evidence) while asking the others for their heads, pulls from each that announced a record held nowhere here, then
 //! sends each replica that answered what it lacks (write-back), so one reader heals the set.
 
 use super::Replica;
-use super::transfer::{Progress, Report, learn_evidence, pass_evidence, pull, pull_announced, push};
+use super::transfer::{
+    Progress, Report, learn_evidence, pass_evidence, pull, pull_announced, push, take_evidence,
+};
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
 use crate::{Error, Fork, Result, VerifyError};
@@ -127,10 +129,14 @@ impl Quorum {
     pub fn pull(&self, local: &Capsule, progress: &dyn Progress) -> Result<Round> {
         let known_forks = local.forks()?;
         let (first, others) = self.members.split_first().expect("a policy has replicas");
-        let (first_pull, others_heads) = std::thread::scope(|s| {
+        // The first replica's fork evidence is asked alongside its pull: the pull usually
+        // brings records, and one more request after it was a fifth of a quorum pull's time.
+        let (first_pull, first_evidence, others_heads) = std::thread::scope(|s| {
             let asked: Vec<_> = others.iter().map(|m| s.spawn(|| m.heads())).collect();
+            let evidence = s.spawn(|| first.evidence());
             let first_pull = pull(local, &**first, progress);
-            (first_pull, asked.into_iter().map(|t| t.join().expect("a replica call panicked")).collect::<Vec<_>>())
+            let heads = asked.into_iter().map(|t| t.join().expect("a replica call panicked")).collect::<Vec<_>>();
+            (first_pull, evidence.join().expect("a replica call panicked"), heads)
         });
         let mut announced = vec![first_pull.as_ref().map(|r| r.replica_heads.clone()).map_err(|e| e.to_string())];
         let mut outcomes = vec![Outcome::new(&**first, first_pull)];
@@ -147,12 +153,15 @@ impl Quorum {
         // A replica that announced exactly the heads held now lacks nothing; the others are
         // asked, all at once, and sent what they lack.
         let held = local.heads()?;
-        let lacking = self.each(|i, m| match &announced[i] {
-            Ok(heads) if *heads != held && round.outcomes[i].transfer.is_ok() => {
-                m.missing(&held).map(|missing| !missing.is_empty()).unwrap_or(false)
-            }
-            _ => false,
-        });
+        let behind: Vec<bool> = (0..self.members.len())
+            .map(|i| round.outcomes[i].transfer.is_ok() && announced[i].as_ref().is_ok_and(|heads| *heads != held))
+            .collect();
+        // Threads only when some replica is to be asked: spawning four was a tenth of a pull.
+        let lacking = if behind.contains(&true) {
+            self.each(|i, m| behind[i] && m.missing(&held).map(|missing| !missing.is_empty()).unwrap_or(false))
+        } else {
+            vec![false; self.members.len()]
+        };
         for ((outcome, member), lacks) in round.outcomes.iter_mut().zip(&self.members).zip(lacking) {
             if lacks {
                 outcome.written_back = Some(push(local, &**member, &()).map_err(|e| e.to_string()));
@@ -161,7 +170,11 @@ impl Quorum {
         // Fork evidence: learned from each replica that gave records or a forked branch (one
         // that gave nothing new is asked at a later pull that brings records), then, when this
         // capsule keeps any, passed on to every replica, so a fork one of them saw reaches all.
-        for (outcome, member) in round.outcomes.iter().zip(&self.members) {
+        match first_evidence {
+            Ok(evidence) => take_evidence(local, &**first, &evidence, &mut Report::default()),
+            Err(e) => tracing::warn!("asking {} for fork evidence: {e}", first.describe()),
+        }
+        for (outcome, member) in round.outcomes.iter().zip(&self.members).skip(1) {
             let gave = outcome.forked || outcome.transfer.as_ref().is_ok_and(|r| r.records > 0);
             if gave && let Err(e) = learn_evidence(local, &**member, &mut Report::default()) {
                 tracing::warn!("asking {} for fork evidence: {e}", outcome.replica);

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{Bundle, MAX_HASHES, Node, Replica, sketch};
 use crate::capsule::{Capsule, Ingested};
+use crate::proof::fork::ForkEvidence;
 use crate::record::{CapsuleId, DeviceId, Record, RecordHash, RecordHeader, Seq, WriterId};
 use crate::store::Durability;
 use crate::{Error, Fork, Result, VerifyError};
@@ -150,14 +151,19 @@ pub fn pass_evidence(local: &Capsule, remote: &dyn Replica, report: &mut Report)
 pub fn learn_evidence(local: &Capsule, remote: &dyn Replica, report: &mut Report) -> Result<()> {
     let evidence = remote.evidence()?;
     report.round_trips += 1;
-    for e in &evidence {
+    take_evidence(local, remote, &evidence, report);
+    Ok(())
+}
+
+/// Keeps the fork evidence `remote` gave, each piece once it checks.
+pub fn take_evidence(local: &Capsule, remote: &dyn Replica, evidence: &[ForkEvidence], report: &mut Report) {
+    for e in evidence {
         match local.take_evidence(e) {
             Ok(Some(fork)) => report.forks_learned.push(fork),
             Ok(None) => {}
             Err(err) => tracing::warn!("{} sent fork evidence that does not check: {err}", remote.describe()),
         }
     }
-    Ok(())
 }
 
 /// Puts `batch` to `remote`; `settles` as `Replica::put` takes it.
