@@ -7,7 +7,7 @@ use std::sync::Arc;
 use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::member::{self, Level, MembershipEntry};
-use capsulefs::record::RecordKind;
+use capsulefs::record::{KeyGen, RecordKind};
 use capsulefs::replica::transfer::pull;
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
@@ -98,7 +98,7 @@ fn rights_are_those_as_of_the_parents_not_of_what_arrived_since() {
 
 #[test]
 fn a_revoked_writers_later_records_are_refused_and_the_key_rotates_for_the_rest() {
-    let t = team(2);
+    let t = team(3);
     let (bob, carol) = (&t.people[0], &t.people[1]);
     member::grant(&t.first, &t.alice, &bob.writer(), Level::Write).unwrap();
     member::grant(&t.first, &t.alice, &carol.writer(), Level::Read).unwrap();
@@ -120,8 +120,13 @@ fn a_revoked_writers_later_records_are_refused_and_the_key_rotates_for_the_rest(
     // A new generation, wrapped for alice and carol, opens the old one too; bob has none.
     let ring = member::keyring(&t.first, carol).unwrap();
     assert_eq!(ring.newest().map(|g| g.0), Some(2));
-    assert_eq!(ring.get(capsulefs::record::KeyGen(1)).len(), 1, "the previous generation opens from the new one");
+    assert_eq!(ring.get(KeyGen(1)).len(), 1, "the previous generation opens from the new one");
     assert_eq!(member::keyring(&t.first, bob).unwrap().newest().map(|g| g.0), Some(1));
+    // Someone added after the rotation reads the history before it too.
+    let dave = &t.people[2];
+    member::grant(&t.first, &t.alice, &dave.writer(), Level::Read).unwrap();
+    let ring = member::keyring(&t.first, dave).unwrap();
+    assert_eq!((ring.get(KeyGen(1)).len(), ring.get(KeyGen(2)).len()), (1, 1));
     // Granted again later, he writes again.
     member::grant(&t.first, &t.alice, &bob.writer(), Level::Write).unwrap();
     t.first.append(bob, &[b"welcome back"], opts).unwrap();
