@@ -29,6 +29,7 @@ use super::limits::{Bounded, PeerAddr, PerPeer};
 use super::protocol::{self, WalkRequest};
 use super::tls;
 use crate::capsule::Capsule;
+use crate::crypto::sign::TrustKey;
 use crate::member::name::{NameBinding, check_name};
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
@@ -75,6 +76,9 @@ struct Metrics {
 
 struct Server {
     dir: PathBuf,
+    /// Authenticates what the capsules keep of their proofs and membership frontiers
+    /// (`<store>/keys/local-trust.secret`), so a restart does not prove everything again.
+    trust: TrustKey,
     capsules: Mutex<HashMap<CapsuleId, Arc<Capsule>>>,
     metrics: Metrics,
     /// Set when records arrive, so the peers hear of them without waiting a whole round.
@@ -138,6 +142,10 @@ fn decode<T: borsh::BorshDeserialize>(body: &[u8]) -> Result<T> {
 }
 
 impl Server {
+    fn open_store(&self, path: &Path) -> Result<Capsule> {
+        Ok(Capsule::open(Arc::new(RocksKv::open(path, false)?), Vec::new())?.with_trust_key(self.trust.clone()))
+    }
+
     fn store_path(&self, id: &CapsuleId) -> PathBuf {
         self.dir.join("capsules").join(id.to_hex()).join("store")
     }
@@ -207,7 +215,7 @@ impl Server {
         if !path.exists() {
             return Ok(None);
         }
-        let capsule = Arc::new(Capsule::open(Arc::new(RocksKv::open(&path, false)?), Vec::new())?);
+        let capsule = Arc::new(self.open_store(&path)?);
         if capsule.id() != id {
             return Err(crate::StoreError::Corrupted(format!("{} holds {:?}", path.display(), capsule.id())).into());
         }
@@ -303,7 +311,7 @@ impl Server {
             }
         }
         std::fs::rename(&staging, parent).map_err(|e| Error::io(parent, e))?;
-        let capsule = Arc::new(Capsule::open(Arc::new(RocksKv::open(&path, false)?), Vec::new())?);
+        let capsule = Arc::new(self.open_store(&path)?);
         open.insert(id, capsule);
         tracing::info!("now holding capsule {id:?}");
         Ok(())
@@ -624,8 +632,10 @@ async fn shutdown_signal() {
 /// accepts connections.
 pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     std::fs::create_dir_all(config.store.join("capsules")).map_err(|e| Error::io(&config.store, e))?;
+    let trust = crate::crypto::keys::Keyring::load(&config.store.join("keys"))?.trust_key()?;
     let server = Arc::new(Server {
         dir: config.store.clone(),
+        trust,
         capsules: Mutex::default(),
         metrics: Metrics::default(),
         news: Default::default(),

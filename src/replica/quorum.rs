@@ -16,9 +16,7 @@
 //! sends each replica that answered what it lacks (write-back), so one reader heals the set.
 
 use super::Replica;
-use super::transfer::{
-    Progress, Report, learn_evidence, pass_evidence, pull, pull_announced, push, take_evidence,
-};
+use super::transfer::{Progress, Report, learn_evidence, pass_evidence, pull, pull_announced, push, take_evidence};
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
 use crate::{Error, Fork, Result, VerifyError};
