@@ -45,7 +45,6 @@ struct Inner {
     rights: LruCache<Vec<RecordHash>, Arc<Rights>>,
     /// Revocations applied by the membership records held; None until first read.
     revocations: Option<Vec<Revocation>>,
-    loading: bool,
 }
 
 pub struct History {
@@ -62,7 +61,6 @@ impl Default for History {
                 entries: HashMap::new(),
                 rights: LruCache::new(n(RIGHTS_REMEMBERED)),
                 revocations: None,
-                loading: false,
             }),
         }
     }
@@ -339,30 +337,18 @@ impl History {
         Ok(rights.revocations.split_off(before))
     }
 
-    /// Every revocation applied by a membership record held here. While they are first read
-    /// (which proves membership records, asking this again) the ones read so far count.
+    /// Every revocation applied by a membership record held here, read once. Only inserts
+    /// ask (under the capsule's write lock, so one at a time, and `stored` adds to them
+    /// under it too); the proofs that reading them makes do not.
     fn revocations(&self, capsule: &Capsule) -> Result<Vec<Revocation>> {
-        {
-            let mut inner = self.lock();
-            if let Some(known) = &inner.revocations {
-                return Ok(known.clone());
-            }
-            if inner.loading {
-                return Ok(Vec::new());
-            }
-            inner.loading = true;
+        if let Some(known) = &self.lock().revocations {
+            return Ok(known.clone());
         }
         let mut known = Vec::new();
-        let read: Result<()> = (|| {
-            for m in capsule.store().memberships()? {
-                known.extend(self.revocations_in(capsule, m)?);
-            }
-            Ok(())
-        })();
-        let mut inner = self.lock();
-        inner.loading = false;
-        read?;
-        inner.revocations = Some(known.clone());
+        for m in capsule.store().memberships()? {
+            known.extend(self.revocations_in(capsule, m)?);
+        }
+        self.lock().revocations = Some(known.clone());
         Ok(known)
     }
 }
