@@ -219,3 +219,22 @@ fn two_servers_hiding_a_commit_cannot_make_a_reader_take_the_stale_state_for_the
     assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 4 replicas answered"), "{out:?}");
 }
+
+#[test]
+fn a_mount_says_when_fewer_replicas_answer_than_a_read_quorum() {
+    let home = Home::default();
+    let (_, mut servers) = four_servers(&home);
+    let Some(m) = super::Mounted::new(&home, "c", &[]) else { return };
+    super::write_fsynced(&m.path("a.txt"), b"on four servers");
+    let status = || std::fs::read_to_string(m.path(".capsule/status")).unwrap();
+    super::background::eventually("all four answer", || {
+        status().contains("read_quorum: 4 of 4 replicas answer, a read needs 3")
+    });
+    assert!(!status().contains("ALARM"), "{}", status());
+    // One down is within the policy; two are not.
+    let _one = servers.pop().unwrap().kill();
+    super::background::eventually("three answer", || status().contains("read_quorum: 3 of 4"));
+    assert!(!status().contains("ALARM"), "{}", status());
+    let _two = servers.pop().unwrap().kill();
+    super::background::eventually("the alarm", || status().contains("ALARM: only 2 of 4 replicas answer"));
+}

@@ -242,6 +242,10 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
         CapsuleFs::new(shared.clone(), &capsule.metadata().params).with_ttl(Duration::from_secs(a.attr_ttl));
     if let Some(background) = &background {
         adapter = adapter.with_replicas(background.status.clone());
+        let faulty = home.replica_policy(&capsule.id())?;
+        if faulty > 0 {
+            adapter = adapter.with_read_quorum(background.status.replicas().len().saturating_sub(faulty));
+        }
     }
     if a.replicated_fsync {
         let Some(background) = &background else {

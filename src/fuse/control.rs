@@ -168,6 +168,9 @@ pub struct Status {
     pub replicated: Option<(usize, usize)>,
     /// Forks this capsule keeps evidence of: (writer, device, seq), each once.
     pub forks: Vec<(WriterId, DeviceId, Seq)>,
+    /// With a replica policy: replicas answering the background pulls, of how many, and how
+    /// many a read quorum needs.
+    pub read_quorum: Option<(usize, usize, usize)>,
     /// The newest generation of the content key this mount holds, and the capsule's newest.
     pub key_generations: (KeyGen, Option<KeyGen>),
 }
@@ -179,6 +182,18 @@ fn hit_rate(s: CacheStats) -> String {
 }
 
 impl Status {
+    fn render_read_quorum(&self) -> String {
+        let Some((answering, of, needed)) = self.read_quorum else { return String::new() };
+        let mut lines = format!("read_quorum: {answering} of {of} replicas answer, a read needs {needed}\n");
+        if answering < needed {
+            lines += &format!(
+                "ALARM: only {answering} of {of} replicas answer, fewer than a read quorum ({needed}): a newer state \
+                 the others hold may not be shown; bring them back, or lower `capsulefs replica policy --faulty`\n"
+            );
+        }
+        lines
+    }
+
     fn render_keys(&self) -> String {
         let (held, newest) = self.key_generations;
         let mut lines = format!("content_key: generation {} held, newest {}\n", held.0, newest.map_or(held.0, |g| g.0));
@@ -213,6 +228,7 @@ impl Status {
                 .replicated
                 .map(|(held, of)| format!("replicated: {held} of {of} replicas hold every commit made here\n"))
                 .unwrap_or_default()
+            + &self.render_read_quorum()
             + &self.render_keys()
             + &self
                 .forks

@@ -70,6 +70,8 @@ pub struct CapsuleFs {
     /// `--replicated-fsync`: fsync returns once this many replicas hold the commit, or fails
     /// with EIO after waiting this long.
     replicated_fsync: Option<(usize, Duration)>,
+    /// With a replica policy: how many replicas a read quorum is.
+    read_quorum: Option<usize>,
 }
 
 fn system_time(t: Time) -> SystemTime {
@@ -179,6 +181,7 @@ impl CapsuleFs {
             next_handle: AtomicU64::new(1),
             replicas: None,
             replicated_fsync: None,
+            read_quorum: None,
             ttl: TTL,
         }
     }
@@ -205,6 +208,12 @@ impl CapsuleFs {
             wait.as_secs()
         );
         Err(Error::Replica(format!("the commit reached {held} replicas, {needed} needed")))
+    }
+
+    /// Shows in `.capsule/status` whether `needed` replicas answer the background pulls.
+    pub fn with_read_quorum(mut self, needed: usize) -> Self {
+        self.read_quorum = Some(needed);
+        self
     }
 
     /// Lets the kernel keep names and attributes for `ttl` instead of `TTL`.
@@ -279,6 +288,10 @@ impl CapsuleFs {
             history_views: self.views().open_count(),
             replicas: self.replicas.as_ref().map(SyncStatus::replicas).unwrap_or_default(),
             replicated: self.replicas.as_ref().map(|r| (r.holding(fs.capsule().records_stored()), r.replicas().len())),
+            read_quorum: self.read_quorum.zip(self.replicas.as_ref()).map(|(needed, r)| {
+                let all = r.replicas();
+                (all.iter().filter(|s| s.reachable == Some(true)).count(), all.len(), needed)
+            }),
             forks: fs.capsule().forks().unwrap_or_else(|e| {
                 tracing::warn!("reading the fork evidence for .capsule/status: {e}");
                 Vec::new()
