@@ -183,16 +183,15 @@ fn three_people_share_a_capsule_and_a_revocation_locks_one_out_of_what_follows()
 
     // Carol reads bob's file; she writes nothing, in a mount or with `append`.
     carol.ok(&["pull", "c"]);
-    {
-        let Some(c) = Mounted::new(&carol, "c", &["--no-sync"]) else { return };
-        assert_eq!(fs::read(c.path("bob.txt")).unwrap(), b"bob's notes");
-        let err = fs::write(c.path("carol.txt"), b"x").unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    }
     let note = carol.file("note", b"carol was here");
     let refused = carol.run(&["append", "c", note.to_str().unwrap()]);
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("did not hold the write level"), "{refused:?}");
+    // Her mount stays up, syncing, through what follows.
+    let Some(c) = Mounted::new(&carol, "c", &[]) else { return };
+    assert_eq!(fs::read(c.path("bob.txt")).unwrap(), b"bob's notes");
+    let err = fs::write(c.path("carol.txt"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
 
     // Alice removes carol: a new key generation, taken by both live mounts.
     alice.ok(&["revoke", "c", &carol_key]);
@@ -209,6 +208,19 @@ fn three_people_share_a_capsule_and_a_revocation_locks_one_out_of_what_follows()
     eventually("alice's mount reads bob's newer file", || {
         fs::read(a.path("bob2.txt")).is_ok_and(|c| c == b"bob after the rotation")
     });
+
+    // Carol's live mount stops at what she holds the key for, and says so.
+    eventually("carol's mount raises the alarm", || {
+        status(&c).contains("ALARM: the capsule's newer records are sealed")
+    });
+    let log = || fs::read_to_string(carol.path().join("logs/mount-c.log")).unwrap();
+    eventually("carol's mount meets the new generation", || {
+        log().contains("sealed under generation 2 of the content key")
+    });
+    assert!(log().contains("was removed from capsule"), "{}", log());
+    assert!(!c.path("after.txt").exists());
+    assert_eq!(fs::read(c.path("bob.txt")).unwrap(), b"bob's notes");
+    drop(c);
 
     // Carol still reads everything from before, and nothing after: her client says why.
     carol.ok(&["pull", "c"]);
