@@ -229,6 +229,9 @@ impl WriteState {
     }
 }
 
+/// Most records kept aside (`Capsule::set_aside`): a removed writer cannot fill the store.
+const MAX_ASIDE: usize = 1024;
+
 pub struct Capsule {
     id: CapsuleId,
     signed: SignedMetadata,
@@ -577,7 +580,13 @@ impl Capsule {
         let facts = &state.head_facts;
         let unread: Vec<RecordHash> = header.parents.iter().filter(|p| !facts.contains_key(p)).copied().collect();
         self.check_parents_known(h, &unread)?;
-        let frontier = self.history.check_writer(self, h, header, true)?;
+        let frontier = match self.history.check_writer(self, h, header, true) {
+            Err(e @ Error::Verify(VerifyError::Revoked { .. })) => {
+                self.keep_aside(h, &record)?;
+                return Err(e);
+            }
+            checked => checked?,
+        };
         if !past_last && let Some(first) = self.store.record_at(&header.writer, &header.device, header.seq)? {
             self.check_seq_entry(first, header)?;
             return Err(self.keep_evidence(first, h, &record)?);
@@ -613,6 +622,24 @@ impl Capsule {
         state.stored += 1;
         self.stored.notify_all();
         Ok(())
+    }
+
+    /// Keeps a record refused past its writer's revocation cut-off, as evidence of what the
+    /// removed writer tried (header and signature, not payloads); at most `MAX_ASIDE`.
+    fn keep_aside(&self, h: RecordHash, record: &Record) -> Result<()> {
+        let held = self.store.aside()?;
+        if held.len() >= MAX_ASIDE || held.iter().any(|(k, _)| *k == h) {
+            return Ok(());
+        }
+        let mut batch = self.store.batch();
+        batch.put_aside(&h, record.encode());
+        self.store.write(batch, Durability::Buffered)
+    }
+
+    /// The records kept aside: refused because their writers made them past the cut-off of
+    /// a revocation held here. Each checked against its hash.
+    pub fn set_aside(&self) -> Result<Vec<(RecordHash, Record)>> {
+        self.store.aside()?.into_iter().map(|(h, bytes)| Ok((h, check_record_bytes(h, &bytes)?))).collect()
     }
 
     /// How many records this process has stored in the capsule so far.

@@ -146,6 +146,16 @@ pub fn verify(home: &Home, a: VerifyArgs) -> anyhow::Result<()> {
     if report.not_held > 0 {
         println!("{} sub-records not held here (a sparse clone: fetched and proven when read)", report.not_held);
     }
+    for (h, record) in capsule.set_aside()? {
+        let header = &record.header;
+        eprintln!(
+            "capsulefs: warning: kept aside, not applied: {h} by {} (seq {} of device {}), made after their removal \
+             from the capsule",
+            header.writer,
+            header.seq.0,
+            hex::encode(header.device.0)
+        );
+    }
     // Evidence is kept only once it checked (signatures, one writer, device and number).
     match capsule.fork_evidence()?.first() {
         None => Ok(()),

@@ -136,6 +136,11 @@ impl CapsuleStore {
         self.kv.get(Cf::Frontiers, h.as_bytes())
     }
 
+    /// Records kept aside (refused past a revocation's cut-off), by hash, as they came.
+    pub fn aside(&self) -> Result<Vec<(RecordHash, Vec<u8>)>> {
+        self.kv.scan(Cf::Aside, &[], false)?.map(|e| e.and_then(|(k, v)| Ok((hash_value(Cf::Aside, &k)?, v)))).collect()
+    }
+
     /// The membership records stored, by hash.
     pub fn memberships(&self) -> Result<Vec<RecordHash>> {
         self.kv.scan(Cf::Memberships, &[], false)?.map(|e| hash_value(Cf::Memberships, &e?.0)).collect()
@@ -301,6 +306,10 @@ impl StoreBatch {
 
     pub fn put_frontier(&mut self, h: &RecordHash, kept: Vec<u8>) {
         self.batch.put(Cf::Frontiers, h.as_bytes().to_vec(), kept);
+    }
+
+    pub fn put_aside(&mut self, h: &RecordHash, record: Vec<u8>) {
+        self.batch.put(Cf::Aside, h.as_bytes().to_vec(), record);
     }
 
     pub fn put_membership(&mut self, h: &RecordHash) {

@@ -17,10 +17,11 @@ pub enum Cf {
     Heights,
     Frontiers,
     Memberships,
+    Aside,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 12] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Meta,
         Cf::Records,
         Cf::Subs,
@@ -33,6 +34,7 @@ impl Cf {
         Cf::Heights,
         Cf::Frontiers,
         Cf::Memberships,
+        Cf::Aside,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +51,7 @@ impl Cf {
             Cf::Heights => "heights",
             Cf::Frontiers => "frontiers",
             Cf::Memberships => "memberships",
+            Cf::Aside => "aside",
         }
     }
 }

@@ -117,6 +117,9 @@ fn a_revoked_writers_later_records_are_refused_and_the_key_rotates_for_the_rest(
     let refused =
         t.first.ingest(&bobs.record(late[0]).unwrap().encode(), &[b"after the cut-off"], Durability::Buffered);
     assert!(matches!(refused, Err(Error::Verify(VerifyError::Revoked { .. }))), "{refused:?}");
+    // Kept aside as evidence of what the removed writer tried, once.
+    let aside: Vec<_> = t.first.set_aside().unwrap().into_iter().map(|(h, r)| (h, r.header.writer)).collect();
+    assert_eq!(aside, vec![(late[0], bob.writer())]);
     // A new generation, wrapped for alice and carol, opens the old one too; bob has none.
     let ring = member::keyring(&t.first, carol).unwrap();
     assert_eq!(ring.newest().map(|g| g.0), Some(2));
