@@ -270,3 +270,26 @@ fn three_people_share_a_capsule_and_a_revocation_locks_one_out_of_what_follows()
 fn last(out: &str) -> String {
     out.lines().last().unwrap_or_default().to_owned()
 }
+
+#[test]
+fn a_revocation_made_through_a_mount_without_replicas_rotates_its_key_at_once() {
+    let alice = Home::default();
+    alice.ok(&["create", "c"]);
+    let carol = Home::default();
+    carol.ok(&["key", "new"]);
+    let carol_key = carol.ok(&["key", "show"]).trim().to_owned();
+    alice.ok(&["grant", "c", &carol_key, "--level", "read"]);
+    {
+        let Some(m) = Mounted::new(&alice, "c", &["--no-sync"]) else { return };
+        write_fsynced(&m.path("before.txt"), b"generation 1");
+        let status = || fs::read_to_string(m.path(".capsule/status")).unwrap();
+        assert!(status().contains("content_key: generation 1 held, newest 1"), "{}", status());
+        alice.ok(&["revoke", "c", &carol_key]);
+        assert!(status().contains("content_key: generation 2 held, newest 2"), "{}", status());
+        write_fsynced(&m.path("after.txt"), b"generation 2");
+    }
+    // Both generations open after a remount.
+    let Some(m) = Mounted::new(&alice, "c", &["--read-only"]) else { return };
+    assert_eq!(fs::read(m.path("before.txt")).unwrap(), b"generation 1");
+    assert_eq!(fs::read(m.path("after.txt")).unwrap(), b"generation 2");
+}

@@ -237,7 +237,13 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let shared = Arc::new(RwLock::new(fs));
     // Set once the session exists; the follower tells the kernel through it what changed.
     let notifier = Arc::new(OnceLock::new());
-    let background = if syncing { background(home, &capsule, &me, &shared, &notifier)? } else { None };
+    // A change of membership, pulled or made here through the requests socket, may bring a
+    // new generation of the content key: the mount takes it at once.
+    let rekey: Arc<dyn Fn() + Send + Sync> = {
+        let (live, held, me, seen) = (shared.clone(), capsule.clone(), me.clone(), Arc::new(Mutex::new(None)));
+        Arc::new(move || take_new_keys(&live, &held, &me, &seen))
+    };
+    let background = if syncing { background(home, &capsule, &shared, &notifier, rekey.clone())? } else { None };
     let mut adapter =
         CapsuleFs::new(shared.clone(), &capsule.metadata().params).with_ttl(Duration::from_secs(a.attr_ttl));
     if let Some(background) = &background {
@@ -273,7 +279,9 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     // A writable mount holds the store: commands that append to it (a grant) ask it here.
     let requests = marker
         .as_ref()
-        .map(|_| super::requests::Requests::serve(entry.with_extension("sock"), home.root(), capsule.clone()))
+        .map(|_| {
+            super::requests::Requests::serve(entry.with_extension("sock"), home.root(), capsule.clone(), rekey.clone())
+        })
         .transpose()?;
     println!("{READY}");
     std::io::stdout().flush()?;
@@ -375,9 +383,9 @@ struct Background {
 fn background(
     home: &Home,
     capsule: &Arc<Capsule>,
-    me: &Identity,
     live: &Arc<RwLock<Fs>>,
     notifier: &Arc<OnceLock<Notifier>>,
+    rekey: Arc<dyn Fn() + Send + Sync>,
 ) -> anyhow::Result<Option<Background>> {
     let (mut urls, mut pushing, mut pulling) = (Vec::new(), Vec::new(), Vec::new());
     for url in home.replicas(&capsule.id())? {
@@ -394,10 +402,9 @@ fn background(
         return Ok(None);
     }
     let status = SyncStatus::new(urls);
-    let (live, notifier, held, me) = (live.clone(), notifier.clone(), capsule.clone(), me.clone());
-    let rights_seen = Mutex::new(None);
+    let (live, notifier) = (live.clone(), notifier.clone());
     let arrived = Arc::new(move || {
-        take_new_keys(&live, &held, &me, &rights_seen);
+        rekey();
         follow_live(&live, notifier.get())
     });
     Ok(Some(Background {

@@ -35,8 +35,14 @@ pub struct Requests {
 }
 
 impl Requests {
-    /// Starts answering requests for `capsule` at `path`, with identities from `home`.
-    pub fn serve(path: PathBuf, home: &Path, capsule: Arc<Capsule>) -> anyhow::Result<Self> {
+    /// Starts answering requests for `capsule` at `path`, with identities from `home`;
+    /// `changed` runs after each change carried out (the mount takes new keys).
+    pub fn serve(
+        path: PathBuf,
+        home: &Path,
+        capsule: Arc<Capsule>,
+        changed: Arc<dyn Fn() + Send + Sync>,
+    ) -> anyhow::Result<Self> {
         let _ = std::fs::remove_file(&path); // left by a daemon that was killed
         let listener = UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
@@ -46,7 +52,10 @@ impl Requests {
         let thread = std::thread::Builder::new().name("capsulefs-requests".into()).spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => answer(stream, &home, &capsule),
+                    Ok((stream, _)) => {
+                        answer(stream, &home, &capsule);
+                        changed();
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
                     Err(e) => {
                         tracing::warn!("taking a request: {e}");
