@@ -436,8 +436,12 @@ fn take_new_keys(live: &RwLock<Fs>, capsule: &Capsule, me: &Identity, seen: &Mut
         );
     }
     let ring = keyring_in(capsule, &rights, me);
+    let mut fs = live.write().expect("no panics while locked");
+    if !rights.may_write(&me.writer()) {
+        fs.lose_writer();
+    }
     if ring.current().is_some() {
-        live.write().expect("no panics while locked").take_keys(ring);
+        fs.take_keys(ring);
     }
 }
 

@@ -366,6 +366,25 @@ impl Fs {
         Self::at(self.sealed.share(), None, record)
     }
 
+    /// Stops writing: the identity it wrote as no longer holds the write level. Changes not
+    /// yet committed cannot be (no record of theirs would be accepted): dropped, and the
+    /// bytes counted in the log.
+    pub fn lose_writer(&mut self) {
+        if self.writer.take().is_none() {
+            return;
+        }
+        self.sealer = None;
+        let lost = self.pending_bytes();
+        self.chunks.clear();
+        self.files.clear();
+        self.touched = false;
+        tracing::error!(
+            "this identity no longer holds the write level: the mount is read-only from now on (writes fail with \
+             EROFS){}",
+            if lost > 0 { format!("; {lost} bytes written since the last commit could not be committed") } else { String::new() }
+        );
+    }
+
     /// The newest generation of the content key this filesystem holds.
     pub fn sealing_key_generation(&self) -> crate::record::KeyGen {
         self.sealed.sealing_key().generation()
