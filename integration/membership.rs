@@ -293,3 +293,27 @@ fn a_revocation_made_through_a_mount_without_replicas_rotates_its_key_at_once() 
     assert_eq!(fs::read(m.path("before.txt")).unwrap(), b"generation 1");
     assert_eq!(fs::read(m.path("after.txt")).unwrap(), b"generation 2");
 }
+
+#[test]
+fn a_writer_removed_while_mounted_gets_a_read_only_mount() {
+    let server = Server::start();
+    let alice = Home::default();
+    alice.ok(&["create", "c"]);
+    alice.ok(&["replica", "add", "c", &server.url()]);
+    let bob = Home::default();
+    bob.ok(&["key", "new"]);
+    let bob_key = bob.ok(&["key", "show"]).trim().to_owned();
+    let token = last(&alice.ok(&["invite", "c", &bob_key, "--level", "write"]));
+    bob.ok(&["join", &token, "--name", "c"]);
+    let Some(b) = Mounted::new(&bob, "c", &[]) else { return };
+    write_fsynced(&b.path("mine.txt"), b"while a writer");
+    alice.ok(&["revoke", "c", &bob_key]);
+    alice.ok(&["push", "c"]);
+    let status = || fs::read_to_string(b.path(".capsule/status")).unwrap();
+    eventually("bob's mount turns read-only", || status().contains("mode: read-only"));
+    let err = fs::write(b.path("later.txt"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert_eq!(fs::read(b.path("mine.txt")).unwrap(), b"while a writer");
+    let log = fs::read_to_string(bob.path().join("logs/mount-c.log")).unwrap();
+    assert!(log.contains("no longer holds the write level"), "{log}");
+}

@@ -7,6 +7,7 @@ use clap::{Parser, ValueEnum};
 use capsulefs::Error;
 use capsulefs::member::{self, Invitation, Level};
 use capsulefs::record::{RecordHash, WriterId};
+use capsulefs::replica::transfer;
 
 use super::home::Home;
 use super::requests::Change;
@@ -75,13 +76,25 @@ pub struct RevokeArgs {
 }
 
 /// Appends a signed revocation with a new generation of the content key for the remaining
-/// members. Prints the record.
+/// members. Prints the record. Unmounted, it first pulls from the capsule's replicas, so that
+/// the cut-off covers the member's records they hold (a mount pulls in the background).
 pub fn revoke(home: &Home, a: RevokeArgs) -> anyhow::Result<()> {
-    let record = match super::mount::request_socket(home, &home.resolve(&a.name)?) {
+    let id = home.resolve(&a.name)?;
+    let record = match super::mount::request_socket(home, &id) {
         Some(socket) => super::requests::change_through(&socket, Change::Revoke, &a.pubkey, a.key.as_deref())?,
         None => {
             let admin = home.identity(a.key.as_deref(), false)?;
-            member::revoke(&home.open(&a.name)?, &admin, &a.pubkey)?
+            let capsule = home.open(&a.name)?;
+            for url in home.replicas(&id)? {
+                let pulled = home.replica(&url, &capsule).and_then(|r| Ok(transfer::pull(&capsule, &*r, &())?));
+                if let Err(e) = pulled {
+                    eprintln!(
+                        "capsulefs: warning: could not pull from {url} before revoking ({e:#}): records of the member \
+                         that only it holds fall past the cut-off"
+                    );
+                }
+            }
+            member::revoke(&capsule, &admin, &a.pubkey)?
         }
     };
     println!("{record}");

@@ -381,7 +381,11 @@ impl Fs {
         tracing::error!(
             "this identity no longer holds the write level: the mount is read-only from now on (writes fail with \
              EROFS){}",
-            if lost > 0 { format!("; {lost} bytes written since the last commit could not be committed") } else { String::new() }
+            if lost > 0 {
+                format!("; {lost} bytes written since the last commit could not be committed")
+            } else {
+                String::new()
+            }
         );
     }
 
