@@ -52,10 +52,7 @@ impl Requests {
         let thread = std::thread::Builder::new().name("capsulefs-requests".into()).spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => {
-                        answer(stream, &home, &capsule);
-                        changed();
-                    }
+                    Ok((stream, _)) => answer(stream, &home, &capsule, &*changed),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
                     Err(e) => {
                         tracing::warn!("taking a request: {e}");
@@ -78,9 +75,14 @@ impl Drop for Requests {
     }
 }
 
-fn answer(stream: UnixStream, home: &Home, capsule: &Capsule) {
+/// Carries out one request; `changed` runs before the answer, so that the command asking
+/// returns once the mount took the change in.
+fn answer(stream: UnixStream, home: &Home, capsule: &Capsule, changed: &dyn Fn()) {
     let reply = match read_request(&stream).and_then(|words| carry_out(&words, home, capsule)) {
-        Ok(record) => format!("ok {}\n", record.to_hex()),
+        Ok(record) => {
+            changed();
+            format!("ok {}\n", record.to_hex())
+        }
         Err(e) => format!("error {}\n", format!("{e:#}").replace('\n', " ")),
     };
     let _ = (&stream).write_all(reply.as_bytes());
