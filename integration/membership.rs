@@ -19,8 +19,7 @@ fn a_reader_granted_by_the_creator_reads_through_a_replica_and_cannot_write() {
     alice.ok(&["push", "c", &server.url()]);
     let alice_key = alice.ok(&["key", "show"]).trim().to_owned();
     let carol = Home::default();
-    carol.ok(&["key", "new"]);
-    let carol_key = carol.ok(&["key", "show"]).trim().to_owned();
+    let carol_key = new_key(&carol);
     assert_eq!(carol_key.len(), 64, "{carol_key}");
 
     // Before the grant carol's copy holds every record, and no key for her.
@@ -56,8 +55,7 @@ fn an_invitation_token_joins_and_mounts_and_one_naming_another_creator_is_refuse
     let alice = Home::default();
     let id = alice.ok(&["create", "c"]).trim().to_owned();
     let carol = Home::default();
-    carol.ok(&["key", "new"]);
-    let carol_key = carol.ok(&["key", "show"]).trim().to_owned();
+    let carol_key = new_key(&carol);
     // A token needs a replica to join through.
     let nowhere = alice.run(&["invite", "c", &carol_key, "--level", "read"]);
     assert_eq!(nowhere.status.code(), Some(5), "{nowhere:?}");
@@ -115,8 +113,7 @@ fn an_invitation_made_while_the_capsule_is_mounted_goes_through_the_mount() {
     alice.ok(&["create", "c"]);
     alice.ok(&["replica", "add", "c", &server.url()]);
     let carol = Home::default();
-    carol.ok(&["key", "new"]);
-    let carol_key = carol.ok(&["key", "show"]).trim().to_owned();
+    let carol_key = new_key(&carol);
     let Some(m) = Mounted::new(&alice, "c", &[]) else { return };
     write_fsynced(&m.path("hello.txt"), b"written in a mount that stays up");
     // The mount holds the store: the grant is appended by its daemon, and the invitation's
@@ -149,6 +146,12 @@ fn an_invitation_made_while_the_capsule_is_mounted_goes_through_the_mount() {
     );
 }
 
+/// A new identity in `home`: its public key, as `capsulefs key show` prints it.
+fn new_key(home: &Home) -> String {
+    home.ok(&["key", "new"]);
+    home.ok(&["key", "show"]).trim().to_owned()
+}
+
 /// One line of `capsulefs members`, for `key`.
 fn member_line(home: &Home, key: &str) -> Option<String> {
     home.ok(&["members", "c"]).lines().find(|l| l.starts_with(key)).map(str::to_owned)
@@ -161,11 +164,7 @@ fn three_people_share_a_capsule_and_a_revocation_locks_one_out_of_what_follows()
     alice.ok(&["create", "c"]);
     alice.ok(&["replica", "add", "c", &server.url()]);
     alice.ok(&["replica", "add", "c", &second.url()]);
-    let key_of = |h: &Home| {
-        h.ok(&["key", "new"]);
-        h.ok(&["key", "show"]).trim().to_owned()
-    };
-    let (bob_key, carol_key) = (key_of(&bob), key_of(&carol));
+    let (bob_key, carol_key) = (new_key(&bob), new_key(&carol));
     let Some(a) = Mounted::new(&alice, "c", &[]) else { return };
     write_fsynced(&a.path("plan.txt"), b"alice's plan");
     // Invitations go through alice's mount, which holds the store.
@@ -276,8 +275,7 @@ fn a_revocation_made_through_a_mount_without_replicas_rotates_its_key_at_once() 
     let alice = Home::default();
     alice.ok(&["create", "c"]);
     let carol = Home::default();
-    carol.ok(&["key", "new"]);
-    let carol_key = carol.ok(&["key", "show"]).trim().to_owned();
+    let carol_key = new_key(&carol);
     alice.ok(&["grant", "c", &carol_key, "--level", "read"]);
     {
         let Some(m) = Mounted::new(&alice, "c", &["--no-sync"]) else { return };
@@ -301,8 +299,7 @@ fn a_writer_removed_while_mounted_gets_a_read_only_mount() {
     alice.ok(&["create", "c"]);
     alice.ok(&["replica", "add", "c", &server.url()]);
     let bob = Home::default();
-    bob.ok(&["key", "new"]);
-    let bob_key = bob.ok(&["key", "show"]).trim().to_owned();
+    let bob_key = new_key(&bob);
     let token = last(&alice.ok(&["invite", "c", &bob_key, "--level", "write"]));
     bob.ok(&["join", &token, "--name", "c"]);
     let Some(b) = Mounted::new(&bob, "c", &[]) else { return };
