@@ -52,14 +52,15 @@ impl Sealed {
         self.keys().current().expect("checked when set").clone()
     }
 
-    /// Opens a payload of `at.record` with the key of the generation that record names.
+    /// Opens a payload of `at.record` with the key of `generation`, the one that record names
+    /// (its proof says which).
     fn open_with<R>(
         &self,
         at: Loc,
         place: &Place,
+        generation: KeyGen,
         mut open: impl FnMut(&ContentKey) -> std::result::Result<R, OpenError>,
     ) -> Result<R> {
-        let generation = self.capsule.proven_header(at.record)?.key_gen;
         let keys = self.keys();
         let candidates = keys.get(generation);
         if candidates.is_empty() {
@@ -90,8 +91,8 @@ impl Sealed {
         if let Some(plain) = self.cache.plain.get(at, place) {
             return Ok(plain);
         }
-        let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
-        let plain = Arc::new(self.open_with(at, place, |key| aead::open(key, place, sealed.get()))?);
+        let (sealed, proof) = self.capsule.read_sub_record(at.record, at.idx)?;
+        let plain = Arc::new(self.open_with(at, place, proof.key_gen, |key| aead::open(key, place, sealed.get()))?);
         self.cache.plain.insert(at, *place, plain.clone(), plain.len());
         Ok(plain)
     }
@@ -106,13 +107,16 @@ impl Sealed {
         let plain = match cached {
             Some(plain) => plain,
             None => {
-                let (sealed, _) = self.capsule.read_sub_record(at.record, at.idx)?;
+                let (sealed, proof) = self.capsule.read_sub_record(at.record, at.idx)?;
                 let len = sealed.get().len().saturating_sub(aead::SEAL_OVERHEAD);
+                let generation = proof.key_gen;
                 if len <= out.len() {
-                    self.open_with(at, place, |key| aead::open_into(key, place, sealed.get(), &mut out[..len]))?;
+                    self.open_with(at, place, generation, |key| {
+                        aead::open_into(key, place, sealed.get(), &mut out[..len])
+                    })?;
                     return Ok(len);
                 }
-                Arc::new(self.open_with(at, place, |key| aead::open(key, place, sealed.get()))?)
+                Arc::new(self.open_with(at, place, generation, |key| aead::open(key, place, sealed.get()))?)
             }
         };
         let len = plain.len().min(out.len());

@@ -7,7 +7,7 @@ use super::cache::ProofCache;
 use crate::crypto::keys::Identity;
 use crate::crypto::sign::{self, TrustKey};
 use crate::record::merkle;
-use crate::record::{CapsuleId, Payload, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
+use crate::record::{CapsuleId, KeyGen, Payload, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
 use crate::store::{CapsuleStore, Durability};
 use crate::{Result, VerifyError};
 
@@ -66,6 +66,8 @@ pub struct SubRecordProof {
     pub idx: SubIdx,
     pub count: u32,
     pub path_len: usize,
+    /// The content key generation the record names (what opens a sealed payload).
+    pub key_gen: KeyGen,
 }
 
 /// Which earlier proofs a prover may stop at.
@@ -311,6 +313,9 @@ impl Prover<'_> {
     ) -> Result<(Verified<Payload>, SubRecordProof)> {
         let verified = self.check_sub_record_of(record, header, idx, bytes)?;
         let path_len = merkle::path_len(idx.0, header.sub_count);
-        Ok((verified, SubRecordProof { record: proof, idx, count: header.sub_count, path_len }))
+        Ok((
+            verified,
+            SubRecordProof { record: proof, idx, count: header.sub_count, path_len, key_gen: header.key_gen },
+        ))
     }
 }
