@@ -195,16 +195,23 @@ impl SyncStatus {
     /// How many replicas hold every record this process had stored when it had stored `mark`
     /// (`Capsule::records_stored`).
     pub fn holding(&self, mark: u64) -> usize {
-        self.lock().iter().filter(|s| s.holds_through >= mark).count()
+        holding(&self.lock(), mark)
     }
 
     /// Waits until `needed` replicas hold what was stored up to `mark`, at most `wait`;
     /// whether they do.
     pub fn wait_replicated(&self, mark: u64, needed: usize, wait: Duration) -> bool {
-        let held = |all: &mut Vec<ReplicaStatus>| all.iter().filter(|s| s.holds_through >= mark).count() >= needed;
         let guard = self.lock();
-        let (mut guard, _) =
-            self.0.1.wait_timeout_while(guard, wait, |all| !held(all)).expect("no panics while locked");
-        held(&mut guard)
+        let (guard, _) = self
+            .0
+            .1
+            .wait_timeout_while(guard, wait, |all| holding(all, mark) < needed)
+            .expect("no panics while locked");
+        holding(&guard, mark) >= needed
     }
+}
+
+/// How many of `all` hold every record stored up to `mark`.
+fn holding(all: &[ReplicaStatus], mark: u64) -> usize {
+    all.iter().filter(|s| s.holds_through >= mark).count()
 }

@@ -79,6 +79,16 @@ fn seq_key(w: &WriterId, d: &DeviceId, seq: Seq) -> Vec<u8> {
 /// Bytes of a `seq_key`: writer, device, sequence number.
 const SEQ_KEY_LEN: usize = 32 + 16 + 8;
 
+/// Writer, device and sequence number from a key that starts with a `seq_key` (the seqs and
+/// evidence column families).
+fn seq_key_parts(cf: Cf, key: &[u8]) -> Result<(WriterId, DeviceId, Seq)> {
+    let short = || bad_index(cf, format!("a key shorter than {SEQ_KEY_LEN} bytes"));
+    let key = key.get(..SEQ_KEY_LEN).ok_or_else(short)?;
+    let writer = WriterId::from_slice(&key[..32]).map_err(|e| bad_index(cf, e))?;
+    let device = DeviceId(key[32..48].try_into().expect("length checked"));
+    Ok((writer, device, Seq(u64::from_be_bytes(key[48..].try_into().expect("length checked")))))
+}
+
 impl CapsuleStore {
     pub fn new(kv: Arc<dyn Kv>) -> Self {
         Self { kv }
@@ -150,16 +160,7 @@ impl CapsuleStore {
     pub fn last_seqs_of(&self, w: &WriterId) -> Result<Vec<(DeviceId, Seq)>> {
         let mut last: Vec<(DeviceId, Seq)> = Vec::new();
         for entry in self.kv.scan(Cf::Seqs, w.as_bytes(), false)? {
-            let key = entry?.0;
-            let (device, seq) = key
-                .get(32..SEQ_KEY_LEN)
-                .and_then(|t| {
-                    Some((
-                        DeviceId(t.get(..16)?.try_into().ok()?),
-                        Seq(u64::from_be_bytes(t.get(16..)?.try_into().ok()?)),
-                    ))
-                })
-                .ok_or_else(|| bad_index(Cf::Seqs, "short key"))?;
+            let (_, device, seq) = seq_key_parts(Cf::Seqs, &entry?.0)?;
             match last.last_mut() {
                 Some((d, s)) if *d == device => *s = seq,
                 _ => last.push((device, seq)),
@@ -175,12 +176,7 @@ impl CapsuleStore {
     /// The highest sequence number stored of writer `w`'s device `d`.
     pub fn last_seq(&self, w: &WriterId, d: &DeviceId) -> Result<Option<Seq>> {
         let Some(entry) = self.kv.scan(Cf::Seqs, &lane_key(w, d), true)?.next() else { return Ok(None) };
-        let key = entry?.0;
-        let tail: [u8; 8] = key
-            .get(SEQ_KEY_LEN - 8..)
-            .and_then(|t| t.try_into().ok())
-            .ok_or_else(|| bad_index(Cf::Seqs, "short key"))?;
-        Ok(Some(Seq(u64::from_be_bytes(tail))))
+        Ok(Some(seq_key_parts(Cf::Seqs, &entry?.0)?.2))
     }
 
     /// A note this machine keeps in the store under `name` (authenticated by the caller).
@@ -225,9 +221,7 @@ impl CapsuleStore {
                 if k.len() != SEQ_KEY_LEN + 32 {
                     return Err(bad_index(Cf::Evidence, format!("key is not {} bytes", SEQ_KEY_LEN + 32)));
                 }
-                let writer = WriterId::from_slice(&k[..32]).map_err(|e| bad_index(Cf::Evidence, e))?;
-                let device = DeviceId(k[32..48].try_into().expect("length checked"));
-                let seq = Seq(u64::from_be_bytes(k[48..SEQ_KEY_LEN].try_into().expect("length checked")));
+                let (writer, device, seq) = seq_key_parts(Cf::Evidence, &k)?;
                 let record = hash_value(Cf::Evidence, &k[SEQ_KEY_LEN..])?;
                 Ok(Evidence { writer, device, seq, record, record_bytes: v })
             })
