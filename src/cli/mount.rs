@@ -317,7 +317,7 @@ const CATCH_UP: Duration = Duration::from_secs(5);
 /// for at most `CATCH_UP`; those still running go on in the background. A store restored from
 /// an old backup thus takes its own device's later records first and numbers its next record
 /// after them, instead of signing a second record with a number it already used (a fork).
-fn catch_up(home: &Home, capsule: &Arc<Capsule>, me: &capsulefs::crypto::keys::Identity) {
+fn catch_up(home: &Home, capsule: &Arc<Capsule>, me: &Identity) {
     let urls = home.replicas(&capsule.id()).unwrap_or_default();
     let own_last = || {
         let device = capsule.device().ok()?;

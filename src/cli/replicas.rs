@@ -194,7 +194,7 @@ fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> a
                 (transfer::push(capsule, &*remote, &Bar::new(&format!("pushing to {url}"))), "pushing", "pushed", "to")
             }
             Way::Pull => (
-                pull_learning(capsule, &*remote, &Bar::new(&format!("pulling from {url}"))),
+                pull_learning(capsule, &*remote, Take::Whole, &Bar::new(&format!("pulling from {url}"))),
                 "pulling",
                 "pulled",
                 "from",
@@ -209,8 +209,8 @@ fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> a
 
 /// A pull, then the replica's fork evidence (one more request: library pulls, as a mount's,
 /// leave it out, since a bucket answers it with a listing).
-fn pull_learning(capsule: &Capsule, remote: &dyn Replica, bar: &Bar) -> capsulefs::Result<Report> {
-    let mut report = transfer::pull(capsule, remote, bar)?;
+fn pull_learning(capsule: &Capsule, remote: &dyn Replica, taking: Take, bar: &Bar) -> capsulefs::Result<Report> {
+    let mut report = transfer::pull_taking(capsule, remote, taking, bar)?;
     transfer::learn_evidence(capsule, remote, &mut report)?;
     Ok(report)
 }
@@ -451,10 +451,8 @@ fn clone_named(
     let (staging, kv) = home.staging_store()?;
     let capsule = Capsule::adopt(kv, id, &metadata, home.keyring()?.identities().to_vec())
         .with_context(|| format!("the metadata {url} sent"))?;
-    let mut report = transfer::pull_taking(&capsule, &*remote, taking, &Bar::new(&format!("cloning from {url}")))
+    let report = pull_learning(&capsule, &*remote, taking, &Bar::new(&format!("cloning from {url}")))
         .with_context(|| format!("pulling from {url}"))?;
-    transfer::learn_evidence(&capsule, &*remote, &mut report)
-        .with_context(|| format!("asking {url} for fork evidence"))?;
     drop(capsule);
     home.register(&name, &id, staging)?;
     home.set_replicas(&id, &[url.to_owned()])?;

@@ -44,7 +44,7 @@ struct Inner {
     entries: HashMap<RecordHash, Arc<Entries>>,
     rights: LruCache<Vec<RecordHash>, Arc<Rights>>,
     /// Revocations applied by the membership records held; None until first read.
-    revocations: Option<Vec<Revocation>>,
+    revocations: Option<Arc<Vec<Revocation>>>,
 }
 
 pub struct History {
@@ -89,7 +89,7 @@ impl History {
             tracing::warn!(?record, writer = %header.writer, "refused: its writer held {level} as of its parents, not write");
             return Err(VerifyError::UnauthorizedWriter { record, writer: header.writer }.into());
         }
-        let known = if cut_off { self.revocations(capsule)? } else { Vec::new() };
+        let known = if cut_off { self.revocations(capsule)? } else { Arc::default() };
         if let Some(r) = rights.refused_by(&known, record, &header.writer, &header.device, header.seq) {
             return Err(VerifyError::Revoked { record, writer: header.writer, revocation: r.record }.into());
         }
@@ -132,7 +132,7 @@ impl History {
         }
         let applied = self.revocations_in(capsule, record)?;
         let mut inner = self.lock();
-        let known = inner.revocations.get_or_insert_with(Vec::new);
+        let known = Arc::make_mut(inner.revocations.get_or_insert_with(Arc::default));
         for r in applied {
             if !known.iter().any(|k| k.record == r.record && k.member == r.member) {
                 known.push(r);
@@ -340,7 +340,7 @@ impl History {
     /// Every revocation applied by a membership record held here, read once. Only inserts
     /// ask (under the capsule's write lock, so one at a time, and `stored` adds to them
     /// under it too); the proofs that reading them makes do not.
-    fn revocations(&self, capsule: &Capsule) -> Result<Vec<Revocation>> {
+    fn revocations(&self, capsule: &Capsule) -> Result<Arc<Vec<Revocation>>> {
         if let Some(known) = &self.lock().revocations {
             return Ok(known.clone());
         }
@@ -348,6 +348,7 @@ impl History {
         for m in capsule.store().memberships()? {
             known.extend(self.revocations_in(capsule, m)?);
         }
+        let known = Arc::new(known);
         self.lock().revocations = Some(known.clone());
         Ok(known)
     }

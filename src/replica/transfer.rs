@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::{Bundle, MAX_HASHES, Node, Replica, sketch};
 use crate::capsule::{Capsule, Ingested};
 use crate::proof::fork::ForkEvidence;
-use crate::record::{CapsuleId, DeviceId, Record, RecordHash, RecordHeader, Seq, WriterId};
+use crate::record::{CapsuleId, DeviceId, Record, RecordHash, RecordHeader, RecordKind, Seq, SubIdx, WriterId};
 use crate::store::Durability;
 use crate::{Error, Fork, Result, VerifyError};
 
@@ -221,7 +221,7 @@ fn take(
     match local.ingest_checked(incoming, Durability::Buffered) {
         Ok(Ingested::Stored(_)) => report.records += 1,
         Ok(_) => {}
-        Err(Error::Verify(e @ crate::VerifyError::Revoked { .. })) => {
+        Err(Error::Verify(e @ VerifyError::Revoked { .. })) => {
             if !report.revoked.contains(&hash) {
                 tracing::warn!("{}: kept out: {e}", remote.describe());
                 report.revoked.push(hash);
@@ -235,13 +235,13 @@ fn take(
 
 /// The payloads of `record` when it is a membership record (fetched from `remote`); none else.
 fn membership_payloads(remote: &dyn Replica, record: &[u8]) -> Result<Vec<Vec<u8>>> {
-    let parsed = crate::record::Record::decode(record).map_err(crate::VerifyError::Undecodable)?;
+    let parsed = Record::decode(record).map_err(VerifyError::Undecodable)?;
     let header = &parsed.header;
-    if header.kind != crate::record::RecordKind::Membership || header.sub_count == 0 {
+    if header.kind != RecordKind::Membership || header.sub_count == 0 {
         return Ok(Vec::new());
     }
     let h = parsed.hash();
-    let run = remote.sub_record_run(h, crate::record::SubIdx(0), header.sub_count)?;
+    let run = remote.sub_record_run(h, SubIdx(0), header.sub_count)?;
     if run.len() != header.sub_count as usize {
         return Err(Error::Replica(format!(
             "{} holds {} of the {} entries of membership record {h:?}: pull it whole from another replica",
@@ -250,7 +250,7 @@ fn membership_payloads(remote: &dyn Replica, record: &[u8]) -> Result<Vec<Vec<u8
             header.sub_count
         )));
     }
-    run.iter().enumerate().map(|(i, stored)| super::payload_of(h, crate::record::SubIdx(i as u32), stored)).collect()
+    run.iter().enumerate().map(|(i, stored)| super::payload_of(h, SubIdx(i as u32), stored)).collect()
 }
 
 /// What a pull takes of each record.
