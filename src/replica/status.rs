@@ -36,7 +36,24 @@ pub struct ReplicaStatus {
     /// the background push sends them without waiting for the next commit.
     needs_push: bool,
     /// By writer and device, the highest signed sequence number it has been seen to hold.
-    held: HashMap<(WriterId, DeviceId), Seq>,
+    held: Seen,
+}
+
+/// By writer and device, the highest signed sequence number a replica was seen to hold.
+pub type Seen = HashMap<(WriterId, DeviceId), Seq>;
+
+/// What `lacks` (what a pull or push found a replica lacking) says of a replica that was
+/// seen holding `seen`: lacking a record at or below a number it held means it went back.
+pub fn rolled_back(lacks: &[Lacking], seen: &Seen) -> Option<String> {
+    let l = lacks.iter().find(|l| seen.get(&(l.writer, l.device)).is_some_and(|held| l.lowest <= *held))?;
+    Some(format!(
+        "rolled back: it lacks {} signed records of writer {} (device {}) from seq {}, though it held seq {} before",
+        l.count,
+        &l.writer.to_hex()[..12],
+        &hex::encode(l.device.0)[..8],
+        l.lowest.0,
+        seen[&(l.writer, l.device)].0
+    ))
 }
 
 /// Bytes as a person reads them: `512 B`, `12.3 KiB`, `4.0 MiB`.
@@ -88,7 +105,9 @@ impl ReplicaStatus {
     ) -> Option<Vec<(WriterId, DeviceId, Seq)>> {
         self.heads = heads.to_vec();
         self.needs_push |= !lacks.is_empty();
-        self.check_lacks(lacks);
+        if let Some(alarm) = rolled_back(lacks, &self.held) {
+            self.raise(alarm);
+        }
         let mut moved = false;
         for &(writer, device, seq) in at_heads {
             let held = self.held.entry((writer, device)).or_insert(Seq(0));
@@ -98,23 +117,11 @@ impl ReplicaStatus {
         moved.then(|| self.watermarks())
     }
 
-    /// `lacks`: what a pull or push found it lacking. Lacking a record at or below a number it
-    /// was seen to hold means it went back: an alarm, logged.
-    pub fn check_lacks(&mut self, lacks: &[Lacking]) {
-        for l in lacks {
-            if self.held.get(&(l.writer, l.device)).is_some_and(|held| l.lowest <= *held) {
-                let alarm = format!(
-                    "rolled back: it lacks {} signed records of writer {} (device {}) from seq {}, though it \
-                     held seq {} before",
-                    l.count,
-                    &l.writer.to_hex()[..12],
-                    &hex::encode(l.device.0)[..8],
-                    l.lowest.0,
-                    self.held[&(l.writer, l.device)].0
-                );
-                self.raise(alarm);
-            }
-        }
+    /// The highest signed sequence number it was seen to hold, by writer and device: taken
+    /// before a push, so that what the push finds lacking is judged against what was known
+    /// when it looked (a pull may raise the marks while the push runs).
+    pub fn seen(&self) -> Seen {
+        self.held.clone()
     }
 
     /// By writer and device, the highest signed sequence number it was seen to hold.

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Replica;
-use super::status::{ReplicaStatus, SyncStatus};
+use super::status::{ReplicaStatus, SyncStatus, rolled_back};
 use super::transfer::push;
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
@@ -159,6 +159,7 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
     let url = target.replica.describe();
     // A push that ends with nothing waiting holds every record stored before it began.
     let began_at = capsule.records_stored();
+    let seen = status.update(i, |s| s.seen());
     match push(capsule, &*target.replica, &()) {
         Ok(report) => {
             if report.records > 0 {
@@ -179,7 +180,9 @@ fn round(capsule: &Capsule, target: &mut Target, heads: &[RecordHash], status: &
                 }
                 // What it lacked before this push: a replica that went back is noticed here
                 // too, whichever thread reaches it first.
-                s.check_lacks(&report.replica_lacks);
+                if let Some(alarm) = rolled_back(&report.replica_lacks, &seen) {
+                    s.raise(alarm);
+                }
             });
         }
         Err(e) => {
