@@ -269,19 +269,27 @@ pub fn pull(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
 
 /// `pull`, taking of each record what `take` says.
 pub fn pull_taking(local: &Capsule, remote: &dyn Replica, taking: Take, progress: &dyn Progress) -> Result<Report> {
-    let mut report = Report { round_trips: 1, ..Report::default() };
-    match remote.metadata()? {
-        Some(m) if m == local.metadata_bytes() => {}
-        Some(_) => {
-            return Err(Error::Invalid(format!("{} holds another capsule under {:?}", remote.describe(), local.id())));
-        }
-        None => return Err(Error::NotFound(format!("capsule {:?} on {}", local.id(), remote.describe()))),
-    }
+    let mut report = Report::default();
     // The replica's heads first: when this capsule holds them all, it holds everything the
     // replica does, and nothing more is asked. Otherwise the heads held here go with our own
     // in `since`: the replica may not know our newest records (local commits not pushed yet),
     // but it knows its own heads, so it does not resend what lies below them.
     let theirs = replica_heads(local, remote, &mut report)?;
+    // A replica with records of this capsule holds it (each record is checked against the
+    // local metadata as it comes, so another capsule's are refused); one with none is asked
+    // for the metadata, to tell an empty replica from one that does not hold the capsule (a
+    // bucket answers both with no heads).
+    if theirs.is_empty() {
+        report.round_trips += 1;
+        match remote.metadata()? {
+            Some(m) if m == local.metadata_bytes() => {}
+            Some(_) => {
+                let holder = remote.describe();
+                return Err(Error::Invalid(format!("{holder} holds another capsule under {:?}", local.id())));
+            }
+            None => return Err(Error::NotFound(format!("capsule {:?} on {}", local.id(), remote.describe()))),
+        }
+    }
     pull_below(local, remote, theirs, taking, report, progress)
 }
 
