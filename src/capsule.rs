@@ -167,6 +167,8 @@ struct WriteState {
     /// commit on top of them reads neither back (nor asks whether its parents are known).
     head_facts: HashMap<RecordHash, HeadFacts>,
     next_order: Option<u64>,
+    /// How many forks evidence is kept of, once counted (dropped when evidence is kept).
+    forks_held: Option<usize>,
     /// Records stored by this process, and calls of `wake_waiters`, for `wait_for_records`.
     stored: u64,
     wakeups: u64,
@@ -420,6 +422,15 @@ impl Capsule {
         self.store.write(batch, Durability::Buffered)
     }
 
+    /// How many forks this capsule keeps evidence of (counted once, then kept up to date).
+    pub fn fork_count(&self) -> Result<usize> {
+        let mut state = self.write_lock.lock().expect("no panics while locked");
+        match state.forks_held {
+            Some(count) => Ok(count),
+            None => Ok(*state.forks_held.insert(self.forks()?.len())),
+        }
+    }
+
     /// The forks this capsule keeps evidence of: (writer, device, seq), each once.
     pub fn forks(&self) -> Result<Vec<(WriterId, DeviceId, Seq)>> {
         let mut forks: Vec<_> = self.store.evidence()?.into_iter().map(|e| (e.writer, e.device, e.seq)).collect();
@@ -466,6 +477,13 @@ impl Capsule {
     /// Current heads, sorted; a capsule without records has none.
     pub fn heads(&self) -> Result<Vec<RecordHash>> {
         self.write_lock.lock().expect("no panics while locked").heads(&self.store)
+    }
+
+    /// `heads` and `fork_count`, when they are at hand: known in memory and the write lock
+    /// free. For callers that must not wait (a server's async handlers); None means ask.
+    pub fn announced_at_hand(&self) -> Option<(Vec<RecordHash>, usize)> {
+        let state = self.write_lock.try_lock().ok()?;
+        Some((state.heads.clone()?, state.forks_held?))
     }
 
     /// Appends one record holding `payloads` as sub-records, on top of every current head.
@@ -589,6 +607,7 @@ impl Capsule {
         };
         if !past_last && let Some(first) = self.store.record_at(&header.writer, &header.device, header.seq)? {
             self.check_seq_entry(first, header)?;
+            state.forks_held = None;
             return Err(self.keep_evidence(first, h, &record)?);
         }
         let mut batch = self.store.batch();
@@ -774,6 +793,7 @@ impl Capsule {
             batch.put_evidence(&fork.writer, &fork.device, fork.seq, &h, bytes.clone());
         }
         self.store.write(batch, Durability::Durable)?;
+        self.write_lock.lock().expect("no panics while locked").forks_held = None;
         tracing::error!("a replica passed on evidence of a fork: {fork}");
         Ok(Some(fork))
     }

@@ -4,7 +4,7 @@
 //! Latency: four `capsulefs serve` and a fifth alone, all holding the same capsule. Each round
 //! a writer appends one signed record and pushes it to all five (not timed); a reader pulls
 //! it once from the lone server and once through the quorum of four (`Quorum::pull`, with
-//! write-back), in alternating order. Medians of `ROUNDS` rounds.
+//! write-back), in alternating order. Medians of `--rounds` rounds.
 //!
 //! Detection: a simulation of a writer that equivocates (signs two records with one sequence
 //! number) and `f` colluding replicas among `n`: the writer gives branch A to half of the
@@ -30,7 +30,6 @@ use capsulefs::store::mem::MemKv;
 
 use super::bench_sync::Served;
 
-const ROUNDS: usize = 40;
 /// Simulated reads per (n, f).
 const TRIALS: u32 = 200_000;
 
@@ -39,13 +38,16 @@ pub struct QuorumBenchArgs {
     /// Records every replica holds before the rounds start.
     #[arg(long, default_value_t = 500)]
     pub records: usize,
+    /// Rounds timed (each pulls one record from the lone server and one through the quorum).
+    #[arg(long, default_value_t = 100)]
+    pub rounds: usize,
 }
 
 pub fn run(a: QuorumBenchArgs) -> anyhow::Result<()> {
-    let (single, quorum) = latency(a.records)?;
+    let (single, quorum) = latency(a.records, a.rounds)?;
     println!(
         "pull of one new record ({} rounds, {} records held): one replica {:.2} ms, a quorum of 4 (B = 1) {:.2} ms",
-        ROUNDS,
+        a.rounds,
         a.records,
         single.as_secs_f64() * 1e3,
         quorum.as_secs_f64() * 1e3
@@ -72,7 +74,7 @@ fn signed() -> AppendOptions {
 }
 
 /// Median pull times of one new record: from one server, and through a quorum of four.
-fn latency(records: usize) -> anyhow::Result<(Duration, Duration)> {
+fn latency(records: usize, rounds: usize) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let me = Identity::generate("bench")?;
     let writer = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("bench", &me), vec![me.clone()])?;
@@ -92,7 +94,7 @@ fn latency(records: usize) -> anyhow::Result<(Duration, Duration)> {
     let members = servers[..4].iter().map(|s| Ok(Box::new(remote(s)?) as Box<dyn Replica>));
     let quorum = Quorum::new(members.collect::<capsulefs::Result<_>>()?, 1)?;
     let (mut single, mut through) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         // Two new records a round, so both reads have one to fetch.
         for side in 0..2u64 {
             writer.append(&me, &[&[round as u64, side].map(u64::to_le_bytes).concat()], signed())?;

@@ -12,7 +12,9 @@ pub enum Route {
     Metadata,
     /// GET: `Vec<RecordHash>`. With `?known=DIGEST&wait=SECS` (see `heads_digest`), the
     /// answer waits up to SECS (at most `MAX_WAIT`) while the heads still have that digest:
-    /// a long poll, so a follower hears of new records as they arrive.
+    /// a long poll, so a follower hears of new records as they arrive. The answer's header
+    /// `FORKS_HEADER` says how many forks the server keeps evidence of, so a reader asks for
+    /// the evidence only when there is some.
     Heads,
     /// POST `Vec<RecordHash>` (at most `MAX_HASHES`): the ones not held.
     Missing,
@@ -83,6 +85,8 @@ pub const MAX_RUN_BYTES: usize = 8 << 20;
 
 /// Longest a `heads` long poll waits, in seconds.
 pub const MAX_WAIT: u64 = 60;
+/// The heads answer's header: the number of forks the server keeps evidence of.
+pub const FORKS_HEADER: &str = "x-capsulefs-forks";
 
 /// A short name for a set of heads, for `heads?known=`: the first 16 bytes of a blake3 over
 /// them, in hex.

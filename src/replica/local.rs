@@ -4,7 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use super::bloom::Bloom;
-use super::{Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
+use super::{Announced, Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
 use crate::capsule::{Capsule, Incoming, Ingested};
 use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx};
@@ -114,6 +114,10 @@ impl Replica for Capsule {
 
     fn heads(&self) -> Result<Vec<RecordHash>> {
         Capsule::heads(self)
+    }
+
+    fn announce(&self) -> Result<Announced> {
+        Ok(Announced { heads: Capsule::heads(self)?, forks: Some(self.fork_count()?) })
     }
 
     fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {

@@ -61,6 +61,14 @@ pub struct Since {
     pub more: bool,
 }
 
+/// What a replica says of itself in one answer (`Replica::announce`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announced {
+    pub heads: Vec<RecordHash>,
+    /// How many forks it keeps evidence of, if it says.
+    pub forks: Option<usize>,
+}
+
 /// Most hashes one `missing` or `walk` call carries, and most bytes one `fetch` or `put`
 /// carries: both ends hold them to it, so no request or answer grows without bound.
 pub const MAX_HASHES: usize = 8192;
@@ -78,6 +86,11 @@ pub trait Replica: Send + Sync {
     /// Starts holding the capsule, from its signed metadata (checked by the replica).
     fn put_metadata(&self, signed: &[u8]) -> Result<()>;
     fn heads(&self) -> Result<Vec<RecordHash>>;
+    /// Its heads, and how many forks it keeps evidence of where it says so in the same answer
+    /// (a server and the local store do; elsewhere None: the evidence is asked when it matters).
+    fn announce(&self) -> Result<Announced> {
+        Ok(Announced { heads: self.heads()?, forks: None })
+    }
     /// The heads once they differ from `known`, or after `wait`: how a follower hears of new
     /// records. A replica that cannot wait answers at once.
     fn watch_heads(&self, known: &[RecordHash], wait: std::time::Duration) -> Result<Vec<RecordHash>> {

@@ -11,7 +11,7 @@ use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 use super::bloom::Bloom;
 use super::sketch;
-use super::{Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since};
+use super::{Announced, Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since};
 use crate::member::name::NameBinding;
 use crate::net::protocol::{self, Route};
 use crate::proof::fork::ForkEvidence;
@@ -113,6 +113,17 @@ impl Remote {
     /// Sends `body` (or none: a GET) to `path` on the server and returns the answer's body for
     /// a 2xx, None for a 404; `what` names the request in messages.
     fn request(&self, path: &str, what: &str, body: Option<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+        Ok(self.request_reading(path, what, body, None)?.0)
+    }
+
+    /// `request`, also returning the answer's `header`, if asked for and sent as text.
+    fn request_reading(
+        &self,
+        path: &str,
+        what: &str,
+        body: Option<Vec<u8>>,
+        header: Option<&str>,
+    ) -> Result<(Option<Vec<u8>>, Option<String>)> {
         let url = format!("{}{path}", self.base);
         let unreachable = |e: ureq::Error| {
             let tls_failed = match &e {
@@ -134,10 +145,11 @@ impl Remote {
             None => self.agent.get(&url).call().map_err(unreachable)?,
         };
         let status = response.status().as_u16();
+        let header = header.and_then(|name| response.headers().get(name)?.to_str().ok().map(str::to_owned));
         let answer = response.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(unreachable)?;
         match status {
-            200..=299 => Ok(Some(answer)),
-            404 => Ok(None),
+            200..=299 => Ok((Some(answer), header)),
+            404 => Ok((None, header)),
             409 => Err(Error::Exists(format!("{}: {}", self.base, String::from_utf8_lossy(&answer).trim()))),
             _ => Err(Error::Replica(format!(
                 "{} refused {what}: {} {}",
@@ -203,6 +215,20 @@ impl Replica for Remote {
 
     fn heads(&self) -> Result<Vec<RecordHash>> {
         self.expect(Route::Heads, None)
+    }
+
+    fn announce(&self) -> Result<Announced> {
+        let path = protocol::path(&self.capsule, Route::Heads);
+        let (answer, forks) = self.request_reading(&path, Route::Heads.name(), None, Some(protocol::FORKS_HEADER))?;
+        let Some(bytes) = answer else {
+            return Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base)));
+        };
+        let forks = forks.map(|count| {
+            count
+                .parse()
+                .map_err(|_| Error::Replica(format!("{} sent {}: {count:?}", self.base, protocol::FORKS_HEADER)))
+        });
+        Ok(Announced { heads: self.decode(Route::Heads.name(), &bytes)?, forks: forks.transpose()? })
     }
 
     fn watch_heads(&self, known: &[RecordHash], wait: Duration) -> Result<Vec<RecordHash>> {

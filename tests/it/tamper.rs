@@ -193,6 +193,7 @@ fn records_of_another_capsule_are_refused() {
 fn a_reused_sequence_number_is_kept_as_evidence() {
     let f = fixture();
     let first = f.put(&f.other, 1, &[f.genesis()], b"first", true);
+    assert_eq!(f.cap.fork_count().unwrap(), 0);
     let bytes = f.make(&f.other, 1, &[f.genesis()], &[b"second"], true);
     let err = verify_err(f.cap.ingest(&bytes, &[b"second"], Durability::Buffered));
     let VerifyError::Equivocation(fork) = err else { panic!("{err:?}") };
@@ -206,6 +207,7 @@ fn a_reused_sequence_number_is_kept_as_evidence() {
     assert_eq!(recorded, expected);
     assert!(evidence.iter().all(|e| Record::decode(&e.record_bytes).unwrap().hash() == e.record));
     assert_eq!(f.cap.heads().unwrap(), vec![first], "the second record was not stored");
+    assert_eq!(f.cap.fork_count().unwrap(), 1, "the count kept in memory follows the evidence");
     // The same record again is not equivocation.
     let again = f.make(&f.other, 1, &[f.genesis()], &[b"first"], true);
     assert!(f.cap.ingest(&again, &[b"first"], Durability::Buffered).is_ok());
@@ -237,15 +239,21 @@ fn fork_evidence_checks_without_keys_and_travels_between_replicas() {
     let elsewhere = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("elsewhere", &f.owner), vec![]).unwrap();
     assert!(evidence.check(elsewhere.id()).is_err());
 
-    // A replica takes it once, serves it, and a client learns it from there.
+    // A replica takes it once, serves it (and says it keeps one fork, in its heads answer),
+    // and a client learns it from there.
+    let forks_announced = |c: &Capsule| c.announce().unwrap().forks;
+    assert_eq!(forks_announced(&f.cap), Some(0));
     f.cap.put_evidence(std::slice::from_ref(&evidence)).unwrap();
+    assert_eq!(forks_announced(&f.cap), Some(1), "the count kept in memory follows the evidence");
     assert_eq!(f.cap.forks().unwrap(), vec![(f.other.writer(), fork.device, fork.seq)]);
     assert_eq!(f.cap.take_evidence(&evidence).unwrap(), None, "known already");
     let client = Capsule::adopt(Arc::new(MemKv::new()), f.cap.id(), &f.cap.metadata_bytes(), Vec::new()).unwrap();
+    assert_eq!(forks_announced(&client), Some(0));
     for e in f.cap.evidence().unwrap() {
         assert_eq!(client.take_evidence(&e).unwrap(), Some(fork.clone()));
     }
     assert_eq!(client.fork_evidence().unwrap(), vec![evidence.clone()]);
+    assert_eq!(forks_announced(&client), Some(1));
     // Bad evidence from a replica is refused and nothing is kept.
     let bad = ForkEvidence { first: first.clone(), second: first };
     assert!(client.put_evidence(&[bad]).is_err());
