@@ -291,7 +291,22 @@ fn hostile_input_is_refused_and_the_server_stays_up_and_small() {
     let parent = record_bytes(&home, &id, head, 2, false);
     let parent_hash = Record::decode(&parent.record).unwrap().hash();
     let child = record_bytes(&home, &id, parent_hash, 3, true);
+    let child_hash = Record::decode(&child.record).unwrap().hash();
     assert_eq!(server.raw("POST", &records, &codec::encode(&vec![parent, child])), 200);
+    // A record stream (`Records` bodies as frames of one request): an oversized frame, one cut
+    // short, an undecodable one, each refused; a good frame then a refused one: the first is
+    // stored, the answer is the refusal.
+    use capsulefs::net::protocol::frame;
+    let stream = format!("/v1/capsules/{id}/record-stream");
+    assert_eq!(server.raw("POST", &stream, &u32::MAX.to_le_bytes()), 400, "oversized frame");
+    assert_eq!(server.raw("POST", &stream, &[&100u32.to_le_bytes()[..], &[0; 10]].concat()), 400, "cut short");
+    assert_eq!(server.raw("POST", &stream, &frame(&[9; 50])), 400, "undecodable frame");
+    let good = frame(&codec::encode(&vec![record_bytes(&home, &id, child_hash, 4, true)]));
+    let refused = frame(&codec::encode(&vec![record_bytes(&home, &id, child_hash, 5, false)]));
+    assert!(server.metrics().contains("capsulefs_records_stored_total 3\n"));
+    assert_eq!(server.raw("POST", &stream, &[good, refused].concat()), 400, "a refused frame after a good one");
+    assert!(server.metrics().contains("capsulefs_records_stored_total 4\n"), "the good frame was stored");
+    assert!(server.alive());
 }
 
 #[test]
@@ -858,4 +873,36 @@ fn two_devices_of_one_key_are_branches_and_a_restored_backup_is_a_fork() {
     assert_eq!(out.status.code(), Some(7), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("pulled 1 records"), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("ALARM: a replica holds evidence of a fork"), "{out:?}");
+}
+
+#[test]
+fn a_record_stream_refused_part_way_says_why() {
+    let mut server = Server::start();
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["push", "c", &server.url()]);
+    let head = RecordHash::from_hex(home.ok(&["log", "c"]).split(' ').next().unwrap()).unwrap();
+    let remote = capsulefs::replica::remote::Remote::new(&server.url(), CapsuleId::from_hex(&id).unwrap()).unwrap();
+    use capsulefs::replica::Replica;
+    // A refused batch (an unsigned record alone), then batches the client goes on sending
+    // before it hears: the server reads on past the refusal, so the answer says why ...
+    let big = |i: u8| vec![Bundle { record: vec![1; 100], payloads: vec![vec![i; 30 << 20]] }];
+    let mut stream = remote.put_stream();
+    stream.send(vec![record_bytes(&home, &id, head, 5, false)]).unwrap();
+    let mut said = Ok(());
+    for i in 0..3 {
+        said = said.and_then(|()| stream.send(big(i)));
+    }
+    let said = said.and_then(|()| stream.finish(Vec::new(), None)).unwrap_err().to_string();
+    assert!(said.contains("refused record-stream: 400") && said.contains("signed descendant"), "{said}");
+    // ... and past what it reads on, the client says the stream was cut and where to look.
+    let mut stream = remote.put_stream();
+    stream.send(vec![record_bytes(&home, &id, head, 5, false)]).unwrap();
+    let cut = match (0..12).try_for_each(|i| stream.send(big(i))) {
+        Ok(()) => stream.finish(Vec::new(), None).unwrap_err(),
+        Err(e) => e,
+    };
+    assert!(cut.to_string().contains("closed the record stream before taking every batch"), "{cut}");
+    assert!(server.alive());
+    assert!(server.log().contains("refused"), "the server logs why");
 }

@@ -414,6 +414,9 @@ pub fn run(a: SyncBenchArgs) -> anyhow::Result<()> {
     if !a.mountsync_only {
         antientropy(&a, dir.path())?;
     }
+    if a.push_only {
+        return Ok(());
+    }
     let m = super::bench_mountsync::run(&dir.path().join("mountsync"))?;
     println!(
         "mountsync: propagate_p50_ms={:.0} propagate_p99_ms={:.0} remote_cold_read_vs_local={:.2}",

@@ -26,6 +26,11 @@ pub enum Route {
     Since,
     /// POST `Vec<Bundle>`, parents first: stored after all are checked; answers `u64` new.
     Records,
+    /// POST a stream of frames, each a `u32` (little-endian) length and a `Records` body of at
+    /// most `MAX_FRAME` bytes, in one request (chunked): each frame is checked and stored as
+    /// a `Records` request, while the next ones arrive; answers `u64` new once all are stored
+    /// and synced. A push of many batches pays one round trip, not one each.
+    RecordStream,
     /// GET: one sub-record with its Merkle path, as stored.
     SubRecord(RecordHash, SubIdx),
     /// GET `?count=N`: `Vec<Vec<u8>>`, sub-records from this one on, each as stored: as many
@@ -52,6 +57,7 @@ impl Route {
             Route::Fetch => "fetch",
             Route::Since => "since",
             Route::Records => "records",
+            Route::RecordStream => "record-stream",
             Route::SubRecord(..) => "sub-record",
             Route::SubRecordRun(..) => "sub-record-run",
             Route::Bloom => "bloom",
@@ -83,6 +89,10 @@ pub struct WalkRequest {
 pub const MAX_RUN: u32 = 64;
 pub const MAX_RUN_BYTES: usize = 8 << 20;
 
+/// Largest frame of a `RecordStream`: a batch of `MAX_BATCH_BYTES`, one record past it and
+/// room for the encoding.
+pub const MAX_FRAME: usize = crate::replica::MAX_BATCH_BYTES * 2 + (1 << 20);
+
 /// Longest a `heads` long poll waits, in seconds.
 pub const MAX_WAIT: u64 = 60;
 /// The heads answer's header: the number of forks the server keeps evidence of.
@@ -96,4 +106,91 @@ pub fn heads_digest(heads: &[RecordHash]) -> String {
         h.update(r.as_bytes());
     });
     hex::encode(&h.finalize().as_bytes()[..16])
+}
+
+/// `body` as one frame of a `RecordStream`: its length, then itself.
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(body.len()).expect("a frame is at most MAX_FRAME bytes");
+    [&len.to_le_bytes()[..], body].concat()
+}
+
+/// Splits the bytes of a `RecordStream`, as they arrive in pieces of any size, into frames.
+#[derive(Default)]
+pub struct Frames {
+    /// The length of the frame being read, once its four bytes arrived.
+    len: Option<usize>,
+    /// Its length's bytes while they arrive, then its body.
+    bytes: Vec<u8>,
+}
+
+impl Frames {
+    /// The frames `data` completes, in order; an error for a frame over `MAX_FRAME` bytes,
+    /// before any of it is held.
+    pub fn take(&mut self, mut data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        let mut done = Vec::new();
+        while !data.is_empty() {
+            let Some(len) = self.len else {
+                let n = (4 - self.bytes.len()).min(data.len());
+                self.bytes.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                if self.bytes.len() == 4 {
+                    let len = u32::from_le_bytes(self.bytes[..].try_into().expect("four bytes")) as usize;
+                    if len > MAX_FRAME {
+                        return Err(format!("a frame of {len} bytes; at most {MAX_FRAME}"));
+                    }
+                    self.len = Some(len);
+                    self.bytes = Vec::with_capacity(len);
+                }
+                continue;
+            };
+            let n = (len - self.bytes.len()).min(data.len());
+            self.bytes.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.bytes.len() == len {
+                self.len = None;
+                done.push(std::mem::take(&mut self.bytes));
+            }
+        }
+        // A frame of length zero completes as soon as its length does.
+        if self.len == Some(0) {
+            self.len = None;
+            done.push(Vec::new());
+        }
+        Ok(done)
+    }
+
+    /// Whether the stream may end here: no frame begun and not finished.
+    pub fn at_boundary(&self) -> bool {
+        self.len.is_none() && self.bytes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Frames, MAX_FRAME, frame};
+
+    #[test]
+    fn frames_come_out_whole_however_the_bytes_are_cut() {
+        let bodies: Vec<Vec<u8>> = vec![b"one".to_vec(), Vec::new(), vec![7; 1000], b"last".to_vec()];
+        let stream: Vec<u8> = bodies.iter().flat_map(|b| frame(b)).collect();
+        for cut in [1, 2, 3, 5, 7, 64, 1001, stream.len()] {
+            let mut frames = Frames::default();
+            let mut got = Vec::new();
+            for piece in stream.chunks(cut) {
+                got.extend(frames.take(piece).unwrap());
+            }
+            assert_eq!(got, bodies, "pieces of {cut} bytes");
+            assert!(frames.at_boundary());
+        }
+        let mut frames = Frames::default();
+        frames.take(&stream[..stream.len() - 2]).unwrap();
+        assert!(!frames.at_boundary(), "a stream cut inside a frame is not at a boundary");
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_before_its_body() {
+        let mut frames = Frames::default();
+        let len = (MAX_FRAME as u32 + 1).to_le_bytes();
+        assert!(frames.take(&len).unwrap_err().contains("at most"));
+    }
 }

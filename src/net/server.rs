@@ -7,7 +7,8 @@
 //! nobody without an authorized writer's key can make the server store anything. Bounded:
 //! request bodies (`MAX_BODY`), requests in flight (`MAX_IN_FLIGHT`, `MAX_PER_PEER` from one
 //! address), connections (`MAX_CONNECTIONS`, each closed after `IDLE` without traffic), time
-//! per request (`REQUEST_TIME`), hashes per question (`MAX_HASHES`). Store work runs on blocking threads.
+//! per request (`REQUEST_TIME`; a record stream's, per piece), record streams at once
+//! (`MAX_STREAMS`), hashes per question (`MAX_HASHES`). Store work runs on blocking threads.
 //! SIGTERM or SIGINT stop it gracefully: no new requests, those in flight finish.
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,12 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use borsh::BorshSerialize;
+use http_body_util::BodyExt;
 
 use super::limits::{Bounded, PeerAddr, PerPeer};
 use super::protocol::{self, WalkRequest};
@@ -50,6 +52,10 @@ const MAX_CONNECTIONS: usize = 1024;
 /// long poll is never cut).
 pub const IDLE: Duration = Duration::from_secs(90);
 const REQUEST_TIME: Duration = Duration::from_secs(120);
+/// Bytes of a record stream read and dropped after one of its batches was refused.
+const DRAIN: usize = protocol::MAX_FRAME * 2;
+/// Record streams stored at once (each holds at most three frames of `protocol::MAX_FRAME`).
+const MAX_STREAMS: usize = 4;
 
 pub struct Config {
     pub listen: SocketAddr,
@@ -86,6 +92,8 @@ struct Server {
     /// Wakes the long polls of `heads` when records arrive.
     arrivals: tokio::sync::Notify,
     per_peer: Arc<PerPeer>,
+    /// Turns for record streams (`MAX_STREAMS` at once).
+    streams: tokio::sync::Semaphore,
 }
 
 /// Why input was refused, as `/metrics` counts it.
@@ -226,6 +234,21 @@ impl Server {
     /// `id`'s capsule if it is open and the map free now, without waiting (async handlers).
     fn open_now(&self, id: CapsuleId) -> Option<Arc<Capsule>> {
         self.capsules.try_lock().ok()?.get(&id).cloned()
+    }
+
+    /// Checks and stores one batch in `capsule`, and tells whoever waits for news; how many
+    /// records were new.
+    fn store_batch(&self, capsule: &Capsule, bundles: Vec<Bundle>) -> Result<usize> {
+        let bytes: u64 = bundles.iter().map(|b| b.size() as u64).sum();
+        let stored = capsule.put(bundles, None)?;
+        if stored > 0 {
+            *self.news.0.lock().expect("no panics while locked") = true;
+            self.news.1.notify_all();
+            self.arrivals.notify_waiters();
+        }
+        self.metrics.records_stored.fetch_add(stored as u64, Ordering::Relaxed);
+        self.metrics.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
+        Ok(stored)
     }
 
     /// Every capsule this server holds, opened.
@@ -440,19 +463,86 @@ async fn since(State(s): Shared, UrlPath(id): UrlPath<String>, Query(q): Query<S
 async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
     blocking(s, move |s| {
         let capsule = s.held(capsule_id(&id)?)?;
-        let bundles: Vec<Bundle> = decode(&body)?;
-        let bytes: u64 = bundles.iter().map(|b| b.size() as u64).sum();
-        let stored = capsule.put(bundles, None)?;
-        if stored > 0 {
-            *s.news.0.lock().expect("no panics while locked") = true;
-            s.news.1.notify_all();
-            s.arrivals.notify_waiters();
-        }
-        s.metrics.records_stored.fetch_add(stored as u64, Ordering::Relaxed);
-        s.metrics.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
+        let stored = s.store_batch(&capsule, decode(&body)?)?;
         Ok(borsh_body(&(stored as u64)))
     })
     .await
+}
+
+/// A push's batches in one request (`Route::RecordStream`): frames are read and decoded as
+/// they arrive, and each is checked and stored (as a `Records` body) on a blocking thread
+/// while the next one arrives, so the transfer and the store overlap (the store is the
+/// slower: it was busy nine tenths of a 512 MiB push). One batch at most waits between them.
+async fn put_record_stream(State(s): Shared, UrlPath(id): UrlPath<String>, body: Body) -> Response {
+    s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    // Each stream holds up to three frames; a few at once bound what streams hold.
+    let Ok(Ok(_turn)) = tokio::time::timeout(REQUEST_TIME, s.streams.acquire()).await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many record streams at once; try again\n").into_response();
+    };
+    let (server, hex) = (s.clone(), id.clone());
+    let capsule = match tokio::task::spawn_blocking(move || server.held(capsule_id(&hex)?)).await {
+        Ok(Ok(capsule)) => capsule,
+        Ok(Err(e)) => return refusal(&s, &e),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Bundle>>(1);
+    let server = s.clone();
+    let storing = tokio::task::spawn_blocking(move || {
+        let mut stored = 0;
+        while let Some(batch) = incoming.blocking_recv() {
+            stored += server.store_batch(&capsule, batch)?;
+        }
+        Ok::<_, Error>(stored)
+    });
+    let read = read_frames(body, &batches).await;
+    drop(batches);
+    match (storing.await, read) {
+        // A refused batch explains the end of the stream better than the stream does.
+        (Ok(Err(e)), _) | (Ok(Ok(_)), Err(e)) => refusal(&s, &e),
+        (Ok(Ok(stored)), Ok(())) => borsh_body(&(stored as u64)),
+        (Err(_), _) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Reads `body` as frames (`protocol::Frames`), each decoded (on a blocking thread: it copies
+/// the batch) and handed to `batches`; ends at the end of the body, or when `batches` is
+/// closed (its taker refused a batch), or on a body cut inside a frame, an oversized or
+/// undecodable frame, or `REQUEST_TIME` without a piece. After a refusal the rest is read and
+/// dropped, up to `DRAIN` bytes, so that a client still sending gets the answer that says why.
+async fn read_frames(mut body: Body, batches: &tokio::sync::mpsc::Sender<Vec<Bundle>>) -> Result<()> {
+    let mut split = protocol::Frames::default();
+    let mut next_piece = async || -> Result<Option<Bytes>> {
+        loop {
+            let piece = tokio::time::timeout(REQUEST_TIME, body.frame())
+                .await
+                .map_err(|_| Error::Invalid(format!("no part of the record stream came for {REQUEST_TIME:?}")))?;
+            let Some(piece) = piece else { return Ok(None) };
+            let piece = piece.map_err(|e| Error::Invalid(format!("reading the record stream: {e}")))?;
+            if let Ok(data) = piece.into_data() {
+                return Ok(Some(data));
+            }
+        }
+    };
+    while let Some(data) = next_piece().await? {
+        for frame in split.take(&data).map_err(|e| Error::Invalid(format!("record stream: {e}")))? {
+            let batch = tokio::task::spawn_blocking(move || decode::<Vec<Bundle>>(&frame))
+                .await
+                .map_err(|e| Error::Invalid(format!("decoding a record stream's frame: {e}")))??;
+            if batches.send(batch).await.is_err() {
+                let mut dropped = 0;
+                while dropped < DRAIN
+                    && let Ok(Some(data)) = next_piece().await
+                {
+                    dropped += data.len();
+                }
+                return Ok(());
+            }
+        }
+    }
+    if !split.at_boundary() {
+        return Err(Error::Invalid("the record stream ended inside a frame".into()));
+    }
+    Ok(())
 }
 
 async fn get_name(State(s): Shared, UrlPath(name): UrlPath<String>) -> Response {
@@ -622,6 +712,7 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/capsules/{id}/fetch", axum::routing::post(fetch))
         .route("/v1/capsules/{id}/since", axum::routing::post(since))
         .route("/v1/capsules/{id}/records", axum::routing::post(put_records))
+        .route("/v1/capsules/{id}/record-stream", axum::routing::post(put_record_stream))
         .route("/v1/capsules/{id}/records/{record}/{idx}", get(sub_record))
         .route("/v1/capsules/{id}/records/{record}/{idx}/run", get(sub_record_run))
         .route("/v1/capsules/{id}/bloom", get(bloom))
@@ -658,6 +749,7 @@ pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         news: Default::default(),
         arrivals: tokio::sync::Notify::new(),
         per_peer: Arc::default(),
+        streams: tokio::sync::Semaphore::new(MAX_STREAMS),
     });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let peering = (!config.peers.is_empty()).then(|| {

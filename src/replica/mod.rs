@@ -61,6 +61,40 @@ pub struct Since {
     pub more: bool,
 }
 
+/// The batches of one transfer on their way to a replica, each anchored as `Replica::put`
+/// requires (an unsigned record only with its signed descendant in the same batch).
+pub trait PutStream {
+    /// Hands over the next batch. An error may be the replica refusing an earlier one.
+    fn send(&mut self, bundles: Vec<Bundle>) -> Result<()>;
+    /// Hands over the last batch (`settles` as `put` takes it) and returns once the replica
+    /// holds every batch durably; how many requests the transfer took.
+    fn finish(self: Box<Self>, last: Vec<Bundle>, settles: Option<&[RecordHash]>) -> Result<u32>;
+}
+
+/// A `PutStream` made of one `put` a batch.
+struct Puts<'a, R: Replica + ?Sized> {
+    replica: &'a R,
+    requests: u32,
+}
+
+impl<R: Replica + ?Sized> PutStream for Puts<'_, R> {
+    fn send(&mut self, bundles: Vec<Bundle>) -> Result<()> {
+        if !bundles.is_empty() {
+            self.replica.put(bundles, None)?;
+            self.requests += 1;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, last: Vec<Bundle>, settles: Option<&[RecordHash]>) -> Result<u32> {
+        if !last.is_empty() {
+            self.replica.put(last, settles)?;
+            self.requests += 1;
+        }
+        Ok(self.requests)
+    }
+}
+
 /// What a replica says of itself in one answer (`Replica::announce`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Announced {
@@ -145,6 +179,12 @@ pub trait Replica: Send + Sync {
     /// replica holding everything the sender holds, the sender's heads; an object store names
     /// them in its head statement (a server finds its heads itself).
     fn put(&self, bundles: Vec<Bundle>, settles: Option<&[RecordHash]>) -> Result<usize>;
+    /// A transfer's batches, handed over one after the other (see `PutStream`): by default
+    /// each is a `put`; a server takes them all in one request and stores each while the
+    /// next arrives.
+    fn put_stream(&self) -> Box<dyn PutStream + '_> {
+        Box::new(Puts { replica: self, requests: 0 })
+    }
     /// The fork evidence it keeps (`proof::fork`), at most `MAX_EVIDENCE`; whoever takes it
     /// checks each piece against the metadata first.
     fn evidence(&self) -> Result<Vec<ForkEvidence>>;

@@ -4,6 +4,7 @@
 //! core, so no runtime is needed on the client side. Every answer is size-capped before it is
 //! read and decoded strictly; what it says is then checked like anything else from a replica.
 
+use std::sync::mpsc;
 use std::time::Duration;
 
 use borsh::BorshDeserialize;
@@ -11,7 +12,7 @@ use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 use super::bloom::Bloom;
 use super::sketch;
-use super::{Announced, Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since};
+use super::{Announced, Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, PutStream, Replica, Since};
 use crate::member::name::NameBinding;
 use crate::net::protocol::{self, Route};
 use crate::proof::fork::ForkEvidence;
@@ -71,6 +72,44 @@ pub(super) fn agent(https_only: bool) -> Result<ureq::Agent> {
     Ok(config.into())
 }
 
+/// A request that did not get an answer, as an error that says what to check.
+fn unreachable(base: &str, e: ureq::Error) -> Error {
+    let tls_failed = match &e {
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) => true,
+        ureq::Error::Io(io) => io.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()),
+        _ => false,
+    };
+    let hint = if tls_failed {
+        format!("does {TLS_CA_ENV} name the server's certificate or its CA?")
+    } else if matches!(e, ureq::Error::Protocol(_)) {
+        "is it a `capsulefs serve`, and does it speak https:// (--tls-cert)?".to_owned()
+    } else {
+        "is the server running?".to_owned()
+    };
+    Error::Replica(format!("{base}: {e} ({hint})"))
+}
+
+/// The body of `response` for a 2xx, None for a 404, with its `header` if asked for and
+/// sent as text; `what` names the request in messages.
+fn answer(
+    base: &str,
+    what: &str,
+    mut response: ureq::http::Response<ureq::Body>,
+    header: Option<&str>,
+) -> Result<(Option<Vec<u8>>, Option<String>)> {
+    let status = response.status().as_u16();
+    let header = header.and_then(|name| response.headers().get(name)?.to_str().ok().map(str::to_owned));
+    let answer = response.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(|e| unreachable(base, e))?;
+    match status {
+        200..=299 => Ok((Some(answer), header)),
+        404 => Ok((None, header)),
+        409 => Err(Error::Exists(format!("{base}: {}", String::from_utf8_lossy(&answer).trim()))),
+        _ => {
+            Err(Error::Replica(format!("{base} refused {what}: {status} {}", String::from_utf8_lossy(&answer).trim())))
+        }
+    }
+}
+
 pub struct Remote {
     base: String,
     capsule: CapsuleId,
@@ -125,39 +164,12 @@ impl Remote {
         header: Option<&str>,
     ) -> Result<(Option<Vec<u8>>, Option<String>)> {
         let url = format!("{}{path}", self.base);
-        let unreachable = |e: ureq::Error| {
-            let tls_failed = match &e {
-                ureq::Error::Rustls(_) | ureq::Error::Tls(_) => true,
-                ureq::Error::Io(io) => io.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()),
-                _ => false,
-            };
-            let hint = if tls_failed {
-                format!("does {TLS_CA_ENV} name the server's certificate or its CA?")
-            } else if matches!(e, ureq::Error::Protocol(_)) {
-                "is it a `capsulefs serve`, and does it speak https:// (--tls-cert)?".to_owned()
-            } else {
-                "is the server running?".to_owned()
-            };
-            Error::Replica(format!("{}: {e} ({hint})", self.base))
-        };
-        let mut response = match body {
+        let unreachable = |e| unreachable(&self.base, e);
+        let response = match body {
             Some(bytes) => self.agent.post(&url).send(&bytes[..]).map_err(unreachable)?,
             None => self.agent.get(&url).call().map_err(unreachable)?,
         };
-        let status = response.status().as_u16();
-        let header = header.and_then(|name| response.headers().get(name)?.to_str().ok().map(str::to_owned));
-        let answer = response.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(unreachable)?;
-        match status {
-            200..=299 => Ok((Some(answer), header)),
-            404 => Ok((None, header)),
-            409 => Err(Error::Exists(format!("{}: {}", self.base, String::from_utf8_lossy(&answer).trim()))),
-            _ => Err(Error::Replica(format!(
-                "{} refused {what}: {} {}",
-                self.base,
-                status,
-                String::from_utf8_lossy(&answer).trim()
-            ))),
-        }
+        answer(&self.base, what, response, header)
     }
 
     /// The binding of `name` the server took first (unchecked: see `NameBinding::check`).
@@ -295,5 +307,97 @@ impl Replica for Remote {
     fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {
         let stored: u64 = self.expect(Route::Records, Some(codec::encode(&bundles)))?;
         Ok(stored as usize)
+    }
+
+    fn put_stream(&self) -> Box<dyn PutStream + '_> {
+        Box::new(Stream { remote: self, frames: None, sending: None })
+    }
+}
+
+/// A transfer's batches as one `RecordStream` request: a thread sends the frames as they are
+/// handed over, one waiting at most, so reading the next batch here overlaps sending this
+/// one, and the server stores each while the next arrives (one request, not one a batch,
+/// and no batch waits for the one before it to be stored before it starts moving).
+struct Stream<'a> {
+    remote: &'a Remote,
+    frames: Option<mpsc::SyncSender<Vec<u8>>>,
+    sending: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Stream<'_> {
+    /// The request, started at the first batch.
+    fn start(&mut self) -> &mpsc::SyncSender<Vec<u8>> {
+        self.frames.get_or_insert_with(|| {
+            let (frames, taken) = mpsc::sync_channel(1);
+            let (agent, base) = (self.remote.agent.clone(), self.remote.base.clone());
+            let url = format!("{base}{}", protocol::path(&self.remote.capsule, Route::RecordStream));
+            self.sending = Some(std::thread::spawn(move || {
+                let body = ureq::SendBody::from_owned_reader(FrameReader { taken, current: Vec::new(), at: 0 });
+                let response = agent.post(&url).send(body).map_err(|e| match e {
+                    // The server stopped reading: it read a while past a refused batch, then
+                    // closed (its answer, which says why, came too late for this client).
+                    ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => Error::Replica(format!(
+                        "{base} closed the record stream before taking every batch: it refused one (its log \
+                         and /metrics say which and why) or stopped; what it took is kept, retry the push"
+                    )),
+                    e => unreachable(&base, e),
+                })?;
+                answer(&base, Route::RecordStream.name(), response, None).map(drop)
+            }));
+            frames
+        })
+    }
+
+    /// How the request ended: its error, if the server refused a batch or went away.
+    fn ended(&mut self) -> Result<()> {
+        self.frames = None;
+        match self.sending.take() {
+            Some(sending) => sending.join().expect("the sending thread does not panic"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl PutStream for Stream<'_> {
+    fn send(&mut self, bundles: Vec<Bundle>) -> Result<()> {
+        if bundles.is_empty() {
+            return Ok(());
+        }
+        let frame = protocol::frame(&codec::encode(&bundles));
+        if self.start().send(frame).is_err() {
+            // The request ended early: its answer says why.
+            self.ended()?;
+            return Err(Error::Replica(format!("{} ended the record stream early", self.remote.base)));
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, last: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<u32> {
+        self.send(last)?;
+        let requests = u32::from(self.sending.is_some());
+        self.ended()?;
+        Ok(requests)
+    }
+}
+
+/// The frames handed to a `Stream`, as the request body: ends when the stream is finished.
+struct FrameReader {
+    taken: mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for FrameReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.taken.recv() {
+                Ok(next) => (self.current, self.at) = (next, 0),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }

@@ -103,6 +103,7 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
     let mut signed_here: HashSet<RecordHash> = HashSet::new();
     let mut anchored = anchored_positions(local, &order, &signed_here)?;
     let mut batch = AnchoredBatch::new(remote.batch_bytes());
+    let mut stream = remote.put_stream();
     for (i, node) in order.iter().enumerate() {
         let mut bundle =
             local.fetch(&[node.record])?.pop().ok_or(VerifyError::MissingRecord { record: node.record })?;
@@ -123,13 +124,14 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
         // A full batch goes once the next record is known, so that the last one sent is
         // always the one that settles the push.
         if batch.full() {
-            send(remote, &mut batch.take(), None, &mut report, progress)?;
+            stream.send(counted(batch.take(), &mut report, progress))?;
         }
         batch.add(bundle, &record);
     }
     // Once every record went, the replica holds everything this capsule does.
     let settles = if report.waiting_for_signature == 0 { Some(local.heads()?) } else { None };
-    send(remote, &mut batch.take(), settles.as_deref(), &mut report, progress)?;
+    let last = counted(batch.take(), &mut report, progress);
+    report.round_trips += stream.finish(last, settles.as_deref())?;
     pass_evidence(local, remote, &mut report)?;
     Ok(report)
 }
@@ -166,24 +168,12 @@ pub fn take_evidence(local: &Capsule, remote: &dyn Replica, evidence: &[ForkEvid
     }
 }
 
-/// Puts `batch` to `remote`; `settles` as `Replica::put` takes it.
-fn send(
-    remote: &dyn Replica,
-    batch: &mut Vec<Bundle>,
-    settles: Option<&[RecordHash]>,
-    report: &mut Report,
-    progress: &dyn Progress,
-) -> Result<()> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let bundles = std::mem::take(batch);
-    report.bytes += bundles.iter().map(|b| b.size() as u64).sum::<u64>();
-    report.records += bundles.len();
-    report.round_trips += 1;
-    remote.put(bundles, settles)?;
+/// `batch`, counted in `report` and shown as moved, on its way to a replica.
+fn counted(batch: Vec<Bundle>, report: &mut Report, progress: &dyn Progress) -> Vec<Bundle> {
+    report.bytes += batch.iter().map(|b| b.size() as u64).sum::<u64>();
+    report.records += batch.len();
     progress.moved(report.records as u64, report.bytes);
-    Ok(())
+    batch
 }
 
 /// Checks `bundle` as the record `expected` (if given) and stores it (without payloads only
@@ -622,6 +612,7 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
     let order = topological(&lacking)?;
     progress.expect(order.len() as u64);
     let mut batch = AnchoredBatch::new(to.batch_bytes());
+    let mut stream = to.put_stream();
     let mut next = 0;
     while next < order.len() {
         for (bundle, expected) in fetch_slice(from, &order[next..], &mut report)? {
@@ -635,14 +626,15 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
                 )));
             }
             if batch.full() {
-                send(to, &mut batch.take(), None, &mut report, progress)?;
+                stream.send(counted(batch.take(), &mut report, progress))?;
             }
             batch.add(bundle, &record);
             next += 1;
         }
     }
     // `to` now holds everything `from`'s heads cover.
-    send(to, &mut batch.take(), Some(&heads), &mut report, progress)?;
+    let last = counted(batch.take(), &mut report, progress);
+    report.round_trips += stream.finish(last, Some(&heads))?;
     // Fork evidence travels with the records; `to` checks it before keeping it.
     let evidence = from.evidence()?;
     report.round_trips += 1;
