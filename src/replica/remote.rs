@@ -191,8 +191,13 @@ impl Remote {
         let query = format!("?salt={}&bits={bits_per_record}", hex::encode(salt));
         match self.call_with(Route::Bloom, &query, None)? {
             Some(bytes) => Bloom::decode(&bytes).map_err(|e| Error::Replica(format!("{}: {e}", self.base))),
-            None => Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))),
+            None => Err(self.not_held()),
         }
+    }
+
+    /// The error for a 404 on one of the capsule's routes.
+    fn not_held(&self) -> Error {
+        Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))
     }
 
     fn decode<T: BorshDeserialize>(&self, what: &str, bytes: &[u8]) -> Result<T> {
@@ -207,7 +212,7 @@ impl Remote {
     fn expect_with<T: BorshDeserialize>(&self, route: Route, query: &str, body: Option<Vec<u8>>) -> Result<T> {
         match self.call_with(route, query, body)? {
             Some(bytes) => self.decode(route.name(), &bytes),
-            None => Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base))),
+            None => Err(self.not_held()),
         }
     }
 }
@@ -233,7 +238,7 @@ impl Replica for Remote {
         let path = protocol::path(&self.capsule, Route::Heads);
         let (answer, forks) = self.request_reading(&path, Route::Heads.name(), None, Some(protocol::FORKS_HEADER))?;
         let Some(bytes) = answer else {
-            return Err(Error::NotFound(format!("capsule {:?} on {}", self.capsule, self.base)));
+            return Err(self.not_held());
         };
         let forks = forks.map(|count| {
             count
