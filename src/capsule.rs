@@ -479,11 +479,12 @@ impl Capsule {
         self.write_lock.lock().expect("no panics while locked").heads(&self.store)
     }
 
-    /// `heads` and `fork_count`, when they are at hand: known in memory and the write lock
-    /// free. For callers that must not wait (a server's async handlers); None means ask.
-    pub fn announced_at_hand(&self) -> Option<(Vec<RecordHash>, usize)> {
+    /// What `Replica::announce` answers, when it is at hand: heads and fork count known in
+    /// memory and the write lock free. For callers that must not wait (a server's async
+    /// handlers); None means ask `announce`.
+    pub fn announced_at_hand(&self) -> Option<crate::replica::Announced> {
         let state = self.write_lock.try_lock().ok()?;
-        Some((state.heads.clone()?, state.forks_held?))
+        Some(crate::replica::Announced { heads: state.heads.clone()?, forks: Some(state.forks_held?) })
     }
 
     /// Appends one record holding `payloads` as sub-records, on top of every current head.

@@ -37,7 +37,7 @@ use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
 use crate::replica::remote::Remote;
-use crate::replica::{Bundle, MAX_BATCH_BYTES, MAX_HASHES, Replica, sketch, transfer};
+use crate::replica::{Announced, Bundle, MAX_BATCH_BYTES, MAX_HASHES, Replica, sketch, transfer};
 use crate::store::rocks::RocksKv;
 use crate::{Error, Result, VerifyError};
 
@@ -400,14 +400,11 @@ async fn heads(State(s): Shared, UrlPath(id): UrlPath<String>, Query(q): Query<H
         // Answered here when the heads are in memory: a hand-off to a blocking thread and
         // back was most of what a heads request cost.
         let at_hand = capsule_id(&id).ok().and_then(|id| s.open_now(id)).and_then(|c| c.announced_at_hand());
-        let (current, forks) = match at_hand {
+        let Announced { heads: current, forks } = match at_hand {
             Some(announced) => announced,
             None => {
                 let (server, id) = (s.clone(), id.clone());
-                let read = move || {
-                    let capsule = server.held(capsule_id(&id)?)?;
-                    Ok::<_, Error>((capsule.heads()?, capsule.fork_count()?))
-                };
+                let read = move || Replica::announce(&*server.held(capsule_id(&id)?)?);
                 match tokio::task::spawn_blocking(read).await {
                     Ok(Ok(announced)) => announced,
                     Ok(Err(e)) => return refusal(&s, &e),
@@ -418,7 +415,8 @@ async fn heads(State(s): Shared, UrlPath(id): UrlPath<String>, Query(q): Query<H
         let unchanged = q.known.as_deref() == Some(protocol::heads_digest(&current).as_str());
         if !unchanged || tokio::time::timeout_at(deadline, arrival).await.is_err() {
             s.metrics.requests.fetch_add(1, Ordering::Relaxed);
-            return ([(protocol::FORKS_HEADER, forks.to_string())], codec::encode(&current)).into_response();
+            let forks = forks.unwrap_or_default().to_string();
+            return ([(protocol::FORKS_HEADER, forks)], codec::encode(&current)).into_response();
         }
     }
 }
