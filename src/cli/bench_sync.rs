@@ -356,6 +356,7 @@ fn push_against_rsync(dir: &Path, me: &Identity, mib: usize) -> anyhow::Result<(
     let server_dir = dir.join("push-server");
     let served = Served::start(&server_dir)?;
     let remote = Remote::new(&format!("http://{}", served.addr), capsule.id())?;
+    settle_disk()?;
     let start = Instant::now();
     let report = transfer::push(&capsule, &remote, &())?;
     let push = start.elapsed().as_secs_f64();
@@ -395,6 +396,7 @@ fn push_against_rsync(dir: &Path, me: &Identity, mib: usize) -> anyhow::Result<(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    settle_disk()?;
     let start = Instant::now();
     let status = Command::new("rsync")
         .arg("-a")
@@ -494,5 +496,13 @@ fn antientropy(a: &SyncBenchArgs, root: &Path) -> anyhow::Result<()> {
         max_trips,
         push / rsync
     );
+    Ok(())
+}
+
+/// Writes back every dirty page before a timed transfer, so neither side of the comparison
+/// pays for the writeback of what was made before it (the tree, the local capsule, the
+/// other side's copy).
+fn settle_disk() -> anyhow::Result<()> {
+    ensure!(Command::new("sync").status().context("running sync")?.success(), "sync failed");
     Ok(())
 }

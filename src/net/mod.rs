@@ -3,6 +3,7 @@
 //! Tokio runs only here. The server holds no content keys: it stores and serves bytes and
 //! hashes, and checks signatures and writer rights, never contents.
 
+pub mod frames;
 pub mod limits;
 pub mod protocol;
 pub mod server;

@@ -27,10 +27,11 @@ use axum::routing::get;
 use borsh::BorshSerialize;
 use http_body_util::BodyExt;
 
+use super::frames;
 use super::limits::{Bounded, PeerAddr, PerPeer};
 use super::protocol::{self, WalkRequest};
 use super::tls;
-use crate::capsule::Capsule;
+use crate::capsule::{Capsule, Incoming};
 use crate::crypto::sign::TrustKey;
 use crate::member::name::{NameBinding, check_name};
 use crate::proof::fork::ForkEvidence;
@@ -236,11 +237,11 @@ impl Server {
         self.capsules.try_lock().ok()?.get(&id).cloned()
     }
 
-    /// Checks and stores one batch in `capsule`, and tells whoever waits for news; how many
-    /// records were new.
-    fn store_batch(&self, capsule: &Capsule, bundles: Vec<Bundle>) -> Result<usize> {
-        let bytes: u64 = bundles.iter().map(|b| b.size() as u64).sum();
-        let stored = capsule.put(bundles, None)?;
+    /// Stores one batch of `bytes` that `Capsule::check_alone` passed in `capsule` (after the
+    /// checks that need the store), and tells whoever waits for news; how many records were
+    /// new.
+    fn store_checked(&self, capsule: &Capsule, checked: Vec<Incoming>, bytes: u64) -> Result<usize> {
+        let stored = capsule.put_checked(checked)?;
         if stored > 0 {
             *self.news.0.lock().expect("no panics while locked") = true;
             self.news.1.notify_all();
@@ -461,16 +462,18 @@ async fn since(State(s): Shared, UrlPath(id): UrlPath<String>, Query(q): Query<S
 async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
     blocking(s, move |s| {
         let capsule = s.held(capsule_id(&id)?)?;
-        let stored = s.store_batch(&capsule, decode(&body)?)?;
+        let bundles: Vec<Bundle> = decode(&body)?;
+        let stored = s.store_checked(&capsule, capsule.check_alone(&bundles)?, batch_bytes(&bundles))?;
         Ok(borsh_body(&(stored as u64)))
     })
     .await
 }
 
-/// A push's batches in one request (`Route::RecordStream`): frames are read and decoded as
-/// they arrive, and each is checked and stored (as a `Records` body) on a blocking thread
-/// while the next one arrives, so the transfer and the store overlap (the store is the
-/// slower: it was busy nine tenths of a 512 MiB push). One batch at most waits between them.
+/// A push's batches in one request (`Route::RecordStream`): frames are decoded as they
+/// arrive, each batch's records are checked on their own (hashes, signatures:
+/// `Capsule::check_alone`) on a blocking thread while the batch before is stored on another
+/// (`Capsule::put_checked`), so the transfer, the checks and the disk overlap. One batch at
+/// most waits between them.
 async fn put_record_stream(State(s): Shared, UrlPath(id): UrlPath<String>, body: Body) -> Response {
     s.metrics.requests.fetch_add(1, Ordering::Relaxed);
     // Each stream holds up to three frames; a few at once bound what streams hold.
@@ -483,16 +486,18 @@ async fn put_record_stream(State(s): Shared, UrlPath(id): UrlPath<String>, body:
         Ok(Err(e)) => return refusal(&s, &e),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
-    let (batches, mut incoming) = tokio::sync::mpsc::channel::<Vec<Bundle>>(1);
-    let server = s.clone();
+    let (batches, mut incoming) = tokio::sync::mpsc::channel::<Checking>(1);
+    let (server, held, runtime) = (s.clone(), capsule.clone(), tokio::runtime::Handle::current());
     let storing = tokio::task::spawn_blocking(move || {
         let mut stored = 0;
-        while let Some(batch) = incoming.blocking_recv() {
-            stored += server.store_batch(&capsule, batch)?;
+        while let Some(checking) = incoming.blocking_recv() {
+            let (checked, bytes) =
+                runtime.block_on(checking).map_err(|e| Error::Invalid(format!("checking a batch: {e}")))??;
+            stored += server.store_checked(&held, checked, bytes)?;
         }
         Ok::<_, Error>(stored)
     });
-    let read = read_frames(body, &batches).await;
+    let read = read_frames(body, &capsule, &batches).await;
     drop(batches);
     match (storing.await, read) {
         // A refused batch explains the end of the stream better than the stream does.
@@ -502,13 +507,25 @@ async fn put_record_stream(State(s): Shared, UrlPath(id): UrlPath<String>, body:
     }
 }
 
-/// Reads `body` as frames (`protocol::Frames`), each decoded (on a blocking thread: it copies
-/// the batch) and handed to `batches`; ends at the end of the body, or when `batches` is
-/// closed (its taker refused a batch), or on a body cut inside a frame, an oversized or
-/// undecodable frame, or `REQUEST_TIME` without a piece. After a refusal the rest is read and
-/// dropped, up to `DRAIN` bytes, so that a client still sending gets the answer that says why.
-async fn read_frames(mut body: Body, batches: &tokio::sync::mpsc::Sender<Vec<Bundle>>) -> Result<()> {
-    let mut split = protocol::Frames::default();
+/// A batch of a record stream being checked (`Capsule::check_alone`), with its size.
+type Checking = tokio::task::JoinHandle<Result<(Vec<Incoming>, u64)>>;
+
+fn batch_bytes(bundles: &[Bundle]) -> u64 {
+    bundles.iter().map(|b| b.size() as u64).sum()
+}
+
+/// Reads `body` as frames (`frames::FrameDecoder`: each piece is copied once, into the record
+/// or payload it belongs to), each batch's checks started and handed to `batches`; ends at the end of the body, or
+/// when `batches` is closed (its taker refused a batch), or on a body cut inside a frame, an
+/// oversized or undecodable frame, or `REQUEST_TIME` without a piece. After a refusal the rest
+/// is read and dropped, up to `DRAIN` bytes, so that a client still sending gets the answer
+/// that says why.
+async fn read_frames(
+    mut body: Body,
+    capsule: &Arc<Capsule>,
+    batches: &tokio::sync::mpsc::Sender<Checking>,
+) -> Result<()> {
+    let mut decoder = frames::FrameDecoder::default();
     let mut next_piece = async || -> Result<Option<Bytes>> {
         loop {
             let piece = tokio::time::timeout(REQUEST_TIME, body.frame())
@@ -522,11 +539,10 @@ async fn read_frames(mut body: Body, batches: &tokio::sync::mpsc::Sender<Vec<Bun
         }
     };
     while let Some(data) = next_piece().await? {
-        for frame in split.take(&data).map_err(|e| Error::Invalid(format!("record stream: {e}")))? {
-            let batch = tokio::task::spawn_blocking(move || decode::<Vec<Bundle>>(&frame))
-                .await
-                .map_err(|e| Error::Invalid(format!("decoding a record stream's frame: {e}")))??;
-            if batches.send(batch).await.is_err() {
+        for batch in decoder.take(&data).map_err(|e| Error::Invalid(format!("record stream: {e}")))? {
+            let capsule = capsule.clone();
+            let checking = tokio::task::spawn_blocking(move || Ok((capsule.check_alone(&batch)?, batch_bytes(&batch))));
+            if batches.send(checking).await.is_err() {
                 let mut dropped = 0;
                 while dropped < DRAIN
                     && let Ok(Some(data)) = next_piece().await
@@ -537,7 +553,7 @@ async fn read_frames(mut body: Body, batches: &tokio::sync::mpsc::Sender<Vec<Bun
             }
         }
     }
-    if !split.at_boundary() {
+    if !decoder.at_boundary() {
         return Err(Error::Invalid("the record stream ended inside a frame".into()));
     }
     Ok(())

@@ -88,7 +88,11 @@ impl SubRecordBuf {
     }
 
     pub fn copied(payload: &[u8]) -> Self {
-        Self::filled(payload.len(), |out| out.copy_from_slice(payload))
+        // Not `filled`: zero-filling 16 MiB only to overwrite it cost as much as the copy.
+        let mut bytes = Vec::with_capacity(LEN_PREFIX + payload.len() + Self::PATH_ROOM);
+        bytes.extend_from_slice(&[0; LEN_PREFIX]);
+        bytes.extend_from_slice(payload);
+        Self { bytes, leaf: merkle::leaf_hash(payload) }
     }
 
     pub fn leaf(&self) -> NodeHash {

@@ -54,22 +54,36 @@ impl Capsule {
                     .store()
                     .sub_record_bytes(&record, idx)?
                     .ok_or(VerifyError::MissingSubRecord { record, idx })?;
-                payload_of(record, idx, &stored)
+                payload_of(record, idx, stored)
             })
             .collect()
     }
 
-    /// Checks a batch as a whole before any of it is stored: each record on its own, its
-    /// parents stored or earlier in the batch, and every unsigned record with a signed
-    /// descendant in the batch, so that nobody without an authorized writer's key can make
-    /// a replica store anything.
-    fn check_batch(&self, bundles: &[Bundle]) -> Result<Vec<Incoming>> {
+    /// Every check of a batch that needs no store: each record's encoding, payloads, rights
+    /// and signature (`check_incoming`), and the batch's size. A server runs it for a stream's
+    /// next batch while the one before is stored; `put_checked` does the rest.
+    pub fn check_alone(&self, bundles: &[Bundle]) -> Result<Vec<Incoming>> {
+        if bundles.iter().map(Bundle::size).sum::<usize>() > MAX_BATCH_BYTES + (16 << 20) {
+            return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
+        }
+        bundles
+            .iter()
+            .map(|b| {
+                let payloads: Vec<&[u8]> = b.payloads.iter().map(Vec::as_slice).collect();
+                self.check_incoming(&b.record, &payloads)
+            })
+            .collect()
+    }
+
+    /// Stores a batch `check_alone` passed, once the checks that need the store pass for the
+    /// batch as a whole: every record's parents stored or earlier in the batch, and every
+    /// unsigned record with a signed descendant in the batch, so that nobody without an
+    /// authorized writer's key can make a replica store anything. Acknowledged means durable:
+    /// one sync for the whole batch. Returns how many records were new.
+    pub fn put_checked(&self, checked: Vec<Incoming>) -> Result<usize> {
         let genesis = RecordHash::genesis(self.id());
-        let mut checked: Vec<Incoming> = Vec::with_capacity(bundles.len());
         let mut earlier: HashSet<RecordHash> = HashSet::new();
-        for b in bundles {
-            let payloads: Vec<&[u8]> = b.payloads.iter().map(Vec::as_slice).collect();
-            let incoming = self.check_incoming(&b.record, &payloads)?;
+        for incoming in &checked {
             let h = incoming.hash();
             for p in &incoming.record().header.parents {
                 if *p != genesis && !earlier.contains(p) && !self.store().has_record(p)? {
@@ -77,7 +91,6 @@ impl Capsule {
                 }
             }
             earlier.insert(h);
-            checked.push(incoming);
         }
         // Children come after their parents: walking back, a record is anchored when it is
         // signed or an anchored record later in the batch names it.
@@ -91,7 +104,14 @@ impl Capsule {
                 return Err(VerifyError::Unanchored { record: h }.into());
             }
         }
-        Ok(checked)
+        let mut stored = 0;
+        for incoming in checked {
+            if let Ingested::Stored(_) = self.ingest_checked(incoming, Durability::Buffered)? {
+                stored += 1;
+            }
+        }
+        self.store().sync()?;
+        Ok(stored)
     }
 }
 
@@ -186,17 +206,6 @@ impl Replica for Capsule {
     }
 
     fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {
-        if bundles.iter().map(Bundle::size).sum::<usize>() > MAX_BATCH_BYTES + (16 << 20) {
-            return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
-        }
-        let mut stored = 0;
-        for incoming in self.check_batch(&bundles)? {
-            if let Ingested::Stored(_) = self.ingest_checked(incoming, Durability::Buffered)? {
-                stored += 1;
-            }
-        }
-        // Acknowledged means durable: one sync for the whole batch.
-        self.store().sync()?;
-        Ok(stored)
+        self.put_checked(self.check_alone(&bundles)?)
     }
 }

@@ -200,10 +200,12 @@ pub trait Replica: Send + Sync {
 }
 
 /// The payload of a sub-record as a replica stores it (encoded with its Merkle path), for a
-/// `Bundle`. Not proven here: the receiver checks payloads against the record's Merkle root.
-pub(crate) fn payload_of(record: RecordHash, idx: SubIdx, stored: &[u8]) -> Result<Vec<u8>> {
-    let sub = SubRecord::decode(stored).map_err(|source| VerifyError::MalformedSubRecord { record, idx, source })?;
-    Ok(sub.data)
+/// `Bundle`, in the buffer it was read into. Not proven here: the receiver checks payloads
+/// against the record's Merkle root.
+pub(crate) fn payload_of(record: RecordHash, idx: SubIdx, stored: Vec<u8>) -> Result<Vec<u8>> {
+    let (payload, _) =
+        SubRecord::decode_in_place(stored).map_err(|source| VerifyError::MalformedSubRecord { record, idx, source })?;
+    Ok(payload.into_vec())
 }
 
 /// Every capsule the replica location at `url` holds: a server's list, or a folder's

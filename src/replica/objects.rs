@@ -666,7 +666,7 @@ impl<O: Objects + 'static> ObjectReplica<O> {
         }
         let Some(RecordObject { record, subs }) = self.read_object(h)? else { return Ok(None) };
         let payloads = subs
-            .iter()
+            .into_iter()
             .enumerate()
             .map(|(i, stored)| payload_of(*h, SubIdx(i as u32), stored))
             .collect::<Result<Vec<_>>>()?;

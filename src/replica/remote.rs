@@ -14,6 +14,7 @@ use super::bloom::Bloom;
 use super::sketch;
 use super::{Announced, Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, PutStream, Replica, Since};
 use crate::member::name::NameBinding;
+use crate::net::frames::EncodedFrame;
 use crate::net::protocol::{self, Route};
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
@@ -325,19 +326,19 @@ impl Replica for Remote {
 /// and no batch waits for the one before it to be stored before it starts moving).
 struct Stream<'a> {
     remote: &'a Remote,
-    frames: Option<mpsc::SyncSender<Vec<u8>>>,
+    frames: Option<mpsc::SyncSender<Vec<Bundle>>>,
     sending: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Stream<'_> {
     /// The request, started at the first batch.
-    fn start(&mut self) -> &mpsc::SyncSender<Vec<u8>> {
+    fn start(&mut self) -> &mpsc::SyncSender<Vec<Bundle>> {
         self.frames.get_or_insert_with(|| {
             let (frames, taken) = mpsc::sync_channel(1);
             let (agent, base) = (self.remote.agent.clone(), self.remote.base.clone());
             let url = format!("{base}{}", protocol::path(&self.remote.capsule, Route::RecordStream));
             self.sending = Some(std::thread::spawn(move || {
-                let body = ureq::SendBody::from_owned_reader(FrameReader { taken, current: Vec::new(), at: 0 });
+                let body = ureq::SendBody::from_owned_reader(FrameReader { taken, current: None });
                 let response = agent.post(&url).send(body).map_err(|e| match e {
                     // The server stopped reading: it read a while past a refused batch, then
                     // closed (its answer, which says why, came too late for this client).
@@ -368,8 +369,7 @@ impl PutStream for Stream<'_> {
         if bundles.is_empty() {
             return Ok(());
         }
-        let frame = protocol::frame(&codec::encode(&bundles));
-        if self.start().send(frame).is_err() {
+        if self.start().send(bundles).is_err() {
             // The request ended early: its answer says why.
             self.ended()?;
             return Err(Error::Replica(format!("{} ended the record stream early", self.remote.base)));
@@ -385,24 +385,29 @@ impl PutStream for Stream<'_> {
     }
 }
 
-/// The frames handed to a `Stream`, as the request body: ends when the stream is finished.
+/// The frames handed to a `Stream`, as the request body, each read from its bundles
+/// (`EncodedFrame`): ends when the stream is finished.
 struct FrameReader {
-    taken: mpsc::Receiver<Vec<u8>>,
-    current: Vec<u8>,
-    at: usize,
+    taken: mpsc::Receiver<Vec<Bundle>>,
+    current: Option<EncodedFrame>,
 }
 
 impl std::io::Read for FrameReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.current.len() {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if let Some(frame) = &mut self.current {
+                let n = frame.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+            }
             match self.taken.recv() {
-                Ok(next) => (self.current, self.at) = (next, 0),
+                Ok(next) => self.current = Some(EncodedFrame::new(next)),
                 Err(_) => return Ok(0),
             }
         }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
     }
 }

@@ -240,7 +240,7 @@ fn membership_payloads(remote: &dyn Replica, record: &[u8]) -> Result<Vec<Vec<u8
             header.sub_count
         )));
     }
-    run.iter().enumerate().map(|(i, stored)| super::payload_of(h, SubIdx(i as u32), stored)).collect()
+    run.into_iter().enumerate().map(|(i, stored)| super::payload_of(h, SubIdx(i as u32), stored)).collect()
 }
 
 /// What a pull takes of each record.
