@@ -13,6 +13,9 @@ use crate::replica::Bundle;
 
 /// Bytes of a borsh length or count.
 const LEN: usize = 4;
+/// Most memory one decoded frame may take: its bytes and the vectors that hold them. A frame
+/// of many empty payloads would otherwise take six times its size in vector headers.
+const MAX_HELD: usize = 2 * MAX_FRAME;
 
 /// One frame's bytes, read (`std::io::Read`) from its bundles.
 pub struct EncodedFrame {
@@ -108,6 +111,8 @@ pub struct FrameDecoder {
     len: Vec<u8>,
     /// Bytes of the current frame not yet read.
     left: usize,
+    /// Memory the current frame takes once decoded, as far as its lengths and counts say.
+    held: usize,
     /// Bundles (and payloads of the last one) still to come in this frame.
     bundles_left: usize,
     payloads_left: usize,
@@ -123,6 +128,7 @@ impl Default for FrameDecoder {
             expect: Expect::FrameLen,
             len: Vec::with_capacity(LEN),
             left: 0,
+            held: 0,
             bundles_left: 0,
             payloads_left: 0,
             bytes: Vec::new(),
@@ -175,13 +181,22 @@ impl FrameDecoder {
         Ok(())
     }
 
+    /// Counts `n` items of `size` bytes against `MAX_HELD`.
+    fn hold(&mut self, n: usize, size: usize) -> Result<(), String> {
+        self.held = self.held.saturating_add(n.saturating_mul(size));
+        if self.held > MAX_HELD {
+            return Err(format!("a frame that would take over {MAX_HELD} bytes of memory decoded"));
+        }
+        Ok(())
+    }
+
     fn finished_len(&mut self, n: usize, done: &mut Vec<Vec<Bundle>>) -> Result<(), String> {
         match self.expect {
             Expect::FrameLen => {
                 if n > MAX_FRAME {
                     return Err(format!("a frame of {n} bytes; at most {MAX_FRAME}"));
                 }
-                self.left = n;
+                (self.left, self.held) = (n, 0);
                 self.within(LEN, "bundle count")?;
                 self.expect = Expect::BundleCount;
             }
@@ -189,6 +204,7 @@ impl FrameDecoder {
                 // Each bundle takes at least its two lengths.
                 self.within(n.saturating_mul(2 * LEN), "bundle count")?;
                 self.left += n * 2 * LEN;
+                self.hold(n, size_of::<Bundle>())?;
                 self.bundles_left = n;
                 self.frame = Vec::with_capacity(n.min(1024));
                 self.next_bundle(done)?;
@@ -197,6 +213,7 @@ impl FrameDecoder {
             Expect::PayloadCount => {
                 self.within(n.saturating_mul(LEN), "payload count")?;
                 self.left += n * LEN;
+                self.hold(n, size_of::<Vec<u8>>())?;
                 self.payloads_left = n;
                 self.next_payload(done)?;
             }
@@ -208,6 +225,7 @@ impl FrameDecoder {
 
     fn start_bytes(&mut self, n: usize, expect: Expect, what: &str, done: &mut Vec<Vec<Bundle>>) -> Result<(), String> {
         self.within(n, what)?;
+        self.hold(n, 1)?;
         (self.bytes, self.want, self.expect) = (Vec::with_capacity(n), n, expect);
         if n == 0 {
             // Complete already: the stream may end right after it.
@@ -263,6 +281,8 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use std::io::Read;
+
+    use proptest::prelude::*;
 
     use super::*;
     use crate::net::protocol::frame;
@@ -338,7 +358,47 @@ mod tests {
         // Bytes past the last bundle: borsh would refuse them, so does the decoder.
         let good = codec::encode(&bundles()[0]);
         assert!(refused(&frame(&[&good[..], b"extra"].concat())).contains("past its last bundle"));
+        // Many empty payloads: small on the wire, six times larger as vectors.
+        let many = (MAX_FRAME / 4 - 8) as u32;
+        let body = [&1u32.to_le_bytes()[..], &0u32.to_le_bytes(), &many.to_le_bytes()].concat();
+        let mut decoder = FrameDecoder::default();
+        decoder.take(&(MAX_FRAME as u32 - 8).to_le_bytes()).unwrap();
+        assert!(decoder.take(&body).unwrap_err().contains("memory"));
         // A frame too short for its bundle count.
         assert!(refused(&frame(&1u32.to_le_bytes())).contains("bundle count"));
+    }
+
+    fn bundle() -> impl Strategy<Value = Bundle> {
+        use proptest::collection::vec;
+        (vec(any::<u8>(), 0..40), vec(vec(any::<u8>(), 0..40), 0..5))
+            .prop_map(|(record, payloads)| Bundle { record, payloads })
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_agrees_with_borsh(
+            frames in proptest::collection::vec(proptest::collection::vec(bundle(), 0..4), 1..4),
+            cut in 1usize..50,
+        ) {
+            let stream = encoded(&frames);
+            let borsh: Vec<u8> = frames.iter().flat_map(|f| frame(&codec::encode(f))).collect();
+            prop_assert_eq!(&stream, &borsh);
+            let mut decoder = FrameDecoder::default();
+            let mut got = Vec::new();
+            for piece in stream.chunks(cut) {
+                got.extend(decoder.take(piece).unwrap());
+            }
+            prop_assert_eq!(got, frames);
+        }
+
+        #[test]
+        fn any_bytes_decode_as_borsh_would(body in proptest::collection::vec(any::<u8>(), 0..80)) {
+            // Whatever a frame holds, the decoder refuses it or reads what borsh reads.
+            let ours = FrameDecoder::default().take(&frame(&body));
+            match borsh::from_slice::<Vec<Bundle>>(&body) {
+                Ok(bundles) => prop_assert_eq!(ours.unwrap(), vec![bundles]),
+                Err(_) => prop_assert!(ours.is_err()),
+            }
+        }
     }
 }
