@@ -21,7 +21,7 @@ use crate::record::{
 };
 use crate::replica::Replica;
 use crate::replica::prefetch::SubRecordSource;
-use crate::store::{CapsuleStore, Durability, Kv};
+use crate::store::{CapsuleStore, Durability, Kv, SubValue};
 use crate::{Error, Fork, Result, StoreError, VerifyError};
 
 /// Records whose proven headers stay in memory.
@@ -116,7 +116,7 @@ impl DifferenceWalk {
 pub struct Incoming {
     hash: RecordHash,
     record: Record,
-    subs: Vec<Vec<u8>>,
+    subs: Vec<SubValue>,
 }
 
 impl Incoming {
@@ -538,6 +538,7 @@ impl Capsule {
         let attestation = (!opts.sign).then(|| sign::attest(writer.key(), &self.id, &h));
         // Signed just above: verifying it again was a tenth of an fsync-heavy workload's CPU.
         // `insert` checks the writer's rights.
+        let subs = subs.into_iter().map(SubValue::Bytes).collect();
         self.insert(&mut state, h, Record { header, signature }, subs, attestation, opts.durability)?;
         Ok(h)
     }
@@ -565,7 +566,32 @@ impl Capsule {
             .into());
         }
         check_record_claims(self.id, h, &record)?;
-        Ok(Incoming { hash: h, record, subs })
+        Ok(Incoming { hash: h, record, subs: subs.into_iter().map(SubValue::Bytes).collect() })
+    }
+
+    /// Writes the large sub-records of `incoming` to the store now (`CapsuleStore::stage`),
+    /// so that `ingest_checked` only names them. For records that will be stored: a stream's
+    /// next batch is copied in while the one before is synced. A record already held is left
+    /// as it is, so a batch pushed twice does not fill the store twice.
+    pub fn stage(&self, incoming: &mut Incoming) -> Result<()> {
+        if self.store.has_record(&incoming.hash)? {
+            return Ok(());
+        }
+        let values: Vec<&[u8]> = incoming
+            .subs
+            .iter()
+            .map(|s| match s {
+                SubValue::Bytes(bytes) => bytes.as_slice(),
+                SubValue::Staged(_) => &[],
+            })
+            .collect();
+        let staged = self.store.stage(&values)?;
+        for (sub, staged) in incoming.subs.iter_mut().zip(staged) {
+            if let Some(staged) = staged {
+                *sub = SubValue::Staged(staged);
+            }
+        }
+        Ok(())
     }
 
     /// Stores a record `check_incoming` passed, once its parents are known and its sequence
@@ -587,7 +613,7 @@ impl Capsule {
         state: &mut WriteState,
         h: RecordHash,
         record: Record,
-        subs: Vec<Vec<u8>>,
+        subs: Vec<SubValue>,
         attestation: Option<[u8; 32]>,
         durability: Durability,
     ) -> Result<()> {
@@ -888,7 +914,7 @@ impl Capsule {
         for (i, bytes) in source.run_holding(record, idx)? {
             match prover.check_sub_record(record, i, bytes.clone()) {
                 Ok(proven) => {
-                    batch.put_sub_record(&record, i, bytes);
+                    batch.put_sub_record(&record, i, SubValue::Bytes(bytes));
                     if i == idx {
                         asked = Some(proven);
                     }

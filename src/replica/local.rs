@@ -60,24 +60,32 @@ impl Capsule {
     }
 
     /// Every check of a batch that needs no store: each record's encoding, payloads, rights
-    /// and signature (`check_incoming`), and the batch's size. A server runs it for a stream's
-    /// next batch while the one before is stored; `put_checked` does the rest.
+    /// and signature (`check_incoming`), and the batch's size. Then the large sub-records of
+    /// each record the batch anchors (signed, or named by an anchored record after it) are
+    /// written to the store ahead (`Capsule::stage`), none of a stranger's. A server runs
+    /// this for a stream's next batch while the one before is synced and stored;
+    /// `put_checked` does the rest.
     pub fn check_alone(&self, bundles: &[Bundle]) -> Result<Vec<Incoming>> {
         if bundles.iter().map(Bundle::size).sum::<usize>() > MAX_BATCH_BYTES + (16 << 20) {
             return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
         }
-        bundles
+        let mut checked = bundles
             .iter()
             .map(|b| {
                 let payloads: Vec<&[u8]> = b.payloads.iter().map(Vec::as_slice).collect();
                 self.check_incoming(&b.record, &payloads)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let anchored = anchored_in(&checked);
+        for incoming in checked.iter_mut().filter(|i| anchored.contains(&i.hash())) {
+            self.stage(incoming)?;
+        }
+        Ok(checked)
     }
 
     /// Stores a batch `check_alone` passed, once the checks that need the store pass for the
     /// batch as a whole: every record's parents stored or earlier in the batch, and every
-    /// unsigned record with a signed descendant in the batch, so that nobody without an
+    /// unsigned record anchored by the batch or already held, so that nobody without an
     /// authorized writer's key can make a replica store anything. Acknowledged means durable:
     /// one sync for the whole batch. Returns how many records were new.
     pub fn put_checked(&self, checked: Vec<Incoming>) -> Result<usize> {
@@ -92,16 +100,10 @@ impl Capsule {
             }
             earlier.insert(h);
         }
-        // Children come after their parents: walking back, a record is anchored when it is
-        // signed or an anchored record later in the batch names it.
-        let mut anchored: HashSet<RecordHash> = HashSet::new();
-        for incoming in checked.iter().rev() {
-            let h = incoming.hash();
-            if incoming.record().signature.is_some() || anchored.contains(&h) {
-                anchored.extend(incoming.record().header.parents.iter().copied());
-                anchored.insert(h);
-            } else if !self.store().has_record(&h)? {
-                return Err(VerifyError::Unanchored { record: h }.into());
+        let anchored = anchored_in(&checked);
+        for incoming in &checked {
+            if !anchored.contains(&incoming.hash()) && !self.store().has_record(&incoming.hash())? {
+                return Err(VerifyError::Unanchored { record: incoming.hash() }.into());
             }
         }
         let mut stored = 0;
@@ -208,4 +210,17 @@ impl Replica for Capsule {
     fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {
         self.put_checked(self.check_alone(&bundles)?)
     }
+}
+
+/// The records of a batch (children after their parents) that it anchors: walking back, a
+/// record is anchored when it is signed or an anchored record later in the batch names it.
+fn anchored_in(checked: &[Incoming]) -> HashSet<RecordHash> {
+    let mut anchored = HashSet::new();
+    for incoming in checked.iter().rev() {
+        if incoming.record().signature.is_some() || anchored.contains(&incoming.hash()) {
+            anchored.extend(incoming.record().header.parents.iter().copied());
+            anchored.insert(incoming.hash());
+        }
+    }
+    anchored
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
-use super::kv::{Batch, Cf, Durability, Kv};
+use super::kv::{Batch, Cf, Durability, Kv, Staged};
 use crate::record::{DeviceId, RecordHash, Seq, SubIdx, WriterId};
 use crate::{Result, StoreError};
 
@@ -232,6 +232,11 @@ impl CapsuleStore {
         StoreBatch { batch: Batch::default() }
     }
 
+    /// Writes large sub-record values ahead of the batch that names them (`Kv::stage`).
+    pub fn stage(&self, values: &[&[u8]]) -> Result<Vec<Option<Staged>>> {
+        self.kv.stage(values)
+    }
+
     pub fn write(&self, batch: StoreBatch, durability: Durability) -> Result<()> {
         if batch.batch.is_empty() {
             return Ok(());
@@ -248,6 +253,13 @@ impl CapsuleStore {
     pub fn kv(&self) -> &dyn Kv {
         &*self.kv
     }
+}
+
+/// A sub-record's stored bytes: carried by the batch, or written ahead of it
+/// (`CapsuleStore::stage`).
+pub enum SubValue {
+    Bytes(Vec<u8>),
+    Staged(Staged),
 }
 
 /// Typed writes, applied together by `CapsuleStore::write`.
@@ -294,8 +306,11 @@ impl StoreBatch {
         heads
     }
 
-    pub fn put_sub_record(&mut self, h: &RecordHash, idx: SubIdx, bytes: Vec<u8>) {
-        self.batch.put(Cf::Subs, sub_key(h, idx), bytes);
+    pub fn put_sub_record(&mut self, h: &RecordHash, idx: SubIdx, value: SubValue) {
+        match value {
+            SubValue::Bytes(bytes) => self.batch.put(Cf::Subs, sub_key(h, idx), bytes),
+            SubValue::Staged(staged) => self.batch.put_staged(Cf::Subs, sub_key(h, idx), staged),
+        }
     }
 
     pub fn put_frontier(&mut self, h: &RecordHash, kept: Vec<u8>) {

@@ -10,5 +10,5 @@ pub mod mem;
 pub mod packs;
 pub mod rocks;
 
-pub use capsule_store::{CapsuleStore, Evidence, StoreBatch, Witness};
+pub use capsule_store::{CapsuleStore, Evidence, StoreBatch, SubValue, Witness};
 pub use kv::{Batch, Cf, Durability, Kv};

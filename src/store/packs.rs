@@ -9,12 +9,17 @@
 //! Ordering: `Packs::sync` (fdatasync) runs before any RocksDB write that names a new value,
 //! so a location that reaches disk never points at bytes that did not. A crash may leave
 //! bytes past the last named value; later appends simply start after them.
+//!
+//! Appends are numbered, and a sync says how far it reached (`sync_through`), so one thread
+//! can append while another waits for the disk: a server copies the next batch's values in
+//! while the batch before is synced and indexed. One fdatasync runs at a time; a caller
+//! whose appends an earlier sync already covered does not wait for another.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use crate::{Error, Result, StoreError};
 
@@ -55,14 +60,23 @@ struct Writer {
     pack: u32,
     file: Arc<File>,
     end: u64,
-    /// Bytes appended since the last fdatasync.
-    unsynced: bool,
+    /// Appends so far (this process), numbered from 1.
+    appended: u64,
+}
+
+/// How far syncs reached: every append numbered up to `through` is durable.
+#[derive(Default)]
+struct Synced {
+    through: u64,
+    running: bool,
 }
 
 pub struct Packs {
     dir: PathBuf,
     writer: Mutex<Writer>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
+    synced: Mutex<Synced>,
+    sync_done: Condvar,
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> Error {
@@ -90,7 +104,7 @@ fn resume(dir: &Path, pack: u32) -> Result<Writer> {
     if end >= PACK_LIMIT {
         return start(dir, pack + 1);
     }
-    Ok(Writer { pack, file: Arc::new(file), end, unsynced: false })
+    Ok(Writer { pack, file: Arc::new(file), end, appended: 0 })
 }
 
 /// Creates pack `pack` durably (file and directory entry) before any location in it can be
@@ -102,7 +116,7 @@ fn start(dir: &Path, pack: u32) -> Result<Writer> {
     file.write_all_at(MAGIC, 0).map_err(|e| io_error(&path, e))?;
     file.sync_all().map_err(|e| io_error(&path, e))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error(dir, e))?;
-    Ok(Writer { pack, file: Arc::new(file), end: MAGIC.len() as u64, unsynced: false })
+    Ok(Writer { pack, file: Arc::new(file), end: MAGIC.len() as u64, appended: 0 })
 }
 
 impl Packs {
@@ -121,17 +135,22 @@ impl Packs {
             None => start(dir, 1)?,
         };
         let readers = RwLock::new(HashMap::from([(writer.pack, writer.file.clone())]));
-        Ok(Self { dir: dir.to_owned(), writer: Mutex::new(writer), readers })
+        let (writer, synced) = (Mutex::new(writer), Mutex::new(Synced::default()));
+        Ok(Self { dir: dir.to_owned(), writer, readers, synced, sync_done: Condvar::new() })
     }
 
-    /// Appends `values` (not yet durable: see `sync`) and returns where each one went.
-    pub fn append(&self, values: &[&[u8]]) -> Result<Vec<PackLoc>> {
+    /// Appends `values` (not yet durable: see `sync_through`) and returns where each one went,
+    /// and the number of this append.
+    pub fn append(&self, values: &[&[u8]]) -> Result<(Vec<PackLoc>, u64)> {
         let mut w = self.writer.lock().expect("no panics while locked");
         let mut locs = Vec::with_capacity(values.len());
         for value in values {
             if w.end >= PACK_LIMIT {
-                self.sync_writer(&mut w)?;
+                // The full pack is synced here, so a later sync of the new one covers both.
+                w.file.sync_data().map_err(|e| io_error(&pack_path(&self.dir, w.pack), e))?;
+                let appended = w.appended;
                 *w = start(&self.dir, w.pack + 1)?;
+                w.appended = appended;
                 self.readers.write().expect("no panics while locked").insert(w.pack, w.file.clone());
             }
             let len = u32::try_from(value.len())
@@ -139,22 +158,45 @@ impl Packs {
             w.file.write_all_at(value, w.end).map_err(|e| io_error(&pack_path(&self.dir, w.pack), e))?;
             locs.push(PackLoc { pack: w.pack, offset: w.end, len });
             w.end += u64::from(len);
-            w.unsynced = true;
         }
-        Ok(locs)
+        w.appended += 1;
+        Ok((locs, w.appended))
     }
 
     /// Makes every appended value durable.
     pub fn sync(&self) -> Result<()> {
-        self.sync_writer(&mut self.writer.lock().expect("no panics while locked"))
+        let appended = self.writer.lock().expect("no panics while locked").appended;
+        self.sync_through(appended)
     }
 
-    fn sync_writer(&self, w: &mut Writer) -> Result<()> {
-        if w.unsynced {
-            w.file.sync_data().map_err(|e| io_error(&pack_path(&self.dir, w.pack), e))?;
-            w.unsynced = false;
+    /// Makes the values of append number `through` and every one before it durable: at once
+    /// if a sync reached them already, else after the sync running now, or by one of its own.
+    pub fn sync_through(&self, through: u64) -> Result<()> {
+        let mut synced = self.synced.lock().expect("no panics while locked");
+        loop {
+            if synced.through >= through {
+                return Ok(());
+            }
+            if !synced.running {
+                break;
+            }
+            synced = self.sync_done.wait(synced).expect("no panics while locked");
         }
-        Ok(())
+        synced.running = true;
+        drop(synced);
+        // Every append numbered up to `reached` finished before the fdatasync starts.
+        let (file, pack, reached) = {
+            let w = self.writer.lock().expect("no panics while locked");
+            (w.file.clone(), w.pack, w.appended)
+        };
+        let done = file.sync_data();
+        let mut synced = self.synced.lock().expect("no panics while locked");
+        synced.running = false;
+        if done.is_ok() {
+            synced.through = synced.through.max(reached);
+        }
+        self.sync_done.notify_all();
+        done.map_err(|e| io_error(&pack_path(&self.dir, pack), e))
     }
 
     /// The value at `loc`. A location past the end of its pack is store corruption: RocksDB
@@ -192,7 +234,7 @@ mod tests {
     fn values_survive_reopen_and_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let packs = Packs::open(dir.path(), true).unwrap();
-        let locs = packs.append(&[b"first", &[7; 70_000]]).unwrap();
+        let (locs, _) = packs.append(&[b"first", &[7; 70_000]]).unwrap();
         packs.sync().unwrap();
         drop(packs);
         // A crash mid-append leaves bytes that no location names.
@@ -202,7 +244,7 @@ mod tests {
         let packs = Packs::open(dir.path(), false).unwrap();
         assert_eq!(packs.read(locs[0]).unwrap(), b"first");
         assert_eq!(packs.read(locs[1]).unwrap(), vec![7; 70_000]);
-        let after = packs.append(&[b"later"]).unwrap()[0];
+        let after = packs.append(&[b"later"]).unwrap().0[0];
         assert_eq!(after.offset, torn_end, "appends start after the torn bytes");
         assert_eq!(packs.read(after).unwrap(), b"later");
     }
@@ -211,7 +253,7 @@ mod tests {
     fn a_location_past_the_end_is_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let packs = Packs::open(dir.path(), true).unwrap();
-        let loc = packs.append(&[b"value"]).unwrap()[0];
+        let loc = packs.append(&[b"value"]).unwrap().0[0];
         let err = packs.read(PackLoc { len: 100, ..loc }).unwrap_err();
         assert!(matches!(err, Error::Store(StoreError::Corrupted(_))), "{err}");
         let err = packs.read(PackLoc { pack: 9, ..loc }).unwrap_err();
@@ -224,5 +266,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(pack_path(dir.path(), 4), b"not a pack").unwrap();
         assert!(matches!(Packs::open(dir.path(), false), Err(Error::Store(StoreError::Corrupted(_)))));
+    }
+
+    #[test]
+    fn appends_and_syncs_from_several_threads_cover_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(dir.path(), true).unwrap();
+        let written: Vec<Vec<(PackLoc, Vec<u8>)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..3u8)
+                .map(|t| {
+                    let packs = &packs;
+                    s.spawn(move || {
+                        (0..40u8)
+                            .map(|i| {
+                                let value = vec![t * 64 + i; 20_000 + usize::from(i)];
+                                let (locs, append) = packs.append(&[&value]).unwrap();
+                                packs.sync_through(append).unwrap();
+                                (locs[0], value)
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let synced = packs.synced.lock().unwrap().through;
+        assert_eq!(synced, 120, "every append was covered by some sync");
+        for (loc, value) in written.into_iter().flatten() {
+            assert_eq!(packs.read(loc).unwrap(), value);
+        }
     }
 }

@@ -23,7 +23,7 @@ use rocksdb::{
 use std::sync::Mutex;
 
 use super::journal::{Journal, Stamp};
-use super::kv::{Batch, Cf, Durability, Entries, Kv, prefix_end};
+use super::kv::{Batch, Cf, Durability, Entries, Kv, Staged, prefix_end};
 use super::packs::{PackLoc, Packs};
 use crate::{Result, StoreError};
 
@@ -185,15 +185,22 @@ impl Kv for RocksKv {
             batch.ops.iter().filter(|(cf, _, v)| to_pack(cf, v)).filter_map(|(_, _, v)| v.as_deref()).collect();
         let mut locs = Vec::new().into_iter();
         if !large.is_empty() {
-            locs = self.packs.append(&large)?.into_iter();
+            let (appended, append) = self.packs.append(&large)?;
+            locs = appended.into_iter();
             // Cached bytes can be fetched again: they are not synced, so a power cut may leave
             // a kept location naming bytes that never reached the disk. The sparse replica's
             // read finds them unproven and fetches them again (`Capsule::read_sub_record`).
             if durability != Durability::Cache {
-                self.packs.sync()?;
+                self.packs.sync_through(append)?;
             }
         }
+        if let Some(append) = batch.staged.iter().map(|(_, _, staged)| staged.append).max() {
+            self.packs.sync_through(append)?;
+        }
         let mut wb = WriteBatch::default();
+        for (cf, key, staged) in &batch.staged {
+            wb.put_cf(self.cf(*cf), key, [&[IN_PACK][..], &staged.loc.encode()].concat());
+        }
         for (cf, key, value) in &batch.ops {
             match value {
                 Some(_) if to_pack(cf, value) => {
@@ -233,6 +240,19 @@ impl Kv for RocksKv {
                 Ok(())
             }
         }
+    }
+
+    fn stage(&self, values: &[&[u8]]) -> Result<Vec<Option<Staged>>> {
+        let large: Vec<&[u8]> = values.iter().copied().filter(|v| v.len() >= PACK_MIN).collect();
+        if large.is_empty() {
+            return Ok(vec![None; values.len()]);
+        }
+        let (locs, append) = self.packs.append(&large)?;
+        let mut locs = locs.into_iter();
+        Ok(values
+            .iter()
+            .map(|v| (v.len() >= PACK_MIN).then(|| Staged { loc: locs.next().expect("one location a value"), append }))
+            .collect())
     }
 
     /// Pack values are synced before any batch names them, so only the WAL is left.

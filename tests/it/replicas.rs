@@ -200,3 +200,34 @@ fn many_heads_on_both_sides_cost_a_sketch_of_the_difference_not_a_list() {
     assert!(pulled.reconcile_sent + pulled.reconcile_received < list_cost / 2, "{pulled:?}");
     assert_eq!(laptop.heads().unwrap(), server.heads().unwrap());
 }
+
+/// Bytes in the pack files of a RocksDB store at `dir`.
+fn pack_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("packs")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+#[test]
+fn a_rocksdb_replica_writes_ahead_only_what_it_will_keep() {
+    // On RocksDB, a batch's large sub-records go to a pack before the batch is stored
+    // (`Capsule::stage`): a record already held, or one nobody authorized anchors, must not
+    // put bytes there, or re-sent batches and strangers would fill the disk.
+    let f = fixture();
+    let big = vec![7u8; 64 << 10];
+    f.cap.append(&f.owner, &[&big, b"small"], signed()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kv = Arc::new(capsulefs::store::rocks::RocksKv::open(dir.path(), true).unwrap()) as Arc<dyn Kv>;
+    let server = Capsule::adopt(kv, f.cap.id(), &f.cap.metadata_bytes(), Vec::new()).unwrap();
+    let empty = pack_bytes(dir.path());
+    assert_eq!(push(&f.cap, &server, &()).unwrap().records, 1);
+    let once = pack_bytes(dir.path());
+    assert!(once >= empty + big.len() as u64, "the large sub-record went to a pack");
+    assert_eq!(server.audit().unwrap().records, 1, "and is proven from there");
+    let head = f.cap.heads().unwrap()[0];
+    let batch = Replica::fetch(&f.cap, &[head]).unwrap();
+    assert_eq!(server.put(batch, None).unwrap(), 0, "already held");
+    assert_eq!(pack_bytes(dir.path()), once, "a batch sent twice is written once");
+    let stranger = f.make(&f.other, 1, &[head], &[&big], false);
+    let refused = server.put(vec![Bundle { record: stranger, payloads: vec![big.clone()] }], None);
+    assert!(matches!(refused, Err(capsulefs::Error::Verify(VerifyError::Unanchored { .. }))), "{refused:?}");
+    assert_eq!(pack_bytes(dir.path()), once, "an unanchored record writes nothing");
+}
