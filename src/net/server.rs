@@ -515,11 +515,11 @@ fn batch_bytes(bundles: &[Bundle]) -> u64 {
 }
 
 /// Reads `body` as frames (`frames::FrameDecoder`: each piece is copied once, into the record
-/// or payload it belongs to), each batch's checks started and handed to `batches`; ends at the end of the body, or
-/// when `batches` is closed (its taker refused a batch), or on a body cut inside a frame, an
-/// oversized or undecodable frame, or `REQUEST_TIME` without a piece. After a refusal the rest
-/// is read and dropped, up to `DRAIN` bytes, so that a client still sending gets the answer
-/// that says why.
+/// or payload it belongs to), starts each batch's checks and hands them to `batches`; ends at
+/// the end of the body, or when `batches` is closed (its taker refused a batch), or on a body
+/// cut inside a frame, an oversized or undecodable frame, or `REQUEST_TIME` without a piece.
+/// After a refusal the rest is read and dropped, up to `DRAIN` bytes, so that a client still
+/// sending gets the answer that says why.
 async fn read_frames(
     mut body: Body,
     capsule: &Arc<Capsule>,
