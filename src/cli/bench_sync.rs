@@ -315,7 +315,8 @@ const METHODS: [(&str, Method); 4] =
     [("bloom+walk", bloom_then_walk), ("walk", walking), ("all ids", all_ids), ("heads (ours)", by_heads)];
 
 /// A tree of `mib` MiB in 64 files, a capsule holding it, and the timings of pushing the
-/// capsule to a fresh server against rsync -a of the tree to an rsync daemon.
+/// capsule to a fresh server against rsync -a of the tree to an rsync daemon (and with
+/// --fsync).
 fn push_against_rsync(dir: &Path, me: &Identity, mib: usize) -> anyhow::Result<Timings> {
     let tree = dir.join("tree");
     std::fs::create_dir_all(&tree)?;
