@@ -17,7 +17,7 @@ use crate::proof::{CacheStats, CacheUse, ProofCache, Prover, RecordProof, SubRec
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{
     CapsuleId, DeviceId, KeyGen, Metadata, NodeHash, Params, Payload, Record, RecordHash, RecordHeader, RecordKind,
-    Seq, SignedMetadata, SubIdx, SubRecordBuf, WriterId, merkle,
+    Seq, SignedMetadata, SubIdx, SubRecord, SubRecordBuf, WriterId, merkle,
 };
 use crate::replica::Replica;
 use crate::replica::prefetch::SubRecordSource;
@@ -553,9 +553,16 @@ impl Capsule {
     /// Every check of a record from elsewhere that needs no store: encoding, payloads against
     /// its Merkle root, capsule, writer rights and signature. `ingest_checked` stores it.
     pub fn check_incoming(&self, record_bytes: &[u8], payloads: &[&[u8]]) -> Result<Incoming> {
+        self.check_incoming_owned(record_bytes, payloads.iter().map(|p| p.to_vec()).collect())
+    }
+
+    /// `check_incoming` of payloads it may keep: each becomes its sub-record as it is, between
+    /// its length and its Merkle path (`SubValue::Pieces`), not copied into a buffer of its own.
+    pub fn check_incoming_owned(&self, record_bytes: &[u8], payloads: Vec<Vec<u8>>) -> Result<Incoming> {
         let record = Record::decode(record_bytes).map_err(VerifyError::Undecodable)?;
         let h = record.hash();
-        let (root, subs) = sub_records(copied(payloads));
+        let leaves: Vec<NodeHash> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();
+        let (root, paths) = merkle::build(&leaves);
         if root != record.header.merkle_root || payloads.len() != record.header.sub_count as usize {
             return Err(VerifyError::PayloadMismatch {
                 record: h,
@@ -566,7 +573,15 @@ impl Capsule {
             .into());
         }
         check_record_claims(self.id, h, &record)?;
-        Ok(Incoming { hash: h, record, subs: subs.into_iter().map(SubValue::Bytes).collect() })
+        let subs = payloads
+            .into_iter()
+            .zip(&paths)
+            .map(|(body, path)| {
+                let (head, tail) = SubRecord::around(&body, path);
+                SubValue::Pieces { head, body, tail }
+            })
+            .collect();
+        Ok(Incoming { hash: h, record, subs })
     }
 
     /// Writes the large sub-records of `incoming` to the store now (`CapsuleStore::stage`),
@@ -577,14 +592,7 @@ impl Capsule {
         if self.store.has_record(&incoming.hash)? {
             return Ok(());
         }
-        let values: Vec<&[u8]> = incoming
-            .subs
-            .iter()
-            .map(|s| match s {
-                SubValue::Bytes(bytes) => bytes.as_slice(),
-                SubValue::Staged(_) => &[],
-            })
-            .collect();
+        let values: Vec<Vec<&[u8]>> = incoming.subs.iter().map(SubValue::pieces).collect();
         let staged = self.store.stage(&values)?;
         for (sub, staged) in incoming.subs.iter_mut().zip(staged) {
             if let Some(staged) = staged {

@@ -463,7 +463,8 @@ async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes
     blocking(s, move |s| {
         let capsule = s.held(capsule_id(&id)?)?;
         let bundles: Vec<Bundle> = decode(&body)?;
-        let stored = s.store_checked(&capsule, capsule.check_alone(&bundles)?, batch_bytes(&bundles))?;
+        let bytes = batch_bytes(&bundles);
+        let stored = s.store_checked(&capsule, capsule.check_alone(bundles)?, bytes)?;
         Ok(borsh_body(&(stored as u64)))
     })
     .await
@@ -541,7 +542,8 @@ async fn read_frames(
     while let Some(data) = next_piece().await? {
         for batch in decoder.take(&data).map_err(|e| Error::Invalid(format!("record stream: {e}")))? {
             let capsule = capsule.clone();
-            let checking = tokio::task::spawn_blocking(move || Ok((capsule.check_alone(&batch)?, batch_bytes(&batch))));
+            let bytes = batch_bytes(&batch);
+            let checking = tokio::task::spawn_blocking(move || Ok((capsule.check_alone(batch)?, bytes)));
             if batches.send(checking).await.is_err() {
                 let mut dropped = 0;
                 while dropped < DRAIN

@@ -63,6 +63,13 @@ impl SubRecord {
     pub fn encode(&self) -> Vec<u8> {
         SubRecordBuf::copied(&self.data).finish(&self.path)
     }
+
+    /// What goes before and after `payload` in its stored encoding (its length; its path):
+    /// for a received payload written out in pieces rather than copied to be joined.
+    pub fn around(payload: &[u8], path: &MerklePath) -> ([u8; LEN_PREFIX], Vec<u8>) {
+        let len = u32::try_from(payload.len()).expect("payloads are far below 4 GiB");
+        (len.to_le_bytes(), borsh::to_vec(path).expect("borsh writes to a Vec cannot fail"))
+    }
 }
 
 /// A sub-record built in the buffer it will be stored from: length prefix, payload, then
@@ -121,5 +128,7 @@ mod tests {
         let bytes = SubRecordBuf::copied(b"bc").finish(&paths[1]);
         assert_eq!(bytes, codec::encode(&owned));
         assert_eq!(SubRecord::decode(&bytes).unwrap(), owned);
+        let (head, tail) = SubRecord::around(b"bc", &paths[1]);
+        assert_eq!([&head[..], b"bc", &tail].concat(), bytes);
     }
 }

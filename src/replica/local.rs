@@ -65,16 +65,13 @@ impl Capsule {
     /// written to the store ahead (`Capsule::stage`), none of a stranger's. A server runs
     /// this for a stream's next batch while the one before is synced and stored;
     /// `put_checked` does the rest.
-    pub fn check_alone(&self, bundles: &[Bundle]) -> Result<Vec<Incoming>> {
+    pub fn check_alone(&self, bundles: Vec<Bundle>) -> Result<Vec<Incoming>> {
         if bundles.iter().map(Bundle::size).sum::<usize>() > MAX_BATCH_BYTES + (16 << 20) {
             return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
         }
         let mut checked = bundles
-            .iter()
-            .map(|b| {
-                let payloads: Vec<&[u8]> = b.payloads.iter().map(Vec::as_slice).collect();
-                self.check_incoming(&b.record, &payloads)
-            })
+            .into_iter()
+            .map(|b| self.check_incoming_owned(&b.record, b.payloads))
             .collect::<Result<Vec<_>>>()?;
         let anchored = anchored_in(&checked);
         for incoming in checked.iter_mut().filter(|i| anchored.contains(&i.hash())) {
@@ -208,7 +205,7 @@ impl Replica for Capsule {
     }
 
     fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {
-        self.put_checked(self.check_alone(&bundles)?)
+        self.put_checked(self.check_alone(bundles)?)
     }
 }
 

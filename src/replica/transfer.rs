@@ -191,11 +191,11 @@ fn take(
     if taking == Take::Headers && bundle.payloads.is_empty() {
         bundle.payloads = membership_payloads(remote, &bundle.record)?;
     }
+    let size = bundle.size() as u64;
     let incoming = if taking == Take::Headers && bundle.payloads.is_empty() {
         local.check_incoming_header(&bundle.record)?
     } else {
-        let payloads: Vec<&[u8]> = bundle.payloads.iter().map(Vec::as_slice).collect();
-        local.check_incoming(&bundle.record, &payloads)?
+        local.check_incoming_owned(&bundle.record, bundle.payloads)?
     };
     if let Some(expected) = expected
         && incoming.hash() != expected
@@ -206,7 +206,7 @@ fn take(
             incoming.hash()
         )));
     }
-    report.bytes += bundle.size() as u64;
+    report.bytes += size;
     let hash = incoming.hash();
     match local.ingest_checked(incoming, Durability::Buffered) {
         Ok(Ingested::Stored(_)) => report.records += 1,

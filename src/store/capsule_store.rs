@@ -233,7 +233,7 @@ impl CapsuleStore {
     }
 
     /// Writes large sub-record values ahead of the batch that names them (`Kv::stage`).
-    pub fn stage(&self, values: &[&[u8]]) -> Result<Vec<Option<Staged>>> {
+    pub fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
         self.kv.stage(values)
     }
 
@@ -255,11 +255,24 @@ impl CapsuleStore {
     }
 }
 
-/// A sub-record's stored bytes: carried by the batch, or written ahead of it
-/// (`CapsuleStore::stage`).
+/// A sub-record's stored bytes: carried by the batch (whole, or as three pieces one after
+/// another: a received payload between its length and its path, not copied to be joined
+/// unless the batch carries it), or written ahead of it (`CapsuleStore::stage`).
 pub enum SubValue {
     Bytes(Vec<u8>),
+    Pieces { head: [u8; 4], body: Vec<u8>, tail: Vec<u8> },
     Staged(Staged),
+}
+
+impl SubValue {
+    /// The bytes to store, in order; none for a staged value.
+    pub fn pieces(&self) -> Vec<&[u8]> {
+        match self {
+            SubValue::Bytes(bytes) => vec![bytes],
+            SubValue::Pieces { head, body, tail } => vec![head, body, tail],
+            SubValue::Staged(_) => Vec::new(),
+        }
+    }
 }
 
 /// Typed writes, applied together by `CapsuleStore::write`.
@@ -309,6 +322,9 @@ impl StoreBatch {
     pub fn put_sub_record(&mut self, h: &RecordHash, idx: SubIdx, value: SubValue) {
         match value {
             SubValue::Bytes(bytes) => self.batch.put(Cf::Subs, sub_key(h, idx), bytes),
+            SubValue::Pieces { head, body, tail } => {
+                self.batch.put(Cf::Subs, sub_key(h, idx), [&head[..], &body, &tail].concat())
+            }
             SubValue::Staged(staged) => self.batch.put_staged(Cf::Subs, sub_key(h, idx), staged),
         }
     }

@@ -112,11 +112,11 @@ pub trait Kv: Send + Sync {
         Ok(self.get(cf, key)?.map(|v| v.len()))
     }
     fn write(&self, batch: Batch, durability: Durability) -> Result<()>;
-    /// Writes the sub-record `values` the store keeps apart (large ones) now, for a batch to
-    /// name later (`Batch::put_staged`), so that copying them overlaps an earlier batch's
-    /// sync; None for a value the batch must carry itself, and for every value in a store
-    /// that keeps none apart.
-    fn stage(&self, values: &[&[u8]]) -> Result<Vec<Option<Staged>>> {
+    /// Writes the sub-record `values` (each as its pieces, one after another) the store keeps
+    /// apart (large ones) now, for a batch to name later (`Batch::put_staged`), so that
+    /// copying them overlaps an earlier batch's sync; None for a value the batch must carry
+    /// itself, and for every value in a store that keeps none apart.
+    fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
         Ok(vec![None; values.len()])
     }
     /// Makes every write so far durable (as if each had been `Durability::Durable`).

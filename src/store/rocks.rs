@@ -181,8 +181,14 @@ impl Kv for RocksKv {
             Durability::Durable => large_bytes > INLINE_DURABLE_MAX,
         };
         let to_pack = |cf: &Cf, v: &Option<Vec<u8>>| packing && is_large(cf, v);
-        let large: Vec<&[u8]> =
-            batch.ops.iter().filter(|(cf, _, v)| to_pack(cf, v)).filter_map(|(_, _, v)| v.as_deref()).collect();
+        let large: Vec<[&[u8]; 1]> = batch
+            .ops
+            .iter()
+            .filter(|(cf, _, v)| to_pack(cf, v))
+            .filter_map(|(_, _, v)| v.as_deref())
+            .map(|v| [v])
+            .collect();
+        let large: Vec<&[&[u8]]> = large.iter().map(|v| &v[..]).collect();
         let mut locs = Vec::new().into_iter();
         if !large.is_empty() {
             let (appended, append) = self.packs.append(&large)?;
@@ -242,8 +248,9 @@ impl Kv for RocksKv {
         }
     }
 
-    fn stage(&self, values: &[&[u8]]) -> Result<Vec<Option<Staged>>> {
-        let large: Vec<&[u8]> = values.iter().copied().filter(|v| v.len() >= PACK_MIN).collect();
+    fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
+        let is_large = |pieces: &Vec<&[u8]>| pieces.iter().map(|p| p.len()).sum::<usize>() >= PACK_MIN;
+        let large: Vec<&[&[u8]]> = values.iter().filter(|v| is_large(v)).map(Vec::as_slice).collect();
         if large.is_empty() {
             return Ok(vec![None; values.len()]);
         }
@@ -251,7 +258,7 @@ impl Kv for RocksKv {
         let mut locs = locs.into_iter();
         Ok(values
             .iter()
-            .map(|v| (v.len() >= PACK_MIN).then(|| Staged { loc: locs.next().expect("one location a value"), append }))
+            .map(|v| is_large(v).then(|| Staged { loc: locs.next().expect("one location a value"), append }))
             .collect())
     }
 
