@@ -547,18 +547,17 @@ impl Capsule {
     /// everything: encoding, payloads against the Merkle root, capsule, writer rights,
     /// signature, known parents and sequence-number uniqueness.
     pub fn ingest(&self, record_bytes: &[u8], payloads: &[&[u8]], durability: Durability) -> Result<Ingested> {
-        self.ingest_checked(self.check_incoming(record_bytes, payloads)?, durability)
+        self.ingest_checked(
+            self.check_incoming(record_bytes, payloads.iter().map(|p| p.to_vec()).collect())?,
+            durability,
+        )
     }
 
     /// Every check of a record from elsewhere that needs no store: encoding, payloads against
-    /// its Merkle root, capsule, writer rights and signature. `ingest_checked` stores it.
-    pub fn check_incoming(&self, record_bytes: &[u8], payloads: &[&[u8]]) -> Result<Incoming> {
-        self.check_incoming_owned(record_bytes, payloads.iter().map(|p| p.to_vec()).collect())
-    }
-
-    /// `check_incoming` of payloads it may keep: each becomes its sub-record as it is, between
-    /// its length and its Merkle path (`SubValue::Pieces`), not copied into a buffer of its own.
-    pub fn check_incoming_owned(&self, record_bytes: &[u8], payloads: Vec<Vec<u8>>) -> Result<Incoming> {
+    /// its Merkle root, capsule, writer rights and signature. `ingest_checked` stores it. Each
+    /// payload becomes its sub-record where it lies, between its length and its Merkle path
+    /// (`SubValue::Pieces`), not copied into a buffer of its own.
+    pub fn check_incoming(&self, record_bytes: &[u8], payloads: Vec<Vec<u8>>) -> Result<Incoming> {
         let record = Record::decode(record_bytes).map_err(VerifyError::Undecodable)?;
         let h = record.hash();
         let leaves: Vec<NodeHash> = payloads.iter().map(|p| merkle::leaf_hash(p)).collect();

@@ -69,10 +69,8 @@ impl Capsule {
         if bundles.iter().map(Bundle::size).sum::<usize>() > MAX_BATCH_BYTES + (16 << 20) {
             return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
         }
-        let mut checked = bundles
-            .into_iter()
-            .map(|b| self.check_incoming_owned(&b.record, b.payloads))
-            .collect::<Result<Vec<_>>>()?;
+        let mut checked =
+            bundles.into_iter().map(|b| self.check_incoming(&b.record, b.payloads)).collect::<Result<Vec<_>>>()?;
         let anchored = anchored_in(&checked);
         for incoming in checked.iter_mut().filter(|i| anchored.contains(&i.hash())) {
             self.stage(incoming)?;

@@ -195,7 +195,7 @@ fn take(
     let incoming = if taking == Take::Headers && bundle.payloads.is_empty() {
         local.check_incoming_header(&bundle.record)?
     } else {
-        local.check_incoming_owned(&bundle.record, bundle.payloads)?
+        local.check_incoming(&bundle.record, bundle.payloads)?
     };
     if let Some(expected) = expected
         && incoming.hash() != expected

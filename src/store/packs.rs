@@ -141,10 +141,10 @@ impl Packs {
 
     /// Appends `values`, each given as its pieces (not yet durable: see `sync_through`), and
     /// returns where each one went, and the number of this append.
-    pub fn append(&self, values: &[&[&[u8]]]) -> Result<(Vec<PackLoc>, u64)> {
+    pub fn append<'a, V: AsRef<[&'a [u8]]>>(&self, values: &[V]) -> Result<(Vec<PackLoc>, u64)> {
         let mut w = self.writer.lock().expect("no panics while locked");
         let mut locs = Vec::with_capacity(values.len());
-        for value in values {
+        for value in values.iter().map(AsRef::as_ref) {
             if w.end >= PACK_LIMIT {
                 // The full pack is synced here, so a later sync of the new one covers both.
                 w.file.sync_data().map_err(|e| io_error(&pack_path(&self.dir, w.pack), e))?;
@@ -157,7 +157,7 @@ impl Packs {
             let len = u32::try_from(total)
                 .map_err(|_| Error::Invalid(format!("a value of {total} bytes is too large for a pack")))?;
             let mut at = w.end;
-            for piece in *value {
+            for piece in value {
                 w.file.write_all_at(piece, at).map_err(|e| io_error(&pack_path(&self.dir, w.pack), e))?;
                 at += piece.len() as u64;
             }
@@ -239,7 +239,7 @@ mod tests {
     fn values_survive_reopen_and_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let packs = Packs::open(dir.path(), true).unwrap();
-        let (locs, _) = packs.append(&[&[b"first"], &[&[7; 30_000], &[7; 40_000]]]).unwrap();
+        let (locs, _) = packs.append(&[vec![&b"first"[..]], vec![&[7; 30_000][..], &[7; 40_000][..]]]).unwrap();
         packs.sync().unwrap();
         drop(packs);
         // A crash mid-append leaves bytes that no location names.
@@ -249,7 +249,7 @@ mod tests {
         let packs = Packs::open(dir.path(), false).unwrap();
         assert_eq!(packs.read(locs[0]).unwrap(), b"first");
         assert_eq!(packs.read(locs[1]).unwrap(), vec![7; 70_000]);
-        let after = packs.append(&[&[b"later"]]).unwrap().0[0];
+        let after = packs.append(&[[&b"later"[..]]]).unwrap().0[0];
         assert_eq!(after.offset, torn_end, "appends start after the torn bytes");
         assert_eq!(packs.read(after).unwrap(), b"later");
     }
@@ -258,7 +258,7 @@ mod tests {
     fn a_location_past_the_end_is_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let packs = Packs::open(dir.path(), true).unwrap();
-        let loc = packs.append(&[&[b"value"]]).unwrap().0[0];
+        let loc = packs.append(&[[&b"value"[..]]]).unwrap().0[0];
         let err = packs.read(PackLoc { len: 100, ..loc }).unwrap_err();
         assert!(matches!(err, Error::Store(StoreError::Corrupted(_))), "{err}");
         let err = packs.read(PackLoc { pack: 9, ..loc }).unwrap_err();
@@ -285,7 +285,7 @@ mod tests {
                         (0..40u8)
                             .map(|i| {
                                 let value = vec![t * 64 + i; 20_000 + usize::from(i)];
-                                let (locs, append) = packs.append(&[&[&value]]).unwrap();
+                                let (locs, append) = packs.append(&[[&value[..]]]).unwrap();
                                 packs.sync_through(append).unwrap();
                                 (locs[0], value)
                             })

@@ -188,7 +188,6 @@ impl Kv for RocksKv {
             .filter_map(|(_, _, v)| v.as_deref())
             .map(|v| [v])
             .collect();
-        let large: Vec<&[&[u8]]> = large.iter().map(|v| &v[..]).collect();
         let mut locs = Vec::new().into_iter();
         if !large.is_empty() {
             let (appended, append) = self.packs.append(&large)?;
@@ -250,7 +249,7 @@ impl Kv for RocksKv {
 
     fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
         let is_large = |pieces: &Vec<&[u8]>| pieces.iter().map(|p| p.len()).sum::<usize>() >= PACK_MIN;
-        let large: Vec<&[&[u8]]> = values.iter().filter(|v| is_large(v)).map(Vec::as_slice).collect();
+        let large: Vec<&Vec<&[u8]>> = values.iter().filter(|v| is_large(v)).collect();
         if large.is_empty() {
             return Ok(vec![None; values.len()]);
         }
