@@ -3,11 +3,12 @@
 //! A RocksDB WAL sync is an fdatasync of a file that grows, which writes the file's new size
 //! as well as its bytes (measured on this VM: 215–240 us for a 2 KiB append plus fdatasync,
 //! 145–155 us for the same bytes written over blocks already on disk). Each
-//! batch `RocksKv` writes goes to its WAL unsynced (so a process crash loses nothing, and a
-//! read-only opener sees it) and is also appended here; a durable batch then syncs this file
-//! alone. After a power cut the WAL may have lost its unsynced tail: `RocksKv::open` replays
-//! the entries here that the database does not hold yet, found by the stamp each batch writes
-//! into the database along with its own keys.
+//! batch `RocksKv` writes is appended here first (so a process crash loses nothing) and then
+//! goes to its WAL unsynced (`applier.rs`, so that a read-only opener sees it); a durable
+//! batch syncs this file alone. After a crash the database may lack a batch written here (the
+//! process died before its WAL write, or a power cut took the WAL's unsynced tail):
+//! `RocksKv::open` replays the entries here that the database does not hold yet, found by the
+//! stamp each batch writes into the database along with its own keys.
 //!
 //! Layout: `FILE_BYTES` bytes, zero-filled and synced at creation, holding entries back to
 //! back from offset 0: payload length (u32 LE), epoch (u64 LE), sequence number (u64 LE), the
@@ -126,8 +127,8 @@ impl Journal {
         self.gap = true;
     }
 
-    /// Appends the entry for `stamp` (from `stamp_for`), syncing the file when `durable`.
-    pub fn append(&mut self, stamp: Stamp, payload: &[u8], durable: bool) -> Result<()> {
+    /// Writes the entry for `stamp` (from `stamp_for`); `sync` makes it durable.
+    pub fn append(&mut self, stamp: Stamp, payload: &[u8]) -> Result<()> {
         debug_assert_eq!(Some(stamp), self.stamp_for(payload.len()));
         let len = u32::try_from(payload.len()).expect("an entry fits in the journal");
         let mut entry = Vec::with_capacity(HEADER + payload.len());
@@ -139,10 +140,12 @@ impl Journal {
         self.file.write_all_at(&entry, self.pos).map_err(|e| io_error(&self.path, e))?;
         self.pos += entry.len() as u64;
         self.next.seq += 1;
-        if durable {
-            self.file.sync_data().map_err(|e| io_error(&self.path, e))?;
-        }
         Ok(())
+    }
+
+    /// Makes every entry written so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| io_error(&self.path, e))
     }
 }
 
@@ -193,15 +196,17 @@ mod tests {
         j.restart(None);
         for i in 0..3u8 {
             let s = j.stamp_for(10).unwrap();
-            j.append(s, &[i; 10], i == 2).unwrap();
+            j.append(s, &[i; 10]).unwrap();
         }
+        j.sync().unwrap();
         let (_, found) = Journal::open(&path).unwrap();
         assert_eq!(found.iter().map(|e| e.payload[0]).collect::<Vec<_>>(), [0, 1, 2]);
         // A new lap overwrites the start; the old lap's later entries no longer count.
         let (mut j, _) = Journal::open(&path).unwrap();
         j.restart(None);
         let s = j.stamp_for(10).unwrap();
-        j.append(s, &[9; 10], true).unwrap();
+        j.append(s, &[9; 10]).unwrap();
+        j.sync().unwrap();
         let (_, found) = Journal::open(&path).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].payload, [9; 10]);

@@ -3,6 +3,7 @@
 //! `Kv` is the backend interface (`rocks::RocksKv` on disk, `mem::MemKv` in tests);
 //! `CapsuleStore` gives the column families their typed keys and values.
 
+mod applier;
 pub mod capsule_store;
 pub mod journal;
 pub mod kv;

@@ -1,8 +1,9 @@
 //! The RocksDB `Kv`: one database per capsule, one column family per job.
 //!
-//! Crash safety: every batch (but `Durability::Cache`) goes through the WAL, unsynced, and
-//! into the fsync journal (`journal.rs`); `Durability::Durable` syncs the journal before
-//! returning, or the WAL when the batch does not fit in the journal's lap. On reopen the WAL is
+//! Crash safety: every batch (but `Durability::Cache`) goes into the fsync journal
+//! (`journal.rs`) and then, on the applier's thread (`applier.rs`), through the WAL, unsynced;
+//! `Durability::Durable` syncs the journal before returning, or the WAL when the batch does not
+//! fit in the journal's lap. On reopen the WAL is
 //! replayed in `TolerateCorruptedTailRecords` mode: a record torn by a crash mid-write is
 //! dropped, while corruption anywhere else fails the open with `StoreError::Corrupted` instead
 //! of silently rolling back (which `PointInTimeRecovery` would do). Then the journal's entries
@@ -20,8 +21,9 @@ use rocksdb::{
     WriteBatch, WriteOptions,
 };
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use super::applier::Applier;
 use super::journal::{Journal, Stamp};
 use super::kv::{Batch, Cf, Durability, Entries, Kv, Staged, prefix_end};
 use super::packs::{PackLoc, Packs};
@@ -44,12 +46,14 @@ const JOURNAL_STAMP_KEY: &[u8] = b"journal-stamp";
 const STAMP_PUT_MAX: usize = 16 + JOURNAL_STAMP_KEY.len() + Stamp::ENCODED_LEN;
 
 pub struct RocksKv {
-    db: DB,
+    db: Arc<DB>,
     packs: Packs,
     path: PathBuf,
     /// None when opened read-only (beside a mount), and then writes fail before any pack is
     /// touched.
     journal: Option<Mutex<Journal>>,
+    /// Writes journaled batches; every operation waits for it first. None when read-only.
+    applier: Option<Applier>,
 }
 
 impl RocksKv {
@@ -65,7 +69,7 @@ impl RocksKv {
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| store_error(path, e))?;
         let packs = Packs::open(&path.join("packs"), create)?;
         let (mut journal, entries) = Journal::open(&path.join("journal"))?;
-        let mut kv = Self { db, packs, path: path.to_owned(), journal: None };
+        let mut kv = Self { db: Arc::new(db), packs, path: path.to_owned(), journal: None, applier: None };
         let stored = kv.db.get_cf(kv.cf(Cf::Meta), JOURNAL_STAMP_KEY).map_err(|e| store_error(path, e))?;
         let stored = stored.as_deref().and_then(Stamp::decode);
         let lost: Vec<_> = entries.iter().filter(|e| Some(e.stamp) > stored).collect();
@@ -85,6 +89,7 @@ impl RocksKv {
         kv.sync()?;
         journal.restart(stored);
         kv.journal = Some(Mutex::new(journal));
+        kv.applier = Some(Applier::start(kv.db.clone(), path));
         Ok(kv)
     }
 
@@ -98,7 +103,7 @@ impl RocksKv {
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
         let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(|e| store_error(path, e))?;
         let packs = Packs::open(&path.join("packs"), false)?;
-        Ok(Self { db, packs, path: path.to_owned(), journal: None })
+        Ok(Self { db: Arc::new(db), packs, path: path.to_owned(), journal: None, applier: None })
     }
 
     /// A `subs` value as stored: the tag, then the value or its location.
@@ -113,6 +118,11 @@ impl RocksKv {
             },
             _ => Err(StoreError::BadIndex { cf: Cf::Subs.name(), detail: "unknown value tag".into() }.into()),
         }
+    }
+
+    /// Waits for the journaled batch still being written, if any.
+    fn settle(&self) -> Result<()> {
+        self.applier.as_ref().map_or(Ok(()), Applier::settle)
     }
 
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
@@ -138,6 +148,7 @@ fn store_error(path: &Path, e: rocksdb::Error) -> crate::Error {
 
 impl Kv for RocksKv {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.settle()?;
         let stored = self
             .db
             .get_pinned_cf_opt(self.cf(cf), key, &ReadOptions::default())
@@ -149,6 +160,7 @@ impl Kv for RocksKv {
     }
 
     fn value_len(&self, cf: Cf, key: &[u8]) -> Result<Option<usize>> {
+        self.settle()?;
         let stored = self
             .db
             .get_pinned_cf_opt(self.cf(cf), key, &ReadOptions::default())
@@ -218,7 +230,9 @@ impl Kv for RocksKv {
             }
         }
         let mut wo = WriteOptions::default();
+        let applier = self.applier.as_ref().expect("a store with a journal has an applier");
         if durability == Durability::Cache {
+            applier.settle()?;
             // Fetched sub-records skip the WAL and the journal: a crash loses them whole, to be
             // fetched again.
             wo.disable_wal(true);
@@ -230,11 +244,13 @@ impl Kv for RocksKv {
         match journal.stamp_for(wb.size_in_bytes() + STAMP_PUT_MAX) {
             Some(stamp) => {
                 wb.put_cf(self.cf(Cf::Meta), JOURNAL_STAMP_KEY, stamp.encode());
-                let payload = wb.data().to_vec();
-                self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e))?;
-                journal.append(stamp, &payload, durable)
+                journal.append(stamp, wb.data())?;
+                // Safe from a process crash now; the database takes it while the disk flushes.
+                applier.apply(wb)?;
+                if durable { journal.sync() } else { Ok(()) }
             }
             None => {
+                applier.settle()?;
                 wo.set_sync(durable);
                 self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e))?;
                 if durable {
@@ -263,10 +279,12 @@ impl Kv for RocksKv {
 
     /// Pack values are synced before any batch names them, so only the WAL is left.
     fn sync(&self) -> Result<()> {
+        self.settle()?;
         self.db.flush_wal(true).map_err(|e| store_error(&self.path, e))
     }
 
     fn scan<'a>(&'a self, cf: Cf, prefix: &[u8], reverse: bool) -> Result<Entries<'a>> {
+        self.settle()?;
         let end = prefix_end(prefix);
         let mode = match (reverse, &end) {
             (false, _) => IteratorMode::From(prefix, Direction::Forward),
