@@ -1086,7 +1086,7 @@ impl Fs {
         // Work on copies, so a failed append leaves every change in place to retry.
         let mut inodes = self.inodes.clone();
         let mut files = self.files.clone();
-        let dirs = self.dirs.clone();
+        let mut dirs = self.dirs.clone();
         let sealed = &self.sealed;
         let table = sealed.tree(SealedKind::InodeTable, 0);
         let mut builder = CommitBuilder::new(sealed);
@@ -1123,25 +1123,44 @@ impl Fs {
             };
             map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, chunk)?;
         }
+        let mut file_nodes = Vec::new();
         for (ino, map) in &files {
-            let root = map.commit(&mut builder.tree(SealedKind::ChunkMap, *ino))?;
-            Self::set_content(&mut inodes, &table, *ino, root)?;
+            let nodes = map.commit(&mut builder.tree(SealedKind::ChunkMap, *ino))?;
+            Self::set_content(&mut inodes, &table, *ino, nodes.root())?;
+            file_nodes.push((*ino, nodes));
         }
+        let mut dir_nodes = Vec::new();
         for (ino, tree) in &dirs {
-            let root = tree.commit(&mut builder.tree(SealedKind::Directory, *ino))?;
-            Self::set_content(&mut inodes, &table, *ino, root)?;
+            let nodes = tree.commit(&mut builder.tree(SealedKind::Directory, *ino))?;
+            Self::set_content(&mut inodes, &table, *ino, nodes.root())?;
+            dir_nodes.push((*ino, nodes));
         }
-        let inodes_root = inodes.commit(&mut builder.tree(SealedKind::InodeTable, 0))?;
+        let inode_nodes = inodes.commit(&mut builder.tree(SealedKind::InodeTable, 0))?;
         let sb = Superblock {
             version: FORMAT_VERSION,
-            inodes: inodes_root,
+            inodes: inode_nodes.root(),
             allocated: self.allocated.iter().map(|(r, n)| (*r, *n)).collect(),
             chunk_size: CHUNK_SIZE as u32,
         };
         builder.push(&sealed.place(SealedKind::Superblock, 0, 0, 0), &sb.encode());
         let parents = heads::commit_parents(&sealed.capsule, &self.heads)?;
         let record = builder.finish(writer, &parents, sign, durability)?;
-        inodes.committed(inodes_root, record);
+        // Every tree's new nodes go to the cache decoded: the next write reads the same paths.
+        for (ino, nodes) in file_nodes {
+            files.get_mut(&ino).expect("committed above").committed(
+                nodes,
+                record,
+                &sealed.tree(SealedKind::ChunkMap, ino),
+            );
+        }
+        for (ino, nodes) in dir_nodes {
+            dirs.get_mut(&ino).expect("committed above").committed(
+                nodes,
+                record,
+                &sealed.tree(SealedKind::Directory, ino),
+            );
+        }
+        inodes.committed(inode_nodes, record, &table);
         self.inodes = inodes;
         self.files.clear();
         self.dirs.clear();

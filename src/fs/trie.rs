@@ -426,13 +426,20 @@ impl<V: Value> Trie<V> {
         Ok(())
     }
 
-    /// Writes every changed node to `sink`, children first, and returns the root's ref (None
-    /// for an empty tree). The tree is unchanged until `committed` names the record.
-    pub fn commit(&self, sink: &mut dyn NodeSink) -> Result<Option<Ref>> {
-        self.root.as_ref().map(|root| Self::commit_slot(root, Self::ROOT, sink)).transpose()
+    /// Writes every changed node to `sink`, children first. The tree is unchanged until
+    /// `committed` names the record.
+    pub fn commit(&self, sink: &mut dyn NodeSink) -> Result<Written> {
+        let mut placed = Vec::new();
+        let root = self.root.as_ref().map(|root| Self::commit_slot(root, Self::ROOT, sink, &mut placed)).transpose()?;
+        Ok(Written { root, placed })
     }
 
-    fn commit_slot(slot: &Slot<V>, pos: NodePos, sink: &mut dyn NodeSink) -> Result<Ref> {
+    fn commit_slot(
+        slot: &Slot<V>,
+        pos: NodePos,
+        sink: &mut dyn NodeSink,
+        placed: &mut Vec<(SubIdx, usize)>,
+    ) -> Result<Ref> {
         let node = match slot {
             Slot::Stored(at) => return Ok(Ref::At(at.record, at.idx)),
             Slot::Dirty(node) => node,
@@ -442,17 +449,63 @@ impl<V: Value> Trie<V> {
             Node::Inner(children) => StoredNode::Inner(
                 children
                     .iter()
-                    .map(|(d, child)| Ok((*d, Self::commit_slot(child, child_pos(pos, *d), sink)?)))
+                    .map(|(d, child)| Ok((*d, Self::commit_slot(child, child_pos(pos, *d), sink, placed)?)))
                     .collect::<Result<_>>()?,
             ),
         };
-        Ok(Ref::Here(sink.push(pos, codec::encode(&stored))?))
+        let plaintext = codec::encode(&stored);
+        let weight = plaintext.len();
+        let idx = sink.push(pos, plaintext)?;
+        placed.push((idx, weight));
+        Ok(Ref::Here(idx))
     }
 
-    /// Records that the commit whose root ref was `root` is stored as `record`: the changed
-    /// nodes are dropped from memory and the tree reads them back from there.
-    pub fn committed(&mut self, root: Option<Ref>, record: RecordHash) {
-        self.root = root.map(|r| Slot::Stored(r.resolve(record)));
+    /// Records that the commit `written` is stored as `record`: the changed nodes leave the
+    /// tree, which reads them back from there, and go to `src` decoded, as loading them would
+    /// have left them (the next change to the same file reads the same path again).
+    pub fn committed(&mut self, written: Written, record: RecordHash, src: &dyn NodeSource) {
+        let mut placed = written.placed.into_iter();
+        if let Some(root) = self.root.as_mut() {
+            Self::settle(root, Self::ROOT, record, &mut placed, src);
+        }
+        debug_assert!(placed.next().is_none(), "one place for every node written");
+    }
+
+    /// `committed` for the subtree in `slot`, children first, as `commit_slot` wrote them.
+    fn settle(
+        slot: &mut Slot<V>,
+        pos: NodePos,
+        record: RecordHash,
+        placed: &mut impl Iterator<Item = (SubIdx, usize)>,
+        src: &dyn NodeSource,
+    ) {
+        let Slot::Dirty(node) = slot else { return };
+        match &mut **node {
+            Node::Inner(children) => {
+                for (d, child) in children.iter_mut() {
+                    Self::settle(child, child_pos(pos, *d), record, placed, src);
+                }
+            }
+            Node::Leaf(entries) => entries.values_mut().for_each(|v| v.resolve(record)),
+        }
+        let (idx, weight) = placed.next().expect("commit_slot placed every node it wrote");
+        let at = Loc { record, idx };
+        if let Slot::Dirty(node) = std::mem::replace(slot, Slot::Stored(at)) {
+            src.keep_decoded(at, pos, Arc::new(*node), weight);
+        }
+    }
+}
+
+/// A commit's nodes as written to a sink: the root's ref (None for an empty tree) and each
+/// node's index and size, in the order written.
+pub struct Written {
+    root: Option<Ref>,
+    placed: Vec<(SubIdx, usize)>,
+}
+
+impl Written {
+    pub fn root(&self) -> Option<Ref> {
+        self.root
     }
 }
 
@@ -495,18 +548,74 @@ mod tests {
     impl Mem {
         /// Commits `t` as a new record; returns how many nodes it wrote.
         fn commit<V: Value>(&self, t: &mut Trie<V>) -> usize {
+            self.commit_keeping(t, self)
+        }
+
+        /// `commit`, handing the nodes written to `keep` decoded.
+        fn commit_keeping<V: Value>(&self, t: &mut Trie<V>, keep: &dyn NodeSource) -> usize {
             let mut batch = Batch(Vec::new());
-            let root = t.commit(&mut batch).unwrap();
-            let mut n = self.records.borrow_mut();
-            *n += 1;
-            let record = RecordHash::from_bytes([*n; 32]);
-            let written = batch.0.len();
+            let written = t.commit(&mut batch).unwrap();
+            let record = {
+                let mut n = self.records.borrow_mut();
+                *n += 1;
+                RecordHash::from_bytes([*n; 32])
+            };
+            let count = batch.0.len();
             for (i, bytes) in batch.0.into_iter().enumerate() {
                 self.nodes.borrow_mut().insert(Loc { record, idx: SubIdx(i as u32) }, bytes);
             }
-            t.committed(root, record);
-            written
+            t.committed(written, record, keep);
+            count
         }
+    }
+
+    /// A `Mem` that also keeps decoded nodes, counting the loads that miss them.
+    #[derive(Default)]
+    struct Kept {
+        mem: Mem,
+        decoded: RefCell<HashMap<Loc, DecodedNode>>,
+        loads: RefCell<usize>,
+    }
+
+    impl NodeSource for Kept {
+        fn load(&self, at: Loc, pos: NodePos) -> Result<Arc<Vec<u8>>> {
+            *self.loads.borrow_mut() += 1;
+            self.mem.load(at, pos)
+        }
+
+        fn decoded(&self, at: Loc, _pos: NodePos) -> Option<DecodedNode> {
+            self.decoded.borrow().get(&at).cloned()
+        }
+
+        fn keep_decoded(&self, at: Loc, _pos: NodePos, node: DecodedNode, _weight: usize) {
+            self.decoded.borrow_mut().insert(at, node);
+        }
+    }
+
+    /// A value that points into a record, as an inode points at its chunk map.
+    #[derive(Clone, Debug, PartialEq, BorshSerialize, BorshDeserialize)]
+    struct Pointer(Ref);
+
+    impl Value for Pointer {
+        fn resolve(&mut self, base: RecordHash) {
+            self.0.resolve_in_place(base);
+        }
+    }
+
+    #[test]
+    fn committed_nodes_are_kept_as_loading_them_would_decode_them() {
+        let kept = Kept::default();
+        let mut t: Trie<Pointer> = Trie::empty(4);
+        for k in 0..500u64 {
+            t.insert(&kept, k, Pointer(Ref::Here(SubIdx(k as u32)))).unwrap();
+        }
+        kept.mem.commit_keeping(&mut t, &kept);
+        let record = RecordHash::from_bytes([1; 32]);
+        for k in [0u64, 7, 499] {
+            assert_eq!(t.get(&kept, k).unwrap(), Some(Pointer(Ref::At(record, SubIdx(k as u32)))));
+        }
+        assert_eq!(*kept.loads.borrow(), 0, "every node of the commit was kept decoded");
+        assert_eq!(t.entries(&kept).unwrap(), t.entries(&kept.mem).unwrap(), "kept and loaded nodes agree");
     }
 
     #[test]
