@@ -241,6 +241,8 @@ impl Kv for RocksKv {
         let durable = durability == Durability::Durable;
         // Held across both writes, so the journal holds batches in the WAL's order.
         let mut journal = journal.lock().expect("no panics while locked");
+        // Before the entry is written: a store that failed to apply a batch takes no more.
+        applier.settle()?;
         match journal.stamp_for(wb.size_in_bytes() + STAMP_PUT_MAX) {
             Some(stamp) => {
                 wb.put_cf(self.cf(Cf::Meta), JOURNAL_STAMP_KEY, stamp.encode());
@@ -250,7 +252,6 @@ impl Kv for RocksKv {
                 if durable { journal.sync() } else { Ok(()) }
             }
             None => {
-                applier.settle()?;
                 wo.set_sync(durable);
                 self.db.write_opt(wb, &wo).map_err(|e| store_error(&self.path, e))?;
                 if durable {
