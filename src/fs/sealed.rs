@@ -152,7 +152,7 @@ pub struct TreeSource<'a> {
 }
 
 fn level(pos: NodePos) -> u8 {
-    u8::try_from(pos.depth).expect("tree depth is at most 11")
+    u8::try_from(pos.depth).expect("tree depth is at most 16")
 }
 
 impl TreeSource<'_> {

@@ -14,7 +14,9 @@ use crate::crypto::aead::SealedKind;
 use crate::record::{RecordHash, RecordKind, SubIdx};
 use crate::{Error, Result, VerifyError};
 
-pub const INODE_LEAF: usize = 32;
+/// An inode encodes to about 160 bytes: a leaf of 16 costs the path of a change what one
+/// more level of inner nodes (16 refs) does.
+pub const INODE_LEAF: usize = 16;
 pub const DIR_LEAF: usize = 64;
 pub const CHUNK_LEAF: usize = 128;
 
