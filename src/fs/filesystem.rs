@@ -1108,11 +1108,20 @@ impl Fs {
                 (Some((version, sub)), _) if version == pending.version => {
                     Chunk::whole(Ref::Here(builder.push_sealed(sub)), len)
                 }
-                // Only the appended bytes, as one more piece.
+                // The appended bytes as one more piece, joined with the last pieces while they
+                // are no longer than it (a binary counter): a chunk appended to line by line
+                // keeps about log2(lines) pieces and seals each byte about that many times,
+                // where sealing it whole every MAX_PIECES appends cost half a chunk each time.
                 (_, Some(kept)) => {
-                    let start = kept.len();
-                    let idx = builder.push_kept(&sealed.piece_place(ino, n, start), &pending.data[start..]);
                     let mut pieces = kept.pieces.clone();
+                    let mut start = kept.len();
+                    while let Some(last) = pieces.last()
+                        && last.len as usize <= len - start
+                    {
+                        start -= last.len as usize;
+                        pieces.pop();
+                    }
+                    let idx = builder.push_kept(&sealed.piece_place(ino, n, start), &pending.data[start..]);
                     pieces.push(Piece { at: Ref::Here(idx), len: (len - start) as u32 });
                     Chunk { pieces }
                 }

@@ -333,10 +333,12 @@ fn appends_to_a_committed_chunk_seal_only_the_added_bytes() {
         fs.write(ino, expected.len() as u64, &line).unwrap();
         expected.extend_from_slice(&line);
         let rec = commit(&mut fs);
-        // Sub-record 0 is the chunk's new piece: the appended bytes (plus the seal's 40), the
-        // whole chunk only for the first write and after 16 pieces.
-        let whole = i == 0 || i == 16;
-        let want = if whole { expected.len() } else { line.len() };
+        // Sub-record 0 is the chunk's new piece (plus the seal's 40): the appended bytes joined
+        // with the last pieces no longer than they are, a binary counter. After the c-th
+        // line it holds as many lines as c's lowest set bit says: the whole chunk after 1, 2,
+        // 4, 8 and 16 lines, one line after every odd count.
+        let c = usize::from(i) + 1;
+        let want = line.len() * (c & c.wrapping_neg());
         assert_eq!(sealed_chunk_len(rec), want + 40, "append {i}");
         assert_eq!(fs.read(ino, 0, 1 << 20).unwrap(), expected, "append {i}");
     }
