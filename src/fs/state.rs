@@ -14,8 +14,8 @@ use crate::crypto::aead::SealedKind;
 use crate::record::{RecordHash, RecordKind, SubIdx};
 use crate::{Error, Result, VerifyError};
 
-/// An inode encodes to about 160 bytes: a leaf of 16 costs the path of a change what one
-/// more level of inner nodes (16 refs) does.
+/// An inode encodes to about 160 bytes, so a full leaf of 16 already weighs as much as four
+/// inner nodes: leaves split before they are most of the path a change rewrites.
 pub const INODE_LEAF: usize = 16;
 pub const DIR_LEAF: usize = 64;
 pub const CHUNK_LEAF: usize = 128;

@@ -3,12 +3,12 @@
 //! Crash safety: every batch (but `Durability::Cache`) goes into the fsync journal
 //! (`journal.rs`) and then, on the applier's thread (`applier.rs`), through the WAL, unsynced;
 //! `Durability::Durable` syncs the journal before returning, or the WAL when the batch does not
-//! fit in the journal's lap. On reopen the WAL is
-//! replayed in `TolerateCorruptedTailRecords` mode: a record torn by a crash mid-write is
-//! dropped, while corruption anywhere else fails the open with `StoreError::Corrupted` instead
-//! of silently rolling back (which `PointInTimeRecovery` would do). Then the journal's entries
-//! past the stamp the database holds are written again: what a power cut took from the WAL's
-//! unsynced tail. Block checksums are verified on every read.
+//! fit in the journal's lap. On reopen the WAL is replayed in `TolerateCorruptedTailRecords`
+//! mode: a record torn by a crash mid-write is dropped, while corruption anywhere else fails the
+//! open with `StoreError::Corrupted` instead of silently rolling back (which
+//! `PointInTimeRecovery` would do). Then the journal's entries past the stamp the database
+//! holds are written again: what a crash kept from the WAL (a batch not yet applied, or the
+//! WAL's unsynced tail after a power cut). Block checksums are verified on every read.
 //!
 //! Sub-record values of `PACK_MIN` bytes or more live in pack files (`packs.rs`) under
 //! `<store>/packs`; the `subs` column family holds a tag byte and either the value itself or
