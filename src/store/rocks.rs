@@ -247,9 +247,12 @@ impl Kv for RocksKv {
             Some(stamp) => {
                 wb.put_cf(self.cf(Cf::Meta), JOURNAL_STAMP_KEY, stamp.encode());
                 journal.append(stamp, wb.data())?;
+                if !durable {
+                    return applier.write_now(wb);
+                }
                 // Safe from a process crash now; the database takes it while the disk flushes.
                 applier.apply(wb)?;
-                if durable { journal.sync() } else { Ok(()) }
+                journal.sync()
             }
             None => {
                 wo.set_sync(durable);
