@@ -19,7 +19,7 @@ use super::payload_cache::Caches;
 use super::sealed::{CommitBuilder, Sealed};
 use super::sealer::{ChunkKey, Sealer};
 use super::state::{CHUNK_LEAF, DIR_LEAF, State, committed_tree, current_tree};
-use super::trie::{Loc, NodeSource, Ref, Trie};
+use super::trie::{Loc, NodeSource, Ref, Trie, Value, Written};
 use crate::capsule::{Capsule, EarlierProofs};
 use crate::crypto::aead::SealedKind;
 use crate::crypto::keys::Identity;
@@ -1061,6 +1061,39 @@ impl Fs {
         Ok(())
     }
 
+    /// Writes the changed nodes of every file's chunk map or directory's entry tree (`kind`)
+    /// to `builder` and points each inode at its tree's new root.
+    fn commit_contents<V: Value>(
+        trees: &HashMap<u64, Trie<V>>,
+        kind: SealedKind,
+        builder: &mut CommitBuilder<'_>,
+        inodes: &mut Trie<Inode>,
+        table: &dyn NodeSource,
+    ) -> Result<Vec<(u64, Written)>> {
+        let mut written = Vec::with_capacity(trees.len());
+        for (&ino, tree) in trees {
+            let nodes = tree.commit(&mut builder.tree(kind, ino))?;
+            Self::set_content(inodes, table, ino, nodes.root())?;
+            written.push((ino, nodes));
+        }
+        Ok(written)
+    }
+
+    /// `Trie::committed` for each tree `commit_contents` wrote into `record`.
+    fn contents_committed<V: Value>(
+        trees: &mut HashMap<u64, Trie<V>>,
+        written: Vec<(u64, Written)>,
+        kind: SealedKind,
+        record: RecordHash,
+        sealed: &Sealed,
+    ) {
+        for (ino, nodes) in written {
+            if let Some(tree) = trees.get_mut(&ino) {
+                tree.committed(nodes, record, &sealed.tree(kind, ino));
+            }
+        }
+    }
+
     /// Seals every change into one record (signed if `sign`) and makes it the new base.
     /// Returns None when there was nothing to commit.
     pub fn commit(&mut self, sign: bool, durability: Durability) -> Result<Option<RecordHash>> {
@@ -1132,18 +1165,8 @@ impl Fs {
             };
             map.insert(&sealed.tree(SealedKind::ChunkMap, ino), n, chunk)?;
         }
-        let mut file_nodes = Vec::new();
-        for (ino, map) in &files {
-            let nodes = map.commit(&mut builder.tree(SealedKind::ChunkMap, *ino))?;
-            Self::set_content(&mut inodes, &table, *ino, nodes.root())?;
-            file_nodes.push((*ino, nodes));
-        }
-        let mut dir_nodes = Vec::new();
-        for (ino, tree) in &dirs {
-            let nodes = tree.commit(&mut builder.tree(SealedKind::Directory, *ino))?;
-            Self::set_content(&mut inodes, &table, *ino, nodes.root())?;
-            dir_nodes.push((*ino, nodes));
-        }
+        let file_nodes = Self::commit_contents(&files, SealedKind::ChunkMap, &mut builder, &mut inodes, &table)?;
+        let dir_nodes = Self::commit_contents(&dirs, SealedKind::Directory, &mut builder, &mut inodes, &table)?;
         let inode_nodes = inodes.commit(&mut builder.tree(SealedKind::InodeTable, 0))?;
         let sb = Superblock {
             version: FORMAT_VERSION,
@@ -1155,20 +1178,8 @@ impl Fs {
         let parents = heads::commit_parents(&sealed.capsule, &self.heads)?;
         let record = builder.finish(writer, &parents, sign, durability)?;
         // Every tree's new nodes go to the cache decoded: the next write reads the same paths.
-        for (ino, nodes) in file_nodes {
-            files.get_mut(&ino).expect("committed above").committed(
-                nodes,
-                record,
-                &sealed.tree(SealedKind::ChunkMap, ino),
-            );
-        }
-        for (ino, nodes) in dir_nodes {
-            dirs.get_mut(&ino).expect("committed above").committed(
-                nodes,
-                record,
-                &sealed.tree(SealedKind::Directory, ino),
-            );
-        }
+        Self::contents_committed(&mut files, file_nodes, SealedKind::ChunkMap, record, sealed);
+        Self::contents_committed(&mut dirs, dir_nodes, SealedKind::Directory, record, sealed);
         inodes.committed(inode_nodes, record, &table);
         self.inodes = inodes;
         self.files.clear();

@@ -59,10 +59,7 @@ impl Applier {
     /// (8 % of a one-record append in `bench proofs`).
     pub fn write_now(&self, batch: WriteBatch) -> Result<()> {
         self.settle()?;
-        self.db.write_opt(batch, &WriteOptions::default()).map_err(|e| {
-            let e = self.shared.refused(e);
-            self.failure(&e)
-        })
+        self.db.write_opt(batch, &WriteOptions::default()).map_err(|e| self.failure(&self.shared.refused(e)))
     }
 
     /// Hands `batch` over to be written, once the batch handed over before it is written.
