@@ -864,11 +864,17 @@ impl Fs {
         if let [only] = chunk.pieces.as_slice() {
             return self.piece(ino, n, 0, only);
         }
-        let mut bytes = Vec::with_capacity(chunk.len());
+        self.committed_copy(ino, n, chunk, chunk.len()).map(Arc::new)
+    }
+
+    /// Committed chunk `n`'s bytes in a buffer of its own with room for `capacity` bytes,
+    /// each piece copied once (a write that grows the chunk would otherwise copy it again).
+    fn committed_copy(&self, ino: u64, n: u64, chunk: &Chunk, capacity: usize) -> Result<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(capacity.max(chunk.len()));
         for (start, piece) in chunk.with_offsets() {
             bytes.extend_from_slice(&self.piece(ino, n, start, piece)?);
         }
-        Ok(Arc::new(bytes))
+        Ok(bytes)
     }
 
     /// One piece of committed chunk `n` of the file sealed at `ino`, starting `start` bytes
@@ -982,7 +988,7 @@ impl Fs {
                 let keeps_old = take < CHUNK_SIZE as usize && n * CHUNK_SIZE < inode.size;
                 let kept = if keeps_old { self.committed_chunk(ino, &inode, n)? } else { None };
                 let data = match &kept {
-                    Some(chunk) => Arc::unwrap_or_clone(self.committed_bytes(ino, n, chunk)?),
+                    Some(chunk) => self.committed_copy(ino, n, chunk, within + take)?,
                     None => Vec::new(),
                 };
                 self.chunks.insert((ino, n), PendingChunk { data: Arc::new(data), version: 0, kept });
