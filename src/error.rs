@@ -94,7 +94,10 @@ pub enum VerifyError {
     UnknownParent { record: RecordHash, parent: RecordHash },
     #[error("{child:?} does not list {record:?} as a parent: the chain is broken")]
     BrokenChain { record: RecordHash, child: RecordHash },
-    #[error("{record:?} has no signed descendant we can reach and no local key attests it")]
+    #[error(
+        "{record:?} has no signed descendant by its own writer that we can reach, and no local key attests it: \
+         another writer's signature vouches for nothing of it"
+    )]
     Unanchored { record: RecordHash },
     #[error(
         "{record:?} claims {count} sub-records with root {root}, but its payloads give {actual_count} with another root"
@@ -102,6 +105,8 @@ pub enum VerifyError {
     PayloadMismatch { record: RecordHash, count: u32, actual_count: usize, root: String },
     #[error(transparent)]
     Equivocation(Box<Fork>),
+    #[error("{replica} refused the records as unverified ({reason}): {message}")]
+    Refused { replica: String, reason: String, message: String },
     #[error("capsule metadata does not verify: {0}")]
     Metadata(String),
 }

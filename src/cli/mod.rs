@@ -164,6 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.chain().find_map(|c| c.downcast_ref::<Error>()) {
         Some(Error::Verify(capsulefs::VerifyError::Equivocation(_))) => 7,
+        Some(Error::Verify(capsulefs::VerifyError::Refused { reason, .. })) if reason == "equivocation" => 7,
         Some(Error::Verify(_)) => 1,
         Some(Error::NotFound(_)) => 3,
         Some(Error::Store(_) | Error::Io { .. }) => 4,

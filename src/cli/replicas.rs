@@ -169,6 +169,13 @@ fn print(verb: &str, preposition: &str, url: &str, r: &Report) {
             r.revoked.len()
         );
     }
+    if let Some(first) = r.unanchored.first() {
+        eprintln!(
+            "capsulefs: warning: {url} offered {} unsigned records without a record their writers signed after \
+             them (the first: {first:?}): kept out, as unverified; pull from another replica",
+            r.unanchored.len()
+        );
+    }
     if r.waiting_for_signature > 0 {
         println!(
             "{} unsigned records wait for a signed one before a replica takes them (a mount signs within the capsule's T seconds)",
@@ -185,26 +192,52 @@ enum Way {
 }
 
 /// Moves records between `capsule` and each of `urls`; returns the forks learned on the way.
+/// A replica that fails does not stop the others; the first failure is returned at the end,
+/// after every replica was given the fork evidence known here (a fork one replica showed
+/// reaches them all).
 fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result<Vec<Fork>> {
-    let mut forks = Vec::new();
+    let (mut forks, mut failed) = (Vec::new(), None);
+    let forks_before = capsule.fork_count()?;
     for url in urls {
-        let remote = home.replica(url, capsule)?;
-        let (report, doing, verb, preposition) = match way {
-            Way::Push => {
-                (transfer::push(capsule, &*remote, &Bar::new(&format!("pushing to {url}"))), "pushing", "pushed", "to")
-            }
-            Way::Pull => (
-                pull_learning(capsule, &*remote, Take::Whole, &Bar::new(&format!("pulling from {url}"))),
-                "pulling",
-                "pulled",
-                "from",
-            ),
-        };
-        let report = report.with_context(|| format!("{doing} {preposition} {url}"))?;
-        print(verb, preposition, url, &report);
-        forks.extend(report.forks_learned);
+        match transfer_one(home, capsule, url, way) {
+            Ok(learned) => forks.extend(learned),
+            // The first failure is the command's; later ones are told here.
+            Err(e) if failed.is_some() => eprintln!("capsulefs: {e:#}"),
+            Err(e) => failed = Some(e),
+        }
     }
-    Ok(forks)
+    if capsule.fork_count()? > forks_before {
+        for url in urls {
+            let replica = home.replica(url, capsule);
+            let passed = replica.and_then(|r| Ok(transfer::pass_evidence(capsule, &*r, &mut Report::default())?));
+            if let Err(e) = passed {
+                eprintln!("capsulefs: passing fork evidence on to {url}: {e:#}");
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(forks),
+    }
+}
+
+/// `transfer_each` with one replica.
+fn transfer_one(home: &Home, capsule: &Capsule, url: &str, way: Way) -> anyhow::Result<Vec<Fork>> {
+    let remote = home.replica(url, capsule)?;
+    let (report, doing, verb, preposition) = match way {
+        Way::Push => {
+            (transfer::push(capsule, &*remote, &Bar::new(&format!("pushing to {url}"))), "pushing", "pushed", "to")
+        }
+        Way::Pull => (
+            pull_learning(capsule, &*remote, Take::Whole, &Bar::new(&format!("pulling from {url}"))),
+            "pulling",
+            "pulled",
+            "from",
+        ),
+    };
+    let report = report.with_context(|| format!("{doing} {preposition} {url}"))?;
+    print(verb, preposition, url, &report);
+    Ok(report.forks_learned)
 }
 
 /// A pull, then the replica's fork evidence (one more request: library pulls, as a mount's,

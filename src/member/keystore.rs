@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
+use super::history::UNPROVEN;
 use super::rights::Rights;
 use crate::capsule::{AppendOptions, Capsule};
 use crate::crypto::aead::{self, ContentKey};
@@ -196,14 +197,29 @@ pub fn keyring_in(capsule: &Capsule, rights: &Rights, me: &Identity) -> KeyRing 
 
 /// The generations of the content key `me` can open, as of every membership record held.
 pub fn keyring(capsule: &Capsule, me: &Identity) -> Result<KeyRing> {
-    let ring = keyring_in(capsule, &*capsule.rights()?, me);
+    let rights = capsule.rights()?;
+    let ring = keyring_in(capsule, &rights, me);
     if ring.current().is_none() {
+        let unproven: Vec<String> = rights
+            .not_applied
+            .iter()
+            .filter(|n| n.why.starts_with(UNPROVEN))
+            .map(|n| format!("{:?} {}", n.record, n.why))
+            .collect();
+        let why = match unproven.as_slice() {
+            [] => format!(
+                "is this identity a member? an admin gives access with `capsulefs grant NAME {} --level read`",
+                me.writer()
+            ),
+            some => format!(
+                "membership records of this store were left out: {}; restore it from a replica",
+                some.join("; ")
+            ),
+        };
         return Err(Error::NotFound(format!(
-            "a content key for {:?} in capsule {:?} (is this identity a member? an admin gives \
-             access with `capsulefs grant NAME {} --level read`)",
+            "a content key for {:?} in capsule {:?} ({why})",
             me.writer(),
-            capsule.id(),
-            me.writer()
+            capsule.id()
         )));
     }
     Ok(ring)

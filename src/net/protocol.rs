@@ -97,6 +97,10 @@ pub const MAX_FRAME: usize = crate::replica::MAX_BATCH_BYTES * 2 + (1 << 20);
 pub const MAX_WAIT: u64 = 60;
 /// The heads answer's header: the number of forks the server keeps evidence of.
 pub const FORKS_HEADER: &str = "x-capsulefs-forks";
+/// On a 400 that refuses records as unverified: why, as one word of `/metrics`'s reasons
+/// (`unauthorized_writer`, `unsigned_without_signed_descendant`, `unknown_parent`,
+/// `revoked_writer`, `equivocation`, ...), so the client reports it as a verification failure.
+pub const REFUSAL_HEADER: &str = "x-capsulefs-refusal";
 
 /// A short name for a set of heads, for `heads?known=`: the first 16 bytes of a blake3 over
 /// them, in hex.

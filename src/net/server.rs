@@ -137,7 +137,13 @@ fn refusal(server: &Server, e: &Error) -> Response {
         *server.metrics.rejected.lock().expect("no panics while locked").entry(reason(e)).or_default() += 1;
         tracing::info!("refused: {e}");
     }
-    (status, format!("{e}\n")).into_response()
+    let mut response = (status, format!("{e}\n")).into_response();
+    if let Error::Verify(_) = e
+        && let Ok(value) = axum::http::HeaderValue::from_str(reason(e))
+    {
+        response.headers_mut().insert(protocol::REFUSAL_HEADER, value);
+    }
+    response
 }
 
 fn borsh_body<T: BorshSerialize>(value: &T) -> Response {

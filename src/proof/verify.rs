@@ -37,9 +37,10 @@ impl<T> Verified<T> {
 /// Where a record proof ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Anchor {
-    /// A record carrying a valid signature of an authorized writer.
+    /// A record of the proven record's writer carrying that writer's valid signature.
     Signed { record: RecordHash, writer: WriterId },
-    /// A record proven before (memory lru or the persisted proven set).
+    /// A record of the proven record's writer proven before (memory lru or the persisted
+    /// proven set).
     Cached { record: RecordHash },
     /// An unsigned record of a writer whose key this machine holds, attested by that key.
     Attested { record: RecordHash, writer: WriterId },
@@ -187,9 +188,12 @@ impl Prover<'_> {
         Ok(check_record_bytes(record, &bytes)?)
     }
 
-    /// Proves `target` and returns its header. Follows closest-signed-descendant links and stops
-    /// at the first signed, cached or locally attested record; every record on the way becomes
-    /// proven (cached in memory, and persisted in the store's proven set).
+    /// Proves `target` and returns its header. A record is proven by its own writer only: by
+    /// that writer's signature on it or on a descendant (reached through closest-signed-
+    /// descendant links, any records in between), by a record of that writer proven before,
+    /// or by that writer's local attestation. Every record of that writer on the way becomes
+    /// proven (cached in memory, and persisted in the store's proven set); records of other
+    /// writers passed through are checked but not proven by it.
     pub fn prove_record(&self, target: RecordHash) -> Result<(Arc<RecordHeader>, RecordProof)> {
         if let Some(header) = self.cache.get(&target) {
             return Ok((header, RecordProof { chain: vec![target], anchor: Anchor::Cached { record: target } }));
@@ -197,6 +201,7 @@ impl Prover<'_> {
         let mut chain: Vec<RecordHash> = Vec::new();
         let mut headers: Vec<Arc<RecordHeader>> = Vec::new();
         let mut current = target;
+        let mut writer = None;
         let anchor = loop {
             let cached = if chain.is_empty() { None } else { self.cache.get(&current) };
             // A record proven before (memory, or the persisted set) needs only its hash check:
@@ -218,17 +223,21 @@ impl Prover<'_> {
             {
                 return Err(VerifyError::BrokenChain { record: *prev, child: current }.into());
             }
+            let own = *writer.get_or_insert(header.writer);
             chain.push(current);
             headers.push(header.clone());
-            if proven_before {
-                break Anchor::Cached { record: current };
+            if header.writer == own {
+                if proven_before {
+                    break Anchor::Cached { record: current };
+                }
+                if signature.is_some() {
+                    // check_record_claims verified it.
+                    break Anchor::Signed { record: current, writer: own };
+                }
             }
-            if signature.is_some() {
-                // check_record_claims verified it.
-                break Anchor::Signed { record: current, writer: header.writer };
-            }
-            match self.trust.store.witness(&current)? {
+            match self.trust.store.witness(&current, &own)? {
                 Some(w) if w.dist > 0 => current = w.via,
+                _ if header.writer != own => return Err(VerifyError::Unanchored { record: target }.into()),
                 _ => match self.trust.attested_by_local_key(current, &header)? {
                     Some(writer) => break Anchor::Attested { record: current, writer },
                     None => return Err(VerifyError::Unanchored { record: target }.into()),
@@ -239,8 +248,10 @@ impl Prover<'_> {
         Ok((headers.swap_remove(0), RecordProof { chain, anchor }))
     }
 
+    /// Caches the records of `chain` that its anchor proves: those of the anchor's writer.
     fn remember(&self, chain: &[RecordHash], headers: &[Arc<RecordHeader>], anchor: Anchor) -> Result<()> {
-        for (h, header) in chain.iter().zip(headers) {
+        let own = headers[0].writer;
+        for (h, header) in chain.iter().zip(headers).filter(|(_, header)| header.writer == own) {
             self.cache.insert(*h, header.clone());
             let marked_already = matches!(anchor, Anchor::Cached { record } if record == *h);
             if self.cache_use == CacheUse::MemoryAndStore

@@ -11,10 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::Replica;
 use super::status::SyncStatus;
-use super::transfer::{learn_evidence, pull};
+use super::transfer::{Report, is_fork, learn_evidence, pass_evidence, pull};
 use crate::capsule::Capsule;
 use crate::record::{DeviceId, RecordHash, Seq, WriterId};
-use crate::{Error, VerifyError};
 
 /// How long a long poll may wait for new heads.
 const WAIT: Duration = Duration::from_secs(30);
@@ -101,8 +100,18 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
         Err(e) => tracing::warn!("reading what was noted of {url}: {e}"),
     }
     let mut retry = FIRST_RETRY;
+    let mut forks_passed = 0;
     while !stop.is_set() {
-        match pull(capsule, replica, &()) {
+        let pulled = pull(capsule, replica, &());
+        // Every fork known here reaches this replica as evidence, however it was learned.
+        match capsule.fork_count() {
+            Ok(forks) if forks > forks_passed => match pass_evidence(capsule, replica, &mut Report::default()) {
+                Ok(()) => forks_passed = forks,
+                Err(e) => tracing::debug!("passing fork evidence on to {}: {e}", replica.describe()),
+            },
+            _ => {}
+        }
+        match pulled {
             Ok(mut report) => {
                 // Records came: the replica may have learned of a fork with them.
                 if report.records > 0
@@ -144,8 +153,8 @@ fn follow(capsule: &Capsule, replica: &dyn Replica, i: usize, status: &SyncStatu
             }
             Err(e) => {
                 status.update(i, |s| {
-                    if let Error::Verify(VerifyError::Equivocation(fork)) = &e {
-                        s.raise(format!("serves a forked writer: {fork}"));
+                    if is_fork(&e) {
+                        s.raise(format!("serves a forked writer: {e}"));
                     }
                     if s.reachable != Some(false) {
                         tracing::warn!("background pull from {} failed (retrying): {e}", replica.describe());

@@ -5,7 +5,7 @@ use std::collections::{HashSet, VecDeque};
 
 use super::bloom::Bloom;
 use super::{Announced, Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
-use crate::capsule::{Capsule, Incoming, Ingested};
+use crate::capsule::{Admission, Capsule, Incoming};
 use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx};
 use crate::store::Durability;
@@ -59,56 +59,23 @@ impl Capsule {
             .collect()
     }
 
-    /// Every check of a batch that needs no store: each record's encoding, payloads, rights
-    /// and signature (`check_incoming`), and the batch's size. Then the large sub-records of
-    /// each record the batch anchors (signed, or named by an anchored record after it) are
-    /// written to the store ahead (`Capsule::stage`), none of a stranger's. A server runs
-    /// this for a stream's next batch while the one before is synced and stored;
-    /// `put_checked` does the rest.
+    /// Every check of a batch that needs no store: its size, and each record's encoding,
+    /// payloads and signature (`check_incoming`). A server runs this for a stream's next
+    /// batch while the one before goes through the gate (`put_checked`).
     pub fn check_alone(&self, bundles: Vec<Bundle>) -> Result<Vec<Incoming>> {
-        if bundles.iter().map(Bundle::size).sum::<usize>() > MAX_BATCH_BYTES + (16 << 20) {
+        if bundles.iter().map(Bundle::size).sum::<usize>() > 2 * MAX_BATCH_BYTES {
             return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
         }
-        let mut checked =
-            bundles.into_iter().map(|b| self.check_incoming(&b.record, b.payloads)).collect::<Result<Vec<_>>>()?;
-        let anchored = anchored_in(&checked);
-        for incoming in checked.iter_mut().filter(|i| anchored.contains(&i.hash())) {
-            self.stage(incoming)?;
-        }
-        Ok(checked)
+        bundles.into_iter().map(|b| self.check_incoming(&b.record, b.payloads)).collect()
     }
 
-    /// Stores a batch `check_alone` passed, once the checks that need the store pass for the
-    /// batch as a whole: every record's parents stored or earlier in the batch, and every
-    /// unsigned record anchored by the batch or already held, so that nobody without an
-    /// authorized writer's key can make a replica store anything. Acknowledged means durable:
-    /// one sync for the whole batch. Returns how many records were new.
+    /// Takes a batch `check_alone` passed through the gate, whole or not at all
+    /// (`Capsule::admit`). Acknowledged means durable: one sync for the whole batch. Returns
+    /// how many records were new.
     pub fn put_checked(&self, checked: Vec<Incoming>) -> Result<usize> {
-        let genesis = RecordHash::genesis(self.id());
-        let mut earlier: HashSet<RecordHash> = HashSet::new();
-        for incoming in &checked {
-            let h = incoming.hash();
-            for p in &incoming.record().header.parents {
-                if *p != genesis && !earlier.contains(p) && !self.store().has_record(p)? {
-                    return Err(VerifyError::UnknownParent { record: h, parent: *p }.into());
-                }
-            }
-            earlier.insert(h);
-        }
-        let anchored = anchored_in(&checked);
-        for incoming in &checked {
-            if !anchored.contains(&incoming.hash()) && !self.store().has_record(&incoming.hash())? {
-                return Err(VerifyError::Unanchored { record: incoming.hash() }.into());
-            }
-        }
-        let mut stored = 0;
-        for incoming in checked {
-            if let Ingested::Stored(_) = self.ingest_checked(incoming, Durability::Buffered)? {
-                stored += 1;
-            }
-        }
+        let admitted = self.admit(checked, Admission::Whole, Durability::Buffered)?;
         self.store().sync()?;
-        Ok(stored)
+        Ok(admitted.stored.len())
     }
 }
 
@@ -205,17 +172,4 @@ impl Replica for Capsule {
     fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {
         self.put_checked(self.check_alone(bundles)?)
     }
-}
-
-/// The records of a batch (children after their parents) that it anchors: walking back, a
-/// record is anchored when it is signed or an anchored record later in the batch names it.
-fn anchored_in(checked: &[Incoming]) -> HashSet<RecordHash> {
-    let mut anchored = HashSet::new();
-    for incoming in checked.iter().rev() {
-        if incoming.record().signature.is_some() || anchored.contains(&incoming.hash()) {
-            anchored.extend(incoming.record().header.parents.iter().copied());
-            anchored.insert(incoming.hash());
-        }
-    }
-    anchored
 }

@@ -8,6 +8,7 @@
 //! checks (`Capsule::check_incoming`, then `ingest_checked`) before it is stored.
 
 mod ahead;
+mod batch;
 pub mod bloom;
 pub mod bucket;
 pub mod folder;
@@ -28,6 +29,7 @@ use crate::Result;
 use crate::VerifyError;
 use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx, SubRecord};
+pub(crate) use batch::{AnchoredBatch, batch_of};
 use objects::{ObjectReplica, Pusher};
 
 /// One record as replicas exchange it: its encoding (header and signature) and its
@@ -218,26 +220,6 @@ pub fn capsules_at(url: &str) -> Result<Vec<crate::record::CapsuleId>> {
         _ => return remote::Remote::capsules_at(url),
     };
     Ok(names.iter().filter_map(|n| crate::record::CapsuleId::from_hex(n).ok()).collect())
-}
-
-/// Bundles of `records` in order, each from `bundle_of` (None: not held, skipped), until
-/// `MAX_BATCH_BYTES` is passed; and whether some were left for a next answer. How every
-/// replica cuts `fetch` and `since` answers.
-pub(crate) fn batch_of(
-    records: impl IntoIterator<Item = RecordHash>,
-    mut bundle_of: impl FnMut(RecordHash) -> Result<Option<Bundle>>,
-) -> Result<(Vec<Bundle>, bool)> {
-    let (mut bundles, mut bytes) = (Vec::new(), 0);
-    for h in records {
-        if bytes >= MAX_BATCH_BYTES {
-            return Ok((bundles, true));
-        }
-        if let Some(bundle) = bundle_of(h)? {
-            bytes += bundle.size();
-            bundles.push(bundle);
-        }
-    }
-    Ok((bundles, false))
 }
 
 /// The replica of `capsule` at `url`: `http://` or `https://` for a `capsulefs serve`,

@@ -17,11 +17,11 @@
 
 use std::sync::mpsc;
 
-use super::transfer::{Progress, Report, learn_evidence, pass_evidence, pull_announced, push};
+use super::transfer::{Progress, Report, is_fork, learn_evidence, pass_evidence, pull_announced, push};
 use super::{Announced, Replica};
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
-use crate::{Error, Fork, Result, VerifyError};
+use crate::{Error, Fork, Result};
 
 /// Replicas of one capsule of which at most `faulty` may lie.
 pub struct Quorum {
@@ -46,7 +46,7 @@ pub struct Outcome {
 
 impl Outcome {
     fn new(replica: &dyn Replica, transfer: Result<Report>) -> Self {
-        let forked = matches!(&transfer, Err(Error::Verify(VerifyError::Equivocation(_))));
+        let forked = transfer.as_ref().is_err_and(is_fork);
         Self { replica: replica.describe(), transfer: transfer.map_err(|e| e.to_string()), written_back: None, forked }
     }
 
@@ -218,12 +218,7 @@ impl Quorum {
         // Forks new here (learned from evidence, or met as a replica's record was refused),
         // when the capsule keeps any: passed on to every replica, and reported.
         if local.fork_count()? > 0 {
-            let passed = self.each(|_, m| pass_evidence(local, m, &mut Report::default()));
-            for (outcome, passed) in round.outcomes.iter().zip(passed) {
-                if let Err(e) = passed {
-                    tracing::warn!("passing fork evidence on to {}: {e}", outcome.replica);
-                }
-            }
+            self.pass_evidence(local, &round);
             for evidence in local.fork_evidence()? {
                 let fork = evidence.check(local.id())?;
                 if !known_forks.contains(&(fork.writer, fork.device, fork.seq)) && !round.forks_learned.contains(&fork)
@@ -235,11 +230,27 @@ impl Quorum {
         Ok(round)
     }
 
-    /// Pushes to every replica at once; replicated once a write quorum acknowledged.
+    /// Pushes to every replica at once; replicated once a write quorum acknowledged. A fork
+    /// a replica refused reaches every replica as evidence.
     pub fn push(&self, local: &Capsule) -> Result<Round> {
+        let known_forks = local.fork_count()?;
         let results = self.each(|_, m| push(local, m, &()));
         let outcomes = self.members.iter().zip(results).map(|(m, r)| Outcome::new(&**m, r)).collect();
-        Round { outcomes, quorum: self.size(), forks_learned: Vec::new() }.check("pushing")
+        let round = Round { outcomes, quorum: self.size(), forks_learned: Vec::new() };
+        if local.fork_count()? > known_forks {
+            self.pass_evidence(local, &round);
+        }
+        round.check("pushing")
+    }
+
+    /// Gives every replica the fork evidence this capsule keeps.
+    fn pass_evidence(&self, local: &Capsule, round: &Round) {
+        let passed = self.each(|_, m| pass_evidence(local, m, &mut Report::default()));
+        for (outcome, passed) in round.outcomes.iter().zip(passed) {
+            if let Err(e) = passed {
+                tracing::warn!("passing fork evidence on to {}: {e}", outcome.replica);
+            }
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use crate::net::protocol::{self, Route};
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
-use crate::{Error, Result};
+use crate::{Error, Result, VerifyError};
 
 /// Largest answer read from a server: a fetch of `MAX_BATCH_BYTES` plus one record past it.
 pub(super) const MAX_ANSWER: u64 = (MAX_BATCH_BYTES as u64) * 2 + (1 << 20);
@@ -99,12 +99,19 @@ fn answer(
     header: Option<&str>,
 ) -> Result<(Option<Vec<u8>>, Option<String>)> {
     let status = response.status().as_u16();
-    let header = header.and_then(|name| response.headers().get(name)?.to_str().ok().map(str::to_owned));
+    let text = |name: &str| response.headers().get(name)?.to_str().ok().map(str::to_owned);
+    let (header, refusal) = (header.and_then(text), text(protocol::REFUSAL_HEADER));
     let answer = response.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(|e| unreachable(base, e))?;
-    match status {
-        200..=299 => Ok((Some(answer), header)),
-        404 => Ok((None, header)),
-        409 => Err(Error::Exists(format!("{base}: {}", String::from_utf8_lossy(&answer).trim()))),
+    match (status, refusal) {
+        (200..=299, _) => Ok((Some(answer), header)),
+        (404, _) => Ok((None, header)),
+        (409, _) => Err(Error::Exists(format!("{base}: {}", String::from_utf8_lossy(&answer).trim()))),
+        (400, Some(reason)) => Err(VerifyError::Refused {
+            replica: base.to_owned(),
+            reason,
+            message: String::from_utf8_lossy(&answer).trim().to_owned(),
+        }
+        .into()),
         _ => {
             Err(Error::Replica(format!("{base} refused {what}: {status} {}", String::from_utf8_lossy(&answer).trim())))
         }

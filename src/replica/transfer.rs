@@ -12,8 +12,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{Bundle, MAX_HASHES, Node, Replica, sketch};
-use crate::capsule::{Capsule, Ingested};
+use super::{AnchoredBatch, Bundle, MAX_HASHES, Node, Replica, sketch};
+use crate::capsule::{Admission, Capsule, Pending};
 use crate::proof::fork::ForkEvidence;
 use crate::record::{CapsuleId, DeviceId, Record, RecordHash, RecordHeader, RecordKind, Seq, SubIdx, WriterId};
 use crate::store::Durability;
@@ -47,6 +47,10 @@ pub struct Report {
     /// Records the replica offered that a revocation held here cuts off: kept out, the rest
     /// taken.
     pub revoked: Vec<RecordHash>,
+    /// Unsigned records the replica offered without a descendant their writer signed (and
+    /// their descendants): kept out, as unverified (a replica that holds them honestly holds
+    /// that descendant too).
+    pub unanchored: Vec<RecordHash>,
 }
 
 /// Signed records of one writer's device that a replica lacks.
@@ -124,16 +128,45 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
         // A full batch goes once the next record is known, so that the last one sent is
         // always the one that settles the push.
         if batch.full() {
-            stream.send(counted(batch.take(), &mut report, progress))?;
+            stream.send(counted(batch.take(), &mut report, progress)).inspect_err(|e| learn_fork(local, remote, e))?;
         }
         batch.add(bundle, &record);
     }
     // Once every record went, the replica holds everything this capsule does.
     let settles = if report.waiting_for_signature == 0 { Some(local.heads()?) } else { None };
     let last = counted(batch.take(), &mut report, progress);
-    report.round_trips += stream.finish(last, settles.as_deref())?;
+    report.round_trips += stream.finish(last, settles.as_deref()).inspect_err(|e| learn_fork(local, remote, e))?;
     pass_evidence(local, remote, &mut report)?;
     Ok(report)
+}
+
+/// Whether `e` refuses records as a fork: met here, or said by a replica.
+pub fn is_fork(e: &Error) -> bool {
+    match e {
+        Error::Verify(VerifyError::Equivocation(_)) => true,
+        Error::Verify(VerifyError::Refused { reason, .. }) => reason == "equivocation",
+        _ => false,
+    }
+}
+
+/// A replica refused a push as a fork, and kept the evidence: this capsule takes it too, to
+/// pass on to every other replica.
+fn learn_fork(local: &Capsule, remote: &dyn Replica, e: &Error) {
+    if is_fork(e)
+        && let Err(learning) = learn_evidence(local, remote, &mut Report::default())
+    {
+        tracing::warn!("{} refused a fork, but its evidence could not be read: {learning}", remote.describe());
+    }
+}
+
+/// A pull met a fork in what `remote` served, and this capsule kept the evidence: the
+/// replica gets it too, to serve to every other client.
+fn tell_fork(local: &Capsule, remote: &dyn Replica, e: &Error) {
+    if is_fork(e)
+        && let Err(telling) = pass_evidence(local, remote, &mut Report::default())
+    {
+        tracing::warn!("passing fork evidence on to {}: {telling}", remote.describe());
+    }
 }
 
 /// Gives `remote` the fork evidence this capsule keeps (nothing, and no request, when it
@@ -176,48 +209,49 @@ fn counted(batch: Vec<Bundle>, report: &mut Report, progress: &dyn Progress) -> 
     batch
 }
 
-/// Checks `bundle` as the record `expected` (if given) and stores it (without payloads only
-/// when `taking` headers, and never a membership record's: the rights every later record is
-/// checked against are read from them); counts what it stored.
+/// Checks one answer's `bundles` (each as the record it was asked as, if given) and hands
+/// them to the gate together (without payloads when `taking` headers, except a membership
+/// record's: the rights every later record is checked against are read from them); counts
+/// what it stored. Records still waiting for their writer's signature wait in `pending`.
 fn take(
     local: &Capsule,
     remote: &dyn Replica,
-    mut bundle: Bundle,
-    expected: Option<RecordHash>,
+    bundles: Vec<(Bundle, Option<RecordHash>)>,
     taking: Take,
+    pending: &mut Pending,
     report: &mut Report,
     progress: &dyn Progress,
 ) -> Result<()> {
-    if taking == Take::Headers && bundle.payloads.is_empty() {
-        bundle.payloads = membership_payloads(remote, &bundle.record)?;
-    }
-    let size = bundle.size() as u64;
-    let incoming = if taking == Take::Headers && bundle.payloads.is_empty() {
-        local.check_incoming_header(&bundle.record)?
-    } else {
-        local.check_incoming(&bundle.record, bundle.payloads)?
-    };
-    if let Some(expected) = expected
-        && incoming.hash() != expected
-    {
-        return Err(Error::Invalid(format!(
-            "{} answered {:?} when asked for {expected:?}",
-            remote.describe(),
-            incoming.hash()
-        )));
-    }
-    report.bytes += size;
-    let hash = incoming.hash();
-    match local.ingest_checked(incoming, Durability::Buffered) {
-        Ok(Ingested::Stored(_)) => report.records += 1,
-        Ok(_) => {}
-        Err(Error::Verify(e @ VerifyError::Revoked { .. })) => {
-            if !report.revoked.contains(&hash) {
-                tracing::warn!("{}: kept out: {e}", remote.describe());
-                report.revoked.push(hash);
-            }
+    let mut batch = Vec::with_capacity(bundles.len());
+    for (mut bundle, expected) in bundles {
+        if taking == Take::Headers && bundle.payloads.is_empty() {
+            bundle.payloads = membership_payloads(remote, &bundle.record)?;
         }
-        Err(e) => return Err(e),
+        let size = bundle.size() as u64;
+        let incoming = if taking == Take::Headers && bundle.payloads.is_empty() {
+            local.check_incoming_header(&bundle.record)?
+        } else {
+            local.check_incoming(&bundle.record, bundle.payloads)?
+        };
+        if let Some(expected) = expected
+            && incoming.hash() != expected
+        {
+            return Err(Error::Invalid(format!(
+                "{} answered {:?} when asked for {expected:?}",
+                remote.describe(),
+                incoming.hash()
+            )));
+        }
+        report.bytes += size;
+        batch.push(incoming);
+    }
+    let admitted = local.admit(batch, Admission::Pull(pending), Durability::Buffered)?;
+    report.records += admitted.stored.len();
+    for h in admitted.revoked {
+        if !report.revoked.contains(&h) {
+            tracing::warn!("{}: kept out {h:?}: a revocation held here cuts it off", remote.describe());
+            report.revoked.push(h);
+        }
     }
     progress.moved(report.records as u64, report.bytes);
     Ok(())
@@ -305,6 +339,7 @@ fn pull_below(
     mut report: Report,
     progress: &dyn Progress,
 ) -> Result<Report> {
+    let mut pending = Pending::default();
     let mut shared = Vec::new();
     for &h in &theirs {
         if local.store().has_record(&h)? {
@@ -326,9 +361,9 @@ fn pull_below(
             report.reconcile_sent += hashes_len(known.len());
             report.reconcile_received += hashes_len(answer.heads.len()) + 1;
             let before = report.records;
-            for bundle in answer.bundles {
-                take(local, remote, bundle, None, taking, &mut report, progress)?;
-            }
+            let answer_bundles = answer.bundles.into_iter().map(|b| (b, None)).collect();
+            take(local, remote, answer_bundles, taking, &mut pending, &mut report, progress)
+                .inspect_err(|e| tell_fork(local, remote, e))?;
             theirs = answer.heads;
             // An answer that stored nothing new cannot be followed by a better one.
             if !answer.more || report.records == before {
@@ -350,9 +385,18 @@ fn pull_below(
                 remote.describe()
             );
         }
-        pull_walking(local, remote, &unknown, &mut report, progress)?;
+        pull_walking(local, remote, &unknown, &mut pending, &mut report, progress)
+            .inspect_err(|e| tell_fork(local, remote, e))?;
     }
     local.store().sync()?;
+    report.unanchored = pending.hashes();
+    if let Some(first) = report.unanchored.first() {
+        tracing::warn!(
+            "{} offered {} records whose writers' signatures it did not send (the first: {first:?}): kept out",
+            remote.describe(),
+            report.unanchored.len()
+        );
+    }
     report.replica_lacks = signed_lacking(local, &theirs)?;
     report.replica_heads = theirs;
     Ok(report)
@@ -467,6 +511,7 @@ fn pull_walking(
     local: &Capsule,
     remote: &dyn Replica,
     heads: &[RecordHash],
+    pending: &mut Pending,
     report: &mut Report,
     progress: &dyn Progress,
 ) -> Result<()> {
@@ -484,10 +529,10 @@ fn pull_walking(
     progress.expect(order.len() as u64);
     let mut next = 0;
     while next < order.len() {
-        for (bundle, expected) in fetch_slice(remote, &order[next..], report)? {
-            take(local, remote, bundle, Some(expected), Take::Whole, report, progress)?;
-            next += 1;
-        }
+        let slice: Vec<(Bundle, Option<RecordHash>)> =
+            fetch_slice(remote, &order[next..], report)?.into_iter().map(|(b, h)| (b, Some(h))).collect();
+        next += slice.len();
+        take(local, remote, slice, Take::Whole, pending, report, progress)?;
     }
     Ok(())
 }
@@ -645,51 +690,6 @@ pub fn relay(from: &dyn Replica, to: &dyn Replica, capsule: CapsuleId, progress:
     Ok(report)
 }
 
-/// Bundles on their way to a replica that takes an unsigned record only with a signed
-/// descendant in the same call: `uncovered` holds the unsigned ones still waiting for theirs.
-/// Push and relay both cut their batches here, at the receiving replica's `batch_bytes`.
-struct AnchoredBatch {
-    bundles: Vec<Bundle>,
-    bytes: usize,
-    limit: usize,
-    parents: HashMap<RecordHash, Vec<RecordHash>>,
-    uncovered: HashSet<RecordHash>,
-}
-
-impl AnchoredBatch {
-    fn new(limit: usize) -> Self {
-        Self { bundles: Vec::new(), bytes: 0, limit, parents: HashMap::new(), uncovered: HashSet::new() }
-    }
-
-    fn add(&mut self, bundle: Bundle, record: &Record) {
-        let hash = record.hash();
-        self.bytes += bundle.size();
-        self.bundles.push(bundle);
-        self.parents.insert(hash, record.header.parents.clone());
-        if record.signature.is_none() {
-            self.uncovered.insert(hash);
-            return;
-        }
-        // A signature covers every ancestor: clear the unsigned ones in this batch.
-        let mut stack = record.header.parents.clone();
-        while let Some(p) = stack.pop() {
-            if self.uncovered.remove(&p) {
-                stack.extend(self.parents.get(&p).into_iter().flatten());
-            }
-        }
-    }
-
-    /// Past the batch size, and at a point where it may end: every unsigned record in it has
-    /// its signed descendant in it.
-    fn full(&self) -> bool {
-        self.bytes >= self.limit && self.uncovered.is_empty()
-    }
-
-    fn take(&mut self) -> Vec<Bundle> {
-        std::mem::replace(self, Self::new(self.limit)).bundles
-    }
-}
-
 /// `nodes` ordered parents first. The parent lists may come from a replica, so a cycle (which
 /// hashes cannot form) is refused rather than followed.
 pub(super) fn topological(nodes: &HashMap<RecordHash, Vec<RecordHash>>) -> Result<Vec<Node>> {
@@ -728,25 +728,32 @@ pub(super) fn topological(nodes: &HashMap<RecordHash, Vec<RecordHash>>) -> Resul
     Ok(order)
 }
 
-/// For each record of `order` (parents first), the position of the first signed record at or
-/// after it that covers it (itself, or a descendant within `order`), or None: an unsigned
-/// record no signed record in `order` descends from. Records in `signed_here` count as signed.
+/// For each record of `order` (parents first), the position of the first record its own
+/// writer signed at or after it that covers it (itself, or a descendant within `order`), or
+/// None: an unsigned record no signature of its writer in `order` covers. Records in
+/// `signed_here` count as signed.
 fn anchored_positions(
     local: &Capsule,
     order: &[Node],
     signed_here: &HashSet<RecordHash>,
 ) -> Result<Vec<Option<usize>>> {
     let position: HashMap<RecordHash, usize> = order.iter().enumerate().map(|(i, n)| (n.record, i)).collect();
+    // Per record: for each writer, the first position of that writer's signature below it.
+    let mut below: Vec<HashMap<WriterId, usize>> = vec![HashMap::new(); order.len()];
     let mut anchor: Vec<Option<usize>> = vec![None; order.len()];
     for i in (0..order.len()).rev() {
         let record: Record = local.record(order[i].record)?;
+        let writer = record.header.writer;
+        let mut here = std::mem::take(&mut below[i]);
         if record.signature.is_some() || signed_here.contains(&order[i].record) {
-            anchor[i] = Some(i);
+            here.insert(writer, i);
         }
-        if let Some(a) = anchor[i] {
-            for p in &order[i].parents {
-                if let Some(&j) = position.get(p) {
-                    anchor[j] = Some(anchor[j].map_or(a, |b| b.min(a)));
+        anchor[i] = here.get(&writer).copied();
+        for p in &order[i].parents {
+            if let Some(&j) = position.get(p) {
+                for (w, a) in &here {
+                    let first = below[j].entry(*w).or_insert(*a);
+                    *first = (*first).min(*a);
                 }
             }
         }

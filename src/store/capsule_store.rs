@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
-use super::kv::{Batch, Cf, Durability, Kv, Staged};
+use super::kv::{Batch, Cf, Durability, Kv};
 use crate::record::{DeviceId, RecordHash, Seq, SubIdx, WriterId};
 use crate::{Result, StoreError};
 
@@ -22,8 +22,12 @@ const SPARSE_KEY: &[u8] = b"sparse";
 /// This store's device id (16 bytes), chosen at its first append: the sequence space its
 /// writers' records are numbered in.
 const DEVICE_KEY: &[u8] = b"device";
+/// Present once the witness index is kept per (record, writer) (`proof::witness`); a store
+/// from before is reindexed when opened for writing.
+const WITNESS_PER_WRITER_KEY: &[u8] = b"witness-per-writer";
 
-/// Two records one writer's device made with the same sequence number: proof of a fork.
+/// One of two records one writer's device made with the same sequence number: proof of a
+/// fork. `anchor`: for an unsigned record, the records up to one its writer signed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Evidence {
     pub writer: WriterId,
@@ -31,10 +35,17 @@ pub struct Evidence {
     pub seq: Seq,
     pub record: RecordHash,
     pub record_bytes: Vec<u8>,
+    pub anchor: Vec<Vec<u8>>,
 }
 
-/// Closest signed descendant of a record: `anchor` is `dist` hops away, first hop `via`
-/// (a child of the record). A signed record is its own witness with `dist` 0.
+/// Starts an evidence value that carries an anchor chain (borsh `(record, anchor)` follows);
+/// a value without it is the record's encoding alone.
+const ANCHORED_EVIDENCE: &[u8] = b"capsanc1";
+
+/// Closest descendant of a record that one writer signed: `anchor` is `dist` hops away, first
+/// hop `via` (a child of the record). A record its writer signed is its own witness with
+/// `dist` 0. Kept per (record, writer): a signature vouches only for its signer's records, so
+/// each writer's records are proven through that writer's own signatures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
 pub struct Witness {
     pub anchor: RecordHash,
@@ -56,6 +67,10 @@ fn hash_value(cf: Cf, v: &[u8]) -> Result<RecordHash> {
         return Err(bad_index(cf, format!("value of {} bytes where a hash belongs", v.len())));
     }
     RecordHash::from_slice(v).map_err(|e| bad_index(cf, e))
+}
+
+fn witness_key(h: &RecordHash, w: &WriterId) -> Vec<u8> {
+    [&h.as_bytes()[..], &w.as_bytes()[..]].concat()
 }
 
 fn sub_key(h: &RecordHash, idx: SubIdx) -> Vec<u8> {
@@ -120,9 +135,27 @@ impl CapsuleStore {
         self.kv.value_len(Cf::Subs, &sub_key(h, idx))
     }
 
-    pub fn witness(&self, h: &RecordHash) -> Result<Option<Witness>> {
-        let Some(v) = self.kv.get(Cf::Witness, h.as_bytes())? else { return Ok(None) };
+    /// The closest descendant of `h` that writer `w` signed, as indexed (a hint: every hop
+    /// is checked).
+    pub fn witness(&self, h: &RecordHash, w: &WriterId) -> Result<Option<Witness>> {
+        let Some(v) = self.kv.get(Cf::Witness, &witness_key(h, w))? else { return Ok(None) };
         borsh::from_slice(&v).map(Some).map_err(|e| bad_index(Cf::Witness, e))
+    }
+
+    /// Whether the witness index is kept per writer (see `WITNESS_PER_WRITER_KEY`).
+    pub fn witness_per_writer(&self) -> Result<bool> {
+        Ok(self.kv.get(Cf::Meta, WITNESS_PER_WRITER_KEY)?.is_some())
+    }
+
+    /// Every key of the witness index and of the proven set: what a reindex drops.
+    pub fn derived_trust_keys(&self) -> Result<Vec<(Cf, Vec<u8>)>> {
+        let mut keys = Vec::new();
+        for cf in [Cf::Witness, Cf::Proven] {
+            for entry in self.kv.scan(cf, &[], false)? {
+                keys.push((cf, entry?.0));
+            }
+        }
+        Ok(keys)
     }
 
     pub fn heads(&self) -> Result<Vec<RecordHash>> {
@@ -223,18 +256,17 @@ impl CapsuleStore {
                 }
                 let (writer, device, seq) = seq_key_parts(Cf::Evidence, &k)?;
                 let record = hash_value(Cf::Evidence, &k[SEQ_KEY_LEN..])?;
-                Ok(Evidence { writer, device, seq, record, record_bytes: v })
+                let (record_bytes, anchor) = match v.strip_prefix(ANCHORED_EVIDENCE) {
+                    Some(rest) => borsh::from_slice(rest).map_err(|e| bad_index(Cf::Evidence, e))?,
+                    None => (v, Vec::new()),
+                };
+                Ok(Evidence { writer, device, seq, record, record_bytes, anchor })
             })
             .collect()
     }
 
     pub fn batch(&self) -> StoreBatch {
         StoreBatch { batch: Batch::default() }
-    }
-
-    /// Writes large sub-record values ahead of the batch that names them (`Kv::stage`).
-    pub fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
-        self.kv.stage(values)
     }
 
     pub fn write(&self, batch: StoreBatch, durability: Durability) -> Result<()> {
@@ -255,22 +287,32 @@ impl CapsuleStore {
     }
 }
 
-/// A sub-record's stored bytes: carried by the batch (whole, or as three pieces one after
-/// another: a received payload between its length and its path, not copied to be joined
-/// unless the batch carries it), or written ahead of it (`CapsuleStore::stage`).
+/// A sub-record's stored bytes: whole, or as three pieces one after another (a received
+/// payload between its length and its path, not copied to be joined unless the store keeps
+/// it inline).
 pub enum SubValue {
     Bytes(Vec<u8>),
     Pieces { head: [u8; 4], body: Vec<u8>, tail: Vec<u8> },
-    Staged(Staged),
 }
 
 impl SubValue {
-    /// The bytes to store, in order; none for a staged value.
-    pub fn pieces(&self) -> Vec<&[u8]> {
+    /// How many bytes it stores.
+    pub fn stored_len(&self) -> usize {
         match self {
-            SubValue::Bytes(bytes) => vec![bytes],
-            SubValue::Pieces { head, body, tail } => vec![head, body, tail],
-            SubValue::Staged(_) => Vec::new(),
+            SubValue::Bytes(bytes) => bytes.len(),
+            SubValue::Pieces { head, body, tail } => head.len() + body.len() + tail.len(),
+        }
+    }
+
+    /// The payload alone, without its length and path; None if the bytes do not say where
+    /// it ends.
+    pub fn payload(&self) -> Option<&[u8]> {
+        match self {
+            SubValue::Bytes(bytes) => {
+                let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+                bytes.get(4..4 + len)
+            }
+            SubValue::Pieces { body, .. } => Some(body),
         }
     }
 }
@@ -323,9 +365,8 @@ impl StoreBatch {
         match value {
             SubValue::Bytes(bytes) => self.batch.put(Cf::Subs, sub_key(h, idx), bytes),
             SubValue::Pieces { head, body, tail } => {
-                self.batch.put(Cf::Subs, sub_key(h, idx), [&head[..], &body, &tail].concat())
+                self.batch.put_pieces(Cf::Subs, sub_key(h, idx), vec![head.to_vec(), body, tail])
             }
-            SubValue::Staged(staged) => self.batch.put_staged(Cf::Subs, sub_key(h, idx), staged),
         }
     }
 
@@ -349,12 +390,21 @@ impl StoreBatch {
         self.batch.put(Cf::Seqs, seq_key(w, d, seq), h.as_bytes().to_vec());
     }
 
-    pub fn put_witness(&mut self, h: &RecordHash, w: &Witness) {
+    pub fn put_witness(&mut self, h: &RecordHash, writer: &WriterId, w: &Witness) {
         self.batch.put(
             Cf::Witness,
-            h.as_bytes().to_vec(),
+            witness_key(h, writer),
             borsh::to_vec(w).expect("borsh writes to a Vec cannot fail"),
         );
+    }
+
+    /// Drops an entry `CapsuleStore::derived_trust_keys` listed.
+    pub fn delete_derived(&mut self, cf: Cf, key: Vec<u8>) {
+        self.batch.delete(cf, key);
+    }
+
+    pub fn mark_witness_per_writer(&mut self) {
+        self.batch.put(Cf::Meta, WITNESS_PER_WRITER_KEY, vec![1]);
     }
 
     pub fn mark_proven(&mut self, h: &RecordHash, mark: [u8; 32]) {
@@ -365,7 +415,20 @@ impl StoreBatch {
         self.batch.put(Cf::Attest, h.as_bytes().to_vec(), mac.to_vec());
     }
 
-    pub fn put_evidence(&mut self, w: &WriterId, d: &DeviceId, seq: Seq, h: &RecordHash, record: Vec<u8>) {
-        self.batch.put(Cf::Evidence, [seq_key(w, d, seq), h.as_bytes().to_vec()].concat(), record);
+    pub fn put_evidence(
+        &mut self,
+        w: &WriterId,
+        d: &DeviceId,
+        seq: Seq,
+        h: &RecordHash,
+        record: Vec<u8>,
+        anchor: &[Vec<u8>],
+    ) {
+        let value = match anchor {
+            [] => record,
+            _ => [ANCHORED_EVIDENCE, &borsh::to_vec(&(record, anchor)).expect("borsh writes to a Vec cannot fail")]
+                .concat(),
+        };
+        self.batch.put(Cf::Evidence, [seq_key(w, d, seq), h.as_bytes().to_vec()].concat(), value);
     }
 }

@@ -1,7 +1,6 @@
 //! The key-value interface every local store implements: column families and atomic batches.
 
 use crate::Result;
-use crate::store::packs::PackLoc;
 
 /// Column families, one per job. Keys and values are described in ARCHITECTURE.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -69,21 +68,13 @@ pub enum Durability {
     Cache,
 }
 
-/// A value written ahead of the batch that will name it (`Kv::stage`), where the store keeps
-/// large values; not durable until that batch is written.
-#[derive(Clone, Copy, Debug)]
-pub struct Staged {
-    pub(crate) loc: PackLoc,
-    /// The number of the pack append that wrote it.
-    pub(crate) append: u64,
-}
-
 /// Writes applied all together or not at all.
 #[derive(Default, Debug)]
 pub struct Batch {
     pub(crate) ops: Vec<(Cf, Vec<u8>, Option<Vec<u8>>)>,
-    /// Puts of staged values: the store makes them durable before the batch.
-    pub(crate) staged: Vec<(Cf, Vec<u8>, Staged)>,
+    /// Puts of values given as pieces, one after another (a received payload between its
+    /// length and its path): joined only where the store keeps the value inline.
+    pub(crate) pieces: Vec<(Cf, Vec<u8>, Vec<Vec<u8>>)>,
 }
 
 impl Batch {
@@ -93,11 +84,11 @@ impl Batch {
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
         self.ops.push((cf, key.into(), None));
     }
-    pub fn put_staged(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: Staged) {
-        self.staged.push((cf, key.into(), value));
+    pub fn put_pieces(&mut self, cf: Cf, key: impl Into<Vec<u8>>, pieces: Vec<Vec<u8>>) {
+        self.pieces.push((cf, key.into(), pieces));
     }
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.staged.is_empty()
+        self.ops.is_empty() && self.pieces.is_empty()
     }
 }
 
@@ -112,13 +103,6 @@ pub trait Kv: Send + Sync {
         Ok(self.get(cf, key)?.map(|v| v.len()))
     }
     fn write(&self, batch: Batch, durability: Durability) -> Result<()>;
-    /// Writes the sub-record `values` (each as its pieces, one after another) the store keeps
-    /// apart (large ones) now, for a batch to name later (`Batch::put_staged`), so that
-    /// copying them overlaps an earlier batch's sync; None for a value the batch must carry
-    /// itself, and for every value in a store that keeps none apart.
-    fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
-        Ok(vec![None; values.len()])
-    }
     /// Makes every write so far durable (as if each had been `Durability::Durable`).
     fn sync(&self) -> Result<()>;
     /// Entries whose key starts with `prefix`, ascending, or descending when `reverse`.

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use super::applier::Applier;
 use super::journal::{Journal, Stamp};
-use super::kv::{Batch, Cf, Durability, Entries, Kv, Staged, prefix_end};
+use super::kv::{Batch, Cf, Durability, Entries, Kv, prefix_end};
 use super::packs::{PackLoc, Packs};
 use crate::{Result, StoreError};
 
@@ -178,28 +178,36 @@ impl Kv for RocksKv {
     /// sync, a memtable flush or the kernel's writeback) can name bytes that are not on disk;
     /// `Durability::Cache` alone skips the sync (bytes that can be fetched again).
     fn write(&self, batch: Batch, durability: Durability) -> Result<()> {
-        let is_large = |cf: &Cf, v: &Option<Vec<u8>>| matches!(v, Some(v) if *cf == Cf::Subs && v.len() >= PACK_MIN);
-        let large_bytes: usize = batch
-            .ops
-            .iter()
-            .filter(|(cf, _, v)| is_large(cf, v))
-            .filter_map(|(_, _, v)| v.as_ref().map(Vec::len))
-            .sum();
         let Some(journal) = &self.journal else {
             return Err(StoreError::Backend(format!("{}: opened read-only", self.path.display())).into());
         };
+        let is_large = |cf: &Cf, len: usize| *cf == Cf::Subs && len >= PACK_MIN;
+        let op_len = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, Vec::len);
+        let pieces_len = |p: &[Vec<u8>]| p.iter().map(Vec::len).sum::<usize>();
+        let sizes = batch.ops.iter().map(|(cf, _, v)| (cf, op_len(v)));
+        let sizes = sizes.chain(batch.pieces.iter().map(|(cf, _, p)| (cf, pieces_len(p))));
+        let large_bytes: usize = sizes.filter(|(cf, len)| is_large(cf, *len)).map(|(_, len)| len).sum();
         let packing = match durability {
             Durability::Cache | Durability::Buffered => true,
             Durability::Durable => large_bytes > INLINE_DURABLE_MAX,
         };
-        let to_pack = |cf: &Cf, v: &Option<Vec<u8>>| packing && is_large(cf, v);
-        let large: Vec<[&[u8]; 1]> = batch
+        let op_packed = |cf: &Cf, v: &Option<Vec<u8>>| packing && is_large(cf, op_len(v));
+        let pieces_packed = |cf: &Cf, p: &[Vec<u8>]| packing && is_large(cf, pieces_len(p));
+        // Packed values in order: the ops' first, then the pieces'.
+        let mut large: Vec<Vec<&[u8]>> = batch
             .ops
             .iter()
-            .filter(|(cf, _, v)| to_pack(cf, v))
+            .filter(|(cf, _, v)| op_packed(cf, v))
             .filter_map(|(_, _, v)| v.as_deref())
-            .map(|v| [v])
+            .map(|v| vec![v])
             .collect();
+        large.extend(
+            batch
+                .pieces
+                .iter()
+                .filter(|(cf, _, p)| pieces_packed(cf, p))
+                .map(|(_, _, p)| p.iter().map(Vec::as_slice).collect()),
+        );
         let mut locs = Vec::new().into_iter();
         if !large.is_empty() {
             let (appended, append) = self.packs.append(&large)?;
@@ -211,22 +219,26 @@ impl Kv for RocksKv {
                 self.packs.sync_through(append)?;
             }
         }
-        if let Some(append) = batch.staged.iter().map(|(_, _, staged)| staged.append).max() {
-            self.packs.sync_through(append)?;
-        }
         let mut wb = WriteBatch::default();
-        for (cf, key, staged) in &batch.staged {
-            wb.put_cf(self.cf(*cf), key, [&[IN_PACK][..], &staged.loc.encode()].concat());
-        }
         for (cf, key, value) in &batch.ops {
             match value {
-                Some(_) if to_pack(cf, value) => {
+                Some(_) if op_packed(cf, value) => {
                     let loc = locs.next().expect("one location per packed value");
                     wb.put_cf(self.cf(*cf), key, [&[IN_PACK][..], &loc.encode()].concat())
                 }
                 Some(v) if *cf == Cf::Subs => wb.put_cf(self.cf(*cf), key, [&[INLINE][..], v].concat()),
                 Some(v) => wb.put_cf(self.cf(*cf), key, v),
                 None => wb.delete_cf(self.cf(*cf), key),
+            }
+        }
+        for (cf, key, pieces) in &batch.pieces {
+            if pieces_packed(cf, pieces) {
+                let loc = locs.next().expect("one location per packed value");
+                wb.put_cf(self.cf(*cf), key, [&[IN_PACK][..], &loc.encode()].concat());
+            } else {
+                let tag: &[u8] = if *cf == Cf::Subs { &[INLINE] } else { &[] };
+                let joined: Vec<&[u8]> = std::iter::once(tag).chain(pieces.iter().map(Vec::as_slice)).collect();
+                wb.put_cf(self.cf(*cf), key, joined.concat());
             }
         }
         let mut wo = WriteOptions::default();
@@ -265,20 +277,6 @@ impl Kv for RocksKv {
                 Ok(())
             }
         }
-    }
-
-    fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
-        let is_large = |pieces: &Vec<&[u8]>| pieces.iter().map(|p| p.len()).sum::<usize>() >= PACK_MIN;
-        let large: Vec<&Vec<&[u8]>> = values.iter().filter(|v| is_large(v)).collect();
-        if large.is_empty() {
-            return Ok(vec![None; values.len()]);
-        }
-        let (locs, append) = self.packs.append(&large)?;
-        let mut locs = locs.into_iter();
-        Ok(values
-            .iter()
-            .map(|v| is_large(v).then(|| Staged { loc: locs.next().expect("one location a value"), append }))
-            .collect())
     }
 
     /// Pack values are synced before any batch names them, so only the WAL is left.

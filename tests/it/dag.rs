@@ -12,58 +12,79 @@ use capsulefs::store::Kv;
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::{Error, VerifyError};
 
-use super::{fixture, signed, unsigned};
+use super::{Fixture, fixture, signed, unsigned};
 
 #[test]
 fn an_unsigned_chain_is_proven_by_its_signed_descendant() {
     let f = fixture();
-    let a = f.put(&f.other, 1, &[f.genesis()], b"a", false);
-    let b = f.put(&f.other, 2, &[a], b"b", false);
-    let c = f.put(&f.other, 3, &[b], b"c", false);
-    assert!(matches!(f.cap.prove_record(a, EarlierProofs::Use), Err(Error::Verify(VerifyError::Unanchored { .. }))));
-    let s = f.put(&f.other, 4, &[c], b"s", true);
+    let a = f.make(&f.other, 1, &[f.genesis()], &[b"a"], false);
+    let ha = Fixture::hash_of(&a);
+    // Alone, an unsigned record is not taken: nothing of its writer's vouches for it.
+    assert!(
+        matches!(f.put_all(&[(a.clone(), b"a")]), Err(Error::Verify(VerifyError::Unanchored { record })) if record == ha)
+    );
+    let b = f.make(&f.other, 2, &[ha], &[b"b"], false);
+    let c = f.make(&f.other, 3, &[Fixture::hash_of(&b)], &[b"c"], false);
+    let s = f.make(&f.other, 4, &[Fixture::hash_of(&c)], &[b"s"], true);
+    let stored = f.put_all(&[(a, b"a"), (b, b"b"), (c, b"c"), (s, b"s")]).unwrap();
+    let [a, b, c, s] = stored[..] else { panic!("four records stored: {stored:?}") };
     let proof = f.cap.prove_record(a, EarlierProofs::Ignore).unwrap();
     assert_eq!(proof.chain, vec![a, b, c, s]);
     assert_eq!(proof.anchor, Anchor::Signed { record: s, writer: f.other.writer() });
-    let w = f.cap.store().witness(&a).unwrap().unwrap();
+    let w = f.cap.store().witness(&a, &f.other.writer()).unwrap().unwrap();
     assert_eq!((w.anchor, w.dist, w.via), (s, 3, b));
 }
 
 #[test]
-fn branches_and_a_signed_merge_prove_both_sides() {
+fn a_signed_merge_proves_its_own_writer_s_side_only() {
     let f = fixture();
     let root = f.put(&f.owner, 1, &[f.genesis()], b"root", true);
-    let left = f.put(&f.owner, 2, &[root], b"left", false);
-    let right = f.put(&f.other, 1, &[root], b"right", false);
-    assert_eq!(f.cap.heads().unwrap().len(), 2);
-    let merge = f.put(&f.owner, 3, &[left, right], b"merge", true);
-    assert_eq!(f.cap.heads().unwrap(), vec![merge]);
-    for side in [left, right] {
-        let proof = f.cap.prove_record(side, EarlierProofs::Ignore).unwrap();
-        assert_eq!(proof.chain, vec![side, merge]);
-    }
-    // The root is signed itself: its proof is just itself.
+    let left = f.make(&f.owner, 2, &[root], &[b"left"], false);
+    let right = f.make(&f.other, 1, &[root], &[b"right"], false);
+    let (hl, hr) = (Fixture::hash_of(&left), Fixture::hash_of(&right));
+    let merge = f.make(&f.owner, 3, &[hl, hr], &[b"merge"], true);
+    // The owner's signature vouches for the owner's left side, not for the other's right.
+    let refused = f.put_all(&[(left.clone(), b"left"), (right, b"right"), (merge.clone(), b"merge")]);
+    assert!(matches!(refused, Err(Error::Verify(VerifyError::Unanchored { record })) if record == hr));
+    assert_eq!(f.cap.heads().unwrap(), vec![root], "a refused batch leaves nothing");
+    let right = f.make(&f.other, 1, &[root], &[b"right"], true);
+    let stored = f.put_all(&[(left, b"left"), (right, b"right"), (merge, b"merge")]).unwrap();
+    assert_eq!(f.cap.heads().unwrap(), vec![Fixture::hash_of(&stored_bytes_last(&f, &stored))]);
+    let proof = f.cap.prove_record(hl, EarlierProofs::Ignore).unwrap();
+    assert_eq!(proof.chain, vec![hl, stored[2]]);
+    // Signed records prove themselves.
+    assert_eq!(f.cap.prove_record(hr, EarlierProofs::Ignore).unwrap().chain, vec![hr]);
     assert_eq!(f.cap.prove_record(root, EarlierProofs::Ignore).unwrap().chain, vec![root]);
+}
+
+/// The stored encoding of the last of `stored`.
+fn stored_bytes_last(f: &super::Fixture, stored: &[RecordHash]) -> Vec<u8> {
+    f.cap.store().record_bytes(stored.last().unwrap()).unwrap().unwrap()
 }
 
 #[test]
 fn the_closest_signed_descendant_only_gets_closer() {
     let f = fixture();
-    let a = f.put(&f.other, 1, &[f.genesis()], b"a", false);
-    let x = f.put(&f.other, 2, &[a], b"x", false);
-    let y = f.put(&f.other, 3, &[x], b"y", false);
-    let far = f.put(&f.other, 4, &[y], b"far", true);
-    assert_eq!(f.cap.store().witness(&a).unwrap().unwrap().dist, 3);
-    // A signed child of `a` on another branch is closer: the index moves to it.
-    let near = f.put(&f.owner, 1, &[a], b"near", true);
-    let w = f.cap.store().witness(&a).unwrap().unwrap();
+    let a = f.make(&f.other, 1, &[f.genesis()], &[b"a"], false);
+    let ha = Fixture::hash_of(&a);
+    let x = f.make(&f.other, 2, &[ha], &[b"x"], false);
+    let y = f.make(&f.other, 3, &[Fixture::hash_of(&x)], &[b"y"], false);
+    let far = f.make(&f.other, 4, &[Fixture::hash_of(&y)], &[b"far"], true);
+    let stored = f.put_all(&[(a, b"a"), (x, b"x"), (y, b"y"), (far, b"far")]).unwrap();
+    let (hx, hy, hfar) = (stored[1], stored[2], stored[3]);
+    let other = f.other.writer();
+    assert_eq!(f.cap.store().witness(&ha, &other).unwrap().unwrap().dist, 3);
+    // A signed child of `a` on another branch, by the same writer, is closer: the index moves.
+    let near = f.put(&f.other, 5, &[ha], b"near", true);
+    let w = f.cap.store().witness(&ha, &other).unwrap().unwrap();
     assert_eq!((w.anchor, w.dist, w.via), (near, 1, near));
-    // A later, farther signature changes nothing for `a`.
-    let later = f.put(&f.owner, 2, &[far, near], b"later", true);
-    assert_eq!(f.cap.store().witness(&a).unwrap().unwrap().anchor, near);
-    assert_eq!(f.cap.store().witness(&later).unwrap().unwrap().dist, 0);
-    assert_eq!(f.cap.prove_record(a, EarlierProofs::Ignore).unwrap().chain, vec![a, near]);
-    assert_eq!(f.cap.prove_record(x, EarlierProofs::Ignore).unwrap().chain, vec![x, y, far]);
+    // Another writer's signature changes nothing for `a`: it vouches for its own records only.
+    let later = f.put(&f.owner, 1, &[hfar, near], b"later", true);
+    assert_eq!(f.cap.store().witness(&ha, &other).unwrap().unwrap().anchor, near);
+    assert!(f.cap.store().witness(&ha, &f.owner.writer()).unwrap().is_none());
+    assert!(f.cap.store().witness(&later, &f.owner.writer()).unwrap().is_none(), "a signed record is its own anchor");
+    assert_eq!(f.cap.prove_record(ha, EarlierProofs::Ignore).unwrap().chain, vec![ha, near]);
+    assert_eq!(f.cap.prove_record(hx, EarlierProofs::Ignore).unwrap().chain, vec![hx, hy, hfar]);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The keystore: the content key wrapped for members, found through proofs, admins only.
 
+use capsulefs::Error;
 use capsulefs::capsule::AppendOptions;
 use capsulefs::crypto::aead::{ContentKey, Place, SealedKind, open, seal};
 use capsulefs::crypto::keys::Identity;
@@ -7,7 +8,6 @@ use capsulefs::crypto::wrap;
 use capsulefs::member::{MembershipEntry, content_key, create_keystore};
 use capsulefs::record::{KeyGen, RecordKind};
 use capsulefs::store::{Batch, Cf, Durability, Kv};
-use capsulefs::{Error, VerifyError};
 
 use super::fixture;
 
@@ -55,10 +55,16 @@ fn a_tampered_keystore_entry_is_refused() {
     let mut b = Batch::default();
     b.put(Cf::Subs, key, bytes);
     f.kv.write(b, Durability::Buffered).unwrap();
-    // Entries proven when they were stored stay believed in memory; a fresh open proves again.
+    // Entries proven when they were stored stay believed in memory; a fresh open proves again,
+    // and a membership record that does not prove applies nothing (and says why).
     let reopened = capsulefs::capsule::Capsule::open(f.kv.clone(), vec![f.owner.clone()]).unwrap();
     let read = content_key(&reopened, &f.owner).map(|k| k.generation());
-    assert!(matches!(read, Err(Error::Verify(VerifyError::MerkleMismatch { .. }))), "{read:?}");
+    assert!(
+        matches!(&read, Err(Error::NotFound(why)) if why.contains("does not prove") && why.contains("Merkle")),
+        "{read:?}"
+    );
+    let not_applied = &reopened.rights().unwrap().not_applied;
+    assert!(not_applied.iter().any(|n| n.record == record), "{not_applied:?}");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 mod dag;
 mod encoding;
 mod fs;
+mod gate;
 mod keystore;
 mod membership;
 mod merge;
@@ -12,7 +13,7 @@ mod tamper;
 
 use std::sync::Arc;
 
-use capsulefs::capsule::{AppendOptions, Capsule, Ingested, NewCapsule};
+use capsulefs::capsule::{Admission, AppendOptions, Capsule, Ingested, NewCapsule};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::crypto::sign;
 use capsulefs::record::codec::FORMAT_VERSION;
@@ -72,12 +73,28 @@ impl Fixture {
         Record { header, signature }.encode()
     }
 
-    /// Makes and ingests a record; returns its hash.
+    /// Makes and ingests a record, which the gate takes alone only when it is signed (or
+    /// already held); returns its hash.
     pub fn put(&self, by: &Identity, seq: u64, parents: &[RecordHash], payload: &[u8], sign_it: bool) -> RecordHash {
         let bytes = self.make(by, seq, parents, &[payload], sign_it);
         match self.cap.ingest(&bytes, &[payload], Durability::Buffered).unwrap() {
             Ingested::Stored(h) => h,
             other => panic!("expected a new record, got {other:?}"),
         }
+    }
+
+    /// Offers records made with `make` (each with one payload) as one batch, as a server takes
+    /// an upload: all of them, or none.
+    pub fn put_all(&self, records: &[(Vec<u8>, &[u8])]) -> capsulefs::Result<Vec<RecordHash>> {
+        let batch = records
+            .iter()
+            .map(|(bytes, payload)| self.cap.check_incoming(bytes, vec![payload.to_vec()]))
+            .collect::<capsulefs::Result<Vec<_>>>()?;
+        Ok(self.cap.admit(batch, Admission::Whole, Durability::Buffered)?.stored)
+    }
+
+    /// The hash of a record made with `make`.
+    pub fn hash_of(bytes: &[u8]) -> RecordHash {
+        Record::decode(bytes).unwrap().hash()
     }
 }

@@ -74,15 +74,19 @@ fn push_then_pull_moves_exactly_the_difference() {
     assert_eq!(pushed.records, 20, "every record is covered by a signed one");
     assert_eq!(pushed.waiting_for_signature, 0);
     assert_eq!(Replica::heads(&server).unwrap(), f.cap.heads().unwrap());
-    // An unsigned tail of ours: push signs it (this machine holds the key). One of another
-    // writer's, unsigned, waits: nothing here can sign for them.
+    // An unsigned tail of ours: push signs it (this machine holds the key). Another writer's
+    // unsigned record never gets this far: no store takes it without that writer's signature.
     f.cap.append(&f.owner, &[b"tail"], unsigned()).unwrap();
     let head = f.cap.heads().unwrap()[0];
-    let theirs = f.put(&f.other, 1, &[head], b"theirs, unsigned", false);
+    let theirs = f.make(&f.other, 1, &[head], &[b"theirs, unsigned"], false);
+    assert!(matches!(
+        f.cap.ingest(&theirs, &[b"theirs, unsigned"], Durability::Buffered),
+        Err(capsulefs::Error::Verify(VerifyError::Unanchored { .. }))
+    ));
     let again = push(&f.cap, &server, &()).unwrap();
-    assert_eq!((again.records, again.waiting_for_signature), (1, 1));
+    assert_eq!((again.records, again.waiting_for_signature), (1, 0));
     assert_eq!(again.reconcile_received, 4 + 32, "finding them took one head");
-    assert!(server.store().has_record(&head).unwrap() && !server.store().has_record(&theirs).unwrap());
+    assert!(server.store().has_record(&head).unwrap());
     let laptop = empty_replica_of(&f.cap);
     let pulled = pull(&laptop, &server, &()).unwrap();
     assert_eq!(pulled.records, 21);
@@ -93,7 +97,6 @@ fn push_then_pull_moves_exactly_the_difference() {
     // A commit made here and not pushed yet does not make the replica resend what lies below
     // its heads: only the one new record comes.
     laptop.append(&f.other, &[b"only here"], signed()).unwrap();
-    // On top of the owner's tail only: the other writer's unsigned record stays unpushed.
     let parents = [head];
     f.cap
         .append_built(&f.owner, Parents::These(&parents), vec![SubRecordBuf::copied(b"only there")], signed())

@@ -131,7 +131,8 @@ fn a_corrupted_witness_index_cannot_forge_a_chain() {
     // Point `a`'s witness at an unrelated signed record that is not its child.
     let stranger = f.put(&f.other, 1, &[f.genesis()], b"stranger", true);
     let fake = Witness { anchor: stranger, dist: 1, via: stranger };
-    overwrite(&f.kv, Cf::Witness, a.as_bytes().to_vec(), Some(borsh::to_vec(&fake).unwrap()));
+    let key = [&a.as_bytes()[..], &f.owner.writer().as_bytes()[..]].concat();
+    overwrite(&f.kv, Cf::Witness, key, Some(borsh::to_vec(&fake).unwrap()));
     assert!(matches!(
         verify_err(f.cap.prove_record(a, EarlierProofs::Ignore)),
         VerifyError::BrokenChain { record, child } if record == a && child == stranger
@@ -215,13 +216,14 @@ fn a_reused_sequence_number_is_kept_as_evidence() {
 
 #[test]
 fn fork_evidence_checks_without_keys_and_travels_between_replicas() {
-    use capsulefs::proof::fork::ForkEvidence;
+    use capsulefs::proof::fork::{ForkEvidence, Vouched};
     use capsulefs::replica::Replica;
     let f = fixture();
     let first = f.make(&f.other, 1, &[f.genesis()], &[b"first"], true);
     let second = f.make(&f.other, 1, &[f.genesis()], &[b"second"], true);
     let (a, b) = (Record::decode(&first).unwrap(), Record::decode(&second).unwrap());
-    let evidence = ForkEvidence::of(&a, &b);
+    let evidence = ForkEvidence::of(Vouched::signed(&a), Vouched::signed(&b));
+    let first = Vouched::signed(&a);
     let fork = evidence.check(f.cap.id()).unwrap();
     assert_eq!((fork.writer, fork.seq.0), (f.other.writer(), 1));
     // What does not prove a fork is refused: one record twice, the wrong order, another
@@ -230,12 +232,19 @@ fn fork_evidence_checks_without_keys_and_travels_between_replicas() {
     assert!(refused(&ForkEvidence { first: first.clone(), second: first.clone() }));
     assert!(refused(&ForkEvidence { first: evidence.second.clone(), second: evidence.first.clone() }));
     let other_seq = Record::decode(&f.make(&f.other, 2, &[f.genesis()], &[b"x"], true)).unwrap();
-    assert!(refused(&ForkEvidence::of(&a, &other_seq)));
+    assert!(refused(&ForkEvidence::of(first.clone(), Vouched::signed(&other_seq))));
     let unsigned = Record::decode(&f.make(&f.other, 1, &[f.genesis()], &[b"u"], false)).unwrap();
-    assert!(refused(&ForkEvidence::of(&a, &unsigned)));
+    assert!(refused(&ForkEvidence::of(first.clone(), Vouched::signed(&unsigned))));
     let mut forged = b.clone();
     forged.signature = Some(sign::sign_record(f.owner.key(), &forged.hash()));
-    assert!(refused(&ForkEvidence::of(&a, &forged)));
+    assert!(refused(&ForkEvidence::of(first.clone(), Vouched::signed(&forged))));
+    // An unsigned record vouched for by a chain to its writer's signature proves a fork; a
+    // chain ending at someone else's signature, or not linked, does not.
+    let child = |by: &Identity, parent: RecordHash| Record::decode(&f.make(by, 2, &[parent], &[b"c"], true)).unwrap();
+    let vouched = |anchor: &Record| Vouched { record: unsigned.encode(), anchor: vec![anchor.encode()] };
+    assert!(!refused(&ForkEvidence::of(first.clone(), vouched(&child(&f.other, unsigned.hash())))));
+    assert!(refused(&ForkEvidence::of(first.clone(), vouched(&child(&f.owner, unsigned.hash())))));
+    assert!(refused(&ForkEvidence::of(first.clone(), vouched(&child(&f.other, f.genesis())))));
     let elsewhere = Capsule::create(Arc::new(MemKv::new()), NewCapsule::new("elsewhere", &f.owner), vec![]).unwrap();
     assert!(evidence.check(elsewhere.id()).is_err());
 
