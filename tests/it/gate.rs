@@ -39,12 +39,11 @@ fn refusal(r: capsulefs::Result<impl std::fmt::Debug>) -> VerifyError {
     }
 }
 
-/// A record by `by` with any device, seq, kind and parents, signed or not.
+/// A record by `by` numbered `at` (any device and seq), of any kind and parents, signed or not.
 fn record(
     f: &Fixture,
     by: &Identity,
-    device: DeviceId,
-    seq: u64,
+    (device, seq): (DeviceId, u64),
     parents: &[RecordHash],
     kind: RecordKind,
     payloads: &[&[u8]],
@@ -113,14 +112,14 @@ fn a_forged_last_sequence_number_neither_stops_the_writer_nor_wraps() {
     let f = fixture();
     let base = f.cap.append(&f.owner, &[b"base"], signed()).unwrap();
     let device = f.cap.device().unwrap();
-    let forged = record(&f, &f.owner, device, u64::MAX, &[base], RecordKind::Data, &[b"max"], false);
+    let forged = record(&f, &f.owner, (device, u64::MAX), &[base], RecordKind::Data, &[b"max"], false);
     assert!(matches!(refusal(f.put_all(&[(forged, b"max")])), VerifyError::Unanchored { .. }));
     owner_still_writes(&f);
     // Were the writer itself to reach the last number, the next record takes a new device.
     let mut f = fixture();
     let base = f.cap.append(&f.owner, &[b"base"], signed()).unwrap();
     let device = f.cap.device().unwrap();
-    let last = record(&f, &f.owner, device, u64::MAX, &[base], RecordKind::Data, &[b"max"], true);
+    let last = record(&f, &f.owner, (device, u64::MAX), &[base], RecordKind::Data, &[b"max"], true);
     f.put_all(&[(last, b"max")]).unwrap();
     let next = f.cap.append(&f.owner, &[b"next"], signed()).unwrap();
     let header = f.cap.record(next).unwrap().header;
@@ -135,7 +134,7 @@ fn a_forged_record_on_the_writers_next_number_is_no_fork() {
     let f = fixture();
     let base = f.cap.append(&f.owner, &[b"base"], signed()).unwrap();
     let device = f.cap.device().unwrap();
-    let forged = record(&f, &f.owner, device, 2, &[base], RecordKind::Data, &[b"forged"], false);
+    let forged = record(&f, &f.owner, (device, 2), &[base], RecordKind::Data, &[b"forged"], false);
     assert!(matches!(refusal(f.put_all(&[(forged, b"forged")])), VerifyError::Unanchored { .. }));
     let honest = f.cap.append(&f.owner, &[b"honest"], signed()).unwrap();
     assert_eq!(f.cap.record(honest).unwrap().header.seq, Seq(2));
@@ -152,7 +151,7 @@ fn a_forged_membership_record_changes_no_rights_and_blocks_nobody() {
     let base = f.cap.append(&f.owner, &[b"base"], signed()).unwrap();
     let stranger = Identity::generate("stranger").unwrap();
     let grant = MembershipEntry::Grant { member: stranger.writer(), level: Level::Superadmin }.encode();
-    let forged = record(&f, &f.owner, DeviceId([9; 16]), 1, &[base], RecordKind::Membership, &[&grant], false);
+    let forged = record(&f, &f.owner, (DeviceId([9; 16]), 1), &[base], RecordKind::Membership, &[&grant], false);
     let batch = vec![f.cap.check_incoming(&forged, vec![grant.clone()]).unwrap()];
     assert!(matches!(
         refusal(f.cap.admit(batch, Admission::Whole, Durability::Buffered)),
@@ -304,12 +303,12 @@ fn a_pull_takes_an_unsigned_record_once_its_anchor_comes_in_a_later_answer() {
 fn a_fork_of_unsigned_records_is_evidence_through_their_writers_signatures() {
     let f = fixture();
     let d = DeviceId([5; 16]);
-    let left = record(&f, &f.other, d, 1, &[f.genesis()], RecordKind::Data, &[b"left"], false);
-    let left_top = record(&f, &f.other, d, 2, &[Fixture::hash_of(&left)], RecordKind::Data, &[b"lt"], true);
+    let left = record(&f, &f.other, (d, 1), &[f.genesis()], RecordKind::Data, &[b"left"], false);
+    let left_top = record(&f, &f.other, (d, 2), &[Fixture::hash_of(&left)], RecordKind::Data, &[b"lt"], true);
     f.put_all(&[(left, b"left"), (left_top, b"lt")]).unwrap();
     // A restored copy of that device numbered other records the same.
-    let right = record(&f, &f.other, d, 1, &[f.genesis()], RecordKind::Data, &[b"right"], false);
-    let right_top = record(&f, &f.other, d, 3, &[Fixture::hash_of(&right)], RecordKind::Data, &[b"rt"], true);
+    let right = record(&f, &f.other, (d, 1), &[f.genesis()], RecordKind::Data, &[b"right"], false);
+    let right_top = record(&f, &f.other, (d, 3), &[Fixture::hash_of(&right)], RecordKind::Data, &[b"rt"], true);
     let refused = f.put_all(&[(right.clone(), b"right"), (right_top, b"rt")]);
     assert!(matches!(refusal(refused), VerifyError::Equivocation(fork) if fork.seq == Seq(1)));
     assert!(!f.cap.store().has_record(&Fixture::hash_of(&right)).unwrap(), "the forked branch is not stored");
@@ -370,27 +369,27 @@ proptest! {
                 Kind::Honest => {
                     seq += 1;
                     let sign_it = i % 3 == 2 || Some(i) == last_honest;
-                    let bytes = record(&f, &f.owner, owner_device, seq, &[parent], RecordKind::Data, &[&payload], sign_it);
+                    let bytes = record(&f, &f.owner, (owner_device, seq), &[parent], RecordKind::Data, &[&payload], sign_it);
                     parent = Fixture::hash_of(&bytes);
                     honest.push((bytes, payload));
                 }
                 Kind::StrangerSigned => {
-                    let mut r = Record::decode(&record(&f, &f.owner, DeviceId([2; 16]), 1, &[parent], RecordKind::Data, &[&payload], false)).unwrap();
+                    let mut r = Record::decode(&record(&f, &f.owner, (DeviceId([2; 16]), 1), &[parent], RecordKind::Data, &[&payload], false)).unwrap();
                     r.signature = Some(sign::sign_record(stranger.key(), &r.hash()));
                     hostile.push((r.encode(), payload));
                 }
                 Kind::OtherVouched => {
-                    let r = record(&f, &f.owner, DeviceId([3; 16]), i as u64 + 1, &[parent], RecordKind::Data, &[&payload], false);
-                    let child = record(&f, &f.other, DeviceId([4; 16]), i as u64 + 1, &[Fixture::hash_of(&r)], RecordKind::Data, &[b"v"], true);
+                    let r = record(&f, &f.owner, (DeviceId([3; 16]), i as u64 + 1), &[parent], RecordKind::Data, &[&payload], false);
+                    let child = record(&f, &f.other, (DeviceId([4; 16]), i as u64 + 1), &[Fixture::hash_of(&r)], RecordKind::Data, &[b"v"], true);
                     hostile.push((r, payload));
                     hostile.push((child, b"v".to_vec()));
                 }
                 Kind::Unanchored => {
-                    let r = record(&f, &f.owner, DeviceId([5; 16]), i as u64 + 1, &[parent], RecordKind::Data, &[&payload], false);
+                    let r = record(&f, &f.owner, (DeviceId([5; 16]), i as u64 + 1), &[parent], RecordKind::Data, &[&payload], false);
                     hostile.push((r, payload));
                 }
                 Kind::Overflowing => {
-                    let r = record(&f, &f.owner, owner_device, u64::MAX, &[parent], RecordKind::Data, &[&payload], false);
+                    let r = record(&f, &f.owner, (owner_device, u64::MAX), &[parent], RecordKind::Data, &[&payload], false);
                     hostile.push((r, payload));
                 }
             }
