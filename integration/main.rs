@@ -10,6 +10,7 @@ mod crash;
 mod fsx;
 mod garage;
 mod hardening;
+mod hostile;
 mod membership;
 mod mount;
 mod quorum;

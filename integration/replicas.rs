@@ -106,6 +106,23 @@ impl Server {
         fs::read_to_string(self.store.path().join("serve.log")).unwrap()
     }
 
+    /// Where the server keeps capsule `id`'s store.
+    pub(super) fn capsule_store(&self, id: &str) -> std::path::PathBuf {
+        self.store.path().join("capsules").join(id).join("store")
+    }
+
+    /// A GET whose answer is borsh, decoded.
+    pub(super) fn get_borsh<T: borsh::BorshDeserialize>(&self, path: &str) -> T {
+        let out = Command::new("curl").args(["-sf", &format!("{}{path}", self.url())]).output().unwrap();
+        assert!(out.status.success(), "GET {path}: {out:?}");
+        borsh::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Capsule `id`'s heads as the server gives them.
+    pub(super) fn heads(&self, id: &str) -> Vec<RecordHash> {
+        self.get_borsh(&format!("/v1/capsules/{id}/heads"))
+    }
+
     pub(super) fn metrics(&self) -> String {
         let out = Command::new("curl").args(["-s", &format!("{}/metrics", self.url())]).output().unwrap();
         String::from_utf8(out.stdout).unwrap()

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use capsulefs::capsule::Capsule;
 use capsulefs::member::Invitation;
+use capsulefs::record::RecordHash;
 use capsulefs::record::{CapsuleId, SignedMetadata, WriterId};
 use capsulefs::replica::Replica;
 use capsulefs::replica::quorum::{self, Quorum, Round};
@@ -195,12 +196,12 @@ enum Way {
 /// A replica that fails does not stop the others; the first failure is returned at the end,
 /// after every replica was given the fork evidence known here (a fork one replica showed
 /// reaches them all).
-fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result<Vec<Fork>> {
-    let (mut forks, mut failed) = (Vec::new(), None);
+fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> anyhow::Result<Found> {
+    let (mut found, mut failed) = (Found::default(), None);
     let forks_before = capsule.fork_count()?;
     for url in urls {
         match transfer_one(home, capsule, url, way) {
-            Ok(learned) => forks.extend(learned),
+            Ok(report) => found.add(&report),
             // The first failure is the command's; later ones are told here.
             Err(e) if failed.is_some() => eprintln!("capsulefs: {e:#}"),
             Err(e) => failed = Some(e),
@@ -217,12 +218,27 @@ fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> a
     }
     match failed {
         Some(e) => Err(e),
-        None => Ok(forks),
+        None => Ok(found),
+    }
+}
+
+/// What transfers found that a command reports once they all ended: forks (exit 7), and
+/// records a replica offered that were kept out as unverified (exit 1).
+#[derive(Default)]
+struct Found {
+    forks: Vec<Fork>,
+    unverified: Vec<RecordHash>,
+}
+
+impl Found {
+    fn add(&mut self, report: &Report) {
+        self.forks.extend(report.forks_learned.iter().cloned());
+        self.unverified.extend(&report.unanchored);
     }
 }
 
 /// `transfer_each` with one replica.
-fn transfer_one(home: &Home, capsule: &Capsule, url: &str, way: Way) -> anyhow::Result<Vec<Fork>> {
+fn transfer_one(home: &Home, capsule: &Capsule, url: &str, way: Way) -> anyhow::Result<Report> {
     let remote = home.replica(url, capsule)?;
     let (report, doing, verb, preposition) = match way {
         Way::Push => {
@@ -237,7 +253,7 @@ fn transfer_one(home: &Home, capsule: &Capsule, url: &str, way: Way) -> anyhow::
     };
     let report = report.with_context(|| format!("{doing} {preposition} {url}"))?;
     print(verb, preposition, url, &report);
-    Ok(report.forks_learned)
+    Ok(report)
 }
 
 /// A pull, then the replica's fork evidence (one more request: library pulls, as a mount's,
@@ -249,11 +265,22 @@ fn pull_learning(capsule: &Capsule, remote: &dyn Replica, taking: Take, bar: &Ba
 }
 
 /// Exit 7 (after the transfers finished) when replicas showed evidence of forks not known
-/// here before: the forked branch is kept aside, never merged.
-fn alarm_on(forks: Vec<Fork>) -> anyhow::Result<()> {
-    let Some(first) = forks.first().cloned() else { return Ok(()) };
-    forks.iter().for_each(warn_fork);
-    Err(Error::Verify(VerifyError::Equivocation(Box::new(first))).into())
+/// here before: the forked branch is kept aside, never merged. Exit 1 when a replica offered
+/// records that were kept out as unverified.
+fn alarm_on(found: Found) -> anyhow::Result<()> {
+    if let Some(first) = found.forks.first().cloned() {
+        found.forks.iter().for_each(warn_fork);
+        return Err(Error::Verify(VerifyError::Equivocation(Box::new(first))).into());
+    }
+    match found.unverified.first() {
+        Some(first) => {
+            Err(anyhow::Error::new(Error::Verify(VerifyError::Unanchored { record: *first })).context(format!(
+                "{} records a replica offered were kept out as unverified; everything verified was taken",
+                found.unverified.len()
+            )))
+        }
+        None => Ok(()),
+    }
 }
 
 fn warn_fork(fork: &Fork) {
@@ -294,11 +321,15 @@ fn quorum_push(capsule: &Capsule, quorum: &Quorum) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A pull through the quorum; returns the forks learned.
-fn quorum_pull(capsule: &Capsule, quorum: &Quorum) -> anyhow::Result<Vec<Fork>> {
+/// A pull through the quorum; returns the forks learned and what was kept out.
+fn quorum_pull(capsule: &Capsule, quorum: &Quorum) -> anyhow::Result<Found> {
     let round = quorum.pull(capsule, &Bar::new("pulling through the quorum"))?;
     print_round("pulled", "from", &round);
-    Ok(round.forks_learned)
+    let mut found = Found { forks: round.forks_learned.clone(), unverified: Vec::new() };
+    for report in round.outcomes.iter().filter_map(|o| o.transfer.as_ref().ok()) {
+        found.unverified.extend(&report.unanchored);
+    }
+    Ok(found)
 }
 
 pub fn push(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
@@ -325,8 +356,8 @@ pub fn pull(home: &Home, a: PullArgs) -> anyhow::Result<()> {
     let remote = home.replica(&urls[0], &capsule)?;
     loop {
         let round = transfer_each(home, &capsule, &urls[..1], Way::Pull)
-            .and_then(|forks| {
-                forks.iter().for_each(warn_fork);
+            .and_then(|found| {
+                found.forks.iter().for_each(warn_fork);
                 Ok(remote.heads()?)
             })
             .and_then(|seen| Ok(remote.watch_heads(&seen, FOLLOW_WAIT)?));
@@ -343,14 +374,14 @@ pub fn sync(home: &Home, a: TransferArgs) -> anyhow::Result<()> {
     }
     let capsule = home.open(&a.name)?;
     if let Some(quorum) = quorum_of(home, &capsule, &a.urls)? {
-        let forks = quorum_pull(&capsule, &quorum)?;
+        let found = quorum_pull(&capsule, &quorum)?;
         quorum_push(&capsule, &quorum)?;
-        return alarm_on(forks);
+        return alarm_on(found);
     }
     let urls = urls(home, &a.name, &capsule.id(), a.urls)?;
-    let forks = transfer_each(home, &capsule, &urls, Way::Pull)?;
+    let found = transfer_each(home, &capsule, &urls, Way::Pull)?;
     transfer_each(home, &capsule, &urls, Way::Push)?;
-    alarm_on(forks)
+    alarm_on(found)
 }
 
 /// `URL#CAPSULE_ID` split in two; the id is None without a `#`.
@@ -425,18 +456,22 @@ pub fn clone(home: &Home, a: CloneArgs) -> anyhow::Result<()> {
             a.source
         ))),
     };
-    let name = clone_named(home, url, id, None, a.name, taking)?;
+    // A plain clone warns of the forks it learns (`verify` exits 7 for them); a clone through a
+    // quorum exits 7 as a quorum pull does.
+    let (name, cloned) = clone_named(home, url, id, None, a.name, taking)?;
+    let mut found = Found { forks: Vec::new(), unverified: cloned.unverified };
     if urls.len() > 1 || a.faulty > 0 {
         home.set_replicas(&id, &urls)?;
         home.set_replica_policy(&id, a.faulty)?;
         let capsule = home.open(&name)?;
         if let Some(quorum) = quorum_of(home, &capsule, &[])? {
-            println!("{id}");
-            return alarm_on(quorum_pull(&capsule, &quorum)?);
+            let through_quorum = quorum_pull(&capsule, &quorum)?;
+            found.forks.extend(cloned.forks.into_iter().chain(through_quorum.forks));
+            found.unverified.extend(through_quorum.unverified);
         }
     }
     println!("{id}");
-    Ok(())
+    alarm_on(found)
 }
 
 /// Makes a local replica of capsule `id` from `url`, under `name` (default: the capsule's
@@ -454,7 +489,7 @@ pub fn clone_checked(
     name: Option<String>,
     taking: Take,
 ) -> anyhow::Result<String> {
-    clone_named(home, url, invitation.capsule, Some(&invitation.creator), name, taking)
+    Ok(clone_named(home, url, invitation.capsule, Some(&invitation.creator), name, taking)?.0)
 }
 
 fn clone_named(
@@ -464,7 +499,7 @@ fn clone_named(
     creator: Option<&WriterId>,
     name: Option<String>,
     taking: Take,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, Found)> {
     let remote = capsulefs::replica::open(url, id, None)?;
     let metadata = remote.metadata()?.ok_or_else(|| Error::NotFound(format!("capsule {id:?} on {url}")))?;
     let signed = SignedMetadata::decode(&metadata).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -491,7 +526,9 @@ fn clone_named(
     home.set_replicas(&id, &[url.to_owned()])?;
     print("pulled", "from", url, &report);
     report.forks_learned.iter().for_each(warn_fork);
-    Ok(name)
+    let mut found = Found::default();
+    found.add(&report);
+    Ok((name, found))
 }
 
 /// For `capsulefs mount URL#CAPSULE_ID DIR`: the local replica of that capsule, brought up to
