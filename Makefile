@@ -14,7 +14,7 @@ DEMO_HOME ?= $(CURDIR)/.demo
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl \
 	python3 python3-venv
 
-.PHONY: help deps deps-bench bench-fs bench-sync bench-quorum bench-s3 tools garage build test lint bench man completions install demo clean
+.PHONY: help deps deps-bench bench-fs bench-sync bench-quorum bench-s3 tools garage build test lint bench chaos man completions install demo clean
 
 # Test tools from crates.io, pinned, kept out of the way in target/tools.
 TOOLS := $(CURDIR)/target/tools
@@ -27,6 +27,7 @@ help:
 	@echo "make tools        install the test tools: fsx and moto's S3 server into target/tools, and"
 	@echo "                  Garage into GARAGE_ROOT=$(GARAGE_ROOT) (built once, about 19 minutes)"
 	@echo "make test         format check, clippy, unit, library and integration tests (real mounts)"
+	@echo "make chaos        a seeded fault-injection run of three syncing mounts (root; SEED=S DURATION=SECS)"
 	@echo "make bench        capsulefs bench proofs (the DataCapsule poster's figure 4)"
 	@echo "make bench-fs     capsulefs against tmpfs, bindfs and gocryptfs (root; make deps-bench first)"
 	@echo "make bench-sync   anti-entropy against capsulefs serve, push against rsync, and mount to mount"
@@ -75,6 +76,13 @@ test: lint tools
 
 bench: build
 	$(BIN) bench proofs
+
+# Three mounts syncing through a server, random operations and faults from one seed; the last
+# line is the verdict. `make test` runs it for 30 s with a fixed seed and a random one.
+SEED ?=
+DURATION ?= 600
+chaos:
+	CHAOS_SEED=$(SEED) CHAOS_DURATION=$(DURATION) $(CARGO) test --locked --test integration chaos -- --nocapture
 
 # tmpfs, bindfs, gocryptfs and capsulefs on the same workloads (root; BENCH_MB=512 by default).
 bench-fs: build

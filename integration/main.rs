@@ -3,6 +3,7 @@
 
 mod background;
 mod buckets;
+mod chaos;
 mod cli;
 mod conformance;
 mod corruption;
@@ -38,6 +39,11 @@ impl Default for Home {
 impl Home {
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Keeps the folder past the test (for looking into what a failed run left), and says where.
+    pub fn keep(self) -> PathBuf {
+        self.dir.keep()
     }
 
     pub fn command(&self) -> Command {

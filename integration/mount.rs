@@ -566,3 +566,30 @@ fn tampered_nodes_and_records_fail_only_the_files_below_them() {
     flip_bits(&home, &id, Cf::Records, &[record.as_bytes().to_vec()]);
     check("tampered record");
 }
+
+#[test]
+fn a_remount_keeps_the_crashed_daemons_log_and_a_clean_unmount_warns_of_nothing() {
+    let home = Home::default();
+    home.ok(&["create", "c"]);
+    let info = [("CAPSULEFS_LOG", "info")];
+    {
+        let Some(m) = Mounted::with_env(&home, "c", &[], &info) else { return };
+        write_fsynced(&m.path("a"), b"before the crash");
+        sh(&format!("kill -9 {}", m.daemon_pid()));
+    }
+    {
+        let Some(m) = Mounted::with_env(&home, "c", &[], &info) else { return };
+        assert_eq!(fs::read(m.path("a")).unwrap(), b"before the crash");
+        // A reader that goes away early is no panic.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} status | head -1", env!("CARGO_BIN_EXE_capsulefs")))
+            .env("CAPSULEFS_HOME", home.path())
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{out:?}");
+    }
+    let log = fs::read_to_string(home.path().join("logs/mount-c.log")).unwrap();
+    assert_eq!(log.matches("mounted c at").count(), 2, "the crashed daemon's log is kept:\n{log}");
+    assert!(!log.contains("WARN"), "a clean unmount warns of nothing:\n{log}");
+}

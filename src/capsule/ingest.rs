@@ -243,10 +243,12 @@ impl Capsule {
             Origin::Elsewhere(Admission::Pull(pending)) => pending.take(),
             _ => Vec::new(),
         };
+        let made_here = matches!(origin, Origin::Local { .. });
         let mut fresh = HashSet::new();
         let mut candidates = Vec::new();
         for incoming in waiting.into_iter().chain(batch) {
-            if fresh.insert(incoming.hash) && !self.store.has_record(&incoming.hash)? {
+            // A record made here now has a number no stored record has: not looked up.
+            if fresh.insert(incoming.hash) && (made_here || !self.store.has_record(&incoming.hash)?) {
                 candidates.push(incoming);
             }
         }
@@ -260,7 +262,7 @@ impl Capsule {
             let out = with_descendants(&order, out);
             let live: Vec<&Incoming> = order.iter().filter(|i| !out.contains(&i.hash)).collect();
             let mut writes = self.store.batch();
-            let lacking = self.anchor(&live, &origin, &mut writes)?;
+            let lacking = self.anchor(&state.head_facts, &live, &origin, &mut writes)?;
             if !lacking.is_empty() {
                 match &origin {
                     Origin::Elsewhere(Admission::Pull(_)) => {
@@ -334,7 +336,13 @@ impl Capsule {
     /// through the batch, and into the signer's own stored records, where each is closer.
     /// Returns the unsigned records that neither a descendant their own writer signed within
     /// the batch anchors, nor (for a record made here) an attestation.
-    fn anchor(&self, live: &[&Incoming], origin: &Origin<'_>, writes: &mut StoreBatch) -> Result<Vec<RecordHash>> {
+    fn anchor(
+        &self,
+        facts: &HashMap<RecordHash, HeadFacts>,
+        live: &[&Incoming],
+        origin: &Origin<'_>,
+        writes: &mut StoreBatch,
+    ) -> Result<Vec<RecordHash>> {
         let mut unsigned_writers: Vec<WriterId> =
             live.iter().filter(|i| i.record.signature.is_none()).map(|i| i.record.header.writer).collect();
         unsigned_writers.sort();
@@ -354,6 +362,11 @@ impl Capsule {
                 if let Some(i) = index.get(h) {
                     let (header, signed) = (&i.record.header, i.record.signature.is_some());
                     return Ok(Some(Step { writer: header.writer, signed, parents: header.parents.clone() }));
+                }
+                // A head this process stored, signed by this writer: the walk ends there, and
+                // an fsync'ed commit on it reads nothing back.
+                if facts.get(h).is_some_and(|f| f.writer == writer && f.signed) {
+                    return Ok(Some(Step { writer, signed: true, parents: Vec::new() }));
                 }
                 // Stored records were anchored when they came; only their own writer's get
                 // closer anchors, so a signature costs a walk of its signer's records alone.
@@ -456,26 +469,27 @@ impl Capsule {
             if let Some(mac) = attestation {
                 writes.put_attestation(&h, mac);
             }
-            stored.push((h, record.header));
+            stored.push((h, record.header, record.signature.is_some()));
         }
         self.store.write(writes, durability)?;
-        for ((h, header), (_, upto)) in stored.iter().zip(passed) {
+        for ((h, header, _), (_, upto)) in stored.iter().zip(passed) {
             if let Err(e) = self.history.stored(self, *h, header, upto) {
                 tracing::warn!(record = ?h, "stored, but its membership entries could not be read yet: {e}");
             }
             state.stored(header.writer, header.device, header.seq);
         }
         state.head_facts.retain(|k, _| heads.contains(k));
-        for h in &heads {
-            if let Some(height) = heights.get(h) {
-                state.head_facts.insert(*h, HeadFacts { height: *height });
+        for (h, header, signed) in &stored {
+            if heads.contains(h) {
+                let facts = HeadFacts { height: heights[h], writer: header.writer, signed: *signed };
+                state.head_facts.insert(*h, facts);
             }
         }
         state.heads = Some(heads);
         state.next_order = Some(order);
         state.stored += stored.len() as u64;
         self.stored.notify_all();
-        Ok(stored.into_iter().map(|(h, _)| h).collect())
+        Ok(stored.into_iter().map(|(h, _, _)| h).collect())
     }
 
     /// The height a record with `parents` gets: one above the highest of them.

@@ -70,9 +70,9 @@ struct WriteState {
     /// This store's device id, once read (or chosen, at the first append).
     device: Option<DeviceId>,
     heads: Option<Vec<RecordHash>>,
-    /// Of the heads this process stored (through the gate, so they prove): their heights, so
-    /// a commit on top of them reads nothing back (nor asks whether its parents are known or
-    /// proven).
+    /// Of the heads this process stored (through the gate, so they prove): their heights,
+    /// writers and whether they are signed, so a commit on top of them reads nothing back (nor
+    /// asks whether its parents are known or proven).
     head_facts: HashMap<RecordHash, HeadFacts>,
     next_order: Option<u64>,
     /// How many forks evidence is kept of, once counted (dropped when evidence is kept).
@@ -85,6 +85,8 @@ struct WriteState {
 #[derive(Clone, Copy)]
 struct HeadFacts {
     height: u64,
+    writer: WriterId,
+    signed: bool,
 }
 
 impl WriteState {

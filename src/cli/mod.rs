@@ -196,7 +196,13 @@ pub fn init_tracing(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSULEFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A session ends when `capsulefs umount` has unmounted it, and fuser then unmounts again
+    // as it drops the session, failing with EINVAL and warning at every clean unmount; its
+    // session module warns of nothing else, and its errors still show. A filter that names
+    // fuser itself is taken as it is.
+    let asked = std::env::var("CAPSULEFS_LOG").unwrap_or_else(|_| default.to_owned());
+    let directives = if asked.contains("fuser") { asked } else { format!("{asked},fuser::session=error") };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},fuser::session=error")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

@@ -283,6 +283,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
             super::requests::Requests::serve(entry.with_extension("sock"), home.root(), capsule.clone(), rekey.clone())
         })
         .transpose()?;
+    tracing::info!("mounted {} at {} (daemon pid {})", a.name, a.dir.display(), std::process::id());
     println!("{READY}");
     std::io::stdout().flush()?;
     let served = session.run();
@@ -481,7 +482,7 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     let logs = home.root().join("logs");
     std::fs::create_dir_all(&logs)?;
     let log_path = logs.join(format!("mount-{}.log", a.name.replace('/', "_")));
-    let log = std::fs::File::create(&log_path)?;
+    let log = open_log(&log_path)?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.env("CAPSULEFS_HOME", home.root()).args(["mount", "--foreground"]).arg(&a.name).arg(&a.dir);
     if !a.options.is_empty() {
@@ -522,6 +523,24 @@ fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     bail!("mount failed: {}", log.trim().lines().last().unwrap_or("(no message; see the log)"))
 }
 
+/// A mount's log, appended to: a remount after a crash keeps what the crashed daemon said
+/// (its panic, if any). Past `LOG_ROTATE_BYTES` it moves to `NAME.1` first (one kept).
+fn open_log(path: &Path) -> anyhow::Result<std::fs::File> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        std::fs::rename(path, &old).with_context(|| format!("rotating {}", path.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Size at which a mount's log is rotated when a mount starts.
+const LOG_ROTATE_BYTES: u64 = 16 << 20;
+
 /// Whether `pid` is alive (a zombie waiting to be reaped has ended).
 fn process_running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -560,8 +579,11 @@ fn mount_status(dir: &Path) -> anyhow::Result<String> {
 }
 
 pub fn status(home: &Home, a: StatusArgs) -> anyhow::Result<()> {
+    // Written, not printed: a reader that goes away (`| head -3`) is an error to return, not
+    // a panic.
+    let mut out = std::io::stdout().lock();
     if let Some(dir) = a.dir {
-        print!("folder: {}\n{}", dir.display(), mount_status(&dir)?);
+        write!(out, "folder: {}\n{}", dir.display(), mount_status(&dir)?)?;
         return Ok(());
     }
     let mut entries: Vec<_> = match std::fs::read_dir(home.root().join("mounts")) {
@@ -579,17 +601,17 @@ pub fn status(home: &Home, a: StatusArgs) -> anyhow::Result<()> {
             continue; // a daemon killed before it could clean up
         }
         if shown > 0 {
-            println!();
+            writeln!(out)?;
         }
         shown += 1;
-        println!("folder: {dir}\nname: {name}\ndaemon_pid: {pid}");
+        writeln!(out, "folder: {dir}\nname: {name}\ndaemon_pid: {pid}")?;
         match mount_status(Path::new(dir)) {
-            Ok(s) => print!("{s}"),
-            Err(e) => println!("error: {e:#}"),
+            Ok(s) => write!(out, "{s}")?,
+            Err(e) => writeln!(out, "error: {e:#}")?,
         }
     }
     if shown == 0 {
-        println!("no capsule is mounted from {}", home.root().display());
+        writeln!(out, "no capsule is mounted from {}", home.root().display())?;
     }
     Ok(())
 }

@@ -15,7 +15,9 @@
 //!   moved it or unlinked one of its names, and a file that would end with no name gets one
 //!   back. A directory renamed on one side and written on the other keeps both, since names
 //!   point at inodes; one moved to two places, or two moved into each other, keeps the
-//!   winner's move.
+//!   winner's move. A file moved to two places keeps the winner's move too (two renames are
+//!   no hard link); a name added on a side that kept the old one is a link, and stays. A name
+//!   never outlives its inode: one side's name for an inode the other side deleted keeps it.
 //! - Conflict names are `stem.conflict-<writer8>-<record8>.ext`, from the record that last
 //!   changed the losing version; conflict copies are numbered by `conflict_copy_ino`.
 //! - Link counts are counted again from the names the merge decided.
@@ -33,10 +35,16 @@ use crate::record::RecordHash;
 /// The merge of `loser` and `winner`, both descended from `base`.
 pub fn three_way(sealed: &Sealed, base: &State, loser: &State, winner: &State) -> Result<State> {
     let table = sealed.tree(SealedKind::InodeTable, 0);
-    let changed = [
+    let mut changed: [BTreeSet<u64>; 2] = [
         base.inodes.changed_keys(&loser.inodes, &table)?.into_iter().collect(),
         base.inodes.changed_keys(&winner.inodes, &table)?.into_iter().collect(),
     ];
+    // A folder changed in memory (by a merge not committed: the state so far of a fold of
+    // several heads, or a merge of merge bases) is no change to the inode table: its names
+    // are merged one by one like those of any folder a side changed.
+    for (i, side) in [loser, winner].into_iter().enumerate() {
+        changed[i].extend(side.dirs.keys().chain(base.dirs.keys()));
+    }
     let mut out = winner.clone();
     for (&range, &n) in &loser.allocated {
         let last = out.allocated.entry(range).or_default();
@@ -54,6 +62,9 @@ pub fn three_way(sealed: &Sealed, base: &State, loser: &State, winner: &State) -
         merged_dirs: HashSet::new(),
         moves: Vec::new(),
         left: HashMap::new(),
+        file_names: Vec::new(),
+        unnamed: [HashSet::new(), HashSet::new()],
+        fresh_copies: HashSet::new(),
         revive: Vec::new(),
     };
     merge.run()
@@ -85,8 +96,7 @@ struct Merge<'a> {
     out: State,
     /// The side whose value an inode took, where it is not the winner's.
     from: HashMap<u64, Side>,
-    /// Per (inode, side): names the merge ends with less names that side has, for a file
-    /// (links to it) or a directory (folders in it).
+    /// Per (folder, side): subfolders the merge ends with less those that side has.
     links: HashMap<(u64, Side), i64>,
     /// Files whose contents both sides changed: the loser's version, to place beside them.
     copies: Vec<(u64, Inode)>,
@@ -97,6 +107,13 @@ struct Merge<'a> {
     moves: Vec<(u64, u64, Vec<u8>, bool)>,
     /// Where a moved folder's base name was: (parent, name).
     left: HashMap<u64, (u64, Vec<u8>)>,
+    /// Names a file got in the merge that it had not in the base: (file, folder, name,
+    /// whether the name is the winner's).
+    file_names: Vec<(u64, u64, Vec<u8>, bool)>,
+    /// Per side, files that side took a base name from.
+    unnamed: [HashSet<u64>; 2],
+    /// Conflict copies this merge made: their names are all in folders it touched.
+    fresh_copies: HashSet<u64>,
     /// Names one side unlinked of a file the other changed: (folder, entry).
     revive: Vec<(u64, DirEntry)>,
 }
@@ -135,11 +152,13 @@ impl Merge<'_> {
             }
         }
         self.settle_moves()?;
+        self.settle_file_moves()?;
         self.place_copies()?;
         for ino in inos {
             self.count_gone_names(ino)?;
         }
         self.count_links()?;
+        self.recount_file_links()?;
         self.revive_nameless()?;
         Ok(self.out)
     }
@@ -228,7 +247,18 @@ impl Merge<'_> {
                 let find = |bucket: &Bucket| bucket.0.iter().find(|e| e.name == name).cloned();
                 let (eb, el, ew) = (find(&b), find(&l), find(&w));
                 let decision = self.decide(&eb, &el, &ew)?;
+                // A name kept, or moved to a conflict name, whose inode the other side deleted
+                // (one side renamed a file, the other removed it) keeps its inode too: a name
+                // never dangles.
+                for e in decision.entry.iter().chain(&decision.moved) {
+                    if self.out.inode(self.sealed, e.ino)?.is_none()
+                        && let Some(side) = self.side_holding(e.ino)?
+                    {
+                        restored.push((side, e.ino));
+                    }
+                }
                 self.note_move(ino, &eb, &decision.entry, decision.entry == ew);
+                self.note_file_names(ino, &eb, [&el, &ew], &decision.entry);
                 restored.extend(decision.kept);
                 self.revive.extend(decision.revive.map(|e| (ino, e)));
                 renamed.extend(decision.moved);
@@ -287,6 +317,52 @@ impl Merge<'_> {
             let name = eb.as_ref().map(|e| e.name.clone()).unwrap_or_default();
             self.left.insert(x, (dir, name));
         }
+    }
+
+    /// Notes, for `settle_file_moves`, a file named in `dir` where the base did not name it,
+    /// and the files a side took this base name from.
+    fn note_file_names(&mut self, dir: u64, eb: &Entry, sides: [&Entry; 2], result: &Entry) {
+        if let Some(b) = eb.as_ref().filter(|b| b.kind != Kind::Dir) {
+            for side in SIDES {
+                if sides[side as usize].as_ref().is_none_or(|e| e.ino != b.ino) {
+                    self.unnamed[side as usize].insert(b.ino);
+                }
+            }
+        }
+        if let Some(e) = result.as_ref().filter(|e| e.kind != Kind::Dir)
+            && eb.as_ref().is_none_or(|b| b.ino != e.ino)
+        {
+            self.file_names.push((e.ino, dir, e.name.clone(), *sides[Side::Winner as usize] == *result));
+        }
+    }
+
+    /// A file both sides moved (each took a base name from it and gave it a new one) keeps
+    /// the winner's new names only, as a folder keeps the winner's move: two renames apart
+    /// are not a hard link. A new name on a side that kept the old one (a link) stays.
+    fn settle_file_moves(&mut self) -> Result<()> {
+        let names = std::mem::take(&mut self.file_names);
+        let moved_on_both = |x: u64| self.unnamed[0].contains(&x) && self.unnamed[1].contains(&x);
+        let winners: HashSet<u64> = names.iter().filter(|n| n.3).map(|n| n.0).collect();
+        let dropped: Vec<(u64, u64, Vec<u8>)> = names
+            .into_iter()
+            .filter(|(x, _, _, winners_name)| !winners_name && winners.contains(x) && moved_on_both(*x))
+            .map(|(x, dir, name, _)| (x, dir, name))
+            .collect();
+        for (x, dir, name) in dropped {
+            let Some(inode) = self.out.inode(self.sealed, dir)? else { continue };
+            let src = self.sealed.tree(SealedKind::Directory, dir);
+            let mut tree = self.out.dir_tree(dir, &inode).into_owned();
+            let key = name_key(&name);
+            let mut bucket = tree.get(&src, key)?.unwrap_or_default();
+            bucket.0.retain(|e| !(e.name == name && e.ino == x));
+            if bucket.0.is_empty() {
+                tree.remove(&src, key)?;
+            } else {
+                tree.insert(&src, key, bucket)?;
+            }
+            self.out.dirs.insert(dir, tree);
+        }
+        Ok(())
     }
 
     /// A folder has one name: of two moves of one folder, the winner's stays; moves that
@@ -431,6 +507,16 @@ impl Merge<'_> {
         Ok(false)
     }
 
+    /// The side that holds inode `ino`, the loser first; None if neither does.
+    fn side_holding(&self, ino: u64) -> Result<Option<Side>> {
+        for side in SIDES {
+            if self.side(side).inode(self.sealed, ino)?.is_some() {
+                return Ok(Some(side));
+            }
+        }
+        Ok(None)
+    }
+
     /// Brings back inode `ino` as `side` has it when the other side deleted it; a directory
     /// brought back is queued in `back` so its names are merged too.
     fn restore(&mut self, side: Side, ino: u64, back: &mut Vec<u64>) -> Result<()> {
@@ -444,16 +530,16 @@ impl Merge<'_> {
         self.take(ino, side, value)
     }
 
-    /// Notes, for link counts, that a name in directory `dir` ends as `result` where the
-    /// loser and winner have `sides`.
+    /// Notes, for folders' link counts, that a name in directory `dir` ends as `result` where
+    /// the loser and winner have `sides`.
     fn count(&mut self, dir: u64, result: &Entry, sides: [&Entry; 2]) {
-        let owner = |e: &DirEntry| if e.kind == Kind::Dir { dir } else { e.ino };
+        // A folder's link count is its subfolders'; files are counted from their names
+        // (`recount_file_links`).
+        let subfolder = |e: &Entry| e.as_ref().is_some_and(|e| e.kind == Kind::Dir);
         for (side, entry) in SIDES.into_iter().zip(sides) {
-            if let Some(e) = result {
-                *self.links.entry((owner(e), side)).or_default() += 1;
-            }
-            if let Some(e) = entry {
-                *self.links.entry((owner(e), side)).or_default() -= 1;
+            let delta = i64::from(subfolder(result)) - i64::from(subfolder(entry));
+            if delta != 0 {
+                *self.links.entry((dir, side)).or_default() += delta;
             }
         }
     }
@@ -481,8 +567,8 @@ impl Merge<'_> {
         Ok(())
     }
 
-    /// Sets the link count of every inode whose names the merge decided: the count of the
-    /// side its value came from, moved by the names that side lacks or has in excess.
+    /// Sets the link count of every folder whose subfolders the merge decided: the count of
+    /// the side its value came from, moved by the subfolders that side lacks or has in excess.
     fn count_links(&mut self) -> Result<()> {
         let links: Vec<((u64, Side), i64)> = self.links.iter().map(|(k, d)| (*k, *d)).collect();
         for ((ino, side), delta) in links {
@@ -492,6 +578,48 @@ impl Merge<'_> {
             if let Some(mut inode) = self.out.inode(self.sealed, ino)? {
                 inode.nlink = u32::try_from((i64::from(inode.nlink) + delta).max(0)).unwrap_or(u32::MAX);
                 self.put(ino, inode)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the link count of every file named in a folder the merge touched: the count its
+    /// value had on the side it came from, less that side's names in those folders, plus the
+    /// merge's own names there. Folders the merge did not touch are alike on every side, so
+    /// only these are read; counting names rather than decisions holds however a name came to
+    /// go (a conflict name that a merge of merge bases made, and one side never had, is no
+    /// name that side removed).
+    fn recount_file_links(&mut self) -> Result<()> {
+        let mut touched: BTreeSet<u64> = self.merged_dirs.iter().copied().collect();
+        touched.extend(self.out.dirs.keys());
+        touched.extend(self.changed[0].union(&self.changed[1]));
+        let mut names: [HashMap<u64, i64>; 3] = Default::default();
+        for &dir in &touched {
+            for (slot, state) in [self.sides[0], self.sides[1], &self.out].into_iter().enumerate() {
+                let Some(inode) = state.inode(self.sealed, dir)?.filter(|i| i.kind == Kind::Dir) else { continue };
+                let src = self.sealed.tree(SealedKind::Directory, dir);
+                for (_, bucket) in state.dir_tree(dir, &inode).entries(&src)? {
+                    for e in bucket.0.iter().filter(|e| e.kind != Kind::Dir) {
+                        *names[slot].entry(e.ino).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let files: BTreeSet<u64> = names.iter().flat_map(|n| n.keys().copied()).collect();
+        for x in files {
+            let Some(mut inode) = self.out.inode(self.sealed, x)? else { continue };
+            let side = if self.fresh_copies.contains(&x) {
+                None
+            } else {
+                Some(self.from.get(&x).copied().unwrap_or(Side::Winner))
+            };
+            let theirs = side.map_or(0, |s| names[s as usize].get(&x).copied().unwrap_or(0));
+            let ours = names[2].get(&x).copied().unwrap_or(0);
+            let nlink = (i64::from(inode.nlink) - theirs + ours).max(0);
+            let nlink = u32::try_from(nlink).unwrap_or(u32::MAX);
+            if inode.nlink != nlink {
+                inode.nlink = nlink;
+                self.put(x, inode)?;
             }
         }
         Ok(())
@@ -528,10 +656,17 @@ impl Merge<'_> {
         for (ino, mut version) in std::mem::take(&mut self.copies) {
             let record = changed_in(&version);
             let copy = conflict_copy_ino(&record, ino);
+            // A side that committed an earlier merge of these versions holds this copy
+            // already (its number comes from the version alone): it is not made twice.
+            if self.out.inode(self.sealed, copy)?.is_some() {
+                continue;
+            }
             if version.kind == Kind::File {
                 version.sealed_as = Some(version.chunks_at(ino));
             }
-            version.nlink = 1;
+            // Counted from its one name by `recount_file_links`.
+            version.nlink = 0;
+            self.fresh_copies.insert(copy);
             let (dir, name) = names.get(&ino).cloned().unwrap_or((ROOT_INO, b"conflict".to_vec()));
             let dir_inode = self.out.inode(self.sealed, dir)?.expect("a directory the walk listed");
             let src = self.sealed.tree(SealedKind::Directory, dir);

@@ -92,6 +92,7 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
         report.round_trips += 1;
     }
     let theirs = replica_heads(local, remote, &mut report)?;
+    let theirs = placed_heads(local, remote, theirs, &mut report)?;
     let mut lanes = Lanes::default();
     let order: Vec<Node> = local
         .difference(&theirs)?
@@ -397,9 +398,60 @@ fn pull_below(
             report.unanchored.len()
         );
     }
-    report.replica_lacks = signed_lacking(local, &theirs)?;
+    let placed = placed_heads(local, remote, theirs.clone(), &mut report)?;
+    report.replica_lacks = signed_lacking(local, &placed)?;
     report.replica_heads = theirs;
     Ok(report)
+}
+
+/// The replica's heads as this capsule can place them: a head not held here (another
+/// device's newest record, not pulled yet; or one kept out) stands for the records held here
+/// that lie below it on the replica, found by walking the replica's DAG down to them. So a
+/// push sends, and a lacking count counts, only what the replica truly lacks.
+fn placed_heads(
+    local: &Capsule,
+    remote: &dyn Replica,
+    theirs: Vec<RecordHash>,
+    report: &mut Report,
+) -> Result<Vec<RecordHash>> {
+    let mut placed = Vec::with_capacity(theirs.len());
+    let mut unknown = Vec::new();
+    for h in theirs {
+        if local.store().has_record(&h)? {
+            placed.push(h);
+        } else {
+            unknown.push(h);
+        }
+    }
+    if unknown.is_empty() {
+        return Ok(placed);
+    }
+    let genesis = RecordHash::genesis(local.id());
+    let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
+        let mut absent = HashSet::new();
+        for r in records {
+            if !local.store().has_record(r)? {
+                absent.insert(*r);
+            }
+        }
+        Ok(absent)
+    };
+    let lacking = match walk_remote(remote, &unknown, genesis, &mut lacks, report) {
+        Ok(lacking) => lacking,
+        Err(e) => {
+            // Then the replica is taken to hold only the heads placed: more may be sent.
+            tracing::warn!("walking {} below heads not held here: {e}", remote.describe());
+            return Ok(placed);
+        }
+    };
+    for p in lacking.values().flatten() {
+        if *p != genesis && !lacking.contains_key(p) && local.store().has_record(p)? {
+            placed.push(*p);
+        }
+    }
+    placed.sort();
+    placed.dedup();
+    Ok(placed)
 }
 
 /// Up to this many local heads, listing the replica's heads costs less than a sketch.

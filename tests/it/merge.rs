@@ -334,6 +334,88 @@ fn a_conflict_copy_is_a_file_like_any_other() {
     assert_eq!(m.fs(&m.b).read(ino, 0, 1 << 20).unwrap(), want);
 }
 
+/// Every name a folder lists can be looked up and read: no name outlives its inode.
+fn assert_no_dangling(fs: &Fs) {
+    let mut stack = vec![ROOT_INO];
+    while let Some(dir) = stack.pop() {
+        for e in fs.readdir(dir).unwrap() {
+            let (ino, inode) = fs.lookup(dir, &e.name).unwrap_or_else(|err| {
+                panic!("{:?} is listed but does not look up: {err}", String::from_utf8_lossy(&e.name))
+            });
+            if inode.kind == Kind::Dir {
+                stack.push(ino);
+            } else if inode.kind == Kind::File {
+                fs.read(ino, 0, 1 << 20).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_file_one_side_renamed_to_a_conflict_name_and_the_other_deleted_keeps_name_and_inode() {
+    // Which side's g0 wins the hash order decides whether A's merge renames B's file: run
+    // enough times that both happen.
+    let mut renamed = 0;
+    for _ in 0..12 {
+        let m = machines();
+        let mut a = m.fs(&m.a);
+        commit_anything(&mut a);
+        m.exchange();
+        let mut b = m.fs(&m.b);
+        make_file(&mut a, ROOT_INO, "g0", b"from a");
+        commit(&mut a);
+        make_file(&mut b, ROOT_INO, "g0", b"from b");
+        commit(&mut b);
+        // A sees B's g0, shows the merge, and its next commit records it.
+        pull(&m.a, &*m.b, &()).unwrap();
+        let mut a = m.fs(&m.a);
+        make_file(&mut a, ROOT_INO, "z", b"x");
+        commit(&mut a);
+        let b_was_renamed = conflicts(&shown(&a)).iter().any(|p| content(&shown(&a), p) == b"from b");
+        renamed += usize::from(b_was_renamed);
+        // B, which never saw that merge, deletes its g0.
+        b.unlink(ROOT_INO, b"g0").unwrap();
+        commit(&mut b);
+        m.exchange();
+        let (a, b) = (m.fs(&m.a), m.fs(&m.b));
+        assert_eq!(shown(&a), shown(&b));
+        assert_no_dangling(&a);
+        let tree = shown(&a);
+        assert!(tree.values().any(|v| v.3 == b"from a"), "{tree:?}");
+        if b_was_renamed {
+            // A kept B's file under a conflict name; the rename outlives B's delete.
+            assert!(tree.values().any(|v| v.3 == b"from b"), "{tree:?}");
+        }
+    }
+    assert!(renamed > 0, "the case never came up");
+}
+
+/// Commits a first file, so the machines share a base with something in it.
+fn commit_anything(fs: &mut Fs) {
+    make_file(fs, ROOT_INO, "base", b"base");
+    commit(fs);
+}
+
+#[test]
+fn a_file_renamed_to_two_names_apart_ends_with_the_winners_name() {
+    let m = machines();
+    let mut a = m.fs(&m.a);
+    let f = make_file(&mut a, ROOT_INO, "f", b"one file");
+    commit(&mut a);
+    m.exchange();
+    let mut b = m.fs(&m.b);
+    a.rename(ROOT_INO, b"f", ROOT_INO, b"from-a").unwrap();
+    commit(&mut a);
+    b.rename(ROOT_INO, b"f", ROOT_INO, b"from-b").unwrap();
+    commit(&mut b);
+    m.exchange();
+    let tree = shown(&m.fs(&m.a));
+    assert_eq!(tree, shown(&m.fs(&m.b)));
+    let names: Vec<&String> = tree.iter().filter(|(_, v)| v.1 == f).map(|(p, _)| p).collect();
+    assert_eq!(names.len(), 1, "one file keeps one name, as a folder does: {names:?}");
+    assert_eq!(tree[names[0]].2, 1);
+}
+
 mod random {
     //! Random changes on both machines from a random common tree: whatever they do, both
     //! show the same merge, link counts match the names, and no version either machine
@@ -352,6 +434,8 @@ mod random {
         Rmdir(u8),
         Rename(u8, u8, u8),
         Link(u8, u8, u8),
+        /// Whatever a name in a folder is, made something else (file, folder, symlink, fifo).
+        Retype(u8, u8, u8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -363,6 +447,7 @@ mod random {
             1 => any::<u8>().prop_map(Op::Rmdir),
             2 => (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(f, d, n)| Op::Rename(f, d, n)),
             1 => (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(f, d, n)| Op::Link(f, d, n)),
+            1 => (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(d, n, k)| Op::Retype(d, n, k)),
         ]
     }
 
@@ -418,6 +503,20 @@ mod random {
                 Some(e) => fs.link(e.1.ino, dirs[d as usize % dirs.len()], &name(n)).map(drop),
                 None => Ok(()),
             },
+            Op::Retype(d, n, k) => {
+                let dir = dirs[d as usize % dirs.len()];
+                let _ = fs.unlink(dir, &name(n)).or_else(|_| fs.rmdir(dir, &name(n)));
+                let kind = [Kind::File, Kind::Dir, Kind::Symlink, Kind::Fifo][k as usize % 4];
+                let mut inode = Inode::new(kind, if kind == Kind::Dir { 0o755 } else { 0o644 }, 0, 0);
+                if kind == Kind::Symlink {
+                    inode.target = format!("{tag} link").into_bytes();
+                    inode.size = inode.target.len() as u64;
+                }
+                fs.make(dir, &name(n), inode).and_then(|(ino, _)| match kind {
+                    Kind::File => fs.write(ino, 0, format!("{tag} retyped").as_bytes()),
+                    _ => Ok(()),
+                })
+            }
         };
     }
 
@@ -431,56 +530,211 @@ mod random {
             .collect()
     }
 
+    /// Both machines from a common tree (`base`) change it apart (`left`, `right`); A takes
+    /// B's changes in, commits the merge with `later_left`, while B goes on with
+    /// `later_right`; then both exchange. Both show the same tree, link counts match names,
+    /// no name dangles, and no version either side held is lost.
+    fn check_case(
+        base: &[Op],
+        left: &[Op],
+        right: &[Op],
+        later_left: &[Op],
+        later_right: &[Op],
+    ) -> Result<(), TestCaseError> {
+        let m = machines();
+        let mut a = m.fs(&m.a);
+        for op in base {
+            apply(&mut a, op, "base");
+        }
+        a.commit(true, Durability::Buffered).unwrap();
+        m.exchange();
+        let mut b = m.fs(&m.b);
+        for op in left {
+            apply(&mut a, op, "a");
+        }
+        for op in right {
+            apply(&mut b, op, "b");
+        }
+        a.commit(true, Durability::Buffered).unwrap();
+        b.commit(true, Durability::Buffered).unwrap();
+        // B's state now is the base of the last merge: A takes it in below, B never sees
+        // A's merge before making more changes.
+        let base_of_last = files(&b);
+        // A merges and commits the merge with more changes; B goes on without seeing it:
+        // the next merge is of a merge against a branch, as syncing mounts make them.
+        pull(&m.a, &*m.b, &()).unwrap();
+        let mut a = m.fs(&m.a);
+        // Something to commit, so that A's next commit records the merge it shows.
+        make_file(&mut a, ROOT_INO, "merged-on-a", b"merged");
+        for op in later_left {
+            apply(&mut a, op, "a later");
+        }
+        for op in later_right {
+            apply(&mut b, op, "b later");
+        }
+        // What either side holds that the base of the last merge did not: each must be
+        // somewhere in the merge (an edit outlives a delete; both edits keep a copy).
+        let versions: Vec<Vec<u8>> = [files(&a), files(&b)]
+            .into_iter()
+            .flatten()
+            .filter(|(ino, bytes)| base_of_last.get(ino) != Some(bytes))
+            .map(|(_, bytes)| bytes)
+            .collect();
+        a.commit(true, Durability::Buffered).unwrap();
+        b.commit(true, Durability::Buffered).unwrap();
+        m.exchange();
+        let (a, b) = (m.fs(&m.a), m.fs(&m.b));
+        assert_no_dangling(&a);
+        let tree = shown(&a);
+        prop_assert_eq!(&tree, &shown(&b));
+        let mut names: BTreeMap<u64, u32> = BTreeMap::new();
+        for (kind, ino, _, _) in tree.values() {
+            if *kind != Kind::Dir {
+                *names.entry(*ino).or_default() += 1;
+            }
+        }
+        for (path, (kind, ino, nlink, _)) in &tree {
+            if *kind != Kind::Dir {
+                prop_assert_eq!(*nlink, names[ino], "{} links", path);
+            }
+        }
+        let kept: Vec<&Vec<u8>> = tree.values().map(|v| &v.3).collect();
+        for v in &versions {
+            prop_assert!(kept.contains(&v), "lost {:?}; tree {:?}", String::from_utf8_lossy(v), tree.keys());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_conflict_name_never_outlives_its_inode() {
+        // Found by the property test below: a name moved to a conflict name whose inode the
+        // other side deleted.
+        use Op::*;
+        let base = [
+            Unlink(211),
+            Unlink(15),
+            Unlink(160),
+            Unlink(33),
+            Unlink(199),
+            Create(80, 197),
+            Create(36, 147),
+            Rename(148, 27, 121),
+            Rename(79, 96, 63),
+            Create(86, 215),
+            Mkdir(239, 221),
+            Rename(31, 185, 181),
+        ];
+        let left = [Rename(196, 146, 60), Unlink(185), Rename(98, 118, 26)];
+        let right = [Mkdir(35, 123), Write(27, 56), Write(16, 246)];
+        let later_right = [
+            Write(103, 32),
+            Rename(90, 163, 135),
+            Write(201, 146),
+            Rename(155, 80, 109),
+            Create(184, 248),
+            Unlink(9),
+            Unlink(30),
+        ];
+        check_case(&base, &left, &right, &[], &later_right).unwrap();
+    }
+
+    /// One round of three machines syncing now and then: for each, which other machine it
+    /// takes records from first (none, or one of the others), then its changes, committed
+    /// with a marker so that a merge it shows is recorded.
+    type Round = [(u8, Vec<Op>); 3];
+
+    fn round() -> impl Strategy<Value = Round> {
+        let turn = || (0u8..3, proptest::collection::vec(op(), 0..6));
+        (turn(), turn(), turn()).prop_map(|(a, b, c)| [a, b, c])
+    }
+
+    /// Rounds of changes on three machines (two devices of one writer and a third store), each
+    /// taking in another's records now and then: after every machine took every other's,
+    /// all show the same tree, link counts match names, and no name dangles.
+    fn check_rounds(base: &[Op], rounds: &[Round]) -> Result<(), TestCaseError> {
+        let m = machines();
+        let kv: Arc<dyn Kv> = Arc::new(MemKv::new());
+        let c = Arc::new(Capsule::adopt(kv, m.a.id(), &m.a.metadata_bytes(), vec![m.me.clone()]).unwrap());
+        let mut a = m.fs(&m.a);
+        for op in base {
+            apply(&mut a, op, "base");
+        }
+        a.commit(true, Durability::Buffered).unwrap();
+        let caps = [m.a.clone(), m.b.clone(), c];
+        let everyone = || {
+            for _ in 0..2 {
+                for x in &caps {
+                    for y in &caps {
+                        if !Arc::ptr_eq(x, y) {
+                            pull(x, &**y, &()).unwrap();
+                        }
+                    }
+                }
+            }
+        };
+        everyone();
+        for (i, round) in rounds.iter().enumerate() {
+            for (me, (from, ops)) in round.iter().enumerate() {
+                let from = (me + 1 + *from as usize % 2) % 3;
+                if *from_turn(round, me) {
+                    pull(&caps[me], &*caps[from], &()).unwrap();
+                }
+                let mut fs = m.fs(&caps[me]);
+                make_file(&mut fs, ROOT_INO, &format!("marker-{me}-{i}"), b"m");
+                for op in ops {
+                    apply(&mut fs, op, &format!("{me}.{i}"));
+                }
+                fs.commit(true, Durability::Buffered).unwrap();
+            }
+        }
+        everyone();
+        let trees: Vec<Shown> = caps.iter().map(|c| shown(&m.fs(c))).collect();
+        for c in &caps {
+            assert_no_dangling(&m.fs(c));
+        }
+        prop_assert_eq!(&trees[0], &trees[1]);
+        prop_assert_eq!(&trees[0], &trees[2]);
+        let mut names: BTreeMap<u64, u32> = BTreeMap::new();
+        for (kind, ino, _, _) in trees[0].values() {
+            if *kind != Kind::Dir {
+                *names.entry(*ino).or_default() += 1;
+            }
+        }
+        for (path, (kind, ino, nlink, _)) in &trees[0] {
+            if *kind != Kind::Dir {
+                prop_assert_eq!(*nlink, names[ino], "{} links", path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether machine `me` takes records in this round (a third of the time it does not).
+    fn from_turn(round: &Round, me: usize) -> &bool {
+        if round[me].0 == 0 { &false } else { &true }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+        #[test]
+        fn machines_that_sync_now_and_then_converge_without_dangling_names(
+            base in proptest::collection::vec(op(), 0..16),
+            rounds in proptest::collection::vec(round(), 1..6),
+        ) {
+            check_rounds(&base, &rounds)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
         #[test]
         fn any_two_branches_merge_alike_and_lose_no_version(
             base in proptest::collection::vec(op(), 0..24),
             left in proptest::collection::vec(op(), 0..16),
             right in proptest::collection::vec(op(), 0..16),
+            later_left in proptest::collection::vec(op(), 0..8),
+            later_right in proptest::collection::vec(op(), 0..8),
         ) {
-            let m = machines();
-            let mut a = m.fs(&m.a);
-            for op in &base {
-                apply(&mut a, op, "base");
-            }
-            a.commit(true, Durability::Buffered).unwrap();
-            m.exchange();
-            let mut b = m.fs(&m.b);
-            let before = files(&a);
-            for op in &left {
-                apply(&mut a, op, "a");
-            }
-            for op in &right {
-                apply(&mut b, op, "b");
-            }
-            let versions: Vec<Vec<u8>> = [files(&a), files(&b)]
-                .into_iter()
-                .flatten()
-                .filter(|(ino, bytes)| before.get(ino) != Some(bytes))
-                .map(|(_, bytes)| bytes)
-                .collect();
-            a.commit(true, Durability::Buffered).unwrap();
-            b.commit(true, Durability::Buffered).unwrap();
-            m.exchange();
-            let (a, b) = (m.fs(&m.a), m.fs(&m.b));
-            let tree = shown(&a);
-            prop_assert_eq!(&tree, &shown(&b));
-            let mut names: BTreeMap<u64, u32> = BTreeMap::new();
-            for (kind, ino, _, _) in tree.values() {
-                if *kind != Kind::Dir {
-                    *names.entry(*ino).or_default() += 1;
-                }
-            }
-            for (path, (kind, ino, nlink, _)) in &tree {
-                if *kind != Kind::Dir {
-                    prop_assert_eq!(*nlink, names[ino], "{} links", path);
-                }
-            }
-            let kept: Vec<&Vec<u8>> = tree.values().map(|v| &v.3).collect();
-            for v in &versions {
-                prop_assert!(kept.contains(&v), "lost {:?}; tree {:?}", String::from_utf8_lossy(v), tree.keys());
-            }
+            check_case(&base, &left, &right, &later_left, &later_right)?;
         }
     }
 }

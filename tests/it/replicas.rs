@@ -234,3 +234,25 @@ fn a_rocksdb_replica_writes_ahead_only_what_it_will_keep() {
     assert!(matches!(refused, Err(capsulefs::Error::Verify(VerifyError::Unanchored { .. }))), "{refused:?}");
     assert_eq!(pack_bytes(dir.path()), once, "an unanchored record writes nothing");
 }
+
+#[test]
+fn a_push_past_a_head_not_held_here_sends_only_what_the_replica_lacks() {
+    let f = fixture();
+    for i in 0..20u8 {
+        f.cap.append(&f.owner, &[&[i]], signed()).unwrap();
+    }
+    let server = empty_replica_of(&f.cap);
+    push(&f.cap, &server, &()).unwrap();
+    // The same person's other device takes everything, adds one record and pushes it.
+    let laptop =
+        Capsule::adopt(Arc::new(MemKv::new()), f.cap.id(), &f.cap.metadata_bytes(), vec![f.owner.clone()]).unwrap();
+    pull(&laptop, &server, &()).unwrap();
+    laptop.append(&f.owner, &[b"from the laptop"], signed()).unwrap();
+    push(&laptop, &server, &()).unwrap();
+    // This device has not pulled that record: its push sends its one new record, and counts
+    // only that one as lacking (no false rollback alarm).
+    f.cap.append(&f.owner, &[b"from the desk"], signed()).unwrap();
+    let pushed = push(&f.cap, &server, &()).unwrap();
+    assert_eq!(pushed.records, 1);
+    assert_eq!(pushed.replica_lacks.iter().map(|l| l.count).sum::<usize>(), 1, "{:?}", pushed.replica_lacks);
+}
