@@ -20,7 +20,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -145,13 +145,20 @@ fn apply(root: &Path, op: &Op) -> std::io::Result<Option<Synced>> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(at(p))
     };
-    // After an fsync: the content as this open file sees it, and the commit holding it.
+    // After an fsync: the content as this open file sees it, and the commit holding it. A file
+    // another machine removed or renamed over meanwhile (a merge applied between the open and
+    // the fsync) has no name left, as on a local disk when another process does it: what was
+    // written to it is not expected anywhere, and is not counted.
     let synced = |path: &str, f: &mut fs::File| -> std::io::Result<Option<Synced>> {
         f.sync_all()?;
         let mut content = Vec::new();
         f.seek(SeekFrom::Start(0))?;
         f.read_to_end(&mut content)?;
         let record = xattr(&at(path), "user.capsule.record").unwrap_or_default();
+        let named = fs::symlink_metadata(at(path)).is_ok_and(|m| m.ino() == f.metadata().map_or(0, |o| o.ino()));
+        if !named {
+            return Ok(None);
+        }
         Ok(Some(Synced { path: path.to_owned(), len: content.len() as u64, hash: blake3::hash(&content), record }))
     };
     match op {

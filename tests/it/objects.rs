@@ -123,3 +123,30 @@ fn an_altered_object_is_refused_and_a_forged_statement_ignored() {
     assert!(matches!(&refused, Err(capsulefs::Error::Replica(m)) if m.contains("another record")), "{refused:?}");
     assert!(!fresh.store().has_record(&h).unwrap());
 }
+
+#[test]
+fn a_folder_holds_no_traps_for_its_readers_or_writers() {
+    use capsulefs::replica::folder::Folder;
+    use capsulefs::replica::objects::Objects;
+    let root = tempfile::tempdir().unwrap();
+    let folder = Folder::from_url(&format!("file://{}", root.path().display())).unwrap();
+    std::fs::create_dir_all(root.path().join("c/records")).unwrap();
+    // A record object that is a symlink to an endless device, or a fifo, is refused at once.
+    std::os::unix::fs::symlink("/dev/zero", root.path().join("c/records/zero")).unwrap();
+    assert!(folder.get("c/records/zero").is_err());
+    let fifo = root.path().join("c/records/fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(folder.get("c/records/fifo").is_err(), "a fifo is no object, and reading it does not hang");
+    // A folder of the layout planted as a symlink elsewhere is not written through.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), root.path().join("c/index")).unwrap();
+    assert!(folder.put("c/index/dev/0", b"segment").is_err());
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    // A planted symlink at an object's own name is replaced, not followed.
+    let target = elsewhere.path().join("target");
+    std::fs::write(&target, b"keep").unwrap();
+    std::os::unix::fs::symlink(&target, root.path().join("c/records/obj")).unwrap();
+    folder.put("c/records/obj", b"object").unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    assert_eq!(folder.get("c/records/obj").unwrap().unwrap(), b"object");
+}
