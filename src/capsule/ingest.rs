@@ -16,12 +16,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{Capsule, HeadFacts, WriteState};
+use crate::member::MembershipEntry;
 use crate::member::history::{Scope, Tentative};
 use crate::proof::verify::check_record_claims;
 use crate::proof::witness::{Step, WitnessWalk};
 use crate::record::merkle;
-use crate::record::{NodeHash, Record, RecordHash, RecordHeader, SubIdx, SubRecord, WriterId};
-use crate::store::{Durability, StoreBatch, SubValue};
+use crate::record::{NodeHash, Record, RecordHash, RecordHeader, RecordKind, SubIdx, SubRecord, WriterId};
+use crate::store::{Durability, Staged, StoreBatch, SubValue};
 use crate::{Error, Result, VerifyError};
 
 /// Most records kept aside (`Capsule::set_aside`): a removed writer cannot fill the store.
@@ -211,10 +212,75 @@ impl Capsule {
     }
 
     /// Takes a batch of records from elsewhere (`check_incoming` passed each), as `how` says,
-    /// in one atomic write; records already held are skipped.
+    /// in one atomic write; records already held are skipped. What `stage_ahead` staged of a
+    /// record that is not stored is given back.
     pub fn admit(&self, batch: Vec<Incoming>, how: Admission<'_>, durability: Durability) -> Result<Admitted> {
-        let mut state = self.write_lock.lock().expect("no panics while locked");
-        self.gate(&mut state, batch, Origin::Elsewhere(how), durability)
+        let staged: Vec<(RecordHash, Staged)> = batch
+            .iter()
+            .flat_map(|i| {
+                i.subs.iter().filter_map(move |s| match s {
+                    SubValue::Staged(staged) => Some((i.hash, *staged)),
+                    _ => None,
+                })
+            })
+            .collect();
+        let admitted = {
+            let mut state = self.write_lock.lock().expect("no panics while locked");
+            self.gate(&mut state, batch, Origin::Elsewhere(how), durability)
+        };
+        if !staged.is_empty() {
+            let stored: HashSet<RecordHash> =
+                admitted.as_ref().map(|a| a.stored.iter().copied().collect()).unwrap_or_default();
+            let unused: Vec<Staged> = staged.iter().filter(|(h, _)| !stored.contains(h)).map(|(_, s)| *s).collect();
+            if !unused.is_empty() {
+                self.store.unstage(&unused)?;
+            }
+        }
+        admitted
+    }
+
+    /// Writes the large payloads of `batch` (checked by `check_incoming`) to the store ahead
+    /// of the gate, so that copying them overlaps the batch before it being stored and
+    /// synced (a server's record stream). Only for a batch that looks taken: every unsigned
+    /// record anchored within it by its own writer, every writer a member now or granted in
+    /// it; nothing of a stranger's is ever staged. If the gate refuses it anyway (rights as
+    /// of its parents, a fork), `admit` gives the room back.
+    pub fn stage_ahead(&self, batch: &mut [Incoming]) -> Result<()> {
+        if !anchored_within(batch) || !self.writers_known(batch)? {
+            return Ok(());
+        }
+        for incoming in batch.iter_mut() {
+            if incoming.record.header.kind == RecordKind::Membership || self.store.has_record(&incoming.hash)? {
+                continue; // Membership entries are read from memory by the gate; held ones never stored.
+            }
+            let values: Vec<Vec<&[u8]>> = incoming.subs.iter().map(SubValue::pieces).collect();
+            let staged = self.store.stage(&values)?;
+            for (sub, staged) in incoming.subs.iter_mut().zip(staged) {
+                if let Some(staged) = staged {
+                    *sub = SubValue::Staged(staged);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every writer of `batch` holds a level now, or is granted one in the batch.
+    fn writers_known(&self, batch: &[Incoming]) -> Result<bool> {
+        // The heads as stored, not through the write lock, which the batch before may hold
+        // for its sync.
+        let rights = self.history.rights_of(&Scope::stored(self), &self.store.heads()?)?;
+        let granted: HashSet<WriterId> = batch
+            .iter()
+            .filter(|i| i.record.header.kind == RecordKind::Membership)
+            .flat_map(|i| i.subs.iter().filter_map(SubValue::payload))
+            .filter_map(|p| match MembershipEntry::decode(p) {
+                Ok(MembershipEntry::Grant { member, .. }) => Some(member),
+                _ => None,
+            })
+            .collect();
+        Ok(batch
+            .iter()
+            .all(|i| rights.level(&i.record.header.writer).is_some() || granted.contains(&i.record.header.writer)))
     }
 
     /// A record made here by `append_built`, attested by its writer's key unless signed.
@@ -568,6 +634,42 @@ fn parents_first(records: Vec<Incoming>) -> Vec<Incoming> {
     }
     let mut slots: Vec<Option<Incoming>> = records.into_iter().map(Some).collect();
     order.into_iter().map(|i| slots[i].take().expect("each placed once")).collect()
+}
+
+/// Whether every unsigned record of `batch` has a descendant its own writer signed within
+/// the batch (the gate's anchoring rule, looking at the batch alone).
+fn anchored_within(batch: &[Incoming]) -> bool {
+    let index: HashMap<RecordHash, &Incoming> = batch.iter().map(|i| (i.hash, i)).collect();
+    let mut writers: Vec<WriterId> =
+        batch.iter().filter(|i| i.record.signature.is_none()).map(|i| i.record.header.writer).collect();
+    writers.sort();
+    writers.dedup();
+    if writers.len() > MAX_UNSIGNED_WRITERS {
+        return false;
+    }
+    for writer in writers {
+        // Up from the writer's signed records through the batch: what is reached is anchored.
+        let mut reached: HashSet<RecordHash> = HashSet::new();
+        let mut stack: Vec<RecordHash> = batch
+            .iter()
+            .filter(|i| i.record.header.writer == writer && i.record.signature.is_some())
+            .flat_map(|i| i.record.header.parents.iter().copied())
+            .collect();
+        while let Some(h) = stack.pop() {
+            if let Some(i) = index.get(&h)
+                && reached.insert(h)
+            {
+                stack.extend(i.record.header.parents.iter().copied());
+            }
+        }
+        let lacking = batch
+            .iter()
+            .any(|i| i.record.header.writer == writer && i.record.signature.is_none() && !reached.contains(&i.hash));
+        if lacking {
+            return false;
+        }
+    }
+    true
 }
 
 /// `out` with every record of `order` (parents first) that descends from one in it.

@@ -60,13 +60,17 @@ impl Capsule {
     }
 
     /// Every check of a batch that needs no store: its size, and each record's encoding,
-    /// payloads and signature (`check_incoming`). A server runs this for a stream's next
+    /// payloads and signature (`check_incoming`); then its large payloads are staged if the
+    /// batch looks taken (`Capsule::stage_ahead`). A server runs this for a stream's next
     /// batch while the one before goes through the gate (`put_checked`).
     pub fn check_alone(&self, bundles: Vec<Bundle>) -> Result<Vec<Incoming>> {
         if bundles.iter().map(Bundle::size).sum::<usize>() > 2 * MAX_BATCH_BYTES {
             return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
         }
-        bundles.into_iter().map(|b| self.check_incoming(&b.record, b.payloads)).collect()
+        let mut checked =
+            bundles.into_iter().map(|b| self.check_incoming(&b.record, b.payloads)).collect::<Result<Vec<_>>>()?;
+        self.stage_ahead(&mut checked)?;
+        Ok(checked)
     }
 
     /// Takes a batch `check_alone` passed through the gate, whole or not at all

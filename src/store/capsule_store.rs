@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use borsh::{BorshDeserialize, BorshSerialize};
 
-use super::kv::{Batch, Cf, Durability, Kv};
+use super::kv::{Batch, Cf, Durability, Kv, Staged};
 use crate::record::{DeviceId, RecordHash, Seq, SubIdx, WriterId};
 use crate::{Result, StoreError};
 
@@ -269,6 +269,16 @@ impl CapsuleStore {
         StoreBatch { batch: Batch::default() }
     }
 
+    /// Writes large sub-record values ahead of the batch that names them (`Kv::stage`).
+    pub fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
+        self.kv.stage(values)
+    }
+
+    /// Gives back what was staged for a batch that named none of it (`Kv::unstage`).
+    pub fn unstage(&self, staged: &[Staged]) -> Result<()> {
+        self.kv.unstage(staged)
+    }
+
     pub fn write(&self, batch: StoreBatch, durability: Durability) -> Result<()> {
         if batch.batch.is_empty() {
             return Ok(());
@@ -289,10 +299,11 @@ impl CapsuleStore {
 
 /// A sub-record's stored bytes: whole, or as three pieces one after another (a received
 /// payload between its length and its path, not copied to be joined unless the store keeps
-/// it inline).
+/// it inline), or written ahead of the batch (`CapsuleStore::stage`).
 pub enum SubValue {
     Bytes(Vec<u8>),
     Pieces { head: [u8; 4], body: Vec<u8>, tail: Vec<u8> },
+    Staged(Staged),
 }
 
 impl SubValue {
@@ -301,11 +312,21 @@ impl SubValue {
         match self {
             SubValue::Bytes(bytes) => bytes.len(),
             SubValue::Pieces { head, body, tail } => head.len() + body.len() + tail.len(),
+            SubValue::Staged(_) => 0,
+        }
+    }
+
+    /// The bytes to store, in order; none for a staged value.
+    pub fn pieces(&self) -> Vec<&[u8]> {
+        match self {
+            SubValue::Bytes(bytes) => vec![bytes],
+            SubValue::Pieces { head, body, tail } => vec![head, body, tail],
+            SubValue::Staged(_) => Vec::new(),
         }
     }
 
     /// The payload alone, without its length and path; None if the bytes do not say where
-    /// it ends.
+    /// it ends, or are staged.
     pub fn payload(&self) -> Option<&[u8]> {
         match self {
             SubValue::Bytes(bytes) => {
@@ -313,6 +334,7 @@ impl SubValue {
                 bytes.get(4..4 + len)
             }
             SubValue::Pieces { body, .. } => Some(body),
+            SubValue::Staged(_) => None,
         }
     }
 }
@@ -367,6 +389,7 @@ impl StoreBatch {
             SubValue::Pieces { head, body, tail } => {
                 self.batch.put_pieces(Cf::Subs, sub_key(h, idx), vec![head.to_vec(), body, tail])
             }
+            SubValue::Staged(staged) => self.batch.put_staged(Cf::Subs, sub_key(h, idx), staged),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The key-value interface every local store implements: column families and atomic batches.
 
 use crate::Result;
+use crate::store::packs::PackLoc;
 
 /// Column families, one per job. Keys and values are described in ARCHITECTURE.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -68,6 +69,16 @@ pub enum Durability {
     Cache,
 }
 
+/// A value written ahead of the batch that will name it (`Kv::stage`), where the store keeps
+/// large values; not durable until that batch is written, and given back (`Kv::unstage`) if
+/// the batch is refused.
+#[derive(Clone, Copy, Debug)]
+pub struct Staged {
+    pub(crate) loc: PackLoc,
+    /// The number of the pack append that wrote it.
+    pub(crate) append: u64,
+}
+
 /// Writes applied all together or not at all.
 #[derive(Default, Debug)]
 pub struct Batch {
@@ -75,6 +86,8 @@ pub struct Batch {
     /// Puts of values given as pieces, one after another (a received payload between its
     /// length and its path): joined only where the store keeps the value inline.
     pub(crate) pieces: Vec<(Cf, Vec<u8>, Vec<Vec<u8>>)>,
+    /// Puts of staged values: the store makes them durable before the batch.
+    pub(crate) staged: Vec<(Cf, Vec<u8>, Staged)>,
 }
 
 impl Batch {
@@ -87,8 +100,11 @@ impl Batch {
     pub fn put_pieces(&mut self, cf: Cf, key: impl Into<Vec<u8>>, pieces: Vec<Vec<u8>>) {
         self.pieces.push((cf, key.into(), pieces));
     }
+    pub fn put_staged(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: Staged) {
+        self.staged.push((cf, key.into(), value));
+    }
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.pieces.is_empty()
+        self.ops.is_empty() && self.pieces.is_empty() && self.staged.is_empty()
     }
 }
 
@@ -103,6 +119,19 @@ pub trait Kv: Send + Sync {
         Ok(self.get(cf, key)?.map(|v| v.len()))
     }
     fn write(&self, batch: Batch, durability: Durability) -> Result<()>;
+    /// Writes the sub-record `values` (each as its pieces, one after another) the store keeps
+    /// apart (large ones) now, for a batch to name later (`Batch::put_staged`), so that
+    /// copying them overlaps an earlier batch's sync; None for a value the batch must carry
+    /// itself, and for every value in a store that keeps none apart.
+    fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
+        Ok(vec![None; values.len()])
+    }
+    /// Gives back the room of values staged for a batch that was refused (or named none of
+    /// them): a refused upload costs no disk.
+    fn unstage(&self, staged: &[Staged]) -> Result<()> {
+        let _ = staged;
+        Ok(())
+    }
     /// Makes every write so far durable (as if each had been `Durability::Durable`).
     fn sync(&self) -> Result<()>;
     /// Entries whose key starts with `prefix`, ascending, or descending when `reverse`.

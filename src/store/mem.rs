@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::kv::{Batch, Cf, Durability, Entries, Kv};
-use crate::Result;
+use crate::{Result, StoreError};
 
 type Map = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
 
@@ -25,6 +25,11 @@ impl Kv for MemKv {
     }
 
     fn write(&self, batch: Batch, _durability: Durability) -> Result<()> {
+        if !batch.staged.is_empty() {
+            return Err(
+                StoreError::Backend("a batch names staged values, which a memory store never stages".into()).into()
+            );
+        }
         let mut map = self.map.lock().expect("no panics while locked");
         for (cf, key, pieces) in batch.pieces {
             map.insert((cf, key), pieces.concat());

@@ -12,4 +12,4 @@ pub mod packs;
 pub mod rocks;
 
 pub use capsule_store::{CapsuleStore, Evidence, StoreBatch, SubValue, Witness};
-pub use kv::{Batch, Cf, Durability, Kv};
+pub use kv::{Batch, Cf, Durability, Kv, Staged};

@@ -204,6 +204,38 @@ impl Packs {
         done.map_err(|e| io_error(&pack_path(&self.dir, pack), e))
     }
 
+    /// Gives back the room of values written but named by no batch (staged for a batch that
+    /// was refused): the pack is cut back when they are its last bytes, else their range is
+    /// punched out, so the disk keeps nothing of them either way.
+    pub fn reclaim(&self, locs: &[PackLoc]) -> Result<()> {
+        let mut w = self.writer.lock().expect("no panics while locked");
+        let in_current: Vec<&PackLoc> = locs.iter().filter(|l| l.pack == w.pack).collect();
+        let start = in_current.iter().map(|l| l.offset).min();
+        let end = in_current.iter().map(|l| l.offset + u64::from(l.len)).max();
+        let mut holes: Vec<&PackLoc> = locs.iter().filter(|l| l.pack != w.pack).collect();
+        match (start, end) {
+            (Some(start), Some(end)) if end == w.end => {
+                let path = pack_path(&self.dir, w.pack);
+                w.file.set_len(start).map_err(|e| io_error(&path, e))?;
+                w.end = start;
+            }
+            _ => holes.extend(in_current),
+        }
+        drop(w);
+        for loc in holes {
+            let path = pack_path(&self.dir, loc.pack);
+            let file = OpenOptions::new().write(true).open(&path).map_err(|e| io_error(&path, e))?;
+            let punched = nix::fcntl::fallocate(
+                &file,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                loc.offset as libc::off_t,
+                libc::off_t::from(loc.len),
+            );
+            punched.map_err(|e| io_error(&path, e.into()))?;
+        }
+        Ok(())
+    }
+
     /// The value at `loc`. A location past the end of its pack is store corruption: RocksDB
     /// never names bytes that were not synced first.
     pub fn read(&self, loc: PackLoc) -> Result<Vec<u8>> {
@@ -300,5 +332,27 @@ mod tests {
         for (loc, value) in written.into_iter().flatten() {
             assert_eq!(packs.read(loc).unwrap(), value);
         }
+    }
+
+    #[test]
+    fn reclaimed_values_leave_no_bytes_on_disk() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(dir.path(), true).unwrap();
+        let kept = packs.append(&[[&[1u8; 100][..]]]).unwrap().0[0];
+        let path = pack_path(dir.path(), kept.pack);
+        let len = std::fs::metadata(&path).unwrap().len();
+        // The last values: the pack is cut back to where they began.
+        let (tail, _) = packs.append(&[[&[2u8; 1 << 20][..]], [&[3u8; 1 << 20][..]]]).unwrap();
+        packs.reclaim(&tail).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(packs.read(kept).unwrap(), vec![1u8; 100]);
+        // Values with others after them: their blocks are punched out.
+        let (middle, _) = packs.append(&[[&[4u8; 1 << 20][..]]]).unwrap();
+        let after = packs.append(&[[&[5u8; 100][..]]]).unwrap().0[0];
+        let blocks = std::fs::metadata(&path).unwrap().blocks();
+        packs.reclaim(&middle).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().blocks() < blocks, "the room is given back");
+        assert_eq!(packs.read(after).unwrap(), vec![5u8; 100]);
     }
 }

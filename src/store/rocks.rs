@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use super::applier::Applier;
 use super::journal::{Journal, Stamp};
-use super::kv::{Batch, Cf, Durability, Entries, Kv, prefix_end};
+use super::kv::{Batch, Cf, Durability, Entries, Kv, Staged, prefix_end};
 use super::packs::{PackLoc, Packs};
 use crate::{Result, StoreError};
 
@@ -219,7 +219,13 @@ impl Kv for RocksKv {
                 self.packs.sync_through(append)?;
             }
         }
+        if let Some(append) = batch.staged.iter().map(|(_, _, staged)| staged.append).max() {
+            self.packs.sync_through(append)?;
+        }
         let mut wb = WriteBatch::default();
+        for (cf, key, staged) in &batch.staged {
+            wb.put_cf(self.cf(*cf), key, [&[IN_PACK][..], &staged.loc.encode()].concat());
+        }
         for (cf, key, value) in &batch.ops {
             match value {
                 Some(_) if op_packed(cf, value) => {
@@ -277,6 +283,25 @@ impl Kv for RocksKv {
                 Ok(())
             }
         }
+    }
+
+    fn stage(&self, values: &[Vec<&[u8]>]) -> Result<Vec<Option<Staged>>> {
+        let is_large = |pieces: &Vec<&[u8]>| pieces.iter().map(|p| p.len()).sum::<usize>() >= PACK_MIN;
+        let large: Vec<&Vec<&[u8]>> = values.iter().filter(|v| is_large(v)).collect();
+        if large.is_empty() {
+            return Ok(vec![None; values.len()]);
+        }
+        let (locs, append) = self.packs.append(&large)?;
+        let mut locs = locs.into_iter();
+        Ok(values
+            .iter()
+            .map(|v| is_large(v).then(|| Staged { loc: locs.next().expect("one location a value"), append }))
+            .collect())
+    }
+
+    fn unstage(&self, staged: &[Staged]) -> Result<()> {
+        let locs: Vec<PackLoc> = staged.iter().map(|s| s.loc).collect();
+        self.packs.reclaim(&locs)
     }
 
     /// Pack values are synced before any batch names them, so only the WAL is left.

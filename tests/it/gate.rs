@@ -432,3 +432,38 @@ proptest! {
         client.audit().unwrap();
     }
 }
+
+#[test]
+fn a_batch_refused_after_its_payloads_were_staged_gives_the_room_back() {
+    use capsulefs::replica::{Bundle, Replica};
+    use capsulefs::store::rocks::RocksKv;
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Capsule::adopt(
+        Arc::new(RocksKv::open(&dir.path().join("store"), true).unwrap()),
+        f.cap.id(),
+        &f.cap.metadata_bytes(),
+        vec![],
+    )
+    .unwrap();
+    let big = vec![7u8; 1 << 20];
+    let d = DeviceId([5; 16]);
+    let first = record(&f, &f.other, (d, 1), &[f.genesis()], RecordKind::Data, &[&big], true);
+    server.put(vec![Bundle { record: first, payloads: vec![big.clone()] }], None).unwrap();
+    let packs = || {
+        let mut sizes: Vec<(String, u64)> = std::fs::read_dir(dir.path().join("store/packs"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+            .collect();
+        sizes.sort();
+        sizes
+    };
+    let before = packs();
+    // A member's batch that looks taken (so it is staged), and is refused as a fork.
+    let other = vec![8u8; 1 << 20];
+    let fork = record(&f, &f.other, (d, 1), &[f.genesis()], RecordKind::Data, &[&other], true);
+    let refused = server.put(vec![Bundle { record: fork, payloads: vec![other] }], None);
+    assert!(matches!(refused, Err(Error::Verify(VerifyError::Equivocation(_)))), "{refused:?}");
+    assert_eq!(packs(), before, "the staged payload was cut back out of the pack");
+}
