@@ -39,7 +39,9 @@ struct State {
 }
 
 impl Applier {
-    pub fn start(db: Arc<DB>, path: &Path) -> Self {
+    /// Starts the applier's thread; fails (without a panic under any lock) when no thread can
+    /// be started (out of memory or of the process's thread limit).
+    pub fn start(db: Arc<DB>, path: &Path) -> Result<Self> {
         let shared = Arc::new(Shared {
             path: path.to_owned(),
             state: Mutex::default(),
@@ -50,8 +52,8 @@ impl Applier {
         let thread = std::thread::Builder::new()
             .name("capsulefs-apply".into())
             .spawn(move || running.run(&applying))
-            .expect("a thread can be started");
-        Self { db, shared, thread: Some(thread) }
+            .map_err(|e| crate::Error::io(path, e))?;
+        Ok(Self { db, shared, thread: Some(thread) })
     }
 
     /// Writes `batch` on the caller's thread, after the batch handed over before it: for a

@@ -65,6 +65,15 @@ impl RocksKv {
         opts.set_paranoid_checks(true);
         opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         opts.set_max_background_jobs(2);
+        // Payloads live in packs, so memtables hold indexes: 16 MiB for all of a store's
+        // column families bounds the memory of each open store (a server keeps many open) and
+        // the space RocksDB preallocates for its log (1.1 x the largest memtable, 70 MiB by
+        // default, on disk for every open store).
+        opts.set_db_write_buffer_size(16 << 20);
+        // RocksDB's own text log: a new file each open (a server reopens stores as they go
+        // idle and come back), 1000 kept by default.
+        opts.set_keep_log_file_num(2);
+        opts.set_max_log_file_size(1 << 20);
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| store_error(path, e))?;
         let packs = Packs::open(&path.join("packs"), create)?;
@@ -89,7 +98,7 @@ impl RocksKv {
         kv.sync()?;
         journal.restart(stored);
         kv.journal = Some(Mutex::new(journal));
-        kv.applier = Some(Applier::start(kv.db.clone(), path));
+        kv.applier = Some(Applier::start(kv.db.clone(), path)?);
         Ok(kv)
     }
 
