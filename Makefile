@@ -3,6 +3,8 @@
 PREFIX   ?= /usr/local
 # mount(8) looks for its helpers (mount.fuse.capsulefs) in /sbin only.
 SBINDIR  ?= /sbin
+# systemd reads units from here too (and from /etc/systemd/system, the admin's own).
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
 CARGO    ?= cargo
 BIN      := target/release/capsulefs
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -14,7 +16,7 @@ DEMO_HOME ?= $(CURDIR)/.demo
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl \
 	python3 python3-venv
 
-.PHONY: help deps deps-bench bench-fs bench-sync bench-quorum bench-s3 tools garage build test lint bench chaos man completions install demo clean
+.PHONY: help deps deps-bench bench-fs bench-sync bench-quorum bench-s3 bench-soak tools garage build test lint bench chaos man completions install demo clean
 
 # Test tools from crates.io, pinned, kept out of the way in target/tools.
 TOOLS := $(CURDIR)/target/tools
@@ -34,9 +36,11 @@ help:
 	@echo "                  against Syncthing (root: it mounts; make deps-bench installs Syncthing)"
 	@echo "make bench-quorum pull through a quorum of 4 servers against one, and fork detection rates"
 	@echo "make bench-s3     push and clone through a 3-node Garage cluster against the AWS CLI (root)"
+	@echo "make bench-soak   an honest client's push and pull against a server under every flood at once"
 	@echo "make man          regenerate man/ from the CLI definition"
 	@echo "make install      binary, man pages and shell completions under PREFIX=$(PREFIX), and"
-	@echo "                  the mount(8) helper $(SBINDIR)/mount.fuse.capsulefs"
+	@echo "                  the mount(8) helper $(SBINDIR)/mount.fuse.capsulefs, and the server's"
+	@echo "                  systemd unit capsulefs-serve@.service in SYSTEMDUNITDIR=$(SYSTEMDUNITDIR)"
 
 deps:
 	$(SUDO) apt-get update -qq
@@ -101,6 +105,11 @@ bench-quorum: build
 bench-s3: $(TOOLS)/aws/bin/aws $(GARAGE_ROOT)/bin/garage
 	GARAGE=$(GARAGE_ROOT)/bin/garage AWS_CLI=$(TOOLS)/aws/bin/aws $(CARGO) bench --locked --bench s3
 
+# Push and pull latency under hostile load against the same on an idle server (SOAK_SECS,
+# SOAK_ROUNDS).
+bench-soak:
+	$(CARGO) bench --locked --bench soak
+
 # The AWS CLI, the plain uploader bench-s3 compares with, in a venv of its own.
 $(TOOLS)/aws/bin/aws:
 	python3 -m venv $(TOOLS)/aws
@@ -125,6 +134,9 @@ install: build completions
 	install -Dm644 target/completions/capsulefs $(DESTDIR)$(PREFIX)/share/bash-completion/completions/capsulefs
 	install -Dm644 target/completions/_capsulefs $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_capsulefs
 	install -Dm644 target/completions/capsulefs.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/capsulefs.fish
+	install -d $(DESTDIR)$(SYSTEMDUNITDIR)
+	sed 's|@BINDIR@|$(PREFIX)/bin|' contrib/capsulefs-serve@.service > $(DESTDIR)$(SYSTEMDUNITDIR)/capsulefs-serve@.service
+	install -Dm644 contrib/serve-example.toml $(DESTDIR)$(PREFIX)/share/doc/capsulefs/serve-example.toml
 
 # The main job on an embedded default: a local capsule, mounted at ./capsule and left mounted.
 demo: build

@@ -5,7 +5,8 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::replicas::{Server, copy_of_store, same_user};
+use super::replicas::{copy_of_store, same_user};
+use super::server::Server;
 use super::{Home, Mounted, write_fsynced};
 
 /// Waits (bounded) until the mount's `.capsule/status` has a line for the replica that

@@ -26,7 +26,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::Home;
-use super::replicas::{Server, same_user};
+use super::replicas::same_user;
+use super::server::Server;
 
 /// The seed CI always runs (the one whose run found the first bugs).
 const FIXED_SEED: u64 = 1363204052;

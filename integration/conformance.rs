@@ -17,7 +17,7 @@ use capsulefs::store::{Durability, Kv};
 
 use super::buckets::S3;
 use super::garage::Garage;
-use super::replicas::Server;
+use super::server::Server;
 
 /// An empty copy of `source`'s capsule: its metadata and nothing else.
 fn copy_of(source: &Capsule, me: &Identity) -> Capsule {

@@ -22,7 +22,8 @@ use capsulefs::replica::objects::Pusher;
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::store::{CapsuleStore, Durability, SubValue};
 
-use super::replicas::{Server, same_user};
+use super::replicas::same_user;
+use super::server::Server;
 use super::{Home, Mounted, write_fsynced};
 
 /// The first identity of `home`.

@@ -16,6 +16,8 @@ mod membership;
 mod mount;
 mod quorum;
 mod replicas;
+mod server;
+mod serving;
 mod tool;
 mod tools;
 

@@ -4,7 +4,7 @@
 use std::fs;
 
 use super::background::eventually;
-use super::replicas::Server;
+use super::server::Server;
 use super::{Home, Mounted, write_fsynced};
 
 #[test]

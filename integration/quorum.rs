@@ -1,7 +1,8 @@
 //! Quorums over replicas that may lie: four servers on loopback, at most one faulty.
 
 use super::Home;
-use super::replicas::{Server, copy_of_store, same_user};
+use super::replicas::{copy_of_store, same_user};
+use super::server::Server;
 
 /// Four servers remembered as `home`'s capsule c's replicas, with at most one faulty.
 fn four_servers(home: &Home) -> (String, Vec<Server>) {

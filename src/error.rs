@@ -38,6 +38,12 @@ pub enum Error {
     NoKey(String),
     #[error("replica {0}")]
     Replica(String),
+    /// A server's: the request is not for this client to make (a creator it does not host).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A server's: the request would take more than its quota.
+    #[error("over quota: {0}")]
+    OverQuota(String),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }

@@ -51,6 +51,11 @@ impl Capsule {
     /// grows with the difference and the history above its lowest record, not with the
     /// capsule.
     pub fn difference(&self, theirs: &[RecordHash]) -> Result<Vec<RecordHash>> {
+        Ok(self.difference_within(theirs, usize::MAX)?.expect("no bound to pass"))
+    }
+
+    /// `difference`, or None once the walk has visited more than `max_visited` records.
+    pub fn difference_within(&self, theirs: &[RecordHash], max_visited: usize) -> Result<Option<Vec<RecordHash>>> {
         let mut walk = DifferenceWalk::default();
         for h in theirs {
             walk.enqueue(self, *h, true)?;
@@ -58,9 +63,13 @@ impl Capsule {
         for h in self.heads()? {
             walk.enqueue(self, h, false)?;
         }
-        let mut missing = Vec::new();
+        let (mut missing, mut visited) = (Vec::new(), 0usize);
         while walk.mine_queued > 0 {
             let Some((_, h)) = walk.heap.pop() else { break };
+            visited += 1;
+            if visited > max_visited {
+                return Ok(None);
+            }
             let theirs = walk.theirs[&h];
             if !theirs {
                 walk.mine_queued -= 1;
@@ -71,7 +80,7 @@ impl Capsule {
             }
         }
         missing.reverse();
-        Ok(missing)
+        Ok(Some(missing))
     }
 
     /// Stored record `h`, checked against its hash (not proven): for walks of the DAG's shape.

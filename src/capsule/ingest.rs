@@ -22,7 +22,7 @@ use crate::proof::verify::check_record_claims;
 use crate::proof::witness::{Step, WitnessWalk};
 use crate::record::merkle;
 use crate::record::{NodeHash, Record, RecordHash, RecordHeader, RecordKind, SubIdx, SubRecord, WriterId};
-use crate::store::{Durability, Staged, StoreBatch, SubValue};
+use crate::store::{CapsuleStore, Durability, Staged, StoreBatch, SubValue};
 use crate::{Error, Result, VerifyError};
 
 /// Most records kept aside (`Capsule::set_aside`): a removed writer cannot fill the store.
@@ -54,6 +54,46 @@ impl Incoming {
     /// A header taken without its sub-records (by a sparse replica).
     fn header_only(&self) -> bool {
         self.subs.len() != self.record.header.sub_count as usize
+    }
+}
+
+/// The payloads `stage_ahead` wrote for `batch`, with the record each belongs to.
+fn staged_in(batch: &[Incoming]) -> Vec<(RecordHash, Staged)> {
+    batch
+        .iter()
+        .flat_map(|i| {
+            i.subs.iter().filter_map(move |s| match s {
+                SubValue::Staged(staged) => Some((i.hash, *staged)),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
+/// A checked batch whose payloads may be staged in the store ahead of the gate
+/// (`Capsule::stage_ahead`): dropped without going through the gate, it gives back what it
+/// staged, so a batch refused before the gate (a quota) or abandoned (a stream cut after it)
+/// leaves nothing behind.
+pub struct StagedBatch {
+    batch: Vec<Incoming>,
+    store: CapsuleStore,
+}
+
+impl StagedBatch {
+    /// Bytes the batch will take once stored.
+    pub fn bytes(&self) -> u64 {
+        self.batch.iter().map(|i| i.bytes() as u64).sum()
+    }
+}
+
+impl Drop for StagedBatch {
+    fn drop(&mut self) {
+        let staged: Vec<Staged> = staged_in(&self.batch).into_iter().map(|(_, s)| s).collect();
+        if !staged.is_empty()
+            && let Err(e) = self.store.unstage(&staged)
+        {
+            tracing::warn!("giving back the room staged for a batch not taken: {e}");
+        }
     }
 }
 
@@ -215,15 +255,7 @@ impl Capsule {
     /// in one atomic write; records already held are skipped. What `stage_ahead` staged of a
     /// record that is not stored is given back.
     pub fn admit(&self, batch: Vec<Incoming>, how: Admission<'_>, durability: Durability) -> Result<Admitted> {
-        let staged: Vec<(RecordHash, Staged)> = batch
-            .iter()
-            .flat_map(|i| {
-                i.subs.iter().filter_map(move |s| match s {
-                    SubValue::Staged(staged) => Some((i.hash, *staged)),
-                    _ => None,
-                })
-            })
-            .collect();
+        let staged = staged_in(&batch);
         let admitted = {
             let mut state = self.write_lock.lock().expect("no panics while locked");
             self.gate(&mut state, batch, Origin::Elsewhere(how), durability)
@@ -244,10 +276,11 @@ impl Capsule {
     /// synced (a server's record stream). Only for a batch that looks taken: every unsigned
     /// record anchored within it by its own writer, every writer a member now or granted in
     /// it; nothing of a stranger's is ever staged. If the gate refuses it anyway (rights as
-    /// of its parents, a fork), `admit` gives the room back.
-    pub fn stage_ahead(&self, batch: &mut [Incoming]) -> Result<()> {
-        if !anchored_within(batch) || !self.writers_known(batch)? {
-            return Ok(());
+    /// of its parents, a fork), `admit` gives the room back; if it never reaches the gate (a
+    /// quota, a stream cut after it), dropping the `StagedBatch` does.
+    pub fn stage_ahead(&self, mut batch: Vec<Incoming>) -> Result<StagedBatch> {
+        if !anchored_within(&batch) || !self.writers_known(&batch)? {
+            return Ok(StagedBatch { batch, store: self.store.clone() });
         }
         for incoming in batch.iter_mut() {
             if incoming.record.header.kind == RecordKind::Membership || self.store.has_record(&incoming.hash)? {
@@ -261,7 +294,17 @@ impl Capsule {
                 }
             }
         }
-        Ok(())
+        Ok(StagedBatch { batch, store: self.store.clone() })
+    }
+
+    /// Takes a batch `stage_ahead` made through the gate (`admit`).
+    pub fn admit_staged(
+        &self,
+        mut staged: StagedBatch,
+        how: Admission<'_>,
+        durability: Durability,
+    ) -> Result<Admitted> {
+        self.admit(std::mem::take(&mut staged.batch), how, durability)
     }
 
     /// Whether every writer of `batch` holds a level now, or is granted one in the batch.

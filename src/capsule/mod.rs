@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use audit::AuditReport;
-pub use ingest::{Admission, Admitted, Incoming, Ingested, Pending};
+pub use ingest::{Admission, Admitted, Incoming, Ingested, Pending, StagedBatch};
 pub use read::EarlierProofs;
 pub(crate) use write::sub_records;
 pub use write::{AppendOptions, Parents};

@@ -137,6 +137,8 @@ impl Served {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--listen", "127.0.0.1:0", "--store"])
             .arg(store)
+            // Benches make identities of their own, and capsules by the hundred.
+            .args(["--open", "--max-capsules-per-creator", "100000", "--max-mib-per-creator", "1048576"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;

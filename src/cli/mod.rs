@@ -168,7 +168,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::Verify(_)) => 1,
         Some(Error::NotFound(_)) => 3,
         Some(Error::Store(_) | Error::Io { .. }) => 4,
-        Some(Error::Replica(_)) => 6,
+        Some(Error::Replica(_) | Error::Forbidden(_) | Error::OverQuota(_)) => 6,
         Some(Error::Exists(_) | Error::Invalid(_) | Error::NameTooLong(_)) => 5,
         Some(
             Error::NotEmpty(_)

@@ -26,7 +26,7 @@ pub(crate) fn to_errno(e: &Error) -> Errno {
             tracing::error!(%v, "refusing unverified data");
             Errno::EIO
         }
-        Error::Store(_) | Error::Io { .. } | Error::Replica(_) => {
+        Error::Store(_) | Error::Io { .. } | Error::Replica(_) | Error::Forbidden(_) | Error::OverQuota(_) => {
             tracing::error!(%e, "store failure");
             Errno::EIO
         }

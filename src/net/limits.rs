@@ -1,12 +1,8 @@
-//! What one peer, or everyone together, can hold of a server: open connections, idle time on
-//! a connection, and requests in flight per peer address.
-//!
-//! `Bounded` wraps any listener (plain TCP or TLS): it accepts only while fewer than
-//! `max_connections` are open (the rest wait in the kernel's backlog), each connection is
-//! closed once it has moved no byte for `idle` (a client that sends half a request and stops,
-//! or never reads its answer), and each logs one line when it closes: peer, bytes each way,
-//! how long, and whether it idled out. `PerPeer` counts requests in flight by address, so one
-//! busy or hostile peer cannot take every worker from the others.
+//! Every bound a server puts on what its clients can take, in one place, each with its value
+//! and why (ARCHITECTURE.md's protocol section lists them too), and the pieces that enforce
+//! them: `Bounded` (connections, by address too; idle connections), `Gate` (requests in
+//! flight, long polls, buffered bytes, record streams, each overall and by address) and
+//! `Paced` (a request body's deadline and its minimum rate).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,45 +13,132 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::body::{Body, Bytes};
+use axum::serve::Listener;
+use http_body::Frame;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-/// A listener that holds at most `max_connections` open, each closed after `idle` without
-/// traffic.
+/// Largest request body: a batch of `MAX_BATCH_BYTES` plus one large record past it.
+pub const MAX_BODY: usize = crate::replica::MAX_BATCH_BYTES * 2 + (1 << 20);
+/// Connections open at once (more wait in the kernel's backlog), and from one address: one
+/// address cannot take every descriptor (a thousand idle sockets took a server down).
+pub const MAX_CONNECTIONS: usize = 1024;
+pub const MAX_CONNECTIONS_PER_ADDR: usize = 64;
+/// A connection that moves no byte for this long is closed (above `protocol::MAX_WAIT`, so a
+/// long poll is never cut).
+pub const IDLE: Duration = Duration::from_secs(90);
+/// A request's head must arrive whole within this (a client that opens and sends nothing, or
+/// a byte a minute, holds no connection long).
+pub const HEADER_READ: Duration = Duration::from_secs(10);
+/// TLS handshakes going on at once (more connections wait in the kernel's backlog), and from
+/// one address; one not finished in `HANDSHAKE_TIME` is dropped.
+pub const MAX_HANDSHAKES: usize = 64;
+pub const MAX_HANDSHAKES_PER_ADDR: usize = 8;
+pub const HANDSHAKE_TIME: Duration = Duration::from_secs(10);
+/// Requests doing work at once, over every route (store work runs on that many blocking
+/// threads at most), and from one address: a quarter of them. A request takes its turn once
+/// its body is in, so a slow sender holds none. It waits at most `IN_FLIGHT_WAIT` for one,
+/// then is told to come back (503; 429 past its address's share).
+pub const MAX_IN_FLIGHT: usize = 64;
+pub const MAX_IN_FLIGHT_PER_ADDR: usize = 16;
+pub const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
+/// Long polls of the heads waiting at once, outside `MAX_IN_FLIGHT` (a waiting poll costs a
+/// timer, not a thread): past either bound, a poll is answered at once instead of waiting.
+pub const MAX_LONG_POLLS: usize = 512;
+pub const MAX_LONG_POLLS_PER_ADDR: usize = 16;
+/// Request bytes held in memory at once, counted as they arrive: bodies being received and
+/// handled, and the frames of record streams being read, checked and stored; and from one
+/// address (a push's stream holds up to three batches of `replica::MAX_BATCH_BYTES`). With
+/// the rest of a server's memory, this keeps it under half a GiB however many clients push.
+pub const MAX_BUFFERED: usize = 320 << 20;
+pub const MAX_BUFFERED_PER_ADDR: usize = 128 << 20;
+/// Time a request may take once it is in (a record stream's, per piece).
+pub const REQUEST_TIME: Duration = Duration::from_secs(120);
+/// A buffered body must arrive within this; any body, stream or not, at no less than
+/// `MIN_BODY_RATE` on average once `BODY_GRACE` has passed: a trickle is cut.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(600);
+pub const MIN_BODY_RATE: u64 = 64 << 10;
+pub const BODY_GRACE: Duration = Duration::from_secs(20);
+/// Record streams open at once, and from one address: a stream's bytes count against
+/// `MAX_BUFFERED` as they arrive, and it works on at most two blocking threads at a time.
+pub const MAX_STREAMS: usize = 16;
+pub const MAX_STREAMS_PER_ADDR: usize = 2;
+/// Bytes of a record stream read and dropped after one of its batches was refused, so the
+/// client still sending hears why.
+pub const DRAIN: usize = crate::net::protocol::MAX_FRAME * 2;
+/// Capsule stores open at once (each costs descriptors, a thread and memory); one idle this
+/// long is closed, whatever the number open.
+pub const MAX_OPEN_STORES: usize = 64;
+pub const STORE_IDLE: Duration = Duration::from_secs(60);
+/// Work per request on a capsule is bounded where the replica answers it:
+/// `replica::MAX_SINCE_RECORDS`, `replica::MAX_BLOOM_RECORDS`, `replica::MAX_HASHES`.
+pub use crate::replica::{MAX_BLOOM_RECORDS, MAX_SINCE_RECORDS};
+
+/// The bounds an operator may set (`capsulefs serve` flags, or `[limits]` in its config
+/// file); the rest are fixed above.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub idle: Duration,
+    pub connections: usize,
+    pub connections_per_addr: usize,
+    pub open_stores: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            idle: IDLE,
+            connections: MAX_CONNECTIONS,
+            connections_per_addr: MAX_CONNECTIONS_PER_ADDR,
+            open_stores: MAX_OPEN_STORES,
+        }
+    }
+}
+
+/// A listener that holds at most `connections` open, `connections_per_addr` from one
+/// address (more are closed as they come), each closed after `idle` without traffic.
 pub struct Bounded<L> {
     inner: L,
     slots: Arc<Semaphore>,
+    per_addr: Arc<PerAddr>,
+    per_addr_max: usize,
     idle: Duration,
 }
 
 impl<L> Bounded<L> {
-    pub fn new(inner: L, max_connections: usize, idle: Duration) -> Self {
-        Self { inner, slots: Arc::new(Semaphore::new(max_connections)), idle }
+    pub fn new(inner: L, limits: &Limits) -> Self {
+        Self {
+            inner,
+            slots: Arc::new(Semaphore::new(limits.connections)),
+            per_addr: Arc::default(),
+            per_addr_max: limits.connections_per_addr,
+            idle: limits.idle,
+        }
     }
 }
 
-impl<L: Listener<Addr = SocketAddr>> Listener for Bounded<L> {
-    type Io = Idle<L::Io>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let (io, peer) = self.inner.accept().await;
-        let idle = Idle {
-            io,
-            limit: self.idle,
-            deadline: Box::pin(tokio::time::sleep(self.idle)),
-            _slot: slot,
-            session: Session { peer, opened: Instant::now(), bytes_in: 0, bytes_out: 0, timed_out: false },
-        };
-        (idle, peer)
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
+impl<L: Listener<Addr = SocketAddr>> Bounded<L> {
+    /// The next connection within the bounds, with its peer's address.
+    pub async fn accept(&mut self) -> (Idle<L::Io>, SocketAddr) {
+        loop {
+            let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let (io, peer) = self.inner.accept().await;
+            let Some(counted) = self.per_addr.enter(peer.ip(), self.per_addr_max) else {
+                tracing::info!("closed a connection from {peer}: {} of its connections are open", self.per_addr_max);
+                continue; // `io` and `slot` dropped: the socket closes at once.
+            };
+            let idle = Idle {
+                io,
+                limit: self.idle,
+                deadline: Box::pin(tokio::time::sleep(self.idle)),
+                _slot: slot,
+                _counted: counted,
+                session: Session { peer, opened: Instant::now(), bytes_in: 0, bytes_out: 0, timed_out: false },
+            };
+            return (idle, peer);
+        }
     }
 }
 
@@ -69,12 +152,13 @@ struct Session {
 }
 
 /// A connection that fails with `TimedOut` once it has been waiting on its peer for `limit`;
-/// it gives its slot back, and logs its session, when dropped.
+/// it gives its slots back, and logs its session, when dropped.
 pub struct Idle<Io> {
     io: Io,
     limit: Duration,
     deadline: Pin<Box<Sleep>>,
     _slot: OwnedSemaphorePermit,
+    _counted: Counted,
     session: Session,
 }
 
@@ -141,50 +225,273 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Idle<Io> {
     }
 }
 
-/// The address a connection came from, as the per-peer limit sees it (axum gives the
-/// address only for a bare `TcpListener`; this works over `Bounded` and TLS alike).
+/// The address a request came from, put in each request's extensions by the server's accept
+/// loop (over plain TCP and TLS alike).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
-impl<L: Listener<Addr = SocketAddr>> Connected<IncomingStream<'_, Bounded<L>>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, Bounded<L>>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}
-
-/// Requests in flight by peer address.
+/// Things held by address, counted (connections, requests, bytes), at most `max` per address.
 #[derive(Default)]
-pub struct PerPeer {
-    in_flight: Mutex<HashMap<IpAddr, usize>>,
+pub struct PerAddr {
+    held: Mutex<HashMap<IpAddr, usize>>,
 }
 
-impl PerPeer {
-    /// A place for one more request from `peer`, or None when it already has `max` in flight.
-    pub fn enter(self: &Arc<Self>, peer: IpAddr, max: usize) -> Option<InFlight> {
-        let mut counts = self.in_flight.lock().expect("no panics while locked");
-        let count = counts.entry(peer).or_default();
-        if *count >= max {
+impl PerAddr {
+    /// One more held by `peer`, or None when it already holds `max`.
+    pub fn enter(self: &Arc<Self>, peer: IpAddr, max: usize) -> Option<Counted> {
+        self.enter_n(peer, 1, max)
+    }
+
+    /// `n` more held by `peer`, or None when that would pass `max`.
+    pub fn enter_n(self: &Arc<Self>, peer: IpAddr, n: usize, max: usize) -> Option<Counted> {
+        let mut held = self.held.lock().expect("no panics while locked");
+        let count = held.entry(peer).or_default();
+        if *count + n > max {
+            if *count == 0 {
+                held.remove(&peer);
+            }
             return None;
         }
-        *count += 1;
-        Some(InFlight { peers: self.clone(), peer })
+        *count += n;
+        Some(Counted { of: self.clone(), peer, n })
     }
 }
 
-/// One request counted against its peer until dropped.
-pub struct InFlight {
-    peers: Arc<PerPeer>,
+/// What is counted against an address until dropped.
+pub struct Counted {
+    of: Arc<PerAddr>,
     peer: IpAddr,
+    n: usize,
 }
 
-impl Drop for InFlight {
+impl Counted {
+    /// Takes what `other` counts (of the same address) into this one.
+    fn merge(&mut self, mut other: Counted) {
+        debug_assert_eq!(self.peer, other.peer);
+        self.n += std::mem::take(&mut other.n);
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        let mut counts = self.peers.in_flight.lock().expect("no panics while locked");
-        if let Some(count) = counts.get_mut(&self.peer) {
-            *count -= 1;
+        let mut held = self.of.held.lock().expect("no panics while locked");
+        if let Some(count) = held.get_mut(&self.peer) {
+            *count -= self.n.min(*count);
             if *count == 0 {
-                counts.remove(&self.peer);
+                held.remove(&self.peer);
             }
         }
+    }
+}
+
+/// What a request is refused for when the server is full: said to the client as 503 with the
+/// reason, and counted in `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Busy {
+    InFlight,
+    PeerInFlight,
+    Buffered,
+    PeerBuffered,
+    Streams,
+    PeerStreams,
+}
+
+impl Busy {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Busy::InFlight => "busy",
+            Busy::PeerInFlight => "peer_busy",
+            Busy::Buffered => "memory_busy",
+            Busy::PeerBuffered => "peer_memory_busy",
+            Busy::Streams => "streams_busy",
+            Busy::PeerStreams => "peer_streams_busy",
+        }
+    }
+
+    pub fn message(self) -> String {
+        match self {
+            Busy::InFlight => format!("{MAX_IN_FLIGHT} requests are in flight: try again shortly"),
+            Busy::PeerInFlight => {
+                format!("{MAX_IN_FLIGHT_PER_ADDR} of your requests are in flight: wait for one to finish")
+            }
+            Busy::Buffered => {
+                format!("{} MiB of request bodies are held already: try again shortly", MAX_BUFFERED >> 20)
+            }
+            Busy::PeerBuffered => {
+                format!(
+                    "{} MiB of your request bodies are held already: wait for one to finish",
+                    MAX_BUFFERED_PER_ADDR >> 20
+                )
+            }
+            Busy::Streams => format!("{MAX_STREAMS} record streams are being stored: try again shortly"),
+            Busy::PeerStreams => format!("{MAX_STREAMS_PER_ADDR} of your record streams are being stored"),
+        }
+    }
+}
+
+/// The shared bounds on requests: in flight, long polls, buffered bytes and streams, each
+/// overall and by address.
+pub struct Gate {
+    in_flight: Arc<Semaphore>,
+    in_flight_by: Arc<PerAddr>,
+    polls: Arc<Semaphore>,
+    polls_by: Arc<PerAddr>,
+    /// In bytes.
+    buffered: Arc<Semaphore>,
+    buffered_by: Arc<PerAddr>,
+    streams: Arc<Semaphore>,
+    streams_by: Arc<PerAddr>,
+}
+
+/// A request's turn: held until its work is done.
+pub struct Turn {
+    _slot: OwnedSemaphorePermit,
+    _counted: Counted,
+}
+
+/// Room for bytes of request bodies in memory, held while they are; it grows as they arrive.
+#[derive(Default)]
+pub struct Room {
+    held: Option<(OwnedSemaphorePermit, Counted)>,
+}
+
+impl Room {
+    /// Takes `more` into this room.
+    pub fn grow(&mut self, more: Room) {
+        match (&mut self.held, more.held) {
+            (Some((permit, counted)), Some((p, c))) => {
+                permit.merge(p);
+                counted.merge(c);
+            }
+            (held @ None, more) => *held = more,
+            (Some(_), None) => {}
+        }
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            in_flight_by: Arc::default(),
+            polls: Arc::new(Semaphore::new(MAX_LONG_POLLS)),
+            polls_by: Arc::default(),
+            buffered: Arc::new(Semaphore::new(MAX_BUFFERED)),
+            buffered_by: Arc::default(),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            streams_by: Arc::default(),
+        }
+    }
+}
+
+impl Gate {
+    /// A turn for one request from `peer` (waiting up to `IN_FLIGHT_WAIT`).
+    pub async fn turn(&self, peer: IpAddr) -> Result<Turn, Busy> {
+        let counted = self.in_flight_by.enter(peer, MAX_IN_FLIGHT_PER_ADDR).ok_or(Busy::PeerInFlight)?;
+        let slot = tokio::time::timeout(IN_FLIGHT_WAIT, self.in_flight.clone().acquire_owned())
+            .await
+            .map_err(|_| Busy::InFlight)?
+            .expect("the semaphore is never closed");
+        Ok(Turn { _slot: slot, _counted: counted })
+    }
+
+    /// A place for one long poll from `peer`, or None: then the poll is answered at once.
+    pub fn long_poll(&self, peer: IpAddr) -> Option<Turn> {
+        let counted = self.polls_by.enter(peer, MAX_LONG_POLLS_PER_ADDR)?;
+        let slot = self.polls.clone().try_acquire_owned().ok()?;
+        Some(Turn { _slot: slot, _counted: counted })
+    }
+
+    /// Room for `bytes` more of `peer`'s bodies in memory (waiting up to `IN_FLIGHT_WAIT`
+    /// for the server's, at once refused past the address's share).
+    pub async fn room(&self, peer: IpAddr, bytes: usize) -> Result<Room, Busy> {
+        let bytes = bytes.min(MAX_BUFFERED_PER_ADDR);
+        let counted = self.buffered_by.enter_n(peer, bytes, MAX_BUFFERED_PER_ADDR).ok_or(Busy::PeerBuffered)?;
+        let n = u32::try_from(bytes).expect("MAX_BUFFERED_PER_ADDR fits in u32");
+        let permit = tokio::time::timeout(IN_FLIGHT_WAIT, self.buffered.clone().acquire_many_owned(n))
+            .await
+            .map_err(|_| Busy::Buffered)?
+            .expect("the semaphore is never closed");
+        Ok(Room { held: Some((permit, counted)) })
+    }
+
+    /// A record stream's turn for `peer` (waiting up to `REQUEST_TIME` for one overall).
+    pub async fn stream(&self, peer: IpAddr) -> Result<Turn, Busy> {
+        let counted = self.streams_by.enter(peer, MAX_STREAMS_PER_ADDR).ok_or(Busy::PeerStreams)?;
+        let slot = tokio::time::timeout(REQUEST_TIME, self.streams.clone().acquire_owned())
+            .await
+            .map_err(|_| Busy::Streams)?
+            .expect("the semaphore is never closed");
+        Ok(Turn { _slot: slot, _counted: counted })
+    }
+}
+
+/// A request body held to `BODY_DEADLINE` (when `deadline` is set) and to `MIN_BODY_RATE`
+/// on average once `BODY_GRACE` has passed: a client that trickles is cut off with an error,
+/// instead of holding a slot for as long as it likes.
+pub struct Paced {
+    inner: Body,
+    started: Instant,
+    bytes: u64,
+    deadline: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Paced {
+    pub fn new(inner: Body, deadline: bool) -> Self {
+        let started = Instant::now();
+        let deadline = deadline.then(|| started + BODY_DEADLINE);
+        let mut paced = Self { inner, started, bytes: 0, deadline, timer: Box::pin(tokio::time::sleep(BODY_GRACE)) };
+        paced.rearm();
+        paced
+    }
+
+    /// When the body is late: at its deadline, or when its average would fall below the rate.
+    fn due(&self) -> Instant {
+        let rate_due =
+            self.started + BODY_GRACE + Duration::from_secs_f64((self.bytes + 1) as f64 / MIN_BODY_RATE as f64);
+        self.deadline.map_or(rate_due, |d| d.min(rate_due))
+    }
+
+    fn rearm(&mut self) {
+        let due = self.due();
+        self.timer.as_mut().reset(due);
+    }
+}
+
+impl http_body::Body for Paced {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                    self.rearm();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending if self.timer.as_mut().poll(cx).is_ready() => {
+                let why = format!(
+                    "the request body came too slowly ({} bytes in {:.0} s; at least {} KiB/s after {} s, all within {} s)",
+                    self.bytes,
+                    self.started.elapsed().as_secs_f64(),
+                    MIN_BODY_RATE >> 10,
+                    BODY_GRACE.as_secs(),
+                    BODY_DEADLINE.as_secs()
+                );
+                Poll::Ready(Some(Err(axum::Error::new(io::Error::new(io::ErrorKind::TimedOut, why)))))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

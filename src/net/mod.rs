@@ -5,6 +5,12 @@
 
 pub mod frames;
 pub mod limits;
+mod names;
+mod peers;
 pub mod protocol;
+pub mod registry;
+mod replies;
+mod routes;
 pub mod server;
+mod streams;
 pub mod tls;

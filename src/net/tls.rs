@@ -2,8 +2,9 @@
 //!
 //! TLS protects who talks to whom and what they ask; the data needs no such help (every
 //! record is hashed, signed and checked by the receiver). Handshakes run in tasks of their own,
-//! at most `MAX_HANDSHAKES` at once and each bounded in time, so a slow or silent client
-//! cannot hold up the others; finished connections go to axum through `TlsListener`.
+//! at most `MAX_HANDSHAKES` at once (`MAX_HANDSHAKES_PER_ADDR` from one address) and each
+//! bounded in time, so a slow or silent client cannot hold up the others; finished
+//! connections go to the server's accept loop through `TlsListener`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,12 +19,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::server::TlsStream;
 
+use super::limits::{HANDSHAKE_TIME, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDR, PerAddr};
 use crate::{Error, Result};
-
-/// Handshakes in progress at once; more connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 64;
-/// A handshake not finished by then is dropped.
-const HANDSHAKE_TIME: Duration = Duration::from_secs(10);
 
 /// The server's TLS setup from a PEM certificate chain and a PEM private key.
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
@@ -59,6 +56,7 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let (tx, done) = mpsc::channel(MAX_HANDSHAKES);
         let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let by_addr = Arc::new(PerAddr::default());
         tokio::spawn(async move {
             loop {
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -71,6 +69,12 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Some(counted) = by_addr.enter(peer.ip(), MAX_HANDSHAKES_PER_ADDR) else {
+                    tracing::info!(
+                        "closed a connection from {peer}: {MAX_HANDSHAKES_PER_ADDR} of its handshakes are going on"
+                    );
+                    continue;
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIME, acceptor.accept(stream)).await {
@@ -80,7 +84,7 @@ impl TlsListener {
                         Ok(Err(e)) => tracing::info!("TLS handshake with {peer} failed: {e}"),
                         Err(_) => tracing::info!("TLS handshake with {peer} took too long"),
                     }
-                    drop(slot);
+                    drop((slot, counted));
                 });
             }
         });

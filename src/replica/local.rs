@@ -4,8 +4,11 @@
 use std::collections::{HashSet, VecDeque};
 
 use super::bloom::Bloom;
-use super::{Announced, Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
-use crate::capsule::{Admission, Capsule, Incoming};
+use super::{
+    Announced, Bundle, MAX_BATCH_BYTES, MAX_BLOOM_RECORDS, MAX_EVIDENCE, MAX_HASHES, MAX_SINCE_RECORDS, Node, Replica,
+    Since, batch_of, payload_of,
+};
+use crate::capsule::{Admission, Capsule, StagedBatch};
 use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx};
 use crate::store::Durability;
@@ -13,11 +16,15 @@ use crate::{Error, Result, VerifyError};
 
 impl Capsule {
     /// The poster's filter over every record held, with the asker's salt.
+    /// Refused for a capsule of more than `MAX_BLOOM_RECORDS` records: the filter takes a
+    /// scan of them all, which no one request may ask of a server.
     pub fn bloom(&self, salt: [u8; 16], bits_per_record: u8) -> Result<Bloom> {
-        let mut count = 0usize;
-        for h in self.store().arrival_order(false)? {
-            h?;
-            count += 1;
+        // Arrival numbers count every record stored, so this is the count, read in one get.
+        let count = usize::try_from(self.store().next_order()?).unwrap_or(usize::MAX);
+        if count > MAX_BLOOM_RECORDS {
+            return Err(Error::Invalid(format!(
+                "a Bloom filter over {count} records; this replica makes them for at most {MAX_BLOOM_RECORDS}"
+            )));
         }
         let mut bloom = Bloom::new(salt, count, bits_per_record)?;
         for h in self.store().arrival_order(false)? {
@@ -63,21 +70,20 @@ impl Capsule {
     /// payloads and signature (`check_incoming`); then its large payloads are staged if the
     /// batch looks taken (`Capsule::stage_ahead`). A server runs this for a stream's next
     /// batch while the one before goes through the gate (`put_checked`).
-    pub fn check_alone(&self, bundles: Vec<Bundle>) -> Result<Vec<Incoming>> {
+    pub fn check_alone(&self, bundles: Vec<Bundle>) -> Result<StagedBatch> {
         if bundles.iter().map(Bundle::size).sum::<usize>() > 2 * MAX_BATCH_BYTES {
             return Err(Error::Invalid(format!("a batch over {} MiB", MAX_BATCH_BYTES >> 20)));
         }
-        let mut checked =
+        let checked =
             bundles.into_iter().map(|b| self.check_incoming(&b.record, b.payloads)).collect::<Result<Vec<_>>>()?;
-        self.stage_ahead(&mut checked)?;
-        Ok(checked)
+        self.stage_ahead(checked)
     }
 
     /// Takes a batch `check_alone` passed through the gate, whole or not at all
     /// (`Capsule::admit`). Acknowledged means durable: one sync for the whole batch. Returns
     /// how many records were new.
-    pub fn put_checked(&self, checked: Vec<Incoming>) -> Result<usize> {
-        let admitted = self.admit(checked, Admission::Whole, Durability::Buffered)?;
+    pub fn put_checked(&self, checked: StagedBatch) -> Result<usize> {
+        let admitted = self.admit_staged(checked, Admission::Whole, Durability::Buffered)?;
         self.store().sync()?;
         Ok(admitted.stored.len())
     }
@@ -142,8 +148,13 @@ impl Replica for Capsule {
         Ok(batch_of(records.iter().take(MAX_HASHES).copied(), |h| self.bundle(h, false))?.0)
     }
 
+    /// A difference that would take the walk past `MAX_SINCE_RECORDS` records is answered
+    /// with the heads alone: the asker then walks the DAG down from them (`missing`, `walk`,
+    /// `fetch`), each request bounded.
     fn since(&self, heads: &[RecordHash], headers_only: bool) -> Result<Since> {
-        let lacking = self.difference(&heads[..heads.len().min(MAX_HASHES)])?;
+        let Some(lacking) = self.difference_within(&heads[..heads.len().min(MAX_HASHES)], MAX_SINCE_RECORDS)? else {
+            return Ok(Since { heads: Capsule::heads(self)?, bundles: Vec::new(), more: false });
+        };
         let (bundles, more) = batch_of(lacking, |h| {
             self.bundle(h, headers_only)?.map(Some).ok_or(VerifyError::MissingRecord { record: h }.into())
         })?;

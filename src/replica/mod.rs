@@ -111,6 +111,11 @@ pub const MAX_HASHES: usize = 8192;
 pub const MAX_BATCH_BYTES: usize = 32 << 20;
 /// Most pieces of fork evidence one answer or request carries.
 pub const MAX_EVIDENCE: usize = 1024;
+/// Records one `since` answer may walk before it answers with the heads alone (the asker then
+/// walks, a bounded request at a time), and records a capsule may hold for a Bloom filter
+/// over all of them to be made: no one request makes a replica scan a whole large capsule.
+pub const MAX_SINCE_RECORDS: usize = 1 << 16;
+pub const MAX_BLOOM_RECORDS: usize = 1 << 20;
 
 /// A replica of one capsule. Implementations: `Capsule` (the local store) and
 /// `remote::Remote` (a `capsulefs serve`); object stores come next, as more implementations.

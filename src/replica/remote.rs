@@ -118,6 +118,19 @@ fn answer(
     }
 }
 
+/// How long a request waits in all for a busy server before its refusal is the answer.
+const BUSY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The pause a busy answer (429 or 503) asks for in `Retry-After`, one second if it names
+/// none, at most five; None for any other answer.
+fn busy_pause(response: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
+    if !matches!(response.status().as_u16(), 429 | 503) {
+        return None;
+    }
+    let named = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    Some(Duration::from_secs(named.unwrap_or(1).clamp(1, 5)))
+}
+
 pub struct Remote {
     base: String,
     capsule: CapsuleId,
@@ -173,11 +186,23 @@ impl Remote {
     ) -> Result<(Option<Vec<u8>>, Option<String>)> {
         let url = format!("{}{path}", self.base);
         let unreachable = |e| unreachable(&self.base, e);
-        let response = match body {
-            Some(bytes) => self.agent.post(&url).send(&bytes[..]).map_err(unreachable)?,
-            None => self.agent.get(&url).call().map_err(unreachable)?,
-        };
-        answer(&self.base, what, response, header)
+        let mut waited = Duration::ZERO;
+        loop {
+            let response = match &body {
+                Some(bytes) => self.agent.post(&url).send(&bytes[..]).map_err(unreachable)?,
+                None => self.agent.get(&url).call().map_err(unreachable)?,
+            };
+            // A busy server (429: this client's share is taken; 503: everyone's) is asked
+            // again after the pause it names, for at most `BUSY_PATIENCE` in all.
+            match busy_pause(&response) {
+                Some(pause) if waited + pause <= BUSY_PATIENCE => {
+                    tracing::debug!("{} is busy ({}): asking again in {pause:?}", self.base, response.status());
+                    std::thread::sleep(pause);
+                    waited += pause;
+                }
+                _ => return answer(&self.base, what, response, header),
+            }
+        }
     }
 
     /// The binding of `name` the server took first (unchecked: see `NameBinding::check`).
