@@ -29,10 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use capsulefs::crypto::keys::Keyring;
-use capsulefs::crypto::sign;
 use capsulefs::net::protocol::{frame, heads_digest};
-use capsulefs::record::codec::{self, FORMAT_VERSION};
-use capsulefs::record::{CapsuleId, DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
+use capsulefs::record::codec;
+use capsulefs::record::{CapsuleId, DeviceId, RecordHash};
 use capsulefs::replica::Bundle;
 use server::Server;
 
@@ -85,6 +84,19 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0; len];
     blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut out);
     out
+}
+
+/// One phase's push and pull latencies, as the bench prints them.
+fn latencies(push: &[f64], pull: &[f64]) -> String {
+    let ms = |v: &[f64], p: f64| percentile(v, p) * 1e3;
+    format!(
+        "push p50 {:.0} ms p99 {:.0} ms, pull p50 {:.0} ms p99 {:.0} ms ({} rounds)",
+        ms(push, 0.5),
+        ms(push, 0.99),
+        ms(pull, 0.5),
+        ms(pull, 0.99),
+        push.len()
+    )
 }
 
 fn percentile(samples: &[f64], p: f64) -> f64 {
@@ -146,22 +158,7 @@ fn stranger_record(
     parent: RecordHash,
     seq: u64,
 ) -> Bundle {
-    let payload = noise(seq, 1 << 20);
-    let header = RecordHeader {
-        version: FORMAT_VERSION,
-        capsule,
-        parents: vec![parent],
-        writer: stranger.writer(),
-        device: DeviceId([7; 16]),
-        seq: Seq(seq),
-        time_ms: 1,
-        kind: RecordKind::Data,
-        key_gen: KeyGen(0),
-        sub_count: 1,
-        merkle_root: merkle::build(&[merkle::leaf_hash(&payload)]).0,
-    };
-    let signature = Some(sign::sign_record(stranger.key(), &header.hash()));
-    Bundle { record: Record { header, signature }.encode(), payloads: vec![payload] }
+    server::data_record(stranger, capsule, DeviceId([7; 16]), (parent, seq), noise(seq, 1 << 20), true)
 }
 
 /// Hostile clients running until `stop`, each flood on its own thread, counting what they
@@ -339,14 +336,7 @@ fn main() {
 
     honest_phase(&server, &home, &laptop, 3, Duration::ZERO, 0); // warm up
     let (idle_push, idle_pull, idle_fds) = honest_phase(&server, &home, &laptop, rounds, Duration::ZERO, 100);
-    println!(
-        "idle server: push p50 {:.0} ms p99 {:.0} ms, pull p50 {:.0} ms p99 {:.0} ms ({} rounds), {idle_fds} descriptors",
-        percentile(&idle_push, 0.5) * 1e3,
-        percentile(&idle_push, 0.99) * 1e3,
-        percentile(&idle_pull, 0.5) * 1e3,
-        percentile(&idle_pull, 0.99) * 1e3,
-        idle_push.len()
-    );
+    println!("idle server: {}, {idle_fds} descriptors", latencies(&idle_push, &idle_pull));
 
     let kept_before = bytes_under(&target_packs);
     let floods = start_floods(&server, &target, target_heads[0], &heads_digest(&target_heads));
@@ -365,12 +355,8 @@ fn main() {
     let kept = bytes_under(&target_packs).saturating_sub(kept_before);
     assert_eq!(server.heads(&target), target_heads, "a refused upload moved the heads");
     println!(
-        "flooded server: push p50 {:.0} ms p99 {:.0} ms, pull p50 {:.0} ms p99 {:.0} ms ({} rounds), {} refused uploads sent",
-        percentile(&flood_push, 0.5) * 1e3,
-        percentile(&flood_push, 0.99) * 1e3,
-        percentile(&flood_pull, 0.5) * 1e3,
-        percentile(&flood_pull, 0.99) * 1e3,
-        flood_push.len(),
+        "flooded server: {}, {} refused uploads sent",
+        latencies(&flood_push, &flood_pull),
         floods.sent.load(Ordering::Relaxed)
     );
     let metrics = server.metrics();

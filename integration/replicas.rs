@@ -9,12 +9,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capsulefs::crypto::keys::Keyring;
-use capsulefs::crypto::sign;
-use capsulefs::record::codec::{self, FORMAT_VERSION};
-use capsulefs::record::{CapsuleId, DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
+use capsulefs::record::codec;
+use capsulefs::record::{CapsuleId, DeviceId, Record, RecordHash};
 use capsulefs::replica::Bundle;
 
-use super::server::Server;
+use super::server::{Server, data_record};
 use super::{Home, Mounted, sh};
 
 /// A capsule holding a copy of this crate's src/ tree, unmounted (the unmount signs the end).
@@ -114,21 +113,7 @@ fn a_server_killed_mid_push_loses_nothing_acknowledged_and_the_push_resumes() {
 fn record_bytes(home: &Home, id: &str, parent: RecordHash, seq: u64, signed: bool) -> Bundle {
     let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
     let payload = format!("payload {seq}").into_bytes();
-    let header = RecordHeader {
-        version: FORMAT_VERSION,
-        capsule: CapsuleId::from_hex(id).unwrap(),
-        parents: vec![parent],
-        writer: me.writer(),
-        device: DeviceId([6; 16]),
-        seq: Seq(seq),
-        time_ms: 1,
-        kind: RecordKind::Data,
-        key_gen: KeyGen(0),
-        sub_count: 1,
-        merkle_root: merkle::build(&[merkle::leaf_hash(&payload)]).0,
-    };
-    let signature = signed.then(|| sign::sign_record(me.key(), &header.hash()));
-    Bundle { record: Record { header, signature }.encode(), payloads: vec![payload] }
+    data_record(&me, CapsuleId::from_hex(id).unwrap(), DeviceId([6; 16]), (parent, seq), payload, signed)
 }
 
 #[test]

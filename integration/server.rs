@@ -9,7 +9,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use capsulefs::record::RecordHash;
+use capsulefs::crypto::keys::Identity;
+use capsulefs::crypto::sign;
+use capsulefs::record::codec::FORMAT_VERSION;
+use capsulefs::record::{CapsuleId, DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
+use capsulefs::replica::Bundle;
 
 /// Where the honest clients of a test connect from; hostile ones take other 127.x.y.z.
 pub const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
@@ -178,4 +182,31 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A data record of `capsule` by `writer` (on device `device`) with one sub-record, signed or
+/// not, as a client would upload it: what tests and the soak bench forge.
+pub fn data_record(
+    writer: &Identity,
+    capsule: CapsuleId,
+    device: DeviceId,
+    (parent, seq): (RecordHash, u64),
+    payload: Vec<u8>,
+    signed: bool,
+) -> Bundle {
+    let header = RecordHeader {
+        version: FORMAT_VERSION,
+        capsule,
+        parents: vec![parent],
+        writer: writer.writer(),
+        device,
+        seq: Seq(seq),
+        time_ms: 1,
+        kind: RecordKind::Data,
+        key_gen: KeyGen(0),
+        sub_count: 1,
+        merkle_root: merkle::build(&[merkle::leaf_hash(&payload)]).0,
+    };
+    let signature = signed.then(|| sign::sign_record(writer.key(), &header.hash()));
+    Bundle { record: Record { header, signature }.encode(), payloads: vec![payload] }
 }
