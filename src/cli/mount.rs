@@ -449,12 +449,16 @@ fn take_new_keys(live: &RwLock<Fs>, capsule: &Capsule, me: &Identity, seen: &Mut
 /// After records were stored (pulled from a replica, or committed here): the live filesystem
 /// moves to the newer commit they made, or to the merge of the branches there now are, when
 /// nothing is pending here, and the kernel forgets the names, attributes and pages that
-/// changed (outside the filesystem's lock: the kernel may call back into it).
-fn follow_live(live: &RwLock<Fs>, notifier: Option<&Notifier>) {
+/// changed (outside the filesystem's lock: the kernel may call back into it). Returns whether
+/// to try again soon though nothing new arrives: files open for writing held the move back.
+fn follow_live(live: &RwLock<Fs>, notifier: Option<&Notifier>) -> bool {
     match live.read().expect("no panics while locked").behind() {
-        Ok(false) => return,
+        Ok(false) => return false,
         Ok(true) => {}
-        Err(e) => return tracing::warn!("finding the capsule's filesystem heads: {e}"),
+        Err(e) => {
+            tracing::warn!("finding the capsule's filesystem heads: {e}");
+            return false;
+        }
     }
     let followed = live.write().expect("no panics while locked").follow();
     match followed {
@@ -473,9 +477,17 @@ fn follow_live(live: &RwLock<Fs>, notifier: Option<&Notifier>) {
         Ok(Followed::Pending) => {
             tracing::debug!("newer commits arrived while changes are pending here: merged after the next commit")
         }
+        Ok(Followed::HeldBack(files)) => {
+            tracing::debug!(
+                "newer commits change {} file(s) open for writing here (inodes {files:?}): shown once they are closed",
+                files.len()
+            );
+            return true;
+        }
         Ok(Followed::Same) => {}
         Err(e) => tracing::warn!("moving the mount to the capsule's newest state: {e}"),
     }
+    false
 }
 
 fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
