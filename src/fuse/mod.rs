@@ -286,6 +286,7 @@ impl CapsuleFs {
             plain_cache: fs.cache().plain.stats(),
             node_cache: fs.cache().nodes.stats(),
             history_views: self.views().open_count(),
+            held_back_by: fs.held_back_by(),
             replicas: self.replicas.as_ref().map(SyncStatus::replicas).unwrap_or_default(),
             replicated: self.replicas.as_ref().map(|r| (r.holding(fs.capsule().records_stored()), r.replicas().len())),
             read_quorum: self.read_quorum.zip(self.replicas.as_ref()).map(|(needed, r)| {
@@ -672,10 +673,17 @@ impl Filesystem for CapsuleFs {
     ) {
         let Node::Live(ino) = Node::decode(ino.0) else { return reply.ok() };
         let written = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let mut fs = self.fs_mut();
         let result = match fh.0 {
-            0 => self.fs_mut().released(ino),
-            reader => self.fs_mut().released_reader(reader),
+            0 => fs.released(ino),
+            reader => fs.released_reader(reader),
         };
+        // The last file that kept newer commits from being shown is closed: the follow thread
+        // (which waits for records) moves the mount now rather than at its next look.
+        if fs.held_back_no_more() {
+            fs.capsule().wake_waiters();
+        }
+        drop(fs);
         if written {
             self.wakeups.commit_soon();
         }
