@@ -108,6 +108,39 @@ fn a_file_open_for_reading_keeps_its_old_content_until_reopened() {
 }
 
 #[test]
+fn a_reader_of_the_old_version_reads_none_of_the_pages_a_new_reader_cached() {
+    use std::os::unix::fs::FileExt;
+    let server = Server::start();
+    let desk = Home::default();
+    let old: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+    let Some((id, a)) = pushed_mount(&desk, &server.url(), &[], ("video.bin", &old)) else { return };
+    let laptop = same_user(&desk);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };
+    let reader = fs::File::open(b.path("video.bin")).unwrap();
+    let mut start = vec![0; 1000];
+    reader.read_exact_at(&mut start, 0).unwrap();
+    // The desk rewrites it in place, same size; the laptop shows that without reading it.
+    let new: Vec<u8> = (0..4_000_000u32).map(|i| (i % 13) as u8).collect();
+    write_fsynced(&a.path("video.bin"), &new);
+    let commit = xattr(&a.path("video.bin"), "user.capsule.record");
+    eventually("the laptop showed the desk's commit", || {
+        let status = fs::read_to_string(b.path(".capsule/status")).unwrap();
+        status.lines().any(|l| l.starts_with("head: ") && l.contains(&commit))
+    });
+    // A new reader reads the start of the new version: the kernel keeps one page cache per
+    // file, so what it reads must not be served to the old reader, whose read would get
+    // pages of both versions.
+    let mut head = vec![0; 64 << 10];
+    fs::File::open(b.path("video.bin")).unwrap().read_exact_at(&mut head, 0).unwrap();
+    assert!(head == new[..64 << 10]);
+    let mut again = vec![0; old.len()];
+    reader.read_exact_at(&mut again, 0).unwrap();
+    let from_new = (0..old.len() / 4096).filter(|p| again[p * 4096..][..4096] == new[p * 4096..][..4096]).count();
+    assert!(again == old, "the old reader read {from_new} pages of the new version");
+}
+
+#[test]
 fn a_file_open_for_writing_keeps_what_it_wrote_until_closed() {
     use std::io::{Read, Seek, SeekFrom, Write};
     let server = Server::start();

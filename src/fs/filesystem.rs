@@ -633,6 +633,11 @@ impl Fs {
         self.readers.insert(fh, Reader { ino, pinned: None });
     }
 
+    /// Whether handles pinned to an older version of `ino` are open (see `Reader`).
+    pub fn has_pinned_readers(&self, ino: u64) -> bool {
+        self.readers.values().any(|r| r.ino == ino && r.pinned.is_some())
+    }
+
     /// Reading handle `fh` was closed.
     pub fn released_reader(&mut self, fh: u64) -> Result<()> {
         match self.readers.remove(&fh) {

@@ -167,6 +167,15 @@ pub fn forget(notifier: &fuser::Notifier, changes: &Changes) {
     }
 }
 
+/// How a new handle to live file `ino` reads: through the kernel's page cache, unless readers
+/// pinned to an older version of the file are open. The kernel keeps one page cache per file,
+/// which those readers' pages fill (and their reads take pages from): a new handle's pages
+/// there would give an old reader's read pages of both versions, so it reads around the cache
+/// until they are closed.
+fn page_cache(fs: &Fs, ino: u64) -> FopenFlags {
+    if fs.has_pinned_readers(ino) { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() }
+}
+
 /// Maps an inode number of the tree being read to the kernel's number for it.
 type Encode<'a> = &'a dyn Fn(u64) -> u64;
 
@@ -599,10 +608,15 @@ impl Filesystem for CapsuleFs {
             // version it opened (`Fs::follow`).
             Node::Live(i) if flags.0 & libc::O_ACCMODE == libc::O_RDONLY => {
                 let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-                self.fs_mut().opened_reader(i, fh);
-                return reply.opened(FileHandle(fh), FopenFlags::empty());
+                let mut fs = self.fs_mut();
+                fs.opened_reader(i, fh);
+                return reply.opened(FileHandle(fh), page_cache(&fs, i));
             }
-            Node::Live(i) => self.fs_mut().opened(i),
+            Node::Live(i) => {
+                let mut fs = self.fs_mut();
+                fs.opened(i);
+                return reply.opened(FileHandle(0), page_cache(&fs, i));
+            }
             // Rendered afresh on every read: no page cache, no size limit from getattr.
             Node::Status => return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             _ => {}

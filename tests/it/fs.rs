@@ -463,3 +463,26 @@ fn commits_from_elsewhere_wait_for_a_file_open_for_writing_to_be_closed() {
     assert!(versions.len() == 2 && versions.contains(&mine) && versions.contains(&theirs));
     assert_eq!((laptop.held_back_by(), laptop.held_back_no_more()), (0, false));
 }
+
+#[test]
+fn a_reader_open_across_a_follow_keeps_reading_its_version() {
+    use capsulefs::fs::filesystem::Followed;
+    let s = setup();
+    let (mut desk, mut laptop) = (s.fs(), s.fs());
+    let (f, _) = desk.make(ROOT_INO, b"f", file()).unwrap();
+    desk.write(f, 0, b"old").unwrap();
+    commit(&mut desk);
+    assert!(matches!(laptop.follow().unwrap(), Followed::Moved(..)));
+    laptop.opened_reader(f, 7);
+    desk.write(f, 0, b"new").unwrap();
+    commit(&mut desk);
+    assert!(!laptop.has_pinned_readers(f));
+    // A reader holds nothing back: it is pinned, and new handles read around the page cache
+    // its pages fill.
+    assert!(matches!(laptop.follow().unwrap(), Followed::Moved(..)));
+    assert!(laptop.has_pinned_readers(f));
+    assert_eq!(laptop.read_handle(7, f, 0, 64).unwrap(), b"old");
+    assert_eq!(laptop.read(f, 0, 64).unwrap(), b"new");
+    laptop.released_reader(7).unwrap();
+    assert!(!laptop.has_pinned_readers(f));
+}
