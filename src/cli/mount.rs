@@ -553,10 +553,16 @@ fn open_log(path: &Path) -> anyhow::Result<std::fs::File> {
 /// Size at which a mount's log is rotated when a mount starts.
 const LOG_ROTATE_BYTES: u64 = 16 << 20;
 
-/// Whether `pid` is alive (a zombie waiting to be reaped has ended).
+/// Whether `pid` is alive: any of its threads has not ended (a zombie waiting to be reaped
+/// has). Its first thread can end, and show the process as a zombie, while others still end
+/// (one killed while it waits on the disk): they hold its files, the store's lock among them,
+/// until the last one ends, and a mount started meanwhile found the capsule in use.
 fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    threads.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])))
+    })
 }
 
 pub fn umount(home: &Home, a: UmountArgs) -> anyhow::Result<()> {
@@ -626,4 +632,26 @@ pub fn status(home: &Home, a: StatusArgs) -> anyhow::Result<()> {
         writeln!(out, "no capsule is mounted from {}", home.root().display())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_whose_first_thread_ended_runs_while_another_thread_does() {
+        // python3 (which the tests need anyway) ends its first thread, another sleeping on.
+        let script = "import threading, time, ctypes\n\
+                      threading.Thread(target=time.sleep, args=(2,)).start()\n\
+                      ctypes.CDLL(None).pthread_exit(None)\n";
+        let Ok(mut child) = Command::new("python3").args(["-c", script]).spawn() else { return };
+        let leader = format!("/proc/{}/stat", child.id());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !std::fs::read_to_string(&leader).unwrap().contains(") Z") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(process_running(child.id()), "a thread still runs");
+        child.wait().unwrap();
+        assert!(!process_running(child.id()));
+    }
 }
