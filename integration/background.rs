@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::replicas::{copy_of_store, same_user};
 use super::server::Server;
-use super::{Home, Mounted, write_fsynced};
+use super::{Home, Mounted, write_fsynced, xattr};
 
 /// Waits (bounded) until the mount's `.capsule/status` has a line for the replica that
 /// satisfies `ok`; returns that line.
@@ -106,6 +106,77 @@ fn a_file_open_for_reading_keeps_its_old_content_until_reopened() {
     assert!(again == old, "the old handle read the new version");
     drop(reader);
     assert_eq!(fs::read(b.path("report.txt")).unwrap(), new);
+}
+
+#[test]
+fn a_reader_of_the_old_version_reads_none_of_the_pages_a_new_reader_cached() {
+    use std::os::unix::fs::FileExt;
+    let server = Server::start();
+    let desk = Home::default();
+    let old: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+    let Some((id, a)) = pushed_mount(&desk, &server.url(), &[], ("video.bin", &old)) else { return };
+    let laptop = same_user(&desk);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };
+    let reader = fs::File::open(b.path("video.bin")).unwrap();
+    let mut start = vec![0; 1000];
+    reader.read_exact_at(&mut start, 0).unwrap();
+    // The desk rewrites it in place, same size; the laptop shows that without reading it.
+    let new: Vec<u8> = (0..4_000_000u32).map(|i| (i % 13) as u8).collect();
+    write_fsynced(&a.path("video.bin"), &new);
+    let commit = xattr(&a.path("video.bin"), "user.capsule.record");
+    eventually("the laptop showed the desk's commit", || {
+        let status = fs::read_to_string(b.path(".capsule/status")).unwrap();
+        status.lines().any(|l| l.starts_with("head: ") && l.contains(&commit))
+    });
+    // A new reader reads the start of the new version: the kernel keeps one page cache per
+    // file, so what it reads must not be served to the old reader, whose read would get
+    // pages of both versions.
+    let mut head = vec![0; 64 << 10];
+    fs::File::open(b.path("video.bin")).unwrap().read_exact_at(&mut head, 0).unwrap();
+    assert!(head == new[..64 << 10]);
+    let mut again = vec![0; old.len()];
+    reader.read_exact_at(&mut again, 0).unwrap();
+    let from_new = (0..old.len() / 4096).filter(|p| again[p * 4096..][..4096] == new[p * 4096..][..4096]).count();
+    assert!(again == old, "the old reader read {from_new} pages of the new version");
+}
+
+#[test]
+fn a_file_open_for_writing_keeps_what_it_wrote_until_closed() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let server = Server::start();
+    let desk = Home::default();
+    let Some((id, a)) = pushed_mount(&desk, &server.url(), &[], ("report.txt", b"first")) else { return };
+    let laptop = same_user(&desk);
+    laptop.ok(&["clone", &format!("{}#{id}", server.url())]);
+    let Some(b) = Mounted::new(&laptop, "c", &[]) else { return };
+    // What the chaos run does: rewrite through a handle, fsync, read back through it. A full
+    // first page and a partial second one: the kernel keeps the first, asks for the second.
+    let mut f = fs::OpenOptions::new().read(true).write(true).truncate(true).open(b.path("report.txt")).unwrap();
+    let mine: Vec<u8> = (0..6383u32).map(|i| (i % 251) as u8).collect();
+    f.write_all(&mine).unwrap();
+    f.sync_all().unwrap();
+    // The desk takes that version and writes its own on top, while the laptop's is open.
+    eventually("the desk read the laptop's version", || fs::read(a.path("report.txt")).is_ok_and(|c| c == mine));
+    let theirs: Vec<u8> = (0..7562u32).map(|i| (i % 13) as u8).collect();
+    write_fsynced(&a.path("report.txt"), &theirs);
+    let commit = xattr(&a.path("report.txt"), "user.capsule.record");
+    let status = || fs::read_to_string(b.path(".capsule/status")).unwrap();
+    eventually("the laptop held the desk's commit back, or showed it", || {
+        let status = status();
+        status.contains("held_back_by: 1 file")
+            || status.lines().any(|l| l.starts_with("head: ") && l.contains(&commit))
+    });
+    // Every read through the open handle reaches the mount, which answers with what it wrote.
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let mut read = Vec::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut read).unwrap();
+    assert!(read == mine, "the writer read back {} bytes of another version", read.len());
+    // Closed, the mount shows the desk's version at once.
+    drop(f);
+    eventually("the laptop read the desk's version", || fs::read(b.path("report.txt")).is_ok_and(|c| c == theirs));
+    assert!(!status().contains("held_back_by"), "{}", status());
 }
 
 #[test]

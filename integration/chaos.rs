@@ -7,14 +7,19 @@
 //! fault: the server killed with -9 and restarted on its store, a mount's daemon killed with -9
 //! and remounted, or the server down for a whole round (the mounts diverge, then heal). At the
 //! end every process is brought back, the mounts are given time to converge, and the run checks
-//! and prints one line:
+//! prints `chaos: seed=S misread=N`, and last, the verdict:
 //!
 //! `chaos: seed=S rounds=R ops=O faults=F converged=yes|no dangling=N verify=ok|fail
 //! lost_fsynced=N unexpected_errno=N panics=N`
 //!
 //! `lost_fsynced` counts every successful fsync whose content is found neither in place, nor in
-//! a conflict copy, nor in `.capsule/history`. Every operation and fault goes to a log
-//! (`target/chaos/SEED.log`), and the scripts depend on the seed alone, so a failing seed replays.
+//! a conflict copy, nor in `.capsule/history`. `misread` (which fails the run too) counts
+//! whole-file writes whose read-back, through the handle that wrote and fsynced them, gave
+//! other bytes (a change from
+//! elsewhere waits for a file open for writing to be closed, so its writer reads what it
+//! wrote; seed 8761656951902955914 once read a page of each of two versions). Every operation
+//! and fault goes to a log (`target/chaos/SEED.log`), and the scripts depend on the seed alone,
+//! so a failing seed replays.
 //! With no seed given, one fixed seed and one random seed (printed) run, each for
 //! `CHAOS_DURATION` seconds (30 by default).
 
@@ -275,6 +280,7 @@ struct Summary {
     dangling: usize,
     verify_ok: bool,
     lost_fsynced: usize,
+    misread: usize,
     unexpected_errno: usize,
     panics: usize,
 }
@@ -297,11 +303,17 @@ impl Summary {
         )
     }
 
+    /// The line before the verdict: read-backs that gave other bytes than were written.
+    fn misread_line(&self, seed: u64) -> String {
+        format!("chaos: seed={seed} misread={}", self.misread)
+    }
+
     fn clean(&self) -> bool {
         self.converged
             && self.dangling == 0
             && self.verify_ok
             && self.lost_fsynced == 0
+            && self.misread == 0
             && self.unexpected_errno == 0
             && self.panics == 0
     }
@@ -355,17 +367,28 @@ fn run(seed: u64, duration: Duration) -> Summary {
         let round = summary.rounds;
         let scripts: Vec<Vec<Op>> =
             machines.iter().map(|_| (0..OPS_PER_ROUND).map(|_| op(&mut rng)).collect()).collect();
-        let unexpected = Mutex::new(0usize);
+        let (unexpected, misread) = (Mutex::new(0usize), Mutex::new(0usize));
         std::thread::scope(|s| {
             for (m, script) in machines.iter().enumerate().zip(scripts) {
                 let (i, machine) = m;
-                let (log, synced, unexpected) = (&log, &synced, &unexpected);
+                let (log, synced, unexpected, misread) = (&log, &synced, &unexpected, &misread);
                 s.spawn(move || {
                     for op in script {
                         let outcome = apply(&machine.dir, &op);
                         log.say(&format!("round {round} {} {op:?} -> {outcome:?}", machine.name));
                         match outcome {
-                            Ok(Some(done)) => synced.lock().unwrap().push((i, done)),
+                            Ok(Some(done)) => {
+                                if let Op::Write { path, len, fill } = &op
+                                    && done.hash != blake3::hash(&bytes(*len, *fill))
+                                {
+                                    let (who, got) = (machine.name, done.len);
+                                    log.say(&format!(
+                                        "misread: {who} {path}: read back other bytes ({got}) than the {len} it wrote"
+                                    ));
+                                    *misread.lock().unwrap() += 1;
+                                }
+                                synced.lock().unwrap().push((i, done));
+                            }
                             Ok(None) => {}
                             Err(e) if expected(&e) => {}
                             Err(_) => *unexpected.lock().unwrap() += 1,
@@ -376,6 +399,7 @@ fn run(seed: u64, duration: Duration) -> Summary {
         });
         summary.ops += machines.len() * OPS_PER_ROUND;
         summary.unexpected_errno += unexpected.into_inner().unwrap();
+        summary.misread += misread.into_inner().unwrap();
         // A partition lasts one round: the server comes back now.
         if let Some((store, addr)) = server_down.take() {
             server = Some(Server::start_on(store, &addr));
@@ -446,6 +470,7 @@ fn run(seed: u64, duration: Duration) -> Summary {
         summary.panics += panics_in(&dir);
     }
     drop(server);
+    log.say(&summary.misread_line(seed));
     log.say(&summary.line(seed));
     if !summary.clean() {
         for m in machines {
@@ -524,7 +549,7 @@ fn chaos() {
     };
     for seed in seeds {
         let summary = run(seed, duration);
-        println!("{}", summary.line(seed));
-        assert!(summary.clean(), "{} (replay: make chaos SEED={seed})", summary.line(seed));
+        println!("{}\n{}", summary.misread_line(seed), summary.line(seed));
+        assert!(summary.clean(), "{} misread={} (replay: make chaos SEED={seed})", summary.line(seed), summary.misread);
     }
 }

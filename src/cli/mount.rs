@@ -449,12 +449,16 @@ fn take_new_keys(live: &RwLock<Fs>, capsule: &Capsule, me: &Identity, seen: &Mut
 /// After records were stored (pulled from a replica, or committed here): the live filesystem
 /// moves to the newer commit they made, or to the merge of the branches there now are, when
 /// nothing is pending here, and the kernel forgets the names, attributes and pages that
-/// changed (outside the filesystem's lock: the kernel may call back into it).
-fn follow_live(live: &RwLock<Fs>, notifier: Option<&Notifier>) {
+/// changed (outside the filesystem's lock: the kernel may call back into it). Returns whether
+/// to try again soon though nothing new arrives: files open for writing held the move back.
+fn follow_live(live: &RwLock<Fs>, notifier: Option<&Notifier>) -> bool {
     match live.read().expect("no panics while locked").behind() {
-        Ok(false) => return,
+        Ok(false) => return false,
         Ok(true) => {}
-        Err(e) => return tracing::warn!("finding the capsule's filesystem heads: {e}"),
+        Err(e) => {
+            tracing::warn!("finding the capsule's filesystem heads: {e}");
+            return false;
+        }
     }
     let followed = live.write().expect("no panics while locked").follow();
     match followed {
@@ -473,9 +477,17 @@ fn follow_live(live: &RwLock<Fs>, notifier: Option<&Notifier>) {
         Ok(Followed::Pending) => {
             tracing::debug!("newer commits arrived while changes are pending here: merged after the next commit")
         }
+        Ok(Followed::HeldBack(files)) => {
+            tracing::debug!(
+                "newer commits change {} file(s) open for writing here (inodes {files:?}): shown once they are closed",
+                files.len()
+            );
+            return true;
+        }
         Ok(Followed::Same) => {}
         Err(e) => tracing::warn!("moving the mount to the capsule's newest state: {e}"),
     }
+    false
 }
 
 fn spawn_daemon(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
@@ -541,10 +553,16 @@ fn open_log(path: &Path) -> anyhow::Result<std::fs::File> {
 /// Size at which a mount's log is rotated when a mount starts.
 const LOG_ROTATE_BYTES: u64 = 16 << 20;
 
-/// Whether `pid` is alive (a zombie waiting to be reaped has ended).
+/// Whether `pid` is alive: any of its threads has not ended (a zombie waiting to be reaped
+/// has). Its first thread can end, and show the process as a zombie, while others still end
+/// (one killed while it waits on the disk): they hold its files, the store's lock among them,
+/// until the last one ends, and a mount started meanwhile found the capsule in use.
 fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    threads.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])))
+    })
 }
 
 pub fn umount(home: &Home, a: UmountArgs) -> anyhow::Result<()> {
@@ -614,4 +632,26 @@ pub fn status(home: &Home, a: StatusArgs) -> anyhow::Result<()> {
         writeln!(out, "no capsule is mounted from {}", home.root().display())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_whose_first_thread_ended_runs_while_another_thread_does() {
+        // python3 (which the tests need anyway) ends its first thread, another sleeping on.
+        let script = "import threading, time, ctypes\n\
+                      threading.Thread(target=time.sleep, args=(2,)).start()\n\
+                      ctypes.CDLL(None).pthread_exit(None)\n";
+        let Ok(mut child) = Command::new("python3").args(["-c", script]).spawn() else { return };
+        let leader = format!("/proc/{}/stat", child.id());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !std::fs::read_to_string(&leader).unwrap().contains(") Z") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(process_running(child.id()), "a thread still runs");
+        child.wait().unwrap();
+        assert!(!process_running(child.id()));
+    }
 }

@@ -65,6 +65,9 @@ pub enum Followed {
     /// Newer commits exist, but changes are pending here: once they are committed, the next
     /// follow merges.
     Pending,
+    /// Newer commits exist, but they change the bytes of these files, which are open for
+    /// writing here: the move waits until they are closed (see `Fs::follow`).
+    HeldBack(Vec<u64>),
 }
 
 pub struct Fs {
@@ -93,8 +96,13 @@ pub struct Fs {
     touched: bool,
     /// Open handles per inode: an unlinked file lives on (nlink 0) until its last close.
     open_handles: HashMap<u64, u32>,
+    /// Of those, the handles that may write, per inode.
+    writers: HashMap<u64, u32>,
     /// Handles opened for reading, by handle number.
     readers: HashMap<u64, Reader>,
+    /// The filesystem heads the last follow did not move to, and the files open for writing
+    /// here that held it back.
+    held_back: Option<(Vec<RecordHash>, Vec<u64>)>,
 }
 
 /// A handle opened for reading. When a follow changes its file under it, it is pinned to the
@@ -228,13 +236,35 @@ impl Fs {
     /// moved them, unless changes are pending here: to the newer commit, or to the merge of
     /// the branches there now are. Open handles and caches stay: the cache holds proven
     /// bytes by place.
+    ///
+    /// Nor does it move while the move would change the bytes of a file open for writing
+    /// here (or remove it): that file is an edit in progress, as one a sync tool finds
+    /// changed on a local disk. Its writer keeps reading what it wrote (reading another
+    /// version back right after an fsync, or one page of each where the kernel kept the
+    /// other, is what the chaos run found), its next writes and commits land in it, and once
+    /// it is closed the merge decides, a conflict keeping both versions. Readers are pinned
+    /// instead (see `Reader`): they cannot change the file.
     pub fn follow(&mut self) -> Result<Followed> {
-        let Some(heads) = self.newer_heads()? else { return Ok(Followed::Same) };
+        let Some(heads) = self.newer_heads()? else {
+            self.held_back = None;
+            return Ok(Followed::Same);
+        };
         if self.is_dirty() && !self.untouched() {
             return Ok(Followed::Pending);
         }
+        // Waiting for the same heads and files: no need to merge again to know.
+        let still_open = self.still_held_back();
+        if !still_open.is_empty() && self.held_back.as_ref().is_some_and(|(held, _)| *held == heads) {
+            return Ok(Followed::HeldBack(still_open));
+        }
         let state = State::of_heads(&self.sealed, &heads)?;
         let changes = self.changes(&state)?;
+        let held = self.written_and_changed(&state, &changes)?;
+        if !held.is_empty() {
+            self.held_back = Some((heads, held.clone()));
+            return Ok(Followed::HeldBack(held));
+        }
+        self.held_back = None;
         // Readers of a file the move changed keep the inode they saw.
         let table = self.sealed.tree(SealedKind::InodeTable, 0);
         for reader in self.readers.values_mut().filter(|r| r.pinned.is_none()) {
@@ -248,6 +278,36 @@ impl Fs {
         self.touched = false;
         self.heads = heads.clone();
         Ok(Followed::Moved(heads, changes))
+    }
+
+    /// The files open for writing here whose bytes state `new` changes, or which it removes.
+    fn written_and_changed(&self, new: &State, changes: &Changes) -> Result<Vec<u64>> {
+        let table = self.sealed.tree(SealedKind::InodeTable, 0);
+        let bytes = |i: Option<Inode>| i.map(|i| (i.content, i.size, i.sealed_as));
+        let mut held = Vec::new();
+        for &ino in changes.inodes.iter().filter(|ino| self.writers.contains_key(ino)) {
+            if bytes(self.inodes.get(&table, ino)?) != bytes(new.inode(&self.sealed, ino)?) {
+                held.push(ino);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Of the files that held the last follow back, those still open for writing.
+    fn still_held_back(&self) -> Vec<u64> {
+        let Some((_, files)) = &self.held_back else { return Vec::new() };
+        files.iter().copied().filter(|ino| self.writers.contains_key(ino)).collect()
+    }
+
+    /// How many files open for writing here keep this filesystem from showing newer commits
+    /// (`Followed::HeldBack`).
+    pub fn held_back_by(&self) -> usize {
+        self.still_held_back().len()
+    }
+
+    /// Whether a follow held back by open files may move now: the last of them was closed.
+    pub fn held_back_no_more(&self) -> bool {
+        self.held_back.is_some() && self.still_held_back().is_empty()
     }
 
     /// Whether the capsule's filesystem heads moved past the state shown here.
@@ -309,7 +369,9 @@ impl Fs {
             heads,
             touched: false,
             open_handles: HashMap::new(),
+            writers: HashMap::new(),
             readers: HashMap::new(),
+            held_back: None,
         }
     }
 
@@ -559,21 +621,27 @@ impl Fs {
         Ok(inode)
     }
 
-    /// A handle to `ino` was opened.
+    /// A handle to `ino` that may write was opened.
     pub fn opened(&mut self, ino: u64) {
         *self.open_handles.entry(ino).or_default() += 1;
+        *self.writers.entry(ino).or_default() += 1;
     }
 
     /// Handle `fh` to `ino` was opened for reading only.
     pub fn opened_reader(&mut self, ino: u64, fh: u64) {
-        self.opened(ino);
+        *self.open_handles.entry(ino).or_default() += 1;
         self.readers.insert(fh, Reader { ino, pinned: None });
+    }
+
+    /// Whether handles pinned to an older version of `ino` are open (see `Reader`).
+    pub fn has_pinned_readers(&self, ino: u64) -> bool {
+        self.readers.values().any(|r| r.ino == ino && r.pinned.is_some())
     }
 
     /// Reading handle `fh` was closed.
     pub fn released_reader(&mut self, fh: u64) -> Result<()> {
         match self.readers.remove(&fh) {
-            Some(reader) => self.released(reader.ino),
+            Some(reader) => self.closed(reader.ino),
             None => Ok(()),
         }
     }
@@ -588,8 +656,19 @@ impl Fs {
         }
     }
 
-    /// A handle to `ino` was closed; the last close of an unlinked file removes it.
+    /// A handle to `ino` that may write was closed.
     pub fn released(&mut self, ino: u64) -> Result<()> {
+        if let Some(count) = self.writers.get_mut(&ino) {
+            *count -= 1;
+            if *count == 0 {
+                self.writers.remove(&ino);
+            }
+        }
+        self.closed(ino)
+    }
+
+    /// A handle to `ino` was closed; the last close of an unlinked file removes it.
+    fn closed(&mut self, ino: u64) -> Result<()> {
         let Some(count) = self.open_handles.get_mut(&ino) else { return Ok(()) };
         *count -= 1;
         if *count > 0 {

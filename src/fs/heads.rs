@@ -163,20 +163,54 @@ pub fn merge_bases(capsule: &Capsule, ours: &[RecordHash], theirs: RecordHash) -
 
 /// The parents of a commit of a state that holds the filesystem heads `held` (one commit, or
 /// the branches a merge combined): every current head whose filesystem state lies within
-/// `held` (a held commit, or records of other kinds on top of held commits), and each held
-/// commit that none of those covers. Never a head holding another state, which the commit
-/// has not merged.
+/// `held` (a held commit, or records of other kinds on top of held commits), the records of
+/// other kinds on `held` under the other heads (`resting_on`), and each held commit that none
+/// of those covers. Never a head holding another state, which the commit has not merged.
 pub fn commit_parents(capsule: &Capsule, held: &[RecordHash]) -> Result<Vec<RecordHash>> {
     let held: BTreeSet<RecordHash> = held.iter().copied().collect();
     let mut parents = BTreeSet::new();
     let mut covered = BTreeSet::new();
+    let mut beyond = Vec::new();
     for head in capsule.heads()? {
         let state = if held.contains(&head) { BTreeSet::from([head]) } else { nearest_commits(capsule, &[head])? };
         if state.is_subset(&held) {
             parents.insert(head);
             covered.extend(state);
+        } else {
+            beyond.push(head);
         }
+    }
+    for record in resting_on(capsule, &held, beyond)? {
+        covered.extend(nearest_commits(capsule, &[record])?);
+        parents.insert(record);
     }
     parents.extend(held.difference(&covered));
     Ok(parents.into_iter().collect())
+}
+
+/// Below `heads`, which hold states other than `held`, the nearest records of other kinds that
+/// sit on `held` alone. A member's grant that arrived under a commit not shown here yet (the
+/// state here has changes pending, so it did not move) is one: without it among the parents,
+/// the rights as of them do not let the member write, and the commit is refused. The walk
+/// stops at the held commits, and at heights not above the lowest of them: a record sitting
+/// on them lies higher. One found may lie below another parent, which changes nothing.
+fn resting_on(capsule: &Capsule, held: &BTreeSet<RecordHash>, heads: Vec<RecordHash>) -> Result<Vec<RecordHash>> {
+    let genesis = RecordHash::genesis(capsule.id());
+    let height = |h: &RecordHash| -> Result<u64> { Ok(capsule.store().height(h)?.unwrap_or(u64::MAX)) };
+    let floor = held.iter().map(height).collect::<Result<Vec<_>>>()?.into_iter().min().unwrap_or(0);
+    let mut found = Vec::new();
+    let mut seen: HashSet<RecordHash> = HashSet::new();
+    let mut queue: VecDeque<RecordHash> = heads.into();
+    while let Some(h) = queue.pop_front() {
+        if h == genesis || held.contains(&h) || !seen.insert(h) || height(&h)? <= floor {
+            continue;
+        }
+        let header = capsule.record(h)?.header;
+        if header.kind != RecordKind::FsCommit && nearest_commits(capsule, &[h])?.is_subset(held) {
+            found.push(h);
+        } else {
+            queue.extend(header.parents);
+        }
+    }
+    Ok(found)
 }

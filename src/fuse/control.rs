@@ -162,6 +162,8 @@ pub struct Status {
     pub plain_cache: CacheStats,
     pub node_cache: CacheStats,
     pub history_views: usize,
+    /// Files open for writing here that newer commits change, which wait for them to close.
+    pub held_back_by: usize,
     /// The replicas the mount pushes to in the background, one line each.
     pub replicas: Vec<ReplicaStatus>,
     /// How many of them hold everything this mount stored, of how many (with replicas).
@@ -194,6 +196,15 @@ impl Status {
         lines
     }
 
+    fn render_held_back(&self) -> String {
+        match self.held_back_by {
+            0 => String::new(),
+            n => format!(
+                "held_back_by: {n} file(s) open for writing here, which newer commits change: shown once closed\n"
+            ),
+        }
+    }
+
     fn render_keys(&self) -> String {
         let (held, newest) = self.key_generations;
         let mut lines = format!("content_key: generation {} held, newest {}\n", held.0, newest.map_or(held.0, |g| g.0));
@@ -223,7 +234,8 @@ impl Status {
             hit_rate(self.plain_cache),
             hit_rate(self.node_cache),
             self.history_views,
-        ) + &self.replicas.iter().map(|r| r.render() + "\n").collect::<String>()
+        ) + &self.render_held_back()
+            + &self.replicas.iter().map(|r| r.render() + "\n").collect::<String>()
             + &self
                 .replicated
                 .map(|(held, of)| format!("replicated: {held} of {of} replicas hold every commit made here\n"))

@@ -167,6 +167,15 @@ pub fn forget(notifier: &fuser::Notifier, changes: &Changes) {
     }
 }
 
+/// How a new handle to live file `ino` reads: through the kernel's page cache, unless readers
+/// pinned to an older version of the file are open. The kernel keeps one page cache per file,
+/// which those readers' pages fill (and their reads take pages from): a new handle's pages
+/// there would give an old reader's read pages of both versions, so it reads around the cache
+/// until they are closed.
+fn page_cache(fs: &Fs, ino: u64) -> FopenFlags {
+    if fs.has_pinned_readers(ino) { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() }
+}
+
 /// Maps an inode number of the tree being read to the kernel's number for it.
 type Encode<'a> = &'a dyn Fn(u64) -> u64;
 
@@ -286,6 +295,7 @@ impl CapsuleFs {
             plain_cache: fs.cache().plain.stats(),
             node_cache: fs.cache().nodes.stats(),
             history_views: self.views().open_count(),
+            held_back_by: fs.held_back_by(),
             replicas: self.replicas.as_ref().map(SyncStatus::replicas).unwrap_or_default(),
             replicated: self.replicas.as_ref().map(|r| (r.holding(fs.capsule().records_stored()), r.replicas().len())),
             read_quorum: self.read_quorum.zip(self.replicas.as_ref()).map(|(needed, r)| {
@@ -598,10 +608,15 @@ impl Filesystem for CapsuleFs {
             // version it opened (`Fs::follow`).
             Node::Live(i) if flags.0 & libc::O_ACCMODE == libc::O_RDONLY => {
                 let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-                self.fs_mut().opened_reader(i, fh);
-                return reply.opened(FileHandle(fh), FopenFlags::empty());
+                let mut fs = self.fs_mut();
+                fs.opened_reader(i, fh);
+                return reply.opened(FileHandle(fh), page_cache(&fs, i));
             }
-            Node::Live(i) => self.fs_mut().opened(i),
+            Node::Live(i) => {
+                let mut fs = self.fs_mut();
+                fs.opened(i);
+                return reply.opened(FileHandle(0), page_cache(&fs, i));
+            }
             // Rendered afresh on every read: no page cache, no size limit from getattr.
             Node::Status => return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             _ => {}
@@ -672,10 +687,17 @@ impl Filesystem for CapsuleFs {
     ) {
         let Node::Live(ino) = Node::decode(ino.0) else { return reply.ok() };
         let written = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let mut fs = self.fs_mut();
         let result = match fh.0 {
-            0 => self.fs_mut().released(ino),
-            reader => self.fs_mut().released_reader(reader),
+            0 => fs.released(ino),
+            reader => fs.released_reader(reader),
         };
+        // The last file that kept newer commits from being shown is closed: the follow thread
+        // (which waits for records) moves the mount now rather than at its next look.
+        if fs.held_back_no_more() {
+            fs.capsule().wake_waiters();
+        }
+        drop(fs);
         if written {
             self.wakeups.commit_soon();
         }

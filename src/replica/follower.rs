@@ -4,7 +4,9 @@
 //! after `POLL_EVERY`. One more thread calls `arrived` whenever the capsule stored records,
 //! pulled or committed here, which moves the live filesystem forward: to a newer commit, or
 //! to the merge of branches (also when a commit here ends changes that kept it from
-//! following what arrived before).
+//! following what arrived before). While `arrived` answers that it wants to be called again
+//! (files open for writing held the move back), it is also called every `WATCH_TICK`, and
+//! when `Capsule::wake_waiters` is called (the last of those files was closed).
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,7 +19,8 @@ use crate::record::{DeviceId, RecordHash, Seq, WriterId};
 
 /// How long a long poll may wait for new heads.
 const WAIT: Duration = Duration::from_secs(30);
-/// How often the thread calling `arrived` looks whether it is stopped.
+/// How often the thread calling `arrived` looks whether it is stopped, or calls it again when
+/// it asked to be.
 const WATCH_TICK: Duration = Duration::from_secs(1);
 /// How often a replica that cannot wait (a folder, a bucket) is looked at: each look is a
 /// listing and a read per device, so not too often for a bucket that bills requests.
@@ -56,7 +59,7 @@ impl Follower {
         capsule: Arc<Capsule>,
         replicas: Vec<Box<dyn Replica>>,
         status: SyncStatus,
-        arrived: Arc<dyn Fn() + Send + Sync>,
+        arrived: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> Self {
         let stop = Arc::new(Stop::default());
         for (i, replica) in replicas.into_iter().enumerate() {
@@ -71,11 +74,12 @@ impl Follower {
             .name("capsulefs-follow".into())
             .spawn(move || {
                 let mut seen = capsule.records_stored();
+                let mut again = false;
                 while !watching.is_set() {
                     let now = capsule.wait_for_records(seen, WATCH_TICK);
-                    if now != seen {
+                    if now != seen || again {
                         seen = now;
-                        arrived();
+                        again = arrived();
                     }
                 }
             })

@@ -404,3 +404,85 @@ fn a_live_filesystem_follows_commits_made_elsewhere_unless_it_has_its_own() {
     let Followed::Moved(heads, _) = busy.follow().unwrap() else { panic!("merged") };
     assert!(heads.contains(&mine) && heads.contains(&second), "{heads:?}");
 }
+
+#[test]
+fn commits_from_elsewhere_wait_for_a_file_open_for_writing_to_be_closed() {
+    use capsulefs::fs::filesystem::Followed;
+    // The chaos run's seed 8761656951902955914: a merge arriving right after an fsync put
+    // another machine's version of the file in place, under the writer's open handle, and
+    // its read-back got one page of each (its own first page, kept by the kernel, and the
+    // other version's second, read from the mount).
+    let s = setup();
+    let (mut desk, mut laptop) = (s.fs(), s.fs());
+    let (notes, _) = laptop.make(ROOT_INO, b"notes", file()).unwrap();
+    let (other, _) = laptop.make(ROOT_INO, b"other", file()).unwrap();
+    commit(&mut laptop);
+    laptop.opened(notes);
+    let mut mine = pattern(6383, 1);
+    laptop.write(notes, 0, &mine).unwrap();
+    commit(&mut laptop);
+
+    // A commit from elsewhere that leaves the open file alone is followed at once.
+    assert!(matches!(desk.follow().unwrap(), Followed::Moved(..)));
+    desk.write(other, 0, b"from the desk").unwrap();
+    commit(&mut desk);
+    assert!(matches!(laptop.follow().unwrap(), Followed::Moved(..)), "only the closed file changed");
+    assert_eq!(laptop.read(other, 0, 64).unwrap(), b"from the desk");
+
+    // One that rewrites it waits, however often asked, and the writer reads what it wrote.
+    let theirs = pattern(7562, 2);
+    desk.truncate(notes, 0).unwrap();
+    desk.write(notes, 0, &theirs).unwrap();
+    let from_desk = commit(&mut desk);
+    assert_eq!(laptop.follow().unwrap(), Followed::HeldBack(vec![notes]));
+    assert_eq!(laptop.follow().unwrap(), Followed::HeldBack(vec![notes]));
+    assert_eq!((laptop.held_back_by(), laptop.held_back_no_more()), (1, false));
+    assert_eq!(laptop.read(notes, 0, 1 << 20).unwrap(), mine);
+
+    // It writes on, on its own branch; whatever the merge makes of that, the open file is not
+    // changed under it.
+    laptop.write(notes, mine.len() as u64, b" and more").unwrap();
+    mine.extend_from_slice(b" and more");
+    let from_laptop = commit(&mut laptop);
+    let _ = laptop.follow().unwrap();
+    assert_eq!(laptop.read(notes, 0, 1 << 20).unwrap(), mine);
+
+    // Closed, it gives way: the merge shows both versions, one of them as a conflict copy.
+    laptop.released(notes).unwrap();
+    assert!(matches!(laptop.follow().unwrap(), Followed::Moved(..) | Followed::Same));
+    let mut heads = vec![from_desk, from_laptop];
+    heads.sort();
+    assert_eq!(laptop.heads(), heads);
+    let versions: Vec<Vec<u8>> = laptop
+        .readdir(ROOT_INO)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.name.starts_with(b"notes"))
+        .map(|e| laptop.read(e.ino, 0, 1 << 20).unwrap())
+        .collect();
+    assert!(versions.len() == 2 && versions.contains(&mine) && versions.contains(&theirs));
+    assert_eq!((laptop.held_back_by(), laptop.held_back_no_more()), (0, false));
+}
+
+#[test]
+fn a_reader_open_across_a_follow_keeps_reading_its_version() {
+    use capsulefs::fs::filesystem::Followed;
+    let s = setup();
+    let (mut desk, mut laptop) = (s.fs(), s.fs());
+    let (f, _) = desk.make(ROOT_INO, b"f", file()).unwrap();
+    desk.write(f, 0, b"old").unwrap();
+    commit(&mut desk);
+    assert!(matches!(laptop.follow().unwrap(), Followed::Moved(..)));
+    laptop.opened_reader(f, 7);
+    desk.write(f, 0, b"new").unwrap();
+    commit(&mut desk);
+    assert!(!laptop.has_pinned_readers(f));
+    // A reader holds nothing back: it is pinned, and new handles read around the page cache
+    // its pages fill.
+    assert!(matches!(laptop.follow().unwrap(), Followed::Moved(..)));
+    assert!(laptop.has_pinned_readers(f));
+    assert_eq!(laptop.read_handle(7, f, 0, 64).unwrap(), b"old");
+    assert_eq!(laptop.read(f, 0, 64).unwrap(), b"new");
+    laptop.released_reader(7).unwrap();
+    assert!(!laptop.has_pinned_readers(f));
+}

@@ -12,7 +12,7 @@ use capsulefs::fs::Fs;
 use capsulefs::fs::filesystem::Followed;
 use capsulefs::fs::heads::filesystem_heads;
 use capsulefs::fs::node::{DirEntry, Inode, Kind, ROOT_INO};
-use capsulefs::member::{content_key, create_keystore};
+use capsulefs::member::{self, Level, content_key, create_keystore};
 use capsulefs::record::RecordHash;
 use capsulefs::replica::transfer::pull;
 use capsulefs::store::mem::MemKv;
@@ -219,6 +219,43 @@ fn the_next_commit_records_the_merge_and_two_mounts_settle_without_merging_again
     assert_eq!(filesystem_heads(&m.b).unwrap().len(), 1);
     assert!(matches!(b.follow().unwrap(), Followed::Moved(heads, _) if heads.len() == 1));
     assert_eq!(shown(&a), shown(&b));
+}
+
+#[test]
+fn a_member_behind_the_owner_commits_on_the_grant_that_lets_it_write() {
+    // Granted before any commit (the chaos run's start), and on top of one.
+    member_commits_while_behind(false);
+    member_commits_while_behind(true);
+}
+
+fn member_commits_while_behind(committed_before_grant: bool) {
+    let m = machines();
+    let mut theirs = m.fs(&m.a);
+    if committed_before_grant {
+        make_file(&mut theirs, ROOT_INO, "first", b"f");
+        commit(&mut theirs);
+    }
+    let carol = Identity::generate("carol").unwrap();
+    member::grant(&m.a, &m.me, &carol.writer(), Level::Write).unwrap();
+    let kv: Arc<dyn Kv> = Arc::new(MemKv::new());
+    let c = Arc::new(Capsule::adopt(kv, m.a.id(), &m.a.metadata_bytes(), vec![carol.clone()]).unwrap());
+    pull(&c, &*m.a, &()).unwrap();
+    let mut mine = Fs::open(c.clone(), content_key(&c, &carol).unwrap(), Some(carol.clone())).unwrap();
+    // Carol writes while the owner's next commit arrives: she commits on the state she shows,
+    // which predates it, and her record must still sit on the grant.
+    make_file(&mut mine, ROOT_INO, "carol", b"c");
+    make_file(&mut theirs, ROOT_INO, "owner", b"o");
+    commit(&mut theirs);
+    pull(&c, &*m.a, &()).unwrap();
+    assert!(matches!(mine.follow().unwrap(), Followed::Pending));
+    commit(&mut mine);
+    pull(&m.a, &*c, &()).unwrap();
+    for fs in [&mut mine, &mut theirs] {
+        assert!(matches!(fs.follow().unwrap(), Followed::Moved(heads, _) if heads.len() == 2));
+    }
+    assert_eq!(shown(&mine), shown(&theirs));
+    assert_eq!(content(&shown(&mine), "/carol"), b"c");
+    assert_eq!(content(&shown(&mine), "/owner"), b"o");
 }
 
 #[test]
