@@ -186,23 +186,9 @@ fn a_thousand_capsules_are_held_with_descriptors_threads_and_memory_bounded() {
     let home = Home::default();
     let id = home.ok(&["create", "c"]).trim().to_owned();
     home.ok(&["push", "c", &server.url()]);
-    let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
-    let out = std::process::Command::new("curl")
-        .args(["-sf", &format!("{}/v1/capsules/{id}/metadata", server.url())])
-        .output()
-        .unwrap();
-    let first = SignedMetadata::decode(&out.stdout).unwrap();
     // A thousand more capsules of one creator, each made, then read (which opens its store),
     // by four clients at once as a busy server sees them.
-    let signed: Vec<(String, Vec<u8>)> = (0..1000u32)
-        .map(|i| {
-            let mut metadata = first.metadata.clone();
-            metadata.name = format!("c{i}");
-            metadata.nonce[..4].copy_from_slice(&i.to_le_bytes());
-            let id = metadata.id();
-            (id.to_hex(), SignedMetadata { signature: sign::sign_metadata(me.key(), &id), metadata }.encode())
-        })
-        .collect();
+    let signed = more_capsules(&home, &server, &id, 1000);
     let server_ref = &server;
     std::thread::scope(|s| {
         for part in signed.chunks(250) {
@@ -445,4 +431,119 @@ fn the_shipped_config_file_is_read_flags_win_and_a_server_runs_by_one() {
     let stranger = Home::default();
     stranger.ok(&["create", "s"]);
     assert_eq!(stranger.run(&["push", "s", &server.url()]).status.code(), Some(6));
+}
+
+/// `count` more capsules of the creator of `home`'s capsule `id` on `server`, as signed
+/// metadata, each with its id in hex.
+fn more_capsules(home: &Home, server: &Server, id: &str, count: u32) -> Vec<(String, Vec<u8>)> {
+    let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
+    let out = std::process::Command::new("curl")
+        .args(["-sf", &format!("{}/v1/capsules/{id}/metadata", server.url())])
+        .output()
+        .unwrap();
+    let first = SignedMetadata::decode(&out.stdout).unwrap();
+    (0..count)
+        .map(|i| {
+            let mut metadata = first.metadata.clone();
+            metadata.name = format!("more{i}");
+            metadata.nonce[..4].copy_from_slice(&i.to_le_bytes());
+            let id = metadata.id();
+            (id.to_hex(), SignedMetadata { signature: sign::sign_metadata(me.key(), &id), metadata }.encode())
+        })
+        .collect()
+}
+
+#[test]
+fn stores_closed_while_others_open_them_again_fail_no_request() {
+    let server = Server::start_with(
+        tempfile::tempdir().unwrap(),
+        "127.0.0.1:0",
+        &["--open".into(), "--max-open-stores".into(), "1".into()],
+    );
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    home.ok(&["push", "c", &server.url()]);
+    let capsules = more_capsules(&home, &server, &id, 3);
+    for (hex, body) in &capsules {
+        assert_eq!(server.raw("POST", &format!("/v1/capsules/{hex}/metadata"), body), 200);
+    }
+    // Four clients over three capsules with one store kept open: each request closes the
+    // store another one opens next.
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for client in 0..4 {
+            let (server, capsules, failed) = (&server, &capsules, &failed);
+            s.spawn(move || {
+                for i in 0..60 {
+                    let (hex, _) = &capsules[(client + i) % capsules.len()];
+                    if server.raw("GET", &format!("/v1/capsules/{hex}/heads"), b"") != 200 {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(failed.into_inner(), 0, "requests failed: {}", server.log());
+}
+
+/// The bytes `/metrics` says `creator`'s capsules take.
+fn creator_bytes(server: &Server, creator: &str) -> u64 {
+    let prefix = format!("capsulefs_creator_bytes{{creator=\"{creator}\"}} ");
+    server.metrics().lines().find_map(|l| l.strip_prefix(&prefix).and_then(|n| n.parse().ok())).unwrap()
+}
+
+#[test]
+fn pushes_racing_for_the_last_of_a_quota_never_pass_it() {
+    let home = Home::default();
+    let id = home.ok(&["create", "c"]).trim().to_owned();
+    let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
+    let creator = me.writer().to_hex();
+    let server = Server::start();
+    home.ok(&["push", "c", &server.url()]);
+    // Restarted with room for two more records of 3 MiB (and what a restart adds to the
+    // store), and four sent at once (each from a device of its own, on the capsule's head).
+    let quota_mib = creator_bytes(&server, &creator).div_ceil(1 << 20) + 8;
+    let (store, addr) = server.kill();
+    let quota = ["--open", "--max-mib-per-creator", &quota_mib.to_string()].map(String::from);
+    let server = Server::start_with(store, &addr, &quota);
+    let (capsule, head) = (capsulefs::record::CapsuleId::from_hex(&id).unwrap(), server.heads(&id)[0]);
+    let path = format!("/v1/capsules/{id}/records");
+    let pushes: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| {
+            let device = capsulefs::record::DeviceId([10 + i; 16]);
+            let record = super::server::data_record(&me, capsule, device, (head, 1), vec![i; 3 << 20], true);
+            capsulefs::record::codec::encode(&vec![record])
+        })
+        .collect();
+    let answers: Vec<u16> = std::thread::scope(|s| {
+        let sent: Vec<_> = pushes.iter().map(|body| s.spawn(|| server.raw("POST", &path, body))).collect();
+        sent.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(answers.iter().all(|a| *a == 200 || *a == 507), "{answers:?}");
+    assert!(answers.contains(&200) && answers.contains(&507), "{answers:?}");
+    assert!(creator_bytes(&server, &creator) <= quota_mib << 20, "{answers:?}");
+}
+
+#[test]
+fn routes_are_told_apart_by_what_they_are_and_http2_is_not_spoken() {
+    let server = Server::start();
+    // A name that looks like a record stream is a body like any other: it must say its length.
+    let mut s = server.connect_from(super::server::LOOPBACK);
+    s.write_all(
+        b"POST /v1/names/record-stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(status_within(&mut s, Duration::from_secs(30)), 411);
+    // An HTTP/2 preface is not taken for a connection to hold: answered as HTTP/1.1, or
+    // closed; and one left half-said is closed at the header-read time, not the idle time.
+    for said in [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut s = server.connect_from(super::server::LOOPBACK);
+        s.write_all(said).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(45))).unwrap();
+        let mut answer = Vec::new();
+        let closed = s.read_to_end(&mut answer);
+        assert!(closed.is_ok(), "closed by the server within 45 s, before its idle time: {closed:?}");
+        assert!(answer.is_empty() || answer.starts_with(b"HTTP/1.1 "), "{:?}", String::from_utf8_lossy(&answer));
+    }
 }

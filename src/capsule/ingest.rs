@@ -84,6 +84,11 @@ impl StagedBatch {
     pub fn bytes(&self) -> u64 {
         self.batch.iter().map(|i| i.bytes() as u64).sum()
     }
+
+    /// Bytes each record of the batch will take once stored.
+    pub fn sizes(&self) -> HashMap<RecordHash, u64> {
+        self.batch.iter().map(|i| (i.hash, i.bytes() as u64)).collect()
+    }
 }
 
 impl Drop for StagedBatch {
@@ -278,11 +283,13 @@ impl Capsule {
     /// it; nothing of a stranger's is ever staged. If the gate refuses it anyway (rights as
     /// of its parents, a fork), `admit` gives the room back; if it never reaches the gate (a
     /// quota, a stream cut after it), dropping the `StagedBatch` does.
-    pub fn stage_ahead(&self, mut batch: Vec<Incoming>) -> Result<StagedBatch> {
-        if !anchored_within(&batch) || !self.writers_known(&batch)? {
-            return Ok(StagedBatch { batch, store: self.store.clone() });
+    pub fn stage_ahead(&self, batch: Vec<Incoming>) -> Result<StagedBatch> {
+        // Made first, so that a failure part way gives back what was staged before it.
+        let mut staged_batch = StagedBatch { batch, store: self.store.clone() };
+        if !anchored_within(&staged_batch.batch) || !self.writers_known(&staged_batch.batch)? {
+            return Ok(staged_batch);
         }
-        for incoming in batch.iter_mut() {
+        for incoming in staged_batch.batch.iter_mut() {
             if incoming.record.header.kind == RecordKind::Membership || self.store.has_record(&incoming.hash)? {
                 continue; // Membership entries are read from memory by the gate; held ones never stored.
             }
@@ -294,7 +301,7 @@ impl Capsule {
                 }
             }
         }
-        Ok(StagedBatch { batch, store: self.store.clone() })
+        Ok(staged_batch)
     }
 
     /// Takes a batch `stage_ahead` made through the gate (`admit`).

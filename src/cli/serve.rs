@@ -134,6 +134,16 @@ fn read_file(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("the server config {} (see `capsulefs serve --help`)", path.display()))
 }
 
+/// `n`, if it is in `range`; else an error that names the setting and the range.
+fn within<T: PartialOrd + std::fmt::Display>(
+    n: T,
+    range: std::ops::RangeInclusive<T>,
+    what: &str,
+) -> anyhow::Result<T> {
+    anyhow::ensure!(range.contains(&n), "{what} must be from {} to {}, not {n}", range.start(), range.end());
+    Ok(n)
+}
+
 fn keys(listed: &[String]) -> anyhow::Result<Vec<WriterId>> {
     listed
         .iter()
@@ -149,22 +159,25 @@ pub fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
     let listen = a.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid address"));
     let tls = a.tls_cert.zip(a.tls_key).or(file.tls.map(|t| (t.cert, t.key)));
     let (fl, base) = (file.limits.unwrap_or_default(), Limits::default());
-    let at_least_one = |n: usize, what: &str| match n {
-        0 => anyhow::bail!("{what} must be at least 1"),
-        n => Ok(n),
-    };
     let limits = Limits {
-        idle: a.idle_timeout.or(fl.idle_timeout_secs).map_or(base.idle, Duration::from_secs),
-        connections: at_least_one(
+        idle: Duration::from_secs(within(
+            a.idle_timeout.or(fl.idle_timeout_secs).unwrap_or(base.idle.as_secs()),
+            1..=86_400,
+            "idle_timeout",
+        )?),
+        connections: within(
             a.max_connections.or(fl.max_connections).unwrap_or(base.connections),
+            1..=1 << 20,
             "max_connections",
         )?,
-        connections_per_addr: at_least_one(
+        connections_per_addr: within(
             a.max_connections_per_addr.or(fl.max_connections_per_addr).unwrap_or(base.connections_per_addr),
+            1..=1 << 20,
             "max_connections_per_addr",
         )?,
-        open_stores: at_least_one(
+        open_stores: within(
             a.max_open_stores.or(fl.max_open_stores).unwrap_or(base.open_stores),
+            1..=1 << 16,
             "max_open_stores",
         )?,
     };
@@ -173,10 +186,14 @@ pub fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
         peers = file.peers;
     }
     let given = !a.allow_creators.is_empty() || a.allow_creators_file.is_some();
+    let file_lists = !file.allow_creators.is_empty() || file.allow_creators_file.is_some();
+    if file.open == Some(true) && file_lists {
+        anyhow::bail!("the config file says both `open = true` and who may create capsules: keep one of them");
+    }
     let open = a.open || (!given && file.open.unwrap_or(false));
     let admission = if open {
         Admission::open()
-    } else if given || !file.allow_creators.is_empty() || file.allow_creators_file.is_some() {
+    } else if given || file_lists {
         let (listed, list_file) = match given {
             true => (a.allow_creators, a.allow_creators_file),
             false => (file.allow_creators, file.allow_creators_file),
@@ -197,7 +214,10 @@ pub fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
     let fq = file.quotas.unwrap_or_default();
     let quotas = Quotas {
         capsules: a.max_capsules_per_creator.or(fq.capsules_per_creator).unwrap_or(base.capsules),
-        bytes: a.max_mib_per_creator.or(fq.mib_per_creator).map_or(base.bytes, |m| m << 20),
+        bytes: a
+            .max_mib_per_creator
+            .or(fq.mib_per_creator)
+            .map_or(Ok(base.bytes), |m| within(m, 0..=u64::MAX >> 20, "mib_per_creator").map(|m| m << 20))?,
         names: a.max_names_per_creator.or(fq.names_per_creator).unwrap_or(base.names),
     };
     if a.check {

@@ -56,11 +56,13 @@ pub const MAX_BUFFERED: usize = 320 << 20;
 pub const MAX_BUFFERED_PER_ADDR: usize = 128 << 20;
 /// Time a request may take once it is in (a record stream's, per piece).
 pub const REQUEST_TIME: Duration = Duration::from_secs(120);
-/// A buffered body must arrive within this; any body, stream or not, at no less than
-/// `MIN_BODY_RATE` on average once `BODY_GRACE` has passed: a trickle is cut.
+/// A buffered body must arrive within this; any body, stream or not, must bring at least
+/// `MIN_BODY_RATE` in each `RATE_WINDOW` the server spends waiting for it: a trickle is cut, and
+/// a fast start earns no credit for a trickle after it (time the server is busy elsewhere and
+/// does not read does not count against the client).
 pub const BODY_DEADLINE: Duration = Duration::from_secs(600);
 pub const MIN_BODY_RATE: u64 = 64 << 10;
-pub const BODY_GRACE: Duration = Duration::from_secs(20);
+pub const RATE_WINDOW: Duration = Duration::from_secs(20);
 /// Record streams open at once, and from one address: a stream's bytes count against
 /// `MAX_BUFFERED` as they arrive, and it works on at most two blocking threads at a time.
 pub const MAX_STREAMS: usize = 16;
@@ -230,7 +232,20 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Idle<Io> {
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// The address `peer` is counted as (see `PerAddr`).
+fn counted_as(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+        v4 => v4,
+    }
+}
+
 /// Things held by address, counted (connections, requests, bytes), at most `max` per address.
+/// An IPv6 address counts with its /64 (one host or site holds a whole /64), and an IPv4
+/// address mapped into IPv6 as itself.
 #[derive(Default)]
 pub struct PerAddr {
     held: Mutex<HashMap<IpAddr, usize>>,
@@ -244,6 +259,7 @@ impl PerAddr {
 
     /// `n` more held by `peer`, or None when that would pass `max`.
     pub fn enter_n(self: &Arc<Self>, peer: IpAddr, n: usize, max: usize) -> Option<Counted> {
+        let peer = counted_as(peer);
         let mut held = self.held.lock().expect("no panics while locked");
         let count = held.entry(peer).or_default();
         if *count + n > max {
@@ -426,14 +442,19 @@ impl Gate {
     }
 }
 
-/// A request body held to `BODY_DEADLINE` (when `deadline` is set) and to `MIN_BODY_RATE`
-/// on average once `BODY_GRACE` has passed: a client that trickles is cut off with an error,
-/// instead of holding a slot for as long as it likes.
+/// A request body held to `BODY_DEADLINE` (when `deadline` is set) and to `MIN_BODY_RATE` in
+/// every `RATE_WINDOW` of waiting for it: a client that trickles is cut off with an error,
+/// instead of holding a slot and its buffered bytes for as long as it likes.
 pub struct Paced {
     inner: Body,
     started: Instant,
     bytes: u64,
     deadline: Option<Instant>,
+    /// Bytes come, and time spent waiting for them, in the window being judged.
+    window_bytes: u64,
+    window_waited: Duration,
+    /// Since when the server has been waiting for the next piece, if it is.
+    waiting_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -441,21 +462,58 @@ impl Paced {
     pub fn new(inner: Body, deadline: bool) -> Self {
         let started = Instant::now();
         let deadline = deadline.then(|| started + BODY_DEADLINE);
-        let mut paced = Self { inner, started, bytes: 0, deadline, timer: Box::pin(tokio::time::sleep(BODY_GRACE)) };
-        paced.rearm();
-        paced
+        Self {
+            inner,
+            started,
+            bytes: 0,
+            deadline,
+            window_bytes: 0,
+            window_waited: Duration::ZERO,
+            waiting_since: None,
+            timer: Box::pin(tokio::time::sleep(RATE_WINDOW)),
+        }
     }
 
-    /// When the body is late: at its deadline, or when its average would fall below the rate.
-    fn due(&self) -> Instant {
-        let rate_due =
-            self.started + BODY_GRACE + Duration::from_secs_f64((self.bytes + 1) as f64 / MIN_BODY_RATE as f64);
-        self.deadline.map_or(rate_due, |d| d.min(rate_due))
+    /// Time waited in this window, counting the wait going on.
+    fn waited(&self, now: Instant) -> Duration {
+        self.window_waited + self.waiting_since.map_or(Duration::ZERO, |since| now - since)
     }
 
-    fn rearm(&mut self) {
-        let due = self.due();
+    /// Judges the window once `RATE_WINDOW` of waiting has passed: a new one starts if it
+    /// brought enough, else the body is late.
+    fn judge(&mut self, now: Instant) -> Result<(), String> {
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Err(format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()));
+        }
+        if self.waited(now) < RATE_WINDOW {
+            return Ok(());
+        }
+        if self.window_bytes < MIN_BODY_RATE * RATE_WINDOW.as_secs() {
+            return Err(format!(
+                "the request body came too slowly ({} bytes in the last {} s of waiting, {} in {:.0} s in all; at \
+                 least {} KiB/s)",
+                self.window_bytes,
+                RATE_WINDOW.as_secs(),
+                self.bytes,
+                self.started.elapsed().as_secs_f64(),
+                MIN_BODY_RATE >> 10
+            ));
+        }
+        self.window_bytes = 0;
+        self.window_waited = Duration::ZERO;
+        self.waiting_since = self.waiting_since.map(|_| now);
+        Ok(())
+    }
+
+    /// Sets the timer for when the wait going on would end the window (or the deadline).
+    fn rearm(&mut self, now: Instant) {
+        let window_end = now + RATE_WINDOW.saturating_sub(self.waited(now));
+        let due = self.deadline.map_or(window_end, |d| d.min(window_end));
         self.timer.as_mut().reset(due);
+    }
+
+    fn late(why: String) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Poll::Ready(Some(Err(axum::Error::new(io::Error::new(io::ErrorKind::TimedOut, why)))))
     }
 }
 
@@ -464,24 +522,40 @@ impl http_body::Body for Paced {
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let now = Instant::now();
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(since) = self.waiting_since.take() {
+                    self.window_waited += now - since;
+                }
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
-                    self.rearm();
+                    self.window_bytes += data.len() as u64;
                 }
-                Poll::Ready(Some(Ok(frame)))
+                match self.judge(now) {
+                    Ok(()) => Poll::Ready(Some(Ok(frame))),
+                    Err(why) => Self::late(why),
+                }
             }
-            Poll::Pending if self.timer.as_mut().poll(cx).is_ready() => {
-                let why = format!(
-                    "the request body came too slowly ({} bytes in {:.0} s; at least {} KiB/s after {} s, all within {} s)",
-                    self.bytes,
-                    self.started.elapsed().as_secs_f64(),
-                    MIN_BODY_RATE >> 10,
-                    BODY_GRACE.as_secs(),
-                    BODY_DEADLINE.as_secs()
-                );
-                Poll::Ready(Some(Err(axum::Error::new(io::Error::new(io::ErrorKind::TimedOut, why)))))
+            Poll::Pending => {
+                if self.waiting_since.is_none() {
+                    self.waiting_since = Some(now);
+                }
+                if let Err(why) = self.judge(now) {
+                    return Self::late(why);
+                }
+                self.rearm(now);
+                // Polled once armed, so that the timer wakes this task when it is due.
+                match self.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => match self.judge(Instant::now()) {
+                        Err(why) => Self::late(why),
+                        Ok(()) => {
+                            cx.waker().wake_by_ref();
+                            Poll::Pending
+                        }
+                    },
+                    Poll::Pending => Poll::Pending,
+                }
             }
             other => other,
         }
@@ -493,5 +567,22 @@ impl http_body::Body for Paced {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64_and_a_mapped_ipv4_as_itself() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(counted_as(a), counted_as(b));
+        assert_ne!(counted_as(a), counted_as(other));
+        let mapped: IpAddr = "::ffff:127.0.0.9".parse().unwrap();
+        assert_eq!(counted_as(mapped), "127.0.0.9".parse::<IpAddr>().unwrap());
+        assert_eq!(counted_as("127.0.0.9".parse().unwrap()), "127.0.0.9".parse::<IpAddr>().unwrap());
     }
 }

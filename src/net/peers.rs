@@ -31,7 +31,8 @@ impl Server {
             for peer in peers {
                 let round = Remote::new(peer, id).and_then(|remote| {
                     if remote.metadata()?.is_some() {
-                        transfer::pull(&capsule, &remote, &())?;
+                        let pulled = transfer::pull(&capsule, &remote, &())?;
+                        self.registry.stored(id, pulled.bytes);
                     }
                     transfer::push(&capsule, &remote, &())
                 });

@@ -167,7 +167,17 @@ impl Registry {
         for entry in std::fs::read_dir(&capsules).map_err(|e| Error::io(&capsules, e))? {
             let entry = entry.map_err(|e| Error::io(&capsules, e))?;
             let Some(id) = entry.file_name().to_str().and_then(|n| CapsuleId::from_hex(n).ok()) else { continue };
-            let creator = registry.creator_on_disk(id)?;
+            // One damaged folder does not keep the server, and every other capsule, down.
+            let creator = match registry.creator_on_disk(id) {
+                Ok(creator) => creator,
+                Err(e) => {
+                    tracing::error!(
+                        "not serving capsule {id:?}: {e} (move {} aside, or restore it from a replica)",
+                        entry.path().display()
+                    );
+                    continue;
+                }
+            };
             let bytes = folder_bytes(&entry.path());
             registry.held().insert(id, creator);
             let mut usage = registry.usage();
@@ -250,15 +260,30 @@ impl Registry {
             Turn::Mine(opening) => opening,
         };
         let capsule = Arc::new(self.open_store(&id)?);
-        let closed = {
+        let closing = {
             let mut open = self.lock_open();
-            let closed = if open.open.len() >= self.open_stores { take_idlest(&mut open.open) } else { None };
+            let closing = if open.open.len() >= self.open_stores { self.take_idlest(&mut open) } else { None };
             open.open.insert(id, Open { capsule: capsule.clone(), used: Instant::now() });
-            closed
+            closing
         };
-        // Closing a store flushes it: done outside the lock.
-        drop(closed);
+        drop(closing);
         Ok(Some(capsule))
+    }
+
+    /// Takes out the least recently used store nobody holds now (if any), to be closed by the
+    /// caller outside the lock (closing flushes it): the capsule counts as being opened until
+    /// then, so that nobody opens its store while this one still holds the store's lock.
+    fn take_idlest(&self, open: &mut OpenStores) -> Option<Closing<'_>> {
+        let idlest = open.open.iter().filter(|(_, o)| Arc::strong_count(&o.capsule) == 1).min_by_key(|(_, o)| o.used);
+        let id = idlest.map(|(id, _)| *id)?;
+        self.closing(open, id)
+    }
+
+    /// Takes store `id` out of `open` to be closed, marking it as being opened meanwhile.
+    fn closing(&self, open: &mut OpenStores, id: CapsuleId) -> Option<Closing<'_>> {
+        let store = open.open.remove(&id)?;
+        open.opening.insert(id);
+        Some(Closing { _store: store, _turn: Opening { registry: self, id } })
     }
 
     /// Waits while another request opens or adopts `id`; then returns what `ready` finds, or
@@ -288,7 +313,7 @@ impl Registry {
 
     /// Closes the stores nobody used for `STORE_IDLE` (and nobody holds now).
     pub fn close_idle(&self) {
-        let closed: Vec<Open> = {
+        let closing: Vec<Closing> = {
             let mut open = self.lock_open();
             let idle: Vec<CapsuleId> = open
                 .open
@@ -296,9 +321,9 @@ impl Registry {
                 .filter(|(_, o)| o.used.elapsed() >= STORE_IDLE && Arc::strong_count(&o.capsule) == 1)
                 .map(|(id, _)| *id)
                 .collect();
-            idle.iter().filter_map(|id| open.open.remove(id)).collect()
+            idle.into_iter().filter_map(|id| self.closing(&mut open, id)).collect()
         };
-        drop(closed);
+        drop(closing);
     }
 
     /// How many stores are open.
@@ -334,47 +359,56 @@ impl Registry {
             }
         };
         // The capsule is counted before it is made, so that adoptions at once cannot pass the
-        // quota; one that fails gives its place back.
-        {
-            let mut usage = self.usage();
-            let used = usage.entry(creator).or_default();
-            if used.capsules >= self.quotas.capsules {
-                return Err(Error::OverQuota(format!(
-                    "{creator} holds {} capsules here, its quota: remove one, or ask the operator for more",
-                    used.capsules
-                )));
-            }
-            used.capsules += 1;
-        }
+        // quota; one that fails gives its place back (when `place` is dropped).
+        let place = self.take_capsule_place(creator)?;
         // Made aside and moved into place, so a half-made capsule is never held.
         let folder = self.folder(&id);
         let staging = folder.with_extension("new");
-        let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        let made = RocksKv::open(&staging.join("store"), true)
-            .and_then(|kv| Capsule::adopt(Arc::new(kv), id, metadata, Vec::new()))
-            .and_then(|capsule| {
-                drop(capsule);
-                let file = staging.join(CREATOR_FILE);
-                std::fs::write(&file, creator.to_hex()).map_err(|e| Error::io(&file, e))
-            });
+        let made = self.make_capsule(&staging, id, metadata, creator);
         let moved = made.and_then(|()| std::fs::rename(&staging, &folder).map_err(|e| Error::io(&folder, e)));
         if let Err(e) = moved {
             let _ = std::fs::remove_dir_all(&staging);
-            self.usage().entry(creator).or_default().capsules -= 1;
             return Err(e);
         }
+        place.keep();
         self.held().insert(id, creator);
         self.usage().entry(creator).or_default().bytes += folder_bytes(&folder);
         tracing::info!("now holding capsule {id:?} of {creator}");
         Ok(())
     }
 
-    /// Refuses `bytes` more in capsule `id` when its creator's capsules would pass their
-    /// quota.
-    pub fn check_room(&self, id: CapsuleId, bytes: u64) -> Result<()> {
-        let Some(creator) = self.held().get(&id).copied() else { return Ok(()) };
-        let used = self.usage().get(&creator).copied().unwrap_or_default();
+    /// Counts one more capsule of `creator`, or refuses it past the quota.
+    fn take_capsule_place(&self, creator: WriterId) -> Result<CapsulePlace<'_>> {
+        let mut usage = self.usage();
+        let used = usage.entry(creator).or_default();
+        if used.capsules >= self.quotas.capsules {
+            return Err(Error::OverQuota(format!(
+                "{creator} holds {} capsules here, its quota: remove one, or ask the operator for more",
+                used.capsules
+            )));
+        }
+        used.capsules += 1;
+        Ok(CapsulePlace { registry: self, creator })
+    }
+
+    /// Makes capsule `id`'s folder at `staging`: its store, from the metadata, and its creator.
+    fn make_capsule(&self, staging: &Path, id: CapsuleId, metadata: &[u8], creator: WriterId) -> Result<()> {
+        let _ = std::fs::remove_dir_all(staging);
+        std::fs::create_dir_all(staging).map_err(|e| Error::io(staging, e))?;
+        drop(Capsule::adopt(Arc::new(RocksKv::open(&staging.join("store"), true)?), id, metadata, Vec::new())?);
+        let file = staging.join(CREATOR_FILE);
+        std::fs::write(&file, creator.to_hex()).map_err(|e| Error::io(&file, e))
+    }
+
+    /// Reserves `bytes` more in capsule `id` against its creator's quota, or refuses them
+    /// when they would pass it. Reserved at once, so that batches stored at the same time
+    /// cannot pass the quota together; what the reservation does not `keep` is given back.
+    pub fn reserve(&self, id: CapsuleId, bytes: u64) -> Result<Reserved<'_>> {
+        let Some(creator) = self.held().get(&id).copied() else {
+            return Ok(Reserved { registry: self, creator: None, bytes: 0 });
+        };
+        let mut usage = self.usage();
+        let used = usage.entry(creator).or_default();
         if used.bytes + bytes > self.quotas.bytes {
             return Err(Error::OverQuota(format!(
                 "the capsules of {creator} take {} MiB here, and this would pass their quota of {} MiB: ask the \
@@ -383,10 +417,12 @@ impl Registry {
                 self.quotas.bytes >> 20
             )));
         }
-        Ok(())
+        used.bytes += bytes;
+        Ok(Reserved { registry: self, creator: Some(creator), bytes })
     }
 
-    /// Counts `bytes` stored in capsule `id` against its creator.
+    /// Counts `bytes` stored in capsule `id` against its creator, past its quota if need be
+    /// (records pulled from this server's peers, which it does not refuse).
     pub fn stored(&self, id: CapsuleId, bytes: u64) {
         let Some(creator) = self.held().get(&id).copied() else { return };
         self.usage().entry(creator).or_default().bytes += bytes;
@@ -432,11 +468,57 @@ impl Registry {
     }
 }
 
-/// Takes out the least recently used store nobody holds now (if any), for its caller to close.
-fn take_idlest(open: &mut HashMap<CapsuleId, Open>) -> Option<Open> {
-    let idlest = open.iter().filter(|(_, o)| Arc::strong_count(&o.capsule) == 1).min_by_key(|(_, o)| o.used);
-    let id = idlest.map(|(id, _)| *id)?;
-    open.remove(&id)
+/// A capsule counted against its creator's quota before it is made; given back when dropped
+/// (the adoption failed), forgotten once the capsule is held.
+struct CapsulePlace<'a> {
+    registry: &'a Registry,
+    creator: WriterId,
+}
+
+impl CapsulePlace<'_> {
+    /// The capsule is held: its place stays counted.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for CapsulePlace<'_> {
+    fn drop(&mut self) {
+        let mut usage = self.registry.usage();
+        let used = usage.entry(self.creator).or_default();
+        used.capsules = used.capsules.saturating_sub(1);
+    }
+}
+
+/// Bytes reserved against a creator's quota (`Registry::reserve`): given back when dropped,
+/// but for what `keep` keeps.
+pub struct Reserved<'a> {
+    registry: &'a Registry,
+    creator: Option<WriterId>,
+    bytes: u64,
+}
+
+impl Reserved<'_> {
+    /// Keeps `bytes` of the reservation (what was stored), giving back the rest.
+    pub fn keep(mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if let Some(creator) = self.creator {
+            let mut usage = self.registry.usage();
+            let used = usage.entry(creator).or_default();
+            used.bytes = used.bytes.saturating_sub(self.bytes);
+        }
+    }
+}
+
+/// A store taken out to be closed: closed first, then its turn ends (fields drop in order).
+struct Closing<'a> {
+    _store: Open,
+    _turn: Opening<'a>,
 }
 
 /// What `Registry::take_turn` found: what was wanted, or the caller's turn to make it.
@@ -458,7 +540,7 @@ impl Drop for Opening<'_> {
     }
 }
 
-/// Bytes the files under `dir` take.
+/// Bytes the files under `dir` take on disk.
 fn folder_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_owned()];
@@ -466,7 +548,9 @@ fn folder_bytes(dir: &Path) -> u64 {
         for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             match entry.metadata() {
                 Ok(m) if m.is_dir() => stack.push(entry.path()),
-                Ok(m) => total += m.len(),
+                // The lesser of length and blocks: what a refusal staged and gave back is a
+                // hole in a pack, and space a log preallocates holds nothing yet.
+                Ok(m) => total += m.len().min(std::os::unix::fs::MetadataExt::blocks(&m) * 512),
                 Err(_) => {}
             }
         }

@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path as UrlPath, Query, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,7 +19,7 @@ use super::names::{get_name, put_name};
 use super::protocol::{self, WalkRequest};
 use super::replies::{borsh_body, busy, decode, refusal};
 use super::server::{Server, Shared, blocking, capsule_id};
-use super::streams::{batch_bytes, put_record_stream};
+use super::streams::put_record_stream;
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{RecordHash, SubIdx};
@@ -42,6 +42,15 @@ async fn put_metadata(State(s): Shared, UrlPath(id): UrlPath<String>, body: Byte
     .await
 }
 
+/// The routes `bounds` treats apart: a record stream is read as it comes, and a heads request
+/// that waits takes a long poll's place instead of a turn.
+const HEADS: &str = "/v1/capsules/{id}/heads";
+const RECORD_STREAM: &str = "/v1/capsules/{id}/record-stream";
+
+/// Marks a heads request that holds a long poll's place and may wait.
+#[derive(Clone, Copy)]
+struct Polling;
+
 #[derive(serde::Deserialize)]
 struct HeadsQuery {
     known: Option<String>,
@@ -50,16 +59,15 @@ struct HeadsQuery {
 
 /// The heads, at once, or (a long poll) once they no longer have the digest `known`, or
 /// after `wait` seconds. A poll past `MAX_LONG_POLLS` (or `MAX_LONG_POLLS_PER_ADDR` from its
-/// address) is answered at once: the client polls again later, and nobody's heads wait.
+/// address) is answered at once (`bounds` gave it no `Polling` place): the client polls again
+/// later, and nobody's heads wait.
 async fn heads(
     State(s): Shared,
-    axum::Extension(PeerAddr(peer)): axum::Extension<PeerAddr>,
+    polling: Option<axum::Extension<Polling>>,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<HeadsQuery>,
 ) -> Response {
-    let wait = q.wait.unwrap_or(0).min(protocol::MAX_WAIT);
-    let polling = (wait > 0).then(|| s.gate.long_poll(peer.ip())).flatten();
-    let wait = if polling.is_some() { wait } else { 0 };
+    let wait = if polling.is_some() { q.wait.unwrap_or(0).min(protocol::MAX_WAIT) } else { 0 };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     loop {
         // Registered before the heads are read, so an arrival in between still wakes it.
@@ -129,9 +137,9 @@ async fn put_records(State(s): Shared, UrlPath(id): UrlPath<String>, body: Bytes
     blocking(s, move |s| {
         let capsule = s.held(capsule_id(&id)?)?;
         let bundles: Vec<Bundle> = decode(&body)?;
-        let bytes = batch_bytes(&bundles);
-        s.registry.check_room(capsule.id(), bytes)?;
-        let stored = s.store_checked(&capsule, capsule.check_alone(bundles)?, bytes)?;
+        // Refused before any payload is staged when it could not fit.
+        drop(s.registry.reserve(capsule.id(), bundles.iter().map(|b| b.size() as u64).sum())?);
+        let stored = s.store_checked(&capsule, capsule.check_alone(bundles)?)?;
         Ok(borsh_body(&(stored as u64)))
     })
     .await
@@ -266,14 +274,17 @@ async fn bounds(
         s.metrics.reject("too_large");
         return (StatusCode::PAYLOAD_TOO_LARGE, format!("bodies are at most {MAX_BODY} bytes\n")).into_response();
     }
-    let path = request.uri().path();
-    let stream = path.ends_with("/record-stream");
-    let long_poll = path.ends_with("/heads") && request.uri().query().is_some_and(|q| q.contains("wait="));
+    // Told apart by the route matched, never by what the path looks like.
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str());
+    let stream = request.method() == Method::POST && route == Some(RECORD_STREAM);
+    let wants_poll = request.method() == Method::GET
+        && route == Some(HEADS)
+        && Query::<HeadsQuery>::try_from_uri(request.uri()).is_ok_and(|q| q.wait.unwrap_or(0) > 0);
     if request.method() == Method::POST && !stream && declared.is_none() {
         s.metrics.reject("no_length");
         return (StatusCode::LENGTH_REQUIRED, "say the body's length (Content-Length)\n").into_response();
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     if stream {
         return next.run(axum::extract::Request::from_parts(parts, Body::new(Paced::new(body, false)))).await;
     }
@@ -281,10 +292,16 @@ async fn bounds(
         Ok(received) => received,
         Err(response) => return response,
     };
-    let _turn = match long_poll {
-        true => None,
-        false => match s.gate.turn(peer.ip()).await {
-            Ok(turn) => Some(turn),
+    // A long poll waits in a place of its own, outside the turns; one that finds none is
+    // answered at once, on a turn like any request.
+    let poll = wants_poll.then(|| s.gate.long_poll(peer.ip())).flatten();
+    let _turn = match poll {
+        Some(place) => {
+            parts.extensions.insert(Polling);
+            place
+        }
+        None => match s.gate.turn(peer.ip()).await {
+            Ok(turn) => turn,
             Err(why) => return busy(&s.metrics, why),
         },
     };
@@ -320,13 +337,13 @@ pub fn router(server: std::sync::Arc<super::server::Server>) -> Router {
         .route(protocol::CAPSULES, get(capsules))
         .route("/v1/names/{name}", get(get_name).post(put_name))
         .route("/v1/capsules/{id}/metadata", get(get_metadata).post(put_metadata))
-        .route("/v1/capsules/{id}/heads", get(heads))
+        .route(HEADS, get(heads))
         .route("/v1/capsules/{id}/missing", post(missing))
         .route("/v1/capsules/{id}/walk", post(walk))
         .route("/v1/capsules/{id}/fetch", post(fetch))
         .route("/v1/capsules/{id}/since", post(since))
         .route("/v1/capsules/{id}/records", post(put_records))
-        .route("/v1/capsules/{id}/record-stream", post(put_record_stream))
+        .route(RECORD_STREAM, post(put_record_stream))
         .route("/v1/capsules/{id}/records/{record}/{idx}", get(sub_record))
         .route("/v1/capsules/{id}/records/{record}/{idx}/run", get(sub_record_run))
         .route("/v1/capsules/{id}/bloom", get(bloom))
@@ -334,6 +351,6 @@ pub fn router(server: std::sync::Arc<super::server::Server>) -> Router {
         .route("/v1/capsules/{id}/heads-sketch", post(heads_sketch))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(server.clone(), bounds))
+        .route_layer(axum::middleware::from_fn_with_state(server.clone(), bounds))
         .with_state(server)
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tower::ServiceExt;
 
 use super::limits::{Bounded, Gate, HEADER_READ, Limits, PeerAddr, REQUEST_TIME, STORE_IDLE};
@@ -60,17 +60,17 @@ impl Server {
         self.registry.capsule(id)?.ok_or_else(|| Error::NotFound(format!("capsule {id:?} on this server")))
     }
 
-    /// Stores one batch of `bytes` that `Capsule::check_alone` passed in `capsule` through
-    /// the gate, if its creator's quota has room, and tells whoever waits for news; how many
-    /// records were new.
-    pub(super) fn store_checked(&self, capsule: &Capsule, checked: StagedBatch, bytes: u64) -> Result<usize> {
-        self.registry.check_room(capsule.id(), bytes)?;
-        let stored = capsule.put_checked(checked)?;
+    /// Stores one batch that `Capsule::check_alone` passed in `capsule` through the gate, if
+    /// its creator's quota has room for it, and tells whoever waits for news; how many records
+    /// were new. The creator is charged for the new records only.
+    pub(super) fn store_checked(&self, capsule: &Capsule, checked: StagedBatch) -> Result<usize> {
+        let reserved = self.registry.reserve(capsule.id(), checked.bytes())?;
+        let (stored, bytes) = capsule.put_checked(checked)?;
+        reserved.keep(bytes);
         if stored > 0 {
             *self.news.0.lock().expect("no panics while locked") = true;
             self.news.1.notify_all();
             self.arrivals.notify_waiters();
-            self.registry.stored(capsule.id(), bytes);
             self.metrics.count(&self.metrics.bytes_stored, bytes);
         }
         self.metrics.count(&self.metrics.records_stored, stored as u64);
@@ -145,9 +145,13 @@ where
         let mut closing = closing.subscribe();
         let done = connections.clone();
         tokio::spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            // HTTP/1.1 only: its header-read timeout holds from the first byte, where HTTP/2
+            // would take a connection with a preface and nothing more, and run many requests
+            // on it against bounds counted per connection.
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ)
+                .serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}

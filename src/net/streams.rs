@@ -22,16 +22,10 @@ use super::limits::{Busy, DRAIN, PeerAddr, REQUEST_TIME, Room};
 use super::replies::{borsh_body, busy, refusal};
 use super::server::{Server, Shared, capsule_id};
 use crate::capsule::{Capsule, StagedBatch};
-use crate::replica::Bundle;
 use crate::{Error, Result};
 
-/// A batch of a record stream being checked (`Capsule::check_alone`), with its size and the
-/// room it holds.
-type Checking = tokio::task::JoinHandle<Result<(StagedBatch, u64, Room)>>;
-
-pub fn batch_bytes(bundles: &[Bundle]) -> u64 {
-    bundles.iter().map(|b| b.size() as u64).sum()
-}
+/// A batch of a record stream being checked (`Capsule::check_alone`), with the room it holds.
+type Checking = tokio::task::JoinHandle<Result<(StagedBatch, Room)>>;
 
 pub async fn put_record_stream(
     State(s): Shared,
@@ -55,9 +49,9 @@ pub async fn put_record_stream(
     let storing = tokio::task::spawn_blocking(move || {
         let mut stored = 0;
         while let Some(checking) = incoming.blocking_recv() {
-            let (checked, bytes, _room) =
+            let (checked, _room) =
                 runtime.block_on(checking).map_err(|e| Error::Invalid(format!("checking a batch: {e}")))??;
-            stored += server.store_checked(&held, checked, bytes)?;
+            stored += server.store_checked(&held, checked)?;
         }
         Ok::<_, Error>(stored)
     });
@@ -117,9 +111,8 @@ async fn read_frames(
         room.grow(s.gate.room(peer, data.len()).await.map_err(Cut::Busy)?);
         for batch in decoder.take(&data).map_err(|e| Error::Invalid(format!("record stream: {e}")))? {
             let capsule = capsule.clone();
-            let bytes = batch_bytes(&batch);
             let room = std::mem::take(&mut room);
-            let checking = tokio::task::spawn_blocking(move || Ok((capsule.check_alone(batch)?, bytes, room)));
+            let checking = tokio::task::spawn_blocking(move || Ok((capsule.check_alone(batch)?, room)));
             if batches.send(checking).await.is_err() {
                 let mut dropped = 0;
                 while dropped < DRAIN

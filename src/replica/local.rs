@@ -81,11 +81,13 @@ impl Capsule {
 
     /// Takes a batch `check_alone` passed through the gate, whole or not at all
     /// (`Capsule::admit`). Acknowledged means durable: one sync for the whole batch. Returns
-    /// how many records were new.
-    pub fn put_checked(&self, checked: StagedBatch) -> Result<usize> {
+    /// how many records were new, and the bytes they take.
+    pub fn put_checked(&self, checked: StagedBatch) -> Result<(usize, u64)> {
+        let sizes = checked.sizes();
         let admitted = self.admit_staged(checked, Admission::Whole, Durability::Buffered)?;
         self.store().sync()?;
-        Ok(admitted.stored.len())
+        let bytes = admitted.stored.iter().filter_map(|h| sizes.get(h)).sum();
+        Ok((admitted.stored.len(), bytes))
     }
 }
 
@@ -185,6 +187,6 @@ impl Replica for Capsule {
     }
 
     fn put(&self, bundles: Vec<Bundle>, _settles: Option<&[RecordHash]>) -> Result<usize> {
-        self.put_checked(self.check_alone(bundles)?)
+        Ok(self.put_checked(self.check_alone(bundles)?)?.0)
     }
 }

@@ -307,12 +307,12 @@ pub enum SubValue {
 }
 
 impl SubValue {
-    /// How many bytes it stores.
+    /// How many bytes it stores (a staged value, in its pack).
     pub fn stored_len(&self) -> usize {
         match self {
             SubValue::Bytes(bytes) => bytes.len(),
             SubValue::Pieces { head, body, tail } => head.len() + body.len() + tail.len(),
-            SubValue::Staged(_) => 0,
+            SubValue::Staged(staged) => staged.loc.len as usize,
         }
     }
 
