@@ -436,14 +436,10 @@ fn placed_heads(
         }
         Ok(absent)
     };
-    let lacking = match walk_remote(remote, &unknown, genesis, &mut lacks, report) {
-        Ok(lacking) => lacking,
-        Err(e) => {
-            // Then the replica is taken to hold only the heads placed: more may be sent.
-            tracing::warn!("walking {} below heads not held here: {e}", remote.describe());
-            return Ok(placed);
-        }
-    };
+    // A walk that fails ends the round: taking the replica to hold only the heads placed
+    // would count all it holds below the others as lacking, a rollback that never happened.
+    let lacking = walk_remote(remote, &unknown, genesis, &mut lacks, report)
+        .inspect_err(|e| tracing::warn!("walking {} below heads not held here: {e}", remote.describe()))?;
     for p in lacking.values().flatten() {
         if *p != genesis && !lacking.contains_key(p) && local.store().has_record(p)? {
             placed.push(*p);
