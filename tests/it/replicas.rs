@@ -19,12 +19,19 @@ fn empty_replica_of(cap: &Capsule) -> Capsule {
     Capsule::adopt(Arc::new(MemKv::new()) as Arc<dyn Kv>, cap.id(), &cap.metadata_bytes(), Vec::new()).unwrap()
 }
 
-/// A replica whose `since` answers drop every other record: pull must notice and walk.
-struct Forgetful<'a>(&'a Capsule);
+/// A replica with a fault: its `since` answers drop the newer half of the records (a pull
+/// must notice and walk), or its `walk` fails (as a server killed part way does).
+struct Faulty<'a>(&'a Capsule, Fault);
 
-impl Replica for Forgetful<'_> {
+#[derive(PartialEq)]
+enum Fault {
+    ForgetsHalf,
+    WalkFails,
+}
+
+impl Replica for Faulty<'_> {
     fn describe(&self) -> String {
-        "a forgetful replica".into()
+        "a faulty replica".into()
     }
     fn metadata(&self) -> capsulefs::Result<Option<Vec<u8>>> {
         Replica::metadata(self.0)
@@ -39,6 +46,9 @@ impl Replica for Forgetful<'_> {
         self.0.missing(records)
     }
     fn walk(&self, from: &[RecordHash], budget: usize) -> capsulefs::Result<Vec<Node>> {
+        if self.1 == Fault::WalkFails {
+            return Err(capsulefs::Error::Replica("connection reset while walking".into()));
+        }
         self.0.walk(from, budget)
     }
     fn fetch(&self, records: &[RecordHash]) -> capsulefs::Result<Vec<Bundle>> {
@@ -46,7 +56,9 @@ impl Replica for Forgetful<'_> {
     }
     fn since(&self, heads: &[RecordHash], headers_only: bool) -> capsulefs::Result<Since> {
         let mut answer = self.0.since(heads, headers_only)?;
-        answer.bundles.truncate(answer.bundles.len() / 2); // the oldest half: parents first
+        if self.1 == Fault::ForgetsHalf {
+            answer.bundles.truncate(answer.bundles.len() / 2); // the oldest half: parents first
+        }
         Ok(answer)
     }
     fn sub_record(&self, record: RecordHash, idx: SubIdx) -> capsulefs::Result<Option<Vec<u8>>> {
@@ -117,7 +129,7 @@ fn a_replica_that_withholds_records_is_walked_to_the_end() {
     let server = empty_replica_of(&f.cap);
     push(&f.cap, &server, &()).unwrap();
     let laptop = empty_replica_of(&f.cap);
-    let report = pull(&laptop, &Forgetful(&server), &()).unwrap();
+    let report = pull(&laptop, &Faulty(&server, Fault::ForgetsHalf), &()).unwrap();
     assert_eq!(report.records, 30, "the walk fetched what `since` held back");
     assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
 }
@@ -133,7 +145,7 @@ fn a_walk_from_many_heads_loses_none_of_them() {
     let server = empty_replica_of(&f.cap);
     push(&f.cap, &server, &()).unwrap();
     let laptop = empty_replica_of(&f.cap);
-    let report = pull(&laptop, &Forgetful(&server), &()).unwrap();
+    let report = pull(&laptop, &Faulty(&server, Fault::ForgetsHalf), &()).unwrap();
     assert_eq!(report.records, 41);
     assert_eq!(laptop.heads().unwrap(), f.cap.heads().unwrap());
 }
@@ -250,8 +262,11 @@ fn a_push_past_a_head_not_held_here_sends_only_what_the_replica_lacks() {
     laptop.append(&f.owner, &[b"from the laptop"], signed()).unwrap();
     push(&laptop, &server, &()).unwrap();
     // This device has not pulled that record: its push sends its one new record, and counts
-    // only that one as lacking (no false rollback alarm).
+    // only that one as lacking (no false rollback alarm). A walk below the laptop's head that
+    // fails ends the push, rather than count all twenty records as lacking.
     f.cap.append(&f.owner, &[b"from the desk"], signed()).unwrap();
+    let cut = push(&f.cap, &Faulty(&server, Fault::WalkFails), &());
+    assert!(cut.is_err(), "{:?}", cut.map(|r| r.replica_lacks));
     let pushed = push(&f.cap, &server, &()).unwrap();
     assert_eq!(pushed.records, 1);
     assert_eq!(pushed.replica_lacks.iter().map(|l| l.count).sum::<usize>(), 1, "{:?}", pushed.replica_lacks);
