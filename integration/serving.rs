@@ -63,6 +63,17 @@ fn status_within(s: &mut TcpStream, wait: Duration) -> u16 {
     String::from_utf8_lossy(&answer).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
+/// Says `said` on a new connection, then reads until the server closes it or `wait` passes:
+/// how the read ended, and what came.
+fn said_then_read(server: &Server, said: &[u8], wait: Duration) -> (std::io::Result<usize>, Vec<u8>) {
+    let mut s = server.connect_from(super::server::LOOPBACK);
+    s.write_all(said).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut answer = Vec::new();
+    let closed = s.read_to_end(&mut answer);
+    (closed, answer)
+}
+
 /// The hashes of capsule `c`'s records in `home`, newest first (a push may sign a head that
 /// stays unsigned in the log of the home that pushed it).
 fn record_hashes(home: &Home) -> Vec<String> {
@@ -350,11 +361,7 @@ fn a_silent_connection_is_closed_after_the_idle_time_and_its_session_logged() {
     let mut server =
         Server::start_with(tempfile::tempdir().unwrap(), "127.0.0.1:0", &["--idle-timeout".into(), "1".into()]);
     for said in [&b""[..], b"POST /v1/capsules/x/records HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc"] {
-        let mut s = server.connect_from(super::server::LOOPBACK);
-        s.write_all(said).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut rest = Vec::new();
-        let closed = s.read_to_end(&mut rest);
+        let (closed, _) = said_then_read(&server, said, Duration::from_secs(20));
         assert!(closed.is_ok(), "the server closed it (not our read timeout): {closed:?}");
     }
     // Each connection is one line of the server's log when it ends.
@@ -538,11 +545,7 @@ fn routes_are_told_apart_by_what_they_are_and_http2_is_not_spoken() {
     // An HTTP/2 preface is not taken for a connection to hold: answered as HTTP/1.1, or
     // closed; and one left half-said is closed at the header-read time, not the idle time.
     for said in [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], b"PRI * HTTP/2.0\r\n"] {
-        let mut s = server.connect_from(super::server::LOOPBACK);
-        s.write_all(said).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(45))).unwrap();
-        let mut answer = Vec::new();
-        let closed = s.read_to_end(&mut answer);
+        let (closed, answer) = said_then_read(&server, said, Duration::from_secs(45));
         assert!(closed.is_ok(), "closed by the server within 45 s, before its idle time: {closed:?}");
         assert!(answer.is_empty() || answer.starts_with(b"HTTP/1.1 "), "{:?}", String::from_utf8_lossy(&answer));
     }

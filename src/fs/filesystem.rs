@@ -658,23 +658,15 @@ impl Fs {
 
     /// A handle to `ino` that may write was closed.
     pub fn released(&mut self, ino: u64) -> Result<()> {
-        if let Some(count) = self.writers.get_mut(&ino) {
-            *count -= 1;
-            if *count == 0 {
-                self.writers.remove(&ino);
-            }
-        }
+        count_down(&mut self.writers, ino);
         self.closed(ino)
     }
 
     /// A handle to `ino` was closed; the last close of an unlinked file removes it.
     fn closed(&mut self, ino: u64) -> Result<()> {
-        let Some(count) = self.open_handles.get_mut(&ino) else { return Ok(()) };
-        *count -= 1;
-        if *count > 0 {
+        if !count_down(&mut self.open_handles, ino) {
             return Ok(());
         }
-        self.open_handles.remove(&ino);
         match self.getattr(ino) {
             Ok(inode) if inode.nlink == 0 && self.writer.is_some() => self.remove_inode(ino),
             _ => Ok(()),
@@ -1274,4 +1266,15 @@ impl Fs {
         self.touched = false;
         Ok(record)
     }
+}
+
+/// One handle fewer to `ino` in `counts`; true when that was its last (it leaves the map).
+fn count_down(counts: &mut HashMap<u64, u32>, ino: u64) -> bool {
+    let Some(count) = counts.get_mut(&ino) else { return false };
+    *count -= 1;
+    if *count > 0 {
+        return false;
+    }
+    counts.remove(&ino);
+    true
 }
