@@ -29,10 +29,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use capsulefs::crypto::keys::Keyring;
-use capsulefs::net::protocol::{frame, heads_digest};
 use capsulefs::record::codec;
 use capsulefs::record::{CapsuleId, DeviceId, RecordHash};
-use capsulefs::replica::Bundle;
+use capsulefs::wire::Bundle;
+use capsulefs::wire::protocol::{frame, heads_digest};
 use server::Server;
 
 fn env_number(name: &str, default: u64) -> u64 {

@@ -17,10 +17,10 @@ use capsulefs::crypto::sign;
 use capsulefs::member::{Level, MembershipEntry};
 use capsulefs::record::codec::{self, FORMAT_VERSION};
 use capsulefs::record::{CapsuleId, DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
-use capsulefs::replica::Bundle;
 use capsulefs::replica::objects::Pusher;
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::store::{CapsuleStore, Durability, SubValue};
+use capsulefs::wire::Bundle;
 
 use super::replicas::same_user;
 use super::server::Server;

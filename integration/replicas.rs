@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use capsulefs::crypto::keys::Keyring;
 use capsulefs::record::codec;
 use capsulefs::record::{CapsuleId, DeviceId, Record, RecordHash};
-use capsulefs::replica::Bundle;
+use capsulefs::wire::Bundle;
 
 use super::server::{Server, data_record};
 use super::{Home, Mounted, sh};
@@ -180,7 +180,7 @@ fn hostile_input_is_refused_and_the_server_stays_up_and_small() {
     // A record stream (`Records` bodies as frames of one request): an oversized frame, one cut
     // short, an undecodable one, each refused; a good frame then a refused one: the first is
     // stored, the answer is the refusal.
-    use capsulefs::net::protocol::frame;
+    use capsulefs::wire::protocol::frame;
     let stream = format!("/v1/capsules/{id}/record-stream");
     assert_eq!(server.raw("POST", &stream, &u32::MAX.to_le_bytes()), 400, "oversized frame");
     assert_eq!(server.raw("POST", &stream, &[&100u32.to_le_bytes()[..], &[0; 10]].concat()), 400, "cut short");

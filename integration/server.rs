@@ -13,7 +13,7 @@ use capsulefs::crypto::keys::Identity;
 use capsulefs::crypto::sign;
 use capsulefs::record::codec::FORMAT_VERSION;
 use capsulefs::record::{CapsuleId, DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
-use capsulefs::replica::Bundle;
+use capsulefs::wire::Bundle;
 
 /// Where the honest clients of a test connect from; hostile ones take other 127.x.y.z.
 pub const LOOPBACK: [u8; 4] = [127, 0, 0, 1];

@@ -279,7 +279,7 @@ fn every_flood_at_once_leaves_an_honest_client_served_and_the_server_small() {
     let id = home.ok(&["create", "c"]).trim().to_owned();
     home.ok(&["replica", "add", "c", &server.url()]);
     home.ok(&["push", "c"]);
-    let digest = capsulefs::net::protocol::heads_digest(&server.heads(&id));
+    let digest = capsulefs::wire::protocol::heads_digest(&server.heads(&id));
     let fds_before = server.open_fds();
 
     // Idle sockets from one address: it keeps 64 of them; the rest are closed as they come.
@@ -337,7 +337,7 @@ fn every_flood_at_once_leaves_an_honest_client_served_and_the_server_small() {
     let polled = honest_poll.join().unwrap();
     assert!(polled.status.success(), "{polled:?}");
     let polled: Vec<capsulefs::record::RecordHash> = borsh::from_slice(&polled.stdout).unwrap();
-    assert_ne!(capsulefs::net::protocol::heads_digest(&polled), digest, "the poll woke with the new heads");
+    assert_ne!(capsulefs::wire::protocol::heads_digest(&polled), digest, "the poll woke with the new heads");
 
     // What the floods hold of the server is bounded: descriptors by the per-address caps,
     // memory by the byte budget (the bodies said 1 GiB in all).

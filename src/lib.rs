@@ -40,5 +40,6 @@ pub mod proof;
 pub mod record;
 pub mod replica;
 pub mod store;
+pub mod wire;
 
 pub use error::{Error, Fork, Result, StoreError, VerifyError};

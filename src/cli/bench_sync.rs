@@ -28,12 +28,13 @@ use capsulefs::fs::Fs;
 use capsulefs::fs::node::{Inode, Kind, ROOT_INO};
 use capsulefs::member::{content_key, create_keystore};
 use capsulefs::record::{RecordHash, SubRecordBuf};
+use capsulefs::replica::Replica;
 use capsulefs::replica::bloom::POSTER_BITS_PER_RECORD;
 use capsulefs::replica::remote::Remote;
 use capsulefs::replica::transfer;
-use capsulefs::replica::{MAX_HASHES, Replica};
 use capsulefs::store::Durability;
 use capsulefs::store::rocks::RocksKv;
+use capsulefs::wire::MAX_HASHES;
 
 #[derive(Parser, Debug)]
 pub struct SyncBenchArgs {

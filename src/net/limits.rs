@@ -20,8 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-/// Largest request body: a batch of `MAX_BATCH_BYTES` plus one large record past it.
-pub const MAX_BODY: usize = crate::replica::MAX_BATCH_BYTES * 2 + (1 << 20);
+/// Largest request body: one `RecordStream` frame's worth (a batch and one record past it).
+pub const MAX_BODY: usize = crate::wire::protocol::MAX_FRAME;
 /// Connections open at once (more wait in the kernel's backlog), and from one address: one
 /// address cannot take every descriptor (a thousand idle sockets took a server down).
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -69,14 +69,13 @@ pub const MAX_STREAMS: usize = 16;
 pub const MAX_STREAMS_PER_ADDR: usize = 2;
 /// Bytes of a record stream read and dropped after one of its batches was refused, so the
 /// client still sending hears why.
-pub const DRAIN: usize = crate::net::protocol::MAX_FRAME * 2;
+pub const DRAIN: usize = crate::wire::protocol::MAX_FRAME * 2;
 /// Capsule stores open at once (each costs descriptors, a thread and memory); one idle this
 /// long is closed, whatever the number open.
 pub const MAX_OPEN_STORES: usize = 64;
 pub const STORE_IDLE: Duration = Duration::from_secs(60);
-/// Work per request on a capsule is bounded where the replica answers it:
-/// `replica::MAX_SINCE_RECORDS`, `replica::MAX_BLOOM_RECORDS`, `replica::MAX_HASHES`.
-pub use crate::replica::{MAX_BLOOM_RECORDS, MAX_SINCE_RECORDS};
+// Work per request on a capsule is bounded where the replica answers it, by the protocol's
+// own `wire::MAX_SINCE_RECORDS`, `wire::MAX_BLOOM_RECORDS` and `wire::MAX_HASHES`.
 
 /// The bounds an operator may set (`capsulefs serve` flags, or `[limits]` in its config
 /// file); the rest are fixed above.

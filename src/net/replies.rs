@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use borsh::BorshSerialize;
 
 use super::limits::Busy;
-use super::protocol;
 use crate::record::codec;
+use crate::wire::protocol;
 use crate::{Error, Result, VerifyError};
 
 /// Counters for `/metrics`.

@@ -16,14 +16,15 @@ use axum::routing::{get, post};
 
 use super::limits::{MAX_BODY, Paced, PeerAddr, Room};
 use super::names::{get_name, put_name};
-use super::protocol::{self, WalkRequest};
 use super::replies::{borsh_body, busy, decode, refusal};
 use super::server::{Server, Shared, blocking, capsule_id};
 use super::streams::put_record_stream;
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{RecordHash, SubIdx};
-use crate::replica::{Announced, Bundle, MAX_HASHES, Replica, sketch};
+use crate::replica::{Announced, Replica, sketch};
+use crate::wire::protocol::{self, WalkRequest};
+use crate::wire::{Bundle, MAX_HASHES};
 use crate::{Error, Result};
 
 async fn get_metadata(State(s): Shared, UrlPath(id): UrlPath<String>) -> Response {

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
-use super::frames;
+use crate::wire::frames;
 use std::net::IpAddr;
 
 use super::limits::{Busy, DRAIN, PeerAddr, REQUEST_TIME, Room};

@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{Bundle, MAX_BATCH_BYTES};
 use crate::record::{Record, RecordHash, WriterId};
+use crate::wire::{Bundle, MAX_BATCH_BYTES};
 use crate::{Result, VerifyError};
 
 /// How far past its size a batch may grow while it waits for a signature.

@@ -23,45 +23,13 @@ pub mod status;
 pub mod transfer;
 pub mod uploader;
 
-use borsh::{BorshDeserialize, BorshSerialize};
-
 use crate::Result;
 use crate::VerifyError;
 use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx, SubRecord};
+use crate::wire::{Bundle, MAX_BATCH_BYTES, Node, Since};
 pub(crate) use batch::{AnchoredBatch, batch_of};
 use objects::{ObjectReplica, Pusher};
-
-/// One record as replicas exchange it: its encoding (header and signature) and its
-/// sub-records' payloads, in order. The receiver recomputes the Merkle tree.
-#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
-pub struct Bundle {
-    pub record: Vec<u8>,
-    pub payloads: Vec<Vec<u8>>,
-}
-
-impl Bundle {
-    /// Bytes this bundle carries.
-    pub fn size(&self) -> usize {
-        self.record.len() + self.payloads.iter().map(Vec::len).sum::<usize>()
-    }
-}
-
-/// A record's place in the DAG as a replica describes it: its hash and its parents.
-#[derive(Clone, Debug, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
-pub struct Node {
-    pub record: RecordHash,
-    pub parents: Vec<RecordHash>,
-}
-
-/// What a replica answers to `since`: its heads, then the records a holder of the asker's
-/// heads lacks, parents first, as many as fit in `MAX_BATCH_BYTES`; `more` when some did not.
-#[derive(Clone, Debug, Default, PartialEq, Eq, BorshSerialize, BorshDeserialize)]
-pub struct Since {
-    pub heads: Vec<RecordHash>,
-    pub bundles: Vec<Bundle>,
-    pub more: bool,
-}
 
 /// The batches of one transfer on their way to a replica, each anchored as `Replica::put`
 /// requires (an unsigned record only with its signed descendant in the same batch).
@@ -104,18 +72,6 @@ pub struct Announced {
     /// How many forks it keeps evidence of, if it says.
     pub forks: Option<usize>,
 }
-
-/// Most hashes one `missing` or `walk` call carries, and most bytes one `fetch` or `put`
-/// carries: both ends hold them to it, so no request or answer grows without bound.
-pub const MAX_HASHES: usize = 8192;
-pub const MAX_BATCH_BYTES: usize = 32 << 20;
-/// Most pieces of fork evidence one answer or request carries.
-pub const MAX_EVIDENCE: usize = 1024;
-/// Records one `since` answer may walk before it answers with the heads alone (the asker then
-/// walks, a bounded request at a time), and records a capsule may hold for a Bloom filter
-/// over all of them to be made: no one request makes a replica scan a whole large capsule.
-pub const MAX_SINCE_RECORDS: usize = 1 << 16;
-pub const MAX_BLOOM_RECORDS: usize = 1 << 20;
 
 /// A replica of one capsule. Implementations: `Capsule` (the local store) and
 /// `remote::Remote` (a `capsulefs serve`); object stores come next, as more implementations.

@@ -28,12 +28,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use borsh::{BorshDeserialize, BorshSerialize};
 
 use super::ahead::ReadAhead;
-use super::{Bundle, MAX_EVIDENCE, MAX_HASHES, Node, Replica, Since, batch_of, payload_of};
+use super::{Replica, batch_of, payload_of};
 use crate::capsule::{check_metadata, sub_records};
 use crate::crypto::keys::Identity;
 use crate::crypto::sign;
 use crate::proof::fork::ForkEvidence;
 use crate::record::{CapsuleId, Record, RecordHash, Signature, SignedMetadata, SubIdx, SubRecordBuf, WriterId};
+use crate::wire::{Bundle, MAX_EVIDENCE, MAX_HASHES, Node, Since};
 use crate::{Error, Result, VerifyError};
 
 /// The first bytes of every record object.
@@ -51,7 +52,7 @@ const GETS_AT_ONCE: usize = 4;
 /// Record bytes one push batch carries to a folder or bucket: four times a server's, so that
 /// a batch of 16 MiB records keeps `PUTS_AT_ONCE` busy, and the segment and statement each
 /// batch ends with are written a quarter as often (held twice in memory while written).
-const PUT_BATCH_BYTES: usize = 4 * super::MAX_BATCH_BYTES;
+const PUT_BATCH_BYTES: usize = 4 * crate::wire::MAX_BATCH_BYTES;
 const AHEAD_BYTES: usize = 128 << 20;
 
 /// The objects a replica is kept in: a folder, or a bucket.

@@ -12,13 +12,14 @@ use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 use super::bloom::Bloom;
 use super::sketch;
-use super::{Announced, Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, PutStream, Replica, Since};
+use super::{Announced, PutStream, Replica};
 use crate::member::name::NameBinding;
-use crate::net::frames::EncodedFrame;
-use crate::net::protocol::{self, Route};
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
+use crate::wire::frames::EncodedFrame;
+use crate::wire::protocol::{self, Route};
+use crate::wire::{Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Since};
 use crate::{Error, Result, VerifyError};
 
 /// Largest answer read from a server: a fetch of `MAX_BATCH_BYTES` plus one record past it.

@@ -12,11 +12,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{AnchoredBatch, Bundle, MAX_HASHES, Node, Replica, sketch};
+use super::{AnchoredBatch, Replica, sketch};
 use crate::capsule::{Admission, Capsule, Pending};
 use crate::proof::fork::ForkEvidence;
 use crate::record::{CapsuleId, DeviceId, Record, RecordHash, RecordHeader, RecordKind, Seq, SubIdx, WriterId};
 use crate::store::Durability;
+use crate::wire::{Bundle, MAX_HASHES, Node};
 use crate::{Error, Fork, Result, VerifyError};
 
 /// The first slice of a fallback walk; each round asks about four times more.

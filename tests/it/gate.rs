@@ -11,10 +11,11 @@ use capsulefs::crypto::sign;
 use capsulefs::member::{Level, MembershipEntry};
 use capsulefs::record::codec::FORMAT_VERSION;
 use capsulefs::record::{DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, SubRecordBuf, merkle};
+use capsulefs::replica::Replica;
 use capsulefs::replica::transfer::pull;
-use capsulefs::replica::{Bundle, Node, Replica, Since};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Cf, Durability, Kv};
+use capsulefs::wire::{Bundle, Node, Since};
 use capsulefs::{Error, VerifyError};
 use proptest::prelude::*;
 
@@ -435,8 +436,9 @@ proptest! {
 
 #[test]
 fn a_batch_refused_after_its_payloads_were_staged_gives_the_room_back() {
-    use capsulefs::replica::{Bundle, Replica};
+    use capsulefs::replica::Replica;
     use capsulefs::store::rocks::RocksKv;
+    use capsulefs::wire::Bundle;
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let server = Capsule::adopt(

@@ -7,10 +7,11 @@ use capsulefs::VerifyError;
 use capsulefs::capsule::{Capsule, Parents};
 use capsulefs::proof::fork::ForkEvidence;
 use capsulefs::record::{RecordHash, SubIdx, SubRecordBuf};
+use capsulefs::replica::Replica;
 use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
-use capsulefs::replica::{Bundle, Node, Replica, Since};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Batch, Cf, Durability, Kv};
+use capsulefs::wire::{Bundle, Node, Since};
 
 use super::{fixture, signed, unsigned};
 

@@ -91,7 +91,7 @@ pub const MAX_RUN_BYTES: usize = 8 << 20;
 
 /// Largest frame of a `RecordStream`: a batch of `MAX_BATCH_BYTES`, one record past it and
 /// room for the encoding.
-pub const MAX_FRAME: usize = crate::replica::MAX_BATCH_BYTES * 2 + (1 << 20);
+pub const MAX_FRAME: usize = crate::wire::MAX_BATCH_BYTES * 2 + (1 << 20);
 
 /// Longest a `heads` long poll waits, in seconds.
 pub const MAX_WAIT: u64 = 60;

@@ -8,8 +8,8 @@
 //! the push's CPU time (perf). Here the client's body reads straight from the payloads, and
 //! the server copies each arriving piece once, into the payload it belongs to.
 
-use crate::net::protocol::MAX_FRAME;
-use crate::replica::Bundle;
+use crate::wire::Bundle;
+use crate::wire::protocol::MAX_FRAME;
 
 /// Bytes of a borsh length or count.
 const LEN: usize = 4;
@@ -285,8 +285,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::net::protocol::frame;
     use crate::record::codec;
+    use crate::wire::protocol::frame;
 
     fn bundles() -> Vec<Vec<Bundle>> {
         let b =
