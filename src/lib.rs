@@ -39,6 +39,7 @@ pub mod net;
 pub mod proof;
 pub mod record;
 pub mod replica;
+pub mod rights;
 pub mod store;
 pub mod wire;
 

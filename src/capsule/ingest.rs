@@ -15,13 +15,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::membership::{Scope, Tentative};
 use super::{Capsule, HeadFacts, WriteState};
-use crate::member::MembershipEntry;
-use crate::member::history::{Scope, Tentative};
 use crate::proof::verify::check_record_claims;
 use crate::proof::witness::{Step, WitnessWalk};
 use crate::record::merkle;
 use crate::record::{NodeHash, Record, RecordHash, RecordHeader, RecordKind, SubIdx, SubRecord, WriterId};
+use crate::rights::MembershipEntry;
 use crate::store::{CapsuleStore, Durability, Staged, StoreBatch, SubValue};
 use crate::{Error, Result, VerifyError};
 

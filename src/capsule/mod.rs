@@ -7,6 +7,7 @@ mod audit;
 mod dag;
 mod forks;
 mod ingest;
+pub mod membership;
 mod read;
 mod write;
 
@@ -24,15 +25,15 @@ pub use write::{AppendOptions, Parents};
 use crate::crypto::keys::Identity;
 use crate::crypto::random_bytes;
 use crate::crypto::sign::{self, TrustKey};
-use crate::member::Rights;
-use crate::member::history::{History, Scope};
 use crate::proof::verify::TrustState;
 use crate::proof::{CacheStats, ProofCache};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{CapsuleId, DeviceId, Metadata, Params, RecordHash, Seq, SignedMetadata, WriterId};
 use crate::replica::prefetch::SubRecordSource;
+use crate::rights::Rights;
 use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, VerifyError};
+use membership::{History, Scope};
 
 /// Records whose proven headers stay in memory.
 pub const PROOF_CACHE_RECORDS: usize = 1 << 16;

@@ -4,8 +4,8 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use super::Capsule;
+use super::membership::Scope;
 use crate::crypto::sign;
-use crate::member::history::Scope;
 use crate::proof::verify::{Authority, CacheUse, Prover};
 use crate::proof::{ProofCache, RecordProof, SubRecordProof, Verified};
 use crate::record::{Payload, RecordHash, RecordHeader, SubIdx};

@@ -5,9 +5,10 @@ use anyhow::bail;
 use clap::{Parser, ValueEnum};
 
 use capsulefs::Error;
-use capsulefs::member::{self, Invitation, Level};
+use capsulefs::member::{self, Invitation};
 use capsulefs::record::{RecordHash, WriterId};
 use capsulefs::replica::transfer;
+use capsulefs::rights::Level;
 
 use super::home::Home;
 use super::requests::Change;

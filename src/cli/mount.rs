@@ -26,11 +26,12 @@ use capsulefs::fs::filesystem::Followed;
 use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::payload_cache::Caches;
 use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
-use capsulefs::member::{Invitation, Level, Rights, keyring, keystore::keyring_in};
+use capsulefs::member::{Invitation, keyring, keystore::keyring_in};
 use capsulefs::replica::follower::Follower;
 use capsulefs::replica::status::SyncStatus;
 use capsulefs::replica::transfer::Take;
 use capsulefs::replica::uploader::Uploader;
+use capsulefs::rights::{Level, Rights};
 use capsulefs::store::Durability;
 use fuser::{Config, MountOption, Notifier, SessionACL};
 

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use capsulefs::capsule::Capsule;
-use capsulefs::member::{self, Level};
+use capsulefs::member;
 use capsulefs::record::{RecordHash, WriterId};
+use capsulefs::rights::Level;
 
 use super::home::Home;
 

@@ -177,7 +177,7 @@ pub fn check_record_claims(capsule: CapsuleId, record: RecordHash, parsed: &Reco
 }
 
 /// Whether a record's writer was allowed to make it: the rights as of its parents, which the
-/// membership records among its ancestors set (`member::history`).
+/// membership records among its ancestors set (`capsule::membership`).
 pub trait Authority {
     fn check_writer(&self, record: RecordHash, header: &RecordHeader) -> Result<()>;
 }

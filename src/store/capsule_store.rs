@@ -174,7 +174,7 @@ impl CapsuleStore {
         Ok(Some(u64::from_be_bytes(bytes)))
     }
 
-    /// A record's membership frontier as kept, MAC first (`member::history` checks it).
+    /// A record's membership frontier as kept, MAC first (`capsule::membership` checks it).
     pub fn frontier(&self, h: &RecordHash) -> Result<Option<Vec<u8>>> {
         self.kv.get(Cf::Frontiers, h.as_bytes())
     }

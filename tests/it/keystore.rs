@@ -5,8 +5,9 @@ use capsulefs::capsule::AppendOptions;
 use capsulefs::crypto::aead::{ContentKey, Place, SealedKind, open, seal};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::crypto::wrap;
-use capsulefs::member::{MembershipEntry, content_key, create_keystore};
+use capsulefs::member::{content_key, create_keystore};
 use capsulefs::record::{KeyGen, RecordKind};
+use capsulefs::rights::MembershipEntry;
 use capsulefs::store::{Batch, Cf, Durability, Kv};
 
 use super::fixture;

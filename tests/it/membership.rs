@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
 use capsulefs::crypto::keys::Identity;
-use capsulefs::member::{self, Level, MembershipEntry};
+use capsulefs::member;
 use capsulefs::record::{KeyGen, RecordKind};
 use capsulefs::replica::transfer::pull;
+use capsulefs::rights::{Level, MembershipEntry};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
 use capsulefs::{Error, VerifyError};

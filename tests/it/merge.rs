@@ -12,9 +12,10 @@ use capsulefs::fs::Fs;
 use capsulefs::fs::filesystem::Followed;
 use capsulefs::fs::heads::filesystem_heads;
 use capsulefs::fs::node::{DirEntry, Inode, Kind, ROOT_INO};
-use capsulefs::member::{self, Level, content_key, create_keystore};
+use capsulefs::member::{self, content_key, create_keystore};
 use capsulefs::record::RecordHash;
 use capsulefs::replica::transfer::pull;
+use capsulefs::rights::Level;
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
 

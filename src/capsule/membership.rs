@@ -21,10 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
 
-use super::keystore::MembershipEntry;
-use super::rights::{NotApplied, Revocation, Rights};
-use crate::capsule::Capsule;
+use super::Capsule;
 use crate::record::{RecordHash, RecordHeader, RecordKind, SubIdx};
+use crate::rights::{MembershipEntry, NotApplied, Revocation, Rights};
 use crate::store::StoreBatch;
 use crate::{Error, Result, VerifyError};
 

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::keystore::{Level, MembershipEntry};
+use super::entry::{Level, MembershipEntry};
 use crate::crypto::wrap::WRAPPED_LEN;
 use crate::record::{DeviceId, KeyGen, Metadata, RecordHash, Seq, WriterId};
 
