@@ -10,6 +10,7 @@ use capsulefs::record::{RecordHash, SubIdx};
 use capsulefs::replica::bucket::{Bucket, Settings};
 use capsulefs::replica::folder::Folder;
 use capsulefs::replica::objects::{ObjectReplica, Objects, Pusher};
+use capsulefs::replica::prefetch::SubRecordSource;
 use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::replica::{self, Replica};
 use capsulefs::store::mem::MemKv;
@@ -73,7 +74,7 @@ fn conforms(kind: &str, capsule: &Capsule, me: &Identity, replica: Arc<dyn Repli
     assert_eq!(whole.heads().unwrap(), capsule.heads().unwrap(), "{kind}");
     let sparse = copy_of(capsule, me);
     pull_taking(&sparse, replica.as_ref(), Take::Headers, &()).unwrap();
-    sparse.fill_from(replica);
+    sparse.fill_from(SubRecordSource::new(replica));
     assert_eq!(&sparse.read_sub_record(head, SubIdx(1)).unwrap().0.get()[..], b"second record, payload 1", "{kind}");
 }
 

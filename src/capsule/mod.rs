@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use audit::AuditReport;
 pub use ingest::{Admission, Admitted, Incoming, Ingested, Pending, StagedBatch};
-pub use read::EarlierProofs;
+pub use read::{EarlierProofs, SubRecordFill};
 pub(crate) use write::sub_records;
 pub use write::{AppendOptions, Parents};
 
@@ -29,7 +29,6 @@ use crate::proof::verify::TrustState;
 use crate::proof::{CacheStats, ProofCache};
 use crate::record::codec::{Canonical, FORMAT_VERSION};
 use crate::record::{CapsuleId, DeviceId, Metadata, Params, RecordHash, Seq, SignedMetadata, WriterId};
-use crate::replica::prefetch::SubRecordSource;
 use crate::rights::Rights;
 use crate::store::{CapsuleStore, Durability, Kv};
 use crate::{Error, Result, VerifyError};
@@ -165,7 +164,7 @@ pub struct Capsule {
     /// Told each time a record is stored (see `wait_for_records`).
     stored: Condvar,
     /// Where a sparse replica fetches the sub-records it does not hold (`fill_from`).
-    filler: OnceLock<SubRecordSource>,
+    filler: OnceLock<Box<dyn SubRecordFill>>,
     /// Where membership records lie, and the rights in force at each record.
     history: History,
 }
@@ -385,9 +384,9 @@ impl Capsule {
     /// What `Replica::announce` answers, when it is at hand: heads and fork count known in
     /// memory and the write lock free. For callers that must not wait (a server's async
     /// handlers); None means ask `announce`.
-    pub fn announced_at_hand(&self) -> Option<crate::replica::Announced> {
+    pub fn announced_at_hand(&self) -> Option<crate::wire::Announced> {
         let state = self.write_lock.try_lock().ok()?;
-        Some(crate::replica::Announced { heads: state.heads.clone()?, forks: Some(state.forks_held?) })
+        Some(crate::wire::Announced { heads: state.heads.clone()?, forks: Some(state.forks_held?) })
     }
 
     /// How many records this process has stored in the capsule so far.

@@ -9,13 +9,22 @@ use crate::crypto::sign;
 use crate::proof::verify::{Authority, CacheUse, Prover};
 use crate::proof::{ProofCache, RecordProof, SubRecordProof, Verified};
 use crate::record::{Payload, RecordHash, RecordHeader, SubIdx};
-use crate::replica::Replica;
-use crate::replica::prefetch::SubRecordSource;
 use crate::store::{Durability, SubValue};
 use crate::{Error, Result, VerifyError};
 
 /// Capacity of the throw-away cache of a proof that ignores earlier proofs.
 const FRESH_PROOF_RECORDS: NonZeroUsize = NonZeroUsize::new(256).expect("non-zero");
+
+/// Where a sparse capsule gets the sub-records it does not hold (`Capsule::fill_from`): runs
+/// of them, as some replica stores them. Nothing it answers is believed: each is proven
+/// against the stored header before it is kept or returned.
+pub trait SubRecordFill: Send + Sync {
+    /// Names the source in messages.
+    fn describe(&self) -> String;
+    /// The run of `record`'s sub-records that holds `idx`, each with its index (those the
+    /// source holds in a row; `idx` may be missing).
+    fn run_holding(&self, record: RecordHash, idx: SubIdx) -> Result<Vec<(SubIdx, Vec<u8>)>>;
+}
 
 /// Whether a proof may stop at records proven before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +136,7 @@ impl Capsule {
 
     /// Makes this a sparse replica's capsule: sub-records it does not hold are fetched from
     /// `source` when read (and proven like any other). Set once; later calls are ignored.
-    pub fn fill_from(&self, source: Arc<dyn Replica>) {
-        let _ = self.filler.set(SubRecordSource::new(source));
+    pub fn fill_from(&self, source: impl SubRecordFill + 'static) {
+        let _ = self.filler.set(Box::new(source));
     }
 }

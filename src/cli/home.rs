@@ -12,6 +12,7 @@ use capsulefs::capsule::Capsule;
 use capsulefs::crypto::keys::{Identity, Keyring};
 use capsulefs::record::{CapsuleId, WriterId};
 use capsulefs::replica::objects::Pusher;
+use capsulefs::replica::prefetch::SubRecordSource;
 use capsulefs::replica::{self, Replica};
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::{Error, Result};
@@ -241,7 +242,7 @@ impl Home {
         if capsule.store().is_sparse()?
             && let Some(url) = self.replicas(id)?.first()
         {
-            capsule.fill_from(Arc::from(replica::open(url, *id, None)?));
+            capsule.fill_from(SubRecordSource::new(Arc::from(replica::open(url, *id, None)?)));
         }
         Ok(capsule)
     }

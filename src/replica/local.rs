@@ -4,11 +4,12 @@
 use std::collections::{HashSet, VecDeque};
 
 use super::bloom::Bloom;
-use super::{Announced, Replica, batch_of, payload_of};
+use super::{Replica, batch_of, payload_of};
 use crate::capsule::{Admission, Capsule, StagedBatch};
 use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx};
 use crate::store::Durability;
+use crate::wire::Announced;
 use crate::wire::{
     Bundle, MAX_BATCH_BYTES, MAX_BLOOM_RECORDS, MAX_EVIDENCE, MAX_HASHES, MAX_SINCE_RECORDS, Node, Since,
 };

@@ -27,7 +27,7 @@ use crate::Result;
 use crate::VerifyError;
 use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx, SubRecord};
-use crate::wire::{Bundle, MAX_BATCH_BYTES, Node, Since};
+use crate::wire::{Announced, Bundle, MAX_BATCH_BYTES, Node, Since};
 pub(crate) use batch::{AnchoredBatch, batch_of};
 use objects::{ObjectReplica, Pusher};
 
@@ -63,14 +63,6 @@ impl<R: Replica + ?Sized> PutStream for Puts<'_, R> {
         }
         Ok(self.requests)
     }
-}
-
-/// What a replica says of itself in one answer (`Replica::announce`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Announced {
-    pub heads: Vec<RecordHash>,
-    /// How many forks it keeps evidence of, if it says.
-    pub forks: Option<usize>,
 }
 
 /// A replica of one capsule. Implementations: `Capsule` (the local store) and

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::Replica;
 use super::ahead::ReadAhead;
 use crate::Result;
+use crate::capsule::SubRecordFill;
 use crate::record::{RecordHash, SubIdx};
 
 /// Sub-records per run (16 chunks of 64 KiB: 1 MiB), runs asked for from the one read, and
@@ -35,15 +36,16 @@ impl SubRecordSource {
         };
         Self { replica, ahead: ReadAhead::new(Arc::new(fetch), AT_ONCE, HELD_BYTES) }
     }
+}
 
-    pub fn describe(&self) -> String {
+impl SubRecordFill for SubRecordSource {
+    fn describe(&self) -> String {
         self.replica.describe()
     }
 
-    /// The run of `record`'s sub-records that holds `idx`, each with its index, as the replica
-    /// stores them (those it holds in a row; `idx` may be missing). The runs after it are
-    /// asked for meanwhile; a record's last runs, past its end, come back empty.
-    pub fn run_holding(&self, record: RecordHash, idx: SubIdx) -> Result<Vec<(SubIdx, Vec<u8>)>> {
+    /// The runs after the one asked for are asked for meanwhile; a record's last runs, past
+    /// its end, come back empty.
+    fn run_holding(&self, record: RecordHash, idx: SubIdx) -> Result<Vec<(SubIdx, Vec<u8>)>> {
         let first = idx.0 - idx.0 % RUN;
         // This one first: planned, it is kept if already fetched, and fetched now if not.
         self.ahead.plan((0..RUNS_AHEAD).map_while(|n| Some((record, first.checked_add(n * RUN)?))));

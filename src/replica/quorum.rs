@@ -17,10 +17,11 @@
 
 use std::sync::mpsc;
 
+use super::Replica;
 use super::transfer::{Progress, Report, is_fork, learn_evidence, pass_evidence, pull_announced, push};
-use super::{Announced, Replica};
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
+use crate::wire::Announced;
 use crate::{Error, Fork, Result};
 
 /// Replicas of one capsule of which at most `faulty` may lie.

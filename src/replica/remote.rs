@@ -12,11 +12,12 @@ use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 
 use super::bloom::Bloom;
 use super::sketch;
-use super::{Announced, PutStream, Replica};
+use super::{PutStream, Replica};
 use crate::member::name::NameBinding;
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
 use crate::record::{CapsuleId, RecordHash, SubIdx};
+use crate::wire::Announced;
 use crate::wire::frames::EncodedFrame;
 use crate::wire::protocol::{self, Route};
 use crate::wire::{Bundle, MAX_BATCH_BYTES, MAX_EVIDENCE, MAX_HASHES, Node, Since};

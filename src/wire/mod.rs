@@ -41,6 +41,14 @@ pub struct Since {
     pub more: bool,
 }
 
+/// What a replica says of itself in one answer (`Replica::announce`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announced {
+    pub heads: Vec<RecordHash>,
+    /// How many forks it keeps evidence of, if it says.
+    pub forks: Option<usize>,
+}
+
 /// Most hashes one `missing` or `walk` call carries, and most bytes one `fetch` or `put`
 /// carries: both ends hold them to it, so no request or answer grows without bound.
 pub const MAX_HASHES: usize = 8192;

@@ -9,6 +9,7 @@ use capsulefs::record::{RecordHash, SubIdx};
 use capsulefs::replica::Replica;
 use capsulefs::replica::folder::Folder;
 use capsulefs::replica::objects::{ObjectReplica, Pusher};
+use capsulefs::replica::prefetch::SubRecordSource;
 use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::store::Kv;
 use capsulefs::store::mem::MemKv;
@@ -111,7 +112,7 @@ fn an_altered_object_is_refused_and_a_forged_statement_ignored() {
     // by one ranged read, fails its proof and is not kept.
     let sparse = copy_of(&f.cap, &f.owner);
     pull_taking(&sparse, &folder(dir.path(), &sparse, None), Take::Headers, &()).unwrap();
-    sparse.fill_from(Arc::new(folder(dir.path(), &sparse, None)));
+    sparse.fill_from(SubRecordSource::new(Arc::new(folder(dir.path(), &sparse, None))));
     assert!(matches!(sparse.read_sub_record(h, SubIdx(0)), Err(capsulefs::Error::Verify(_))));
     assert!(sparse.store().sub_record_bytes(&h, SubIdx(0)).unwrap().is_none());
     // Another genuine record's object put under this record's name (swapped): refused by name.

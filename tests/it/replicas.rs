@@ -8,6 +8,7 @@ use capsulefs::capsule::{Capsule, Parents};
 use capsulefs::proof::fork::ForkEvidence;
 use capsulefs::record::{RecordHash, SubIdx, SubRecordBuf};
 use capsulefs::replica::Replica;
+use capsulefs::replica::prefetch::SubRecordSource;
 use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Batch, Cf, Durability, Kv};
@@ -178,7 +179,7 @@ fn a_sparse_replica_proves_each_fetched_sub_record_and_refuses_a_tampered_one() 
     let mut batch = Batch::default();
     batch.put(Cf::Subs, [&h.as_bytes()[..], &1u32.to_be_bytes()].concat(), altered);
     server_kv.write(batch, Durability::Buffered).unwrap();
-    laptop.fill_from(server.clone());
+    laptop.fill_from(SubRecordSource::new(server.clone()));
     assert_eq!(&laptop.read_sub_record(h, SubIdx(0)).unwrap().0.get()[..], b"first");
     assert!(laptop.store().sub_record_bytes(&h, SubIdx(0)).unwrap().is_some(), "kept once fetched");
     assert!(matches!(laptop.read_sub_record(h, SubIdx(1)), Err(capsulefs::Error::Verify(_))));
