@@ -202,9 +202,9 @@ fn two_devices_pushing_to_one_bucket_at_once_lose_nothing() {
     use capsulefs::crypto::keys::Identity;
     use capsulefs::replica::bucket::{Bucket, Settings};
     use capsulefs::replica::objects::{ObjectReplica, Pusher};
-    use capsulefs::replica::transfer::{pull, push};
     use capsulefs::store::mem::MemKv;
     use capsulefs::store::{Durability, Kv};
+    use capsulefs::sync::transfer::{pull, push};
 
     let Some(s3) = S3::start("shared") else { return };
     let (laptop_key, desktop_key) = (Identity::generate("laptop").unwrap(), Identity::generate("desktop").unwrap());

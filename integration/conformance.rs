@@ -11,10 +11,10 @@ use capsulefs::replica::bucket::{Bucket, Settings};
 use capsulefs::replica::folder::Folder;
 use capsulefs::replica::objects::{ObjectReplica, Objects, Pusher};
 use capsulefs::replica::prefetch::SubRecordSource;
-use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::replica::{self, Replica};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
+use capsulefs::sync::transfer::{Take, pull, pull_taking, push};
 
 use super::buckets::S3;
 use super::garage::Garage;

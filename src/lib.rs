@@ -41,6 +41,7 @@ pub mod record;
 pub mod replica;
 pub mod rights;
 pub mod store;
+pub mod sync;
 pub mod wire;
 
 pub use error::{Error, Fork, Result, StoreError, VerifyError};

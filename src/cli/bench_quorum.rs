@@ -22,11 +22,11 @@ use clap::Parser;
 use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::replica::Replica;
-use capsulefs::replica::quorum::Quorum;
 use capsulefs::replica::remote::Remote;
-use capsulefs::replica::transfer::{pull, push};
 use capsulefs::store::Durability;
 use capsulefs::store::mem::MemKv;
+use capsulefs::sync::quorum::Quorum;
+use capsulefs::sync::transfer::{pull, push};
 
 use super::bench_sync::Served;
 

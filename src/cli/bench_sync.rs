@@ -31,9 +31,9 @@ use capsulefs::record::{RecordHash, SubRecordBuf};
 use capsulefs::replica::Replica;
 use capsulefs::replica::bloom::POSTER_BITS_PER_RECORD;
 use capsulefs::replica::remote::Remote;
-use capsulefs::replica::transfer;
 use capsulefs::store::Durability;
 use capsulefs::store::rocks::RocksKv;
+use capsulefs::sync::{heads, transfer};
 use capsulefs::wire::MAX_HASHES;
 
 #[derive(Parser, Debug)]
@@ -212,7 +212,7 @@ fn scenario(
 /// a sketch of the difference), then the local difference.
 fn by_heads(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)> {
     let mut report = transfer::Report::default();
-    let heads = transfer::replica_heads(local, remote, &mut report)?;
+    let heads = heads::replica_heads(local, remote, &mut report)?;
     let cost =
         Cost { sent: report.reconcile_sent, received: report.reconcile_received, round_trips: report.round_trips };
     Ok((local.difference(&heads)?, cost))

@@ -27,12 +27,12 @@ use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::payload_cache::Caches;
 use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
 use capsulefs::member::{Invitation, keyring, keystore::keyring_in};
-use capsulefs::replica::follower::Follower;
-use capsulefs::replica::status::SyncStatus;
-use capsulefs::replica::transfer::Take;
-use capsulefs::replica::uploader::Uploader;
 use capsulefs::rights::{Level, Rights};
 use capsulefs::store::Durability;
+use capsulefs::sync::follower::Follower;
+use capsulefs::sync::status::SyncStatus;
+use capsulefs::sync::transfer::Take;
+use capsulefs::sync::uploader::Uploader;
 use fuser::{Config, MountOption, Notifier, SessionACL};
 
 use super::home::Home;
@@ -333,7 +333,7 @@ fn catch_up(home: &Home, capsule: &Arc<Capsule>, me: &Identity) {
         let (capsule, done) = (capsule.clone(), done.clone());
         asked += 1;
         std::thread::spawn(move || {
-            let _ = done.send((url, capsulefs::replica::transfer::pull(&capsule, &*replica, &())));
+            let _ = done.send((url, capsulefs::sync::transfer::pull(&capsule, &*replica, &())));
         });
     }
     let deadline = Instant::now() + CATCH_UP;

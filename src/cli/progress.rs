@@ -4,7 +4,7 @@
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use capsulefs::replica::transfer::Progress;
+use capsulefs::sync::transfer::Progress;
 
 pub struct Bar(ProgressBar);
 

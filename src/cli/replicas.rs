@@ -11,8 +11,9 @@ use capsulefs::member::Invitation;
 use capsulefs::record::RecordHash;
 use capsulefs::record::{CapsuleId, SignedMetadata, WriterId};
 use capsulefs::replica::Replica;
-use capsulefs::replica::quorum::{self, Quorum, Round};
-use capsulefs::replica::transfer::{self, Report, Take};
+use capsulefs::sync::quorum::{self, Quorum, Round};
+use capsulefs::sync::transfer::{self, Report, Take};
+use capsulefs::sync::{evidence, walk};
 use capsulefs::{Error, Fork, VerifyError};
 
 use super::home::Home;
@@ -210,7 +211,7 @@ fn transfer_each(home: &Home, capsule: &Capsule, urls: &[String], way: Way) -> a
     if capsule.fork_count()? > forks_before {
         for url in urls {
             let replica = home.replica(url, capsule);
-            let passed = replica.and_then(|r| Ok(transfer::pass_evidence(capsule, &*r, &mut Report::default())?));
+            let passed = replica.and_then(|r| Ok(evidence::pass_evidence(capsule, &*r, &mut Report::default())?));
             if let Err(e) = passed {
                 eprintln!("capsulefs: passing fork evidence on to {url}: {e:#}");
             }
@@ -260,7 +261,7 @@ fn transfer_one(home: &Home, capsule: &Capsule, url: &str, way: Way) -> anyhow::
 /// leave it out, since a bucket answers it with a listing).
 fn pull_learning(capsule: &Capsule, remote: &dyn Replica, taking: Take, bar: &Bar) -> capsulefs::Result<Report> {
     let mut report = transfer::pull_taking(capsule, remote, taking, bar)?;
-    transfer::learn_evidence(capsule, remote, &mut report)?;
+    evidence::learn_evidence(capsule, remote, &mut report)?;
     Ok(report)
 }
 
@@ -431,7 +432,7 @@ fn sync_servers(home: &Home, first: &str, rest: &[String]) -> anyhow::Result<()>
         for (from, to) in [(&*remote_a, &*remote_b), (&*remote_b, &*remote_a)] {
             let (from_url, to_url) = (from.describe(), to.describe());
             let bar = Bar::new(&format!("{from_url} to {to_url}"));
-            let report = transfer::relay(from, to, id, &bar)
+            let report = walk::relay(from, to, id, &bar)
                 .with_context(|| format!("relaying capsule {id} from {from_url} to {to_url}"))?;
             print("relayed", &format!("of {id} from {from_url} to"), &to_url, &report);
         }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use crate::fs::Fs;
 use crate::proof::CacheStats;
 use crate::record::{DeviceId, KeyGen, RecordHash, Seq, WriterId};
-use crate::replica::status::ReplicaStatus;
+use crate::sync::status::ReplicaStatus;
 use crate::{Error, Result};
 
 pub const CONTROL_NAME: &[u8] = b".capsule";

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::server::Server;
 use crate::replica::Replica;
 use crate::replica::remote::Remote;
-use crate::replica::transfer;
+use crate::sync::transfer;
 
 /// How often a server reconciles with its peers when nothing new arrived.
 const PEER_ROUND: Duration = Duration::from_secs(2);

@@ -1,33 +1,29 @@
-//! Untrusted replicas of a capsule behind one small trait: the local store (`local.rs`), a
-//! remote `capsulefs serve` (`remote.rs`), and a folder of plain objects (`objects.rs` over
-//! `folder.rs`; buckets come next); `transfer.rs` pushes and pulls between any two, and
-//! `open` picks the kind from a URL.
+//! Untrusted replicas of a capsule behind one trait: the local store (`local`), a remote
+//! `capsulefs serve` (`remote`), and objects in a folder or an S3 bucket (`objects` over
+//! `folder` and `bucket`); `open` picks the kind from a URL. Moving records between them is
+//! `sync`'s job.
 //!
 //! Nothing a replica answers is believed: heads, walks and missing-lists are hints that only
-//! steer what is asked for next, and every record and payload goes through the capsule's own
-//! checks (`Capsule::check_incoming`, then `ingest_checked`) before it is stored.
+//! steer what is asked for next, and every record and payload goes through the capsule's one
+//! gate (`Capsule::admit`) before it is stored.
 
 mod ahead;
 mod batch;
 pub mod bloom;
 pub mod bucket;
 pub mod folder;
-pub mod follower;
 pub mod local;
 pub mod objects;
 pub mod prefetch;
-pub mod quorum;
 pub mod remote;
 pub mod sketch;
-pub mod status;
-pub mod transfer;
-pub mod uploader;
 
-use crate::Result;
-use crate::VerifyError;
+use std::collections::{HashMap, HashSet};
+
 use crate::proof::fork::ForkEvidence;
 use crate::record::{RecordHash, SubIdx, SubRecord};
 use crate::wire::{Announced, Bundle, MAX_BATCH_BYTES, Node, Since};
+use crate::{Error, Result, VerifyError};
 pub(crate) use batch::{AnchoredBatch, batch_of};
 use objects::{ObjectReplica, Pusher};
 
@@ -186,4 +182,42 @@ pub fn open(url: &str, capsule: crate::record::CapsuleId, pusher: Option<Pusher>
         return Ok(Box::new(ObjectReplica::new(bucket::Bucket::from_url(url)?, capsule, pusher)));
     }
     Ok(Box::new(remote::Remote::new(url, capsule)?))
+}
+
+/// `nodes` ordered parents first. The parent lists may come from a replica, so a cycle (which
+/// hashes cannot form) is refused rather than followed.
+pub(crate) fn topological(nodes: &HashMap<RecordHash, Vec<RecordHash>>) -> Result<Vec<Node>> {
+    let mut order = Vec::with_capacity(nodes.len());
+    let mut done: HashSet<RecordHash> = HashSet::new();
+    let mut sorted: Vec<&RecordHash> = nodes.keys().collect();
+    sorted.sort(); // the same order on every run
+    for &start in sorted {
+        let mut on_path: HashSet<RecordHash> = HashSet::new();
+        let mut stack: Vec<(RecordHash, bool)> = vec![(start, false)];
+        while let Some((h, expanded)) = stack.pop() {
+            if done.contains(&h) {
+                continue;
+            }
+            let parents = &nodes[&h];
+            if expanded {
+                on_path.remove(&h);
+                done.insert(h);
+                order.push(Node { record: h, parents: parents.clone() });
+                continue;
+            }
+            if !on_path.insert(h) {
+                return Err(Error::Invalid(format!("the parent links given for {h:?} form a cycle")));
+            }
+            stack.push((h, true));
+            for p in parents {
+                if nodes.contains_key(p) && !done.contains(p) {
+                    if on_path.contains(p) {
+                        return Err(Error::Invalid(format!("the parent links given for {p:?} form a cycle")));
+                    }
+                    stack.push((*p, false));
+                }
+            }
+        }
+    }
+    Ok(order)
 }

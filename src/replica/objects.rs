@@ -535,7 +535,7 @@ impl<O: Objects + 'static> Replica for ObjectReplica<O> {
             self.refresh()?;
             (lacking, own_heads) = not_covered(&*self.read_whole()?, heads);
         }
-        let order: Vec<RecordHash> = super::transfer::topological(&lacking)?.into_iter().map(|n| n.record).collect();
+        let order: Vec<RecordHash> = super::topological(&lacking)?.into_iter().map(|n| n.record).collect();
         // The next answers will hold these too, in this order: read them ahead (whole objects;
         // headers alone are small ranged reads).
         if !headers_only {

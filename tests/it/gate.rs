@@ -11,10 +11,10 @@ use capsulefs::crypto::sign;
 use capsulefs::record::codec::FORMAT_VERSION;
 use capsulefs::record::{DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, SubRecordBuf, merkle};
 use capsulefs::replica::Replica;
-use capsulefs::replica::transfer::pull;
 use capsulefs::rights::{Level, MembershipEntry};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Cf, Durability, Kv};
+use capsulefs::sync::transfer::pull;
 use capsulefs::wire::{Bundle, Node, Since};
 use capsulefs::{Error, VerifyError};
 use proptest::prelude::*;
@@ -142,7 +142,7 @@ fn a_forged_record_on_the_writers_next_number_is_no_fork() {
     assert_eq!(f.cap.fork_count().unwrap(), 0);
     // A replica holding the honest record takes it too.
     let server = Capsule::adopt(Arc::new(MemKv::new()), f.cap.id(), &f.cap.metadata_bytes(), vec![]).unwrap();
-    capsulefs::replica::transfer::push(&f.cap, &server, &()).unwrap();
+    capsulefs::sync::transfer::push(&f.cap, &server, &()).unwrap();
     assert_eq!(server.heads().unwrap(), vec![honest]);
 }
 

@@ -8,10 +8,10 @@ use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::member;
 use capsulefs::record::{KeyGen, RecordKind};
-use capsulefs::replica::transfer::pull;
 use capsulefs::rights::{Level, MembershipEntry};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
+use capsulefs::sync::transfer::pull;
 use capsulefs::{Error, VerifyError};
 
 struct Team {

@@ -14,10 +14,10 @@ use capsulefs::fs::heads::filesystem_heads;
 use capsulefs::fs::node::{DirEntry, Inode, Kind, ROOT_INO};
 use capsulefs::member::{self, content_key, create_keystore};
 use capsulefs::record::RecordHash;
-use capsulefs::replica::transfer::pull;
 use capsulefs::rights::Level;
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
+use capsulefs::sync::transfer::pull;
 
 struct Machines {
     a: Arc<Capsule>,

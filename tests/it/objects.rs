@@ -10,9 +10,9 @@ use capsulefs::replica::Replica;
 use capsulefs::replica::folder::Folder;
 use capsulefs::replica::objects::{ObjectReplica, Pusher};
 use capsulefs::replica::prefetch::SubRecordSource;
-use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::store::Kv;
 use capsulefs::store::mem::MemKv;
+use capsulefs::sync::transfer::{Take, pull, pull_taking, push};
 
 use super::{fixture, signed};
 

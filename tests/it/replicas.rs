@@ -9,9 +9,9 @@ use capsulefs::proof::fork::ForkEvidence;
 use capsulefs::record::{RecordHash, SubIdx, SubRecordBuf};
 use capsulefs::replica::Replica;
 use capsulefs::replica::prefetch::SubRecordSource;
-use capsulefs::replica::transfer::{Take, pull, pull_taking, push};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Batch, Cf, Durability, Kv};
+use capsulefs::sync::transfer::{Take, pull, pull_taking, push};
 use capsulefs::wire::{Bundle, Node, Since};
 
 use super::{fixture, signed, unsigned};

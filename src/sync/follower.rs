@@ -11,11 +11,12 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::Replica;
+use super::evidence::{is_fork, learn_evidence, pass_evidence};
 use super::status::SyncStatus;
-use super::transfer::{Report, is_fork, learn_evidence, pass_evidence, pull};
+use super::transfer::{Report, pull};
 use crate::capsule::Capsule;
 use crate::record::{DeviceId, RecordHash, Seq, WriterId};
+use crate::replica::Replica;
 
 /// How long a long poll may wait for new heads.
 const WAIT: Duration = Duration::from_secs(30);

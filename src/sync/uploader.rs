@@ -8,11 +8,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::Replica;
 use super::status::{ReplicaStatus, SyncStatus, rolled_back};
 use super::transfer::push;
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
+use crate::replica::Replica;
 
 /// How often the thread looks at replicas waiting for a retry when no commit woke it.
 const RETRY_CHECK: Duration = Duration::from_secs(1);

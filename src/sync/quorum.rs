@@ -17,10 +17,11 @@
 
 use std::sync::mpsc;
 
-use super::Replica;
-use super::transfer::{Progress, Report, is_fork, learn_evidence, pass_evidence, pull_announced, push};
+use super::evidence::{is_fork, learn_evidence, pass_evidence};
+use super::transfer::{Progress, Report, pull_announced, push};
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
+use crate::replica::Replica;
 use crate::wire::Announced;
 use crate::{Error, Fork, Result};
 
