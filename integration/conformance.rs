@@ -14,7 +14,8 @@ use capsulefs::replica::prefetch::SubRecordSource;
 use capsulefs::replica::{self, Replica};
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Durability, Kv};
-use capsulefs::sync::transfer::{Take, pull, pull_taking, push};
+use capsulefs::sync::Take;
+use capsulefs::sync::transfer::{pull, pull_taking, push};
 
 use super::buckets::S3;
 use super::garage::Garage;

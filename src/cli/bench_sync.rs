@@ -211,7 +211,7 @@ fn scenario(
 /// Ours, as push does it: the server's heads (listed, or, with many heads here, rebuilt from
 /// a sketch of the difference), then the local difference.
 fn by_heads(local: &Capsule, remote: &Remote) -> anyhow::Result<(Vec<RecordHash>, Cost)> {
-    let mut report = transfer::Report::default();
+    let mut report = capsulefs::sync::Report::default();
     let heads = heads::replica_heads(local, remote, &mut report)?;
     let cost =
         Cost { sent: report.reconcile_sent, received: report.reconcile_received, round_trips: report.round_trips };

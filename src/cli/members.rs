@@ -148,7 +148,7 @@ pub struct JoinArgs {
 /// that its metadata names the creator the token does. Prints the capsule id.
 pub fn join(home: &Home, a: JoinArgs) -> anyhow::Result<()> {
     let invitation = read_token(home, &a.token, a.key.as_deref())?;
-    let name = join_as(home, &invitation, a.name, capsulefs::sync::transfer::Take::Whole)?;
+    let name = join_as(home, &invitation, a.name, capsulefs::sync::Take::Whole)?;
     println!("{}", home.resolve(&name)?);
     Ok(())
 }
@@ -167,7 +167,7 @@ pub fn join_as(
     home: &Home,
     invitation: &Invitation,
     name: Option<String>,
-    taking: capsulefs::sync::transfer::Take,
+    taking: capsulefs::sync::Take,
 ) -> anyhow::Result<String> {
     let mut failures = Vec::new();
     for url in &invitation.replicas {

@@ -29,9 +29,9 @@ use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
 use capsulefs::member::{Invitation, keyring, keystore::keyring_in};
 use capsulefs::rights::{Level, Rights};
 use capsulefs::store::Durability;
+use capsulefs::sync::Take;
 use capsulefs::sync::follower::Follower;
 use capsulefs::sync::status::SyncStatus;
-use capsulefs::sync::transfer::Take;
 use capsulefs::sync::uploader::Uploader;
 use fuser::{Config, MountOption, Notifier, SessionACL};
 

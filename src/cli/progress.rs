@@ -4,7 +4,7 @@
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use capsulefs::sync::transfer::Progress;
+use capsulefs::sync::Progress;
 
 pub struct Bar(ProgressBar);
 

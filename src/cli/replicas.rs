@@ -12,7 +12,8 @@ use capsulefs::record::RecordHash;
 use capsulefs::record::{CapsuleId, SignedMetadata, WriterId};
 use capsulefs::replica::Replica;
 use capsulefs::sync::quorum::{self, Quorum, Round};
-use capsulefs::sync::transfer::{self, Report, Take};
+use capsulefs::sync::transfer;
+use capsulefs::sync::{Report, Take};
 use capsulefs::sync::{evidence, walk};
 use capsulefs::{Error, Fork, VerifyError};
 

@@ -6,7 +6,7 @@ use crate::proof::fork::ForkEvidence;
 use crate::replica::Replica;
 use crate::{Error, Result, VerifyError};
 
-use super::transfer::Report;
+use super::Report;
 
 /// Whether `e` refuses records as a fork: met here, or said by a replica.
 pub fn is_fork(e: &Error) -> bool {

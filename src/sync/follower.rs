@@ -11,9 +11,10 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::Report;
 use super::evidence::{is_fork, learn_evidence, pass_evidence};
 use super::status::SyncStatus;
-use super::transfer::{Report, pull};
+use super::transfer::pull;
 use crate::capsule::Capsule;
 use crate::record::{DeviceId, RecordHash, Seq, WriterId};
 use crate::replica::Replica;

@@ -6,23 +6,12 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::Result;
 use crate::capsule::Capsule;
-use crate::record::{DeviceId, Record, RecordHash, RecordHeader, Seq, WriterId};
+use crate::record::{DeviceId, Record, RecordHash, RecordHeader, WriterId};
 use crate::replica::{Replica, sketch};
 use crate::wire::MAX_HASHES;
 
-use super::transfer::{Report, hashes_len};
 use super::walk::walk_remote;
-
-/// Signed records of one writer's device that a replica lacks.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lacking {
-    pub writer: WriterId,
-    pub device: DeviceId,
-    /// The highest sequence number among them, and the lowest.
-    pub seq: Seq,
-    pub lowest: Seq,
-    pub count: usize,
-}
+use super::{Lacking, Report, hashes_len};
 
 /// The replica's heads as this capsule can place them: a head not held here (another
 /// device's newest record, not pulled yet; or one kept out) stands for the records held here

@@ -18,7 +18,8 @@
 use std::sync::mpsc;
 
 use super::evidence::{is_fork, learn_evidence, pass_evidence};
-use super::transfer::{Progress, Report, pull_announced, push};
+use super::transfer::{pull_announced, push};
+use super::{Progress, Report};
 use crate::capsule::Capsule;
 use crate::record::RecordHash;
 use crate::replica::Replica;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::heads::Lacking;
+use super::Lacking;
 use crate::record::{DeviceId, RecordHash, Seq, WriterId};
 
 /// One replica, as this mount last saw it.

@@ -12,67 +12,17 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::capsule::{Admission, Capsule, Pending};
-use crate::record::{Record, RecordHash, RecordKind, SubIdx, WriterId};
+use crate::capsule::{Capsule, Pending};
+use crate::record::{Record, RecordHash, WriterId};
 use crate::replica::{AnchoredBatch, Replica};
-use crate::store::Durability;
-use crate::wire::{Bundle, Node};
-use crate::{Error, Fork, Result, VerifyError};
+use crate::wire::Node;
+use crate::{Error, Result, VerifyError};
 
 use super::evidence::{learn_fork, pass_evidence, tell_fork};
-use super::heads::{Lacking, Lanes, SKETCH_ABOVE, haves, placed_heads, replica_heads, signed_lacking};
+use super::heads::{Lanes, SKETCH_ABOVE, haves, placed_heads, replica_heads, signed_lacking};
+use super::take::{counted, take};
 use super::walk::pull_walking;
-
-/// What one push or pull moved.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Report {
-    pub records: usize,
-    /// Record bytes (encodings and payloads).
-    pub bytes: u64,
-    /// Bytes of the messages that found what to send (heads, walks, requests), each way.
-    pub reconcile_sent: u64,
-    pub reconcile_received: u64,
-    pub round_trips: u32,
-    /// Local unsigned records no signed record covers yet: a replica takes them only with a
-    /// signed descendant, so they wait for the next signature (a mount signs within T seconds).
-    pub waiting_for_signature: usize,
-    /// Signed records this capsule holds that the replica did not (before a push, after a
-    /// pull), by writer and device. The local capsule never moves back (it
-    /// only ever adds records); a replica that offers less is behind, or was rolled back.
-    pub replica_lacks: Vec<Lacking>,
-    /// After a pull: the replica's heads as it last gave them (a follower waits for them
-    /// to change).
-    pub replica_heads: Vec<RecordHash>,
-    /// Forks this capsule learned of from the replica's evidence.
-    pub forks_learned: Vec<Fork>,
-    /// Records the replica offered that a revocation held here cuts off: kept out, the rest
-    /// taken.
-    pub revoked: Vec<RecordHash>,
-    /// Unsigned records the replica offered without a descendant their writer signed (and
-    /// their descendants): kept out, as unverified (a replica that holds them honestly holds
-    /// that descendant too).
-    pub unanchored: Vec<RecordHash>,
-}
-
-/// Told as records move, for a progress bar; `&()` ignores it.
-pub trait Progress {
-    /// How many records are still to come, once a transfer knows (a pull through `since`
-    /// does not).
-    fn expect(&self, records: u64) {
-        let _ = records;
-    }
-    /// Records and bytes moved so far.
-    fn moved(&self, records: u64, bytes: u64);
-}
-
-impl Progress for () {
-    fn moved(&self, _: u64, _: u64) {}
-}
-
-/// Bytes of a list of hashes on the wire (borsh: u32 length, then 32 bytes each).
-pub(super) fn hashes_len(n: usize) -> u64 {
-    4 + 32 * n as u64
-}
+use super::{Progress, Report, Take, hashes_len};
 
 /// Pushes every local record `remote` lacks, parents first, in batches it can check whole.
 pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> Result<Report> {
@@ -129,91 +79,6 @@ pub fn push(local: &Capsule, remote: &dyn Replica, progress: &dyn Progress) -> R
     report.round_trips += stream.finish(last, settles.as_deref()).inspect_err(|e| learn_fork(local, remote, e))?;
     pass_evidence(local, remote, &mut report)?;
     Ok(report)
-}
-
-/// `batch`, counted in `report` and shown as moved, on its way to a replica.
-pub(super) fn counted(batch: Vec<Bundle>, report: &mut Report, progress: &dyn Progress) -> Vec<Bundle> {
-    report.bytes += batch.iter().map(|b| b.size() as u64).sum::<u64>();
-    report.records += batch.len();
-    progress.moved(report.records as u64, report.bytes);
-    batch
-}
-
-/// Checks one answer's `bundles` (each as the record it was asked as, if given) and hands
-/// them to the gate together (without payloads when `taking` headers, except a membership
-/// record's: the rights every later record is checked against are read from them); counts
-/// what it stored. Records still waiting for their writer's signature wait in `pending`.
-pub(super) fn take(
-    local: &Capsule,
-    remote: &dyn Replica,
-    bundles: Vec<(Bundle, Option<RecordHash>)>,
-    taking: Take,
-    pending: &mut Pending,
-    report: &mut Report,
-    progress: &dyn Progress,
-) -> Result<()> {
-    let mut batch = Vec::with_capacity(bundles.len());
-    for (mut bundle, expected) in bundles {
-        if taking == Take::Headers && bundle.payloads.is_empty() {
-            bundle.payloads = membership_payloads(remote, &bundle.record)?;
-        }
-        let size = bundle.size() as u64;
-        let incoming = if taking == Take::Headers && bundle.payloads.is_empty() {
-            local.check_incoming_header(&bundle.record)?
-        } else {
-            local.check_incoming(&bundle.record, bundle.payloads)?
-        };
-        if let Some(expected) = expected
-            && incoming.hash() != expected
-        {
-            return Err(Error::Invalid(format!(
-                "{} answered {:?} when asked for {expected:?}",
-                remote.describe(),
-                incoming.hash()
-            )));
-        }
-        report.bytes += size;
-        batch.push(incoming);
-    }
-    let admitted = local.admit(batch, Admission::Pull(pending), Durability::Buffered)?;
-    report.records += admitted.stored.len();
-    for h in admitted.revoked {
-        if !report.revoked.contains(&h) {
-            tracing::warn!("{}: kept out {h:?}: a revocation held here cuts it off", remote.describe());
-            report.revoked.push(h);
-        }
-    }
-    progress.moved(report.records as u64, report.bytes);
-    Ok(())
-}
-
-/// The payloads of `record` when it is a membership record (fetched from `remote`); none else.
-fn membership_payloads(remote: &dyn Replica, record: &[u8]) -> Result<Vec<Vec<u8>>> {
-    let parsed = Record::decode(record).map_err(VerifyError::Undecodable)?;
-    let header = &parsed.header;
-    if header.kind != RecordKind::Membership || header.sub_count == 0 {
-        return Ok(Vec::new());
-    }
-    let h = parsed.hash();
-    let run = remote.sub_record_run(h, SubIdx(0), header.sub_count)?;
-    if run.len() != header.sub_count as usize {
-        return Err(Error::Replica(format!(
-            "{} holds {} of the {} entries of membership record {h:?}: pull it whole from another replica",
-            remote.describe(),
-            run.len(),
-            header.sub_count
-        )));
-    }
-    run.into_iter().enumerate().map(|(i, stored)| crate::replica::payload_of(h, SubIdx(i as u32), stored)).collect()
-}
-
-/// What a pull takes of each record.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Take {
-    /// Header and sub-records.
-    Whole,
-    /// The header only: a sparse replica, which fetches sub-records when they are read.
-    Headers,
 }
 
 /// Pulls every record of `remote` the local capsule lacks, checking each before storing it.

@@ -9,7 +9,8 @@ use crate::replica::{AnchoredBatch, Replica, topological};
 use crate::wire::{Bundle, MAX_HASHES, Node};
 use crate::{Error, Result};
 
-use super::transfer::{Progress, Report, Take, counted, hashes_len, take};
+use super::take::{counted, take};
+use super::{Progress, Report, Take, hashes_len};
 
 /// The first slice of a fallback walk; each round asks about four times more.
 const FIRST_BUDGET: usize = 16;

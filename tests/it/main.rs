@@ -5,6 +5,7 @@ mod encoding;
 mod fs;
 mod gate;
 mod keystore;
+mod layers;
 mod membership;
 mod merge;
 mod objects;

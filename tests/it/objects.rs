@@ -12,7 +12,8 @@ use capsulefs::replica::objects::{ObjectReplica, Pusher};
 use capsulefs::replica::prefetch::SubRecordSource;
 use capsulefs::store::Kv;
 use capsulefs::store::mem::MemKv;
-use capsulefs::sync::transfer::{Take, pull, pull_taking, push};
+use capsulefs::sync::Take;
+use capsulefs::sync::transfer::{pull, pull_taking, push};
 
 use super::{fixture, signed};
 

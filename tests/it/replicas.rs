@@ -11,7 +11,8 @@ use capsulefs::replica::Replica;
 use capsulefs::replica::prefetch::SubRecordSource;
 use capsulefs::store::mem::MemKv;
 use capsulefs::store::{Batch, Cf, Durability, Kv};
-use capsulefs::sync::transfer::{Take, pull, pull_taking, push};
+use capsulefs::sync::Take;
+use capsulefs::sync::transfer::{pull, pull_taking, push};
 use capsulefs::wire::{Bundle, Node, Since};
 
 use super::{fixture, signed, unsigned};
