@@ -307,6 +307,19 @@ impl Home {
             (self.resolve(name).ok()? == *id).then(|| (PathBuf::from(dir), pid))
         })
     }
+
+    /// `$CAPSULEFS_HOME/mounts/<key>` for a mounted folder.
+    pub fn mount_entry(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        let canonical = dir.canonicalize().with_context(|| format!("{} is not an existing folder", dir.display()))?;
+        let key = &blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex()[..16];
+        Ok(self.root.join("mounts").join(key))
+    }
+
+    /// The request socket of the writable mount of capsule `id`, if one runs (`requests.rs`).
+    pub fn request_socket(&self, id: &CapsuleId) -> Option<PathBuf> {
+        let (dir, _) = self.mounted_at(id)?;
+        Some(self.mount_entry(&dir).ok()?.with_extension("sock")).filter(|p| p.exists())
+    }
 }
 
 /// RocksDB's answer when another process holds the store's lock.

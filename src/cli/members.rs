@@ -57,7 +57,7 @@ pub fn grant(home: &Home, a: GrantArgs) -> anyhow::Result<()> {
 /// The grant, appended here, or by the capsule's writable mount when one holds its store.
 fn grant_only(home: &Home, a: &GrantArgs) -> anyhow::Result<RecordHash> {
     let level = Level::from(a.level);
-    if let Some(socket) = super::mount::request_socket(home, &home.resolve(&a.name)?) {
+    if let Some(socket) = home.request_socket(&home.resolve(&a.name)?) {
         return super::requests::change_through(&socket, Change::Grant(level), &a.pubkey, a.key.as_deref());
     }
     let admin = home.identity(a.key.as_deref(), false)?;
@@ -81,7 +81,7 @@ pub struct RevokeArgs {
 /// the cut-off covers the member's records they hold (a mount pulls in the background).
 pub fn revoke(home: &Home, a: RevokeArgs) -> anyhow::Result<()> {
     let id = home.resolve(&a.name)?;
-    let record = match super::mount::request_socket(home, &id) {
+    let record = match home.request_socket(&id) {
         Some(socket) => super::requests::change_through(&socket, Change::Revoke, &a.pubkey, a.key.as_deref())?,
         None => {
             let admin = home.identity(a.key.as_deref(), false)?;

@@ -153,19 +153,6 @@ fn fuse_config(a: &MountArgs) -> Config {
     config
 }
 
-/// `$CAPSULEFS_HOME/mounts/<key>` for a mounted folder.
-fn registry_entry(home: &Home, dir: &Path) -> anyhow::Result<PathBuf> {
-    let canonical = dir.canonicalize().with_context(|| format!("{} is not an existing folder", dir.display()))?;
-    let key = &blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex()[..16];
-    Ok(home.root().join("mounts").join(key))
-}
-
-/// The request socket of the writable mount of capsule `id`, if one runs (`requests.rs`).
-pub fn request_socket(home: &Home, id: &capsulefs::record::CapsuleId) -> Option<PathBuf> {
-    let (dir, _) = home.mounted_at(id)?;
-    Some(registry_entry(home, &dir).ok()?.with_extension("sock")).filter(|p| p.exists())
-}
-
 pub fn mount(home: &Home, mut a: MountArgs) -> anyhow::Result<()> {
     if !a.dir.is_dir() {
         bail!(Error::NotFound(format!("mount point {} (make the folder first)", a.dir.display())));
@@ -274,7 +261,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
     })?;
     let _ = notifier.set(session.notifier());
     super::readahead::raise(&mount_point, MAX_READAHEAD >> 10);
-    let entry = registry_entry(home, &a.dir)?;
+    let entry = home.mount_entry(&a.dir)?;
     std::fs::create_dir_all(entry.parent().expect("entry has a parent"))?;
     std::fs::write(&entry, format!("{}\n{}\n{}\n", std::process::id(), a.name, a.dir.display()))?;
     // A writable mount holds the store: commands that append to it (a grant) ask it here.
@@ -567,7 +554,7 @@ fn process_running(pid: u32) -> bool {
 }
 
 pub fn umount(home: &Home, a: UmountArgs) -> anyhow::Result<()> {
-    let entry = registry_entry(home, &a.dir)?;
+    let entry = home.mount_entry(&a.dir)?;
     let pid = std::fs::read_to_string(&entry).ok().and_then(|s| s.lines().next()?.parse::<u32>().ok());
     let unmounted = ["fusermount3", "fusermount"]
         .iter()

@@ -10,5 +10,6 @@ pub mod registry;
 mod replies;
 mod routes;
 pub mod server;
+mod shared;
 mod streams;
 pub mod tls;

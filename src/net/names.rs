@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::registry::Registry;
 use super::replies::{borsh_body, decode};
-use super::server::{Shared, blocking};
+use super::shared::{Shared, blocking};
 use crate::member::name::{NameBinding, check_name};
 use crate::{Error, Result};
 

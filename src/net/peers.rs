@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::server::Server;
+use super::shared::Server;
 use crate::replica::Replica;
 use crate::replica::remote::Remote;
 use crate::sync::transfer;

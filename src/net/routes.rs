@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use super::limits::{MAX_BODY, Paced, PeerAddr, Room};
 use super::names::{get_name, put_name};
 use super::replies::{borsh_body, busy, decode, refusal};
-use super::server::{Server, Shared, blocking, capsule_id};
+use super::shared::{Server, Shared, blocking, capsule_id};
 use super::streams::put_record_stream;
 use crate::proof::fork::ForkEvidence;
 use crate::record::codec;
@@ -334,7 +334,7 @@ async fn receive(s: &Server, peer: IpAddr, body: Body) -> std::result::Result<(B
     Ok((Bytes::from(received), room))
 }
 
-pub fn router(server: std::sync::Arc<super::server::Server>) -> Router {
+pub fn router(server: std::sync::Arc<Server>) -> Router {
     Router::new()
         .route(protocol::CAPSULES, get(capsules))
         .route("/v1/names/{name}", get(get_name).post(put_name))

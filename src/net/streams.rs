@@ -20,7 +20,7 @@ use std::net::IpAddr;
 
 use super::limits::{Busy, DRAIN, PeerAddr, REQUEST_TIME, Room};
 use super::replies::{borsh_body, busy, refusal};
-use super::server::{Server, Shared, capsule_id};
+use super::shared::{Server, Shared, capsule_id};
 use crate::capsule::{Capsule, StagedBatch};
 use crate::{Error, Result};
 
