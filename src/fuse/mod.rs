@@ -26,14 +26,15 @@ use fuser::{
 };
 
 use crate::fs::Fs;
-use crate::fs::filesystem::{Changes, XattrMode};
+use crate::fs::filesystem::{Changes, Signing, XattrMode};
 use crate::fs::node::{Inode, Kind, ROOT_INO, Time};
+use crate::fs::signing::{SignPolicy, commit, commit_durable};
 use crate::record::Params;
 use crate::replica::status::SyncStatus;
 use crate::store::Durability;
 use crate::{Error, Result};
 pub use commit::CommitTimer;
-use commit::{SignPolicy, Wakeups, commit, commit_durable};
+use commit::Wakeups;
 use control::{CONTROL_NAME, Node, Status, Views};
 use errno::to_errno;
 
@@ -256,8 +257,8 @@ impl CapsuleFs {
         self.views.lock().expect("a history operation panicked; the mount cannot go on")
     }
 
-    fn commit(&self, fs: &mut Fs, force_sign: bool, durability: Durability) -> Result<()> {
-        commit(&self.policy, fs, force_sign, durability)
+    fn commit(&self, fs: &mut Fs, asked: Signing, durability: Durability) -> Result<()> {
+        commit(&self.policy, fs, asked, durability)
     }
 
     /// Runs a read-only operation on the tree that holds kernel inode `ino`, the live one or
@@ -663,7 +664,11 @@ impl Filesystem for CapsuleFs {
             } else {
                 fs.write(ino, offset, data)?;
             }
-            if fs.pending_bytes() > PENDING_LIMIT { self.commit(&mut fs, false, Durability::Buffered) } else { Ok(()) }
+            if fs.pending_bytes() > PENDING_LIMIT {
+                self.commit(&mut fs, Signing::Later, Durability::Buffered)
+            } else {
+                Ok(())
+            }
         });
         match result {
             Ok(()) => reply.written(data.len() as u32),

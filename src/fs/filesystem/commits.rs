@@ -17,6 +17,16 @@ use crate::record::codec::FORMAT_VERSION;
 use crate::store::Durability;
 use crate::{Error, Result};
 
+/// Whether a commit is signed as it is made, or left unsigned for a later signed commit to
+/// prove (within the capsule's K-records / T-seconds bound, which `signing::SignPolicy` keeps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signing {
+    /// Signed as it is made: the signature proves it and the unsigned commits before it.
+    Now,
+    /// Unsigned: proven once a later signed commit holds it.
+    Later,
+}
+
 impl Fs {
     fn set_content(inodes: &mut Trie<Inode>, table: &dyn NodeSource, ino: u64, root: Option<Ref>) -> Result<()> {
         if let Some(mut inode) = inodes.get(table, ino)? {
@@ -59,9 +69,9 @@ impl Fs {
         }
     }
 
-    /// Seals every change into one record (signed if `sign`) and makes it the new base.
+    /// Seals every change into one record (signed as `sign` says) and makes it the new base.
     /// Returns None when there was nothing to commit.
-    pub fn commit(&mut self, sign: bool, durability: Durability) -> Result<Option<RecordHash>> {
+    pub fn commit(&mut self, sign: Signing, durability: Durability) -> Result<Option<RecordHash>> {
         if !self.is_dirty() {
             return self.writable().map(|()| None);
         }
@@ -76,10 +86,10 @@ impl Fs {
     /// A signed commit even when nothing changed (a record of one superblock), so that the
     /// unsigned commits before it are proven by a signature within the capsule's T bound.
     pub fn sign_now(&mut self, durability: Durability) -> Result<RecordHash> {
-        self.append_commit(true, durability)
+        self.append_commit(Signing::Now, durability)
     }
 
-    fn append_commit(&mut self, sign: bool, durability: Durability) -> Result<RecordHash> {
+    fn append_commit(&mut self, sign: Signing, durability: Durability) -> Result<RecordHash> {
         let Some(writer) = self.writer.as_ref() else { return Err(Error::ReadOnlyView) };
         // Work on copies, so a failed append leaves every change in place to retry.
         let mut inodes = self.inodes.clone();
@@ -141,7 +151,7 @@ impl Fs {
         };
         builder.push(&sealed.place(SealedKind::Superblock, 0, 0, 0), &sb.encode());
         let parents = heads::commit_parents(&sealed.capsule, &self.heads)?;
-        let record = builder.finish(writer, &parents, sign, durability)?;
+        let record = builder.finish(writer, &parents, sign == Signing::Now, durability)?;
         // Every tree's new nodes go to the cache decoded: the next write reads the same paths.
         Self::contents_committed(&mut files, file_nodes, SealedKind::ChunkMap, record, sealed);
         Self::contents_committed(&mut dirs, dir_nodes, SealedKind::Directory, record, sealed);

@@ -33,6 +33,7 @@ use crate::crypto::keys::Identity;
 use crate::member::KeyRing;
 use crate::record::{RecordHash, RecordKind, SubIdx};
 use crate::{Error, Result};
+pub use commits::Signing;
 pub use following::{Changes, Followed};
 pub use xattrs::XattrMode;
 
