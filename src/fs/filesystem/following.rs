@@ -4,9 +4,9 @@
 use super::Fs;
 use crate::Result;
 use crate::crypto::aead::SealedKind;
-use crate::fs::heads;
 use crate::fs::node::{Bucket, Inode, Kind};
 use crate::fs::state::{DIR_LEAF, State, current_tree};
+use crate::fs::{heads, merge};
 use crate::record::RecordHash;
 
 /// What moving to another commit changed, for the kernel's caches to forget.
@@ -60,7 +60,7 @@ impl Fs {
         if !still_open.is_empty() && self.held_back.as_ref().is_some_and(|(held, _)| *held == heads) {
             return Ok(Followed::HeldBack(still_open));
         }
-        let state = State::of_heads(&self.sealed, &heads)?;
+        let state = merge::of_heads(&self.sealed, &heads)?;
         let changes = self.changes(&state)?;
         let held = self.written_and_changed(&state, &changes)?;
         if !held.is_empty() {

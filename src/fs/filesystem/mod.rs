@@ -20,13 +20,13 @@ mod xattrs;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::heads;
 use super::node::{Bucket, Chunk, Inode, Kind, ROOT_INO, Time};
 use super::payload_cache::Caches;
 use super::sealed::Sealed;
 use super::sealer::{ChunkKey, Sealer};
 use super::state::State;
 use super::trie::{Ref, Trie};
+use super::{heads, merge};
 use crate::capsule::Capsule;
 use crate::crypto::aead::SealedKind;
 use crate::crypto::keys::Identity;
@@ -101,7 +101,7 @@ fn shown(name: &[u8]) -> String {
 
 impl Fs {
     /// The filesystem as of the capsule's filesystem heads, writable by `writer`: one
-    /// commit's state, or the deterministic merge of branches made apart (`State::of_heads`);
+    /// commit's state, or the deterministic merge of branches made apart (`merge::of_heads`);
     /// empty if there is no commit yet.
     pub fn open(capsule: Arc<Capsule>, keys: impl Into<KeyRing>, writer: Option<Identity>) -> Result<Self> {
         let fs_heads = heads::filesystem_heads(&capsule)?;
@@ -111,7 +111,7 @@ impl Fs {
             fs.put_inode(ROOT_INO, Inode::new(Kind::Dir, 0o755, 0, 0))?;
             return Ok(fs);
         }
-        match State::of_heads(&sealed, &fs_heads) {
+        match merge::of_heads(&sealed, &fs_heads) {
             Ok(state) => Ok(Self::with_state(sealed, writer, state, fs_heads)),
             // A member removed from the capsule reads on what was shared with them.
             Err(Error::NoKey(why)) if writer.is_none() => {
