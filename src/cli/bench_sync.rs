@@ -25,6 +25,7 @@ use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule, Parents};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::crypto::random_bytes;
 use capsulefs::fs::Fs;
+use capsulefs::fs::filesystem::Signing;
 use capsulefs::fs::node::{Inode, Kind, ROOT_INO};
 use capsulefs::member::{content_key, create_keystore};
 use capsulefs::record::{RecordHash, SubRecordBuf};
@@ -348,12 +349,12 @@ fn push_against_rsync(dir: &Path, me: &Identity, mib: usize) -> anyhow::Result<T
             out.write_all(&block)?;
             fs.write(ino, (m << 20) as u64, &block)?;
             if fs.pending_bytes() >= 16 << 20 {
-                fs.commit(false, Durability::Buffered)?;
+                fs.commit(Signing::Later, Durability::Buffered)?;
             }
         }
     }
     // The end signed, as an unmount leaves it, so every commit can go to a replica.
-    if fs.commit(true, Durability::Durable)?.is_none() {
+    if fs.commit(Signing::Now, Durability::Durable)?.is_none() {
         fs.sign_now(Durability::Durable)?;
     }
     drop(fs);

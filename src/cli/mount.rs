@@ -22,7 +22,7 @@ use capsulefs::Error;
 use capsulefs::capsule::{Capsule, PROOF_CACHE_RECORDS};
 use capsulefs::crypto::keys::Identity;
 use capsulefs::fs::Fs;
-use capsulefs::fs::filesystem::Followed;
+use capsulefs::fs::filesystem::{Followed, Signing};
 use capsulefs::fs::node::ROOT_INO;
 use capsulefs::fs::payload_cache::Caches;
 use capsulefs::fuse::{CapsuleFs, MAX_READAHEAD};
@@ -214,7 +214,7 @@ fn serve(home: &Home, a: &MountArgs) -> anyhow::Result<()> {
         if marker.exists() {
             let swept = fs.sweep_orphans().context("removing files left unlinked by a crash")?;
             if swept > 0 {
-                fs.commit(true, Durability::Durable)?;
+                fs.commit(Signing::Now, Durability::Durable)?;
                 tracing::warn!("the last mount ended uncleanly: removed {swept} unlinked file(s) it still held open");
             }
         }

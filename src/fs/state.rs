@@ -1,12 +1,10 @@
-//! A filesystem state as the capsule's heads define it: one commit's, or, when writers or
-//! devices branched, the deterministic merge of every branch (`merge`), computed alike by
-//! every machine that holds the same heads.
+//! A filesystem state: one commit's, or one that `merge` made of several (the deterministic
+//! merge of branches that writers or devices made apart, computed alike by every machine that
+//! holds the same heads). `merge` builds on this module, never the other way round.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
-use super::heads;
-use super::merge;
 use super::node::{Bucket, Inode, Superblock};
 use super::sealed::Sealed;
 use super::trie::{Loc, Ref, Trie, Value};
@@ -80,25 +78,6 @@ impl State {
             None => Trie::empty(INODE_LEAF),
         };
         Ok(Self { inodes, dirs: HashMap::new(), allocated: sb.allocated.into_iter().collect() })
-    }
-
-    /// The state holding every one of `heads`: none for no heads, a commit's own for one,
-    /// and for more, their merge, folded in hash order (each later head wins the conflicts
-    /// against the merge of those before it), from the merge of their common commits.
-    pub fn of_heads(sealed: &Sealed, heads: &[RecordHash]) -> Result<Self> {
-        let mut sorted = heads.to_vec();
-        sorted.sort();
-        sorted.dedup();
-        let Some((&first, rest)) = sorted.split_first() else { return Ok(Self::empty()) };
-        let mut state = Self::committed(sealed, first)?;
-        let mut merged = vec![first];
-        for &head in rest {
-            let bases = heads::merge_bases(&sealed.capsule, &merged, head)?;
-            let base = Self::of_heads(sealed, &bases)?;
-            state = merge::three_way(sealed, &base, &state, &Self::committed(sealed, head)?)?;
-            merged.push(head);
-        }
-        Ok(state)
     }
 
     pub fn inode(&self, sealed: &Sealed, ino: u64) -> Result<Option<Inode>> {

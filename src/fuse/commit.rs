@@ -1,8 +1,7 @@
-//! When a mount commits and signs: the capsule's K-records / T-seconds signing bound, the
-//! commits that closes of written files ask for, and the time bound on changes that nothing
-//! committed. The timer thread makes the close commits and enforces both bounds when nothing
-//! else happens: it commits changes that waited, and signs unsigned commits that waited T
-//! seconds.
+//! When a mount commits: the commits that closes of written files ask for, and the time bound
+//! on changes that nothing committed. The timer thread makes the close commits and enforces
+//! both the time bound and the signing bound (`fs::signing`) when nothing else happens: it
+//! commits changes that waited, and signs unsigned commits that waited T seconds.
 
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -10,92 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::Result;
 use crate::fs::Fs;
-use crate::record::Params;
+use crate::fs::filesystem::Signing;
+use crate::fs::signing::{SignPolicy, commit, commit_durable, sign_waiting};
 use crate::store::Durability;
-
-/// When unsigned commits must end with a signed one (the capsule's K and T bounds).
-pub struct SignPolicy {
-    every_records: u32,
-    every: Duration,
-    /// Commits since the last signed one, and when the first of them was made.
-    unsigned: u32,
-    since: Option<Instant>,
-    /// Commits made by this mount, and how many of them signed (for `.capsule/status`).
-    pub commits: u64,
-    pub signed: u64,
-}
-
-impl SignPolicy {
-    pub fn new(params: &Params) -> Self {
-        Self {
-            every_records: params.sign_every_records.max(1),
-            every: Duration::from_secs(u64::from(params.sign_every_secs)),
-            unsigned: 0,
-            since: None,
-            commits: 0,
-            signed: 0,
-        }
-    }
-
-    fn due(&self) -> bool {
-        self.unsigned + 1 >= self.every_records || self.overdue()
-    }
-
-    /// Whether unsigned commits have waited T seconds for a signature.
-    fn overdue(&self) -> bool {
-        self.since.is_some_and(|t| t.elapsed() >= self.every)
-    }
-
-    fn record(&mut self, signed: bool) {
-        self.commits += 1;
-        self.signed += u64::from(signed);
-        if signed {
-            (self.unsigned, self.since) = (0, None);
-        } else {
-            self.unsigned += 1;
-            self.since.get_or_insert_with(Instant::now);
-        }
-    }
-}
-
-/// Commits pending changes; signed when asked or when the policy says so.
-pub fn commit(policy: &Mutex<SignPolicy>, fs: &mut Fs, force_sign: bool, durability: Durability) -> Result<()> {
-    if !fs.is_dirty() {
-        return Ok(());
-    }
-    let mut policy = policy.lock().expect("no panics while locked");
-    let sign = force_sign || policy.due();
-    if fs.commit(sign, durability)?.is_some() {
-        policy.record(sign);
-    }
-    Ok(())
-}
-
-/// fsync, fsyncdir and unmount: everything pending in a signed commit; with nothing pending,
-/// a signature for commits still unsigned (so every commit can be proven without the
-/// writer's key); either way every commit so far durable before returning, including ones
-/// that closes made, buffered, just before.
-pub fn commit_durable(policy: &Mutex<SignPolicy>, fs: &mut Fs) -> Result<()> {
-    if fs.is_dirty() {
-        return commit(policy, fs, true, Durability::Durable);
-    }
-    if !sign_waiting(policy, fs, false, Durability::Durable)? {
-        fs.sync()?;
-    }
-    Ok(())
-}
-
-/// Signs a commit of nothing when unsigned ones wait for a signature: once they have waited
-/// T seconds (`overdue_only`), or at all. Returns whether it signed.
-fn sign_waiting(policy: &Mutex<SignPolicy>, fs: &mut Fs, overdue_only: bool, durability: Durability) -> Result<bool> {
-    let mut policy = policy.lock().expect("no panics while locked");
-    let waiting = if overdue_only { policy.overdue() } else { policy.unsigned > 0 };
-    if waiting {
-        fs.sign_now(durability)?;
-        policy.record(true);
-    }
-    Ok(waiting)
-}
 
 /// How long a commit asked for by a close waits for more closes to share it. Committing on
 /// every close, inline, was half the time of extracting 5000 small files (one record each);
@@ -185,7 +101,7 @@ impl CommitTimer {
                 let waited = dirty_since.get_or_insert_with(Instant::now).elapsed() >= after;
                 if matches!(wake, Wake::Commit) || waited {
                     dirty_since = None;
-                    if let Err(e) = commit(&policy, &mut fs, false, Durability::Buffered) {
+                    if let Err(e) = commit(&policy, &mut fs, Signing::Later, Durability::Buffered) {
                         tracing::error!(
                             "commit after a close or the time bound failed (changes stay pending; fsync to retry): {e}"
                         );

@@ -6,6 +6,7 @@ use capsulefs::capsule::{AppendOptions, Capsule, NewCapsule};
 use capsulefs::crypto::aead::SealedKind;
 use capsulefs::crypto::keys::Identity;
 use capsulefs::fs::Fs;
+use capsulefs::fs::filesystem::Signing;
 use capsulefs::fs::heads::filesystem_heads;
 use capsulefs::fs::node::{CHUNK_SIZE, Inode, Kind, ROOT_INO};
 use capsulefs::fs::sealed::Sealed;
@@ -48,7 +49,7 @@ fn dir() -> Inode {
 }
 
 fn commit(fs: &mut Fs) -> RecordHash {
-    fs.commit(true, Durability::Buffered).unwrap().expect("something to commit")
+    fs.commit(Signing::Now, Durability::Buffered).unwrap().expect("something to commit")
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

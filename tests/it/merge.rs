@@ -9,7 +9,7 @@ use capsulefs::capsule::{Capsule, NewCapsule};
 use capsulefs::crypto::aead::ContentKey;
 use capsulefs::crypto::keys::Identity;
 use capsulefs::fs::Fs;
-use capsulefs::fs::filesystem::Followed;
+use capsulefs::fs::filesystem::{Followed, Signing};
 use capsulefs::fs::heads::filesystem_heads;
 use capsulefs::fs::node::{DirEntry, Inode, Kind, ROOT_INO};
 use capsulefs::member::{self, content_key, create_keystore};
@@ -51,7 +51,7 @@ impl Machines {
 }
 
 fn commit(fs: &mut Fs) -> RecordHash {
-    fs.commit(true, Durability::Buffered).unwrap().expect("something to commit")
+    fs.commit(Signing::Now, Durability::Buffered).unwrap().expect("something to commit")
 }
 
 fn make_file(fs: &mut Fs, dir: u64, name: &str, content: &[u8]) -> u64 {
@@ -188,7 +188,7 @@ fn the_next_commit_records_the_merge_and_two_mounts_settle_without_merging_again
     for fs in [&mut a, &mut b] {
         assert!(matches!(fs.follow().unwrap(), Followed::Moved(heads, _) if heads.len() == 2));
         assert!(!fs.is_dirty(), "a merge alone is no change to commit");
-        assert_eq!(fs.commit(true, Durability::Buffered).unwrap(), None);
+        assert_eq!(fs.commit(Signing::Now, Durability::Buffered).unwrap(), None);
     }
     let merged = shown(&a);
     assert_eq!(merged, shown(&b));
@@ -584,7 +584,7 @@ mod random {
         for op in base {
             apply(&mut a, op, "base");
         }
-        a.commit(true, Durability::Buffered).unwrap();
+        a.commit(Signing::Now, Durability::Buffered).unwrap();
         m.exchange();
         let mut b = m.fs(&m.b);
         for op in left {
@@ -593,8 +593,8 @@ mod random {
         for op in right {
             apply(&mut b, op, "b");
         }
-        a.commit(true, Durability::Buffered).unwrap();
-        b.commit(true, Durability::Buffered).unwrap();
+        a.commit(Signing::Now, Durability::Buffered).unwrap();
+        b.commit(Signing::Now, Durability::Buffered).unwrap();
         // B's state now is the base of the last merge: A takes it in below, B never sees
         // A's merge before making more changes.
         let base_of_last = files(&b);
@@ -618,8 +618,8 @@ mod random {
             .filter(|(ino, bytes)| base_of_last.get(ino) != Some(bytes))
             .map(|(_, bytes)| bytes)
             .collect();
-        a.commit(true, Durability::Buffered).unwrap();
-        b.commit(true, Durability::Buffered).unwrap();
+        a.commit(Signing::Now, Durability::Buffered).unwrap();
+        b.commit(Signing::Now, Durability::Buffered).unwrap();
         m.exchange();
         let (a, b) = (m.fs(&m.a), m.fs(&m.b));
         assert_no_dangling(&a);
@@ -697,7 +697,7 @@ mod random {
         for op in base {
             apply(&mut a, op, "base");
         }
-        a.commit(true, Durability::Buffered).unwrap();
+        a.commit(Signing::Now, Durability::Buffered).unwrap();
         let caps = [m.a.clone(), m.b.clone(), c];
         let everyone = || {
             for _ in 0..2 {
@@ -722,7 +722,7 @@ mod random {
                 for op in ops {
                     apply(&mut fs, op, &format!("{me}.{i}"));
                 }
-                fs.commit(true, Durability::Buffered).unwrap();
+                fs.commit(Signing::Now, Durability::Buffered).unwrap();
             }
         }
         everyone();
