@@ -10,7 +10,7 @@ use super::control::{Node, Status};
 use super::kernel::attr;
 use crate::fs::Fs;
 use crate::fs::node::{Inode, Kind, ROOT_INO};
-use crate::replica::status::SyncStatus;
+use crate::sync::status::SyncStatus;
 use crate::{Error, Result};
 
 /// Maps an inode number of the tree being read to the kernel's number for it.

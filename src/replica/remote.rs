@@ -1,4 +1,4 @@
-//! A `capsulefs serve` replica, over HTTP with borsh bodies (routes in `net::protocol`).
+//! A `capsulefs serve` replica, over HTTP with borsh bodies (routes in `wire::protocol`).
 //!
 //! Blocking (ureq): the transfer code above the trait is synchronous like the rest of the
 //! core, so no runtime is needed on the client side. Every answer is size-capped before it is
