@@ -16,7 +16,7 @@ DEMO_HOME ?= $(CURDIR)/.demo
 APT_PACKAGES := librocksdb-dev libclang-dev clang pkg-config fuse3 libfuse3-dev attr rsync git sqlite3 curl openssl \
 	python3 python3-venv
 
-.PHONY: help deps deps-bench bench-fs bench-sync bench-quorum bench-s3 bench-soak tools garage build test lint bench chaos man completions install demo clean
+.PHONY: help deps deps-bench build-bench bench-fs bench-sync bench-quorum bench-s3 bench-soak tools garage build test lint bench chaos man completions install demo clean
 
 # Test tools from crates.io, pinned, kept out of the way in target/tools.
 TOOLS := $(CURDIR)/target/tools
@@ -71,14 +71,19 @@ $(TOOLS)/moto/bin/moto_server:
 build:
 	$(CARGO) build --release --locked
 
+# The same binary with `capsulefs bench ...`, which the shipped one leaves out.
+build-bench:
+	$(CARGO) build --release --locked --features bench
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --all-targets --features bench -- -D warnings
 
 test: lint tools
 	GARAGE=$(GARAGE_ROOT)/bin/garage $(CARGO) test --locked
 
-bench: build
+bench: build-bench
 	$(BIN) bench proofs
 
 # Three mounts syncing through a server, random operations and faults from one seed; the last
@@ -94,11 +99,11 @@ bench-fs: build
 
 # Two replicas of 100k records on loopback, a 512 MiB push against an rsync daemon, and two
 # mounts syncing through one server against Syncthing (root: it mounts).
-bench-sync: build
+bench-sync: build-bench
 	$(BIN) bench sync
 
 # Pull through a quorum of 4 servers against one, and fork detection by simulation.
-bench-quorum: build
+bench-quorum: build-bench
 	$(BIN) bench quorum
 
 # capsulefs against the AWS CLI on a three-node Garage cluster (root: it mounts).

@@ -96,7 +96,6 @@ fn help_exists_for_every_command() {
         &["prove", "--help"],
         &["log", "--help"],
         &["verify", "--help"],
-        &["bench", "proofs", "--help"],
         &["completions", "--help"],
     ] {
         let out = home.ok(cmd);

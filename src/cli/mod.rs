@@ -1,10 +1,9 @@
 //! Command-line edge: the one clap definition (help, man pages and completions all come from
 //! it), dispatch to one module per command, and the error-to-exit-code table.
 
+// Benchmarks stay out of the shipped binary: `make bench*` builds with `--features bench`.
+#[cfg(feature = "bench")]
 mod bench;
-mod bench_mountsync;
-mod bench_quorum;
-mod bench_sync;
 mod capsules;
 mod docs;
 mod home;
@@ -109,6 +108,7 @@ pub enum Command {
     Clone(replicas::CloneArgs),
     /// Benchmarks.
     #[command(subcommand)]
+    #[cfg(feature = "bench")]
     Bench(bench::BenchCommand),
     /// Print shell completions.
     Completions(docs::CompletionsArgs),
@@ -154,6 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Pull(a) => replicas::pull(&home, a),
         Command::Sync(a) => replicas::sync(&home, a),
         Command::Clone(a) => replicas::clone(&home, a),
+        #[cfg(feature = "bench")]
         Command::Bench(cmd) => bench::run(cmd),
         Command::Completions(a) => docs::completions(a),
         Command::GenerateMan(a) => docs::man(a),

@@ -253,7 +253,7 @@ fn cold_read(file: &Path) -> anyhow::Result<f64> {
 }
 
 pub fn run(root: &Path) -> anyhow::Result<MountSync> {
-    let server = super::bench_sync::Served::start(&root.join("server"))?;
+    let server = super::served::Served::start(&root.join("server"))?;
     let url = format!("http://{}", server.addr);
     let desk = root.join("desk");
     let id = exec(capsulefs(&desk)?.args(["create", "c"]))?.trim().to_owned();

@@ -19,6 +19,11 @@ use capsulefs::record::{RecordHash, SubIdx};
 use capsulefs::store::Durability;
 use capsulefs::store::rocks::RocksKv;
 
+mod mountsync;
+mod quorum;
+mod served;
+mod sync;
+
 const SUB_RECORD_LEN: usize = 128;
 const REVERSE_SIGN_EVERY: usize = 100;
 /// Each row is measured this many times, each in a fresh capsule; the median is reported.
@@ -34,17 +39,17 @@ pub enum BenchCommand {
         ops: usize,
     },
     /// Anti-entropy and push throughput against `capsulefs serve` on loopback (make bench-sync).
-    Sync(super::bench_sync::SyncBenchArgs),
+    Sync(sync::SyncBenchArgs),
     /// Pull latency through a quorum of four replicas against one, and the rate at which a
     /// forked writer is caught, by simulation (the `quorum:` line).
-    Quorum(super::bench_quorum::QuorumBenchArgs),
+    Quorum(quorum::QuorumBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Proofs { ops } => proofs(ops),
-        BenchCommand::Sync(a) => super::bench_sync::run(a),
-        BenchCommand::Quorum(a) => super::bench_quorum::run(a),
+        BenchCommand::Sync(a) => sync::run(a),
+        BenchCommand::Quorum(a) => quorum::run(a),
     }
 }
 

@@ -10,10 +10,10 @@
 //! by a byte-counting proxy between the two, are reported in their own columns.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +36,8 @@ use capsulefs::store::Durability;
 use capsulefs::store::rocks::RocksKv;
 use capsulefs::sync::{heads, transfer};
 use capsulefs::wire::MAX_HASHES;
+
+use super::served::Served;
 
 #[derive(Parser, Debug)]
 pub struct SyncBenchArgs {
@@ -125,36 +127,6 @@ impl Proxy {
 
     fn wire(&self) -> u64 {
         self.up.load(Ordering::Relaxed) + self.down.load(Ordering::Relaxed)
-    }
-}
-
-/// A `capsulefs serve` on a free loopback port, ended when dropped.
-pub(super) struct Served {
-    child: Child,
-    pub(super) addr: String,
-}
-
-impl Served {
-    pub(super) fn start(store: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--listen", "127.0.0.1:0", "--store"])
-            .arg(store)
-            // Benches make identities of their own, and capsules by the hundred.
-            .args(["--open", "--max-capsules-per-creator", "100000", "--max-mib-per-creator", "1048576"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        let addr = line.trim().strip_prefix("listening on ").context("the server's readiness line")?.to_owned();
-        Ok(Self { child, addr })
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -438,7 +410,7 @@ pub fn run(a: SyncBenchArgs) -> anyhow::Result<()> {
     if a.push_only {
         return Ok(());
     }
-    let m = super::bench_mountsync::run(&dir.path().join("mountsync"))?;
+    let m = super::mountsync::run(&dir.path().join("mountsync"))?;
     println!(
         "mountsync: propagate_p50_ms={:.0} propagate_p99_ms={:.0} remote_cold_read_vs_local={:.2}",
         m.p50_ms, m.p99_ms, m.cold_read_ratio

@@ -28,7 +28,7 @@ use capsulefs::store::mem::MemKv;
 use capsulefs::sync::quorum::Quorum;
 use capsulefs::sync::transfer::{pull, push};
 
-use super::bench_sync::Served;
+use super::served::Served;
 
 /// Simulated reads per (n, f).
 const TRIALS: u32 = 200_000;
