@@ -6,6 +6,7 @@
 mod audit;
 mod dag;
 mod forks;
+mod incoming;
 mod ingest;
 pub mod membership;
 mod read;
@@ -17,7 +18,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use audit::AuditReport;
-pub use ingest::{Admission, Admitted, Incoming, Ingested, Pending, StagedBatch};
+pub use incoming::{Incoming, Pending, StagedBatch};
+pub use ingest::{Admission, Admitted, Ingested};
 pub use read::{EarlierProofs, SubRecordFill};
 pub(crate) use write::sub_records;
 pub use write::{AppendOptions, Parents};
