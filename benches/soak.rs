@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use capsulefs::crypto::keys::Keyring;
+use capsulefs::crypto::keys::KeyFolder;
 use capsulefs::record::codec;
 use capsulefs::record::{CapsuleId, DeviceId, RecordHash};
 use capsulefs::wire::Bundle;
@@ -288,7 +288,7 @@ fn start_floods(server: &Arc<Server>, target: &str, target_head: RecordHash, pol
             Box::new(move || {
                 let stranger = Home::new();
                 stranger.ok(&["key", "new"]);
-                let me = Keyring::load(&stranger.0.path().join("keys")).unwrap().identities()[0].clone();
+                let me = KeyFolder::load(&stranger.0.path().join("keys")).unwrap().identities()[0].clone();
                 let capsule = CapsuleId::from_hex(&target).unwrap();
                 let mut seq = 1;
                 while !stop.load(Ordering::Relaxed) {

@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Command;
 use std::sync::Arc;
 
-use capsulefs::crypto::keys::Keyring;
+use capsulefs::crypto::keys::KeyFolder;
 use capsulefs::record::codec::FORMAT_VERSION;
 use capsulefs::record::{
     DeviceId, KeyGen, MerklePath, Record, RecordHash, RecordHeader, RecordKind, Seq, SubRecord, merkle,
@@ -238,7 +238,7 @@ fn forged_trust_state_in_a_real_store_is_refused() {
     let f = home.file("a", b"genuine");
     let genuine = last_line(&home.ok(&["append", "c", "--sign", f.to_str().unwrap()]));
     home.ok(&["cat", "c", &format!("{genuine}:0")]); // proven, and marked in the store
-    let owner = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].writer();
+    let owner = KeyFolder::load(&home.path().join("keys")).unwrap().identities()[0].writer();
     let kv = Arc::new(RocksKv::open(&home.store_path(&id), false).unwrap());
     let genuine_hash = RecordHash::from_hex(&genuine).unwrap();
     let valid_mark = kv.get(Cf::Proven, genuine_hash.as_bytes()).unwrap().expect("a persisted proven mark");

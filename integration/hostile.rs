@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capsulefs::capsule::Capsule;
-use capsulefs::crypto::keys::{Identity, Keyring};
+use capsulefs::crypto::keys::{Identity, KeyFolder};
 use capsulefs::crypto::sign;
 use capsulefs::record::codec::{self, FORMAT_VERSION};
 use capsulefs::record::{CapsuleId, DeviceId, KeyGen, Record, RecordHash, RecordHeader, RecordKind, Seq, merkle};
@@ -28,7 +28,7 @@ use super::{Home, Mounted, write_fsynced};
 
 /// The first identity of `home`.
 fn identity(home: &Home) -> Identity {
-    Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone()
+    KeyFolder::load(&home.path().join("keys")).unwrap().identities()[0].clone()
 }
 
 /// A record of capsule `id` by `by`, numbered (device, seq), of `kind`, on `parents`, with

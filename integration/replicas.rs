@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capsulefs::crypto::keys::Keyring;
+use capsulefs::crypto::keys::KeyFolder;
 use capsulefs::record::codec;
 use capsulefs::record::{CapsuleId, DeviceId, Record, RecordHash};
 use capsulefs::wire::Bundle;
@@ -111,7 +111,7 @@ fn a_server_killed_mid_push_loses_nothing_acknowledged_and_the_push_resumes() {
 
 /// A record of capsule `id` by the home's own key, as raw bytes, and its one payload.
 fn record_bytes(home: &Home, id: &str, parent: RecordHash, seq: u64, signed: bool) -> Bundle {
-    let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
+    let me = KeyFolder::load(&home.path().join("keys")).unwrap().identities()[0].clone();
     let payload = format!("payload {seq}").into_bytes();
     data_record(&me, CapsuleId::from_hex(id).unwrap(), DeviceId([6; 16]), (parent, seq), payload, signed)
 }

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use capsulefs::crypto::keys::Keyring;
+use capsulefs::crypto::keys::KeyFolder;
 use capsulefs::crypto::sign;
 use capsulefs::record::metadata::SignedMetadata;
 
@@ -443,7 +443,7 @@ fn the_shipped_config_file_is_read_flags_win_and_a_server_runs_by_one() {
 /// `count` more capsules of the creator of `home`'s capsule `id` on `server`, as signed
 /// metadata, each with its id in hex.
 fn more_capsules(home: &Home, server: &Server, id: &str, count: u32) -> Vec<(String, Vec<u8>)> {
-    let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
+    let me = KeyFolder::load(&home.path().join("keys")).unwrap().identities()[0].clone();
     let out = std::process::Command::new("curl")
         .args(["-sf", &format!("{}/v1/capsules/{id}/metadata", server.url())])
         .output()
@@ -503,7 +503,7 @@ fn creator_bytes(server: &Server, creator: &str) -> u64 {
 fn pushes_racing_for_the_last_of_a_quota_never_pass_it() {
     let home = Home::default();
     let id = home.ok(&["create", "c"]).trim().to_owned();
-    let me = Keyring::load(&home.path().join("keys")).unwrap().identities()[0].clone();
+    let me = KeyFolder::load(&home.path().join("keys")).unwrap().identities()[0].clone();
     let creator = me.writer().to_hex();
     let server = Server::start();
     home.ok(&["push", "c", &server.url()]);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::incoming::{
     Incoming, MAX_UNSIGNED_WRITERS, Pending, StagedBatch, anchored_within, parents_first, staged_in, with_descendants,
 };
-use super::membership::{Scope, Tentative};
+use super::membership::{Revocations, Scope, Tentative};
 use super::{Capsule, HeadFacts, WriteState};
 use crate::proof::witness::{Step, WitnessWalk};
 use crate::record::{Record, RecordHash, RecordHeader, RecordKind, SubIdx, WriterId};
@@ -369,7 +369,7 @@ impl Capsule {
             let (h, header) = (incoming.hash, &incoming.record.header);
             let frontier = {
                 let scope = Scope::with(self, &view);
-                match self.history.check_writer(&scope, h, header, true) {
+                match self.history.check_writer(&scope, h, header, Revocations::Apply) {
                     Err(e @ Error::Verify(VerifyError::Revoked { .. })) => {
                         return Err(Refusal::Revoked(h, Box::new(e)));
                     }

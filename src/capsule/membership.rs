@@ -127,13 +127,22 @@ impl Default for History {
     }
 }
 
+/// Whether a writer check applies the revocations known here: to a record arriving, yes; to
+/// one already held (proving a read), no, since records held before their writer's
+/// revocation arrived stay readable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revocations {
+    Apply,
+    Ignore,
+}
+
 impl History {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().expect("no panics while locked")
     }
 
     /// The rights as of `header`'s parents let its writer make record `record`: they hold the
-    /// write level there, and, with `cut_off` (a record arriving), no revocation held here
+    /// write level there, and, for a record arriving (`Revocations::Apply`), no revocation held here
     /// (or passed earlier in the scope's batch) cuts the record off. Records held before
     /// their writer's revocation arrived stay readable here; they travel to no replica that
     /// knows it. Returns the parents' frontier.
@@ -142,7 +151,7 @@ impl History {
         scope: &Scope<'_>,
         record: RecordHash,
         header: &RecordHeader,
-        cut_off: bool,
+        revocations: Revocations,
     ) -> Result<Vec<RecordHash>> {
         let frontier = self.frontier_of(scope, &header.parents)?;
         let rights = self.rights_at(scope, &frontier)?;
@@ -151,7 +160,7 @@ impl History {
             tracing::warn!(?record, writer = %header.writer, "refused: its writer held {level} as of its parents, not write");
             return Err(VerifyError::UnauthorizedWriter { record, writer: header.writer }.into());
         }
-        if cut_off {
+        if revocations == Revocations::Apply {
             let held = self.revocations(scope.capsule)?;
             let passed = &scope.memo.borrow().revocations;
             for known in [&held[..], &passed[..]] {
@@ -320,7 +329,7 @@ impl History {
         if capsule.trust().key.is_none() {
             return Ok(None);
         }
-        let Some(kept) = capsule.store().frontier(&h)? else { return Ok(None) };
+        let Some(kept) = capsule.store.frontier(&h)? else { return Ok(None) };
         let Some(upto) = open_frontier(capsule, h, &kept) else {
             tracing::warn!(?h, "ignoring a membership frontier this machine did not keep (the store was altered)");
             return Ok(None);
@@ -339,9 +348,9 @@ impl History {
         self.lock().upto.put(h, upto.clone());
         let capsule = scope.capsule;
         if let Some(kept) = seal_frontier(capsule, h, upto) {
-            let mut batch = capsule.store().batch();
+            let mut batch = capsule.store.batch();
             batch.put_frontier(&h, kept);
-            if let Err(e) = capsule.store().write(batch, crate::store::Durability::Buffered) {
+            if let Err(e) = capsule.store.write(batch, crate::store::Durability::Buffered) {
                 tracing::debug!("not keeping a membership frontier: {e}");
             }
         }
@@ -469,7 +478,7 @@ impl History {
         }
         let scope = Scope::stored(capsule);
         let mut known = Vec::new();
-        for m in capsule.store().memberships()? {
+        for m in capsule.store.memberships()? {
             known.extend(self.revocations_in(&scope, m)?);
         }
         let known = Arc::new(known);

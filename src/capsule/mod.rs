@@ -311,8 +311,36 @@ impl Capsule {
         &self.signed.metadata
     }
 
+    /// The store itself, read by the local replica (`replica::local`) and `verify`, and by tests
+    /// that inspect it or, playing someone who can write its files, alter it. Every write of
+    /// capsulefs's own goes through the capsule (`append`, `admit`).
     pub fn store(&self) -> &CapsuleStore {
         &self.store
+    }
+
+    /// Whether record `h` is held here (a record is held only with all its ancestors).
+    pub fn holds(&self, h: &RecordHash) -> Result<bool> {
+        self.store.has_record(h)
+    }
+
+    /// Record `h`'s height (1 + its highest parent's), if it is held.
+    pub fn height(&self, h: &RecordHash) -> Result<Option<u64>> {
+        self.store.height(h)
+    }
+
+    /// Whether some records are held without their sub-records (a sparse copy).
+    pub fn is_sparse(&self) -> Result<bool> {
+        self.store.is_sparse()
+    }
+
+    /// The highest sequence number held of `writer`'s `device`.
+    pub fn last_seq(&self, writer: &WriterId, device: &DeviceId) -> Result<Option<Seq>> {
+        self.store.last_seq(writer, device)
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync_to_disk(&self) -> Result<()> {
+        self.store.sync()
     }
 
     /// What replica `url` was last seen to hold, by writer and device: the highest signed

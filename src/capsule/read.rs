@@ -4,7 +4,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use super::Capsule;
-use super::membership::Scope;
+use super::membership::{Revocations, Scope};
 use crate::crypto::sign;
 use crate::proof::verify::{Authority, CacheUse, Prover};
 use crate::proof::{ProofCache, RecordProof, SubRecordProof, Verified};
@@ -35,7 +35,7 @@ pub enum EarlierProofs {
 
 impl Authority for Capsule {
     fn check_writer(&self, record: RecordHash, header: &RecordHeader) -> Result<()> {
-        self.history.check_writer(&Scope::stored(self), record, header, false).map(drop)
+        self.history.check_writer(&Scope::stored(self), record, header, Revocations::Ignore).map(drop)
     }
 }
 

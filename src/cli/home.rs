@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow, bail};
 
 use capsulefs::capsule::Capsule;
-use capsulefs::crypto::keys::{Identity, Keyring};
+use capsulefs::crypto::keys::{Identity, KeyFolder};
 use capsulefs::record::{CapsuleId, WriterId};
 use capsulefs::replica::objects::Pusher;
 use capsulefs::replica::prefetch::SubRecordSource;
@@ -43,8 +43,8 @@ impl Home {
         &self.root
     }
 
-    pub fn keyring(&self) -> Result<Keyring> {
-        Keyring::load(&self.root.join("keys"))
+    pub fn keyring(&self) -> Result<KeyFolder> {
+        KeyFolder::load(&self.root.join("keys"))
     }
 
     /// This machine's device id, made at random on first use: a folder or bucket replica keeps
@@ -239,7 +239,7 @@ impl Home {
             ))));
         }
         // A sparse clone reads the sub-records it lacks from its first replica.
-        if capsule.store().is_sparse()?
+        if capsule.is_sparse()?
             && let Some(url) = self.replicas(id)?.first()
         {
             capsule.fill_from(SubRecordSource::new(Arc::from(replica::open(url, *id, None)?)));

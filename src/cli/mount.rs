@@ -310,7 +310,7 @@ fn catch_up(home: &Home, capsule: &Arc<Capsule>, me: &Identity) {
     let urls = home.replicas(&capsule.id()).unwrap_or_default();
     let own_last = || {
         let device = capsule.device().ok()?;
-        capsule.store().last_seq(&me.writer(), &device).ok().flatten()
+        capsule.last_seq(&me.writer(), &device).ok().flatten()
     };
     let before = own_last();
     let (done, finished) = std::sync::mpsc::channel();

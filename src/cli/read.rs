@@ -63,7 +63,7 @@ fn describe_anchor(anchor: &Anchor) -> String {
 }
 
 fn print_record_proof(proof: &RecordProof) {
-    let chain: Vec<String> = proof.chain.iter().map(|h| h.to_hex()[..12].to_owned()).collect();
+    let chain: Vec<String> = proof.chain.iter().map(|h| h.short()).collect();
     println!("chain:       {} record(s): {}", proof.chain.len(), chain.join(" -> "));
     println!("anchor:      {}", describe_anchor(&proof.anchor));
 }
@@ -97,17 +97,14 @@ pub fn log(home: &Home, a: LogArgs) -> anyhow::Result<()> {
     for entry in capsule.log()? {
         let (h, record) = entry?;
         let hd = &record.header;
-        let parents: Vec<String> = hd
-            .parents
-            .iter()
-            .map(|p| if *p == genesis { "genesis".into() } else { p.to_hex()[..12].to_owned() })
-            .collect();
+        let parents: Vec<String> =
+            hd.parents.iter().map(|p| if *p == genesis { "genesis".into() } else { p.short() }).collect();
         writeln!(
             out,
             "{h} parents={} writer={} device={} seq={} {} subs={}{}",
             parents.join(","),
-            &hd.writer.to_hex()[..12],
-            &hex::encode(hd.device.0)[..8],
+            hd.writer.short(),
+            hd.device.short(),
             hd.seq.0,
             if record.signature.is_some() { "signed" } else { "unsigned" },
             hd.sub_count,

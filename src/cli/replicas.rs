@@ -160,8 +160,8 @@ fn print(verb: &str, preposition: &str, url: &str, r: &Report) {
             "capsulefs: warning: {url} lacks {} signed records of writer {} (device {}, up to seq {}) that this \
              capsule holds: it is behind or was rolled back; `capsulefs push` repairs it",
             lacking.count,
-            &lacking.writer.to_hex()[..12],
-            &hex::encode(lacking.device.0)[..8],
+            lacking.writer.short(),
+            lacking.device.short(),
             lacking.seq.0
         );
     }
@@ -546,7 +546,7 @@ pub fn local_for_mount(home: &Home, source: &str) -> anyhow::Result<String> {
     }
     let capsule = home.open(&id.to_hex())?;
     let remote = home.replica(url, &capsule)?;
-    let taking = if capsule.store().is_sparse()? { Take::Headers } else { Take::Whole };
+    let taking = if capsule.is_sparse()? { Take::Headers } else { Take::Whole };
     let report = transfer::pull_taking(&capsule, &*remote, taking, &Bar::new(&format!("pulling from {url}")))
         .with_context(|| format!("pulling from {url}"))?;
     print("pulled", "from", url, &report);

@@ -19,7 +19,7 @@ pub struct Identity {
 
 impl Identity {
     pub fn generate(name: &str) -> Result<Self> {
-        check_name(name)?;
+        check_identity_name(name)?;
         Ok(Self { name: name.to_owned(), key: SigningKey::from_bytes(&super::random_bytes()) })
     }
     pub fn name(&self) -> &str {
@@ -34,7 +34,7 @@ impl Identity {
 }
 
 /// Key names become file names, so keep them to a safe alphabet.
-fn check_name(name: &str) -> Result<()> {
+fn check_identity_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -50,12 +50,12 @@ fn check_name(name: &str) -> Result<()> {
 const TRUST_KEY_FILE: &str = "local-trust.secret";
 
 /// The identities in one folder.
-pub struct Keyring {
+pub struct KeyFolder {
     dir: PathBuf,
     identities: Vec<Identity>,
 }
 
-impl Keyring {
+impl KeyFolder {
     pub fn load(dir: &Path) -> Result<Self> {
         let mut identities = Vec::new();
         let entries = match fs::read_dir(dir) {
@@ -148,11 +148,11 @@ mod tests {
     #[test]
     fn keys_round_trip_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ring = Keyring::load(dir.path()).unwrap();
+        let mut ring = KeyFolder::load(dir.path()).unwrap();
         let w = ring.add(Identity::generate("alice").unwrap()).unwrap().writer();
         let mode = fs::metadata(dir.path().join("alice.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let again = Keyring::load(dir.path()).unwrap();
+        let again = KeyFolder::load(dir.path()).unwrap();
         assert_eq!(again.by_name("alice").unwrap().writer(), w);
         assert!(matches!(ring.add(Identity::generate("alice").unwrap()), Err(Error::Exists(_))));
         assert!(Identity::generate("../x").is_err());

@@ -72,7 +72,7 @@ pub fn newest_readable(
     readable: impl Fn(KeyGen) -> bool,
 ) -> Result<Option<RecordHash>> {
     let genesis = RecordHash::genesis(capsule.id());
-    let height = |h: RecordHash| -> Result<u64> { Ok(capsule.store().height(&h)?.unwrap_or(0)) };
+    let height = |h: RecordHash| -> Result<u64> { Ok(capsule.height(&h)?.unwrap_or(0)) };
     let mut seen: HashSet<RecordHash> = HashSet::new();
     let mut queue = BinaryHeap::new();
     for &h in starts {
@@ -125,7 +125,7 @@ pub fn merge_bases(capsule: &Capsule, ours: &[RecordHash], theirs: RecordHash) -
     /// Below a common record: no record reached from here is a nearest one.
     const BELOW: u8 = 4;
     let genesis = RecordHash::genesis(capsule.id());
-    let height = |h: RecordHash| -> Result<u64> { Ok(capsule.store().height(&h)?.unwrap_or(0)) };
+    let height = |h: RecordHash| -> Result<u64> { Ok(capsule.height(&h)?.unwrap_or(0)) };
     let mut flags: HashMap<RecordHash, u8> = HashMap::new();
     let mut done: HashMap<RecordHash, u8> = HashMap::new();
     let mut queue = BinaryHeap::new();
@@ -196,7 +196,7 @@ pub fn commit_parents(capsule: &Capsule, held: &[RecordHash]) -> Result<Vec<Reco
 /// on them lies higher. One found may lie below another parent, which changes nothing.
 fn resting_on(capsule: &Capsule, held: &BTreeSet<RecordHash>, heads: Vec<RecordHash>) -> Result<Vec<RecordHash>> {
     let genesis = RecordHash::genesis(capsule.id());
-    let height = |h: &RecordHash| -> Result<u64> { Ok(capsule.store().height(h)?.unwrap_or(u64::MAX)) };
+    let height = |h: &RecordHash| -> Result<u64> { Ok(capsule.height(h)?.unwrap_or(u64::MAX)) };
     let floor = held.iter().map(height).collect::<Result<Vec<_>>>()?.into_iter().min().unwrap_or(0);
     let mut found = Vec::new();
     let mut seen: HashSet<RecordHash> = HashSet::new();

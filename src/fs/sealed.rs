@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use crate::capsule::{AppendOptions, Capsule, Parents};
 use crate::crypto::aead::{self, ContentKey, OpenError, Place, SealedKind};
 use crate::crypto::keys::Identity;
-use crate::member::KeyRing;
+use crate::member::ContentKeys;
 use crate::record::{KeyGen, RecordHash, RecordKind, SubIdx, SubRecordBuf};
 use crate::store::Durability;
 use crate::{Error, Result, VerifyError};
@@ -21,13 +21,13 @@ use super::trie::{DecodedNode, Loc, NodePos, NodeSink, NodeSource};
 /// views of the past).
 pub struct Sealed {
     pub capsule: Arc<Capsule>,
-    keys: Arc<RwLock<Arc<KeyRing>>>,
+    keys: Arc<RwLock<Arc<ContentKeys>>>,
     pub cache: Arc<Caches>,
 }
 
 impl Sealed {
     /// `keys` must hold a generation (`member::keyring` makes sure).
-    pub fn new(capsule: Arc<Capsule>, keys: KeyRing) -> Self {
+    pub fn new(capsule: Arc<Capsule>, keys: ContentKeys) -> Self {
         assert!(keys.current().is_some(), "a key ring with a key in it");
         Self { capsule, keys: Arc::new(RwLock::new(Arc::new(keys))), cache: Arc::default() }
     }
@@ -37,12 +37,12 @@ impl Sealed {
         Self { capsule: self.capsule.clone(), keys: self.keys.clone(), cache: self.cache.clone() }
     }
 
-    pub fn keys(&self) -> Arc<KeyRing> {
+    pub fn keys(&self) -> Arc<ContentKeys> {
         self.keys.read().expect("no panics while locked").clone()
     }
 
     /// Takes `keys` from now on, for this view and those it shares them with.
-    pub fn set_keys(&self, keys: KeyRing) {
+    pub fn set_keys(&self, keys: ContentKeys) {
         assert!(keys.current().is_some(), "a key ring with a key in it");
         *self.keys.write().expect("no panics while locked") = Arc::new(keys);
     }

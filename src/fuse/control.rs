@@ -65,7 +65,7 @@ impl Node {
 /// A commit's folder name in `.capsule/history`: its place among the commits, oldest first,
 /// then the first 12 hex digits of its hash (`000042-1a2b3c4d5e6f`).
 pub fn history_name(position: usize, record: RecordHash) -> String {
-    format!("{position:06}-{}", &record.to_hex()[..12])
+    format!("{position:06}-{}", record.short())
 }
 
 /// Views of past commits, one slot each, kept for the life of the mount so their inode
@@ -249,8 +249,8 @@ impl Status {
                     format!(
                         "ALARM: writer {} (device {}) signed two records as seq {}: a fork; the second is kept \
                          aside as evidence (`capsulefs verify` lists both), not merged\n",
-                        &w.to_hex()[..12],
-                        &hex::encode(d.0)[..8],
+                        w.short(),
+                        d.short(),
                         seq.0
                     )
                 })

@@ -44,13 +44,13 @@ fn append_entries(capsule: &Capsule, signer: &Identity, entries: &[MembershipEnt
 
 /// The generations of the content key one identity can open.
 #[derive(Clone, Default)]
-pub struct KeyRing {
+pub struct ContentKeys {
     /// Per generation, every key found for it (two admins who rotate at once make two keys
     /// of one generation; a payload opens with the one its writer used).
     by_generation: BTreeMap<KeyGen, Vec<ContentKey>>,
 }
 
-impl KeyRing {
+impl ContentKeys {
     /// The key new records are sealed with: the newest generation (of two made at once, the
     /// one applied last).
     pub fn current(&self) -> Option<&ContentKey> {
@@ -74,10 +74,10 @@ impl KeyRing {
     }
 }
 
-impl From<ContentKey> for KeyRing {
+impl From<ContentKey> for ContentKeys {
     /// A ring of one key (a capsule made here, before any rotation).
     fn from(key: ContentKey) -> Self {
-        let mut ring = KeyRing::default();
+        let mut ring = ContentKeys::default();
         ring.add(key);
         ring
     }
@@ -85,8 +85,8 @@ impl From<ContentKey> for KeyRing {
 
 /// Every generation `me` can open in `rights`: the ones wrapped for it by admins, and those
 /// before each, through the `PreviousKey` chain.
-pub fn keyring_in(capsule: &Capsule, rights: &Rights, me: &Identity) -> KeyRing {
-    let mut ring = KeyRing::default();
+pub fn keyring_in(capsule: &Capsule, rights: &Rights, me: &Identity) -> ContentKeys {
+    let mut ring = ContentKeys::default();
     for (generation, wrapped) in rights.wrapped_for(&me.writer()) {
         match wrap::unwrap(wrapped, &capsule.id(), *generation, me) {
             Ok(key) => ring.add(key),
@@ -109,7 +109,7 @@ pub fn keyring_in(capsule: &Capsule, rights: &Rights, me: &Identity) -> KeyRing 
 }
 
 /// The generations of the content key `me` can open, as of every membership record held.
-pub fn keyring(capsule: &Capsule, me: &Identity) -> Result<KeyRing> {
+pub fn keyring(capsule: &Capsule, me: &Identity) -> Result<ContentKeys> {
     let rights = capsule.rights()?;
     let ring = keyring_in(capsule, &rights, me);
     if ring.current().is_none() {

@@ -8,4 +8,4 @@ pub mod keystore;
 pub mod name;
 
 pub use invite::Invitation;
-pub use keystore::{KeyRing, content_key, create_keystore, grant, keyring, revoke};
+pub use keystore::{ContentKeys, content_key, create_keystore, grant, keyring, revoke};

@@ -24,7 +24,7 @@ pub struct NameBinding {
 
 /// Whether `name` can be bound: 1 to 64 of `a-z 0-9 . _ -`, starting with a letter or digit,
 /// and not 64 hex digits (that reads as a capsule id).
-pub fn check_name(name: &str) -> Result<()> {
+pub fn check_bound_name(name: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
     let looks_like_id = name.len() == 64 && name.chars().all(|c| c.is_ascii_hexdigit());
     if name.is_empty()
@@ -48,7 +48,7 @@ fn digest(name: &str, capsule: &CapsuleId) -> [u8; 32] {
 impl NameBinding {
     /// `name` bound to the capsule of `metadata` by its creator, `creator`.
     pub fn make(name: &str, metadata: &[u8], creator: &Identity) -> Result<Self> {
-        check_name(name)?;
+        check_bound_name(name)?;
         let signed = crate::capsule::check_metadata(metadata)?;
         if signed.metadata.creator != creator.writer() {
             return Err(Error::Invalid(format!(
@@ -63,7 +63,7 @@ impl NameBinding {
 
     /// The capsule and creator it binds the name to, once the metadata and the signature check.
     pub fn check(&self) -> Result<(CapsuleId, WriterId)> {
-        check_name(&self.name)?;
+        check_bound_name(&self.name)?;
         let signed: SignedMetadata = crate::capsule::check_metadata(&self.metadata)?;
         let (id, creator) = (signed.metadata.id(), signed.metadata.creator);
         if !sign::verify_name(&creator, &digest(&self.name, &id), &self.signature) {
@@ -77,15 +77,15 @@ impl NameBinding {
 
 #[cfg(test)]
 mod tests {
-    use super::check_name;
+    use super::check_bound_name;
 
     #[test]
     fn names_are_short_plain_and_never_an_id() {
         for ok in ["notes", "team-wiki.2026", "a", "0day_x"] {
-            assert!(check_name(ok).is_ok(), "{ok}");
+            assert!(check_bound_name(ok).is_ok(), "{ok}");
         }
         for bad in ["", "Notes", "-x", ".hidden", "a/b", "a b", &"ab".repeat(33), &"0a".repeat(32)] {
-            assert!(check_name(bad).is_err(), "{bad}");
+            assert!(check_bound_name(bad).is_err(), "{bad}");
         }
     }
 }

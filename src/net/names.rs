@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use super::registry::Registry;
 use super::replies::{borsh_body, decode};
 use super::shared::{Shared, blocking};
-use crate::member::name::{NameBinding, check_name};
+use crate::member::name::{NameBinding, check_bound_name};
 use crate::{Error, Result};
 
 /// Largest binding taken: a name and signed metadata with a long list of writers.
@@ -19,7 +19,7 @@ pub const MAX_BINDING: usize = 64 << 10;
 
 /// The binding of `name` this server took first, as stored.
 fn name(dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
-    check_name(name)?;
+    check_bound_name(name)?;
     let path = dir.join("names").join(name);
     match std::fs::read(&path) {
         Ok(bytes) => Ok(Some(bytes)),

@@ -112,7 +112,7 @@ where
 /// accepts connections.
 pub fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     std::fs::create_dir_all(config.store.join("capsules")).map_err(|e| Error::io(&config.store, e))?;
-    let trust = crate::crypto::keys::Keyring::load(&config.store.join("keys"))?.trust_key()?;
+    let trust = crate::crypto::keys::KeyFolder::load(&config.store.join("keys"))?.trust_key()?;
     raise_descriptor_limit();
     let registry = Registry::load(&config.store, trust, config.admission, config.quotas, config.limits.open_stores)?;
     tracing::info!("{} capsules held; {}", registry.ids().len(), registry.admission().describe());

@@ -28,6 +28,10 @@ macro_rules! digest_newtype {
                 hex::decode_to_slice(s, &mut out).map_err(|_| DecodeError::BadHex(s.to_owned()))?;
                 Ok(Self(out))
             }
+            /// The first 12 hex digits: enough to tell ids apart in listings and logs.
+            pub fn short(&self) -> String {
+                self.to_hex()[..12].to_owned()
+            }
             /// Reads 32 bytes from the front of a storage key.
             pub fn from_slice(b: &[u8]) -> Result<Self, DecodeError> {
                 let arr: [u8; 32] = b.get(..32).and_then(|s| s.try_into().ok()).ok_or(DecodeError::Truncated)?;
@@ -37,7 +41,7 @@ macro_rules! digest_newtype {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!($tag, ":{}"), &self.to_hex()[..12])
+                write!(f, concat!($tag, ":{}"), self.short())
             }
         }
 
@@ -88,9 +92,16 @@ pub struct SubIdx(pub u32);
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, BorshSerialize, BorshDeserialize)]
 pub struct DeviceId(pub [u8; 16]);
 
+impl DeviceId {
+    /// The first 8 hex digits, as listings and logs show a device.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..4])
+    }
+}
+
 impl fmt::Debug for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dev:{}", &hex::encode(self.0)[..8])
+        write!(f, "dev:{}", self.short())
     }
 }
 

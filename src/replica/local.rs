@@ -86,7 +86,7 @@ impl Capsule {
     pub fn put_checked(&self, checked: StagedBatch) -> Result<(usize, u64)> {
         let sizes = checked.sizes();
         let admitted = self.admit_staged(checked, Admission::Whole, Durability::Buffered)?;
-        self.store().sync()?;
+        self.sync_to_disk()?;
         let bytes = admitted.stored.iter().filter_map(|h| sizes.get(h)).sum();
         Ok((admitted.stored.len(), bytes))
     }
@@ -120,7 +120,7 @@ impl Replica for Capsule {
     fn missing(&self, records: &[RecordHash]) -> Result<Vec<RecordHash>> {
         let mut lacking = Vec::new();
         for h in records.iter().take(MAX_HASHES) {
-            if !self.store().has_record(h)? {
+            if !self.holds(h)? {
                 lacking.push(*h);
             }
         }
@@ -137,7 +137,7 @@ impl Replica for Capsule {
             if nodes.len() >= budget {
                 break;
             }
-            if h == genesis || !seen.insert(h) || !self.store().has_record(&h)? {
+            if h == genesis || !seen.insert(h) || !self.holds(&h)? {
                 continue;
             }
             let parents = self.record(h)?.header.parents;

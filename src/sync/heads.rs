@@ -26,7 +26,7 @@ pub(super) fn placed_heads(
     let mut placed = Vec::with_capacity(theirs.len());
     let mut unknown = Vec::new();
     for h in theirs {
-        if local.store().has_record(&h)? {
+        if local.holds(&h)? {
             placed.push(h);
         } else {
             unknown.push(h);
@@ -39,7 +39,7 @@ pub(super) fn placed_heads(
     let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
         let mut absent = HashSet::new();
         for r in records {
-            if !local.store().has_record(r)? {
+            if !local.holds(r)? {
                 absent.insert(*r);
             }
         }
@@ -50,7 +50,7 @@ pub(super) fn placed_heads(
     let lacking = walk_remote(remote, &unknown, genesis, &mut lacks, report)
         .inspect_err(|e| tracing::warn!("walking {} below heads not held here: {e}", remote.describe()))?;
     for p in lacking.values().flatten() {
-        if *p != genesis && !lacking.contains_key(p) && local.store().has_record(p)? {
+        if *p != genesis && !lacking.contains_key(p) && local.holds(p)? {
             placed.push(*p);
         }
     }

@@ -260,7 +260,7 @@ impl Quorum {
 /// Whether every one of `heads` is held here.
 fn holds_all(local: &Capsule, heads: &[RecordHash]) -> Result<bool> {
     for h in heads {
-        if !local.store().has_record(h)? {
+        if !local.holds(h)? {
             return Ok(false);
         }
     }

@@ -49,8 +49,8 @@ pub fn rolled_back(lacks: &[Lacking], seen: &Seen) -> Option<String> {
     Some(format!(
         "rolled back: it lacks {} signed records of writer {} (device {}) from seq {}, though it held seq {} before",
         l.count,
-        &l.writer.to_hex()[..12],
-        &hex::encode(l.device.0)[..8],
+        l.writer.short(),
+        l.device.short(),
         l.lowest.0,
         seen[&(l.writer, l.device)].0
     ))
@@ -153,7 +153,7 @@ impl ReplicaStatus {
         };
         let error = self.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default();
         let alarm = self.alarm.as_ref().map(|a| format!(", ALARM: {a}")).unwrap_or_default();
-        let heads: Vec<String> = self.heads.iter().take(4).map(|h| h.to_hex()[..12].to_owned()).collect();
+        let heads: Vec<String> = self.heads.iter().take(4).map(|h| h.short()).collect();
         let more = if self.heads.len() > 4 { format!(" and {} more", self.heads.len() - 4) } else { String::new() };
         format!(
             "replica: {} {reachable}, {} records to push ({}), last push {}, {} records pulled ({}), last pull {}, \

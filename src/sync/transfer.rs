@@ -137,7 +137,7 @@ fn pull_below(
     let mut pending = Pending::default();
     let mut shared = Vec::new();
     for &h in &theirs {
-        if local.store().has_record(&h)? {
+        if local.holds(&h)? {
             shared.push(h);
         }
     }
@@ -169,7 +169,7 @@ fn pull_below(
     }
     let mut unknown = Vec::new();
     for &h in &theirs {
-        if !local.store().has_record(&h)? {
+        if !local.holds(&h)? {
             unknown.push(h);
         }
     }
@@ -183,7 +183,7 @@ fn pull_below(
         pull_walking(local, remote, &unknown, &mut pending, &mut report, progress)
             .inspect_err(|e| tell_fork(local, remote, e))?;
     }
-    local.store().sync()?;
+    local.sync_to_disk()?;
     report.unanchored = pending.hashes();
     if let Some(first) = report.unanchored.first() {
         tracing::warn!(

@@ -28,7 +28,7 @@ pub(super) fn pull_walking(
     let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
         let mut absent = HashSet::new();
         for r in records {
-            if !local.store().has_record(r)? {
+            if !local.holds(r)? {
                 absent.insert(*r);
             }
         }

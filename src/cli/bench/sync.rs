@@ -164,7 +164,7 @@ fn scenario(
     for i in 0..shared_branches as u64 {
         side_branch(&capsule, 3, i)?;
     }
-    capsule.store().sync()?;
+    capsule.sync_to_disk()?;
     let server_dir = dir.join(format!("{}-{d}-server", shape.name()));
     let server_store = server_dir.join("capsules").join(capsule.id().to_hex());
     std::fs::create_dir_all(&server_store)?;

@@ -80,7 +80,7 @@ impl Fs {
 
     /// Makes every commit so far durable.
     pub fn sync(&self) -> Result<()> {
-        self.sealed.capsule.store().sync()
+        self.sealed.capsule.sync_to_disk()
     }
 
     /// A signed commit even when nothing changed (a record of one superblock), so that the

@@ -17,7 +17,7 @@ fn check_name_length(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn check_name(name: &[u8]) -> Result<()> {
+fn check_entry_name(name: &[u8]) -> Result<()> {
     check_name_length(name)?;
     if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
         return Err(Error::Invalid(format!("'{}' is not a valid file name", String::from_utf8_lossy(name))));
@@ -97,7 +97,7 @@ impl Fs {
     /// Makes a new node of any kind named `name` in `dir`.
     pub fn make(&mut self, dir: u64, name: &[u8], mut inode: Inode) -> Result<(u64, Inode)> {
         self.writable()?;
-        check_name(name)?;
+        check_entry_name(name)?;
         if inode.target.len() > MAX_SYMLINK_TARGET {
             return Err(Error::NameTooLong(format!("a symlink target of {} bytes", inode.target.len())));
         }
@@ -132,7 +132,7 @@ impl Fs {
     /// A new name for an existing file (hard link).
     pub fn link(&mut self, ino: u64, dir: u64, name: &[u8]) -> Result<Inode> {
         self.writable()?;
-        check_name(name)?;
+        check_entry_name(name)?;
         let mut inode = self.getattr(ino)?;
         if inode.kind == Kind::Dir {
             return Err(Error::IsADirectory(format!("inode {ino} (directories cannot be hard-linked)")));
@@ -202,7 +202,7 @@ impl Fs {
     /// directory when a directory moves.
     pub fn rename(&mut self, dir: u64, name: &[u8], new_dir: u64, new_name: &[u8]) -> Result<()> {
         self.writable()?;
-        check_name(new_name)?;
+        check_entry_name(new_name)?;
         let entry = self.lookup_in(dir, name)?.ok_or_else(|| Error::NotFound(shown(name)))?;
         if entry.kind == Kind::Dir && self.is_within(new_dir, entry.ino)? {
             return Err(Error::Invalid(format!("cannot move directory '{}' into itself", shown(name))));

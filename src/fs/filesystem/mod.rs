@@ -30,7 +30,7 @@ use super::{heads, merge};
 use crate::capsule::Capsule;
 use crate::crypto::aead::SealedKind;
 use crate::crypto::keys::Identity;
-use crate::member::KeyRing;
+use crate::member::ContentKeys;
 use crate::record::{RecordHash, RecordKind, SubIdx};
 use crate::{Error, Result};
 pub use commits::Signing;
@@ -103,7 +103,7 @@ impl Fs {
     /// The filesystem as of the capsule's filesystem heads, writable by `writer`: one
     /// commit's state, or the deterministic merge of branches made apart (`merge::of_heads`);
     /// empty if there is no commit yet.
-    pub fn open(capsule: Arc<Capsule>, keys: impl Into<KeyRing>, writer: Option<Identity>) -> Result<Self> {
+    pub fn open(capsule: Arc<Capsule>, keys: impl Into<ContentKeys>, writer: Option<Identity>) -> Result<Self> {
         let fs_heads = heads::filesystem_heads(&capsule)?;
         let sealed = Sealed::new(capsule, keys.into());
         if fs_heads.is_empty() {
@@ -130,7 +130,7 @@ impl Fs {
     /// The filesystem as of commit `record` (a view of the past when `writer` is None).
     pub fn open_at(
         capsule: Arc<Capsule>,
-        keys: impl Into<KeyRing>,
+        keys: impl Into<ContentKeys>,
         writer: Option<Identity>,
         record: RecordHash,
     ) -> Result<Self> {
@@ -238,7 +238,7 @@ impl Fs {
     /// Takes the generations of the content key in `keys` (a membership record brought a new
     /// one, or took them away): reads open with them at once, and once the newest generation
     /// changed, commits seal with it (chunks sealed ahead with the old one are sealed again).
-    pub fn take_keys(&mut self, keys: KeyRing) {
+    pub fn take_keys(&mut self, keys: ContentKeys) {
         let (old, new) = (self.sealed.sealing_key(), keys.current().cloned());
         self.sealed.set_keys(keys);
         if let Some(new) = new.filter(|new| !crate::crypto::aead::same_key(new, &old))
