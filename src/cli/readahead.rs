@@ -2,8 +2,7 @@
 //! (bdi) at 128 KiB of readahead and lets `max_readahead` only lower it, so sequential reads
 //! reach the daemon as 128 KiB requests whatever the mount negotiated. As root, the mount
 //! raises its own bdi's `read_ahead_kb` to match `max_readahead`: 1 MiB requests, an eighth of
-//! the round trips (seq_read of 512 MiB: 0.71-0.88 s at 128 KiB, 0.52-0.79 s at 1 MiB, same
-//! runs alternated).
+//! the round trips (BENCHMARKS.md, "Smaller figures").
 
 use std::path::Path;
 

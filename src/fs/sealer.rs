@@ -1,10 +1,9 @@
 //! Seals written chunks on a thread of its own while writes go on.
 //!
-//! A sequential write used to seal and hash every chunk inside the commit that the
-//! pending bound forces, on the FUSE thread, while the writer waited: AES-GCM and blake3
-//! were a quarter of seq_write's CPU, all of it between one write(2) and the next. Now a
-//! write that completes a chunk hands it here; the commit takes the seals made meanwhile
-//! and seals inline only chunks changed since (or never handed over).
+//! Sealing and hashing a chunk (AES-GCM and blake3) is a large share of a sequential write's
+//! CPU; done inside the commit, on the FUSE thread, it would all fall between one write(2)
+//! and the next. So a write that completes a chunk hands it here, the commit takes the seals
+//! made meanwhile, and it seals inline only chunks changed since (or never handed over).
 
 use std::collections::HashMap;
 use std::sync::mpsc;

@@ -44,9 +44,9 @@ use control::{Node, Views};
 /// also told to it at once (`Changes`, through fuser's notifier), so this bounds only what a
 /// lost notification could leave stale.
 pub const TTL: Duration = Duration::from_secs(1);
-/// Written but uncommitted bytes that force a commit. Measured, 512 MiB `dd conv=fsync`, three
-/// runs each: 4 MiB 1.42-1.46 s, 8 MiB 1.20-1.45 s, 16 MiB 1.08-1.26 s, 32 MiB 1.40-1.86 s
-/// (with chunks sealed as they fill; at 32 MiB and more, fresh memory and longer stalls win).
+/// Written but uncommitted bytes that force a commit: the fastest of 4 to 32 MiB on a 512 MiB
+/// `dd conv=fsync` (BENCHMARKS.md, "Smaller figures"); past it, fresh memory and longer
+/// stalls cost more than fewer commits save.
 const PENDING_LIMIT: usize = 16 << 20;
 const MAX_WRITE: u32 = 1 << 20;
 /// Readahead asked of the kernel; `cli::mount` raises the mount's bdi window to match.

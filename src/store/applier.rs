@@ -57,8 +57,7 @@ impl Applier {
     }
 
     /// Writes `batch` on the caller's thread, after the batch handed over before it: for a
-    /// batch no fdatasync waits on, where handing it over would only add a thread's wake-up
-    /// (8 % of a one-record append in `bench proofs`).
+    /// batch no fdatasync waits on, where handing it over would only add a thread's wake-up.
     pub fn write_now(&self, batch: WriteBatch) -> Result<()> {
         self.settle()?;
         self.db.write_opt(batch, &WriteOptions::default()).map_err(|e| self.failure(&self.shared.refused(e)))

@@ -497,8 +497,8 @@ fn antientropy(a: &SyncBenchArgs, root: &Path) -> anyhow::Result<()> {
 /// Puts the machine in the same state before each timed transfer: every dirty page written
 /// back, the page cache emptied (as root), then `source` read back in. Neither side pays
 /// for what came before it (writing back the tree, the local capsule, the other side's
-/// copy), and both write into free memory: after a run of the anti-entropy table the cache
-/// held gigabytes, and rsync's time alone went from 0.6 to 1.6-2.3 s reclaiming it.
+/// copy), and both write into free memory, not into a page cache that an earlier run filled
+/// with gigabytes (reclaiming it would be timed as the transfer's).
 fn settle(source: &Path) -> anyhow::Result<()> {
     ensure!(Command::new("sync").status().context("running sync")?.success(), "sync failed");
     if std::fs::write("/proc/sys/vm/drop_caches", "3").is_err() {
