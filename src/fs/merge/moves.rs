@@ -22,18 +22,7 @@ impl Merge<'_> {
             .map(|(x, dir, name, _)| (x, dir, name))
             .collect();
         for (x, dir, name) in dropped {
-            let Some(inode) = self.out.inode(self.sealed, dir)? else { continue };
-            let src = self.sealed.tree(SealedKind::Directory, dir);
-            let mut tree = self.out.dir_tree(dir, &inode).into_owned();
-            let key = name_key(&name);
-            let mut bucket = tree.get(&src, key)?.unwrap_or_default();
-            bucket.0.retain(|e| !(e.name == name && e.ino == x));
-            if bucket.0.is_empty() {
-                tree.remove(&src, key)?;
-            } else {
-                tree.insert(&src, key, bucket)?;
-            }
-            self.out.dirs.insert(dir, tree);
+            self.remove_name(dir, &name, x)?;
         }
         Ok(())
     }
@@ -81,7 +70,19 @@ impl Merge<'_> {
 
     /// Removes the name `name` of folder `x` from `dir`, as the merge had decided it.
     fn drop_name(&mut self, dir: u64, name: &[u8], x: u64) -> Result<()> {
-        let Some(inode) = self.out.inode(self.sealed, dir)? else { return Ok(()) };
+        if !self.remove_name(dir, name, x)? {
+            return Ok(());
+        }
+        for side in SIDES {
+            *self.links.entry((dir, side)).or_default() -= 1;
+        }
+        Ok(())
+    }
+
+    /// Removes the entry `name` -> `x` from folder `dir` of the merge; false when the merge
+    /// has no folder `dir`.
+    fn remove_name(&mut self, dir: u64, name: &[u8], x: u64) -> Result<bool> {
+        let Some(inode) = self.out.inode(self.sealed, dir)? else { return Ok(false) };
         let src = self.sealed.tree(SealedKind::Directory, dir);
         let mut tree = self.out.dir_tree(dir, &inode).into_owned();
         let key = name_key(name);
@@ -93,10 +94,7 @@ impl Merge<'_> {
             tree.insert(&src, key, bucket)?;
         }
         self.out.dirs.insert(dir, tree);
-        for side in SIDES {
-            *self.links.entry((dir, side)).or_default() -= 1;
-        }
-        Ok(())
+        Ok(true)
     }
 
     /// The folders a path from the root reaches in the merge.
