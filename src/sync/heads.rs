@@ -10,7 +10,7 @@ use crate::record::{DeviceId, Record, RecordHash, RecordHeader, WriterId};
 use crate::replica::{Replica, sketch};
 use crate::wire::MAX_HASHES;
 
-use super::walk::walk_remote;
+use super::walk::walk_remote_to;
 use super::{Lacking, Report, hashes_len};
 
 /// The replica's heads as this capsule can place them: a head not held here (another
@@ -35,20 +35,11 @@ pub(super) fn placed_heads(
     if unknown.is_empty() {
         return Ok(placed);
     }
-    let genesis = RecordHash::genesis(local.id());
-    let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
-        let mut absent = HashSet::new();
-        for r in records {
-            if !local.holds(r)? {
-                absent.insert(*r);
-            }
-        }
-        Ok(absent)
-    };
     // A walk that fails ends the round: taking the replica to hold only the heads placed
     // would count all it holds below the others as lacking, a rollback that never happened.
-    let lacking = walk_remote(remote, &unknown, genesis, &mut lacks, report)
+    let lacking = walk_remote_to(local, remote, &unknown, report)
         .inspect_err(|e| tracing::warn!("walking {} below heads not held here: {e}", remote.describe()))?;
+    let genesis = RecordHash::genesis(local.id());
     for p in lacking.values().flatten() {
         if *p != genesis && !lacking.contains_key(p) && local.holds(p)? {
             placed.push(*p);

@@ -25,16 +25,7 @@ pub(super) fn pull_walking(
     report: &mut Report,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
-        let mut absent = HashSet::new();
-        for r in records {
-            if !local.holds(r)? {
-                absent.insert(*r);
-            }
-        }
-        Ok(absent)
-    };
-    let lacking = walk_remote(remote, heads, RecordHash::genesis(local.id()), &mut lacks, report)?;
+    let lacking = walk_remote_to(local, remote, heads, report)?;
     let order = topological(&lacking)?;
     progress.expect(order.len() as u64);
     let mut next = 0;
@@ -64,7 +55,26 @@ fn fetch_slice(remote: &dyn Replica, order: &[Node], report: &mut Report) -> Res
 /// The records reachable from `heads` on `remote` that `lacks` says are lacking, with their
 /// parents as the remote states them (checked later, when each record itself is). `lacks`
 /// answers, for a list of records, the ones not held where they are going.
-pub(super) fn walk_remote(
+/// `walk_remote` down to the records `local` holds.
+pub(super) fn walk_remote_to(
+    local: &Capsule,
+    remote: &dyn Replica,
+    heads: &[RecordHash],
+    report: &mut Report,
+) -> Result<HashMap<RecordHash, Vec<RecordHash>>> {
+    let mut lacks = |records: &[RecordHash]| -> Result<HashSet<RecordHash>> {
+        let mut absent = HashSet::new();
+        for r in records {
+            if !local.holds(r)? {
+                absent.insert(*r);
+            }
+        }
+        Ok(absent)
+    };
+    walk_remote(remote, heads, RecordHash::genesis(local.id()), &mut lacks, report)
+}
+
+fn walk_remote(
     remote: &dyn Replica,
     heads: &[RecordHash],
     genesis: RecordHash,
