@@ -34,6 +34,58 @@ pub fn nearest_commits(capsule: &Capsule, starts: &[RecordHash]) -> Result<BTree
     Ok(found)
 }
 
+/// `nearest_commits` of one record at a time, each record walked once: `commit_parents` asks
+/// it of many records that share what lies below them.
+struct NearestOf<'a> {
+    capsule: &'a Capsule,
+    genesis: RecordHash,
+    known: HashMap<RecordHash, BTreeSet<RecordHash>>,
+}
+
+impl<'a> NearestOf<'a> {
+    fn new(capsule: &'a Capsule) -> Self {
+        Self { capsule, genesis: RecordHash::genesis(capsule.id()), known: HashMap::new() }
+    }
+
+    /// A commit is its own nearest; any other record's are those of its parents.
+    fn of(&mut self, record: RecordHash) -> Result<&BTreeSet<RecordHash>> {
+        let mut parents_of: HashMap<RecordHash, Vec<RecordHash>> = HashMap::new();
+        let mut stack = vec![record];
+        while let Some(&h) = stack.last() {
+            if self.known.contains_key(&h) {
+                stack.pop();
+                continue;
+            }
+            if h == self.genesis {
+                self.known.insert(h, BTreeSet::new());
+                continue;
+            }
+            let parents = match parents_of.get(&h) {
+                Some(parents) => parents,
+                None => {
+                    let header = self.capsule.record(h)?.header;
+                    match header.kind {
+                        RecordKind::FsCommit => {
+                            self.known.insert(h, BTreeSet::from([h]));
+                            continue;
+                        }
+                        RecordKind::Data if header.key_gen != KeyGen(0) => return Err(older_format(h)),
+                        RecordKind::Data | RecordKind::Membership => parents_of.entry(h).or_insert(header.parents),
+                    }
+                }
+            };
+            let waiting: Vec<RecordHash> = parents.iter().filter(|p| !self.known.contains_key(p)).copied().collect();
+            if waiting.is_empty() {
+                let nearest = parents.iter().flat_map(|p| self.known[p].iter().copied()).collect();
+                self.known.insert(h, nearest);
+            } else {
+                stack.extend(waiting);
+            }
+        }
+        Ok(&self.known[&record])
+    }
+}
+
 /// Sealed data records were the filesystem commits of builds before `RecordKind::FsCommit`.
 fn older_format(h: RecordHash) -> Error {
     Error::Invalid(format!(
@@ -168,11 +220,12 @@ pub fn merge_bases(capsule: &Capsule, ours: &[RecordHash], theirs: RecordHash) -
 /// of those covers. Never a head holding another state, which the commit has not merged.
 pub fn commit_parents(capsule: &Capsule, held: &[RecordHash]) -> Result<Vec<RecordHash>> {
     let held: BTreeSet<RecordHash> = held.iter().copied().collect();
+    let mut nearest = NearestOf::new(capsule);
     let mut parents = BTreeSet::new();
     let mut covered = BTreeSet::new();
     let mut beyond = Vec::new();
     for head in capsule.heads()? {
-        let state = if held.contains(&head) { BTreeSet::from([head]) } else { nearest_commits(capsule, &[head])? };
+        let state = if held.contains(&head) { BTreeSet::from([head]) } else { nearest.of(head)?.clone() };
         if state.is_subset(&held) {
             parents.insert(head);
             covered.extend(state);
@@ -180,8 +233,8 @@ pub fn commit_parents(capsule: &Capsule, held: &[RecordHash]) -> Result<Vec<Reco
             beyond.push(head);
         }
     }
-    for record in resting_on(capsule, &held, beyond)? {
-        covered.extend(nearest_commits(capsule, &[record])?);
+    for record in resting_on(capsule, &mut nearest, &held, beyond)? {
+        covered.extend(nearest.of(record)?.iter().copied());
         parents.insert(record);
     }
     parents.extend(held.difference(&covered));
@@ -194,7 +247,15 @@ pub fn commit_parents(capsule: &Capsule, held: &[RecordHash]) -> Result<Vec<Reco
 /// the rights as of them do not let the member write, and the commit is refused. The walk
 /// stops at the held commits, and at heights not above the lowest of them: a record sitting
 /// on them lies higher. One found may lie below another parent, which changes nothing.
-fn resting_on(capsule: &Capsule, held: &BTreeSet<RecordHash>, heads: Vec<RecordHash>) -> Result<Vec<RecordHash>> {
+fn resting_on(
+    capsule: &Capsule,
+    nearest: &mut NearestOf<'_>,
+    held: &BTreeSet<RecordHash>,
+    heads: Vec<RecordHash>,
+) -> Result<Vec<RecordHash>> {
+    if heads.is_empty() {
+        return Ok(Vec::new());
+    }
     let genesis = RecordHash::genesis(capsule.id());
     let height = |h: &RecordHash| -> Result<u64> { Ok(capsule.height(h)?.unwrap_or(u64::MAX)) };
     let floor = held.iter().map(height).collect::<Result<Vec<_>>>()?.into_iter().min().unwrap_or(0);
@@ -206,7 +267,7 @@ fn resting_on(capsule: &Capsule, held: &BTreeSet<RecordHash>, heads: Vec<RecordH
             continue;
         }
         let header = capsule.record(h)?.header;
-        if header.kind != RecordKind::FsCommit && nearest_commits(capsule, &[h])?.is_subset(held) {
+        if header.kind != RecordKind::FsCommit && nearest.of(h)?.is_subset(held) {
             found.push(h);
         } else {
             queue.extend(header.parents);
