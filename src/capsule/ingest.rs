@@ -104,23 +104,10 @@ impl Capsule {
     }
 
     /// Takes a batch of records from elsewhere (`check_incoming` passed each), as `how` says,
-    /// in one atomic write; records already held are skipped. What `stage_ahead` staged of a
-    /// record that is not stored is given back.
+    /// in one atomic write; records already held are skipped.
     pub fn admit(&self, batch: Vec<Incoming>, how: Admission<'_>, durability: Durability) -> Result<Admitted> {
-        let staged = staged_in(&batch);
-        let admitted = {
-            let mut state = self.write_lock.lock().expect("no panics while locked");
-            self.gate(&mut state, batch, Origin::Elsewhere(how), durability)
-        };
-        if !staged.is_empty() {
-            let stored: HashSet<RecordHash> =
-                admitted.as_ref().map(|a| a.stored.iter().copied().collect()).unwrap_or_default();
-            let unused: Vec<Staged> = staged.iter().filter(|(h, _)| !stored.contains(h)).map(|(_, s)| *s).collect();
-            if !unused.is_empty() {
-                self.store.unstage(&unused)?;
-            }
-        }
-        admitted
+        let mut state = self.write_lock.lock().expect("no panics while locked");
+        self.gate(&mut state, batch, Origin::Elsewhere(how), durability)
     }
 
     /// Writes the large payloads of `batch` (checked by `check_incoming`) to the store ahead
@@ -128,7 +115,7 @@ impl Capsule {
     /// synced (a server's record stream). Only for a batch that looks taken: every unsigned
     /// record anchored within it by its own writer, every writer a member now or granted in
     /// it; nothing of a stranger's is ever staged. If the gate refuses it anyway (rights as
-    /// of its parents, a fork), `admit` gives the room back; if it never reaches the gate (a
+    /// of its parents, a fork), `admit_staged` gives the room back; if it never reaches the gate (a
     /// quota, a stream cut after it), dropping the `StagedBatch` does.
     pub fn stage_ahead(&self, batch: Vec<Incoming>) -> Result<StagedBatch> {
         // Made first, so that a failure part way gives back what was staged before it.
@@ -151,14 +138,24 @@ impl Capsule {
         Ok(staged_batch)
     }
 
-    /// Takes a batch `stage_ahead` made through the gate (`admit`).
+    /// Takes a batch `stage_ahead` made through the gate (`admit`), and gives back what was
+    /// staged for a record that is not stored.
     pub fn admit_staged(
         &self,
         mut staged: StagedBatch,
         how: Admission<'_>,
         durability: Durability,
     ) -> Result<Admitted> {
-        self.admit(std::mem::take(&mut staged.batch), how, durability)
+        let batch = std::mem::take(&mut staged.batch);
+        let placed = staged_in(&batch);
+        let admitted = self.admit(batch, how, durability);
+        let stored: HashSet<RecordHash> =
+            admitted.as_ref().map(|a| a.stored.iter().copied().collect()).unwrap_or_default();
+        let unused: Vec<Staged> = placed.iter().filter(|(h, _)| !stored.contains(h)).map(|(_, s)| *s).collect();
+        if !unused.is_empty() {
+            self.store.unstage(&unused)?;
+        }
+        admitted
     }
 
     /// Whether every writer of `batch` holds a level now, or is granted one in the batch.
