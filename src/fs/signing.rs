@@ -79,22 +79,29 @@ pub fn commit_durable(policy: &Mutex<SignPolicy>, fs: &mut Fs) -> Result<()> {
     if fs.is_dirty() {
         return commit(policy, fs, Signing::Now, Durability::Durable);
     }
-    if !sign_waiting(policy, fs, false, Durability::Durable)? {
+    if !sign_waiting(policy, fs, Waited::AtAll, Durability::Durable)? {
         fs.sync()?;
     }
     Ok(())
 }
 
-/// Signs a commit of nothing when unsigned ones wait for a signature: once they have waited
-/// T seconds (`overdue_only`), or at all. Returns whether it signed.
-pub fn sign_waiting(
-    policy: &Mutex<SignPolicy>,
-    fs: &mut Fs,
-    overdue_only: bool,
-    durability: Durability,
-) -> Result<bool> {
+/// How long unsigned commits must have waited for `sign_waiting` to sign them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waited {
+    /// The policy's T seconds (the timer's tick).
+    Overdue,
+    /// Any time at all (fsync and unmount).
+    AtAll,
+}
+
+/// Signs a commit of nothing when unsigned ones have waited as `waited` says. Returns whether
+/// it signed.
+pub fn sign_waiting(policy: &Mutex<SignPolicy>, fs: &mut Fs, waited: Waited, durability: Durability) -> Result<bool> {
     let mut policy = policy.lock().expect("no panics while locked");
-    let waiting = if overdue_only { policy.overdue() } else { policy.unsigned > 0 };
+    let waiting = match waited {
+        Waited::Overdue => policy.overdue(),
+        Waited::AtAll => policy.unsigned > 0,
+    };
     if waiting {
         fs.sign_now(durability)?;
         policy.record(Signing::Now);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::Result;
 use crate::fs::Fs;
 use crate::fs::filesystem::Signing;
-use crate::fs::signing::{SignPolicy, commit, commit_durable, sign_waiting};
+use crate::fs::signing::{SignPolicy, Waited, commit, commit_durable, sign_waiting};
 use crate::store::Durability;
 
 /// How long a commit asked for by a close waits for more closes to share it. Committing on
@@ -93,7 +93,7 @@ impl CommitTimer {
                 let Ok(mut fs) = fs.write() else { return };
                 if !fs.is_dirty() {
                     dirty_since = None;
-                    if let Err(e) = sign_waiting(&policy, &mut fs, true, Durability::Buffered) {
+                    if let Err(e) = sign_waiting(&policy, &mut fs, Waited::Overdue, Durability::Buffered) {
                         tracing::error!("signing overdue commits failed (retried in a second): {e}");
                     }
                     continue;

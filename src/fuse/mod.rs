@@ -30,10 +30,9 @@ use std::time::Duration;
 use fuser::{FileType, INodeNo};
 
 use crate::fs::Fs;
-use crate::fs::filesystem::{Changes, Signing};
-use crate::fs::signing::{SignPolicy, commit, commit_durable};
+use crate::fs::filesystem::Changes;
+use crate::fs::signing::{SignPolicy, commit_durable};
 use crate::record::Params;
-use crate::store::Durability;
 use crate::sync::status::SyncStatus;
 use crate::{Error, Result};
 pub use commit::CommitTimer;
@@ -169,9 +168,5 @@ impl CapsuleFs {
 
     fn views(&self) -> MutexGuard<'_, Views> {
         self.views.lock().expect("a history operation panicked; the mount cannot go on")
-    }
-
-    fn commit(&self, fs: &mut Fs, asked: Signing, durability: Durability) -> Result<()> {
-        commit(&self.policy, fs, asked, durability)
     }
 }

@@ -23,6 +23,7 @@ use super::{CapsuleFs, MAX_READAHEAD, MAX_WRITE, PENDING_LIMIT};
 use crate::fs::Fs;
 use crate::fs::filesystem::{Signing, XattrMode};
 use crate::fs::node::{Inode, Kind, ROOT_INO};
+use crate::fs::signing;
 use crate::store::Durability;
 use crate::{Error, Result};
 
@@ -266,7 +267,7 @@ impl Filesystem for CapsuleFs {
                 fs.write(ino, offset, data)?;
             }
             if fs.pending_bytes() > PENDING_LIMIT {
-                self.commit(&mut fs, Signing::Later, Durability::Buffered)
+                signing::commit(&self.policy, &mut fs, Signing::Later, Durability::Buffered)
             } else {
                 Ok(())
             }
