@@ -38,12 +38,25 @@ fn page_cache(fs: &Fs, ino: u64) -> FopenFlags {
 
 impl CapsuleFs {
     fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, kind: Kind, perm: u16, rdev: u32) -> Result<FileAttr> {
-        let parent = live(parent)?;
-        let mut inode = Inode::new(kind, perm, req.uid(), req.gid());
-        inode.rdev = rdev;
-        let (ino, inode) = self.fs_mut().make(parent, new_name(parent, name)?, inode)?;
-        Ok(attr(ino, &inode))
+        made(&mut self.fs_mut(), req, parent, name, kind, perm, rdev)
     }
+}
+
+/// Makes `name` in `parent`, owned by the caller of `req`.
+fn made(
+    fs: &mut Fs,
+    req: &Request,
+    parent: INodeNo,
+    name: &OsStr,
+    kind: Kind,
+    perm: u16,
+    rdev: u32,
+) -> Result<FileAttr> {
+    let parent = live(parent)?;
+    let mut inode = Inode::new(kind, perm, req.uid(), req.gid());
+    inode.rdev = rdev;
+    let (ino, inode) = fs.make(parent, new_name(parent, name)?, inode)?;
+    Ok(attr(ino, &inode))
 }
 
 impl Filesystem for CapsuleFs {
@@ -428,11 +441,13 @@ impl Filesystem for CapsuleFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.make(req, parent, name, Kind::File, perm(mode, umask), 0) {
-            Ok(a) => {
-                self.fs_mut().opened(a.ino.0);
-                reply.created(&self.ttl, &a, Generation(0), FileHandle(0), FopenFlags::empty())
-            }
+        // One write lock for the file and its open: a `tar x` creates files by the thousand.
+        let created = {
+            let mut fs = self.fs_mut();
+            made(&mut fs, req, parent, name, Kind::File, perm(mode, umask), 0).inspect(|a| fs.opened(a.ino.0))
+        };
+        match created {
+            Ok(a) => reply.created(&self.ttl, &a, Generation(0), FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(to_errno(&e)),
         }
     }
