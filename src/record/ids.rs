@@ -30,7 +30,7 @@ macro_rules! digest_newtype {
             }
             /// The first 12 hex digits: enough to tell ids apart in listings and logs.
             pub fn short(&self) -> String {
-                self.to_hex()[..12].to_owned()
+                hex::encode(&self.0[..6])
             }
             /// Reads 32 bytes from the front of a storage key.
             pub fn from_slice(b: &[u8]) -> Result<Self, DecodeError> {
