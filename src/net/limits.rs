@@ -403,11 +403,7 @@ impl Gate {
     /// A turn for one request from `peer` (waiting up to `IN_FLIGHT_WAIT`).
     pub async fn turn(&self, peer: IpAddr) -> Result<Turn, Busy> {
         let counted = self.in_flight_by.enter(peer, MAX_IN_FLIGHT_PER_ADDR).ok_or(Busy::PeerInFlight)?;
-        let slot = tokio::time::timeout(IN_FLIGHT_WAIT, self.in_flight.clone().acquire_owned())
-            .await
-            .map_err(|_| Busy::InFlight)?
-            .expect("the semaphore is never closed");
-        Ok(Turn { _slot: slot, _counted: counted })
+        waited_turn(&self.in_flight, counted, IN_FLIGHT_WAIT, Busy::InFlight).await
     }
 
     /// A place for one long poll from `peer`, or None: then the poll is answered at once.
@@ -433,12 +429,18 @@ impl Gate {
     /// A record stream's turn for `peer` (waiting up to `REQUEST_TIME` for one overall).
     pub async fn stream(&self, peer: IpAddr) -> Result<Turn, Busy> {
         let counted = self.streams_by.enter(peer, MAX_STREAMS_PER_ADDR).ok_or(Busy::PeerStreams)?;
-        let slot = tokio::time::timeout(REQUEST_TIME, self.streams.clone().acquire_owned())
-            .await
-            .map_err(|_| Busy::Streams)?
-            .expect("the semaphore is never closed");
-        Ok(Turn { _slot: slot, _counted: counted })
+        waited_turn(&self.streams, counted, REQUEST_TIME, Busy::Streams).await
     }
+}
+
+/// A turn for a request its address's count let in: a slot of `slots`, waited for up to
+/// `wait` (`busy` past it).
+async fn waited_turn(slots: &Arc<Semaphore>, counted: Counted, wait: Duration, busy: Busy) -> Result<Turn, Busy> {
+    let slot = tokio::time::timeout(wait, slots.clone().acquire_owned())
+        .await
+        .map_err(|_| busy)?
+        .expect("the semaphore is never closed");
+    Ok(Turn { _slot: slot, _counted: counted })
 }
 
 /// A request body held to `BODY_DEADLINE` (when `deadline` is set) and to `MIN_BODY_RATE` in
